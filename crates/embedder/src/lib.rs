@@ -1,0 +1,357 @@
+//! Text → L2-normalised vectors with a BERT-family sentence-transformers model.
+//!
+//! A model directory is what sentence-transformers saves: `config.json`,
+//! `model.safetensors`, `tokenizer.json`, and optionally `modules.json`,
+//! `sentence_bert_config.json` and a pooling module's `config.json`. The pooling
+//! and normalisation are read from those files rather than assumed, because they
+//! differ between models (all-MiniLM-L6-v2 means over the attention mask and
+//! normalises; others take the CLS token) and getting them wrong silently degrades
+//! retrieval instead of failing.
+//!
+//! The embedder is synchronous and CPU-bound: the server runs it on its own
+//! thread. [`chunker`] splits documents into pieces that fit this model's window,
+//! measured in this model's own tokens.
+
+#![deny(missing_docs)]
+
+pub mod chunker;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use serde::Deserialize;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+pub use chunker::{Chunk, ChunkerConfig};
+
+/// What went wrong loading or running the embedder. All variants are the
+/// operator's or ours, never the API user's: any text can be embedded.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// A model file is missing or unreadable.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A JSON configuration file is malformed.
+    #[error("cannot parse {path}: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// The parser's complaint.
+        message: String,
+    },
+    /// The tokenizer failed to load or to encode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The model failed to load or to run.
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// How token vectors become one text vector (sentence-transformers' Pooling module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Mean of the token vectors, weighted by the attention mask.
+    Mean,
+    /// The first ([CLS]) token's vector.
+    Cls,
+    /// Element-wise maximum over the unmasked tokens.
+    Max,
+    /// Sum over the unmasked tokens divided by the square root of their count.
+    MeanSqrtLen,
+}
+
+/// Options for loading an embedder.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbedderConfig {
+    /// Texts per forward pass.
+    pub batch_size: usize,
+    /// Overrides the model's maximum sequence length (tokens, special tokens included).
+    pub max_length: Option<usize>,
+}
+
+impl Default for EmbedderConfig {
+    fn default() -> Self {
+        Self { batch_size: 32, max_length: None }
+    }
+}
+
+/// A loaded sentence-embedding model.
+pub struct Embedder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    pooling: Pooling,
+    normalize: bool,
+    max_length: usize,
+    dim: usize,
+    batch_size: usize,
+    device: Device,
+    name: String,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder")
+            .field("name", &self.name)
+            .field("dim", &self.dim)
+            .field("pooling", &self.pooling)
+            .field("normalize", &self.normalize)
+            .field("max_length", &self.max_length)
+            .finish()
+    }
+}
+
+fn read(path: &Path) -> Result<String, EmbedError> {
+    std::fs::read_to_string(path).map_err(|source| EmbedError::Io { path: path.to_owned(), source })
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, EmbedError> {
+    serde_json::from_str(&read(path)?)
+        .map_err(|e| EmbedError::Config { path: path.to_owned(), message: e.to_string() })
+}
+
+#[derive(Deserialize)]
+struct StModule {
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize, Default)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+/// Reads pooling and normalisation from sentence-transformers' `modules.json`.
+/// Without that file the model is taken as a plain BERT: mean pooling, normalised.
+fn read_pipeline(dir: &Path) -> Result<(Pooling, bool), EmbedError> {
+    let modules_path = dir.join("modules.json");
+    if !modules_path.exists() {
+        return Ok((Pooling::Mean, true));
+    }
+    let modules: Vec<StModule> = parse(&modules_path)?;
+    let mut pooling = Pooling::Mean;
+    let mut normalize = false;
+    for m in &modules {
+        if m.kind.ends_with(".Pooling") {
+            let cfg: PoolingConfig = parse(&dir.join(&m.path).join("config.json"))?;
+            pooling = match (
+                cfg.pooling_mode_mean_tokens,
+                cfg.pooling_mode_cls_token,
+                cfg.pooling_mode_max_tokens,
+                cfg.pooling_mode_mean_sqrt_len_tokens,
+            ) {
+                (true, false, false, false) => Pooling::Mean,
+                (false, true, false, false) => Pooling::Cls,
+                (false, false, true, false) => Pooling::Max,
+                (false, false, false, true) => Pooling::MeanSqrtLen,
+                _ => {
+                    return Err(EmbedError::Config {
+                        path: dir.join(&m.path).join("config.json"),
+                        message: "exactly one pooling mode must be set".into(),
+                    })
+                }
+            };
+        } else if m.kind.ends_with(".Normalize") {
+            normalize = true;
+        }
+    }
+    Ok((pooling, normalize))
+}
+
+impl Embedder {
+    /// Loads a sentence-transformers BERT model from `dir`.
+    pub fn load(dir: &Path, config: &EmbedderConfig) -> Result<Self, EmbedError> {
+        let device = Device::Cpu;
+        let bert_config: BertConfig = parse(&dir.join("config.json"))?;
+        #[derive(Deserialize)]
+        struct Dims {
+            hidden_size: usize,
+            max_position_embeddings: usize,
+        }
+        let dims: Dims = parse(&dir.join("config.json"))?;
+        let (pooling, normalize) = read_pipeline(dir)?;
+        let st_max = if dir.join("sentence_bert_config.json").exists() {
+            parse::<SentenceBertConfig>(&dir.join("sentence_bert_config.json"))?.max_seq_length
+        } else {
+            None
+        };
+        let max_length = config
+            .max_length
+            .or(st_max)
+            .unwrap_or(dims.max_position_embeddings)
+            .min(dims.max_position_embeddings);
+
+        let tok_path = dir.join("tokenizer.json");
+        let mut tokenizer =
+            Tokenizer::from_file(&tok_path).map_err(|e| EmbedError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        let pad_id = tokenizer.get_padding().map(|p| p.pad_id).unwrap_or(0);
+        let pad_token = tokenizer.get_padding().map(|p| p.pad_token.clone()).unwrap_or_else(|| "[PAD]".into());
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            pad_id,
+            pad_token,
+            ..Default::default()
+        }));
+
+        let weights = dir.join("model.safetensors");
+        if !weights.exists() {
+            return Err(EmbedError::Io {
+                path: weights,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let vb = load_safetensors(&weights, &device)?;
+        let model = BertModel::load(vb, &bert_config)?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Self {
+            model,
+            tokenizer,
+            pooling,
+            normalize,
+            max_length,
+            dim: dims.hidden_size,
+            batch_size: config.batch_size.max(1),
+            device,
+            name,
+        })
+    }
+
+    /// Vector dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The model's name (its directory name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Maximum tokens per text, special tokens included; longer texts are truncated.
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// The pooling read from the model's configuration.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// The model's tokenizer (truncation and padding configured).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Embeds `texts`, returning one vector per text in the same order.
+    ///
+    /// Texts are sorted by length and embedded in batches so that padding stays small;
+    /// masked pooling makes the result independent of the batch a text lands in.
+    pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].as_ref().len()));
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        for batch in order.chunks(self.batch_size) {
+            let inputs: Vec<&str> = batch.iter().map(|&i| texts[i].as_ref()).collect();
+            let vectors = self.embed_batch(&inputs)?;
+            for (&i, v) in batch.iter().zip(vectors) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        let n = encodings.len();
+        let len = encodings.first().map(|e| e.len()).unwrap_or(0);
+        let flat = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Vec<u32> {
+            encodings.iter().flat_map(|e| f(e).iter().copied()).collect()
+        };
+        let ids = Tensor::from_vec(flat(&|e| e.get_ids()), (n, len), &self.device)?;
+        let type_ids = Tensor::from_vec(flat(&|e| e.get_type_ids()), (n, len), &self.device)?;
+        let mask = Tensor::from_vec(flat(&|e| e.get_attention_mask()), (n, len), &self.device)?;
+        let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?; // (n, len, dim)
+        let pooled = pool(&hidden, &mask, self.pooling)?;
+        let pooled = if self.normalize { l2_normalize(&pooled)? } else { pooled };
+        Ok(pooled.to_vec2::<f32>()?)
+    }
+}
+
+fn load_safetensors(path: &Path, device: &Device) -> Result<VarBuilder<'static>, EmbedError> {
+    let data = std::fs::read(path).map_err(|source| EmbedError::Io { path: path.to_owned(), source })?;
+    Ok(VarBuilder::from_buffered_safetensors(data, DType::F32, device)?)
+}
+
+/// Pools token vectors `(n, len, dim)` into text vectors `(n, dim)` under `mask` `(n, len)`.
+pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> candle_core::Result<Tensor> {
+    let mask_f = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (n, len, 1)
+    match pooling {
+        Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1),
+        Pooling::Mean | Pooling::MeanSqrtLen => {
+            let summed = hidden.broadcast_mul(&mask_f)?.sum(1)?; // (n, dim)
+            let counts = mask_f.sum(1)?.clamp(1e-9f32, f32::MAX)?; // (n, 1)
+            let denom = if pooling == Pooling::Mean { counts } else { counts.sqrt()? };
+            summed.broadcast_div(&denom)
+        }
+        Pooling::Max => {
+            // Masked positions get a very negative value so they never win.
+            let penalty = ((mask_f.ones_like()? - &mask_f)? * -1e9f64)?;
+            hidden.broadcast_add(&penalty)?.max(1)
+        }
+    }
+}
+
+/// Divides each row by its L2 norm.
+pub fn l2_normalize(v: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = v.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+    v.broadcast_div(&norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_pooling_ignores_padding() {
+        let hidden = Tensor::new(&[[[1f32, 2.], [3., 4.], [100., 100.]]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 0]], &Device::Cpu).unwrap();
+        let v = pool(&hidden, &mask, Pooling::Mean).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(v, vec![vec![2., 3.]]);
+        let v = pool(&hidden, &mask, Pooling::Max).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(v, vec![vec![3., 4.]]);
+        let v = pool(&hidden, &mask, Pooling::Cls).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(v, vec![vec![1., 2.]]);
+    }
+
+    #[test]
+    fn normalize_gives_unit_rows() {
+        let v = Tensor::new(&[[3f32, 4.], [0., 2.]], &Device::Cpu).unwrap();
+        let n = l2_normalize(&v).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(n, vec![vec![0.6, 0.8], vec![0., 1.]]);
+    }
+}

@@ -1,0 +1,420 @@
+//! Chat generation with GGUF models on the CPU.
+//!
+//! A GGUF file holds everything a chat model needs: quantized weights, the
+//! tokenizer ([`gguf_tokenizer`]) and the prompt format ([`chat`]). This crate
+//! loads the weights with candle-transformers' quantized modules, picked from
+//! `general.architecture`, renders a conversation with the model's own template,
+//! and generates with greedy or temperature/top-p sampling, reporting text as it
+//! is produced through a callback ([`stream`] keeps multi-byte characters whole).
+//!
+//! A [`Generator`] owns one KV cache and is driven from one thread; the server
+//! runs it on a dedicated OS thread, never on the async runtime.
+
+#![deny(missing_docs)]
+
+pub mod chat;
+pub mod gguf_tokenizer;
+pub mod stream;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use serde::{Deserialize, Serialize};
+
+pub use chat::{ChatTemplate, Message};
+pub use gguf_tokenizer::GgufTokenizer;
+pub use stream::Utf8Stream;
+
+/// What went wrong loading a model or generating.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The model file cannot be read (operator's fault).
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not a model this crate can run (operator's fault).
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    /// The chat template failed to compile or render (the model file's fault).
+    #[error("chat template: {0}")]
+    Template(String),
+    /// Tokenisation failed (ours).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The prompt leaves no room to generate within the model's context (caller's fault).
+    #[error("the prompt has {prompt} tokens; the model's context holds {context}")]
+    PromptTooLong {
+        /// Tokens in the prompt.
+        prompt: usize,
+        /// The context window.
+        context: usize,
+    },
+    /// A sampling parameter is out of range (caller's fault).
+    #[error("invalid parameter: {0}")]
+    InvalidParams(String),
+    /// The tensor computation failed (ours).
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+enum Weights {
+    Qwen2(quantized_qwen2::ModelWeights),
+    Llama(quantized_llama::ModelWeights),
+}
+
+impl Weights {
+    fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Qwen2(m) => m.forward(x, pos),
+            Weights::Llama(m) => m.forward(x, pos),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Weights::Qwen2(m) => m.clear_kv_cache(),
+            Weights::Llama(m) => m.clear_kv_cache(),
+        }
+    }
+}
+
+/// Sampling and length settings of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerateParams {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// 0 for greedy decoding; otherwise the softmax temperature.
+    pub temperature: f64,
+    /// Nucleus sampling mass, in (0, 1]; used when `temperature > 0`.
+    pub top_p: f64,
+    /// Seed of the sampler.
+    pub seed: u64,
+    /// Divides the logits of tokens seen in the last `repeat_last_n` tokens
+    /// (prompt included, as llama.cpp does); 1.0 turns it off.
+    pub repeat_penalty: f32,
+    /// How many recent tokens `repeat_penalty` looks at.
+    pub repeat_last_n: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 42, repeat_penalty: 1.0, repeat_last_n: 64 }
+    }
+}
+
+impl GenerateParams {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), GenerateError> {
+        if self.max_tokens == 0 {
+            return Err(GenerateError::InvalidParams("max_tokens must be at least 1".into()));
+        }
+        if !(0.0..=5.0).contains(&self.temperature) {
+            return Err(GenerateError::InvalidParams("temperature must be within 0..=5".into()));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(GenerateError::InvalidParams("top_p must be within (0, 1]".into()));
+        }
+        if !(1.0..=2.0).contains(&self.repeat_penalty) {
+            return Err(GenerateError::InvalidParams("repeat_penalty must be within 1..=2".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its turn.
+    Stop,
+    /// `max_tokens` or the context window was reached.
+    Length,
+    /// The caller asked to stop (for example, the client went away).
+    Cancelled,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Generation {
+    /// The generated text.
+    pub text: String,
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated (the end-of-turn token not counted).
+    pub completion_tokens: usize,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Time to process the prompt and sample the first token, ms.
+    pub prefill_ms: f64,
+    /// Time spent generating after the first token, ms.
+    pub decode_ms: f64,
+}
+
+/// Tokens fed to the model per forward pass while reading the prompt; bounds the
+/// attention matrices' memory for long prompts.
+const PREFILL_CHUNK: usize = 512;
+
+/// A loaded GGUF chat model with one KV cache.
+pub struct Generator {
+    weights: Weights,
+    tokenizer: GgufTokenizer,
+    template: ChatTemplate,
+    stop_ids: Vec<u32>,
+    context: usize,
+    architecture: String,
+    name: String,
+    device: Device,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("name", &self.name)
+            .field("architecture", &self.architecture)
+            .field("context", &self.context)
+            .finish()
+    }
+}
+
+/// Texts of end-of-turn tokens across common chat formats; llama.cpp treats the
+/// same set as "end of generation".
+const EOG_TEXTS: &[&str] =
+    &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>", "</s>"];
+
+impl Generator {
+    /// Loads a GGUF model file.
+    pub fn load(path: &Path) -> Result<Self, GenerateError> {
+        let io = |source| GenerateError::Io { path: path.to_owned(), source };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let ct = gguf_file::Content::read(&mut file)
+            .map_err(|e| GenerateError::Unsupported(format!("{} is not a readable GGUF file: {e}", path.display())))?;
+        let architecture = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok().cloned())
+            .ok_or_else(|| GenerateError::Unsupported("GGUF metadata has no general.architecture".into()))?;
+        let name = ct
+            .metadata
+            .get("general.name")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        let ctx_key = format!("{architecture}.context_length");
+        let file_context = ct.metadata.get(&ctx_key).and_then(|v| v.to_u32().ok()).unwrap_or(2048) as usize;
+
+        let tokenizer = GgufTokenizer::from_gguf(&ct)?;
+        let template_src = ct
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok().cloned())
+            .ok_or_else(|| GenerateError::Unsupported("GGUF metadata has no tokenizer.chat_template".into()))?;
+        let tok_text = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.tokens.get(i as usize).cloned()).unwrap_or_default()
+        };
+        let template = ChatTemplate::new(&template_src, &tok_text(tokenizer.bos_id), &tok_text(tokenizer.eos_id))?;
+
+        let mut stop_ids: Vec<u32> = [tokenizer.eos_id, tokenizer.eot_id].into_iter().flatten().collect();
+        for t in EOG_TEXTS {
+            if let Some(id) = tokenizer.token_id(t) {
+                if tokenizer.control[id as usize] && !stop_ids.contains(&id) {
+                    stop_ids.push(id);
+                }
+            }
+        }
+
+        let device = Device::Cpu;
+        let (weights, context) = match architecture.as_str() {
+            "qwen2" => {
+                (Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(ct, &mut file, &device)?), file_context)
+            }
+            "llama" => (
+                Weights::Llama(quantized_llama::ModelWeights::from_gguf(ct, &mut file, &device)?),
+                // candle's quantized llama precomputes rotary tables for this many positions.
+                file_context.min(quantized_llama::MAX_SEQ_LEN),
+            ),
+            other => {
+                return Err(GenerateError::Unsupported(format!(
+                    "general.architecture = {other:?}; supported: qwen2, llama"
+                )))
+            }
+        };
+        Ok(Self { weights, tokenizer, template, stop_ids, context, architecture, name, device })
+    }
+
+    /// The model's context window, in tokens.
+    pub fn context_length(&self) -> usize {
+        self.context
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> &str {
+        &self.architecture
+    }
+
+    /// `general.name`, or the file name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Tokens that end the model's turn.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// The tokenizer built from the file.
+    pub fn tokenizer(&self) -> &GgufTokenizer {
+        &self.tokenizer
+    }
+
+    /// Renders `messages` with the model's template and tokenizes the prompt.
+    ///
+    /// The template's own markup is tokenized with special tokens recognised; the
+    /// messages' contents are tokenized as plain text, so a document that contains
+    /// `<|im_start|>` cannot forge a turn of the conversation.
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, GenerateError> {
+        // Render with placeholders (private-use characters no text contains) and
+        // splice the real contents in between the template's pieces.
+        let marker = |i: usize| format!("\u{F8F0}{i}\u{F8F1}");
+        let placeholders: Vec<Message> =
+            messages.iter().enumerate().map(|(i, m)| Message { role: m.role.clone(), content: marker(i) }).collect();
+        let rendered = self.template.render(&placeholders)?;
+        let mut ids = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some(open) = rest.find('\u{F8F0}') {
+            let Some(close_rel) = rest[open..].find('\u{F8F1}') else { break };
+            let close = open + close_rel;
+            let Ok(i) = rest[open + '\u{F8F0}'.len_utf8()..close].parse::<usize>() else { break };
+            let Some(msg) = messages.get(i) else { break };
+            ids.extend(self.tokenizer.encode_special(&rest[..open])?);
+            ids.extend(self.tokenizer.encode_plain(&msg.content)?);
+            rest = &rest[close + '\u{F8F1}'.len_utf8()..];
+        }
+        if rest.contains('\u{F8F0}') {
+            // The template transformed the contents (e.g. upper-cased them): render for real.
+            let rendered = self.template.render(messages)?;
+            return self.tokenizer.encode_special(&rendered);
+        }
+        ids.extend(self.tokenizer.encode_special(rest)?);
+        Ok(ids)
+    }
+
+    /// Feeds `ids` at positions `start..` of the KV cache (`start == 0` begins a new
+    /// sequence) and returns the logits for the token that follows. For scoring and
+    /// tests; [`Generator::generate`] is the way to generate.
+    pub fn feed(&mut self, ids: &[u32], start: usize) -> Result<Vec<f32>, GenerateError> {
+        if ids.is_empty() || start + ids.len() >= self.context {
+            return Err(GenerateError::PromptTooLong { prompt: start + ids.len(), context: self.context });
+        }
+        if start == 0 {
+            self.weights.clear();
+        }
+        Ok(self.prefill(ids, start)?.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?)
+    }
+
+    fn prefill(&mut self, ids: &[u32], start: usize) -> Result<Tensor, GenerateError> {
+        let mut logits = None;
+        for (i, piece) in ids.chunks(PREFILL_CHUNK).enumerate() {
+            let input = Tensor::new(piece, &self.device)?.unsqueeze(0)?;
+            logits = Some(self.weights.forward(&input, start + i * PREFILL_CHUNK)?);
+        }
+        logits.ok_or(GenerateError::PromptTooLong { prompt: 0, context: self.context })
+    }
+
+    /// Generates a reply to `messages`; see [`Generator::generate`].
+    pub fn chat(
+        &mut self,
+        messages: &[Message],
+        params: &GenerateParams,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, GenerateError> {
+        let prompt = self.encode_chat(messages)?;
+        self.generate(&prompt, params, on_text)
+    }
+
+    /// Generates from `prompt` token ids. `on_text` receives each complete piece of
+    /// text as soon as it is produced and returns `false` to stop generation.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, GenerateError> {
+        params.validate()?;
+        if prompt.is_empty() || prompt.len() >= self.context {
+            return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context: self.context });
+        }
+        let max_new = params.max_tokens.min(self.context - prompt.len());
+        let sampling = if params.temperature <= 0.0 {
+            Sampling::ArgMax
+        } else if params.top_p >= 1.0 {
+            Sampling::All { temperature: params.temperature }
+        } else {
+            Sampling::TopP { p: params.top_p, temperature: params.temperature }
+        };
+        let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling);
+        let started = Instant::now();
+        self.weights.clear();
+
+        let mut logits = self.prefill(prompt, 0)?;
+
+        let mut text = String::new();
+        let mut utf8 = Utf8Stream::new();
+        let mut completion = 0usize;
+        let mut finish = FinishReason::Length;
+        let mut first_token_at = None;
+        let mut pos = prompt.len();
+        let mut history: Vec<u32> = prompt.to_vec();
+        loop {
+            let mut step = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
+            if params.repeat_penalty != 1.0 {
+                let recent = &history[history.len().saturating_sub(params.repeat_last_n)..];
+                step = candle_transformers::utils::apply_repeat_penalty(&step, params.repeat_penalty, recent)?;
+            }
+            let next = sampler.sample(&step)?;
+            history.push(next);
+            first_token_at.get_or_insert_with(Instant::now);
+            if self.stop_ids.contains(&next) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            completion += 1;
+            let bytes = self.tokenizer.token_bytes.get(next as usize).map(Vec::as_slice).unwrap_or(&[]);
+            if let Some(piece) = utf8.push(bytes) {
+                text.push_str(&piece);
+                if !on_text(&piece) {
+                    finish = FinishReason::Cancelled;
+                    break;
+                }
+            }
+            if completion >= max_new {
+                break;
+            }
+            let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
+            logits = self.weights.forward(&input, pos)?;
+            pos += 1;
+        }
+        if let Some(piece) = utf8.finish() {
+            text.push_str(&piece);
+            if finish != FinishReason::Cancelled {
+                on_text(&piece);
+            }
+        }
+        let first = first_token_at.unwrap_or_else(Instant::now);
+        Ok(Generation {
+            text,
+            prompt_tokens: prompt.len(),
+            completion_tokens: completion,
+            finish_reason: finish,
+            prefill_ms: (first - started).as_secs_f64() * 1e3,
+            decode_ms: first.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}

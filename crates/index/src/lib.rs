@@ -1,0 +1,302 @@
+//! The approximate nearest-neighbour index over chunk embeddings.
+//!
+//! ragd's embedders produce L2-normalised vectors, so cosine similarity is a dot
+//! product and an HNSW graph over "1 − dot" finds the nearest chunks. The graph is
+//! [hnsw_rs]; this crate wraps it for three reasons:
+//!
+//! * hnsw_rs reacts to bad parameters by calling `process::exit` (for example
+//!   `max_nb_connection > 256`) or by silently clamping them. [`IndexConfig::validate`]
+//!   turns every such case into an [`IndexError`] before hnsw_rs sees it.
+//! * hnsw_rs' own `DistDot` asserts `dot <= 1`, which rounding breaks for a vector
+//!   compared with itself (dot = 1.0000001 panics the process). [`ClampedDot`] is
+//!   the same distance, clamped to `[0, 2]`.
+//! * Callers want similarity scores (higher is better) and ids of their own, and
+//!   they want dimension mismatches and non-finite vectors refused, not indexed.
+//!
+//! Ids are `usize` chunk keys chosen by the caller. Deleting is the caller's
+//! concern for now: search takes a filter so that replaced chunks are skipped.
+
+#![deny(missing_docs)]
+
+use hnsw_rs::prelude::{Distance, FilterT, Hnsw};
+use serde::{Deserialize, Serialize};
+
+/// hnsw_rs refuses more than this many connections per node (it exits the process).
+pub const MAX_CONNECTIONS: usize = 256;
+/// hnsw_rs keeps at most 16 layers and silently clamps larger values.
+pub const MAX_LAYERS: usize = 16;
+
+/// Parameters of the HNSW graph.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexConfig {
+    /// Neighbours kept per node and layer (the "M" of the HNSW paper), 2..=256.
+    pub max_connections: usize,
+    /// Candidate list size while building; larger is slower and more exact.
+    pub ef_construction: usize,
+    /// Candidate list size while searching; at least the number of hits asked for.
+    pub ef_search: usize,
+    /// Number of graph layers, 1..=16.
+    pub max_layers: usize,
+    /// Expected number of vectors: a sizing hint, not a limit.
+    pub capacity_hint: usize,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self { max_connections: 16, ef_construction: 200, ef_search: 64, max_layers: 16, capacity_hint: 100_000 }
+    }
+}
+
+impl IndexConfig {
+    /// Checks every parameter that hnsw_rs would otherwise exit, panic or clamp on.
+    pub fn validate(&self) -> Result<(), IndexError> {
+        let bad = |field: &'static str, reason: String| Err(IndexError::InvalidConfig { field, reason });
+        if !(2..=MAX_CONNECTIONS).contains(&self.max_connections) {
+            return bad("max_connections", format!("{} is outside 2..={MAX_CONNECTIONS}", self.max_connections));
+        }
+        if self.ef_construction == 0 {
+            return bad("ef_construction", "must be at least 1".into());
+        }
+        if self.ef_search == 0 {
+            return bad("ef_search", "must be at least 1".into());
+        }
+        if !(1..=MAX_LAYERS).contains(&self.max_layers) {
+            return bad("max_layers", format!("{} is outside 1..={MAX_LAYERS}", self.max_layers));
+        }
+        if self.capacity_hint == 0 {
+            return bad("capacity_hint", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// What went wrong in the index.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IndexError {
+    /// A configuration value is out of range (operator's fault).
+    #[error("invalid index setting {field}: {reason}")]
+    InvalidConfig {
+        /// The offending key.
+        field: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A vector of the wrong length was given (caller's fault).
+    #[error("vector has {got} dimensions, the index holds {expected}")]
+    DimensionMismatch {
+        /// The index's dimension.
+        expected: usize,
+        /// The vector's length.
+        got: usize,
+    },
+    /// A vector contains NaN or infinity (caller's fault).
+    #[error("vector contains a non-finite value")]
+    NonFinite,
+}
+
+/// Cosine distance for unit vectors, `1 − a·b`, clamped to `[0, 2]` so that
+/// rounding never produces a negative distance.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClampedDot;
+
+impl Distance<f32> for ClampedDot {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        (1.0 - dot).clamp(0.0, 2.0)
+    }
+}
+
+/// One search result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    /// The id the vector was inserted with.
+    pub id: usize,
+    /// Cosine similarity with the query, in `[-1, 1]`; higher is closer.
+    pub score: f32,
+}
+
+/// An HNSW index of unit vectors of one dimension.
+///
+/// Insertion and search take `&self`: hnsw_rs locks internally, so one index can
+/// be shared between the ingest path and concurrent searches.
+pub struct VectorIndex {
+    hnsw: Hnsw<'static, f32, ClampedDot>,
+    dim: usize,
+    config: IndexConfig,
+}
+
+impl std::fmt::Debug for VectorIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VectorIndex").field("dim", &self.dim).field("len", &self.len()).finish()
+    }
+}
+
+impl VectorIndex {
+    /// An empty index for vectors of `dim` dimensions.
+    pub fn new(dim: usize, config: IndexConfig) -> Result<Self, IndexError> {
+        config.validate()?;
+        if dim == 0 {
+            return Err(IndexError::InvalidConfig { field: "dim", reason: "must be at least 1".into() });
+        }
+        let hnsw = Hnsw::new(
+            config.max_connections,
+            config.capacity_hint,
+            config.max_layers,
+            config.ef_construction,
+            ClampedDot,
+        );
+        Ok(Self { hnsw, dim, config })
+    }
+
+    /// The dimension of the vectors held.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Number of vectors inserted.
+    pub fn len(&self) -> usize {
+        self.hnsw.get_nb_point()
+    }
+
+    /// Whether nothing has been inserted.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn check(&self, v: &[f32]) -> Result<(), IndexError> {
+        if v.len() != self.dim {
+            return Err(IndexError::DimensionMismatch { expected: self.dim, got: v.len() });
+        }
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(IndexError::NonFinite);
+        }
+        Ok(())
+    }
+
+    /// Checks every vector of a batch without inserting anything, so that a caller
+    /// can refuse a whole batch before changing the index.
+    pub fn check_all<'a>(&self, vectors: impl IntoIterator<Item = &'a [f32]>) -> Result<(), IndexError> {
+        vectors.into_iter().try_for_each(|v| self.check(v))
+    }
+
+    /// Inserts one unit vector under `id`.
+    pub fn insert(&self, id: usize, vector: &[f32]) -> Result<(), IndexError> {
+        self.check(vector)?;
+        self.hnsw.insert_slice((vector, id));
+        Ok(())
+    }
+
+    /// The `k` nearest vectors to `query` for which `keep(id)` holds, best first.
+    pub fn search(&self, query: &[f32], k: usize, keep: &dyn Fn(usize) -> bool) -> Result<Vec<Hit>, IndexError> {
+        self.check(query)?;
+        if k == 0 || self.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ef = self.config.ef_search.max(k);
+        let filter = |id: &usize| keep(*id);
+        let found = self.hnsw.search_filter(query, k, ef, Some(&filter as &dyn FilterT));
+        let mut hits: Vec<Hit> =
+            found.into_iter().map(|n| Hit { id: n.d_id, score: 1.0 - n.distance }).collect();
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+        hits.truncate(k);
+        Ok(hits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn unit(v: Vec<f32>) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect()
+    }
+
+    fn random_unit(rng: &mut StdRng, dim: usize) -> Vec<f32> {
+        unit((0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+    }
+
+    #[test]
+    fn refuses_parameters_hnsw_rs_would_exit_on() {
+        let cfg = IndexConfig { max_connections: 257, ..Default::default() };
+        assert!(matches!(cfg.validate(), Err(IndexError::InvalidConfig { field: "max_connections", .. })));
+        assert!(VectorIndex::new(8, cfg).is_err());
+        let cfg = IndexConfig { max_layers: 17, ..Default::default() };
+        assert!(VectorIndex::new(8, cfg).is_err());
+        let cfg = IndexConfig { ef_search: 0, ..Default::default() };
+        assert!(VectorIndex::new(8, cfg).is_err());
+        assert!(VectorIndex::new(0, IndexConfig::default()).is_err());
+        assert!(IndexConfig { max_connections: 256, ..Default::default() }.validate().is_ok());
+    }
+
+    #[test]
+    fn finds_exact_match_first_with_score_one() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let index = VectorIndex::new(32, IndexConfig::default()).unwrap();
+        let vectors: Vec<Vec<f32>> = (0..500).map(|_| random_unit(&mut rng, 32)).collect();
+        for (i, v) in vectors.iter().enumerate() {
+            index.insert(i, v).unwrap();
+        }
+        assert_eq!(index.len(), 500);
+        for probe in [0usize, 17, 499] {
+            let hits = index.search(&vectors[probe], 5, &|_| true).unwrap();
+            assert_eq!(hits.len(), 5);
+            assert_eq!(hits[0].id, probe);
+            assert!((hits[0].score - 1.0).abs() < 1e-5, "score {}", hits[0].score);
+            assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+        }
+    }
+
+    #[test]
+    fn recall_against_brute_force() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let dim = 48;
+        let index = VectorIndex::new(dim, IndexConfig::default()).unwrap();
+        let vectors: Vec<Vec<f32>> = (0..2000).map(|_| random_unit(&mut rng, dim)).collect();
+        for (i, v) in vectors.iter().enumerate() {
+            index.insert(i, v).unwrap();
+        }
+        let mut found = 0;
+        let queries = 50;
+        for _ in 0..queries {
+            let q = random_unit(&mut rng, dim);
+            let mut exact: Vec<(usize, f32)> =
+                vectors.iter().enumerate().map(|(i, v)| (i, v.iter().zip(&q).map(|(a, b)| a * b).sum())).collect();
+            exact.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let top: Vec<usize> = exact[..10].iter().map(|e| e.0).collect();
+            let hits = index.search(&q, 10, &|_| true).unwrap();
+            found += hits.iter().filter(|h| top.contains(&h.id)).count();
+        }
+        let recall = found as f64 / (queries * 10) as f64;
+        assert!(recall >= 0.9, "recall@10 = {recall}");
+    }
+
+    #[test]
+    fn filter_excludes_ids() {
+        let index = VectorIndex::new(3, IndexConfig::default()).unwrap();
+        index.insert(1, &unit(vec![1.0, 0.0, 0.0])).unwrap();
+        index.insert(2, &unit(vec![0.9, 0.1, 0.0])).unwrap();
+        index.insert(3, &unit(vec![0.0, 0.0, 1.0])).unwrap();
+        let q = unit(vec![1.0, 0.0, 0.0]);
+        let hits = index.search(&q, 3, &|id| id != 1).unwrap();
+        assert_eq!(hits.iter().map(|h| h.id).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
+    #[test]
+    fn rejects_bad_vectors_and_handles_empty() {
+        let index = VectorIndex::new(3, IndexConfig::default()).unwrap();
+        assert!(index.search(&[1.0, 0.0, 0.0], 3, &|_| true).unwrap().is_empty());
+        assert_eq!(
+            index.insert(0, &[1.0, 0.0]),
+            Err(IndexError::DimensionMismatch { expected: 3, got: 2 })
+        );
+        assert_eq!(index.insert(0, &[f32::NAN, 0.0, 0.0]), Err(IndexError::NonFinite));
+        assert!(index.is_empty());
+        // A vector slightly longer than 1 (rounding) must not panic.
+        index.insert(5, &[1.0000001, 0.0, 0.0]).unwrap();
+        let hits = index.search(&[1.0000001, 0.0, 0.0], 1, &|_| true).unwrap();
+        assert_eq!(hits[0].id, 5);
+    }
+}
