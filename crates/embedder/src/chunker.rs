@@ -125,3 +125,79 @@ pub fn chunk_text(tokenizer: &Tokenizer, text: &str, config: &ChunkerConfig) -> 
     }
     Ok(chunks)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A BERT-style tokenizer in which every word and punctuation mark is one
+    /// token ([UNK]), so token counts are easy to reason about.
+    fn words() -> Tokenizer {
+        let json = r###"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":{"type":"BertNormalizer","clean_text":true,"handle_chinese_chars":true,"strip_accents":null,"lowercase":false},"pre_tokenizer":{"type":"BertPreTokenizer"},"post_processor":null,"decoder":null,
+            "model":{"type":"WordPiece","unk_token":"[UNK]","continuing_subword_prefix":"##",
+                     "max_input_chars_per_word":100,"vocab":{"[UNK]":0}}}"###;
+        json.parse().unwrap()
+    }
+
+    fn cfg(max_tokens: usize, overlap: usize) -> ChunkerConfig {
+        ChunkerConfig { max_tokens, overlap }
+    }
+
+    #[test]
+    fn short_text_is_one_chunk() {
+        let text = "  Debian is a free operating system.  ";
+        let chunks = chunk_text(&words(), text, &cfg(20, 4)).unwrap();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].text, "Debian is a free operating system.");
+        assert_eq!(chunks[0].tokens, 7);
+    }
+
+    #[test]
+    fn empty_text_has_no_chunks() {
+        assert!(chunk_text(&words(), " \n\t ", &cfg(20, 4)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn chunks_respect_bounds_overlap_and_sentence_ends() {
+        let sentence = "one two three four five six seven eight nine.";
+        let text = std::iter::repeat_n(sentence, 12).collect::<Vec<_>>().join(" ");
+        let chunks = chunk_text(&words(), &text, &cfg(32, 8)).unwrap();
+        assert!(chunks.len() >= 4);
+        for (i, c) in chunks.iter().enumerate() {
+            assert!(c.tokens <= 32, "chunk {i} has {} tokens", c.tokens);
+            assert_eq!(&text[c.start..c.end], c.text);
+            if i + 1 < chunks.len() {
+                assert!(c.text.ends_with('.'), "chunk {i} ends mid-sentence: {:?}", c.text);
+                assert!(chunks[i + 1].start < c.end, "chunk {i} and the next overlap");
+            }
+        }
+        assert_eq!(chunks.last().unwrap().end, text.len());
+    }
+
+    #[test]
+    fn paragraph_break_beats_sentence_end() {
+        let text = format!("{}\n\n{}", "a b c d e f g h i j k l. m n o p", "q r s t u v w x y z");
+        let chunks = chunk_text(&words(), &text, &cfg(20, 2)).unwrap();
+        assert_eq!(chunks[0].text, "a b c d e f g h i j k l. m n o p");
+    }
+
+    #[test]
+    fn cjk_text_is_cut_at_full_stops() {
+        let text = "中国的首都是北京。".repeat(10);
+        let chunks = chunk_text(&words(), &text, &cfg(20, 3)).unwrap();
+        assert!(chunks.len() > 1);
+        for c in &chunks[..chunks.len() - 1] {
+            assert!(c.text.ends_with('。'), "{:?}", c.text);
+            assert!(c.tokens <= 20);
+        }
+    }
+
+    #[test]
+    fn validate_against_window() {
+        assert!(cfg(200, 40).validate(256).is_ok());
+        assert!(cfg(255, 40).validate(256).is_err());
+        assert!(cfg(100, 50).validate(256).is_err());
+        assert!(cfg(8, 0).validate(256).is_err());
+    }
+}

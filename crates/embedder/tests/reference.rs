@@ -1,0 +1,86 @@
+//! all-MiniLM-L6-v2 against sentence-transformers' own vectors
+//! (`shared/data/reference/minilm-embeddings.jsonl`). Needs `scripts/fetch-models`.
+
+use std::path::PathBuf;
+
+use ragd_embedder::{chunker, ChunkerConfig, Embedder, EmbedderConfig, Pooling};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn minilm() -> Embedder {
+    let dir = std::env::var_os("RAGD_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let path = dir.join("all-MiniLM-L6-v2");
+    assert!(path.exists(), "{} is missing: run scripts/fetch-models", path.display());
+    Embedder::load(&path, &EmbedderConfig { batch_size: 7, max_length: None }).unwrap()
+}
+
+fn reference() -> Vec<(String, Vec<f32>)> {
+    let dir =
+        std::env::var_os("RAGD_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/data"));
+    let path = dir.join("reference/minilm-embeddings.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let e = v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            (v["text"].as_str().unwrap().to_string(), e)
+        })
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn minilm_matches_sentence_transformers() {
+    let e = minilm();
+    assert_eq!(e.dim(), 384);
+    assert_eq!(e.pooling(), Pooling::Mean);
+    assert_eq!(e.max_length(), 256);
+    let cases = reference();
+    assert_eq!(cases.len(), 20);
+    let texts: Vec<&str> = cases.iter().map(|(t, _)| t.as_str()).collect();
+    // Batches of 7 mix long and short texts: padding must not change any vector.
+    let got = e.embed(&texts).unwrap();
+    let mut worst = 1.0f32;
+    for ((text, want), v) in cases.iter().zip(&got) {
+        let c = cosine(want, v);
+        worst = worst.min(c);
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+        assert!(c >= 0.999, "cosine {c} for {text:?}");
+    }
+    println!("worst cosine against sentence-transformers: {worst:.6}");
+    // One at a time gives the same vectors as batched.
+    let single = e.embed(&texts[..1]).unwrap();
+    assert!(cosine(&single[0], &got[0]) > 0.99999);
+}
+
+#[test]
+fn chunks_fit_the_model_window_and_cover_the_text() {
+    let e = minilm();
+    let cases = reference();
+    let long = cases.iter().map(|(t, _)| t.as_str()).max_by_key(|t| t.len()).unwrap();
+    let cfg = ChunkerConfig { max_tokens: 64, overlap: 16 };
+    let chunks = chunker::chunk_text(e.tokenizer(), long, &cfg).unwrap();
+    assert!(chunks.len() > 2, "a long text gives several chunks");
+    for c in &chunks {
+        assert!(c.tokens <= 64);
+        assert_eq!(&long[c.start..c.end], c.text);
+        let n = e.tokenizer().encode(c.text.as_str(), false).unwrap().len();
+        assert!(n <= 64 + 2, "chunk re-tokenizes to {n} tokens");
+    }
+    assert_eq!(chunks[0].start, 0);
+    assert_eq!(chunks.last().unwrap().end, long.trim_end().len());
+    for w in chunks.windows(2) {
+        assert!(w[1].start < w[0].end, "consecutive chunks overlap");
+    }
+}
