@@ -1,0 +1,586 @@
+//! The request flow: ingest (validate → chunk → embed → store → index) and ask
+//! (embed the question → search → assemble the prompt → generate → cite).
+//!
+//! Handlers in [`crate::api`] parse requests and call one method here; this
+//! module knows nothing of HTTP beyond the [`ApiError`] it returns.
+
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use ragd_embedder::chunker;
+use ragd_index::VectorIndex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::citations;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::prompt::Passage;
+use crate::store::{Store, StoredChunk, StoredDocument, UpsertStatus};
+use crate::workers::{EmbedWorker, GenEvent, GenJob, GenWorker};
+
+/// Longest document id accepted.
+const MAX_ID_LEN: usize = 256;
+/// Longest title accepted, in bytes.
+const MAX_TITLE_LEN: usize = 1024;
+/// Longest question accepted, in characters.
+const MAX_QUESTION_CHARS: usize = 4000;
+/// Characters of a chunk shown as a citation's snippet.
+const SNIPPET_CHARS: usize = 240;
+
+/// One document of `POST /ingest`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentIn {
+    /// Caller's id; derived from the text when absent.
+    pub id: Option<String>,
+    /// Optional title, shown in citations and given to the model.
+    pub title: Option<String>,
+    /// Where the document came from (kept in its metadata).
+    pub source: Option<String>,
+    /// The text.
+    pub text: String,
+    /// Any JSON object.
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// Body of `POST /ingest`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestRequest {
+    /// The documents.
+    pub documents: Vec<DocumentIn>,
+}
+
+/// Outcome for one document.
+#[derive(Debug, Serialize)]
+pub struct IngestedDocument {
+    /// The document's id.
+    pub id: String,
+    /// What happened.
+    pub status: IngestStatus,
+    /// Chunks the document has now.
+    pub chunks: usize,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `created`, `updated`, `unchanged` or `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IngestStatus {
+    /// New id.
+    Created,
+    /// Existing id, new content.
+    Updated,
+    /// Existing id, same content.
+    Unchanged,
+    /// Not stored.
+    Failed,
+}
+
+/// Response of `POST /ingest`.
+#[derive(Debug, Serialize)]
+pub struct IngestResponse {
+    /// One entry per document, in request order.
+    pub documents: Vec<IngestedDocument>,
+}
+
+/// Body of `POST /ask`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AskRequest {
+    /// The question.
+    pub question: String,
+    /// Passages to retrieve.
+    pub top_k: Option<usize>,
+    /// Longest answer in tokens.
+    pub max_tokens: Option<usize>,
+    /// 0 = greedy.
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    pub top_p: Option<f64>,
+    /// Sampler seed.
+    pub seed: Option<u64>,
+    /// Stream the answer as server-sent events.
+    pub stream: Option<bool>,
+}
+
+/// A retrieved passage, as reported to the client.
+#[derive(Debug, Clone, Serialize)]
+pub struct Source {
+    /// Its number in the prompt, from 1.
+    pub n: usize,
+    /// The document.
+    pub document_id: String,
+    /// `{document_id}#{index}`.
+    pub chunk_id: String,
+    /// The document's title.
+    pub title: Option<String>,
+    /// The start of the passage.
+    pub snippet: String,
+    /// Cosine similarity with the question.
+    pub score: f32,
+    #[serde(skip)]
+    text: String,
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Their sum.
+    pub total_tokens: usize,
+}
+
+/// Per-stage times in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    /// Embedding the question and searching.
+    pub retrieval_ms: f64,
+    /// Rendering and tokenizing the prompt (after waiting for the generator).
+    pub prompt_ms: f64,
+    /// Prefill and decoding.
+    pub generation_ms: f64,
+    /// From the request to the first answer token.
+    pub first_token_ms: Option<f64>,
+    /// The whole request.
+    pub total_ms: f64,
+}
+
+/// The answer to `POST /ask` (also the `done` event of a stream).
+#[derive(Debug, Clone, Serialize)]
+pub struct AskResponse {
+    /// The answer text.
+    pub answer: String,
+    /// Passages the answer cites, in order of first citation.
+    pub citations: Vec<Source>,
+    /// Why generation ended: `stop`, `length`, or `no_sources`.
+    pub finish_reason: String,
+    /// The generator's model name.
+    pub model: String,
+    /// Token counts.
+    pub usage: Usage,
+    /// Stage times.
+    pub timings: Timings,
+}
+
+/// An ask in progress: the retrieved sources and the generator's events.
+#[derive(Debug)]
+pub struct AskRun {
+    /// Retrieved passages, best first (the prompt may use a prefix of them).
+    pub sources: Vec<Source>,
+    /// `None` when nothing was retrieved: there is nothing to generate from.
+    pub events: Option<mpsc::UnboundedReceiver<GenEvent>>,
+    started: Instant,
+    retrieval_ms: f64,
+    model: String,
+}
+
+/// Accumulates an ask's events into the final answer.
+#[derive(Debug)]
+pub struct AskProgress {
+    run_sources: Vec<Source>,
+    used: usize,
+    prompt_ms: f64,
+    first_token_ms: Option<f64>,
+    started: Instant,
+    retrieval_ms: f64,
+    model: String,
+}
+
+/// The loaded service: models, index and documents.
+pub struct Engine {
+    config: Arc<Config>,
+    embedder: EmbedWorker,
+    generator: GenWorker,
+    index: VectorIndex,
+    store: RwLock<Store>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("embedder", &self.embedder).field("generator", &self.generator).finish()
+    }
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn snippet(text: &str) -> String {
+    match text.char_indices().nth(SNIPPET_CHARS) {
+        Some((i, _)) => format!("{}…", text[..i].trim_end()),
+        None => text.to_string(),
+    }
+}
+
+impl Engine {
+    /// Opens the store in the configured data directory, replays it into a new
+    /// index, and assembles the engine. Blocking: call from a blocking context.
+    pub fn open(config: Arc<Config>, embedder: EmbedWorker, generator: GenWorker) -> Result<Self, String> {
+        config.chunking.validate(embedder.max_length)?;
+        let index = VectorIndex::new(embedder.dim, config.index.clone()).map_err(|e| e.to_string())?;
+        let (store, replayed) =
+            Store::open(&config.server.data_dir, &embedder.name, embedder.dim).map_err(|e| e.to_string())?;
+        for (key, vector) in &replayed {
+            index.insert(*key, vector).map_err(|e| format!("journal vector {key}: {e}"))?;
+        }
+        tracing::info!(documents = store.document_count(), chunks = replayed.len(), data_dir = %config.server.data_dir.display(), "documents loaded");
+        Ok(Self { config, embedder, generator, index, store: RwLock::new(store) })
+    }
+
+    /// Names of the loaded models.
+    pub fn models(&self) -> Value {
+        serde_json::json!({
+            "embedder": self.embedder.name,
+            "generator": self.generator.name,
+        })
+    }
+
+    fn validate_ingest(&self, req: &IngestRequest) -> Result<Vec<(String, String)>, ApiError> {
+        let max = self.config.server.max_documents_per_request;
+        if req.documents.is_empty() {
+            return Err(ApiError::Invalid("documents: at least one document is required".into()));
+        }
+        if req.documents.len() > max {
+            return Err(ApiError::Invalid(format!("documents: at most {max} documents per request")));
+        }
+        let mut ids = Vec::with_capacity(req.documents.len());
+        for (i, d) in req.documents.iter().enumerate() {
+            let at = |m: &str| ApiError::Invalid(format!("documents[{i}].{m}"));
+            if d.text.trim().is_empty() {
+                return Err(at("text: must not be empty"));
+            }
+            if let Some(t) = &d.title {
+                if t.len() > MAX_TITLE_LEN {
+                    return Err(at(&format!("title: longer than {MAX_TITLE_LEN} bytes")));
+                }
+            }
+            let metadata = serde_json::to_vec(&d.metadata).unwrap_or_default();
+            let hash = sha256_hex(&[
+                d.title.as_deref().unwrap_or("").as_bytes(),
+                d.source.as_deref().unwrap_or("").as_bytes(),
+                d.text.as_bytes(),
+                &metadata,
+            ]);
+            let id = match &d.id {
+                Some(id) => {
+                    if id.trim().is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
+                        return Err(at(&format!(
+                            "id: must be 1..={MAX_ID_LEN} bytes without control characters"
+                        )));
+                    }
+                    id.clone()
+                }
+                None => format!("doc-{}", &sha256_hex(&[d.text.as_bytes()])[..16]),
+            };
+            if ids.iter().any(|(other, _)| other == &id) {
+                return Err(at(&format!("id: {id:?} appears twice in this request")));
+            }
+            ids.push((id, hash));
+        }
+        Ok(ids)
+    }
+
+    /// Ingests documents: all are validated before anything is stored.
+    pub async fn ingest(self: &Arc<Self>, req: IngestRequest) -> Result<IngestResponse, ApiError> {
+        let ids = self.validate_ingest(&req)?;
+        let unchanged: Vec<bool> = {
+            let store = self.store.read().map_err(|_| ApiError::internal("store lock poisoned"))?;
+            ids.iter().map(|(id, hash)| store.is_unchanged(id, hash)).collect()
+        };
+
+        // Chunk the new and changed documents (CPU work, off the runtime).
+        let tokenizer = self.embedder.tokenizer.clone();
+        let chunking = self.config.chunking.clone();
+        let texts: Vec<Option<String>> =
+            req.documents.iter().zip(&unchanged).map(|(d, &u)| (!u).then(|| d.text.clone())).collect();
+        let chunked = tokio::task::spawn_blocking(move || {
+            texts
+                .iter()
+                .map(|t| match t {
+                    Some(t) => chunker::chunk_text(&tokenizer, t, &chunking).map(Some),
+                    None => Ok(None),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+
+        // Embed every chunk in one job; the title goes in front of each chunk so
+        // that a passage is found by what its document is about.
+        let mut inputs = Vec::new();
+        for (d, chunks) in req.documents.iter().zip(&chunked) {
+            for c in chunks.iter().flatten() {
+                inputs.push(match d.title.as_deref().filter(|t| !t.trim().is_empty()) {
+                    Some(t) => format!("{}\n{}", t.trim(), c.text),
+                    None => c.text.clone(),
+                });
+            }
+        }
+        let mut vectors = self.embedder.embed(inputs).await.map_err(ApiError::internal)?.into_iter();
+
+        let mut docs = Vec::new();
+        for ((d, chunks), (id, hash)) in req.documents.into_iter().zip(chunked).zip(ids) {
+            let stored = chunks.map(|chunks| {
+                let mut metadata = d.metadata.unwrap_or_default();
+                if let Some(source) = d.source {
+                    metadata.insert("source".into(), Value::String(source));
+                }
+                StoredDocument {
+                    id: id.clone(),
+                    title: d.title,
+                    text: d.text,
+                    metadata,
+                    hash: hash.clone(),
+                    chunks: chunks
+                        .into_iter()
+                        .map(|c| StoredChunk {
+                            text: c.text,
+                            start: c.start,
+                            end: c.end,
+                            vector: vectors.next().unwrap_or_default(),
+                        })
+                        .collect(),
+                }
+            });
+            docs.push((id, stored));
+        }
+
+        // Store durably, then index; one document failing does not undo the others.
+        let engine = Arc::clone(self);
+        let results = tokio::task::spawn_blocking(move || {
+            let mut store = engine.store.write().map_err(|_| ApiError::internal("store lock poisoned"))?;
+            let mut out = Vec::new();
+            for (id, doc) in docs {
+                let Some(doc) = doc else {
+                    let chunks = store.chunk_count(&id).unwrap_or(0);
+                    out.push(IngestedDocument { id, status: IngestStatus::Unchanged, chunks, error: None });
+                    continue;
+                };
+                if let Err(e) = engine.index.check_all(doc.chunks.iter().map(|c| c.vector.as_slice())) {
+                    tracing::error!(%id, error = %e, "embedding produced an unusable vector");
+                    out.push(failed(id, "embedding failed"));
+                    continue;
+                }
+                match store.put(doc) {
+                    Ok((status, new)) => {
+                        for (key, vector) in &new {
+                            // Checked above; a failure here would be a bug in the index.
+                            if let Err(e) = engine.index.insert(*key, vector) {
+                                tracing::error!(%id, error = %e, "index insert failed");
+                            }
+                        }
+                        let status = match status {
+                            UpsertStatus::Created => IngestStatus::Created,
+                            UpsertStatus::Updated => IngestStatus::Updated,
+                            UpsertStatus::Unchanged => IngestStatus::Unchanged,
+                        };
+                        let chunks = store.chunk_count(&id).unwrap_or(0);
+                        out.push(IngestedDocument { id, status, chunks, error: None });
+                    }
+                    Err(e) => {
+                        tracing::error!(%id, error = %e, "storing a document failed");
+                        out.push(failed(id, "storage failed"));
+                    }
+                }
+            }
+            Ok::<_, ApiError>(out)
+        })
+        .await
+        .map_err(ApiError::internal)??;
+        Ok(IngestResponse { documents: results })
+    }
+
+    /// Validates an ask, retrieves, and queues generation.
+    pub async fn ask(&self, req: &AskRequest) -> Result<AskRun, ApiError> {
+        let started = Instant::now();
+        let question = req.question.trim();
+        if question.is_empty() {
+            return Err(ApiError::Invalid("question: must not be empty".into()));
+        }
+        if question.chars().count() > MAX_QUESTION_CHARS {
+            return Err(ApiError::Invalid(format!("question: longer than {MAX_QUESTION_CHARS} characters")));
+        }
+        let r = &self.config.retrieval;
+        let top_k = req.top_k.unwrap_or(r.top_k);
+        if !(1..=r.max_top_k).contains(&top_k) {
+            return Err(ApiError::Invalid(format!("top_k: must be within 1..={}", r.max_top_k)));
+        }
+        let g = &self.config.generation;
+        let mut params = self.config.generation_defaults();
+        if let Some(m) = req.max_tokens {
+            if !(1..=g.max_tokens_limit).contains(&m) {
+                return Err(ApiError::Invalid(format!("max_tokens: must be within 1..={}", g.max_tokens_limit)));
+            }
+            params.max_tokens = m;
+        }
+        if let Some(t) = req.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(ApiError::Invalid("temperature: must be within 0..=2".into()));
+            }
+            params.temperature = t;
+        }
+        if let Some(p) = req.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(ApiError::Invalid("top_p: must be within (0, 1]".into()));
+            }
+            params.top_p = p;
+        }
+        if let Some(s) = req.seed {
+            params.seed = s;
+        }
+
+        let vector = self
+            .embedder
+            .embed(vec![question.to_string()])
+            .await
+            .map_err(ApiError::internal)?
+            .pop()
+            .ok_or_else(|| ApiError::internal("the embedder returned no vector"))?;
+        let sources: Vec<Source> = {
+            let store = self.store.read().map_err(|_| ApiError::internal("store lock poisoned"))?;
+            let hits = self.index.search(&vector, top_k, &|key| store.is_live(key)).map_err(ApiError::internal)?;
+            hits.iter()
+                .filter_map(|h| store.chunk(h.id).map(|c| (h.score, c)))
+                .enumerate()
+                .map(|(i, (score, c))| Source {
+                    n: i + 1,
+                    document_id: c.document_id.clone(),
+                    chunk_id: c.chunk_id(),
+                    title: c.title.clone(),
+                    snippet: snippet(&c.text),
+                    score,
+                    text: c.text.clone(),
+                })
+                .collect()
+        };
+        let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
+        let model = self.generator.name.clone();
+        if sources.is_empty() {
+            return Ok(AskRun { sources, events: None, started, retrieval_ms, model });
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let passages = sources.iter().map(|s| Passage { title: s.title.clone(), text: s.text.clone() }).collect();
+        self.generator
+            .submit(GenJob { question: question.to_string(), passages, params, events: tx })
+            .map_err(|_| ApiError::Busy { retry_after_secs: 2 })?;
+        Ok(AskRun { sources, events: Some(rx), started, retrieval_ms, model })
+    }
+}
+
+fn failed(id: String, why: &str) -> IngestedDocument {
+    IngestedDocument { id, status: IngestStatus::Failed, chunks: 0, error: Some(why.to_string()) }
+}
+
+impl AskRun {
+    /// Splits the run into its event stream and the state that turns events into
+    /// the final answer.
+    pub fn into_parts(self) -> (Option<mpsc::UnboundedReceiver<GenEvent>>, AskProgress) {
+        let progress = AskProgress {
+            used: self.sources.len(),
+            run_sources: self.sources,
+            prompt_ms: 0.0,
+            first_token_ms: None,
+            started: self.started,
+            retrieval_ms: self.retrieval_ms,
+            model: self.model,
+        };
+        (self.events, progress)
+    }
+}
+
+impl AskProgress {
+    /// Notes that the prompt uses the first `used` sources.
+    pub fn prompt_ready(&mut self, used: usize, prompt_ms: f64) {
+        self.used = used.min(self.run_sources.len());
+        self.prompt_ms = prompt_ms;
+    }
+
+    /// Notes an answer token.
+    pub fn token(&mut self) {
+        self.first_token_ms.get_or_insert_with(|| self.started.elapsed().as_secs_f64() * 1e3);
+    }
+
+    /// The sources the prompt uses.
+    pub fn sources(&self) -> &[Source] {
+        &self.run_sources[..self.used]
+    }
+
+    /// The answer when nothing was retrieved.
+    pub fn no_sources(self) -> AskResponse {
+        AskResponse {
+            answer: "I don't know: no ingested document matches this question.".into(),
+            citations: Vec::new(),
+            finish_reason: "no_sources".into(),
+            model: self.model,
+            usage: Usage { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 },
+            timings: Timings {
+                retrieval_ms: self.retrieval_ms,
+                prompt_ms: 0.0,
+                generation_ms: 0.0,
+                first_token_ms: None,
+                total_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            },
+        }
+    }
+
+    /// The final answer: the generated text with its valid citations.
+    pub fn finish(self, g: ragd_generator::Generation) -> AskResponse {
+        let sources = self.sources();
+        let citations = citations::cited(&g.text, sources.len()).into_iter().map(|n| sources[n - 1].clone()).collect();
+        AskResponse {
+            answer: g.text.trim().to_string(),
+            citations,
+            finish_reason: serde_json::to_value(g.finish_reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            model: self.model.clone(),
+            usage: Usage {
+                prompt_tokens: g.prompt_tokens,
+                completion_tokens: g.completion_tokens,
+                total_tokens: g.prompt_tokens + g.completion_tokens,
+            },
+            timings: Timings {
+                retrieval_ms: self.retrieval_ms,
+                prompt_ms: self.prompt_ms,
+                generation_ms: g.prefill_ms + g.decode_ms,
+                first_token_ms: self.first_token_ms,
+                total_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snippets_are_cut_on_char_boundaries() {
+        let long = "北".repeat(300);
+        let s = snippet(&long);
+        assert_eq!(s.chars().count(), SNIPPET_CHARS + 1);
+        assert!(s.ends_with('…'));
+        assert_eq!(snippet("short"), "short");
+    }
+
+    #[test]
+    fn content_hash_separates_fields() {
+        assert_ne!(sha256_hex(&[b"ab", b"c"]), sha256_hex(&[b"a", b"bc"]));
+    }
+}

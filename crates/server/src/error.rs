@@ -1,0 +1,86 @@
+//! The errors the API returns, and the one place they become HTTP statuses.
+//!
+//! Every error is the client's fault (4xx, with a message that helps fix the
+//! request) or ours (5xx, with a generic message; the detail goes to the log).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+/// An error as the API reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not valid JSON.
+    #[error("{0}")]
+    MalformedJson(String),
+    /// The body is JSON of the wrong shape, or a value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// The body is larger than `server.body_limit_bytes`.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The body is not declared as JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// No such route or resource.
+    #[error("{0}")]
+    NotFound(String),
+    /// The models are still loading.
+    #[error("the service is starting: models are still loading")]
+    NotReady,
+    /// The generation queue is full.
+    #[error("too many requests are waiting for the generator; retry shortly")]
+    Busy {
+        /// Seconds the client should wait.
+        retry_after_secs: u64,
+    },
+    /// A failure on our side; the detail is logged, not returned.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// An internal error, logged with its detail.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        let detail = detail.to_string();
+        tracing::error!(%detail, "internal error");
+        ApiError::Internal(detail)
+    }
+
+    /// Status code and `type` of the error.
+    pub fn status_and_type(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            ApiError::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        }
+    }
+
+    /// The JSON body: `{"error": ..., "type": ...}`.
+    pub fn body(&self) -> serde_json::Value {
+        json!({ "error": self.to_string(), "type": self.status_and_type().1 })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.status_and_type();
+        let mut response = (status, Json(self.body())).into_response();
+        match &self {
+            ApiError::Busy { retry_after_secs } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::NotReady => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(5u64));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,256 @@
+//! The model threads.
+//!
+//! Model code is CPU-bound and synchronous, so each model lives on its own OS
+//! thread, fed by a bounded channel, and never runs on the async runtime. A thread
+//! loads its model first and reports success or the load error on a oneshot; the
+//! server is ready only when every model has reported.
+//!
+//! * The embedder batches dynamically: it takes a job, then everything already
+//!   queued up to a budget, embeds it in one go and skips jobs whose caller has
+//!   gone.
+//! * The generator serves one request at a time from a bounded queue (a full
+//!   queue is a 429 for the caller) and streams text back on a per-request
+//!   channel; when the caller goes away the send fails and generation stops.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ragd_embedder::{Embedder, EmbedderConfig};
+use ragd_generator::{GenerateError, GenerateParams, Generation, Generator};
+use tokenizers::Tokenizer;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::prompt::{self, Passage};
+
+/// Texts taken from the queue for one embedding pass.
+const EMBED_DRAIN_BUDGET: usize = 256;
+
+struct EmbedJob {
+    texts: Vec<String>,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+}
+
+/// Handle to the embedder thread.
+#[derive(Clone)]
+pub struct EmbedWorker {
+    tx: mpsc::Sender<EmbedJob>,
+    /// The model's tokenizer, for chunking on the caller's side.
+    pub tokenizer: Tokenizer,
+    /// Model name (its directory name).
+    pub name: String,
+    /// Vector dimension.
+    pub dim: usize,
+    /// Longest input in tokens.
+    pub max_length: usize,
+}
+
+impl std::fmt::Debug for EmbedWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbedWorker").field("name", &self.name).field("dim", &self.dim).finish()
+    }
+}
+
+impl EmbedWorker {
+    /// Starts the embedder thread; the receiver yields the handle once the model is loaded.
+    pub fn spawn(dir: PathBuf, config: EmbedderConfig) -> oneshot::Receiver<Result<EmbedWorker, String>> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let spawned = std::thread::Builder::new().name("ragd-embedder".into()).spawn(move || {
+            let embedder = match Embedder::load(&dir, &config) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("embedder {}: {e}", dir.display())));
+                    return;
+                }
+            };
+            let (tx, mut rx) = mpsc::channel::<EmbedJob>(1024);
+            let handle = EmbedWorker {
+                tx,
+                tokenizer: embedder.tokenizer().clone(),
+                name: embedder.name().to_string(),
+                dim: embedder.dim(),
+                max_length: embedder.max_length(),
+            };
+            tracing::info!(model = %handle.name, dim = handle.dim, "embedder loaded");
+            if ready_tx.send(Ok(handle)).is_err() {
+                return;
+            }
+            while let Some(first) = rx.blocking_recv() {
+                let mut jobs = vec![first];
+                let mut queued = jobs[0].texts.len();
+                while queued < EMBED_DRAIN_BUDGET {
+                    match rx.try_recv() {
+                        Ok(job) => {
+                            queued += job.texts.len();
+                            jobs.push(job);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                jobs.retain(|j| !j.reply.is_closed());
+                if jobs.is_empty() {
+                    continue;
+                }
+                let texts: Vec<&str> = jobs.iter().flat_map(|j| j.texts.iter().map(String::as_str)).collect();
+                match embedder.embed(&texts) {
+                    Ok(mut vectors) => {
+                        for job in jobs {
+                            let rest = vectors.split_off(job.texts.len());
+                            let _ = job.reply.send(Ok(std::mem::replace(&mut vectors, rest)));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "embedding failed");
+                        for job in jobs {
+                            let _ = job.reply.send(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(format!("cannot start the embedder thread: {e}")));
+            return rx;
+        }
+        ready_rx
+    }
+
+    /// Embeds `texts` on the embedder thread.
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(EmbedJob { texts, reply }).await.map_err(|_| "the embedder thread has stopped".to_string())?;
+        rx.await.map_err(|_| "the embedder thread has stopped".to_string())?
+    }
+}
+
+/// What the generator thread reports about one request, in order: `Prompt`,
+/// any number of `Token`s, then `Done` or `Failed`.
+#[derive(Debug)]
+pub enum GenEvent {
+    /// The prompt is assembled.
+    Prompt {
+        /// How many of the passages fit in the model's context.
+        passages_used: usize,
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// Time to render and tokenize the prompt, ms.
+        prompt_ms: f64,
+    },
+    /// A piece of the answer (never a split UTF-8 character).
+    Token(String),
+    /// Generation finished.
+    Done(Generation),
+    /// Generation failed; `client_fault` tells a bad request from our failure.
+    Failed {
+        /// What to tell the client.
+        message: String,
+        /// Whether the request was at fault.
+        client_fault: bool,
+    },
+}
+
+/// One question for the generator.
+#[derive(Debug)]
+pub struct GenJob {
+    /// The question.
+    pub question: String,
+    /// Retrieved passages, best first; the tail is dropped if the context is too small.
+    pub passages: Vec<Passage>,
+    /// Sampling settings.
+    pub params: GenerateParams,
+    /// Where events go.
+    pub events: mpsc::UnboundedSender<GenEvent>,
+}
+
+/// Handle to the generator thread.
+#[derive(Clone, Debug)]
+pub struct GenWorker {
+    tx: mpsc::Sender<GenJob>,
+    /// `general.name` of the model.
+    pub name: String,
+    /// Context window in tokens.
+    pub context: usize,
+}
+
+/// The generation queue is full.
+#[derive(Debug)]
+pub struct QueueFull;
+
+impl GenWorker {
+    /// Starts the generator thread; the receiver yields the handle once the model is loaded.
+    pub fn spawn(path: PathBuf, queue_size: usize) -> oneshot::Receiver<Result<GenWorker, String>> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let spawned = std::thread::Builder::new().name("ragd-generator".into()).spawn(move || {
+            let mut generator = match Generator::load(&path) {
+                Ok(g) => g,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("generator {}: {e}", path.display())));
+                    return;
+                }
+            };
+            let (tx, mut rx) = mpsc::channel::<GenJob>(queue_size.max(1));
+            let handle =
+                GenWorker { tx, name: generator.name().to_string(), context: generator.context_length() };
+            tracing::info!(model = %handle.name, architecture = generator.architecture(), context = handle.context, "generator loaded");
+            if ready_tx.send(Ok(handle)).is_err() {
+                return;
+            }
+            while let Some(job) = rx.blocking_recv() {
+                if job.events.is_closed() {
+                    continue; // the caller left while queued
+                }
+                run_job(&mut generator, job);
+            }
+        });
+        if let Err(e) = spawned {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(format!("cannot start the generator thread: {e}")));
+            return rx;
+        }
+        ready_rx
+    }
+
+    /// Queues a job, or fails at once when the queue is full.
+    pub fn submit(&self, job: GenJob) -> Result<(), QueueFull> {
+        self.tx.try_send(job).map_err(|_| QueueFull)
+    }
+}
+
+fn run_job(generator: &mut Generator, job: GenJob) {
+    let GenJob { question, passages, params, events } = job;
+    let fail = |e: GenerateError| {
+        let client_fault = matches!(e, GenerateError::PromptTooLong { .. } | GenerateError::InvalidParams(_));
+        if !client_fault {
+            tracing::error!(error = %e, "generation failed");
+        }
+        let message = if client_fault { e.to_string() } else { "generation failed".to_string() };
+        let _ = events.send(GenEvent::Failed { message, client_fault });
+    };
+    // Drop the lowest-ranked passages until prompt and answer fit the context.
+    let started = Instant::now();
+    let context = generator.context_length();
+    let mut used = passages.len();
+    let prompt = loop {
+        let ids = match generator.encode_chat(&prompt::messages(&question, &passages[..used])) {
+            Ok(ids) => ids,
+            Err(e) => return fail(e),
+        };
+        if used <= 1 || ids.len() + params.max_tokens <= context {
+            break ids;
+        }
+        used -= 1;
+    };
+    let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
+    if events.send(GenEvent::Prompt { passages_used: used, prompt_tokens: prompt.len(), prompt_ms }).is_err() {
+        return;
+    }
+    match generator.generate(&prompt, &params, |piece| events.send(GenEvent::Token(piece.to_string())).is_ok()) {
+        Ok(generation) => {
+            let _ = events.send(GenEvent::Done(generation));
+        }
+        Err(e) => fail(e),
+    }
+}
