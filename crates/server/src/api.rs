@@ -127,7 +127,7 @@ async fn ask(
     let run = engine.ask(&req).await?;
     let (events, progress) = run.into_parts();
     if stream {
-        return Ok(sse_response(events, progress));
+        return Ok(sse_response(Arc::clone(engine), events, progress));
     }
     let Some(mut events) = events else {
         return Ok(Json(progress.no_sources()).into_response());
@@ -137,7 +137,7 @@ async fn ask(
         match event {
             GenEvent::Prompt { passages_used, prompt_ms, .. } => progress.prompt_ready(passages_used, prompt_ms),
             GenEvent::Token(_) => progress.token(),
-            GenEvent::Done(generation) => return Ok(Json(progress.finish(generation)).into_response()),
+            GenEvent::Done(generation) => return Ok(Json(engine.answer(progress, generation).await).into_response()),
             GenEvent::Failed { message, client_fault: true } => return Err(ApiError::Invalid(message)),
             GenEvent::Failed { message, client_fault: false } => return Err(ApiError::internal(message)),
         }
@@ -152,6 +152,7 @@ fn event(name: &str, data: &serde_json::Value) -> Event {
 /// SSE: `sources`, then `token` events, then `done` (or `error`). Everything that
 /// can be refused with a status was checked before this point.
 fn sse_response(
+    engine: Arc<Engine>,
     events: Option<tokio::sync::mpsc::UnboundedReceiver<GenEvent>>,
     mut progress: AskProgress,
 ) -> Response {
@@ -176,7 +177,7 @@ fn sse_response(
                     event("token", &json!({ "text": text }))
                 }
                 GenEvent::Done(generation) => {
-                    let done = serde_json::to_value(progress.finish(generation)).unwrap_or_default();
+                    let done = serde_json::to_value(engine.answer(progress, generation).await).unwrap_or_default();
                     let _ = tx.send(Ok(event("done", &done))).await;
                     return;
                 }
@@ -198,4 +199,72 @@ fn sse_response(
     response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    /// A router whose models never load: enough for everything decided before
+    /// the engine is reached.
+    fn unloaded(limit: usize) -> Router {
+        app(AppState { engine: Arc::new(OnceLock::new()), body_limit: limit })
+    }
+
+    async fn call(router: Router, method: &str, uri: &str, body: &str, json: bool) -> (StatusCode, serde_json::Value) {
+        let mut req = axum::http::Request::builder().method(method).uri(uri);
+        if json {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let res = router.oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    #[tokio::test]
+    async fn health_is_up_and_ready_is_503_while_loading() {
+        let (s, body) = call(unloaded(1 << 20), "GET", "/health", "", false).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(body["status"], "ok");
+        let (s, body) = call(unloaded(1 << 20), "GET", "/ready", "", false).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["type"], "not_ready");
+        let (s, body) = call(unloaded(1 << 20), "POST", "/ask", r#"{"question":"x"}"#, true).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["type"], "not_ready");
+    }
+
+    #[tokio::test]
+    async fn bad_bodies_get_json_errors_with_fitting_statuses() {
+        let cases: &[(&str, &str, bool, StatusCode, &str)] = &[
+            ("/ingest", "{not json", true, StatusCode::BAD_REQUEST, "malformed_json"),
+            ("/ingest", r#"{"documents":[{"title":"no text"}]}"#, true, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ("/ingest", r#"{"documents":[{"text":"x","colour":"red"}]}"#, true, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ("/ingest", r#"{"documents":[{"text":42}]}"#, true, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ("/ask", r#"{}"#, true, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ("/ask", r#"{"question":"q","top_k":-1}"#, true, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ("/ask", r#"{"question":"q"}"#, false, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+        ];
+        for (uri, body, json, status, kind) in cases {
+            let (s, b) = call(unloaded(1 << 20), "POST", uri, body, *json).await;
+            assert_eq!((s, b["type"].as_str()), (*status, Some(*kind)), "{uri} {body}: {b}");
+            assert!(b["error"].as_str().is_some_and(|e| !e.is_empty()));
+        }
+        let big = format!(r#"{{"documents":[{{"text":"{}"}}]}}"#, "a".repeat(5000));
+        let (s, b) = call(unloaded(2048), "POST", "/ingest", &big, true).await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
+        assert_eq!(b["type"], "payload_too_large");
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods_are_json_errors() {
+        let (s, b) = call(unloaded(1 << 20), "GET", "/nope", "", false).await;
+        assert_eq!((s, b["type"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+        let (s, b) = call(unloaded(1 << 20), "GET", "/ask", "", false).await;
+        assert_eq!((s, b["type"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
+    }
 }

@@ -68,6 +68,8 @@ pub struct RetrievalConfig {
     pub top_k: usize,
     /// Largest `top_k` a request may ask for.
     pub max_top_k: usize,
+    /// Passages scoring below this are left out.
+    pub min_score: f32,
 }
 
 /// `[generation]`
@@ -175,6 +177,9 @@ impl Config {
         let r = &self.retrieval;
         if r.max_top_k == 0 || r.top_k == 0 || r.top_k > r.max_top_k {
             return invalid(format!("retrieval.top_k = {} must be within 1..=max_top_k ({})", r.top_k, r.max_top_k));
+        }
+        if !(-1.0..=1.0).contains(&r.min_score) {
+            return invalid(format!("retrieval.min_score = {} must be within -1..=1", r.min_score));
         }
         let g = &self.generation;
         if g.max_tokens == 0 || g.max_tokens > g.max_tokens_limit {

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::citations;
+use crate::citations::{self, CitedBy};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::prompt::Passage;
@@ -124,8 +124,13 @@ pub struct Source {
     pub snippet: String,
     /// Cosine similarity with the question.
     pub score: f32,
+    /// In citations: whether the model's marker or ragd's matching found it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cited_by: Option<CitedBy>,
     #[serde(skip)]
     text: String,
+    #[serde(skip)]
+    vector: Vec<f32>,
 }
 
 /// Token counts.
@@ -161,6 +166,8 @@ pub struct AskResponse {
     pub answer: String,
     /// Passages the answer cites, in order of first citation.
     pub citations: Vec<Source>,
+    /// The passages the model was given, best first, numbered as in the prompt.
+    pub sources: Vec<Source>,
     /// Why generation ended: `stop`, `length`, or `no_sources`.
     pub finish_reason: String,
     /// The generator's model name.
@@ -455,6 +462,7 @@ impl Engine {
             let store = self.store.read().map_err(|_| ApiError::internal("store lock poisoned"))?;
             let hits = self.index.search(&vector, top_k, &|key| store.is_live(key)).map_err(ApiError::internal)?;
             hits.iter()
+                .filter(|h| h.score >= r.min_score)
                 .filter_map(|h| store.chunk(h.id).map(|c| (h.score, c)))
                 .enumerate()
                 .map(|(i, (score, c))| Source {
@@ -464,7 +472,9 @@ impl Engine {
                     title: c.title.clone(),
                     snippet: snippet(&c.text),
                     score,
+                    cited_by: None,
                     text: c.text.clone(),
+                    vector: c.vector.clone(),
                 })
                 .collect()
         };
@@ -479,6 +489,31 @@ impl Engine {
             .submit(GenJob { question: question.to_string(), passages, params, events: tx })
             .map_err(|_| ApiError::Busy { retry_after_secs: 2 })?;
         Ok(AskRun { sources, events: Some(rx), started, retrieval_ms, model })
+    }
+}
+
+impl Engine {
+    /// Post-processing: checks the answer's citation markers against what its
+    /// sentences say and attributes unmarked sentences (see [`citations`]).
+    pub async fn answer(&self, progress: AskProgress, g: ragd_generator::Generation) -> AskResponse {
+        let sources = progress.sources();
+        let segments = citations::segments(&g.text, sources.len());
+        let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
+        let cited = match self.embedder.embed(texts).await {
+            Ok(vectors) => {
+                let similarity: Vec<Vec<f32>> = vectors
+                    .iter()
+                    .map(|v| sources.iter().map(|s| v.iter().zip(&s.vector).map(|(a, b)| a * b).sum()).collect())
+                    .collect();
+                citations::attribute(&segments, &similarity)
+            }
+            Err(e) => {
+                // Without the embedder, fall back to the model's in-range markers.
+                tracing::warn!(error = %e, "citation check skipped");
+                citations::cited(&g.text, sources.len()).into_iter().map(|n| (n, CitedBy::Model)).collect()
+            }
+        };
+        progress.finish(g, cited)
     }
 }
 
@@ -525,6 +560,7 @@ impl AskProgress {
         AskResponse {
             answer: "I don't know: no ingested document matches this question.".into(),
             citations: Vec::new(),
+            sources: Vec::new(),
             finish_reason: "no_sources".into(),
             model: self.model,
             usage: Usage { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 },
@@ -538,13 +574,17 @@ impl AskProgress {
         }
     }
 
-    /// The final answer: the generated text with its valid citations.
-    pub fn finish(self, g: ragd_generator::Generation) -> AskResponse {
+    /// The final answer: the generated text with the citations found for it.
+    fn finish(self, g: ragd_generator::Generation, cited: Vec<(usize, CitedBy)>) -> AskResponse {
         let sources = self.sources();
-        let citations = citations::cited(&g.text, sources.len()).into_iter().map(|n| sources[n - 1].clone()).collect();
+        let citations = cited
+            .into_iter()
+            .map(|(n, by)| Source { cited_by: Some(by), ..sources[n - 1].clone() })
+            .collect();
         AskResponse {
             answer: g.text.trim().to_string(),
             citations,
+            sources: sources.to_vec(),
             finish_reason: serde_json::to_value(g.finish_reason)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))

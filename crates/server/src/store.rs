@@ -70,6 +70,8 @@ pub struct ChunkView {
     pub title: Option<String>,
     /// The passage.
     pub text: String,
+    /// Its embedding.
+    pub vector: Vec<f32>,
 }
 
 impl ChunkView {
@@ -262,6 +264,7 @@ impl Store {
                 index,
                 title: doc.title.clone(),
                 text: c.text,
+                vector: c.vector.clone(),
             }));
             new.push((key, c.vector));
         }
