@@ -1,0 +1,216 @@
+//! `ragd-bench`: figures for the models and the service on this machine.
+//!
+//! ```text
+//! ragd-bench embed    [--corpus DIR] [--texts N]
+//! ragd-bench generate --model FILE [--corpus DIR] [--prompt-tokens N] [--decode-tokens N]
+//! ragd-bench ask      [--corpus DIR] [--model FILE] [--questions N]
+//! ```
+//! `--corpus` is a BEIR folder (`corpus.jsonl`, `queries.jsonl`), by default the
+//! Debian FAQ set in `../shared/data/debian-faq-en`. Every command prints its
+//! figures; none asserts anything.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use ragd_embedder::{Embedder, EmbedderConfig};
+use ragd_generator::Generator;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "ragd-bench", about = "Measure embedding, generation and answer latency")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embedding throughput over corpus texts.
+    Embed {
+        #[arg(long, default_value = "../shared/data/debian-faq-en")]
+        corpus: PathBuf,
+        #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
+        model: PathBuf,
+        /// Texts to embed.
+        #[arg(long, default_value_t = 256)]
+        texts: usize,
+    },
+    /// Prefill and decode speed of a GGUF model.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "../shared/data/debian-faq-en")]
+        corpus: PathBuf,
+        /// Prompt length for the prefill measurement.
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// Tokens decoded one at a time.
+        #[arg(long, default_value_t = 64)]
+        decode_tokens: usize,
+    },
+    /// Time to first token of streamed /ask requests over an ingested corpus.
+    Ask {
+        #[arg(long, default_value = "../shared/data/debian-faq-en")]
+        corpus: PathBuf,
+        /// Generator model (default: the configured one).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Questions to ask (the first N of queries.jsonl).
+        #[arg(long, default_value_t = 3)]
+        questions: usize,
+    },
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| Ok(serde_json::from_str(l)?)).collect()
+}
+
+fn corpus_texts(corpus: &Path) -> Result<Vec<Value>> {
+    read_jsonl(&corpus.join("corpus.jsonl"))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Embed { corpus, model, texts } => bench_embed(&corpus, &model, texts),
+        Command::Generate { model, corpus, prompt_tokens, decode_tokens } => {
+            bench_generate(&model, &corpus, prompt_tokens, decode_tokens)
+        }
+        Command::Ask { corpus, model, questions } => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench_ask(&corpus, model, questions))
+        }
+    }
+}
+
+fn bench_embed(corpus: &Path, model: &Path, n: usize) -> Result<()> {
+    let embedder = Embedder::load(model, &EmbedderConfig::default())?;
+    let docs = corpus_texts(corpus)?;
+    let texts: Vec<String> = docs.iter().filter_map(|d| d["text"].as_str().map(str::to_string)).cycle().take(n).collect();
+    if texts.is_empty() {
+        bail!("no texts in {}", corpus.display());
+    }
+    let tokens: usize = texts
+        .iter()
+        .map(|t| embedder.tokenizer().encode(t.as_str(), true).map(|e| e.len()).unwrap_or(0))
+        .sum();
+    embedder.embed(&texts[..texts.len().min(8)])?; // warm-up
+    let started = Instant::now();
+    embedder.embed(&texts)?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "embed: {} texts ({} tokens after truncation to {}) in {:.2} s = {:.1} texts/s, {:.0} tokens/s [{}]",
+        texts.len(),
+        tokens,
+        embedder.max_length(),
+        secs,
+        texts.len() as f64 / secs,
+        tokens as f64 / secs,
+        embedder.name()
+    );
+    Ok(())
+}
+
+fn bench_generate(model: &Path, corpus: &Path, prompt_tokens: usize, decode_tokens: usize) -> Result<()> {
+    let started = Instant::now();
+    let mut g = Generator::load(model)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let text: String = corpus_texts(corpus)?.iter().filter_map(|d| d["text"].as_str()).collect::<Vec<_>>().join("\n\n");
+    let mut ids = g.tokenizer().encode_plain(&text)?;
+    ids.truncate(prompt_tokens);
+    if ids.len() < prompt_tokens {
+        bail!("the corpus has only {} tokens", ids.len());
+    }
+    g.feed(&ids[..16], 0)?; // warm-up
+    let started = Instant::now();
+    let mut logits = g.feed(&ids, 0)?;
+    let prefill_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut pos = ids.len();
+    for _ in 0..decode_tokens {
+        let next = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0);
+        logits = g.feed(&[next], pos)?;
+        pos += 1;
+    }
+    let decode_s = started.elapsed().as_secs_f64();
+    println!(
+        "generate: {} ({}), loaded in {:.2} s; prefill {} tokens in {:.2} s = {:.1} tokens/s; decode {} tokens in {:.2} s = {:.1} tokens/s",
+        g.name(),
+        g.architecture(),
+        load_s,
+        ids.len(),
+        prefill_s,
+        ids.len() as f64 / prefill_s,
+        decode_tokens,
+        decode_s,
+        decode_tokens as f64 / decode_s
+    );
+    Ok(())
+}
+
+async fn bench_ask(corpus: &Path, model: Option<PathBuf>, questions: usize) -> Result<()> {
+    let data = std::env::temp_dir().join(format!("ragd-bench-{}", std::process::id()));
+    let mut config = ragd_server::Config::defaults();
+    config.server.port = 0;
+    config.server.data_dir = data.clone();
+    if let Some(m) = model {
+        config.models.generator = m;
+    }
+    let mut server = ragd_server::start(config).await?;
+    server.wait_ready().await.map_err(anyhow::Error::msg)?;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+
+    let documents: Vec<Value> = corpus_texts(corpus)?
+        .into_iter()
+        .map(|d| json!({ "id": d["_id"], "title": d["title"], "text": d["text"] }))
+        .collect();
+    let started = Instant::now();
+    let res: Value =
+        client.post(format!("{base}/ingest")).json(&json!({ "documents": documents })).send().await?.json().await?;
+    let chunks: u64 = res["documents"].as_array().map(|d| d.iter().filter_map(|x| x["chunks"].as_u64()).sum()).unwrap_or(0);
+    println!(
+        "ingest: {} documents, {} chunks in {:.2} s",
+        documents.len(),
+        chunks,
+        started.elapsed().as_secs_f64()
+    );
+
+    for q in read_jsonl(&corpus.join("queries.jsonl"))?.iter().take(questions) {
+        let question = q["text"].as_str().unwrap_or_default();
+        let started = Instant::now();
+        let mut res = client
+            .post(format!("{base}/ask"))
+            .header("accept", "text/event-stream")
+            .json(&json!({ "question": question }))
+            .send()
+            .await?;
+        let mut first_token = None;
+        let mut body = String::new();
+        while let Some(bytes) = res.chunk().await? {
+            body.push_str(&String::from_utf8_lossy(&bytes));
+            if first_token.is_none() && body.contains("event: token") {
+                first_token = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        let total = started.elapsed().as_secs_f64();
+        let done = body
+            .split("\n\n")
+            .find(|b| b.contains("event: done"))
+            .and_then(|b| b.lines().find_map(|l| l.strip_prefix("data: ")))
+            .and_then(|d| serde_json::from_str::<Value>(d).ok())
+            .unwrap_or(Value::Null);
+        println!(
+            "ask: {question:?}: time to first token {:.2} s, total {:.2} s, prompt {} tokens, {} answer tokens, top source {}",
+            first_token.unwrap_or(f64::NAN),
+            total,
+            done["usage"]["prompt_tokens"],
+            done["usage"]["completion_tokens"],
+            done["sources"][0]["document_id"]
+        );
+    }
+    server.shutdown().await?;
+    let _ = std::fs::remove_dir_all(data);
+    Ok(())
+}
