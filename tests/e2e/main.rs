@@ -232,3 +232,55 @@ async fn qwen_answers_and_cites_the_right_document() {
     assert!(cited_ids(&answer).contains(&"everest".to_string()), "{answer}");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_are_listed_updated_and_deleted_for_good() {
+    let data = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let everest_sources = |answer: &Value| {
+        answer["sources"].as_array().unwrap().iter().filter(|s| s["document_id"] == "everest").count()
+    };
+    {
+        let (server, base) = start(SMOLLM, data.path()).await;
+        ingest_three(&client, &base).await;
+
+        let list: Value = client.get(format!("{base}/documents?limit=2")).send().await.unwrap().json().await.unwrap();
+        let ids: Vec<&str> = list["documents"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec!["cats", "everest"]);
+        assert_eq!(list["next"], "everest");
+        let list: Value =
+            client.get(format!("{base}/documents?limit=2&after=everest")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(list["documents"][0]["id"], "rust");
+        assert!(list["next"].is_null());
+        let res = client.get(format!("{base}/documents?limit=0")).send().await.unwrap();
+        assert_eq!(res.status(), 422);
+
+        let doc: Value = client.get(format!("{base}/documents/everest")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(doc["chunks"], 1);
+        assert_eq!(doc["metadata"]["lang"], "en");
+        assert!(doc["hash"].as_str().is_some_and(|h| h.len() == 64));
+
+        // Changed content replaces the document.
+        let changed = json!({ "documents": [{ "id": "everest", "title": "Mount Everest",
+            "text": "Mount Everest was first climbed in 1953 by Tenzing Norgay and Edmund Hillary." }] });
+        let (_, b) = post(&client, &format!("{base}/ingest"), &changed).await;
+        assert_eq!(b["documents"][0]["status"], "updated", "{b}");
+        let answer = ask_json(&client, &base, "Who first climbed Mount Everest?").await;
+        assert_eq!(answer["sources"][0]["document_id"], "everest");
+        assert_eq!(everest_sources(&answer), 1, "only the new version is retrievable");
+
+        let res = client.delete(format!("{base}/documents/everest")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let res = client.delete(format!("{base}/documents/everest")).send().await.unwrap();
+        assert_eq!(res.status(), 404);
+        let answer = ask_json(&client, &base, "Who first climbed Mount Everest?").await;
+        assert_eq!(everest_sources(&answer), 0, "{answer}");
+        server.shutdown().await.unwrap();
+    }
+    // Still gone after a restart.
+    let (server, base) = start(SMOLLM, data.path()).await;
+    assert_eq!(client.get(format!("{base}/documents/everest")).send().await.unwrap().status(), 404);
+    let answer = ask_json(&client, &base, "How high is the summit of Mount Everest?").await;
+    assert_eq!(everest_sources(&answer), 0, "{answer}");
+    server.shutdown().await.unwrap();
+}

@@ -4,8 +4,8 @@
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -43,6 +43,8 @@ pub fn app(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/ingest", post(ingest))
         .route("/ask", post(ask))
+        .route("/documents", get(list_documents))
+        .route("/documents/{id}", get(get_document).delete(delete_document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -106,6 +108,39 @@ async fn ingest(
 ) -> Result<Json<crate::engine::IngestResponse>, ApiError> {
     let engine = state.engine()?;
     Ok(Json(engine.ingest(req).await?))
+}
+
+/// Query of `GET /documents`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Return documents with ids after this one (the previous page's `next`).
+    after: Option<String>,
+    /// Page size, 1..=1000 (default 100).
+    limit: Option<usize>,
+}
+
+async fn list_documents(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let engine = state.engine()?;
+    Ok(Json(engine.list_documents(q.after, q.limit).await?))
+}
+
+async fn get_document(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(state.engine()?.get_document(id).await?))
+}
+
+async fn delete_document(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(state.engine()?.delete_document(id).await?))
 }
 
 fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {

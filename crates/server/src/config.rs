@@ -42,7 +42,7 @@ pub struct ServerConfig {
     pub host: String,
     /// Listen port (0 picks a free one).
     pub port: u16,
-    /// Directory of the document journal.
+    /// Directory of the document database.
     pub data_dir: PathBuf,
     /// Largest request body in bytes.
     pub body_limit_bytes: usize,

@@ -4,7 +4,8 @@
 //! Handlers in [`crate::api`] parse requests and call one method here; this
 //! module knows nothing of HTTP beyond the [`ApiError`] it returns.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ragd_embedder::chunker;
@@ -18,7 +19,7 @@ use crate::citations::{self, CitedBy};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::prompt::Passage;
-use crate::store::{Store, StoredChunk, StoredDocument, UpsertStatus};
+use ragd_store::{NewChunk, NewDocument, Store, UpsertStatus};
 use crate::workers::{EmbedWorker, GenEvent, GenJob, GenWorker};
 
 /// Longest document id accepted.
@@ -208,7 +209,7 @@ pub struct Engine {
     embedder: EmbedWorker,
     generator: GenWorker,
     index: VectorIndex,
-    store: RwLock<Store>,
+    store: Mutex<Store>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -234,18 +235,19 @@ fn snippet(text: &str) -> String {
 }
 
 impl Engine {
-    /// Opens the store in the configured data directory, replays it into a new
-    /// index, and assembles the engine. Blocking: call from a blocking context.
+    /// Opens the store in the configured data directory, builds the index from
+    /// its vectors, and assembles the engine. Blocking: call from a blocking context.
     pub fn open(config: Arc<Config>, embedder: EmbedWorker, generator: GenWorker) -> Result<Self, String> {
         config.chunking.validate(embedder.max_length)?;
         let index = VectorIndex::new(embedder.dim, config.index.clone()).map_err(|e| e.to_string())?;
-        let (store, replayed) =
-            Store::open(&config.server.data_dir, &embedder.name, embedder.dim).map_err(|e| e.to_string())?;
-        for (key, vector) in &replayed {
-            index.insert(*key, vector).map_err(|e| format!("journal vector {key}: {e}"))?;
+        let store = Store::open(&config.server.data_dir, &embedder.name, embedder.dim).map_err(|e| e.to_string())?;
+        let vectors = store.vectors().map_err(|e| e.to_string())?;
+        for (key, vector) in &vectors {
+            index.insert(*key, vector).map_err(|e| format!("stored vector of chunk {key}: {e}"))?;
         }
-        tracing::info!(documents = store.document_count(), chunks = replayed.len(), data_dir = %config.server.data_dir.display(), "documents loaded");
-        Ok(Self { config, embedder, generator, index, store: RwLock::new(store) })
+        let documents = store.document_count().map_err(|e| e.to_string())?;
+        tracing::info!(documents, chunks = vectors.len(), data_dir = %config.server.data_dir.display(), "documents loaded");
+        Ok(Self { config, embedder, generator, index, store: Mutex::new(store) })
     }
 
     /// Names of the loaded models.
@@ -301,13 +303,43 @@ impl Engine {
         Ok(ids)
     }
 
+    fn lock_store(&self) -> Result<std::sync::MutexGuard<'_, Store>, ApiError> {
+        self.store.lock().map_err(|_| ApiError::internal("store lock poisoned"))
+    }
+
+    /// Runs `f` with the store on a blocking thread (SQLite waits on the disk).
+    async fn with_store<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Engine, &mut Store) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let engine = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut store = engine.lock_store()?;
+            f(&engine, &mut store)
+        })
+        .await
+        .map_err(ApiError::internal)?
+    }
+
     /// Ingests documents: all are validated before anything is stored.
+    ///
+    /// Unchanged documents cost one hash lookup; in a changed document only the
+    /// chunks whose embedded text changed are embedded again.
     pub async fn ingest(self: &Arc<Self>, req: IngestRequest) -> Result<IngestResponse, ApiError> {
         let ids = self.validate_ingest(&req)?;
-        let unchanged: Vec<bool> = {
-            let store = self.store.read().map_err(|_| ApiError::internal("store lock poisoned"))?;
-            ids.iter().map(|(id, hash)| store.is_unchanged(id, hash)).collect()
-        };
+        let lookup = ids.clone();
+        let (unchanged, mut known): (Vec<bool>, Vec<HashMap<String, Vec<f32>>>) = self
+            .with_store(move |_, store| {
+                let mut unchanged = Vec::new();
+                let mut known = Vec::new();
+                for (id, hash) in &lookup {
+                    let same = store.hash_of(id).map_err(ApiError::internal)?.as_deref() == Some(hash.as_str());
+                    unchanged.push(same);
+                    known.push(if same { HashMap::new() } else { store.vectors_by_embed_hash(id).map_err(ApiError::internal)? });
+                }
+                Ok((unchanged, known))
+            })
+            .await?;
 
         // Chunk the new and changed documents (CPU work, off the runtime).
         let tokenizer = self.embedder.tokenizer.clone();
@@ -327,39 +359,61 @@ impl Engine {
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
 
-        // Embed every chunk in one job; the title goes in front of each chunk so
-        // that a passage is found by what its document is about.
-        let mut inputs = Vec::new();
+        // What each chunk is embedded as: the title in front of the chunk, so that a
+        // passage is found by what its document is about.
+        let mut embed_inputs: Vec<Vec<(String, String)>> = Vec::new();
         for (d, chunks) in req.documents.iter().zip(&chunked) {
-            for c in chunks.iter().flatten() {
-                inputs.push(match d.title.as_deref().filter(|t| !t.trim().is_empty()) {
-                    Some(t) => format!("{}\n{}", t.trim(), c.text),
-                    None => c.text.clone(),
-                });
-            }
+            let title = d.title.as_deref().map(str::trim).filter(|t| !t.is_empty());
+            embed_inputs.push(
+                chunks
+                    .iter()
+                    .flatten()
+                    .map(|c| {
+                        let input = match title {
+                            Some(t) => format!("{t}\n{}", c.text),
+                            None => c.text.clone(),
+                        };
+                        let hash = sha256_hex(&[input.as_bytes()]);
+                        (input, hash)
+                    })
+                    .collect(),
+            );
         }
-        let mut vectors = self.embedder.embed(inputs).await.map_err(ApiError::internal)?.into_iter();
+        let missing: Vec<String> = embed_inputs
+            .iter()
+            .zip(&known)
+            .flat_map(|(inputs, known)| inputs.iter().filter(|(_, h)| !known.contains_key(h)).map(|(i, _)| i.clone()))
+            .collect();
+        let reused = embed_inputs.iter().map(Vec::len).sum::<usize>() - missing.len();
+        let mut fresh = self.embedder.embed(missing).await.map_err(ApiError::internal)?.into_iter();
+        if reused > 0 {
+            tracing::debug!(reused, "chunk vectors reused from the previous versions");
+        }
 
         let mut docs = Vec::new();
-        for ((d, chunks), (id, hash)) in req.documents.into_iter().zip(chunked).zip(ids) {
+        for (((d, chunks), (id, hash)), (inputs, known)) in
+            req.documents.into_iter().zip(chunked).zip(ids).zip(embed_inputs.into_iter().zip(known.iter_mut()))
+        {
             let stored = chunks.map(|chunks| {
                 let mut metadata = d.metadata.unwrap_or_default();
                 if let Some(source) = d.source {
                     metadata.insert("source".into(), Value::String(source));
                 }
-                StoredDocument {
+                NewDocument {
                     id: id.clone(),
                     title: d.title,
                     text: d.text,
                     metadata,
-                    hash: hash.clone(),
+                    hash,
                     chunks: chunks
                         .into_iter()
-                        .map(|c| StoredChunk {
+                        .zip(inputs)
+                        .map(|(c, (_, embed_hash))| NewChunk {
                             text: c.text,
                             start: c.start,
                             end: c.end,
-                            vector: vectors.next().unwrap_or_default(),
+                            vector: known.get(&embed_hash).cloned().or_else(|| fresh.next()).unwrap_or_default(),
+                            embed_hash,
                         })
                         .collect(),
                 }
@@ -367,53 +421,90 @@ impl Engine {
             docs.push((id, stored));
         }
 
-        // Store durably, then index; one document failing does not undo the others.
-        let engine = Arc::clone(self);
-        let results = tokio::task::spawn_blocking(move || {
-            let mut store = engine.store.write().map_err(|_| ApiError::internal("store lock poisoned"))?;
-            let mut out = Vec::new();
-            for (id, doc) in docs {
-                let Some(doc) = doc else {
-                    let chunks = store.chunk_count(&id).unwrap_or(0);
-                    out.push(IngestedDocument { id, status: IngestStatus::Unchanged, chunks, error: None });
-                    continue;
-                };
-                if let Err(e) = engine.index.check_all(doc.chunks.iter().map(|c| c.vector.as_slice())) {
-                    tracing::error!(%id, error = %e, "embedding produced an unusable vector");
-                    out.push(failed(id, "embedding failed"));
-                    continue;
-                }
-                match store.put(doc) {
-                    Ok((status, new)) => {
-                        for (key, vector) in &new {
-                            // Checked above; a failure here would be a bug in the index.
-                            if let Err(e) = engine.index.insert(*key, vector) {
-                                tracing::error!(%id, error = %e, "index insert failed");
+        // Store (one transaction per document), then index; one document failing
+        // does not undo the others.
+        let results = self
+            .with_store(move |engine, store| {
+                let mut out = Vec::new();
+                for (id, doc) in docs {
+                    let Some(doc) = doc else {
+                        let chunks = store.document(&id).ok().flatten().map(|d| d.chunks).unwrap_or(0);
+                        out.push(IngestedDocument { id, status: IngestStatus::Unchanged, chunks, error: None });
+                        continue;
+                    };
+                    if let Err(e) = engine.index.check_all(doc.chunks.iter().map(|c| c.vector.as_slice())) {
+                        tracing::error!(%id, error = %e, "embedding produced an unusable vector");
+                        out.push(failed(id, "embedding failed"));
+                        continue;
+                    }
+                    match store.upsert(&doc) {
+                        Ok((status, new)) => {
+                            for (key, vector) in &new {
+                                // Checked above; a failure here would be a bug in the index.
+                                if let Err(e) = engine.index.insert(*key, vector) {
+                                    tracing::error!(%id, error = %e, "index insert failed");
+                                }
                             }
+                            let status = match status {
+                                UpsertStatus::Created => IngestStatus::Created,
+                                UpsertStatus::Updated => IngestStatus::Updated,
+                                UpsertStatus::Unchanged => IngestStatus::Unchanged,
+                            };
+                            out.push(IngestedDocument { id, status, chunks: doc.chunks.len(), error: None });
                         }
-                        let status = match status {
-                            UpsertStatus::Created => IngestStatus::Created,
-                            UpsertStatus::Updated => IngestStatus::Updated,
-                            UpsertStatus::Unchanged => IngestStatus::Unchanged,
-                        };
-                        let chunks = store.chunk_count(&id).unwrap_or(0);
-                        out.push(IngestedDocument { id, status, chunks, error: None });
-                    }
-                    Err(e) => {
-                        tracing::error!(%id, error = %e, "storing a document failed");
-                        out.push(failed(id, "storage failed"));
+                        Err(e) => {
+                            tracing::error!(%id, error = %e, "storing a document failed");
+                            out.push(failed(id, "storage failed"));
+                        }
                     }
                 }
-            }
-            Ok::<_, ApiError>(out)
-        })
-        .await
-        .map_err(ApiError::internal)??;
+                Ok(out)
+            })
+            .await?;
         Ok(IngestResponse { documents: results })
     }
 
+    /// One page of documents, in id order, after `after`.
+    pub async fn list_documents(
+        self: &Arc<Self>,
+        after: Option<String>,
+        limit: Option<usize>,
+    ) -> Result<Value, ApiError> {
+        let limit = limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::Invalid("limit: must be within 1..=1000".into()));
+        }
+        self.with_store(move |_, store| {
+            let docs = store.list(after.as_deref(), limit).map_err(ApiError::internal)?;
+            let next = (docs.len() == limit).then(|| docs.last().map(|d| d.id.clone())).flatten();
+            Ok(serde_json::json!({ "documents": docs, "next": next }))
+        })
+        .await
+    }
+
+    /// Document `id`'s record.
+    pub async fn get_document(self: &Arc<Self>, id: String) -> Result<Value, ApiError> {
+        self.with_store(move |_, store| match store.document(&id).map_err(ApiError::internal)? {
+            Some(d) => Ok(serde_json::to_value(d).unwrap_or_default()),
+            None => Err(ApiError::NotFound(format!("no document with id {id:?}"))),
+        })
+        .await
+    }
+
+    /// Deletes document `id`; its chunks are hidden from search at once.
+    pub async fn delete_document(self: &Arc<Self>, id: String) -> Result<Value, ApiError> {
+        self.with_store(move |_, store| {
+            if store.delete(&id).map_err(ApiError::internal)? {
+                Ok(serde_json::json!({ "id": id, "deleted": true }))
+            } else {
+                Err(ApiError::NotFound(format!("no document with id {id:?}")))
+            }
+        })
+        .await
+    }
+
     /// Validates an ask, retrieves, and queues generation.
-    pub async fn ask(&self, req: &AskRequest) -> Result<AskRun, ApiError> {
+    pub async fn ask(self: &Arc<Self>, req: &AskRequest) -> Result<AskRun, ApiError> {
         let started = Instant::now();
         let question = req.question.trim();
         if question.is_empty() {
@@ -458,26 +549,31 @@ impl Engine {
             .map_err(ApiError::internal)?
             .pop()
             .ok_or_else(|| ApiError::internal("the embedder returned no vector"))?;
-        let sources: Vec<Source> = {
-            let store = self.store.read().map_err(|_| ApiError::internal("store lock poisoned"))?;
-            let hits = self.index.search(&vector, top_k, &|key| store.is_live(key)).map_err(ApiError::internal)?;
-            hits.iter()
-                .filter(|h| h.score >= r.min_score)
-                .filter_map(|h| store.chunk(h.id).map(|c| (h.score, c)))
-                .enumerate()
-                .map(|(i, (score, c))| Source {
-                    n: i + 1,
-                    document_id: c.document_id.clone(),
-                    chunk_id: c.chunk_id(),
-                    title: c.title.clone(),
-                    snippet: snippet(&c.text),
-                    score,
-                    cited_by: None,
-                    text: c.text.clone(),
-                    vector: c.vector.clone(),
-                })
-                .collect()
-        };
+        let min_score = r.min_score;
+        let sources: Vec<Source> = self
+            .with_store(move |engine, store| {
+                let hits = engine.index.search(&vector, top_k, &|key| store.is_live(key)).map_err(ApiError::internal)?;
+                let hits: Vec<_> = hits.into_iter().filter(|h| h.score >= min_score).collect();
+                let keys: Vec<usize> = hits.iter().map(|h| h.id).collect();
+                let chunks = store.chunks(&keys).map_err(ApiError::internal)?;
+                let score_of: HashMap<usize, f32> = hits.iter().map(|h| (h.id, h.score)).collect();
+                Ok(chunks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (key, c))| Source {
+                        n: i + 1,
+                        document_id: c.document_id.clone(),
+                        chunk_id: c.chunk_id(),
+                        title: c.title.clone(),
+                        snippet: snippet(&c.text),
+                        score: score_of.get(&key).copied().unwrap_or(0.0),
+                        cited_by: None,
+                        text: c.text,
+                        vector: c.vector,
+                    })
+                    .collect())
+            })
+            .await?;
         let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
         let model = self.generator.name.clone();
         if sources.is_empty() {

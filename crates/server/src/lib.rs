@@ -3,8 +3,9 @@
 //! The request flow, one module per stage:
 //!
 //! * [`api`] — HTTP routes; parse, call the engine, map errors ([`error`]).
-//! * [`engine`] — ingest: validate → chunk → embed → [`store`] → index;
+//! * [`engine`] — ingest: validate → chunk → embed → store → index;
 //!   ask: embed the question → search → [`prompt`] → generate → [`citations`].
+//!   Documents live in the `ragd-store` crate (SQLite); the index is rebuilt from it.
 //! * [`workers`] — the embedder and generator threads the engine talks to.
 //! * [`config`] — defaults, config file and flags.
 //!
@@ -18,7 +19,6 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod prompt;
-pub mod store;
 pub mod workers;
 
 use std::net::SocketAddr;

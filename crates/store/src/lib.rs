@@ -1,0 +1,555 @@
+//! The source of truth for documents: an embedded SQLite database.
+//!
+//! Documents, their chunks, the chunks' vectors, content hashes and metadata live
+//! in `ragd.sqlite3` in the data directory (WAL mode, `synchronous = FULL`): an
+//! ingest is acknowledged only after its transaction has committed, so a crash
+//! or `kill -9` loses nothing acknowledged, and a document is always either
+//! wholly in its old version or wholly in its new one.
+//!
+//! The HNSW index is derived data. Each chunk has an integer `key` that never
+//! gets reused (`AUTOINCREMENT`), which is also its id in the index; deleting or
+//! replacing a document deletes its chunk rows, and searches hide keys that are
+//! not live ([`Store::is_live`]) until the index is rebuilt without them.
+//!
+//! The store is synchronous and not `Sync` (SQLite connections are not): the
+//! server keeps it behind a mutex and calls it from blocking threads.
+
+#![deny(missing_docs)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// The database file in the data directory.
+pub const DB_FILE: &str = "ragd.sqlite3";
+const SCHEMA_VERSION: i64 = 1;
+
+/// Storage failures: the disk's or ours, never the API user's.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("database {path}: {source}")]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The data directory cannot be created.
+    #[error("data directory {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The database was written with another embedding model.
+    #[error("{path} holds vectors of {found}; this server embeds with {expected}: use another data_dir or the same model")]
+    ModelMismatch {
+        /// The database file.
+        path: PathBuf,
+        /// The model recorded in the database.
+        found: String,
+        /// The configured model.
+        expected: String,
+    },
+    /// Stored data does not decode.
+    #[error("database {path} is damaged: {message}")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A chunk to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewChunk {
+    /// The passage.
+    pub text: String,
+    /// Byte offset in the document.
+    pub start: usize,
+    /// Byte offset past the end.
+    pub end: usize,
+    /// Hash of what was embedded (decides whether a vector can be reused).
+    pub embed_hash: String,
+    /// The embedding.
+    pub vector: Vec<f32>,
+}
+
+/// A document to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDocument {
+    /// The id.
+    pub id: String,
+    /// Optional title.
+    pub title: Option<String>,
+    /// The full text.
+    pub text: String,
+    /// The caller's metadata.
+    pub metadata: Map<String, Value>,
+    /// Hash of everything that makes a document "unchanged".
+    pub hash: String,
+    /// Its chunks, in order.
+    pub chunks: Vec<NewChunk>,
+}
+
+/// What an upsert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpsertStatus {
+    /// A new id.
+    Created,
+    /// An existing id with different content; its chunks were replaced.
+    Updated,
+    /// An existing id with the same content: nothing written.
+    Unchanged,
+}
+
+/// A live chunk, as retrieval sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkView {
+    /// The owning document.
+    pub document_id: String,
+    /// Position in the document.
+    pub index: usize,
+    /// The document's title.
+    pub title: Option<String>,
+    /// The passage.
+    pub text: String,
+    /// Its embedding.
+    pub vector: Vec<f32>,
+}
+
+impl ChunkView {
+    /// Public chunk id: `{document_id}#{index}`.
+    pub fn chunk_id(&self) -> String {
+        format!("{}#{}", self.document_id, self.index)
+    }
+}
+
+/// A document's record, without its text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DocumentInfo {
+    /// The id.
+    pub id: String,
+    /// The title.
+    pub title: Option<String>,
+    /// The metadata.
+    pub metadata: Map<String, Value>,
+    /// The content hash.
+    pub hash: String,
+    /// Number of chunks.
+    pub chunks: usize,
+    /// Length of the text in bytes.
+    pub text_bytes: usize,
+    /// First stored, seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Last changed, seconds since the Unix epoch.
+    pub updated_at: i64,
+}
+
+/// The SQLite store plus the set of live chunk keys.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    /// `live[key]`: whether chunk `key` exists.
+    live: Vec<bool>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn vector_to_blob(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn blob_to_vector(b: &[u8]) -> Option<Vec<f32>> {
+    (b.len() % 4 == 0).then(|| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir` for vectors of model
+    /// `embedder` with `dim` dimensions.
+    pub fn open(dir: &Path, embedder: &str, dim: usize) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
+        let path = dir.join(DB_FILE);
+        let db = |source| StoreError::Db { path: path.clone(), source };
+        let conn = Connection::open(&path).map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS documents (
+                 id TEXT PRIMARY KEY,
+                 title TEXT,
+                 text TEXT NOT NULL,
+                 metadata TEXT NOT NULL,
+                 hash TEXT NOT NULL,
+                 created_at INTEGER NOT NULL,
+                 updated_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS chunks (
+                 key INTEGER PRIMARY KEY AUTOINCREMENT,
+                 document_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+                 idx INTEGER NOT NULL,
+                 text TEXT NOT NULL,
+                 start INTEGER NOT NULL,
+                 end INTEGER NOT NULL,
+                 embed_hash TEXT NOT NULL,
+                 vector BLOB NOT NULL);
+             CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, idx);",
+        )
+        .map_err(db)?;
+        let meta = |key: &str| -> Result<Option<String>, StoreError> {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().map_err(db)
+        };
+        let expected = format!("{embedder} ({dim} dims)");
+        match meta("embedder")? {
+            Some(found) if found != expected => {
+                return Err(StoreError::ModelMismatch { path, found, expected });
+            }
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('embedder', ?1), ('schema', ?2)",
+                    params![expected, SCHEMA_VERSION.to_string()],
+                )
+                .map_err(db)?;
+            }
+        }
+        if let Some(v) = meta("schema")? {
+            if v != SCHEMA_VERSION.to_string() {
+                return Err(StoreError::Corrupt { path, message: format!("unknown schema version {v}") });
+            }
+        }
+        let mut store = Store { conn, path, live: Vec::new() };
+        for key in store.live_keys()? {
+            store.mark_live(key, true);
+        }
+        Ok(store)
+    }
+
+    fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Db { path: self.path.clone(), source }
+    }
+
+    fn mark_live(&mut self, key: usize, live: bool) {
+        if self.live.len() <= key {
+            self.live.resize(key + 1, false);
+        }
+        self.live[key] = live;
+    }
+
+    fn live_keys(&self) -> Result<Vec<usize>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT key FROM chunks ORDER BY key").map_err(self.db())?;
+        let keys = stmt.query_map([], |r| r.get::<_, i64>(0)).map_err(self.db())?;
+        keys.map(|k| k.map(|k| k as usize).map_err(self.db())).collect()
+    }
+
+    /// Every live chunk's key and vector, for (re)building the index.
+    pub fn vectors(&self) -> Result<Vec<(usize, Vec<f32>)>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT key, vector FROM chunks ORDER BY key").map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, Vec<u8>>(1)?)))
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, blob) = row.map_err(self.db())?;
+            let v = blob_to_vector(&blob)
+                .ok_or_else(|| StoreError::Corrupt { path: self.path.clone(), message: format!("vector of chunk {key}") })?;
+            out.push((key, v));
+        }
+        Ok(out)
+    }
+
+    /// The content hash of document `id`, if stored.
+    pub fn hash_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT hash FROM documents WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(self.db())
+    }
+
+    /// The vectors of document `id`'s current chunks by what was embedded, so an
+    /// update re-embeds only chunks that changed.
+    pub fn vectors_by_embed_hash(&self, id: &str) -> Result<HashMap<String, Vec<f32>>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT embed_hash, vector FROM chunks WHERE document_id = ?1").map_err(self.db())?;
+        let rows = stmt.query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))).map_err(self.db())?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (h, blob) = row.map_err(self.db())?;
+            if let Some(v) = blob_to_vector(&blob) {
+                out.insert(h, v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores `doc` in one transaction, replacing an older version of the same id.
+    /// Returns the status and the new chunks' keys with their vectors, for the index.
+    pub fn upsert(&mut self, doc: &NewDocument) -> Result<(UpsertStatus, Vec<(usize, Vec<f32>)>), StoreError> {
+        let path = self.path.clone();
+        let db = |source| StoreError::Db { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let existing: Option<(String, i64)> = tx
+            .query_row("SELECT hash, created_at FROM documents WHERE id = ?1", [&doc.id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(db)?;
+        if existing.as_ref().is_some_and(|(h, _)| *h == doc.hash) {
+            return Ok((UpsertStatus::Unchanged, Vec::new()));
+        }
+        let old_keys: Vec<usize> = {
+            let mut stmt = tx.prepare("SELECT key FROM chunks WHERE document_id = ?1").map_err(db)?;
+            let keys = stmt.query_map([&doc.id], |r| r.get::<_, i64>(0)).map_err(db)?;
+            keys.map(|k| k.map(|k| k as usize)).collect::<Result<_, _>>().map_err(db)?
+        };
+        let t = now();
+        let created_at = existing.as_ref().map(|(_, c)| *c).unwrap_or(t);
+        let metadata = serde_json::to_string(&doc.metadata).unwrap_or_else(|_| "{}".into());
+        tx.execute("DELETE FROM chunks WHERE document_id = ?1", [&doc.id]).map_err(db)?;
+        tx.execute(
+            "INSERT INTO documents (id, title, text, metadata, hash, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(id) DO UPDATE SET title = excluded.title, text = excluded.text,
+                 metadata = excluded.metadata, hash = excluded.hash, updated_at = excluded.updated_at",
+            params![doc.id, doc.title, doc.text, metadata, doc.hash, created_at, t],
+        )
+        .map_err(db)?;
+        let mut new = Vec::with_capacity(doc.chunks.len());
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO chunks (document_id, idx, text, start, end, embed_hash, vector)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(db)?;
+            for (i, c) in doc.chunks.iter().enumerate() {
+                insert
+                    .execute(params![
+                        doc.id,
+                        i as i64,
+                        c.text,
+                        c.start as i64,
+                        c.end as i64,
+                        c.embed_hash,
+                        vector_to_blob(&c.vector)
+                    ])
+                    .map_err(db)?;
+                new.push((tx.last_insert_rowid() as usize, c.vector.clone()));
+            }
+        }
+        tx.commit().map_err(db)?;
+        for k in old_keys {
+            self.mark_live(k, false);
+        }
+        for (k, _) in &new {
+            self.mark_live(*k, true);
+        }
+        let status = if existing.is_some() { UpsertStatus::Updated } else { UpsertStatus::Created };
+        Ok((status, new))
+    }
+
+    /// Deletes document `id` and its chunks; returns whether it existed.
+    pub fn delete(&mut self, id: &str) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let db = |source| StoreError::Db { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let keys: Vec<usize> = {
+            let mut stmt = tx.prepare("SELECT key FROM chunks WHERE document_id = ?1").map_err(db)?;
+            let keys = stmt.query_map([id], |r| r.get::<_, i64>(0)).map_err(db)?;
+            keys.map(|k| k.map(|k| k as usize)).collect::<Result<_, _>>().map_err(db)?
+        };
+        tx.execute("DELETE FROM chunks WHERE document_id = ?1", [id]).map_err(db)?;
+        let n = tx.execute("DELETE FROM documents WHERE id = ?1", [id]).map_err(db)?;
+        tx.commit().map_err(db)?;
+        for k in keys {
+            self.mark_live(k, false);
+        }
+        Ok(n > 0)
+    }
+
+    /// Whether chunk `key` exists.
+    pub fn is_live(&self, key: usize) -> bool {
+        self.live.get(key).copied().unwrap_or(false)
+    }
+
+    /// The live chunks with these keys (missing ones are left out), in the given order.
+    pub fn chunks(&self, keys: &[usize]) -> Result<Vec<(usize, ChunkView)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT c.document_id, c.idx, d.title, c.text, c.vector
+                 FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.key = ?1",
+            )
+            .map_err(self.db())?;
+        let mut out = Vec::with_capacity(keys.len());
+        for &key in keys {
+            let row = stmt
+                .query_row([key as i64], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
+                    ))
+                })
+                .optional()
+                .map_err(self.db())?;
+            if let Some((document_id, idx, title, text, blob)) = row {
+                let vector = blob_to_vector(&blob).unwrap_or_default();
+                out.push((key, ChunkView { document_id, index: idx as usize, title, text, vector }));
+            }
+        }
+        Ok(out)
+    }
+
+    fn info_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DocumentInfo> {
+        let metadata: String = r.get(2)?;
+        Ok(DocumentInfo {
+            id: r.get(0)?,
+            title: r.get(1)?,
+            metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+            hash: r.get(3)?,
+            created_at: r.get(4)?,
+            updated_at: r.get(5)?,
+            text_bytes: r.get::<_, i64>(6)? as usize,
+            chunks: r.get::<_, i64>(7)? as usize,
+        })
+    }
+
+    const INFO_COLUMNS: &'static str = "d.id, d.title, d.metadata, d.hash, d.created_at, d.updated_at, length(CAST(d.text AS BLOB)),
+         (SELECT count(*) FROM chunks c WHERE c.document_id = d.id)";
+
+    /// Document `id`'s record.
+    pub fn document(&self, id: &str) -> Result<Option<DocumentInfo>, StoreError> {
+        let sql = format!("SELECT {} FROM documents d WHERE d.id = ?1", Self::INFO_COLUMNS);
+        self.conn.query_row(&sql, [id], Self::info_from_row).optional().map_err(self.db())
+    }
+
+    /// Up to `limit` documents with ids after `after`, in id order.
+    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<DocumentInfo>, StoreError> {
+        let sql =
+            format!("SELECT {} FROM documents d WHERE d.id > ?1 ORDER BY d.id LIMIT ?2", Self::INFO_COLUMNS);
+        let mut stmt = self.conn.prepare(&sql).map_err(self.db())?;
+        let rows = stmt
+            .query_map(params![after.unwrap_or(""), limit as i64], Self::info_from_row)
+            .map_err(self.db())?;
+        rows.collect::<Result<_, _>>().map_err(self.db())
+    }
+
+    /// Number of documents.
+    pub fn document_count(&self) -> Result<usize, StoreError> {
+        self.conn
+            .query_row("SELECT count(*) FROM documents", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as usize)
+            .map_err(self.db())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(id: &str, texts: &[&str]) -> NewDocument {
+        NewDocument {
+            id: id.into(),
+            title: Some(format!("T {id}")),
+            text: texts.join(" "),
+            metadata: Map::new(),
+            hash: format!("h-{}", texts.join("|")),
+            chunks: texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| NewChunk {
+                    text: t.to_string(),
+                    start: i,
+                    end: i + 1,
+                    embed_hash: format!("e-{t}"),
+                    vector: vec![i as f32, 1.0],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn upsert_statuses_keys_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), "m", 2).unwrap();
+            let (st, new) = s.upsert(&doc("a", &["x", "y"])).unwrap();
+            assert_eq!((st, new.iter().map(|n| n.0).collect::<Vec<_>>()), (UpsertStatus::Created, vec![1, 2]));
+            assert_eq!(s.upsert(&doc("a", &["x", "y"])).unwrap().0, UpsertStatus::Unchanged);
+            let (st, new) = s.upsert(&doc("a", &["x", "z"])).unwrap();
+            assert_eq!(st, UpsertStatus::Updated);
+            assert_eq!(new.iter().map(|n| n.0).collect::<Vec<_>>(), vec![3, 4], "keys are never reused");
+            assert!(!s.is_live(1) && !s.is_live(2) && s.is_live(3));
+            assert_eq!(s.vectors_by_embed_hash("a").unwrap().len(), 2);
+            s.upsert(&doc("b", &["w"])).unwrap();
+        }
+        let s = Store::open(dir.path(), "m", 2).unwrap();
+        assert_eq!(s.document_count().unwrap(), 2);
+        assert_eq!(s.vectors().unwrap().iter().map(|v| v.0).collect::<Vec<_>>(), vec![3, 4, 5]);
+        let chunks = s.chunks(&[4, 1, 5]).unwrap();
+        assert_eq!(chunks.len(), 2, "dead key 1 is left out");
+        assert_eq!(chunks[0].1.text, "z");
+        assert_eq!(chunks[0].1.chunk_id(), "a#1");
+        let info = s.document("a").unwrap().unwrap();
+        assert_eq!((info.chunks, info.title.as_deref()), (2, Some("T a")));
+    }
+
+    #[test]
+    fn delete_removes_everything_and_keys_stay_dead_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        s.upsert(&doc("a", &["x"])).unwrap();
+        s.upsert(&doc("b", &["y"])).unwrap();
+        assert!(s.delete("a").unwrap());
+        assert!(!s.delete("a").unwrap());
+        assert!(!s.is_live(1));
+        drop(s);
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        assert!(!s.is_live(1) && s.is_live(2));
+        assert!(s.document("a").unwrap().is_none());
+        // A new document after the delete does not take the deleted key.
+        let (_, new) = s.upsert(&doc("c", &["q"])).unwrap();
+        assert_eq!(new[0].0, 3);
+    }
+
+    #[test]
+    fn list_pages_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        for id in ["c", "a", "d", "b"] {
+            s.upsert(&doc(id, &["t"])).unwrap();
+        }
+        let page = s.list(None, 3).unwrap();
+        assert_eq!(page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), vec!["a", "b", "c"]);
+        let page = s.list(Some("c"), 3).unwrap();
+        assert_eq!(page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), vec!["d"]);
+    }
+
+    #[test]
+    fn another_embedder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), "m", 2).unwrap());
+        assert!(matches!(Store::open(dir.path(), "other", 2), Err(StoreError::ModelMismatch { .. })));
+        assert!(matches!(Store::open(dir.path(), "m", 3), Err(StoreError::ModelMismatch { .. })));
+    }
+}
