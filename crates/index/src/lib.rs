@@ -40,11 +40,21 @@ pub struct IndexConfig {
     pub max_layers: usize,
     /// Expected number of vectors: a sizing hint, not a limit.
     pub capacity_hint: usize,
+    /// Rebuild the graph when more than this fraction of its nodes are
+    /// tombstones (chunks of replaced or deleted documents), in (0, 1].
+    pub compact_fraction: f32,
 }
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self { max_connections: 16, ef_construction: 200, ef_search: 64, max_layers: 16, capacity_hint: 100_000 }
+        Self {
+            max_connections: 16,
+            ef_construction: 200,
+            ef_search: 64,
+            max_layers: 16,
+            capacity_hint: 100_000,
+            compact_fraction: 0.25,
+        }
     }
 }
 
@@ -66,6 +76,9 @@ impl IndexConfig {
         }
         if self.capacity_hint == 0 {
             return bad("capacity_hint", "must be at least 1".into());
+        }
+        if !(self.compact_fraction > 0.0 && self.compact_fraction <= 1.0) {
+            return bad("compact_fraction", format!("{} is outside (0, 1]", self.compact_fraction));
         }
         Ok(())
     }
@@ -189,11 +202,22 @@ impl VectorIndex {
 
     /// The `k` nearest vectors to `query` for which `keep(id)` holds, best first.
     pub fn search(&self, query: &[f32], k: usize, keep: &dyn Fn(usize) -> bool) -> Result<Vec<Hit>, IndexError> {
+        self.search_with_ef(query, k, self.config.ef_search, keep)
+    }
+
+    /// [`VectorIndex::search`] with a given candidate list size (at least `k`).
+    pub fn search_with_ef(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Hit>, IndexError> {
         self.check(query)?;
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
-        let ef = self.config.ef_search.max(k);
+        let ef = ef.max(k);
         let filter = |id: &usize| keep(*id);
         let found = self.hnsw.search_filter(query, k, ef, Some(&filter as &dyn FilterT));
         let mut hits: Vec<Hit> =
@@ -202,6 +226,26 @@ impl VectorIndex {
         hits.truncate(k);
         Ok(hits)
     }
+}
+
+/// Exact search: the `k` candidates most similar to `query` (dot product of
+/// unit vectors), best first. For small or heavily filtered sets, where the
+/// graph could return fewer than `k` hits.
+pub fn exact_top_k<'a>(
+    query: &[f32],
+    candidates: impl Iterator<Item = (usize, &'a [f32])>,
+    k: usize,
+) -> Result<Vec<Hit>, IndexError> {
+    let mut hits = Vec::new();
+    for (id, v) in candidates {
+        if v.len() != query.len() {
+            return Err(IndexError::DimensionMismatch { expected: query.len(), got: v.len() });
+        }
+        hits.push(Hit { id, score: v.iter().zip(query).map(|(a, b)| a * b).sum() });
+    }
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+    hits.truncate(k);
+    Ok(hits)
 }
 
 #[cfg(test)]
@@ -271,6 +315,16 @@ mod tests {
         }
         let recall = found as f64 / (queries * 10) as f64;
         assert!(recall >= 0.9, "recall@10 = {recall}");
+    }
+
+    #[test]
+    fn exact_search_ranks_by_dot_product() {
+        let a = unit(vec![1.0, 0.0]);
+        let b = unit(vec![0.6, 0.8]);
+        let c = unit(vec![0.0, 1.0]);
+        let hits = exact_top_k(&[1.0, 0.0], [(7, &a[..]), (8, &b[..]), (9, &c[..])].into_iter(), 2).unwrap();
+        assert_eq!(hits.iter().map(|h| h.id).collect::<Vec<_>>(), vec![7, 8]);
+        assert!((hits[1].score - 0.6).abs() < 1e-6);
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub fn app(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/ingest", post(ingest))
         .route("/ask", post(ask))
+        .route("/search", post(search))
         .route("/documents", get(list_documents))
         .route("/documents/{id}", get(get_document).delete(delete_document))
         .fallback(not_found)
@@ -108,6 +109,13 @@ async fn ingest(
 ) -> Result<Json<crate::engine::IngestResponse>, ApiError> {
     let engine = state.engine()?;
     Ok(Json(engine.ingest(req).await?))
+}
+
+async fn search(
+    State(state): State<AppState>,
+    AppJson(req): AppJson<crate::engine::SearchRequest>,
+) -> Result<Json<crate::engine::SearchResponse>, ApiError> {
+    Ok(Json(state.engine()?.search(req).await?))
 }
 
 /// Query of `GET /documents`.

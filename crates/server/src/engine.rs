@@ -19,6 +19,7 @@ use crate::citations::{self, CitedBy};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::prompt::Passage;
+use crate::retrieval::{self, Filter};
 use ragd_store::{NewChunk, NewDocument, Store, UpsertStatus};
 use crate::workers::{EmbedWorker, GenEvent, GenJob, GenWorker};
 
@@ -106,6 +107,8 @@ pub struct AskRequest {
     pub top_p: Option<f64>,
     /// Sampler seed.
     pub seed: Option<u64>,
+    /// Conditions on `document_id` / `metadata.<key>` the passages must meet.
+    pub filter: Option<Value>,
     /// Stream the answer as server-sent events.
     pub stream: Option<bool>,
 }
@@ -208,8 +211,44 @@ pub struct Engine {
     config: Arc<Config>,
     embedder: EmbedWorker,
     generator: GenWorker,
-    index: VectorIndex,
-    store: Mutex<Store>,
+    data: Mutex<Data>,
+}
+
+/// The store and the index derived from it, changed together under one lock.
+pub struct Data {
+    /// Documents, chunks and vectors.
+    pub store: Store,
+    /// The HNSW graph over the chunk vectors (with tombstones).
+    pub index: VectorIndex,
+    /// Nodes in the graph, live or not.
+    indexed: usize,
+}
+
+impl Data {
+    /// Rebuilds the graph from the live chunks when tombstones pass the
+    /// configured fraction.
+    fn compact_if_needed(&mut self, config: &ragd_index::IndexConfig) -> Result<(), ApiError> {
+        let dead = self.indexed.saturating_sub(self.store.live_count());
+        if dead < 64 || (dead as f32) <= config.compact_fraction * self.indexed as f32 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let index = build_index(&self.store, config).map_err(ApiError::internal)?;
+        tracing::info!(dead, live = self.store.live_count(), ms = started.elapsed().as_millis() as u64, "index compacted");
+        self.index = index;
+        self.indexed = self.store.live_count();
+        Ok(())
+    }
+}
+
+/// A new graph over the store's live chunks.
+fn build_index(store: &Store, config: &ragd_index::IndexConfig) -> Result<VectorIndex, String> {
+    let dim = store.live().next().map(|(_, _, v)| v.len());
+    let index = VectorIndex::new(dim.unwrap_or(1), config.clone()).map_err(|e| e.to_string())?;
+    for (key, _, vector) in store.live() {
+        index.insert(key, vector).map_err(|e| format!("stored vector of chunk {key}: {e}"))?;
+    }
+    Ok(index)
 }
 
 impl std::fmt::Debug for Engine {
@@ -239,15 +278,17 @@ impl Engine {
     /// its vectors, and assembles the engine. Blocking: call from a blocking context.
     pub fn open(config: Arc<Config>, embedder: EmbedWorker, generator: GenWorker) -> Result<Self, String> {
         config.chunking.validate(embedder.max_length)?;
-        let index = VectorIndex::new(embedder.dim, config.index.clone()).map_err(|e| e.to_string())?;
         let store = Store::open(&config.server.data_dir, &embedder.name, embedder.dim).map_err(|e| e.to_string())?;
-        let vectors = store.vectors().map_err(|e| e.to_string())?;
-        for (key, vector) in &vectors {
-            index.insert(*key, vector).map_err(|e| format!("stored vector of chunk {key}: {e}"))?;
+        let started = Instant::now();
+        let index = VectorIndex::new(embedder.dim, config.index.clone()).map_err(|e| e.to_string())?;
+        for (key, _, vector) in store.live() {
+            index.insert(key, vector).map_err(|e| format!("stored vector of chunk {key}: {e}"))?;
         }
         let documents = store.document_count().map_err(|e| e.to_string())?;
-        tracing::info!(documents, chunks = vectors.len(), data_dir = %config.server.data_dir.display(), "documents loaded");
-        Ok(Self { config, embedder, generator, index, store: Mutex::new(store) })
+        let indexed = store.live_count();
+        tracing::info!(documents, chunks = indexed, index_ms = started.elapsed().as_millis() as u64, data_dir = %config.server.data_dir.display(), "documents loaded");
+        let data = Data { store, index, indexed };
+        Ok(Self { config, embedder, generator, data: Mutex::new(data) })
     }
 
     /// Names of the loaded models.
@@ -303,19 +344,15 @@ impl Engine {
         Ok(ids)
     }
 
-    fn lock_store(&self) -> Result<std::sync::MutexGuard<'_, Store>, ApiError> {
-        self.store.lock().map_err(|_| ApiError::internal("store lock poisoned"))
-    }
-
-    /// Runs `f` with the store on a blocking thread (SQLite waits on the disk).
-    async fn with_store<T: Send + 'static>(
+    /// Runs `f` with the store and index on a blocking thread (SQLite waits on the disk).
+    async fn with_data<T: Send + 'static>(
         self: &Arc<Self>,
-        f: impl FnOnce(&Engine, &mut Store) -> Result<T, ApiError> + Send + 'static,
+        f: impl FnOnce(&Engine, &mut Data) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let engine = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let mut store = engine.lock_store()?;
-            f(&engine, &mut store)
+            let mut data = engine.data.lock().map_err(|_| ApiError::internal("data lock poisoned"))?;
+            f(&engine, &mut data)
         })
         .await
         .map_err(ApiError::internal)?
@@ -329,7 +366,8 @@ impl Engine {
         let ids = self.validate_ingest(&req)?;
         let lookup = ids.clone();
         let (unchanged, mut known): (Vec<bool>, Vec<HashMap<String, Vec<f32>>>) = self
-            .with_store(move |_, store| {
+            .with_data(move |_, data| {
+                let store = &data.store;
                 let mut unchanged = Vec::new();
                 let mut known = Vec::new();
                 for (id, hash) in &lookup {
@@ -424,24 +462,25 @@ impl Engine {
         // Store (one transaction per document), then index; one document failing
         // does not undo the others.
         let results = self
-            .with_store(move |engine, store| {
+            .with_data(move |engine, data| {
                 let mut out = Vec::new();
                 for (id, doc) in docs {
                     let Some(doc) = doc else {
-                        let chunks = store.document(&id).ok().flatten().map(|d| d.chunks).unwrap_or(0);
+                        let chunks = data.store.document(&id).ok().flatten().map(|d| d.chunks).unwrap_or(0);
                         out.push(IngestedDocument { id, status: IngestStatus::Unchanged, chunks, error: None });
                         continue;
                     };
-                    if let Err(e) = engine.index.check_all(doc.chunks.iter().map(|c| c.vector.as_slice())) {
+                    if let Err(e) = data.index.check_all(doc.chunks.iter().map(|c| c.vector.as_slice())) {
                         tracing::error!(%id, error = %e, "embedding produced an unusable vector");
                         out.push(failed(id, "embedding failed"));
                         continue;
                     }
-                    match store.upsert(&doc) {
+                    match data.store.upsert(&doc) {
                         Ok((status, new)) => {
+                            data.indexed += new.len();
                             for (key, vector) in &new {
                                 // Checked above; a failure here would be a bug in the index.
-                                if let Err(e) = engine.index.insert(*key, vector) {
+                                if let Err(e) = data.index.insert(*key, vector) {
                                     tracing::error!(%id, error = %e, "index insert failed");
                                 }
                             }
@@ -458,6 +497,7 @@ impl Engine {
                         }
                     }
                 }
+                data.compact_if_needed(&engine.config.index)?;
                 Ok(out)
             })
             .await?;
@@ -474,8 +514,8 @@ impl Engine {
         if !(1..=1000).contains(&limit) {
             return Err(ApiError::Invalid("limit: must be within 1..=1000".into()));
         }
-        self.with_store(move |_, store| {
-            let docs = store.list(after.as_deref(), limit).map_err(ApiError::internal)?;
+        self.with_data(move |_, data| {
+            let docs = data.store.list(after.as_deref(), limit).map_err(ApiError::internal)?;
             let next = (docs.len() == limit).then(|| docs.last().map(|d| d.id.clone())).flatten();
             Ok(serde_json::json!({ "documents": docs, "next": next }))
         })
@@ -484,7 +524,7 @@ impl Engine {
 
     /// Document `id`'s record.
     pub async fn get_document(self: &Arc<Self>, id: String) -> Result<Value, ApiError> {
-        self.with_store(move |_, store| match store.document(&id).map_err(ApiError::internal)? {
+        self.with_data(move |_, data| match data.store.document(&id).map_err(ApiError::internal)? {
             Some(d) => Ok(serde_json::to_value(d).unwrap_or_default()),
             None => Err(ApiError::NotFound(format!("no document with id {id:?}"))),
         })
@@ -493,8 +533,9 @@ impl Engine {
 
     /// Deletes document `id`; its chunks are hidden from search at once.
     pub async fn delete_document(self: &Arc<Self>, id: String) -> Result<Value, ApiError> {
-        self.with_store(move |_, store| {
-            if store.delete(&id).map_err(ApiError::internal)? {
+        self.with_data(move |engine, data| {
+            if data.store.delete(&id).map_err(ApiError::internal)? {
+                data.compact_if_needed(&engine.config.index)?;
                 Ok(serde_json::json!({ "id": id, "deleted": true }))
             } else {
                 Err(ApiError::NotFound(format!("no document with id {id:?}")))
@@ -542,38 +583,8 @@ impl Engine {
             params.seed = s;
         }
 
-        let vector = self
-            .embedder
-            .embed(vec![question.to_string()])
-            .await
-            .map_err(ApiError::internal)?
-            .pop()
-            .ok_or_else(|| ApiError::internal("the embedder returned no vector"))?;
-        let min_score = r.min_score;
-        let sources: Vec<Source> = self
-            .with_store(move |engine, store| {
-                let hits = engine.index.search(&vector, top_k, &|key| store.is_live(key)).map_err(ApiError::internal)?;
-                let hits: Vec<_> = hits.into_iter().filter(|h| h.score >= min_score).collect();
-                let keys: Vec<usize> = hits.iter().map(|h| h.id).collect();
-                let chunks = store.chunks(&keys).map_err(ApiError::internal)?;
-                let score_of: HashMap<usize, f32> = hits.iter().map(|h| (h.id, h.score)).collect();
-                Ok(chunks
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (key, c))| Source {
-                        n: i + 1,
-                        document_id: c.document_id.clone(),
-                        chunk_id: c.chunk_id(),
-                        title: c.title.clone(),
-                        snippet: snippet(&c.text),
-                        score: score_of.get(&key).copied().unwrap_or(0.0),
-                        cited_by: None,
-                        text: c.text,
-                        vector: c.vector,
-                    })
-                    .collect())
-            })
-            .await?;
+        let filter = Filter::parse(req.filter.as_ref())?;
+        let sources = self.retrieve(question, top_k, filter, r.min_score).await?;
         let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
         let model = self.generator.name.clone();
         if sources.is_empty() {
@@ -611,6 +622,119 @@ impl Engine {
         };
         progress.finish(g, cited)
     }
+}
+
+impl Engine {
+    /// Embeds `query` and returns the `top_k` best chunks passing `filter` and
+    /// scoring at least `min_score`, numbered from 1.
+    async fn retrieve(
+        self: &Arc<Self>,
+        query: &str,
+        top_k: usize,
+        filter: Filter,
+        min_score: f32,
+    ) -> Result<Vec<Source>, ApiError> {
+        let vector = self
+            .embedder
+            .embed(vec![query.to_string()])
+            .await
+            .map_err(ApiError::internal)?
+            .pop()
+            .ok_or_else(|| ApiError::internal("the embedder returned no vector"))?;
+        self.with_data(move |engine, data| {
+            let hits = retrieval::search(&data.store, &data.index, &vector, top_k, &filter, engine.config.index.ef_search)?;
+            let hits: Vec<_> = hits.into_iter().filter(|h| h.score >= min_score).collect();
+            let keys: Vec<usize> = hits.iter().map(|h| h.id).collect();
+            let chunks = data.store.chunks(&keys).map_err(ApiError::internal)?;
+            let score_of: HashMap<usize, f32> = hits.iter().map(|h| (h.id, h.score)).collect();
+            Ok(chunks
+                .into_iter()
+                .enumerate()
+                .map(|(i, (key, c))| Source {
+                    n: i + 1,
+                    document_id: c.document_id.clone(),
+                    chunk_id: c.chunk_id(),
+                    title: c.title.clone(),
+                    snippet: snippet(&c.text),
+                    score: score_of.get(&key).copied().unwrap_or(0.0),
+                    cited_by: None,
+                    text: c.text,
+                    vector: c.vector,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Retrieval only: `POST /search`.
+    pub async fn search(self: &Arc<Self>, req: SearchRequest) -> Result<SearchResponse, ApiError> {
+        let query = req.query.trim();
+        if query.is_empty() {
+            return Err(ApiError::Invalid("query: must not be empty".into()));
+        }
+        if query.chars().count() > MAX_QUESTION_CHARS {
+            return Err(ApiError::Invalid(format!("query: longer than {MAX_QUESTION_CHARS} characters")));
+        }
+        let r = &self.config.retrieval;
+        let top_k = req.top_k.unwrap_or(10);
+        if !(1..=r.max_top_k.max(100)).contains(&top_k) {
+            return Err(ApiError::Invalid(format!("top_k: must be within 1..={}", r.max_top_k.max(100))));
+        }
+        match req.mode.as_deref() {
+            None | Some("dense") => {}
+            Some(other) => return Err(ApiError::Invalid(format!("mode: {other:?} is not supported; use \"dense\""))),
+        }
+        let filter = Filter::parse(req.filter.as_ref())?;
+        let sources = self.retrieve(query, top_k, filter, -1.0).await?;
+        Ok(SearchResponse {
+            results: sources
+                .into_iter()
+                .map(|s| SearchResult {
+                    document_id: s.document_id,
+                    chunk_id: s.chunk_id,
+                    title: s.title,
+                    text: s.text,
+                    score: s.score,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Body of `POST /search`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// The query text.
+    pub query: String,
+    /// Results to return (default 10).
+    pub top_k: Option<usize>,
+    /// Conditions on `document_id` / `metadata.<key>`.
+    pub filter: Option<Value>,
+    /// Retrieval mode; `dense` (the default) is the one available.
+    pub mode: Option<String>,
+}
+
+/// One result of `POST /search`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchResult {
+    /// The document.
+    pub document_id: String,
+    /// `{document_id}#{index}`.
+    pub chunk_id: String,
+    /// The document's title.
+    pub title: Option<String>,
+    /// The chunk's text.
+    pub text: String,
+    /// Cosine similarity with the query.
+    pub score: f32,
+}
+
+/// Response of `POST /search`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchResponse {
+    /// Best first.
+    pub results: Vec<SearchResult>,
 }
 
 fn failed(id: String, why: &str) -> IngestedDocument {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod prompt;
+pub mod retrieval;
 pub mod workers;
 
 use std::net::SocketAddr;

@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
@@ -153,12 +154,25 @@ pub struct DocumentInfo {
     pub updated_at: i64,
 }
 
-/// The SQLite store plus the set of live chunk keys.
+/// What retrieval needs of a live chunk, kept in memory: filters and exact
+/// search must not wait on the disk.
+#[derive(Debug, Clone)]
+struct LiveChunk {
+    document: Arc<str>,
+    vector: Arc<[f32]>,
+}
+
+/// The SQLite store plus an in-memory view of the live chunks.
 pub struct Store {
     conn: Connection,
     path: PathBuf,
-    /// `live[key]`: whether chunk `key` exists.
-    live: Vec<bool>,
+    /// `live[key]`: the chunk with that key, if it exists.
+    live: Vec<Option<LiveChunk>>,
+    live_count: usize,
+    /// Every document's metadata, for filters.
+    metadata: HashMap<Arc<str>, Map<String, Value>>,
+    /// Bumped by every committed change; tells whether an index dump is current.
+    generation: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -235,44 +249,96 @@ impl Store {
                 return Err(StoreError::Corrupt { path, message: format!("unknown schema version {v}") });
             }
         }
-        let mut store = Store { conn, path, live: Vec::new() };
-        for key in store.live_keys()? {
-            store.mark_live(key, true);
-        }
+        let generation = meta("generation")?.and_then(|g| g.parse().ok()).unwrap_or(0);
+        let mut store =
+            Store { conn, path, live: Vec::new(), live_count: 0, metadata: HashMap::new(), generation };
+        store.load_live()?;
         Ok(store)
+    }
+
+    fn load_live(&mut self) -> Result<(), StoreError> {
+        let docs: Vec<(String, String)> = {
+            let mut stmt = self.conn.prepare("SELECT id, metadata FROM documents").map_err(self.db())?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(self.db())?;
+            rows.collect::<Result<_, _>>().map_err(self.db())?
+        };
+        for (id, metadata) in docs {
+            self.metadata.insert(Arc::from(id.as_str()), serde_json::from_str(&metadata).unwrap_or_default());
+        }
+        let chunks: Vec<(usize, String, Vec<u8>)> = {
+            let mut stmt =
+                self.conn.prepare("SELECT key, document_id, vector FROM chunks ORDER BY key").map_err(self.db())?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get(2)?)))
+                .map_err(self.db())?;
+            rows.collect::<Result<_, _>>().map_err(self.db())?
+        };
+        for (key, document, blob) in chunks {
+            let vector = blob_to_vector(&blob)
+                .ok_or_else(|| StoreError::Corrupt { path: self.path.clone(), message: format!("vector of chunk {key}") })?;
+            let document = self
+                .metadata
+                .get_key_value(document.as_str())
+                .map(|(k, _)| Arc::clone(k))
+                .unwrap_or_else(|| Arc::from(document.as_str()));
+            self.set_live(key, Some(LiveChunk { document, vector: vector.into() }));
+        }
+        Ok(())
     }
 
     fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         move |source| StoreError::Db { path: self.path.clone(), source }
     }
 
-    fn mark_live(&mut self, key: usize, live: bool) {
+    fn set_live(&mut self, key: usize, chunk: Option<LiveChunk>) {
         if self.live.len() <= key {
-            self.live.resize(key + 1, false);
+            self.live.resize(key + 1, None);
         }
-        self.live[key] = live;
+        match (&self.live[key], &chunk) {
+            (None, Some(_)) => self.live_count += 1,
+            (Some(_), None) => self.live_count -= 1,
+            _ => {}
+        }
+        self.live[key] = chunk;
     }
 
-    fn live_keys(&self) -> Result<Vec<usize>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT key FROM chunks ORDER BY key").map_err(self.db())?;
-        let keys = stmt.query_map([], |r| r.get::<_, i64>(0)).map_err(self.db())?;
-        keys.map(|k| k.map(|k| k as usize).map_err(self.db())).collect()
+    /// Every live chunk: key, document id and vector, in key order.
+    pub fn live(&self) -> impl Iterator<Item = (usize, &str, &[f32])> + '_ {
+        self.live.iter().enumerate().filter_map(|(k, c)| c.as_ref().map(|c| (k, &*c.document, &*c.vector)))
+    }
+
+    /// Number of live chunks.
+    pub fn live_count(&self) -> usize {
+        self.live_count
+    }
+
+    /// The document that chunk `key` belongs to, if the chunk is live.
+    pub fn document_of(&self, key: usize) -> Option<&str> {
+        self.live.get(key).and_then(Option::as_ref).map(|c| &*c.document)
+    }
+
+    /// The metadata of document `id`.
+    pub fn metadata_of(&self, id: &str) -> Option<&Map<String, Value>> {
+        self.metadata.get(id)
     }
 
     /// Every live chunk's key and vector, for (re)building the index.
     pub fn vectors(&self) -> Result<Vec<(usize, Vec<f32>)>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT key, vector FROM chunks ORDER BY key").map_err(self.db())?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, Vec<u8>>(1)?)))
-            .map_err(self.db())?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (key, blob) = row.map_err(self.db())?;
-            let v = blob_to_vector(&blob)
-                .ok_or_else(|| StoreError::Corrupt { path: self.path.clone(), message: format!("vector of chunk {key}") })?;
-            out.push((key, v));
-        }
-        Ok(out)
+        Ok(self.live().map(|(k, _, v)| (k, v.to_vec())).collect())
+    }
+
+    /// The store generation: changes with every committed write.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn bump_generation(tx: &rusqlite::Transaction<'_>, generation: u64) -> rusqlite::Result<()> {
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('generation', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [generation.to_string()],
+        )
+        .map(|_| ())
     }
 
     /// The content hash of document `id`, if stored.
@@ -354,12 +420,16 @@ impl Store {
                 new.push((tx.last_insert_rowid() as usize, c.vector.clone()));
             }
         }
+        Self::bump_generation(&tx, self.generation + 1).map_err(db)?;
         tx.commit().map_err(db)?;
+        self.generation += 1;
         for k in old_keys {
-            self.mark_live(k, false);
+            self.set_live(k, None);
         }
-        for (k, _) in &new {
-            self.mark_live(*k, true);
+        let document: Arc<str> = Arc::from(doc.id.as_str());
+        self.metadata.insert(Arc::clone(&document), doc.metadata.clone());
+        for (k, v) in &new {
+            self.set_live(*k, Some(LiveChunk { document: Arc::clone(&document), vector: v.as_slice().into() }));
         }
         let status = if existing.is_some() { UpsertStatus::Updated } else { UpsertStatus::Created };
         Ok((status, new))
@@ -377,16 +447,22 @@ impl Store {
         };
         tx.execute("DELETE FROM chunks WHERE document_id = ?1", [id]).map_err(db)?;
         let n = tx.execute("DELETE FROM documents WHERE id = ?1", [id]).map_err(db)?;
-        tx.commit().map_err(db)?;
-        for k in keys {
-            self.mark_live(k, false);
+        if n == 0 {
+            return Ok(false);
         }
-        Ok(n > 0)
+        Self::bump_generation(&tx, self.generation + 1).map_err(db)?;
+        tx.commit().map_err(db)?;
+        self.generation += 1;
+        for k in keys {
+            self.set_live(k, None);
+        }
+        self.metadata.remove(id);
+        Ok(true)
     }
 
     /// Whether chunk `key` exists.
     pub fn is_live(&self, key: usize) -> bool {
-        self.live.get(key).copied().unwrap_or(false)
+        self.live.get(key).is_some_and(Option::is_some)
     }
 
     /// The live chunks with these keys (missing ones are left out), in the given order.
@@ -506,6 +582,9 @@ mod tests {
         let s = Store::open(dir.path(), "m", 2).unwrap();
         assert_eq!(s.document_count().unwrap(), 2);
         assert_eq!(s.vectors().unwrap().iter().map(|v| v.0).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(s.live_count(), 3);
+        assert_eq!(s.document_of(5), Some("b"));
+        assert_eq!(s.generation(), 3, "three committed changes");
         let chunks = s.chunks(&[4, 1, 5]).unwrap();
         assert_eq!(chunks.len(), 2, "dead key 1 is left out");
         assert_eq!(chunks[0].1.text, "z");
