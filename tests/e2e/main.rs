@@ -284,3 +284,57 @@ async fn documents_are_listed_updated_and_deleted_for_good() {
     assert_eq!(everest_sources(&answer), 0, "{answer}");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_honours_filters_and_tombstones() {
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let client = reqwest::Client::new();
+    let url = format!("{base}/search");
+    // 120 short notes in two languages tags; then replace 80 of them so that the
+    // graph holds more tombstones than the compaction threshold.
+    let notes = |version: &str, range: std::ops::Range<usize>| {
+        let docs: Vec<Value> = range
+            .map(|i| {
+                json!({ "id": format!("note-{i}"),
+                        "text": format!("Note {i} ({version}): the meeting about topic {i} is in room {}.", i % 7),
+                        "metadata": { "lang": if i % 2 == 0 { "en" } else { "de" }, "tag": [format!("t{}", i % 5)] } })
+            })
+            .collect();
+        json!({ "documents": docs })
+    };
+    let (s, b) = post(&client, &format!("{base}/ingest"), &notes("first", 0..120)).await;
+    assert_eq!(s, 200, "{b}");
+    let (_, b) = post(&client, &format!("{base}/ingest"), &notes("second", 0..80)).await;
+    assert!(b["documents"].as_array().unwrap().iter().all(|d| d["status"] == "updated"));
+
+    let (s, r) = post(&client, &url, &json!({ "query": "meeting about topic 3", "top_k": 10 })).await;
+    assert_eq!(s, 200, "{r}");
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 10);
+    let ids: Vec<&str> = results.iter().map(|x| x["document_id"].as_str().unwrap()).collect();
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "no document twice (old versions are gone): {ids:?}");
+    assert!(results.iter().all(|x| !x["text"].as_str().unwrap().contains("(first)") || {
+        let n: usize = x["document_id"].as_str().unwrap()[5..].parse().unwrap();
+        n >= 80
+    }), "replaced text never comes back");
+
+    // Filters: k results when k matching chunks exist.
+    let (_, r) = post(&client, &url, &json!({ "query": "meeting", "top_k": 20, "filter": { "metadata.lang": "de" } })).await;
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 20);
+    assert!(results.iter().all(|x| x["document_id"].as_str().unwrap()[5..].parse::<usize>().unwrap() % 2 == 1));
+    let (_, r) = post(&client, &url, &json!({ "query": "meeting", "top_k": 5, "filter": { "document_id": "note-42" } })).await;
+    assert_eq!(r["results"].as_array().unwrap().len(), 1);
+    assert_eq!(r["results"][0]["document_id"], "note-42");
+    let (_, r) = post(&client, &url, &json!({ "query": "meeting", "top_k": 50, "filter": { "metadata.tag": { "in": ["t1", "t2"] } } })).await;
+    assert_eq!(r["results"].as_array().unwrap().len(), 48);
+    let (s, _) = post(&client, &url, &json!({ "query": "meeting", "filter": { "lang": "de" } })).await;
+    assert_eq!(s, 422);
+    let (s, _) = post(&client, &url, &json!({ "query": "meeting", "mode": "fuzzy" })).await;
+    assert_eq!(s, 422);
+    server.shutdown().await.unwrap();
+}
