@@ -195,25 +195,55 @@ async fn bad_input_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingested_documents_survive_a_restart() {
+async fn restart_gives_the_same_results_from_the_dump_or_a_rebuild() {
     let data = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
+    let search = json!({ "query": "What does Rust's borrow checker enforce?", "top_k": 3 });
+    let ask = json!({ "question": "What does Rust's borrow checker enforce?", "max_tokens": 12 });
+    let ready = |base: String| {
+        let client = client.clone();
+        async move { client.get(format!("{base}/ready")).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let (before_search, before_answer) = {
+        let (server, base) = start(SMOLLM, data.path()).await;
+        assert_eq!(ready(base.clone()).await["index_at_start"], "rebuilt");
+        ingest_three(&client, &base).await;
+        let (_, s) = post(&client, &format!("{base}/search"), &search).await;
+        let (_, a) = post(&client, &format!("{base}/ask"), &ask).await;
+        server.shutdown().await.unwrap(); // writes the index dump
+        (s, a)
+    };
+    assert_eq!(before_search["results"][0]["document_id"], "rust");
+    let same = |s: &Value, a: &Value| {
+        assert_eq!(s["results"], before_search["results"], "same search results");
+        assert_eq!(a["answer"], before_answer["answer"], "same greedy answer");
+        assert_eq!(a["sources"], before_answer["sources"]);
+    };
+
+    // With the dump: nothing is rebuilt or embedded again.
     {
         let (server, base) = start(SMOLLM, data.path()).await;
-        ingest_three(&client, &base).await;
+        let r = ready(base.clone()).await;
+        assert_eq!((r["index_at_start"].as_str(), r["documents"].as_u64()), (Some("dump"), Some(3)), "{r}");
+        let (_, b) = post(&client, &format!("{base}/ingest"), &three_documents()).await;
+        assert!(b["documents"].as_array().unwrap().iter().all(|d| d["status"] == "unchanged"), "{b}");
+        let (_, s) = post(&client, &format!("{base}/search"), &search).await;
+        let (_, a) = post(&client, &format!("{base}/ask"), &ask).await;
+        same(&s, &a);
         server.shutdown().await.unwrap();
     }
+
+    // A damaged dump is detected and the index rebuilt from the store.
+    let graph = data.path().join("index/ragd.hnsw.graph");
+    let mut bytes = std::fs::read(&graph).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&graph, bytes).unwrap();
     let (server, base) = start(SMOLLM, data.path()).await;
-    let (_, b) = post(&client, &format!("{base}/ingest"), &three_documents()).await;
-    assert!(b["documents"].as_array().unwrap().iter().all(|d| d["status"] == "unchanged"), "{b}");
-    let (s, answer) = post(
-        &client,
-        &format!("{base}/ask"),
-        &json!({ "question": "What does Rust's borrow checker enforce?", "max_tokens": 4 }),
-    )
-    .await;
-    assert_eq!(s, 200);
-    assert_eq!(answer["sources"][0]["document_id"], "rust", "{answer}");
+    assert_eq!(ready(base.clone()).await["index_at_start"], "rebuilt");
+    let (_, s) = post(&client, &format!("{base}/search"), &search).await;
+    let (_, a) = post(&client, &format!("{base}/ask"), &ask).await;
+    same(&s, &a);
     server.shutdown().await.unwrap();
 }
 

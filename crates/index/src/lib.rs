@@ -18,8 +18,34 @@
 
 #![deny(missing_docs)]
 
-use hnsw_rs::prelude::{Distance, FilterT, Hnsw};
+use std::path::{Path, PathBuf};
+
+use hnsw_rs::prelude::{AnnT, Distance, FilterT, Hnsw, HnswIo};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const DUMP_BASENAME: &str = "ragd";
+const DUMP_META: &str = "ragd-index.json";
+
+/// What a dump covers, written beside hnsw_rs' files.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct DumpMeta {
+    /// The store generation the graph reflects.
+    generation: u64,
+    dim: usize,
+    points: usize,
+    /// sha256 of `ragd.hnsw.graph` and `ragd.hnsw.data`: hnsw_rs does not check
+    /// what it reads, so damage is caught here before it loads anything.
+    graph_sha256: String,
+    data_sha256: String,
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(path)?;
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
 
 /// hnsw_rs refuses more than this many connections per node (it exits the process).
 pub const MAX_CONNECTIONS: usize = 256;
@@ -106,6 +132,14 @@ pub enum IndexError {
     /// A vector contains NaN or infinity (caller's fault).
     #[error("vector contains a non-finite value")]
     NonFinite,
+    /// Writing a dump failed (the disk's fault).
+    #[error("index dump {path}: {message}")]
+    Dump {
+        /// The dump directory.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// Cosine distance for unit vectors, `1 − a·b`, clamped to `[0, 2]` so that
@@ -159,6 +193,70 @@ impl VectorIndex {
             config.ef_construction,
             ClampedDot,
         );
+        Ok(Self { hnsw, dim, config })
+    }
+
+    /// Writes the graph to `dir` (replacing what is there) as covering store
+    /// generation `generation`. The files go to a temporary directory first, which
+    /// is then renamed, so `dir` holds a complete dump or none.
+    pub fn dump(&self, dir: &Path, generation: u64) -> Result<(), IndexError> {
+        let fail = |message: String| IndexError::Dump { path: dir.to_owned(), message };
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| fail(e.to_string()))?;
+        let written = self.hnsw.file_dump(&tmp, DUMP_BASENAME).map_err(|e| fail(e.to_string()))?;
+        if written != DUMP_BASENAME {
+            return Err(fail(format!("hnsw_rs wrote {written:?}")));
+        }
+        let graph = tmp.join(format!("{DUMP_BASENAME}.hnsw.graph"));
+        let data = tmp.join(format!("{DUMP_BASENAME}.hnsw.data"));
+        let meta = DumpMeta {
+            generation,
+            dim: self.dim,
+            points: self.len(),
+            graph_sha256: sha256_file(&graph).map_err(|e| fail(e.to_string()))?,
+            data_sha256: sha256_file(&data).map_err(|e| fail(e.to_string()))?,
+        };
+        let json = serde_json::to_vec(&meta).map_err(|e| fail(e.to_string()))?;
+        std::fs::write(tmp.join(DUMP_META), json).map_err(|e| fail(e.to_string()))?;
+        for f in [&graph, &data, &tmp.join(DUMP_META)] {
+            std::fs::File::open(f).and_then(|f| f.sync_all()).map_err(|e| fail(e.to_string()))?;
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::rename(&tmp, dir).map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Loads the dump in `dir` if it covers store generation `generation` with
+    /// vectors of `dim` dimensions and is intact; otherwise says why not, and the
+    /// caller rebuilds from the store.
+    pub fn load_dump(dir: &Path, config: IndexConfig, generation: u64, dim: usize) -> Result<Self, String> {
+        config.validate().map_err(|e| e.to_string())?;
+        let meta: DumpMeta = std::fs::read(dir.join(DUMP_META))
+            .map_err(|e| format!("no dump ({e})"))
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("unreadable dump metadata ({e})")))?;
+        if meta.generation != generation {
+            return Err(format!("dump covers generation {}, the store is at {generation}", meta.generation));
+        }
+        if meta.dim != dim {
+            return Err(format!("dump holds {}-dimensional vectors, not {dim}", meta.dim));
+        }
+        let graph = dir.join(format!("{DUMP_BASENAME}.hnsw.graph"));
+        let data = dir.join(format!("{DUMP_BASENAME}.hnsw.data"));
+        for (file, want) in [(&graph, &meta.graph_sha256), (&data, &meta.data_sha256)] {
+            let got = sha256_file(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            if &got != want {
+                return Err(format!("{} is damaged (checksum mismatch)", file.display()));
+            }
+        }
+        // hnsw_rs' loaded graph borrows its `HnswIo` for its whole life. The loader
+        // is leaked (a few hundred bytes, once per start) so the graph can be owned
+        // with a 'static lifetime, without unsafe code.
+        let io: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, DUMP_BASENAME)));
+        let hnsw: Hnsw<'static, f32, ClampedDot> = io.load_hnsw().map_err(|e| format!("hnsw_rs: {e}"))?;
+        if hnsw.get_nb_point() != meta.points {
+            return Err(format!("dump has {} points, its metadata says {}", hnsw.get_nb_point(), meta.points));
+        }
         Ok(Self { hnsw, dim, config })
     }
 
@@ -325,6 +423,37 @@ mod tests {
         let hits = exact_top_k(&[1.0, 0.0], [(7, &a[..]), (8, &b[..]), (9, &c[..])].into_iter(), 2).unwrap();
         assert_eq!(hits.iter().map(|h| h.id).collect::<Vec<_>>(), vec![7, 8]);
         assert!((hits[1].score - 0.6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dump_round_trips_and_damage_or_staleness_is_refused() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let index = VectorIndex::new(16, IndexConfig::default()).unwrap();
+        let vectors: Vec<Vec<f32>> = (0..300).map(|_| random_unit(&mut rng, 16)).collect();
+        for (i, v) in vectors.iter().enumerate() {
+            index.insert(i + 10, v).unwrap();
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("index");
+        index.dump(&dir, 7).unwrap();
+        let loaded = VectorIndex::load_dump(&dir, IndexConfig::default(), 7, 16).unwrap();
+        assert_eq!(loaded.len(), 300);
+        for probe in [0, 150, 299] {
+            assert_eq!(
+                loaded.search(&vectors[probe], 3, &|_| true).unwrap(),
+                index.search(&vectors[probe], 3, &|_| true).unwrap()
+            );
+        }
+        assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 8, 16).unwrap_err().contains("generation"));
+        assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 7, 32).is_err());
+        // Flip a byte of the graph: detected before hnsw_rs reads it.
+        let graph = dir.join("ragd.hnsw.graph");
+        let mut bytes = std::fs::read(&graph).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xFF;
+        std::fs::write(&graph, bytes).unwrap();
+        assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 7, 16).unwrap_err().contains("damaged"));
+        assert!(VectorIndex::load_dump(&tmp.path().join("none"), IndexConfig::default(), 7, 16).is_err());
     }
 
     #[test]

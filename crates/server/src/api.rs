@@ -90,8 +90,10 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let engine = state.engine()?;
-    Ok(Json(json!({ "status": "ready", "models": engine.models() })))
+    let engine = Arc::clone(state.engine()?);
+    let mut status = tokio::task::spawn_blocking(move || engine.status()).await.map_err(ApiError::internal)?;
+    status["status"] = json!("ready");
+    Ok(Json(status))
 }
 
 async fn not_found() -> ApiError {

@@ -212,6 +212,8 @@ pub struct Engine {
     embedder: EmbedWorker,
     generator: GenWorker,
     data: Mutex<Data>,
+    /// Where the index came from at start-up: `dump` or `rebuilt`.
+    index_source: &'static str,
 }
 
 /// The store and the index derived from it, changed together under one lock.
@@ -222,9 +224,23 @@ pub struct Data {
     pub index: VectorIndex,
     /// Nodes in the graph, live or not.
     indexed: usize,
+    /// The store generation of the last dump written or loaded.
+    dumped: Option<u64>,
 }
 
 impl Data {
+    fn dump(&mut self, dir: &std::path::Path) -> Result<(), ragd_index::IndexError> {
+        let generation = self.store.generation();
+        if self.dumped == Some(generation) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.index.dump(dir, generation)?;
+        self.dumped = Some(generation);
+        tracing::info!(generation, points = self.index.len(), ms = started.elapsed().as_millis() as u64, "index dumped");
+        Ok(())
+    }
+
     /// Rebuilds the graph from the live chunks when tombstones pass the
     /// configured fraction.
     fn compact_if_needed(&mut self, config: &ragd_index::IndexConfig) -> Result<(), ApiError> {
@@ -280,22 +296,58 @@ impl Engine {
         config.chunking.validate(embedder.max_length)?;
         let store = Store::open(&config.server.data_dir, &embedder.name, embedder.dim).map_err(|e| e.to_string())?;
         let started = Instant::now();
-        let index = VectorIndex::new(embedder.dim, config.index.clone()).map_err(|e| e.to_string())?;
-        for (key, _, vector) in store.live() {
-            index.insert(key, vector).map_err(|e| format!("stored vector of chunk {key}: {e}"))?;
-        }
+        let index_dir = config.server.data_dir.join("index");
+        let (index, from_dump) =
+            match VectorIndex::load_dump(&index_dir, config.index.clone(), store.generation(), embedder.dim) {
+                Ok(index) => (index, true),
+                Err(why) => {
+                    tracing::info!(reason = %why, "rebuilding the vector index from the store");
+                    let index = VectorIndex::new(embedder.dim, config.index.clone()).map_err(|e| e.to_string())?;
+                    for (key, _, vector) in store.live() {
+                        index.insert(key, vector).map_err(|e| format!("stored vector of chunk {key}: {e}"))?;
+                    }
+                    (index, false)
+                }
+            };
         let documents = store.document_count().map_err(|e| e.to_string())?;
-        let indexed = store.live_count();
-        tracing::info!(documents, chunks = indexed, index_ms = started.elapsed().as_millis() as u64, data_dir = %config.server.data_dir.display(), "documents loaded");
-        let data = Data { store, index, indexed };
-        Ok(Self { config, embedder, generator, data: Mutex::new(data) })
+        let indexed = index.len();
+        tracing::info!(
+            documents,
+            chunks = store.live_count(),
+            from_dump,
+            index_ms = started.elapsed().as_millis() as u64,
+            data_dir = %config.server.data_dir.display(),
+            "documents loaded"
+        );
+        let dumped = from_dump.then(|| store.generation());
+        let mut data = Data { store, index, indexed, dumped };
+        if !from_dump {
+            if let Err(e) = data.dump(&index_dir) {
+                tracing::warn!(error = %e, "cannot write the index dump; the next start rebuilds it");
+            }
+        }
+        let index_source = if from_dump { "dump" } else { "rebuilt" };
+        Ok(Self { config, embedder, generator, data: Mutex::new(data), index_source })
     }
 
-    /// Names of the loaded models.
-    pub fn models(&self) -> Value {
+    /// Writes the index dump if the store changed since the last one (at
+    /// shutdown, so the next start need not rebuild the graph).
+    pub fn save_index(&self) -> Result<(), String> {
+        let mut data = self.data.lock().map_err(|_| "data lock poisoned".to_string())?;
+        data.dump(&self.config.server.data_dir.join("index")).map_err(|e| e.to_string())
+    }
+
+    /// What `/ready` reports: the models, the documents and where the index came from.
+    pub fn status(&self) -> Value {
+        let (documents, chunks) = match self.data.lock() {
+            Ok(d) => (d.store.document_count().ok(), Some(d.store.live_count())),
+            Err(_) => (None, None),
+        };
         serde_json::json!({
-            "embedder": self.embedder.name,
-            "generator": self.generator.name,
+            "models": { "embedder": self.embedder.name, "generator": self.generator.name },
+            "documents": documents,
+            "chunks": chunks,
+            "index_at_start": self.index_source,
         })
     }
 

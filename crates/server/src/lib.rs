@@ -56,21 +56,27 @@ impl Server {
         }
     }
 
-    /// Stops accepting connections and waits for open requests to finish.
+    /// Stops accepting connections, waits for open requests to finish and writes
+    /// the index dump.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.serving.await.map_err(std::io::Error::other)?
+        let served = self.serving.await.map_err(std::io::Error::other)?;
+        if let Some(engine) = self.state.engine.get().cloned() {
+            match tokio::task::spawn_blocking(move || engine.save_index()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the index dump"),
+                Err(e) => tracing::warn!(error = %e, "cannot write the index dump"),
+            }
+        }
+        served
     }
 
     /// Serves until `signal` completes, then shuts down gracefully.
-    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
         signal.await;
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        self.serving.await.map_err(std::io::Error::other)?
+        self.shutdown().await
     }
 }
 
