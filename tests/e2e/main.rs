@@ -368,3 +368,80 @@ async fn search_honours_filters_and_tombstones() {
     assert_eq!(s, 422);
     server.shutdown().await.unwrap();
 }
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_of_each_kind_are_ingested_and_bad_files_fail_alone() {
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let client = reqwest::Client::new();
+    let part = |name: &str, mime: &str, bytes: Vec<u8>| {
+        reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()).mime_str(mime).unwrap()
+    };
+    let mut elf = b"\x7fELF\x02\x01\x01\x00".to_vec();
+    elf.extend([0u8; 64]);
+    let pdf = fixture("lighthouse.pdf");
+    let form = reqwest::multipart::Form::new()
+        .part("file", part("tomatoes.txt", "text/plain", fixture("tomatoes.txt")))
+        .part("file", part("bicycle.md", "text/markdown", fixture("bicycle.md")))
+        // Declared as plain text: detected as HTML from its content.
+        .part("file", part("sourdough.html", "text/plain", fixture("sourdough.html")))
+        .part("file", part("lighthouse.pdf", "application/pdf", pdf.clone()))
+        .part("file", part("broken.pdf", "application/pdf", pdf[..pdf.len() / 3].to_vec()))
+        .part("file", part("program.txt", "text/plain", elf));
+    let res = client.post(format!("{base}/ingest")).multipart(form).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    let docs = body["documents"].as_array().unwrap();
+    let status: Vec<(&str, &str)> =
+        docs.iter().map(|d| (d["id"].as_str().unwrap(), d["status"].as_str().unwrap())).collect();
+    assert_eq!(
+        status,
+        vec![
+            ("tomatoes.txt", "created"),
+            ("bicycle.md", "created"),
+            ("sourdough.html", "created"),
+            ("lighthouse.pdf", "created"),
+            ("broken.pdf", "failed"),
+            ("program.txt", "failed"),
+        ],
+        "{body}"
+    );
+    assert!(docs[4]["error"].as_str().unwrap().contains("PDF"), "{body}");
+    assert!(docs[5]["error"].as_str().unwrap().contains("binary"), "{body}");
+
+    let get = |id: &str| {
+        let client = client.clone();
+        let url = format!("{base}/documents/{id}");
+        async move { client.get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    assert_eq!(get("sourdough.html").await["title"], "Sourdough starter care");
+    assert_eq!(get("bicycle.md").await["title"], "Bicycle maintenance");
+    assert_eq!(get("lighthouse.pdf").await["title"], "Kestrel Point Lighthouse Manual");
+    assert_eq!(get("lighthouse.pdf").await["metadata"]["format"], "pdf");
+
+    let search = |q: &str| {
+        let client = client.clone();
+        let url = format!("{base}/search");
+        let body = json!({ "query": q, "top_k": 1 });
+        async move { client.post(url).json(&body).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let r = search("How far does the lighthouse beam reach?").await;
+    assert_eq!(r["results"][0]["document_id"], "lighthouse.pdf", "{r}");
+    assert!(r["results"][0]["text"].as_str().unwrap().contains("twenty-two nautical miles"), "{r}");
+    let r = search("How often should I feed a sourdough starter?").await;
+    assert_eq!(r["results"][0]["document_id"], "sourdough.html");
+    assert!(!r["results"][0]["text"].as_str().unwrap().contains("tracking"), "scripts are not indexed: {r}");
+
+    // A form part that is not a file is refused, and nothing else from it is stored.
+    let form = reqwest::multipart::Form::new()
+        .part("file", part("other.txt", "text/plain", b"Another note about tomatoes.".to_vec()))
+        .text("note", "not a file");
+    let res = client.post(format!("{base}/ingest")).multipart(form).send().await.unwrap();
+    assert_eq!(res.status(), 422);
+    assert_eq!(client.get(format!("{base}/documents/other.txt")).send().await.unwrap().status(), 404);
+    server.shutdown().await.unwrap();
+}

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -105,12 +105,43 @@ async fn method_not_allowed() -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
-async fn ingest(
-    State(state): State<AppState>,
-    AppJson(req): AppJson<IngestRequest>,
-) -> Result<Json<crate::engine::IngestResponse>, ApiError> {
-    let engine = state.engine()?;
-    Ok(Json(engine.ingest(req).await?))
+/// `POST /ingest`: a JSON body of documents, or `multipart/form-data` files.
+async fn ingest(State(state): State<AppState>, req: Request) -> Result<Json<crate::engine::IngestResponse>, ApiError> {
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"));
+    if !multipart {
+        let AppJson(body) = AppJson::<IngestRequest>::from_request(req, &state).await?;
+        return Ok(Json(state.engine()?.ingest(body).await?));
+    }
+    let too_large_or_malformed = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge("the request body is larger than the configured limit".into())
+        } else {
+            ApiError::MalformedMultipart(format!("cannot read the multipart body: {}", e.body_text()))
+        }
+    };
+    let mut form = Multipart::from_request(req, &state)
+        .await
+        .map_err(|e| ApiError::MalformedMultipart(e.body_text()))?;
+    let mut files = Vec::new();
+    while let Some(field) = form.next_field().await.map_err(too_large_or_malformed)? {
+        let Some(name) = field.file_name().map(str::to_string) else {
+            return Err(ApiError::Invalid(format!(
+                "multipart part {:?} is not a file: send files as parts with a filename",
+                field.name().unwrap_or("")
+            )));
+        };
+        let content_type = field.content_type().map(str::to_string);
+        let bytes = field.bytes().await.map_err(too_large_or_malformed)?;
+        files.push(crate::engine::UploadedFile { name, content_type, bytes: bytes.to_vec() });
+    }
+    if files.is_empty() {
+        return Err(ApiError::Invalid("the multipart body holds no files".into()));
+    }
+    Ok(Json(state.engine()?.ingest_files(files).await?))
 }
 
 async fn search(

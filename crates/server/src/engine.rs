@@ -753,6 +753,83 @@ impl Engine {
     }
 }
 
+/// A file posted to `/ingest` as `multipart/form-data`.
+#[derive(Debug, Clone)]
+pub struct UploadedFile {
+    /// The part's file name; it becomes the document id.
+    pub name: String,
+    /// The declared content type.
+    pub content_type: Option<String>,
+    /// The contents.
+    pub bytes: Vec<u8>,
+}
+
+impl Engine {
+    /// Ingests files: each is identified by its name, its text extracted
+    /// ([`crate::extract`]); a file that cannot be read is reported as failed and
+    /// the others still go in.
+    pub async fn ingest_files(self: &Arc<Self>, files: Vec<UploadedFile>) -> Result<IngestResponse, ApiError> {
+        let max = self.config.server.max_documents_per_request;
+        if files.len() > max {
+            return Err(ApiError::Invalid(format!("at most {max} files per request")));
+        }
+        let extracted = tokio::task::spawn_blocking(move || {
+            files
+                .into_iter()
+                .map(|f| {
+                    let e = crate::extract::extract(&f.name, f.content_type.as_deref(), &f.bytes);
+                    (f.name, e)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(ApiError::internal)?;
+        let mut slots: Vec<Result<usize, IngestedDocument>> = Vec::new();
+        let mut documents = Vec::new();
+        for (name, result) in extracted {
+            let bad_name = name.trim().is_empty() || name.len() > MAX_ID_LEN || name.chars().any(char::is_control);
+            let duplicate = documents.iter().any(|d: &DocumentIn| d.id.as_deref() == Some(name.as_str()));
+            match result {
+                _ if bad_name => slots.push(Err(failed(name, "the file name must be 1..=256 bytes without control characters"))),
+                _ if duplicate => slots.push(Err(failed(name, "the same file name appears twice in this request"))),
+                Err(why) => slots.push(Err(failed(name, &why))),
+                Ok(e) => {
+                    let mut metadata = Map::new();
+                    metadata.insert("file_name".into(), Value::String(name.clone()));
+                    metadata.insert("format".into(), Value::String(e.kind.into()));
+                    let stem = std::path::Path::new(&name).file_stem().map(|s| s.to_string_lossy().into_owned());
+                    // Titles are display strings: keep them short whatever the file says.
+                    let title = e.title.or(stem).map(|t| t.chars().take(200).collect::<String>());
+                    slots.push(Ok(documents.len()));
+                    documents.push(DocumentIn {
+                        id: Some(name),
+                        title,
+                        source: None,
+                        text: e.text,
+                        metadata: Some(metadata),
+                    });
+                }
+            }
+        }
+        let mut stored = if documents.is_empty() {
+            Vec::new()
+        } else {
+            self.ingest(IngestRequest { documents }).await?.documents
+        }
+        .into_iter()
+        .map(Some)
+        .collect::<Vec<_>>();
+        let documents = slots
+            .into_iter()
+            .map(|slot| match slot {
+                Ok(i) => stored[i].take().unwrap_or_else(|| failed(String::new(), "lost")),
+                Err(f) => f,
+            })
+            .collect();
+        Ok(IngestResponse { documents })
+    }
+}
+
 /// Body of `POST /search`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -14,6 +14,9 @@ pub enum ApiError {
     /// The body is not valid JSON.
     #[error("{0}")]
     MalformedJson(String),
+    /// A `multipart/form-data` body cannot be read.
+    #[error("{0}")]
+    MalformedMultipart(String),
     /// The body is JSON of the wrong shape, or a value is out of range.
     #[error("{0}")]
     Invalid(String),
@@ -52,6 +55,7 @@ impl ApiError {
     pub fn status_and_type(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            ApiError::MalformedMultipart(_) => (StatusCode::BAD_REQUEST, "malformed_multipart"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),

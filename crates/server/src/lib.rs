@@ -18,6 +18,7 @@ pub mod citations;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod extract;
 pub mod prompt;
 pub mod retrieval;
 pub mod workers;
