@@ -210,7 +210,8 @@ pub struct AskProgress {
 pub struct Engine {
     config: Arc<Config>,
     embedder: EmbedWorker,
-    generator: GenWorker,
+    /// `None` for ingest-only use (`ragd ingest` without a server).
+    generator: Option<GenWorker>,
     data: Mutex<Data>,
     /// Where the index came from at start-up: `dump` or `rebuilt`.
     index_source: &'static str,
@@ -232,6 +233,12 @@ impl Data {
     fn dump(&mut self, dir: &std::path::Path) -> Result<(), ragd_index::IndexError> {
         let generation = self.store.generation();
         if self.dumped == Some(generation) {
+            return Ok(());
+        }
+        if self.index.is_empty() {
+            // hnsw_rs cannot dump an empty graph; an empty one rebuilds instantly.
+            let _ = std::fs::remove_dir_all(dir);
+            self.dumped = Some(generation);
             return Ok(());
         }
         let started = Instant::now();
@@ -292,7 +299,7 @@ fn snippet(text: &str) -> String {
 impl Engine {
     /// Opens the store in the configured data directory, builds the index from
     /// its vectors, and assembles the engine. Blocking: call from a blocking context.
-    pub fn open(config: Arc<Config>, embedder: EmbedWorker, generator: GenWorker) -> Result<Self, String> {
+    pub fn open(config: Arc<Config>, embedder: EmbedWorker, generator: Option<GenWorker>) -> Result<Self, String> {
         config.chunking.validate(embedder.max_length)?;
         let store = Store::open(&config.server.data_dir, &embedder.name, embedder.dim).map_err(|e| e.to_string())?;
         let started = Instant::now();
@@ -344,7 +351,7 @@ impl Engine {
             Err(_) => (None, None),
         };
         serde_json::json!({
-            "models": { "embedder": self.embedder.name, "generator": self.generator.name },
+            "models": { "embedder": self.embedder.name, "generator": self.generator.as_ref().map(|g| &g.name) },
             "documents": documents,
             "chunks": chunks,
             "index_at_start": self.index_source,
@@ -636,15 +643,16 @@ impl Engine {
         }
 
         let filter = Filter::parse(req.filter.as_ref())?;
+        let generator = self.generator.as_ref().ok_or_else(|| ApiError::internal("no generator is loaded"))?;
         let sources = self.retrieve(question, top_k, filter, r.min_score).await?;
         let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
-        let model = self.generator.name.clone();
+        let model = generator.name.clone();
         if sources.is_empty() {
             return Ok(AskRun { sources, events: None, started, retrieval_ms, model });
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let passages = sources.iter().map(|s| Passage { title: s.title.clone(), text: s.text.clone() }).collect();
-        self.generator
+        generator
             .submit(GenJob { question: question.to_string(), passages, params, events: tx })
             .map_err(|_| ApiError::Busy { retry_after_secs: 2 })?;
         Ok(AskRun { sources, events: Some(rx), started, retrieval_ms, model })

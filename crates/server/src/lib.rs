@@ -109,12 +109,26 @@ pub async fn start(config: Config) -> std::io::Result<Server> {
     Ok(Server { addr, state, loaded: Some(loaded_rx), shutdown: Some(shutdown_tx), serving })
 }
 
+/// Opens the data directory with the embedder only, for ingesting without a
+/// server (`ragd ingest`). Do not run it on a data directory a server is using:
+/// the server would not see the new documents until it restarts.
+pub async fn open_for_ingest(config: Config) -> Result<Arc<Engine>, String> {
+    let config = Arc::new(config);
+    let embedder = EmbedWorker::spawn(config.models.embedder.clone(), config.embedder.clone())
+        .await
+        .map_err(|_| "the embedder thread died while loading".to_string())??;
+    let engine = tokio::task::spawn_blocking(move || Engine::open(config, embedder, None))
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok(Arc::new(engine))
+}
+
 async fn load(config: Arc<Config>, slot: Arc<OnceLock<Arc<Engine>>>) -> Result<(), String> {
     let embedder = EmbedWorker::spawn(config.models.embedder.clone(), config.embedder.clone());
     let generator = GenWorker::spawn(config.models.generator.clone(), config.generation.queue_size);
     let embedder = embedder.await.map_err(|_| "the embedder thread died while loading".to_string())??;
     let generator = generator.await.map_err(|_| "the generator thread died while loading".to_string())??;
-    let engine = tokio::task::spawn_blocking(move || Engine::open(config, embedder, generator))
+    let engine = tokio::task::spawn_blocking(move || Engine::open(config, embedder, Some(generator)))
         .await
         .map_err(|e| e.to_string())??;
     slot.set(Arc::new(engine)).map_err(|_| "engine installed twice".to_string())?;

@@ -6,6 +6,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ragd_server::Config;
 
+mod ingest_cmd;
+
 #[derive(Parser)]
 #[command(name = "ragd", version, about = "Retrieval-augmented question answering over your documents")]
 struct Cli {
@@ -34,6 +36,33 @@ enum Command {
         #[arg(long)]
         generator: Option<PathBuf>,
     },
+    /// Ingest files and folders (text, Markdown, HTML, PDF). Each file's path,
+    /// as walked from the arguments, is its document id: feeding the same folder
+    /// again re-embeds only what changed.
+    Ingest {
+        /// Files or folders (hidden entries are skipped).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Send to a running server (e.g. http://127.0.0.1:8080) instead of
+        /// writing to the data directory. Use it whenever a server is running.
+        #[arg(long)]
+        url: Option<String>,
+        /// Config file, as for `serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides server.data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn load_config(config: Option<PathBuf>) -> anyhow::Result<Config> {
+    let default_file = PathBuf::from("config/ragd.toml");
+    Ok(match config {
+        Some(path) => Config::from_file(&path)?,
+        None if default_file.exists() => Config::from_file(&default_file)?,
+        None => Config::defaults(),
+    })
 }
 
 async fn shutdown_signal() {
@@ -69,12 +98,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, port, host, data_dir, generator } => {
-            let default_file = PathBuf::from("config/ragd.toml");
-            let mut cfg = match config {
-                Some(path) => Config::from_file(&path)?,
-                None if default_file.exists() => Config::from_file(&default_file)?,
-                None => Config::defaults(),
-            };
+            let mut cfg = load_config(config)?;
             if let Some(p) = port {
                 cfg.server.port = p;
             }
@@ -103,6 +127,21 @@ async fn main() -> anyhow::Result<()> {
                 _ = shutdown_signal() => return Ok(()),
             }
             server.run_until(shutdown_signal()).await.context("server failed")?;
+        }
+        Command::Ingest { paths, url, config, data_dir } => {
+            let mut cfg = load_config(config)?;
+            if let Some(d) = data_dir {
+                cfg.server.data_dir = d;
+            }
+            if url.is_none() && !cfg.models.embedder.exists() {
+                anyhow::bail!(
+                    "the embedder model {} does not exist: run scripts/fetch-models, or pass --url to use a server",
+                    cfg.models.embedder.display()
+                );
+            }
+            if !ingest_cmd::run(paths, url, cfg).await? {
+                std::process::exit(1);
+            }
         }
     }
     Ok(())

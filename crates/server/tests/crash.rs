@@ -3,72 +3,18 @@
 //! document whose ingest was acknowledged must be fully present, and no
 //! document may be partly present. Needs `scripts/fetch-models`.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::{models_dir, spawn, wait_ready};
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 const ROUNDS: usize = 5;
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("RAGD_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"))
-}
-
-/// Starts `ragd serve` on a free port; returns the child and its base URL.
-fn spawn(data: &std::path::Path) -> (Child, String) {
-    let models = models_dir();
-    let config = data.join("test-config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[models]\nembedder = {:?}\ngenerator = {:?}\n",
-            models.join("all-MiniLM-L6-v2"),
-            models.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ragd"))
-        .args(["serve", "--port", "0", "--host", "127.0.0.1", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(data.join("db"))
-        .env("RAGD_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ragd starts");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("ragd printed its address").unwrap();
-        if let Some(at) = line.find("listening addr=") {
-            break line[at + "listening addr=".len()..].trim().to_string();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, format!("http://{addr}"))
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("ragd did not become ready");
-}
 
 fn text_of(id: &str) -> String {
     format!("Record {id}: the shipment numbered {id} left the warehouse on time and was delivered intact.")
