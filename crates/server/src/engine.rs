@@ -49,7 +49,7 @@ pub struct DocumentIn {
 }
 
 /// Body of `POST /ingest`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestRequest {
     /// The documents.

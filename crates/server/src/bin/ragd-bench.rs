@@ -50,6 +50,18 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
     },
+    /// Ingest throughput (cold, then unchanged) and restart time with and without
+    /// the index dump, on a fresh data directory.
+    Ingest {
+        #[arg(long, default_value = "../shared/data/wiki-en-10k")]
+        corpus: PathBuf,
+        /// Documents per ingest request.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Only the first N documents (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
     /// Time to first token of streamed /ask requests over an ingested corpus.
     Ask {
         #[arg(long, default_value = "../shared/data/debian-faq-en")]
@@ -78,6 +90,10 @@ fn main() -> Result<()> {
         Command::Generate { model, corpus, prompt_tokens, decode_tokens } => {
             bench_generate(&model, &corpus, prompt_tokens, decode_tokens)
         }
+        Command::Ingest { corpus, batch, limit } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(bench_ingest(&corpus, batch.max(1), limit)),
         Command::Ask { corpus, model, questions } => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench_ask(&corpus, model, questions))
         }
@@ -146,6 +162,67 @@ fn bench_generate(model: &Path, corpus: &Path, prompt_tokens: usize, decode_toke
         decode_s,
         decode_tokens as f64 / decode_s
     );
+    Ok(())
+}
+
+async fn bench_ingest(corpus: &Path, batch: usize, limit: usize) -> Result<()> {
+    let data = std::env::temp_dir().join(format!("ragd-bench-ingest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let mut config = ragd_server::Config::defaults();
+    config.server.data_dir = data.clone();
+    let mut docs = corpus_texts(corpus)?;
+    if limit > 0 {
+        docs.truncate(limit);
+    }
+    let requests: Vec<ragd_server::engine::IngestRequest> = docs
+        .chunks(batch)
+        .map(|c| {
+            let documents = c
+                .iter()
+                .map(|d| {
+                    serde_json::from_value(json!({
+                        "id": d["_id"], "title": d["title"], "text": d["text"],
+                        "metadata": d.get("metadata").cloned().unwrap_or(json!({}))
+                    }))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(ragd_server::engine::IngestRequest { documents })
+        })
+        .collect::<Result<_>>()?;
+
+    let engine = ragd_server::open_for_ingest(config.clone()).await.map_err(anyhow::Error::msg)?;
+    for (label, reqs) in [("cold", requests.clone()), ("unchanged", requests)] {
+        let started = Instant::now();
+        let (mut n_docs, mut n_chunks, mut statuses) = (0usize, 0usize, std::collections::BTreeMap::new());
+        for req in reqs {
+            let res = engine.ingest(req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            for d in res.documents {
+                n_docs += 1;
+                n_chunks += d.chunks;
+                *statuses.entry(format!("{:?}", d.status).to_lowercase()).or_insert(0usize) += 1;
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "ingest ({label}): {n_docs} documents, {n_chunks} chunks in {secs:.1} s = {:.1} documents/s, {:.1} chunks/s {statuses:?}",
+            n_docs as f64 / secs,
+            n_chunks as f64 / secs
+        );
+    }
+    let e = std::sync::Arc::clone(&engine);
+    tokio::task::spawn_blocking(move || e.save_index()).await?.map_err(anyhow::Error::msg)?;
+    drop(engine);
+
+    for (label, remove_dump) in [("with the index dump", false), ("without the dump (rebuild)", true)] {
+        if remove_dump {
+            std::fs::remove_dir_all(data.join("index"))?;
+        }
+        let started = Instant::now();
+        let engine = ragd_server::open_for_ingest(config.clone()).await.map_err(anyhow::Error::msg)?;
+        let secs = started.elapsed().as_secs_f64();
+        println!("restart {label}: ready in {secs:.2} s ({})", engine.status()["index_at_start"]);
+    }
+    let _ = std::fs::remove_dir_all(data);
     Ok(())
 }
 
