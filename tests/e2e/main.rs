@@ -299,6 +299,22 @@ async fn documents_are_listed_updated_and_deleted_for_good() {
         assert_eq!(answer["sources"][0]["document_id"], "everest");
         assert_eq!(everest_sources(&answer), 1, "only the new version is retrievable");
 
+        // A long document changed at its end: only the chunks that changed are embedded.
+        let paragraphs: Vec<String> = (0..12)
+            .map(|i| format!("Paragraph {i} of the handbook explains procedure number {i} in detail, step by step, with care and attention to every part of the work that has to be done."))
+            .collect();
+        let long = |last: &str| json!({ "documents": [{ "id": "handbook", "text": format!("{}\n\n{last}", paragraphs.join("\n\n")) }] });
+        let (_, b) = post(&client, &format!("{base}/ingest"), &long("The end.")).await;
+        let chunks = b["documents"][0]["chunks"].as_u64().unwrap();
+        assert!(chunks >= 3, "{b}");
+        assert_eq!(b["documents"][0]["embedded"].as_u64(), Some(chunks));
+        let (_, b) = post(&client, &format!("{base}/ingest"), &long("A different ending.")).await;
+        assert_eq!(b["documents"][0]["status"], "updated");
+        let embedded = b["documents"][0]["embedded"].as_u64().unwrap();
+        assert!(embedded >= 1 && embedded < chunks, "only the last chunk(s) re-embedded: {b}");
+        let (_, b) = post(&client, &format!("{base}/ingest"), &long("A different ending.")).await;
+        assert_eq!((b["documents"][0]["status"].as_str(), b["documents"][0]["embedded"].as_u64()), (Some("unchanged"), Some(0)));
+
         let res = client.delete(format!("{base}/documents/everest")).send().await.unwrap();
         assert_eq!(res.status(), 200);
         let res = client.delete(format!("{base}/documents/everest")).send().await.unwrap();

@@ -298,6 +298,15 @@ impl VectorIndex {
         Ok(())
     }
 
+    /// Inserts many vectors on all cores (hnsw_rs inserts concurrently); all are
+    /// checked before any is inserted.
+    pub fn insert_many(&self, items: &[(usize, &[f32])]) -> Result<(), IndexError> {
+        items.iter().try_for_each(|(_, v)| self.check(v))?;
+        let items: Vec<(&[f32], usize)> = items.iter().map(|&(id, v)| (v, id)).collect();
+        self.hnsw.parallel_insert_slice(&items);
+        Ok(())
+    }
+
     /// The `k` nearest vectors to `query` for which `keep(id)` holds, best first.
     pub fn search(&self, query: &[f32], k: usize, keep: &dyn Fn(usize) -> bool) -> Result<Vec<Hit>, IndexError> {
         self.search_with_ef(query, k, self.config.ef_search, keep)
@@ -397,9 +406,9 @@ mod tests {
         let dim = 48;
         let index = VectorIndex::new(dim, IndexConfig::default()).unwrap();
         let vectors: Vec<Vec<f32>> = (0..2000).map(|_| random_unit(&mut rng, dim)).collect();
-        for (i, v) in vectors.iter().enumerate() {
-            index.insert(i, v).unwrap();
-        }
+        let items: Vec<(usize, &[f32])> = vectors.iter().enumerate().map(|(i, v)| (i, v.as_slice())).collect();
+        index.insert_many(&items).unwrap();
+        assert_eq!(index.len(), 2000);
         let mut found = 0;
         let queries = 50;
         for _ in 0..queries {

@@ -65,6 +65,8 @@ pub struct IngestedDocument {
     pub status: IngestStatus,
     /// Chunks the document has now.
     pub chunks: usize,
+    /// Chunks embedded for this request (unchanged chunks keep their vectors).
+    pub embedded: usize,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -256,7 +258,7 @@ impl Data {
             return Ok(());
         }
         let started = Instant::now();
-        let index = build_index(&self.store, config).map_err(ApiError::internal)?;
+        let index = build_index(&self.store, self.index.dim(), config).map_err(ApiError::internal)?;
         tracing::info!(dead, live = self.store.live_count(), ms = started.elapsed().as_millis() as u64, "index compacted");
         self.index = index;
         self.indexed = self.store.live_count();
@@ -265,12 +267,10 @@ impl Data {
 }
 
 /// A new graph over the store's live chunks.
-fn build_index(store: &Store, config: &ragd_index::IndexConfig) -> Result<VectorIndex, String> {
-    let dim = store.live().next().map(|(_, _, v)| v.len());
-    let index = VectorIndex::new(dim.unwrap_or(1), config.clone()).map_err(|e| e.to_string())?;
-    for (key, _, vector) in store.live() {
-        index.insert(key, vector).map_err(|e| format!("stored vector of chunk {key}: {e}"))?;
-    }
+fn build_index(store: &Store, dim: usize, config: &ragd_index::IndexConfig) -> Result<VectorIndex, String> {
+    let index = VectorIndex::new(dim, config.clone()).map_err(|e| e.to_string())?;
+    let items: Vec<(usize, &[f32])> = store.live().map(|(key, _, v)| (key, v)).collect();
+    index.insert_many(&items).map_err(|e| format!("stored vectors: {e}"))?;
     Ok(index)
 }
 
@@ -309,11 +309,7 @@ impl Engine {
                 Ok(index) => (index, true),
                 Err(why) => {
                     tracing::info!(reason = %why, "rebuilding the vector index from the store");
-                    let index = VectorIndex::new(embedder.dim, config.index.clone()).map_err(|e| e.to_string())?;
-                    for (key, _, vector) in store.live() {
-                        index.insert(key, vector).map_err(|e| format!("stored vector of chunk {key}: {e}"))?;
-                    }
-                    (index, false)
+                    (build_index(&store, embedder.dim, &config.index)?, false)
                 }
             };
         let documents = store.document_count().map_err(|e| e.to_string())?;
@@ -491,6 +487,7 @@ impl Engine {
         for (((d, chunks), (id, hash)), (inputs, known)) in
             req.documents.into_iter().zip(chunked).zip(ids).zip(embed_inputs.into_iter().zip(known.iter_mut()))
         {
+            let embedded = inputs.iter().filter(|(_, h)| !known.contains_key(h)).count();
             let stored = chunks.map(|chunks| {
                 let mut metadata = d.metadata.unwrap_or_default();
                 if let Some(source) = d.source {
@@ -515,7 +512,7 @@ impl Engine {
                         .collect(),
                 }
             });
-            docs.push((id, stored));
+            docs.push((id, stored, embedded));
         }
 
         // Store (one transaction per document), then index; one document failing
@@ -523,10 +520,10 @@ impl Engine {
         let results = self
             .with_data(move |engine, data| {
                 let mut out = Vec::new();
-                for (id, doc) in docs {
+                for (id, doc, embedded) in docs {
                     let Some(doc) = doc else {
                         let chunks = data.store.document(&id).ok().flatten().map(|d| d.chunks).unwrap_or(0);
-                        out.push(IngestedDocument { id, status: IngestStatus::Unchanged, chunks, error: None });
+                        out.push(IngestedDocument { id, status: IngestStatus::Unchanged, chunks, embedded: 0, error: None });
                         continue;
                     };
                     if let Err(e) = data.index.check_all(doc.chunks.iter().map(|c| c.vector.as_slice())) {
@@ -548,7 +545,8 @@ impl Engine {
                                 UpsertStatus::Updated => IngestStatus::Updated,
                                 UpsertStatus::Unchanged => IngestStatus::Unchanged,
                             };
-                            out.push(IngestedDocument { id, status, chunks: doc.chunks.len(), error: None });
+                            let embedded = if status == IngestStatus::Unchanged { 0 } else { embedded };
+                            out.push(IngestedDocument { id, status, chunks: doc.chunks.len(), embedded, error: None });
                         }
                         Err(e) => {
                             tracing::error!(%id, error = %e, "storing a document failed");
@@ -875,7 +873,7 @@ pub struct SearchResponse {
 }
 
 fn failed(id: String, why: &str) -> IngestedDocument {
-    IngestedDocument { id, status: IngestStatus::Failed, chunks: 0, error: Some(why.to_string()) }
+    IngestedDocument { id, status: IngestStatus::Failed, chunks: 0, embedded: 0, error: Some(why.to_string()) }
 }
 
 impl AskRun {
