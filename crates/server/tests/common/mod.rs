@@ -29,9 +29,27 @@ pub fn config_file(dir: &Path) -> PathBuf {
     config
 }
 
+/// A child process that is killed when dropped, so a failing test leaves no
+/// server behind.
+pub struct Running(pub Child);
+
+impl Running {
+    /// Kills the child with SIGKILL and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Starts `ragd serve` on a free port with its data in `data/db`; returns the
 /// child and its base URL.
-pub fn spawn(data: &Path) -> (Child, String) {
+pub fn spawn(data: &Path) -> (Running, String) {
     let config = config_file(data);
     let mut child = Command::new(env!("CARGO_BIN_EXE_ragd"))
         .args(["serve", "--port", "0", "--host", "127.0.0.1", "--config"])
@@ -53,7 +71,7 @@ pub fn spawn(data: &Path) -> (Child, String) {
     };
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, format!("http://{addr}"))
+    (Running(child), format!("http://{addr}"))
 }
 
 pub async fn wait_ready(client: &reqwest::Client, base: &str) {
