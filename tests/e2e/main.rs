@@ -382,6 +382,20 @@ async fn search_honours_filters_and_tombstones() {
     assert_eq!(s, 422);
     let (s, _) = post(&client, &url, &json!({ "query": "meeting", "mode": "fuzzy" })).await;
     assert_eq!(s, 422);
+    // Every mode honours filters and tombstones.
+    for mode in ["dense", "lexical", "hybrid"] {
+        let (s, r) = post(&client, &url, &json!({ "query": "topic 7 meeting room", "top_k": 20, "mode": mode,
+            "filter": { "metadata.lang": "de" } })).await;
+        assert_eq!(s, 200, "{r}");
+        let results = r["results"].as_array().unwrap();
+        assert!(!results.is_empty(), "{mode}");
+        for x in results {
+            let n: usize = x["document_id"].as_str().unwrap()[5..].parse().unwrap();
+            assert_eq!(n % 2, 1, "{mode}: {x}");
+            let first = x["text"].as_str().unwrap().contains("(first)");
+            assert!(!first || n >= 80, "{mode}: a replaced version came back: {x}");
+        }
+    }
     server.shutdown().await.unwrap();
 }
 

@@ -70,6 +70,14 @@ pub struct RetrievalConfig {
     pub max_top_k: usize,
     /// Passages scoring below this are left out.
     pub min_score: f32,
+    /// Default retrieval mode.
+    pub mode: crate::retrieval::Mode,
+    /// Hybrid fusion method.
+    pub fusion: crate::retrieval::Fusion,
+    /// Hybrid: weight of the dense side.
+    pub dense_weight: f32,
+    /// Hybrid: candidates per side.
+    pub candidates: usize,
 }
 
 /// `[generation]`
@@ -177,6 +185,12 @@ impl Config {
         let r = &self.retrieval;
         if r.max_top_k == 0 || r.top_k == 0 || r.top_k > r.max_top_k {
             return invalid(format!("retrieval.top_k = {} must be within 1..=max_top_k ({})", r.top_k, r.max_top_k));
+        }
+        if !(0.0..=1.0).contains(&r.dense_weight) {
+            return invalid(format!("retrieval.dense_weight = {} must be within 0..=1", r.dense_weight));
+        }
+        if r.candidates == 0 || r.candidates > 1000 {
+            return invalid(format!("retrieval.candidates = {} must be within 1..=1000", r.candidates));
         }
         if !(-1.0..=1.0).contains(&r.min_score) {
             return invalid(format!("retrieval.min_score = {} must be within -1..=1", r.min_score));

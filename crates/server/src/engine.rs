@@ -19,7 +19,7 @@ use crate::citations::{self, CitedBy};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::prompt::Passage;
-use crate::retrieval::{self, Filter};
+use crate::retrieval::{self, Filter, Mode, Strategy};
 use ragd_store::{NewChunk, NewDocument, Store, UpsertStatus};
 use crate::workers::{EmbedWorker, GenEvent, GenJob, GenWorker};
 
@@ -111,6 +111,8 @@ pub struct AskRequest {
     pub seed: Option<u64>,
     /// Conditions on `document_id` / `metadata.<key>` the passages must meet.
     pub filter: Option<Value>,
+    /// `dense`, `lexical` or `hybrid` (default: `retrieval.mode`).
+    pub mode: Option<String>,
     /// Stream the answer as server-sent events.
     pub stream: Option<bool>,
 }
@@ -641,8 +643,9 @@ impl Engine {
         }
 
         let filter = Filter::parse(req.filter.as_ref())?;
+        let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
         let generator = self.generator.as_ref().ok_or_else(|| ApiError::internal("no generator is loaded"))?;
-        let sources = self.retrieve(question, top_k, filter, r.min_score).await?;
+        let sources = self.retrieve(question, top_k, filter, mode, r.min_score).await?;
         let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
         let model = generator.name.clone();
         if sources.is_empty() {
@@ -690,8 +693,18 @@ impl Engine {
         query: &str,
         top_k: usize,
         filter: Filter,
+        mode: Mode,
         min_score: f32,
     ) -> Result<Vec<Source>, ApiError> {
+        let r = &self.config.retrieval;
+        let strategy = Strategy {
+            mode,
+            fusion: r.fusion,
+            dense_weight: r.dense_weight,
+            candidates: r.candidates,
+            ef_search: self.config.index.ef_search,
+        };
+        let text = query.to_string();
         let vector = self
             .embedder
             .embed(vec![query.to_string()])
@@ -699,8 +712,8 @@ impl Engine {
             .map_err(ApiError::internal)?
             .pop()
             .ok_or_else(|| ApiError::internal("the embedder returned no vector"))?;
-        self.with_data(move |engine, data| {
-            let hits = retrieval::search(&data.store, &data.index, &vector, top_k, &filter, engine.config.index.ef_search)?;
+        self.with_data(move |_, data| {
+            let hits = retrieval::search_with(&data.store, &data.index, &text, &vector, top_k, &filter, &strategy)?;
             let hits: Vec<_> = hits.into_iter().filter(|h| h.score >= min_score).collect();
             let keys: Vec<usize> = hits.iter().map(|h| h.id).collect();
             let chunks = data.store.chunks(&keys).map_err(ApiError::internal)?;
@@ -738,12 +751,9 @@ impl Engine {
         if !(1..=r.max_top_k.max(100)).contains(&top_k) {
             return Err(ApiError::Invalid(format!("top_k: must be within 1..={}", r.max_top_k.max(100))));
         }
-        match req.mode.as_deref() {
-            None | Some("dense") => {}
-            Some(other) => return Err(ApiError::Invalid(format!("mode: {other:?} is not supported; use \"dense\""))),
-        }
+        let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
         let filter = Filter::parse(req.filter.as_ref())?;
-        let sources = self.retrieve(query, top_k, filter, -1.0).await?;
+        let sources = self.retrieve(query, top_k, filter, mode, -1.0).await?;
         Ok(SearchResponse {
             results: sources
                 .into_iter()
@@ -846,7 +856,7 @@ pub struct SearchRequest {
     pub top_k: Option<usize>,
     /// Conditions on `document_id` / `metadata.<key>`.
     pub filter: Option<Value>,
-    /// Retrieval mode; `dense` (the default) is the one available.
+    /// `dense`, `lexical` or `hybrid` (default: `retrieval.mode`).
     pub mode: Option<String>,
 }
 

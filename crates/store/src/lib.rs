@@ -181,6 +181,68 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Whether `c` is written without spaces between words (Chinese, Japanese,
+/// Korean), so that FTS5's unicode61 tokenizer would see a whole run as one token.
+fn is_cjk(c: char) -> bool {
+    matches!(c as u32,
+        0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF | 0xAC00..=0xD7AF | 0x20000..=0x2FFFF)
+}
+
+/// Text as the full-text index sees it: CJK runs become overlapping character
+/// bigrams (the usual segmentation-free indexing for Chinese), the rest is kept
+/// for FTS5's unicode61 tokenizer.
+pub fn lexical_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    let mut run: Vec<char> = Vec::new();
+    let flush = |run: &mut Vec<char>, out: &mut String| {
+        if run.is_empty() {
+            return;
+        }
+        out.push(' ');
+        if run.len() == 1 {
+            out.push(run[0]);
+        } else {
+            for pair in run.windows(2) {
+                out.push(pair[0]);
+                out.push(pair[1]);
+                out.push(' ');
+            }
+        }
+        out.push(' ');
+        run.clear();
+    };
+    for c in text.chars() {
+        if is_cjk(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
+fn lexical_body(title: Option<&str>, text: &str) -> String {
+    match title {
+        Some(t) => lexical_text(&format!("{t}\n{text}")),
+        None => lexical_text(text),
+    }
+}
+
+/// An FTS5 query matching any term of `query` (BM25 ranks by how many and how
+/// rare); `None` when the query has no terms.
+fn match_expression(query: &str) -> Option<String> {
+    let mut terms: Vec<String> = lexical_text(query)
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|t| !t.is_empty())
+        .map(|t| format!("\"{}\"", t.to_lowercase()))
+        .collect();
+    terms.sort();
+    terms.dedup();
+    (!terms.is_empty()).then(|| terms.join(" OR "))
+}
+
 fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
@@ -224,7 +286,8 @@ impl Store {
                  end INTEGER NOT NULL,
                  embed_hash TEXT NOT NULL,
                  vector BLOB NOT NULL);
-             CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, idx);",
+             CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, idx);
+             CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(body, tokenize = 'unicode61 remove_diacritics 2');",
         )
         .map_err(db)?;
         let meta = |key: &str| -> Result<Option<String>, StoreError> {
@@ -253,7 +316,52 @@ impl Store {
         let mut store =
             Store { conn, path, live: Vec::new(), live_count: 0, metadata: HashMap::new(), generation };
         store.load_live()?;
+        store.backfill_lexical()?;
         Ok(store)
+    }
+
+    /// Fills the full-text index from the chunks when it is empty (a database
+    /// written before it existed).
+    fn backfill_lexical(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let db = |source| StoreError::Db { path: path.clone(), source };
+        let indexed: i64 = self.conn.query_row("SELECT count(*) FROM chunks_fts", [], |r| r.get(0)).map_err(db)?;
+        if indexed > 0 || self.live_count == 0 {
+            return Ok(());
+        }
+        let tx = self.conn.transaction().map_err(db)?;
+        {
+            let mut select = tx
+                .prepare("SELECT c.key, d.title, c.text FROM chunks c JOIN documents d ON d.id = c.document_id")
+                .map_err(db)?;
+            let rows: Vec<(i64, Option<String>, String)> = select
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(db)?
+                .collect::<Result<_, _>>()
+                .map_err(db)?;
+            let mut insert = tx.prepare("INSERT INTO chunks_fts (rowid, body) VALUES (?1, ?2)").map_err(db)?;
+            for (key, title, text) in rows {
+                insert.execute(params![key, lexical_body(title.as_deref(), &text)]).map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)
+    }
+
+    /// BM25 search (SQLite FTS5) over titles and chunk texts: up to `limit`
+    /// chunk keys with their scores, best first (higher is better).
+    pub fn lexical_search(&self, query: &str, limit: usize) -> Result<Vec<(usize, f32)>, StoreError> {
+        let Some(expr) = match_expression(query) else { return Ok(Vec::new()) };
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ?1
+                 ORDER BY bm25(chunks_fts) LIMIT ?2",
+            )
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map(params![expr, limit as i64], |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, f64>(1)? as f32)))
+            .map_err(self.db())?;
+        rows.collect::<Result<_, _>>().map_err(self.db())
     }
 
     fn load_live(&mut self) -> Result<(), StoreError> {
@@ -315,6 +423,11 @@ impl Store {
     /// The document that chunk `key` belongs to, if the chunk is live.
     pub fn document_of(&self, key: usize) -> Option<&str> {
         self.live.get(key).and_then(Option::as_ref).map(|c| &*c.document)
+    }
+
+    /// The vector of chunk `key`, if the chunk is live.
+    pub fn vector_of(&self, key: usize) -> Option<&[f32]> {
+        self.live.get(key).and_then(Option::as_ref).map(|c| &*c.vector)
     }
 
     /// The metadata of document `id`.
@@ -388,6 +501,9 @@ impl Store {
         let t = now();
         let created_at = existing.as_ref().map(|(_, c)| *c).unwrap_or(t);
         let metadata = serde_json::to_string(&doc.metadata).unwrap_or_else(|_| "{}".into());
+        for k in &old_keys {
+            tx.execute("DELETE FROM chunks_fts WHERE rowid = ?1", [*k as i64]).map_err(db)?;
+        }
         tx.execute("DELETE FROM chunks WHERE document_id = ?1", [&doc.id]).map_err(db)?;
         tx.execute(
             "INSERT INTO documents (id, title, text, metadata, hash, created_at, updated_at)
@@ -417,7 +533,13 @@ impl Store {
                         vector_to_blob(&c.vector)
                     ])
                     .map_err(db)?;
-                new.push((tx.last_insert_rowid() as usize, c.vector.clone()));
+                let key = tx.last_insert_rowid();
+                tx.execute(
+                    "INSERT INTO chunks_fts (rowid, body) VALUES (?1, ?2)",
+                    params![key, lexical_body(doc.title.as_deref(), &c.text)],
+                )
+                .map_err(db)?;
+                new.push((key as usize, c.vector.clone()));
             }
         }
         Self::bump_generation(&tx, self.generation + 1).map_err(db)?;
@@ -445,6 +567,9 @@ impl Store {
             let keys = stmt.query_map([id], |r| r.get::<_, i64>(0)).map_err(db)?;
             keys.map(|k| k.map(|k| k as usize)).collect::<Result<_, _>>().map_err(db)?
         };
+        for k in &keys {
+            tx.execute("DELETE FROM chunks_fts WHERE rowid = ?1", [*k as i64]).map_err(db)?;
+        }
         tx.execute("DELETE FROM chunks WHERE document_id = ?1", [id]).map_err(db)?;
         let n = tx.execute("DELETE FROM documents WHERE id = ?1", [id]).map_err(db)?;
         if n == 0 {
@@ -609,6 +734,31 @@ mod tests {
         // A new document after the delete does not take the deleted key.
         let (_, new) = s.upsert(&doc("c", &["q"])).unwrap();
         assert_eq!(new[0].0, 3);
+    }
+
+    #[test]
+    fn lexical_search_ranks_by_bm25_and_forgets_deleted_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        s.upsert(&doc("a", &["the quick brown fox jumps", "lazy dogs sleep"])).unwrap();
+        s.upsert(&doc("b", &["a fox den in the forest", "中国的首都是北京"])).unwrap();
+        let hits = s.lexical_search("Fox jumps!", 10).unwrap();
+        assert_eq!(hits.first().map(|h| h.0), Some(1), "{hits:?}");
+        assert!(hits.iter().any(|h| h.0 == 3));
+        // Chinese by bigrams.
+        let hits = s.lexical_search("首都北京", 10).unwrap();
+        assert_eq!(hits.first().map(|h| h.0), Some(4), "{hits:?}");
+        assert!(s.lexical_search("  ?! ", 10).unwrap().is_empty());
+        s.delete("a").unwrap();
+        assert!(s.lexical_search("jumps", 10).unwrap().is_empty());
+        s.upsert(&doc("b", &["only wolves here"])).unwrap();
+        assert!(s.lexical_search("fox", 10).unwrap().is_empty(), "replaced chunks are gone");
+    }
+
+    #[test]
+    fn cjk_runs_become_bigrams() {
+        assert_eq!(lexical_text("Hi 北京大学!").split_whitespace().collect::<Vec<_>>(), vec!["Hi", "北京", "京大", "大学", "!"]);
+        assert_eq!(lexical_text("中").trim(), "中");
     }
 
     #[test]
