@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ragd_server::Config;
 
+mod eval_cmd;
 mod ingest_cmd;
 
 #[derive(Parser)]
@@ -53,6 +54,29 @@ enum Command {
         /// Data directory (overrides server.data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+    /// Measure ragd on a dataset.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Retrieval quality on a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv):
+    /// nDCG@10, recall@1/5/10, MRR@10 and queries/s per mode.
+    Retrieval {
+        /// The BEIR folder.
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Modes to evaluate, comma-separated.
+        #[arg(long, default_value = "dense,lexical,hybrid", value_delimiter = ',')]
+        modes: Vec<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Config file, as for `serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -142,6 +166,9 @@ async fn main() -> anyhow::Result<()> {
             if !ingest_cmd::run(paths, url, cfg).await? {
                 std::process::exit(1);
             }
+        }
+        Command::Eval(EvalCommand::Retrieval { dataset, modes, json, config }) => {
+            eval_cmd::run(&dataset, &modes, json, load_config(config)?).await?;
         }
     }
     Ok(())
