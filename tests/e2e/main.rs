@@ -382,6 +382,17 @@ async fn search_honours_filters_and_tombstones() {
     assert_eq!(s, 422);
     let (s, _) = post(&client, &url, &json!({ "query": "meeting", "mode": "fuzzy" })).await;
     assert_eq!(s, 422);
+    // The same boilerplate in two documents is returned once, with its position.
+    let boilerplate = "All rights reserved. Contact the office of records for permissions and reprints.";
+    let (_, b) = post(&client, &format!("{base}/ingest"), &json!({ "documents": [
+        { "id": "copy-a", "text": boilerplate }, { "id": "copy-b", "text": boilerplate } ] })).await;
+    assert_eq!(b["documents"][1]["status"], "created");
+    let (_, r) = post(&client, &url, &json!({ "query": "permissions and reprints office", "top_k": 5 })).await;
+    let copies = r["results"].as_array().unwrap().iter().filter(|x| x["text"] == boilerplate).count();
+    assert_eq!(copies, 1, "{r}");
+    let first = &r["results"][0];
+    assert_eq!((first["index"].as_u64(), first["start"].as_u64()), (Some(0), Some(0)), "{r}");
+    assert_eq!(first["end"].as_u64(), Some(boilerplate.len() as u64));
     // Every mode honours filters and tombstones.
     for mode in ["dense", "lexical", "hybrid"] {
         let (s, r) = post(&client, &url, &json!({ "query": "topic 7 meeting room", "top_k": 20, "mode": mode,

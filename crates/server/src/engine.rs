@@ -136,6 +136,12 @@ pub struct Source {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cited_by: Option<CitedBy>,
     #[serde(skip)]
+    index: usize,
+    #[serde(skip)]
+    start: usize,
+    #[serde(skip)]
+    end: usize,
+    #[serde(skip)]
     text: String,
     #[serde(skip)]
     vector: Vec<f32>,
@@ -713,10 +719,17 @@ impl Engine {
             .pop()
             .ok_or_else(|| ApiError::internal("the embedder returned no vector"))?;
         self.with_data(move |_, data| {
-            let hits = retrieval::search_with(&data.store, &data.index, &text, &vector, top_k, &filter, &strategy)?;
+            // Ask for more than top_k so that dropping near-duplicates still leaves top_k.
+            let wanted = (top_k * 2).min(top_k + 20);
+            let hits = retrieval::search_with(&data.store, &data.index, &text, &vector, wanted, &filter, &strategy)?;
             let hits: Vec<_> = hits.into_iter().filter(|h| h.score >= min_score).collect();
             let keys: Vec<usize> = hits.iter().map(|h| h.id).collect();
             let chunks = data.store.chunks(&keys).map_err(ApiError::internal)?;
+            let keep = retrieval::distinct(
+                &chunks.iter().map(|(_, c)| (c.text.as_str(), c.vector.as_slice())).collect::<Vec<_>>(),
+            );
+            let mut chunks: Vec<_> = chunks.into_iter().map(Some).collect();
+            let chunks: Vec<_> = keep.into_iter().filter_map(|i| chunks[i].take()).take(top_k).collect();
             let score_of: HashMap<usize, f32> = hits.iter().map(|h| (h.id, h.score)).collect();
             Ok(chunks
                 .into_iter()
@@ -729,6 +742,9 @@ impl Engine {
                     snippet: snippet(&c.text),
                     score: score_of.get(&key).copied().unwrap_or(0.0),
                     cited_by: None,
+                    index: c.index,
+                    start: c.start,
+                    end: c.end,
                     text: c.text,
                     vector: c.vector,
                 })
@@ -761,6 +777,9 @@ impl Engine {
                     document_id: s.document_id,
                     chunk_id: s.chunk_id,
                     title: s.title,
+                    index: s.index,
+                    start: s.start,
+                    end: s.end,
                     text: s.text,
                     score: s.score,
                 })
@@ -869,6 +888,12 @@ pub struct SearchResult {
     pub chunk_id: String,
     /// The document's title.
     pub title: Option<String>,
+    /// Position of the chunk in its document (0-based).
+    pub index: usize,
+    /// Byte offset of the chunk in the document text.
+    pub start: usize,
+    /// Byte offset just past the chunk.
+    pub end: usize,
     /// The chunk's text.
     pub text: String,
     /// Cosine similarity with the query.

@@ -192,6 +192,29 @@ pub fn search_with(
     Ok(ranked.into_iter().map(|id| Hit { id, score: cosine(id) }).collect())
 }
 
+/// Two chunks whose vectors are this close say the same thing (repeated
+/// boilerplate, copies of a passage); only the better-ranked one is returned.
+const NEAR_DUPLICATE: f32 = 0.98;
+
+/// Indices of `items` (text, vector), in order, leaving out any whose text is
+/// the same as an earlier one's (ignoring case and spacing) or whose vector is a
+/// near-duplicate of an earlier one's.
+pub fn distinct(items: &[(&str, &[f32])]) -> Vec<usize> {
+    let norm = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    let mut kept: Vec<usize> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, (text, vector)) in items.iter().enumerate() {
+        let near = kept.iter().any(|&j| {
+            let dot: f32 = items[j].1.iter().zip(vector.iter()).map(|(a, b)| a * b).sum();
+            dot >= NEAR_DUPLICATE
+        });
+        if seen.insert(norm(text)) && !near {
+            kept.push(i);
+        }
+    }
+    kept
+}
+
 /// Combines two best-first rankings into one list of ids, best first.
 pub fn fuse(dense: &[Hit], lexical: &[Hit], fusion: Fusion, dense_weight: f32) -> Vec<usize> {
     let w = [dense_weight.clamp(0.0, 1.0), 1.0 - dense_weight.clamp(0.0, 1.0)];
@@ -297,6 +320,16 @@ mod tests {
         assert_eq!(fuse(&dense, &lexical, Fusion::Convex, 0.5), vec![2, 1, 3]);
         assert_eq!(fuse(&dense, &lexical, Fusion::Convex, 1.0)[0], 1);
         assert_eq!(fuse(&[], &lexical, Fusion::Convex, 0.7), vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn near_duplicates_keep_the_first() {
+        let a = [1.0f32, 0.0];
+        let b = [0.999f32, 0.0447];
+        let c = [0.0f32, 1.0];
+        let items: Vec<(&str, &[f32])> =
+            vec![("Same  text", &a), ("same text", &c), ("other", &b), ("third", &c), ("fourth", &c)];
+        assert_eq!(distinct(&items), vec![0, 3]);
     }
 
     #[test]

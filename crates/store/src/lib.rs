@@ -122,6 +122,10 @@ pub struct ChunkView {
     pub title: Option<String>,
     /// The passage.
     pub text: String,
+    /// Byte offset of the passage in the document text.
+    pub start: usize,
+    /// Byte offset just past the passage.
+    pub end: usize,
     /// Its embedding.
     pub vector: Vec<f32>,
 }
@@ -595,7 +599,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT c.document_id, c.idx, d.title, c.text, c.vector
+                "SELECT c.document_id, c.idx, d.title, c.text, c.vector, c.start, c.end
                  FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.key = ?1",
             )
             .map_err(self.db())?;
@@ -609,13 +613,16 @@ impl Store {
                         r.get::<_, Option<String>>(2)?,
                         r.get::<_, String>(3)?,
                         r.get::<_, Vec<u8>>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
                     ))
                 })
                 .optional()
                 .map_err(self.db())?;
-            if let Some((document_id, idx, title, text, blob)) = row {
+            if let Some((document_id, idx, title, text, blob, start, end)) = row {
                 let vector = blob_to_vector(&blob).unwrap_or_default();
-                out.push((key, ChunkView { document_id, index: idx as usize, title, text, vector }));
+                let (start, end) = (start as usize, end as usize);
+                out.push((key, ChunkView { document_id, index: idx as usize, title, text, start, end, vector }));
             }
         }
         Ok(out)
