@@ -486,3 +486,23 @@ async fn files_of_each_kind_are_ingested_and_bad_files_fail_alone() {
     assert_eq!(client.get(format!("{base}/documents/other.txt")).send().await.unwrap().status(), 404);
     server.shutdown().await.unwrap();
 }
+
+/// With the English embedder, Chinese is found through the lexical side's
+/// character bigrams; hybrid mode (the default) puts it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chinese_question_finds_the_chinese_document_among_english_ones() {
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let client = reqwest::Client::new();
+    ingest_three(&client, &base).await;
+    let docs = json!({ "documents": [
+        { "id": "beijing", "title": "北京", "text": "北京是中华人民共和国的首都，也是全国的政治和文化中心。故宫位于北京市中心。" },
+        { "id": "tea", "title": "茶", "text": "绿茶是中国最常见的茶类，主要产于浙江和安徽。" }
+    ]});
+    let (s, b) = post(&client, &format!("{base}/ingest"), &docs).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, r) = post(&client, &format!("{base}/search"), &json!({ "query": "中国的首都是哪里？", "top_k": 3 })).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["results"][0]["document_id"], "beijing", "{r}");
+    server.shutdown().await.unwrap();
+}
