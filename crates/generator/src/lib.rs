@@ -142,6 +142,17 @@ pub enum FinishReason {
     Cancelled,
 }
 
+impl FinishReason {
+    /// `stop`, `length` or `cancelled`, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// The result of one generation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Generation {

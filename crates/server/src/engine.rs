@@ -233,8 +233,6 @@ pub struct Data {
     pub store: Store,
     /// The HNSW graph over the chunk vectors (with tombstones).
     pub index: VectorIndex,
-    /// Nodes in the graph, live or not.
-    indexed: usize,
     /// The store generation of the last dump written or loaded.
     dumped: Option<u64>,
 }
@@ -261,15 +259,15 @@ impl Data {
     /// Rebuilds the graph from the live chunks when tombstones pass the
     /// configured fraction.
     fn compact_if_needed(&mut self, config: &ragd_index::IndexConfig) -> Result<(), ApiError> {
-        let dead = self.indexed.saturating_sub(self.store.live_count());
-        if dead < 64 || (dead as f32) <= config.compact_fraction * self.indexed as f32 {
+        let indexed = self.index.len();
+        let dead = indexed.saturating_sub(self.store.live_count());
+        if dead < 64 || (dead as f32) <= config.compact_fraction * indexed as f32 {
             return Ok(());
         }
         let started = Instant::now();
         let index = build_index(&self.store, self.index.dim(), config).map_err(ApiError::internal)?;
         tracing::info!(dead, live = self.store.live_count(), ms = started.elapsed().as_millis() as u64, "index compacted");
         self.index = index;
-        self.indexed = self.store.live_count();
         Ok(())
     }
 }
@@ -297,6 +295,18 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The trimmed text of a question or query, refused when empty or too long.
+fn query_text<'a>(field: &str, text: &'a str) -> Result<&'a str, ApiError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(ApiError::Invalid(format!("{field}: must not be empty")));
+    }
+    if text.chars().count() > MAX_QUESTION_CHARS {
+        return Err(ApiError::Invalid(format!("{field}: longer than {MAX_QUESTION_CHARS} characters")));
+    }
+    Ok(text)
+}
+
 fn snippet(text: &str) -> String {
     match text.char_indices().nth(SNIPPET_CHARS) {
         Some((i, _)) => format!("{}…", text[..i].trim_end()),
@@ -321,7 +331,6 @@ impl Engine {
                 }
             };
         let documents = store.document_count().map_err(|e| e.to_string())?;
-        let indexed = index.len();
         tracing::info!(
             documents,
             chunks = store.live_count(),
@@ -331,7 +340,7 @@ impl Engine {
             "documents loaded"
         );
         let dumped = from_dump.then(|| store.generation());
-        let mut data = Data { store, index, indexed, dumped };
+        let mut data = Data { store, index, dumped };
         if !from_dump {
             if let Err(e) = data.dump(&index_dir) {
                 tracing::warn!(error = %e, "cannot write the index dump; the next start rebuilds it");
@@ -541,7 +550,6 @@ impl Engine {
                     }
                     match data.store.upsert(&doc) {
                         Ok((status, new)) => {
-                            data.indexed += new.len();
                             for (key, vector) in &new {
                                 // Checked above; a failure here would be a bug in the index.
                                 if let Err(e) = data.index.insert(*key, vector) {
@@ -612,13 +620,7 @@ impl Engine {
     /// Validates an ask, retrieves, and queues generation.
     pub async fn ask(self: &Arc<Self>, req: &AskRequest) -> Result<AskRun, ApiError> {
         let started = Instant::now();
-        let question = req.question.trim();
-        if question.is_empty() {
-            return Err(ApiError::Invalid("question: must not be empty".into()));
-        }
-        if question.chars().count() > MAX_QUESTION_CHARS {
-            return Err(ApiError::Invalid(format!("question: longer than {MAX_QUESTION_CHARS} characters")));
-        }
+        let question = query_text("question", &req.question)?;
         let r = &self.config.retrieval;
         let top_k = req.top_k.unwrap_or(r.top_k);
         if !(1..=r.max_top_k).contains(&top_k) {
@@ -755,13 +757,7 @@ impl Engine {
 
     /// Retrieval only: `POST /search`.
     pub async fn search(self: &Arc<Self>, req: SearchRequest) -> Result<SearchResponse, ApiError> {
-        let query = req.query.trim();
-        if query.is_empty() {
-            return Err(ApiError::Invalid("query: must not be empty".into()));
-        }
-        if query.chars().count() > MAX_QUESTION_CHARS {
-            return Err(ApiError::Invalid(format!("query: longer than {MAX_QUESTION_CHARS} characters")));
-        }
+        let query = query_text("query", &req.query)?;
         let r = &self.config.retrieval;
         let top_k = req.top_k.unwrap_or(10);
         if !(1..=r.max_top_k.max(100)).contains(&top_k) {
@@ -975,10 +971,7 @@ impl AskProgress {
             answer: g.text.trim().to_string(),
             citations,
             sources: sources.to_vec(),
-            finish_reason: serde_json::to_value(g.finish_reason)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            finish_reason: g.finish_reason.as_str().to_string(),
             model: self.model.clone(),
             usage: Usage {
                 prompt_tokens: g.prompt_tokens,

@@ -439,11 +439,6 @@ impl Store {
         self.metadata.get(id)
     }
 
-    /// Every live chunk's key and vector, for (re)building the index.
-    pub fn vectors(&self) -> Result<Vec<(usize, Vec<f32>)>, StoreError> {
-        Ok(self.live().map(|(k, _, v)| (k, v.to_vec())).collect())
-    }
-
     /// The store generation: changes with every committed write.
     pub fn generation(&self) -> u64 {
         self.generation
@@ -599,7 +594,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT c.document_id, c.idx, d.title, c.text, c.vector, c.start, c.end
+                "SELECT c.document_id, c.idx, d.title, c.text, c.start, c.end
                  FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.key = ?1",
             )
             .map_err(self.db())?;
@@ -612,15 +607,15 @@ impl Store {
                         r.get::<_, i64>(1)?,
                         r.get::<_, Option<String>>(2)?,
                         r.get::<_, String>(3)?,
-                        r.get::<_, Vec<u8>>(4)?,
+                        r.get::<_, i64>(4)?,
                         r.get::<_, i64>(5)?,
-                        r.get::<_, i64>(6)?,
                     ))
                 })
                 .optional()
                 .map_err(self.db())?;
-            if let Some((document_id, idx, title, text, blob, start, end)) = row {
-                let vector = blob_to_vector(&blob).unwrap_or_default();
+            if let Some((document_id, idx, title, text, start, end)) = row {
+                // The live vectors are in memory; no need to read the blob again.
+                let vector = self.vector_of(key).map(<[f32]>::to_vec).unwrap_or_default();
                 let (start, end) = (start as usize, end as usize);
                 out.push((key, ChunkView { document_id, index: idx as usize, title, text, start, end, vector }));
             }
@@ -713,7 +708,7 @@ mod tests {
         }
         let s = Store::open(dir.path(), "m", 2).unwrap();
         assert_eq!(s.document_count().unwrap(), 2);
-        assert_eq!(s.vectors().unwrap().iter().map(|v| v.0).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(s.live().map(|(k, _, _)| k).collect::<Vec<_>>(), vec![3, 4, 5]);
         assert_eq!(s.live_count(), 3);
         assert_eq!(s.document_of(5), Some("b"));
         assert_eq!(s.generation(), 3, "three committed changes");
