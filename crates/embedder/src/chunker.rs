@@ -1,14 +1,21 @@
 //! Splits a document into passages that fit the embedder's window.
 //!
-//! Lengths are counted in the embedder's own tokens, so a chunk of `max_tokens`
-//! tokens is never truncated by the model (which would make its tail
-//! unsearchable). Within the last part of each window the cut goes to the best
-//! boundary available — a blank line, then a line break, then the end of a
-//! sentence (Latin or CJK punctuation), then any space — so passages read as
-//! whole sentences where the text allows. Consecutive chunks share `overlap`
-//! tokens so that a fact split across a cut is still whole in one of them.
+//! The splitting is text-splitter's `MarkdownSplitter`: it takes the largest
+//! semantic units that fit — sections under a heading, then blocks (paragraphs,
+//! lists, code), then lines, sentences (Unicode sentence boundaries, so CJK full
+//! stops count), words — and packs them up to the size limit. Sizes are counted in
+//! the embedder's own tokens, so a chunk of `max_tokens` tokens is never truncated
+//! by the model (which would make its tail unsearchable). Consecutive chunks share
+//! up to `overlap` tokens so a fact split across a cut is still whole in one of them.
+//! Plain text is valid Markdown, so the same splitter serves every document; HTML
+//! is turned into Markdown headings by the extractor before it gets here.
+//!
+//! Each chunk also carries the headings above it (its section path), which ragd
+//! embeds and indexes with the chunk: a passage deep in a section still knows what
+//! the section is about.
 
 use serde::{Deserialize, Serialize};
+use text_splitter::{ChunkConfig, ChunkSizer, MarkdownSplitter};
 use tokenizers::Tokenizer;
 
 use crate::EmbedError;
@@ -65,23 +72,86 @@ pub struct Chunk {
     pub end: usize,
     /// Number of embedder tokens in the passage.
     pub tokens: usize,
+    /// The headings above the passage, outermost first (a heading the passage
+    /// itself starts with is in its text, not here).
+    pub headings: Vec<String>,
 }
 
-/// How good a cut between `prev` (a token's text) and the gap after it is.
-fn boundary_score(prev: &str, gap: &str) -> u8 {
-    if gap.contains("\n\n") {
-        5
-    } else if gap.contains('\n') {
-        4
-    } else if prev.ends_with(['.', '!', '?', '。', '！', '？']) {
-        3
-    } else if prev.ends_with([';', ':', '；', '：', ',', '，', '、']) {
-        2
-    } else if !gap.is_empty() {
-        1
-    } else {
-        0
+impl Chunk {
+    /// The heading path as one line, `"Install > From source"`; empty when none.
+    pub fn section(&self) -> String {
+        self.headings.join(" > ")
     }
+}
+
+/// Counts chunk sizes in the embedder's tokens.
+struct TokenSizer(Tokenizer);
+
+impl ChunkSizer for TokenSizer {
+    fn size(&self, chunk: &str) -> usize {
+        // The splitter's sizer cannot fail here. Encoding plain text does not fail
+        // with the tokenizers ragd builds; if one ever did, the byte length is an
+        // upper bound on the token count, so the chunk still fits the window.
+        self.0.encode_fast(chunk, false).map(|e| e.len()).unwrap_or(chunk.len())
+    }
+}
+
+/// A heading: where it starts in the text, its level (1–6) and its text.
+#[derive(Debug)]
+struct Heading {
+    start: usize,
+    end: usize,
+    level: usize,
+    text: String,
+}
+
+/// The document's headings in order (ATX `#` and setext underlined ones, as
+/// CommonMark reads them).
+fn headings(text: &str) -> Vec<Heading> {
+    use pulldown_cmark::{Event, Parser, Tag, TagEnd};
+    let mut out = Vec::new();
+    let mut current: Option<Heading> = None;
+    for (event, range) in Parser::new(text).into_offset_iter() {
+        match event {
+            Event::Start(Tag::Heading { level, .. }) => {
+                current = Some(Heading { start: range.start, end: range.end, level: level as usize, text: String::new() })
+            }
+            Event::End(TagEnd::Heading(_)) => {
+                if let Some(mut h) = current.take() {
+                    h.text = h.text.split_whitespace().collect::<Vec<_>>().join(" ");
+                    if !h.text.is_empty() {
+                        out.push(h);
+                    }
+                }
+            }
+            Event::Text(t) | Event::Code(t) => {
+                if let Some(h) = current.as_mut() {
+                    h.text.push_str(&t);
+                }
+            }
+            Event::SoftBreak | Event::HardBreak => {
+                if let Some(h) = current.as_mut() {
+                    h.text.push(' ');
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether everything in `chunk` but white space lies inside headings.
+fn is_only_headings(chunk: &Chunk, heads: &[Heading]) -> bool {
+    let mut pos = chunk.start;
+    let mut rest = String::new();
+    for h in heads.iter().filter(|h| h.end > chunk.start && h.start < chunk.end) {
+        if h.start > pos {
+            rest.push_str(&chunk.text[pos - chunk.start..h.start - chunk.start]);
+        }
+        pos = pos.max(h.end.min(chunk.end));
+    }
+    rest.push_str(&chunk.text[pos - chunk.start..]);
+    pos > chunk.start && rest.trim().is_empty()
 }
 
 /// Splits `text` into chunks of at most `config.max_tokens` tokens of `tokenizer`.
@@ -91,37 +161,46 @@ pub fn chunk_text(tokenizer: &Tokenizer, text: &str, config: &ChunkerConfig) -> 
     let mut tokenizer = tokenizer.clone();
     tokenizer.with_truncation(None).map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
     tokenizer.with_padding(None);
-    let encoding = tokenizer.encode(text, false).map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
-    // Offsets are byte offsets into `text`; drop zero-width tokens, which have no place.
-    let offsets: Vec<(usize, usize)> = encoding.get_offsets().iter().copied().filter(|(s, e)| e > s).collect();
-    let n = offsets.len();
-    let max = config.max_tokens.max(1);
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let limit = (start + max).min(n);
-        let end = if limit == n {
-            n
-        } else {
-            // Look for the best cut in the last 40% of the window; later wins ties.
-            let earliest = start + (max * 3 / 5).max(1);
-            let mut best = (0u8, limit);
-            for e in earliest..=limit {
-                let prev = &text[offsets[e - 1].0..offsets[e - 1].1];
-                let gap = &text[offsets[e - 1].1..offsets[e].0];
-                let score = boundary_score(prev, gap);
-                if score >= best.0 {
-                    best = (score, e);
-                }
-            }
-            best.1
-        };
-        let (s, e) = (offsets[start].0, offsets[end - 1].1);
-        chunks.push(Chunk { text: text[s..e].to_string(), start: s, end: e, tokens: end - start });
-        if end == n {
-            break;
+    let sizer = TokenSizer(tokenizer);
+    let chunk_config = ChunkConfig::new(config.max_tokens.max(1))
+        .with_overlap(config.overlap)
+        .map_err(|e| EmbedError::Tokenizer(format!("chunking: {e}")))?
+        .with_sizer(&sizer);
+    let splitter = MarkdownSplitter::new(chunk_config);
+    let heads = headings(text);
+    let mut stack: Vec<&Heading> = Vec::new();
+    let mut next = 0;
+    let mut chunks: Vec<Chunk> = Vec::new();
+    for (start, chunk) in splitter.chunk_indices(text) {
+        if chunk.trim().is_empty() {
+            continue;
         }
-        start = end.saturating_sub(config.overlap).max(start + 1);
+        // A chunk that is only headings says nothing the next chunk's section
+        // path does not; drop it unless it turns out to be the last one.
+        if chunks.last().is_some_and(|c| is_only_headings(c, &heads)) {
+            chunks.pop();
+        }
+        // The section path at `start`: every heading that begins at or before it,
+        // each closing the deeper or equal ones before it.
+        while next < heads.len() && heads[next].start <= start {
+            let h = &heads[next];
+            while stack.last().is_some_and(|top| top.level >= h.level) {
+                stack.pop();
+            }
+            stack.push(h);
+            next += 1;
+        }
+        let above = match stack.last() {
+            Some(h) if h.start == start => &stack[..stack.len() - 1],
+            _ => &stack[..],
+        };
+        chunks.push(Chunk {
+            text: chunk.to_string(),
+            start,
+            end: start + chunk.len(),
+            tokens: sizer.size(chunk),
+            headings: above.iter().map(|h| h.text.clone()).collect(),
+        });
     }
     Ok(chunks)
 }
@@ -155,15 +234,76 @@ mod tests {
 
     #[test]
     fn empty_text_has_no_chunks() {
+        assert!(chunk_text(&words(), "", &cfg(20, 4)).unwrap().is_empty());
         assert!(chunk_text(&words(), " \n\t ", &cfg(20, 4)).unwrap().is_empty());
     }
 
     #[test]
+    fn one_word_is_one_chunk() {
+        let chunks = chunk_text(&words(), "\nDebian\n", &cfg(20, 4)).unwrap();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!((chunks[0].text.as_str(), chunks[0].start, chunks[0].end, chunks[0].tokens), ("Debian", 1, 7, 1));
+        assert!(chunks[0].headings.is_empty());
+    }
+
+    #[test]
+    fn a_word_longer_than_a_chunk_is_cut() {
+        // No boundary at all: the splitter falls back to characters.
+        let text = "x".repeat(500);
+        let t = words();
+        let chunks = chunk_text(&t, &text, &cfg(16, 0)).unwrap();
+        assert_eq!(chunks.iter().map(|c| c.text.len()).sum::<usize>(), 500);
+        assert!(chunks.iter().all(|c| c.tokens <= 16));
+    }
+
+    #[test]
+    fn chunks_carry_their_section_path() {
+        let body = "Alpha beta gamma delta. Epsilon zeta eta theta. Iota kappa lambda mu.";
+        let text = format!(
+            "Intro text before any heading.\n\n# Install\n\n{body}\n\n## From source\n\n{body}\n\n{body}\n\n\
+             ### Build flags\n\n{body}\n\n{body}\n\n## From packages\n\n{body}\n\nSetext title\n============\n\n{body}\n"
+        );
+        let chunks = chunk_text(&words(), &text, &cfg(24, 0)).unwrap();
+        let find = |needle_start: usize| chunks.iter().find(|c| c.start == needle_start).unwrap();
+        for c in &chunks {
+            assert_eq!(&text[c.start..c.end], c.text);
+            assert!(c.tokens <= 24, "{c:?}");
+        }
+        assert!(chunks[0].headings.is_empty());
+        // A chunk that starts with a heading has it in its text; its path is what is above.
+        let install = find(text.find("# Install").unwrap());
+        assert!(install.text.starts_with("# Install"), "{install:?}");
+        assert!(install.headings.is_empty(), "{install:?}");
+        let flags = text.find("### Build flags").unwrap();
+        assert_eq!(find(flags).section(), "Install > From source");
+        let in_flags = chunks.iter().find(|c| c.start > flags).unwrap();
+        assert_eq!(in_flags.section(), "Install > From source > Build flags");
+        let packages = text.find("## From packages").unwrap();
+        let after = chunks.iter().find(|c| c.start >= packages).unwrap();
+        assert_eq!(after.headings, vec!["Install".to_string()], "a sibling closes its predecessor: {after:?}");
+        let last = chunks.last().unwrap();
+        assert_eq!(last.section(), "Setext title");
+        // A chunk of nothing but a heading is dropped: the next chunk carries it.
+        assert!(chunks.iter().all(|c| !c.text.starts_with("Setext")), "{chunks:#?}");
+    }
+
+    #[test]
+    fn cjk_text_without_spaces_fits() {
+        let t = words();
+        let text = "北京是中国的首都也是政治文化中心".repeat(8);
+        let chunks = chunk_text(&t, &text, &cfg(20, 0)).unwrap();
+        assert!(chunks.len() > 1);
+        assert_eq!(chunks.iter().map(|c| c.text.as_str()).collect::<String>(), text);
+        assert!(chunks.iter().all(|c| c.tokens <= 20 && c.tokens > 0));
+    }
+
+    #[test]
     fn chunks_respect_bounds_overlap_and_sentence_ends() {
-        let sentence = "one two three four five six seven eight nine.";
+        let sentence = "One two three four five six seven eight nine.";
         let text = std::iter::repeat_n(sentence, 12).collect::<Vec<_>>().join(" ");
-        let chunks = chunk_text(&words(), &text, &cfg(32, 8)).unwrap();
-        assert!(chunks.len() >= 4);
+        // Sentences of 10 tokens: three fit in 32; an overlap of 12 repeats one.
+        let chunks = chunk_text(&words(), &text, &cfg(32, 12)).unwrap();
+        assert!(chunks.len() >= 5, "{chunks:#?}");
         for (i, c) in chunks.iter().enumerate() {
             assert!(c.tokens <= 32, "chunk {i} has {} tokens", c.tokens);
             assert_eq!(&text[c.start..c.end], c.text);

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ragd_embedder::chunker;
+use ragd_embedder::{chunker, TextKind};
 use ragd_index::VectorIndex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -128,6 +128,9 @@ pub struct Source {
     pub chunk_id: String,
     /// The document's title.
     pub title: Option<String>,
+    /// The headings above the passage (" > "-joined), when the document has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
     /// The start of the passage.
     pub snippet: String,
     /// Cosine similarity with the question.
@@ -318,8 +321,8 @@ impl Engine {
     /// Opens the store in the configured data directory, builds the index from
     /// its vectors, and assembles the engine. Blocking: call from a blocking context.
     pub fn open(config: Arc<Config>, embedder: EmbedWorker, generator: Option<GenWorker>) -> Result<Self, String> {
-        config.chunking.validate(embedder.max_length)?;
-        let store = Store::open(&config.server.data_dir, &embedder.name, embedder.dim).map_err(|e| e.to_string())?;
+        config.chunking.validate(embedder.max_length.saturating_sub(embedder.passage_prefix_tokens()))?;
+        let store = Store::open(&config.server.data_dir, &embedder.identity(), embedder.dim).map_err(|e| e.to_string())?;
         let started = Instant::now();
         let index_dir = config.server.data_dir.join("index");
         let (index, from_dump) =
@@ -469,8 +472,8 @@ impl Engine {
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
 
-        // What each chunk is embedded as: the title in front of the chunk, so that a
-        // passage is found by what its document is about.
+        // What each chunk is embedded as: the title and the section path in front of
+        // the chunk, so that a passage is found by what its document and section are about.
         let mut embed_inputs: Vec<Vec<(String, String)>> = Vec::new();
         for (d, chunks) in req.documents.iter().zip(&chunked) {
             let title = d.title.as_deref().map(str::trim).filter(|t| !t.is_empty());
@@ -479,10 +482,14 @@ impl Engine {
                     .iter()
                     .flatten()
                     .map(|c| {
-                        let input = match title {
-                            Some(t) => format!("{t}\n{}", c.text),
-                            None => c.text.clone(),
-                        };
+                        let mut input = String::with_capacity(c.text.len() + 128);
+                        for part in [title.unwrap_or(""), &c.section()] {
+                            if !part.is_empty() {
+                                input.push_str(part);
+                                input.push('\n');
+                            }
+                        }
+                        input.push_str(&c.text);
                         let hash = sha256_hex(&[input.as_bytes()]);
                         (input, hash)
                     })
@@ -495,7 +502,7 @@ impl Engine {
             .flat_map(|(inputs, known)| inputs.iter().filter(|(_, h)| !known.contains_key(h)).map(|(i, _)| i.clone()))
             .collect();
         let reused = embed_inputs.iter().map(Vec::len).sum::<usize>() - missing.len();
-        let mut fresh = self.embedder.embed(missing).await.map_err(ApiError::internal)?.into_iter();
+        let mut fresh = self.embedder.embed(TextKind::Passage, missing).await.map_err(ApiError::internal)?.into_iter();
         if reused > 0 {
             tracing::debug!(reused, "chunk vectors reused from the previous versions");
         }
@@ -520,6 +527,7 @@ impl Engine {
                         .into_iter()
                         .zip(inputs)
                         .map(|(c, (_, embed_hash))| NewChunk {
+                            section: c.section(),
                             text: c.text,
                             start: c.start,
                             end: c.end,
@@ -660,7 +668,15 @@ impl Engine {
             return Ok(AskRun { sources, events: None, started, retrieval_ms, model });
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let passages = sources.iter().map(|s| Passage { title: s.title.clone(), text: s.text.clone() }).collect();
+        let passages = sources.iter().map(|s| Passage {
+                // The prompt shows where a passage sits: "Title > Section > Subsection".
+                title: match (&s.title, &s.section) {
+                    (Some(t), Some(sec)) => Some(format!("{t} > {sec}")),
+                    (None, Some(sec)) => Some(sec.clone()),
+                    (t, None) => t.clone(),
+                },
+                text: s.text.clone(),
+            }).collect();
         generator
             .submit(GenJob { question: question.to_string(), passages, params, events: tx })
             .map_err(|_| ApiError::Busy { retry_after_secs: 2 })?;
@@ -675,7 +691,7 @@ impl Engine {
         let sources = progress.sources();
         let segments = citations::segments(&g.text, sources.len());
         let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
-        let cited = match self.embedder.embed(texts).await {
+        let cited = match self.embedder.embed(TextKind::Query, texts).await {
             Ok(vectors) => {
                 let similarity: Vec<Vec<f32>> = vectors
                     .iter()
@@ -715,7 +731,7 @@ impl Engine {
         let text = query.to_string();
         let vector = self
             .embedder
-            .embed(vec![query.to_string()])
+            .embed(TextKind::Query, vec![query.to_string()])
             .await
             .map_err(ApiError::internal)?
             .pop()
@@ -741,6 +757,7 @@ impl Engine {
                     document_id: c.document_id.clone(),
                     chunk_id: c.chunk_id(),
                     title: c.title.clone(),
+                    section: (!c.section.is_empty()).then(|| c.section.clone()),
                     snippet: snippet(&c.text),
                     score: score_of.get(&key).copied().unwrap_or(0.0),
                     cited_by: None,
@@ -773,6 +790,7 @@ impl Engine {
                     document_id: s.document_id,
                     chunk_id: s.chunk_id,
                     title: s.title,
+                    section: s.section,
                     index: s.index,
                     start: s.start,
                     end: s.end,
@@ -884,6 +902,9 @@ pub struct SearchResult {
     pub chunk_id: String,
     /// The document's title.
     pub title: Option<String>,
+    /// The headings above the chunk (" > "-joined), when the document has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
     /// Position of the chunk in its document (0-based).
     pub index: usize,
     /// Byte offset of the chunk in the document text.

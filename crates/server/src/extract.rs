@@ -95,6 +95,11 @@ fn html(source: &str) -> Extracted {
                 if block && !out.is_empty() && !out.ends_with('\n') {
                     out.push('\n');
                 }
+                // Headings become Markdown headings, so the chunker knows the sections.
+                if let Some(level) = heading_level(name) {
+                    out.push_str(&"#".repeat(level));
+                    out.push(' ');
+                }
                 stack.push((node, true));
                 for child in node.children().rev() {
                     stack.push((child, false));
@@ -120,8 +125,35 @@ fn html(source: &str) -> Extracted {
             _ => {}
         }
     }
-    let text = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("\n");
+    let mut text = String::with_capacity(out.len());
+    for line in out.lines().map(str::trim).filter(|l| !l.is_empty() && !l.chars().all(|c| c == '#')) {
+        let is_heading = line.split_once(' ').is_some_and(|(marks, _)| heading_marks(marks));
+        if !text.is_empty() {
+            text.push_str(if is_heading || text.ends_with("\n\n") { "\n\n" } else { "\n" });
+        }
+        text.push_str(line);
+        if is_heading {
+            text.push('\n');
+        }
+    }
+    let text = text.replace("\n\n\n", "\n\n").trim().to_string();
     Extracted { kind: "html", title, text }
+}
+
+fn heading_level(name: &str) -> Option<usize> {
+    match name {
+        "h1" => Some(1),
+        "h2" => Some(2),
+        "h3" => Some(3),
+        "h4" => Some(4),
+        "h5" => Some(5),
+        "h6" => Some(6),
+        _ => None,
+    }
+}
+
+fn heading_marks(s: &str) -> bool {
+    (1..=6).contains(&s.len()) && s.chars().all(|c| c == '#')
 }
 
 fn pdf(bytes: &[u8]) -> Result<Extracted, String> {
@@ -156,7 +188,7 @@ mod tests {
         let e = extract("page.txt", None, src.as_bytes()).unwrap();
         assert_eq!(e.kind, "html", "detected from the content, not the name");
         assert_eq!(e.title.as_deref(), Some("The Title"));
-        assert_eq!(e.text, "Heading\nFirst bold para.\none\ntwo");
+        assert_eq!(e.text, "# Heading\n\nFirst bold para.\none\ntwo");
         assert!(!e.text.contains("secret"));
     }
 

@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ragd_embedder::{Embedder, EmbedderConfig};
+use ragd_embedder::{Embedder, EmbedderConfig, TextKind};
 use ragd_generator::{GenerateError, GenerateParams, Generation, Generator};
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
@@ -42,6 +42,10 @@ pub struct EmbedWorker {
     pub dim: usize,
     /// Longest input in tokens.
     pub max_length: usize,
+    /// Put in front of queries (`query: ` for E5 models, usually empty).
+    pub query_prefix: String,
+    /// Put in front of passages (`passage: ` for E5 models, usually empty).
+    pub passage_prefix: String,
 }
 
 impl std::fmt::Debug for EmbedWorker {
@@ -69,6 +73,8 @@ impl EmbedWorker {
                 name: embedder.name().to_string(),
                 dim: embedder.dim(),
                 max_length: embedder.max_length(),
+                query_prefix: embedder.prefix(TextKind::Query).to_string(),
+                passage_prefix: embedder.prefix(TextKind::Passage).to_string(),
             };
             tracing::info!(model = %handle.name, dim = handle.dim, "embedder loaded");
             if ready_tx.send(Ok(handle)).is_err() {
@@ -115,11 +121,34 @@ impl EmbedWorker {
         ready_rx
     }
 
-    /// Embeds `texts` on the embedder thread.
-    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
+    /// The model's identity for stored vectors: its name, and the passage prefix
+    /// when there is one (vectors made with another prefix are not comparable).
+    pub fn identity(&self) -> String {
+        if self.passage_prefix.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{} with passage prefix {:?}", self.name, self.passage_prefix)
+        }
+    }
+
+    /// Tokens the passage prefix adds to every chunk.
+    pub fn passage_prefix_tokens(&self) -> usize {
+        if self.passage_prefix.is_empty() {
+            return 0;
+        }
+        self.tokenizer.encode(self.passage_prefix.as_str(), false).map(|e| e.len()).unwrap_or(0)
+    }
+
+    /// Embeds `texts` as `kind` on the embedder thread, the model's prefix in front.
+    pub async fn embed(&self, kind: TextKind, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
+        let prefix = match kind {
+            TextKind::Query => &self.query_prefix,
+            TextKind::Passage => &self.passage_prefix,
+        };
+        let texts = if prefix.is_empty() { texts } else { texts.into_iter().map(|t| format!("{prefix}{t}")).collect() };
         let (reply, rx) = oneshot::channel();
         self.tx.send(EmbedJob { texts, reply }).await.map_err(|_| "the embedder thread has stopped".to_string())?;
         rx.await.map_err(|_| "the embedder thread has stopped".to_string())?

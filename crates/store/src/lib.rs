@@ -26,7 +26,9 @@ use serde_json::{Map, Value};
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "ragd.sqlite3";
-const SCHEMA_VERSION: i64 = 1;
+/// 2: chunks.section (the heading path of a chunk). Version 1 databases are
+/// migrated on open.
+const SCHEMA_VERSION: i64 = 2;
 
 /// Storage failures: the disk's or ours, never the API user's.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,9 @@ pub enum StoreError {
 pub struct NewChunk {
     /// The passage.
     pub text: String,
+    /// The headings above the passage, outermost first, joined with " > "; empty
+    /// when the document has none.
+    pub section: String,
     /// Byte offset in the document.
     pub start: usize,
     /// Byte offset past the end.
@@ -120,6 +125,8 @@ pub struct ChunkView {
     pub index: usize,
     /// The document's title.
     pub title: Option<String>,
+    /// The headings above the passage (" > "-joined; empty when none).
+    pub section: String,
     /// The passage.
     pub text: String,
     /// Byte offset of the passage in the document text.
@@ -227,11 +234,17 @@ pub fn lexical_text(text: &str) -> String {
     out
 }
 
-fn lexical_body(title: Option<&str>, text: &str) -> String {
-    match title {
-        Some(t) => lexical_text(&format!("{t}\n{text}")),
-        None => lexical_text(text),
+/// What the full-text index holds for a chunk: its title, section and text.
+fn lexical_body(title: Option<&str>, section: &str, text: &str) -> String {
+    let mut body = String::with_capacity(text.len() + section.len() + 64);
+    for part in [title.unwrap_or(""), section] {
+        if !part.is_empty() {
+            body.push_str(part);
+            body.push('\n');
+        }
     }
+    body.push_str(text);
+    lexical_text(&body)
 }
 
 /// An FTS5 query matching any term of `query` (BM25 ranks by how many and how
@@ -289,7 +302,8 @@ impl Store {
                  start INTEGER NOT NULL,
                  end INTEGER NOT NULL,
                  embed_hash TEXT NOT NULL,
-                 vector BLOB NOT NULL);
+                 vector BLOB NOT NULL,
+                 section TEXT NOT NULL DEFAULT '');
              CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, idx);
              CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(body, tokenize = 'unicode61 remove_diacritics 2');",
         )
@@ -311,10 +325,21 @@ impl Store {
                 .map_err(db)?;
             }
         }
-        if let Some(v) = meta("schema")? {
-            if v != SCHEMA_VERSION.to_string() {
+        match meta("schema")?.as_deref() {
+            Some("1") => {
+                conn.execute_batch(
+                    "BEGIN;
+                     ALTER TABLE chunks ADD COLUMN section TEXT NOT NULL DEFAULT '';
+                     UPDATE meta SET value = '2' WHERE key = 'schema';
+                     COMMIT;",
+                )
+                .map_err(db)?;
+                tracing::info!(path = %path.display(), "database migrated to schema 2 (chunk sections)");
+            }
+            Some(v) if v != SCHEMA_VERSION.to_string() => {
                 return Err(StoreError::Corrupt { path, message: format!("unknown schema version {v}") });
             }
+            _ => {}
         }
         let generation = meta("generation")?.and_then(|g| g.parse().ok()).unwrap_or(0);
         let mut store =
@@ -336,16 +361,18 @@ impl Store {
         let tx = self.conn.transaction().map_err(db)?;
         {
             let mut select = tx
-                .prepare("SELECT c.key, d.title, c.text FROM chunks c JOIN documents d ON d.id = c.document_id")
+                .prepare(
+                    "SELECT c.key, d.title, c.section, c.text FROM chunks c JOIN documents d ON d.id = c.document_id",
+                )
                 .map_err(db)?;
-            let rows: Vec<(i64, Option<String>, String)> = select
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            let rows: Vec<(i64, Option<String>, String, String)> = select
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                 .map_err(db)?
                 .collect::<Result<_, _>>()
                 .map_err(db)?;
             let mut insert = tx.prepare("INSERT INTO chunks_fts (rowid, body) VALUES (?1, ?2)").map_err(db)?;
-            for (key, title, text) in rows {
-                insert.execute(params![key, lexical_body(title.as_deref(), &text)]).map_err(db)?;
+            for (key, title, section, text) in rows {
+                insert.execute(params![key, lexical_body(title.as_deref(), &section, &text)]).map_err(db)?;
             }
         }
         tx.commit().map_err(db)
@@ -516,8 +543,8 @@ impl Store {
         {
             let mut insert = tx
                 .prepare(
-                    "INSERT INTO chunks (document_id, idx, text, start, end, embed_hash, vector)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO chunks (document_id, idx, text, start, end, embed_hash, vector, section)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .map_err(db)?;
             for (i, c) in doc.chunks.iter().enumerate() {
@@ -529,13 +556,14 @@ impl Store {
                         c.start as i64,
                         c.end as i64,
                         c.embed_hash,
-                        vector_to_blob(&c.vector)
+                        vector_to_blob(&c.vector),
+                        c.section
                     ])
                     .map_err(db)?;
                 let key = tx.last_insert_rowid();
                 tx.execute(
                     "INSERT INTO chunks_fts (rowid, body) VALUES (?1, ?2)",
-                    params![key, lexical_body(doc.title.as_deref(), &c.text)],
+                    params![key, lexical_body(doc.title.as_deref(), &c.section, &c.text)],
                 )
                 .map_err(db)?;
                 new.push((key as usize, c.vector.clone()));
@@ -594,7 +622,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT c.document_id, c.idx, d.title, c.text, c.start, c.end
+                "SELECT c.document_id, c.idx, d.title, c.text, c.start, c.end, c.section
                  FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.key = ?1",
             )
             .map_err(self.db())?;
@@ -609,15 +637,16 @@ impl Store {
                         r.get::<_, String>(3)?,
                         r.get::<_, i64>(4)?,
                         r.get::<_, i64>(5)?,
+                        r.get::<_, String>(6)?,
                     ))
                 })
                 .optional()
                 .map_err(self.db())?;
-            if let Some((document_id, idx, title, text, start, end)) = row {
+            if let Some((document_id, idx, title, text, start, end, section)) = row {
                 // The live vectors are in memory; no need to read the blob again.
                 let vector = self.vector_of(key).map(<[f32]>::to_vec).unwrap_or_default();
                 let (start, end) = (start as usize, end as usize);
-                out.push((key, ChunkView { document_id, index: idx as usize, title, text, start, end, vector }));
+                out.push((key, ChunkView { document_id, index: idx as usize, title, section, text, start, end, vector }));
             }
         }
         Ok(out)
@@ -682,6 +711,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, t)| NewChunk {
                     text: t.to_string(),
+                    section: if i == 0 { String::new() } else { format!("Part {i}") },
                     start: i,
                     end: i + 1,
                     embed_hash: format!("e-{t}"),
@@ -782,5 +812,34 @@ mod tests {
         drop(Store::open(dir.path(), "m", 2).unwrap());
         assert!(matches!(Store::open(dir.path(), "other", 2), Err(StoreError::ModelMismatch { .. })));
         assert!(matches!(Store::open(dir.path(), "m", 3), Err(StoreError::ModelMismatch { .. })));
+    }
+
+    #[test]
+    fn schema_1_is_migrated_and_sections_are_searchable() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), "m", 2).unwrap();
+            s.upsert(&doc("a", &["alpha", "beta"])).unwrap();
+        }
+        // Turn the database back into a version 1 one.
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(
+                "ALTER TABLE chunks DROP COLUMN section; UPDATE meta SET value = '1' WHERE key = 'schema';",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        let keys: Vec<usize> = s.live().map(|(k, _, _)| k).collect();
+        let chunks = s.chunks(&keys).unwrap();
+        assert_eq!(chunks.len(), 2);
+        assert!(chunks.iter().all(|(_, c)| c.section.is_empty()), "migrated rows have no section");
+        s.upsert(&doc("b", &["gamma", "delta"])).unwrap();
+        let hits: Vec<usize> = s.lexical_search("part", 10).unwrap().into_iter().map(|(k, _)| k).collect();
+        let found = s.chunks(&hits).unwrap();
+        assert!(
+            found.iter().any(|(_, c)| (c.document_id.as_str(), c.section.as_str(), c.text.as_str()) == ("b", "Part 1", "delta")),
+            "the section is in the full-text index: {found:?}"
+        );
     }
 }
