@@ -26,8 +26,8 @@ use serde_json::{Map, Value};
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "ragd.sqlite3";
-/// 2: chunks.section (the heading path of a chunk). Version 1 databases are
-/// migrated on open.
+/// 2: chunks.section (the heading path of a chunk) and Porter stemming in the
+/// full-text index. Version 1 databases are migrated on open.
 const SCHEMA_VERSION: i64 = 2;
 
 /// Storage failures: the disk's or ours, never the API user's.
@@ -247,17 +247,29 @@ fn lexical_body(title: Option<&str>, section: &str, text: &str) -> String {
     lexical_text(&body)
 }
 
+/// English function words left out of lexical queries (Lucene's English stop
+/// set plus question words and auxiliaries). In an OR query every term matches
+/// somewhere, and these add matches without meaning; BM25's IDF only dampens them.
+const STOP_WORDS: &[&str] = &[
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "does", "for", "how", "i", "if", "in",
+    "into", "is", "it", "me", "my", "no", "not", "of", "on", "or", "such", "that", "the", "their", "then", "there",
+    "these", "they", "this", "to", "was", "what", "when", "where", "which", "who", "why", "will", "with", "you",
+];
+
 /// An FTS5 query matching any term of `query` (BM25 ranks by how many and how
-/// rare); `None` when the query has no terms.
+/// rare; the index stems English words, so "packages" finds "package"); `None`
+/// when the query has no terms. Stop words are dropped unless nothing else is left.
 fn match_expression(query: &str) -> Option<String> {
-    let mut terms: Vec<String> = lexical_text(query)
+    let mut all: Vec<String> = lexical_text(query)
         .split(|c: char| !c.is_alphanumeric())
         .filter(|t| !t.is_empty())
-        .map(|t| format!("\"{}\"", t.to_lowercase()))
+        .map(str::to_lowercase)
         .collect();
-    terms.sort();
-    terms.dedup();
-    (!terms.is_empty()).then(|| terms.join(" OR "))
+    all.sort();
+    all.dedup();
+    let content: Vec<&String> = all.iter().filter(|t| !STOP_WORDS.contains(&t.as_str())).collect();
+    let terms: Vec<&String> = if content.is_empty() { all.iter().collect() } else { content };
+    (!terms.is_empty()).then(|| terms.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(" OR "))
 }
 
 fn now() -> i64 {
@@ -305,7 +317,7 @@ impl Store {
                  vector BLOB NOT NULL,
                  section TEXT NOT NULL DEFAULT '');
              CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, idx);
-             CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(body, tokenize = 'unicode61 remove_diacritics 2');",
+             CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');",
         )
         .map_err(db)?;
         let meta = |key: &str| -> Result<Option<String>, StoreError> {
@@ -330,6 +342,8 @@ impl Store {
                 conn.execute_batch(
                     "BEGIN;
                      ALTER TABLE chunks ADD COLUMN section TEXT NOT NULL DEFAULT '';
+                     DROP TABLE chunks_fts;
+                     CREATE VIRTUAL TABLE chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');
                      UPDATE meta SET value = '2' WHERE key = 'schema';
                      COMMIT;",
                 )

@@ -62,6 +62,28 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         limit: usize,
     },
+    /// `/search` over HTTP: queries/s and latency per retrieval mode, with several
+    /// concurrent clients, on a corpus ingested into `--data-dir` (ingested there
+    /// first when the directory holds no documents; kept for the next run).
+    Search {
+        #[arg(long, default_value = "../shared/data/wiki-en-10k")]
+        corpus: PathBuf,
+        /// Data directory; reused when it already holds the corpus.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Config file (for example to choose the embedder), as for `ragd serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Requests per mode.
+        #[arg(long, default_value_t = 400)]
+        requests: usize,
+        /// Results per query.
+        #[arg(long, default_value_t = 10)]
+        top_k: usize,
+    },
     /// Time to first token of streamed /ask requests over an ingested corpus.
     Ask {
         #[arg(long, default_value = "../shared/data/debian-faq-en")]
@@ -94,6 +116,16 @@ fn main() -> Result<()> {
             .enable_all()
             .build()?
             .block_on(bench_ingest(&corpus, batch.max(1), limit)),
+        Command::Search { corpus, data_dir, config, clients, requests, top_k } => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench_search(
+                &corpus,
+                &data_dir,
+                config.as_deref(),
+                clients,
+                requests,
+                top_k,
+            ))
+        }
         Command::Ask { corpus, model, questions } => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench_ask(&corpus, model, questions))
         }
@@ -223,6 +255,97 @@ async fn bench_ingest(corpus: &Path, batch: usize, limit: usize) -> Result<()> {
         println!("restart {label}: ready in {secs:.2} s ({})", engine.status()["index_at_start"]);
     }
     let _ = std::fs::remove_dir_all(data);
+    Ok(())
+}
+
+async fn bench_search(
+    corpus: &Path,
+    data_dir: &Path,
+    config_file: Option<&Path>,
+    clients: usize,
+    requests: usize,
+    top_k: usize,
+) -> Result<()> {
+    let mut config = match config_file {
+        Some(f) => ragd_server::Config::from_file(f).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => ragd_server::Config::defaults(),
+    };
+    config.server.port = 0;
+    config.server.data_dir = data_dir.to_path_buf();
+    {
+        let engine = ragd_server::open_for_ingest(config.clone()).await.map_err(anyhow::Error::msg)?;
+        if engine.status()["documents"].as_u64().unwrap_or(0) == 0 {
+            let started = Instant::now();
+            let docs = corpus_texts(corpus)?;
+            for batch in docs.chunks(256) {
+                let documents = batch
+                    .iter()
+                    .map(|d| serde_json::from_value(json!({ "id": d["_id"], "title": d["title"], "text": d["text"] })))
+                    .collect::<Result<Vec<_>, _>>()?;
+                engine
+                    .ingest(ragd_server::engine::IngestRequest { documents })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            println!("ingested {} documents in {:.1} s", docs.len(), started.elapsed().as_secs_f64());
+            let e = std::sync::Arc::clone(&engine);
+            tokio::task::spawn_blocking(move || e.save_index()).await?.map_err(anyhow::Error::msg)?;
+        }
+    }
+    let mut server = ragd_server::start(config).await?;
+    server.wait_ready().await.map_err(anyhow::Error::msg)?;
+    let status = server.state.engine.get().map(|e| e.status()).unwrap_or(Value::Null);
+    println!("serving {} documents, {} chunks at {}", status["documents"], status["chunks"], server.addr);
+    let base = format!("http://{}", server.addr);
+    let queries: Vec<String> = read_jsonl(&corpus.join("queries.jsonl"))?
+        .iter()
+        .filter_map(|q| q["text"].as_str().map(str::to_string))
+        .collect();
+    anyhow::ensure!(!queries.is_empty(), "no queries in {}", corpus.display());
+    let client = reqwest::Client::new();
+    println!("{clients} clients, {requests} requests per mode, top_k {top_k}");
+    println!("mode      queries/s  p50 ms  p95 ms");
+    for mode in ["dense", "lexical", "hybrid"] {
+        // Warm-up: every query once, so caches are the same for each mode.
+        for q in queries.iter().take(20) {
+            client.post(format!("{base}/search")).json(&json!({ "query": q, "mode": mode })).send().await?;
+        }
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..clients.max(1))
+            .map(|_| {
+                let (client, base, queries, next) = (client.clone(), base.clone(), queries.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= requests {
+                            break;
+                        }
+                        let t = Instant::now();
+                        let res = client
+                            .post(format!("{base}/search"))
+                            .json(&json!({ "query": queries[i % queries.len()], "mode": mode, "top_k": top_k }))
+                            .send()
+                            .await?;
+                        anyhow::ensure!(res.status().is_success(), "/search answered {}", res.status());
+                        res.bytes().await?;
+                        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    Ok::<_, anyhow::Error>(latencies)
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for t in tasks {
+            latencies.extend(t.await??);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        latencies.sort_by(f64::total_cmp);
+        let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        println!("{mode:<9} {:>9.1} {:>7.1} {:>7.1}", latencies.len() as f64 / secs, pct(0.5), pct(0.95));
+    }
+    server.shutdown().await?;
     Ok(())
 }
 
