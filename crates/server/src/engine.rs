@@ -128,7 +128,7 @@ pub struct Source {
     pub chunk_id: String,
     /// The document's title.
     pub title: Option<String>,
-    /// The headings above the passage (" > "-joined), when the document has any.
+    /// The section the passage is in ("Heading > Subheading"), when the document has headings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub section: Option<String>,
     /// The start of the passage.
@@ -902,7 +902,7 @@ pub struct SearchResult {
     pub chunk_id: String,
     /// The document's title.
     pub title: Option<String>,
-    /// The headings above the chunk (" > "-joined), when the document has any.
+    /// The section the chunk is in ("Heading > Subheading"), when the document has headings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub section: Option<String>,
     /// Position of the chunk in its document (0-based).

@@ -1,12 +1,13 @@
 //! `ragd eval retrieval --dataset DIR`: retrieval quality on a BEIR folder.
 //!
-//! Ingests `corpus.jsonl` into a fresh data directory, runs every query of
-//! `qrels/test.tsv` through the same path as `POST /search`, and prints
+//! Ingests `corpus.jsonl` into a fresh data directory (or `--data-dir`, kept),
+//! runs every query of `qrels/test.tsv` through the same path as `POST /search`,
+//! and prints
 //! nDCG@10, recall@1/5/10 and MRR@10 per mode (document-level: a document's
 //! rank is that of its best chunk), plus queries/s.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -29,7 +30,13 @@ fn metrics(ranked: &[String], relevant: &HashSet<String>) -> [f64; 5] {
     [if idcg > 0.0 { dcg / idcg } else { 0.0 }, recall(1), recall(5), recall(10), mrr]
 }
 
-pub(crate) async fn run(dataset: &Path, modes: &[String], json_out: bool, mut config: Config) -> Result<()> {
+pub(crate) async fn run(
+    dataset: &Path,
+    modes: &[String],
+    json_out: bool,
+    mut config: Config,
+    data_dir: Option<PathBuf>,
+) -> Result<()> {
     let corpus = read_jsonl(&dataset.join("corpus.jsonl"))?;
     let queries: HashMap<String, String> = read_jsonl(&dataset.join("queries.jsonl"))?
         .into_iter()
@@ -46,8 +53,11 @@ pub(crate) async fn run(dataset: &Path, modes: &[String], json_out: bool, mut co
     let mut query_ids: Vec<&String> = qrels.keys().filter(|q| queries.contains_key(*q)).collect();
     query_ids.sort();
 
-    let data = std::env::temp_dir().join(format!("ragd-eval-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
+    let temporary = data_dir.is_none();
+    let data = data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("ragd-eval-{}", std::process::id())));
+    if temporary {
+        let _ = std::fs::remove_dir_all(&data);
+    }
     config.server.data_dir = data.clone();
     let engine = ragd_server::open_for_ingest(config).await.map_err(anyhow::Error::msg)?;
     let started = Instant::now();
@@ -85,7 +95,12 @@ pub(crate) async fn run(dataset: &Path, modes: &[String], json_out: bool, mut co
             "recall@10": sums[3] / n, "mrr@10": sums[4] / n, "queries_per_s": n / secs,
         }));
     }
-    let _ = std::fs::remove_dir_all(&data);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&data);
+    } else {
+        let e = std::sync::Arc::clone(&engine);
+        tokio::task::spawn_blocking(move || e.save_index()).await?.map_err(anyhow::Error::msg)?;
+    }
     if json_out {
         println!("{}", serde_json::to_string_pretty(&json!({ "dataset": dataset.display().to_string(), "modes": report }))?);
     } else {

@@ -77,6 +77,11 @@ enum EvalCommand {
         /// Config file, as for `serve`.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Use and keep this data directory instead of a temporary one: a second
+        /// run finds the corpus already there (unchanged documents are not embedded
+        /// again). It must have been made with the same embedder.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -116,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RAGD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=info,hnsw_rs=warn")),
         )
         .init();
     let cli = Cli::parse();
@@ -167,8 +172,8 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Eval(EvalCommand::Retrieval { dataset, modes, json, config }) => {
-            eval_cmd::run(&dataset, &modes, json, load_config(config)?).await?;
+        Command::Eval(EvalCommand::Retrieval { dataset, modes, json, config, data_dir }) => {
+            eval_cmd::run(&dataset, &modes, json, load_config(config)?, data_dir).await?;
         }
     }
     Ok(())

@@ -74,7 +74,7 @@ pub enum StoreError {
 pub struct NewChunk {
     /// The passage.
     pub text: String,
-    /// The headings above the passage, outermost first, joined with " > "; empty
+    /// The headings in force where the passage starts, outermost first, joined with " > "; empty
     /// when the document has none.
     pub section: String,
     /// Byte offset in the document.
@@ -125,7 +125,7 @@ pub struct ChunkView {
     pub index: usize,
     /// The document's title.
     pub title: Option<String>,
-    /// The headings above the passage (" > "-joined; empty when none).
+    /// The headings in force where the passage starts (" > "-joined; empty when none).
     pub section: String,
     /// The passage.
     pub text: String,
