@@ -555,5 +555,27 @@ async fn the_multilingual_embedder_finds_passages_across_languages() {
     assert_eq!(r["results"][0]["document_id"], "guide", "{r}");
     assert_eq!(r["results"][0]["section"], "Bicycle guide > Chain", "{r}");
     assert!(r["results"][0]["text"].as_str().unwrap().contains("Oil the chain"), "{r}");
+
+    // Overlapping neighbours come back as one passage: no text twice.
+    let long: String = (1..=40).map(|i| format!("Fact number {i} is about the lighthouse on the cliff. ")).collect();
+    let (s, b) = post(&client, &format!("{base}/ingest"), &json!({ "documents": [{ "id": "long", "text": long }] })).await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["documents"][0]["chunks"].as_u64().unwrap() >= 3, "{b}");
+    let (_, r) = post(
+        &client,
+        &format!("{base}/search"),
+        &json!({ "query": "lighthouse on the cliff", "top_k": 10, "filter": { "document_id": "long" } }),
+    )
+    .await;
+    let results = r["results"].as_array().unwrap();
+    let spans: Vec<(usize, usize)> =
+        results.iter().map(|x| (x["start"].as_u64().unwrap() as usize, x["end"].as_u64().unwrap() as usize)).collect();
+    for (i, a) in spans.iter().enumerate() {
+        assert_eq!(&long[a.0..a.1], results[i]["text"].as_str().unwrap(), "a result is a verbatim slice");
+        for b in &spans[i + 1..] {
+            assert!(a.1 <= b.0 || b.1 <= a.0, "results overlap: {spans:?}");
+        }
+    }
+    assert!(results.iter().any(|x| x["merged_with"].as_array().is_some_and(|m| !m.is_empty())), "{r}");
     server.shutdown().await.unwrap();
 }

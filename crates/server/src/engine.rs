@@ -126,6 +126,9 @@ pub struct Source {
     pub document_id: String,
     /// `{document_id}#{index}`.
     pub chunk_id: String,
+    /// Neighbouring chunks that overlapped this one and were merged into it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub merged_with: Vec<String>,
     /// The document's title.
     pub title: Option<String>,
     /// The section the passage is in ("Heading > Subheading"), when the document has headings.
@@ -747,25 +750,42 @@ impl Engine {
                 &chunks.iter().map(|(_, c)| (c.text.as_str(), c.vector.as_slice())).collect::<Vec<_>>(),
             );
             let mut chunks: Vec<_> = chunks.into_iter().map(Some).collect();
-            let chunks: Vec<_> = keep.into_iter().filter_map(|i| chunks[i].take()).take(top_k).collect();
+            let chunks: Vec<_> = keep.into_iter().filter_map(|i| chunks[i].take()).collect();
+            // A chunk overlapping a better-ranked one of the same document is merged
+            // into it: the overlap is not shown twice and the passage reads on.
+            let groups = retrieval::merge_overlapping(
+                &chunks.iter().map(|(_, c)| (c.document_id.as_str(), c.start, c.end)).collect::<Vec<_>>(),
+            );
             let score_of: HashMap<usize, f32> = hits.iter().map(|h| (h.id, h.score)).collect();
-            Ok(chunks
+            Ok(groups
                 .into_iter()
+                .take(top_k)
                 .enumerate()
-                .map(|(i, (key, c))| Source {
-                    n: i + 1,
-                    document_id: c.document_id.clone(),
-                    chunk_id: c.chunk_id(),
-                    title: c.title.clone(),
-                    section: (!c.section.is_empty()).then(|| c.section.clone()),
-                    snippet: snippet(&c.text),
-                    score: score_of.get(&key).copied().unwrap_or(0.0),
-                    cited_by: None,
-                    index: c.index,
-                    start: c.start,
-                    end: c.end,
-                    text: c.text,
-                    vector: c.vector,
+                .map(|(i, members)| {
+                    let (key, c) = &chunks[members[0]];
+                    let (mut start, mut text) = (c.start, c.text.clone());
+                    let mut merged_with = Vec::new();
+                    for &m in &members[1..] {
+                        let (_, other) = &chunks[m];
+                        (start, text) = retrieval::union_text((start, &text), (other.start, &other.text));
+                        merged_with.push(other.chunk_id());
+                    }
+                    Source {
+                        n: i + 1,
+                        document_id: c.document_id.clone(),
+                        chunk_id: c.chunk_id(),
+                        merged_with,
+                        title: c.title.clone(),
+                        section: (!c.section.is_empty()).then(|| c.section.clone()),
+                        snippet: snippet(&text),
+                        score: score_of.get(key).copied().unwrap_or(0.0),
+                        cited_by: None,
+                        index: c.index,
+                        end: start + text.len(),
+                        start,
+                        text,
+                        vector: c.vector.clone(),
+                    }
                 })
                 .collect())
         })
@@ -790,6 +810,7 @@ impl Engine {
                     document_id: s.document_id,
                     chunk_id: s.chunk_id,
                     title: s.title,
+                    merged_with: s.merged_with,
                     section: s.section,
                     index: s.index,
                     start: s.start,
@@ -900,6 +921,10 @@ pub struct SearchResult {
     pub document_id: String,
     /// `{document_id}#{index}`.
     pub chunk_id: String,
+    /// Neighbouring chunks that overlapped this one and were merged into it
+    /// (`start`, `end` and `text` then cover them all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub merged_with: Vec<String>,
     /// The document's title.
     pub title: Option<String>,
     /// The section the chunk is in ("Heading > Subheading"), when the document has headings.

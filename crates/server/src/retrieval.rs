@@ -215,6 +215,43 @@ pub fn distinct(items: &[(&str, &[f32])]) -> Vec<usize> {
     kept
 }
 
+/// Groups best-first chunks `(document, start, end)` so that a chunk overlapping
+/// a better-ranked chunk of the same document joins that one's group instead of
+/// being returned again (consecutive chunks share their overlap region). Returns
+/// the groups best first, each as indices into `items` with the best one first.
+pub fn merge_overlapping(items: &[(&str, usize, usize)]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(Vec<usize>, usize, usize)> = Vec::new();
+    for (i, &(doc, start, end)) in items.iter().enumerate() {
+        let joined = groups.iter_mut().find(|(members, s, e)| items[members[0]].0 == doc && start < *e && *s < end);
+        match joined {
+            Some((members, s, e)) => {
+                members.push(i);
+                *s = (*s).min(start);
+                *e = (*e).max(end);
+            }
+            None => groups.push((vec![i], start, end)),
+        }
+    }
+    groups.into_iter().map(|(members, _, _)| members).collect()
+}
+
+/// The text covering two overlapping verbatim slices of one document, each
+/// given as (byte offset, text); returns the combined (offset, text).
+pub fn union_text(a: (usize, &str), b: (usize, &str)) -> (usize, String) {
+    let (first, second) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+    let first_end = first.0 + first.1.len();
+    let second_end = second.0 + second.1.len();
+    if second_end <= first_end || second.0 > first_end {
+        // Contained, or (not expected) apart: the first slice is kept as is.
+        return (first.0, first.1.to_string());
+    }
+    let skip = first_end - second.0;
+    match second.1.get(skip..) {
+        Some(rest) => (first.0, format!("{}{rest}", first.1)),
+        None => (first.0, first.1.to_string()),
+    }
+}
+
 /// Combines two best-first rankings into one list of ids, best first.
 pub fn fuse(dense: &[Hit], lexical: &[Hit], fusion: Fusion, dense_weight: f32) -> Vec<usize> {
     let w = [dense_weight.clamp(0.0, 1.0), 1.0 - dense_weight.clamp(0.0, 1.0)];
@@ -320,6 +357,20 @@ mod tests {
         assert_eq!(fuse(&dense, &lexical, Fusion::Convex, 0.5), vec![2, 1, 3]);
         assert_eq!(fuse(&dense, &lexical, Fusion::Convex, 1.0)[0], 1);
         assert_eq!(fuse(&[], &lexical, Fusion::Convex, 0.7), vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn overlapping_neighbours_are_merged_into_the_better_one() {
+        // doc a: chunks [0,100) and [80,180) overlap; [300,400) does not; doc b shares offsets only.
+        let items = [("a", 80, 180), ("b", 0, 100), ("a", 0, 100), ("a", 300, 400), ("a", 170, 260)];
+        assert_eq!(merge_overlapping(&items), vec![vec![0, 2, 4], vec![1], vec![3]]);
+        let doc = "0123456789abcdefghij";
+        let (start, text) = union_text((5, &doc[5..12]), (2, &doc[2..8]));
+        assert_eq!((start, text.as_str()), (2, &doc[2..12]));
+        assert_eq!(union_text((0, &doc[0..10]), (3, &doc[3..6])), (0, doc[0..10].to_string()));
+        // Multi-byte text: the cut is at a character boundary of the document.
+        let zh = "北京是中国的首都";
+        assert_eq!(union_text((0, &zh[0..12]), (6, &zh[6..24])), (0, zh.to_string()));
     }
 
     #[test]
