@@ -1,4 +1,4 @@
-//! The `ragd` command: `ragd serve`.
+//! The `ragd` command: `ragd serve`, `ragd ingest`, `ragd eval`, `ragd bench`.
 
 use std::path::PathBuf;
 
@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ragd_server::Config;
 
+mod bench_cmd;
 mod eval_cmd;
 mod ingest_cmd;
 
@@ -58,6 +59,10 @@ enum Command {
     /// Measure ragd on a dataset.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Speed figures for this machine: embedding, generation, ingest, search,
+    /// time to first token.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
 }
 
 #[derive(Subcommand)]
@@ -172,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Bench(b) => bench_cmd::run(b).await?,
         Command::Eval(EvalCommand::Retrieval { dataset, modes, json, config, data_dir }) => {
             eval_cmd::run(&dataset, &modes, json, load_config(config)?, data_dir).await?;
         }

@@ -1,32 +1,27 @@
-//! `ragd-bench`: figures for the models and the service on this machine.
+//! `ragd bench ...`: figures for the models and the service on this machine.
 //!
 //! ```text
-//! ragd-bench embed    [--corpus DIR] [--texts N]
-//! ragd-bench generate --model FILE [--corpus DIR] [--prompt-tokens N] [--decode-tokens N]
-//! ragd-bench ask      [--corpus DIR] [--model FILE] [--questions N]
+//! ragd bench embed    [--corpus DIR] [--model DIR] [--texts N]
+//! ragd bench generate --model FILE [--prompt-tokens N] [--new-tokens N] [--runs N] [--json]
+//! ragd bench ingest   [--corpus DIR] [--batch N] [--limit N]
+//! ragd bench search   --data-dir DIR [--corpus DIR] [--config FILE] [--clients N]
+//! ragd bench ask      [--corpus DIR] [--model FILE] [--questions N]
 //! ```
 //! `--corpus` is a BEIR folder (`corpus.jsonl`, `queries.jsonl`), by default the
-//! Debian FAQ set in `../shared/data/debian-faq-en`. Every command prints its
-//! figures; none asserts anything.
+//! Debian FAQ set in `../shared/data/debian-faq-en` (wiki-en-10k for ingest and
+//! search). Every command prints its figures; none asserts anything.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use ragd_embedder::{Embedder, EmbedderConfig};
 use ragd_generator::Generator;
 use serde_json::{json, Value};
 
-#[derive(Parser)]
-#[command(name = "ragd-bench", about = "Measure embedding, generation and answer latency")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
 #[derive(Subcommand)]
-enum Command {
+pub(crate) enum BenchCommand {
     /// Embedding throughput over corpus texts.
     Embed {
         #[arg(long, default_value = "../shared/data/debian-faq-en")]
@@ -46,9 +41,15 @@ enum Command {
         /// Prompt length for the prefill measurement.
         #[arg(long, default_value_t = 512)]
         prompt_tokens: usize,
-        /// Tokens decoded one at a time.
-        #[arg(long, default_value_t = 64)]
-        decode_tokens: usize,
+        /// Tokens decoded one at a time after the prompt.
+        #[arg(long, alias = "decode-tokens", default_value_t = 64)]
+        new_tokens: usize,
+        /// Runs; the figures are the medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
     },
     /// Ingest throughput (cold, then unchanged) and restart time with and without
     /// the index dump, on a fresh data directory.
@@ -106,29 +107,17 @@ fn corpus_texts(corpus: &Path) -> Result<Vec<Value>> {
     read_jsonl(&corpus.join("corpus.jsonl"))
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Embed { corpus, model, texts } => bench_embed(&corpus, &model, texts),
-        Command::Generate { model, corpus, prompt_tokens, decode_tokens } => {
-            bench_generate(&model, &corpus, prompt_tokens, decode_tokens)
+pub(crate) async fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Embed { corpus, model, texts } => bench_embed(&corpus, &model, texts),
+        BenchCommand::Generate { model, corpus, prompt_tokens, new_tokens, runs, json } => {
+            bench_generate(&model, &corpus, prompt_tokens, new_tokens, runs.max(1), json)
         }
-        Command::Ingest { corpus, batch, limit } => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(bench_ingest(&corpus, batch.max(1), limit)),
-        Command::Search { corpus, data_dir, config, clients, requests, top_k } => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench_search(
-                &corpus,
-                &data_dir,
-                config.as_deref(),
-                clients,
-                requests,
-                top_k,
-            ))
+        BenchCommand::Ingest { corpus, batch, limit } => bench_ingest(&corpus, batch.max(1), limit).await,
+        BenchCommand::Search { corpus, data_dir, config, clients, requests, top_k } => {
+            bench_search(&corpus, &data_dir, config.as_deref(), clients, requests, top_k).await
         }
-        Command::Ask { corpus, model, questions } => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench_ask(&corpus, model, questions))
-        }
+        BenchCommand::Ask { corpus, model, questions } => bench_ask(&corpus, model, questions).await,
     }
 }
 
@@ -160,41 +149,80 @@ fn bench_embed(corpus: &Path, model: &Path, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn bench_generate(model: &Path, corpus: &Path, prompt_tokens: usize, decode_tokens: usize) -> Result<()> {
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench_generate(
+    model: &Path,
+    corpus: &Path,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    runs: usize,
+    json_out: bool,
+) -> Result<()> {
     let started = Instant::now();
     let mut g = Generator::load(model)?;
     let load_s = started.elapsed().as_secs_f64();
+    // The prompt: the first N tokens of the corpus texts, the same ids llama.cpp
+    // gives (bench/compare-llamacpp feeds it the same text).
     let text: String = corpus_texts(corpus)?.iter().filter_map(|d| d["text"].as_str()).collect::<Vec<_>>().join("\n\n");
     let mut ids = g.tokenizer().encode_plain(&text)?;
     ids.truncate(prompt_tokens);
     if ids.len() < prompt_tokens {
         bail!("the corpus has only {} tokens", ids.len());
     }
-    g.feed(&ids[..16], 0)?; // warm-up
-    let started = Instant::now();
-    let mut logits = g.feed(&ids, 0)?;
-    let prefill_s = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let mut pos = ids.len();
-    for _ in 0..decode_tokens {
-        let next = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0);
-        logits = g.feed(&[next], pos)?;
-        pos += 1;
+    g.feed(&ids[..16.min(ids.len())], 0)?; // warm-up
+    let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let started = Instant::now();
+        let mut logits = g.feed(&ids, 0)?;
+        let prefill_s = started.elapsed().as_secs_f64();
+        let argmax = |l: &[f32]| l.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0);
+        let mut next = argmax(&logits);
+        ttft.push(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let mut pos = ids.len();
+        for _ in 0..new_tokens {
+            logits = g.feed(&[next], pos)?;
+            next = argmax(&logits);
+            pos += 1;
+        }
+        let decode_s = started.elapsed().as_secs_f64();
+        prefill.push(ids.len() as f64 / prefill_s);
+        decode.push(new_tokens as f64 / decode_s);
     }
-    let decode_s = started.elapsed().as_secs_f64();
-    println!(
-        "generate: {} ({}), loaded in {:.2} s; prefill {} tokens in {:.2} s = {:.1} tokens/s; decode {} tokens in {:.2} s = {:.1} tokens/s",
-        g.name(),
-        g.architecture(),
-        load_s,
-        ids.len(),
-        prefill_s,
-        ids.len() as f64 / prefill_s,
-        decode_tokens,
-        decode_s,
-        decode_tokens as f64 / decode_s
-    );
+    let threads = rayon_threads();
+    let (prefill, decode, ttft) = (median(prefill), median(decode), median(ttft));
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "engine": "ragd (candle)", "model": g.name(), "architecture": g.architecture(),
+                "threads": threads, "runs": runs, "prompt_tokens": ids.len(), "new_tokens": new_tokens,
+                "load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode, "ttft_s": ttft,
+            })
+        );
+    } else {
+        println!(
+            "generate: {} ({}), {threads} threads, loaded in {load_s:.2} s; prompt {} tokens: prefill {prefill:.1} tokens/s, \
+             time to first token {ttft:.2} s; decode {new_tokens} tokens: {decode:.1} tokens/s (medians of {runs} runs)",
+            g.name(),
+            g.architecture(),
+            ids.len(),
+        );
+    }
     Ok(())
+}
+
+/// Threads candle's CPU kernels use (its rayon pool: RAYON_NUM_THREADS or the cores).
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 async fn bench_ingest(corpus: &Path, batch: usize, limit: usize) -> Result<()> {
