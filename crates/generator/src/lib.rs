@@ -14,6 +14,7 @@
 
 pub mod chat;
 pub mod gguf_tokenizer;
+pub mod requant;
 pub mod stream;
 
 use std::path::{Path, PathBuf};

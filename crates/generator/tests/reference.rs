@@ -61,7 +61,12 @@ fn smollm_tokenizer_matches_llama_cpp() {
 const TIE: f32 = 0.25;
 
 fn check_greedy(model_file: &str, reference_file: &str) {
-    let mut g = Generator::load(&model(model_file)).unwrap();
+    check_greedy_of(&model(model_file), reference_file)
+}
+
+fn check_greedy_of(path: &std::path::Path, reference_file: &str) {
+    let model_file = path.file_name().unwrap().to_string_lossy().into_owned();
+    let mut g = Generator::load(path).unwrap();
     let params = GenerateParams { max_tokens: 24, temperature: 0.0, ..Default::default() };
     let mut failures = Vec::new();
     for case in reference(reference_file) {
@@ -125,4 +130,27 @@ fn qwen_greedy_matches_llama_cpp() {
 #[test]
 fn smollm_greedy_matches_llama_cpp() {
     check_greedy("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-greedy.jsonl");
+}
+
+/// A copy with the slow tensor types (Q4_1, Q5_0) re-quantized to Q8_0 keeps
+/// llama.cpp's greedy answers on the original file, within the same tie margin.
+fn check_requantized(model_file: &str, reference_file: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join(model_file);
+    let started = std::time::Instant::now();
+    let done = ragd_generator::requant::requantize(&model(model_file), &copy).unwrap();
+    println!("{model_file}: {done:?} in {:.1} s", started.elapsed().as_secs_f64());
+    assert!(!done.is_empty(), "the packaged file has slow tensors");
+    assert!(ragd_generator::requant::slow_tensors(&copy).unwrap().is_empty(), "none are left in the copy");
+    check_greedy_of(&copy, reference_file);
+}
+
+#[test]
+fn requantized_qwen_stays_close_to_llama_cpp() {
+    check_requantized("Qwen2.5-Coder-0.5B-Instruct.gguf", "qwen2.5-coder-0.5b-greedy.jsonl");
+}
+
+#[test]
+fn requantized_smollm_stays_close_to_llama_cpp() {
+    check_requantized("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-greedy.jsonl");
 }

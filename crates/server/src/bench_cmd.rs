@@ -50,6 +50,10 @@ pub(crate) enum BenchCommand {
         /// Machine-readable output (one JSON object).
         #[arg(long)]
         json: bool,
+        /// Load the file's Q8_0 copy (made now if missing), as `ragd serve` does
+        /// with `generation.requantize = true`, instead of the file itself.
+        #[arg(long)]
+        requantize: bool,
     },
     /// Ingest throughput (cold, then unchanged) and restart time with and without
     /// the index dump, on a fresh data directory.
@@ -110,7 +114,8 @@ fn corpus_texts(corpus: &Path) -> Result<Vec<Value>> {
 pub(crate) async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Embed { corpus, model, texts } => bench_embed(&corpus, &model, texts),
-        BenchCommand::Generate { model, corpus, prompt_tokens, new_tokens, runs, json } => {
+        BenchCommand::Generate { model, corpus, prompt_tokens, new_tokens, runs, json, requantize } => {
+            let model = if requantize { ragd_generator::requant::fast_copy(&model)?.0 } else { model };
             bench_generate(&model, &corpus, prompt_tokens, new_tokens, runs.max(1), json)
         }
         BenchCommand::Ingest { corpus, batch, limit } => bench_ingest(&corpus, batch.max(1), limit).await,
@@ -199,7 +204,8 @@ fn bench_generate(
         println!(
             "{}",
             json!({
-                "engine": "ragd (candle)", "model": g.name(), "architecture": g.architecture(),
+                "engine": "ragd (candle)", "model": g.name(), "file": model.display().to_string(),
+                "architecture": g.architecture(),
                 "threads": threads, "runs": runs, "prompt_tokens": ids.len(), "new_tokens": new_tokens,
                 "load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode, "ttft_s": ttft,
             })

@@ -100,6 +100,9 @@ pub struct GenerationConfig {
     pub repeat_last_n: usize,
     /// Requests that may wait for the generator.
     pub queue_size: usize,
+    /// Run the model from a copy whose Q4_1/Q5_0/Q5_1 tensors are re-quantized
+    /// to Q8_0, which candle has fast CPU kernels for (made beside the file once).
+    pub requantize: bool,
 }
 
 /// A configuration that cannot be used.

@@ -125,7 +125,11 @@ pub async fn open_for_ingest(config: Config) -> Result<Arc<Engine>, String> {
 
 async fn load(config: Arc<Config>, slot: Arc<OnceLock<Arc<Engine>>>) -> Result<(), String> {
     let embedder = EmbedWorker::spawn(config.models.embedder.clone(), config.embedder.clone());
-    let generator = GenWorker::spawn(config.models.generator.clone(), config.generation.queue_size);
+    let generator = GenWorker::spawn(
+        config.models.generator.clone(),
+        config.generation.queue_size,
+        config.generation.requantize,
+    );
     let embedder = embedder.await.map_err(|_| "the embedder thread died while loading".to_string())??;
     let generator = generator.await.map_err(|_| "the generator thread died while loading".to_string())??;
     let engine = tokio::task::spawn_blocking(move || Engine::open(config, embedder, Some(generator)))

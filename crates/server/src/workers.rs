@@ -210,10 +210,21 @@ pub struct QueueFull;
 
 impl GenWorker {
     /// Starts the generator thread; the receiver yields the handle once the model is loaded.
-    pub fn spawn(path: PathBuf, queue_size: usize) -> oneshot::Receiver<Result<GenWorker, String>> {
+    pub fn spawn(path: PathBuf, queue_size: usize, requantize: bool) -> oneshot::Receiver<Result<GenWorker, String>> {
         let (ready_tx, ready_rx) = oneshot::channel();
         let spawned = std::thread::Builder::new().name("ragd-generator".into()).spawn(move || {
-            let mut generator = match Generator::load(&path) {
+            let file = if requantize {
+                match ragd_generator::requant::fast_copy(&path) {
+                    Ok((file, _)) => file,
+                    Err(e) => {
+                        tracing::warn!(error = %e, model = %path.display(), "cannot re-quantize; using the file as it is");
+                        path.clone()
+                    }
+                }
+            } else {
+                path.clone()
+            };
+            let mut generator = match Generator::load(&file) {
                 Ok(g) => g,
                 Err(e) => {
                     let _ = ready_tx.send(Err(format!("generator {}: {e}", path.display())));
