@@ -104,11 +104,23 @@ pub struct GenerateParams {
     pub repeat_penalty: f32,
     /// How many recent tokens `repeat_penalty` looks at.
     pub repeat_last_n: usize,
+    /// Stop with [`FinishReason::Timeout`] after the token being produced when
+    /// this moment has passed.
+    #[serde(skip)]
+    pub deadline: Option<Instant>,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_tokens: 256, temperature: 0.0, top_p: 0.9, seed: 42, repeat_penalty: 1.0, repeat_last_n: 64 }
+        Self {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 0.9,
+            seed: 42,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            deadline: None,
+        }
     }
 }
 
@@ -141,15 +153,18 @@ pub enum FinishReason {
     Length,
     /// The caller asked to stop (for example, the client went away).
     Cancelled,
+    /// The request's deadline passed.
+    Timeout,
 }
 
 impl FinishReason {
-    /// `stop`, `length` or `cancelled`, as serialised.
+    /// `stop`, `length`, `cancelled` or `timeout`, as serialised.
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Cancelled => "cancelled",
+            FinishReason::Timeout => "timeout",
         }
     }
 }
@@ -407,6 +422,10 @@ impl Generator {
                 }
             }
             if completion >= max_new {
+                break;
+            }
+            if params.deadline.is_some_and(|d| Instant::now() >= d) {
+                finish = FinishReason::Timeout;
                 break;
             }
             let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;

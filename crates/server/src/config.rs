@@ -103,6 +103,9 @@ pub struct GenerationConfig {
     /// Run the model from a copy whose Q4_1/Q5_0/Q5_1 tensors are re-quantized
     /// to Q8_0, which candle has fast CPU kernels for (made beside the file once).
     pub requantize: bool,
+    /// Seconds a request may take from arrival to its last token; an answer
+    /// still being written then ends with finish_reason "timeout".
+    pub timeout_s: f64,
 }
 
 /// A configuration that cannot be used.
@@ -208,6 +211,9 @@ impl Config {
         if g.queue_size == 0 {
             return invalid("generation.queue_size must be at least 1".into());
         }
+        if !(self.generation.timeout_s > 0.0 && self.generation.timeout_s <= 86_400.0) {
+            return invalid(format!("generation.timeout_s = {} must be within (0, 86400]", self.generation.timeout_s));
+        }
         self.generation_defaults().validate().map_err(|e| ConfigError::Invalid(format!("generation: {e}")))?;
         Ok(())
     }
@@ -222,6 +228,7 @@ impl Config {
             seed: g.seed,
             repeat_penalty: g.repeat_penalty,
             repeat_last_n: g.repeat_last_n,
+            deadline: None,
         }
     }
 }

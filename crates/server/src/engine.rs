@@ -639,6 +639,7 @@ impl Engine {
         }
         let g = &self.config.generation;
         let mut params = self.config.generation_defaults();
+        params.deadline = Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(g.timeout_s));
         if let Some(m) = req.max_tokens {
             if !(1..=g.max_tokens_limit).contains(&m) {
                 return Err(ApiError::Invalid(format!("max_tokens: must be within 1..={}", g.max_tokens_limit)));
