@@ -111,6 +111,9 @@ async fn smollm_ingest_ask_and_stream() {
     assert!(cited_ids(&answer).contains(&"everest".to_string()), "{answer}");
     assert!(answer["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
     assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    // The chat markup and system instruction were read when the model loaded.
+    let cached = answer["usage"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached > 20 && cached < answer["usage"]["prompt_tokens"].as_u64().unwrap(), "{answer}");
     for stage in ["retrieval_ms", "prompt_ms", "generation_ms"] {
         assert!(answer["timings"][stage].as_f64().is_some(), "{stage}");
     }

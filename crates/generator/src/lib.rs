@@ -14,6 +14,7 @@
 
 pub mod chat;
 pub mod gguf_tokenizer;
+mod models;
 pub mod requant;
 pub mod stream;
 
@@ -23,7 +24,9 @@ use std::time::Instant;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use candle_transformers::models::quantized_llama;
+
+use crate::models::qwen2 as quantized_qwen2;
 use serde::{Deserialize, Serialize};
 
 pub use chat::{ChatTemplate, Message};
@@ -66,6 +69,9 @@ pub enum GenerateError {
     Model(#[from] candle_core::Error),
 }
 
+/// The model with its KV cache. Cloning shares the weights and the cached keys
+/// and values (tensor handles), which is how a prefilled prompt prefix is reused.
+#[derive(Clone)]
 enum Weights {
     Qwen2(quantized_qwen2::ModelWeights),
     Llama(quantized_llama::ModelWeights),
@@ -184,6 +190,8 @@ pub struct Generation {
     pub prefill_ms: f64,
     /// Time spent generating after the first token, ms.
     pub decode_ms: f64,
+    /// Prompt tokens taken from the cached prefix instead of being read again.
+    pub cached_tokens: usize,
 }
 
 /// Tokens fed to the model per forward pass while reading the prompt; bounds the
@@ -193,6 +201,8 @@ const PREFILL_CHUNK: usize = 512;
 /// A loaded GGUF chat model with one KV cache.
 pub struct Generator {
     weights: Weights,
+    /// A prompt prefix and the model state after reading it (see [`Generator::cache_prefix`]).
+    prefix: Option<(Vec<u32>, Weights)>,
     tokenizer: GgufTokenizer,
     template: ChatTemplate,
     stop_ids: Vec<u32>,
@@ -273,7 +283,7 @@ impl Generator {
                 )))
             }
         };
-        Ok(Self { weights, tokenizer, template, stop_ids, context, architecture, name, device })
+        Ok(Self { weights, prefix: None, tokenizer, template, stop_ids, context, architecture, name, device })
     }
 
     /// The model's context window, in tokens.
@@ -346,6 +356,58 @@ impl Generator {
         Ok(self.prefill(ids, start)?.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?)
     }
 
+    /// Reads `ids` once and keeps the model state after them: a later
+    /// [`Generator::generate`] whose prompt starts with `ids` starts from that
+    /// state and reads only the rest. Meant for the fixed start of every prompt
+    /// (chat markup, system instruction). An empty `ids` drops the cache.
+    pub fn cache_prefix(&mut self, ids: &[u32]) -> Result<(), GenerateError> {
+        self.prefix = None;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        if ids.len() + 1 >= self.context {
+            return Err(GenerateError::PromptTooLong { prompt: ids.len(), context: self.context });
+        }
+        self.weights.clear();
+        self.prefill(ids, 0)?;
+        self.prefix = Some((ids.to_vec(), self.weights.clone()));
+        self.weights.clear();
+        Ok(())
+    }
+
+    /// Reads `prompt` from the cached prefix when it begins with it (and goes on:
+    /// the last prompt token's logits are needed), else from scratch. Returns the
+    /// logits after the prompt and how many tokens came from the cache.
+    fn start(&mut self, prompt: &[u32]) -> Result<(Tensor, usize), GenerateError> {
+        let cached = match &self.prefix {
+            Some((ids, state)) if ids.len() < prompt.len() && prompt.starts_with(ids) => {
+                self.weights = state.clone();
+                ids.len()
+            }
+            _ => {
+                self.weights.clear();
+                0
+            }
+        };
+        Ok((self.prefill(&prompt[cached..], cached)?, cached))
+    }
+
+    /// Reads `prompt` as [`Generator::generate`] does (from the cached prefix
+    /// when it applies) and returns the next-token logits and how many prompt
+    /// tokens came from the cache.
+    pub fn read_prompt(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize), GenerateError> {
+        if prompt.is_empty() || prompt.len() >= self.context {
+            return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context: self.context });
+        }
+        let (logits, cached) = self.start(prompt)?;
+        Ok((logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?, cached))
+    }
+
+    /// Length of the cached prefix (0 when none).
+    pub fn cached_prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |(ids, _)| ids.len())
+    }
+
     fn prefill(&mut self, ids: &[u32], start: usize) -> Result<Tensor, GenerateError> {
         let mut logits = None;
         for (i, piece) in ids.chunks(PREFILL_CHUNK).enumerate() {
@@ -388,9 +450,7 @@ impl Generator {
         };
         let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling);
         let started = Instant::now();
-        self.weights.clear();
-
-        let mut logits = self.prefill(prompt, 0)?;
+        let (mut logits, cached) = self.start(prompt)?;
 
         let mut text = String::new();
         let mut utf8 = Utf8Stream::new();
@@ -446,6 +506,7 @@ impl Generator {
             finish_reason: finish,
             prefill_ms: (first - started).as_secs_f64() * 1e3,
             decode_ms: first.elapsed().as_secs_f64() * 1e3,
+            cached_tokens: cached,
         })
     }
 }

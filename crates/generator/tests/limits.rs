@@ -45,3 +45,64 @@ fn a_passed_deadline_ends_the_answer_with_timeout() {
     assert_eq!(out.finish_reason.as_str(), "timeout");
     assert_eq!(out.completion_tokens, 1, "the token being produced is kept");
 }
+
+/// Reading the fixed start of the prompt once and starting later prompts from
+/// that state is exactly reading each prompt in two pieces cut there: the same
+/// next-token logits, bit for bit. (Reading a prompt in pieces moves logits by a
+/// few tenths against reading it whole — candle's kernels sum in another order
+/// for other shapes — so for Qwen the greedy answers are compared too.)
+fn check_prefix_cache(file: &str, same_text: bool) {
+    let dir = std::env::var_os("RAGD_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let mut g = Generator::load(&dir.join(file)).unwrap();
+    let chat = |g: &Generator, user: &str| {
+        let messages: Vec<Message> = serde_json::from_value(serde_json::json!([
+            { "role": "system", "content": "You answer in one short sentence." },
+            { "role": "user", "content": user }
+        ]))
+        .unwrap();
+        g.encode_chat(&messages).unwrap()
+    };
+    let a = chat(&g, "What colour is the sky on a clear day?");
+    let b = chat(&g, "Name a fruit that is yellow.");
+    let fixed = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    assert!(fixed > 5, "the system part is shared");
+    let params = GenerateParams { max_tokens: 16, ..Default::default() };
+    let split_logits: Vec<Vec<f32>> = [&a, &b]
+        .iter()
+        .map(|p| {
+            g.feed(&p[..fixed], 0).unwrap();
+            g.feed(&p[fixed..], fixed).unwrap()
+        })
+        .collect();
+    let whole_text: Vec<String> = [&a, &b].iter().map(|p| g.generate(p, &params, |_| true).unwrap().text).collect();
+    g.cache_prefix(&a[..fixed]).unwrap();
+    assert_eq!(g.cached_prefix_len(), fixed);
+    for (i, p) in [&a, &b, &a].iter().enumerate() {
+        let (logits, cached) = g.read_prompt(p).unwrap();
+        assert_eq!(cached, fixed);
+        assert!(logits == split_logits[i % 2], "{file}: prompt {i}: the cache is not the same as reading in two pieces");
+        let got = g.generate(p, &params, |_| true).unwrap();
+        assert_eq!(got.cached_tokens, fixed);
+        if same_text {
+            assert_eq!(got.text, whole_text[i % 2], "{file}: the cached prefix changes the answer");
+        }
+    }
+    // A prompt that does not start with the prefix is read whole.
+    let other = g.tokenizer().encode_plain("Hello there, how are you today?").unwrap();
+    assert_eq!(g.generate(&other, &params, |_| true).unwrap().cached_tokens, 0);
+}
+
+/// SmolLM2's greedy answers hit near-ties that reading in pieces can flip, so
+/// only its logits are compared.
+#[test]
+fn prefix_cache_gives_the_same_logits_llama() {
+    check_prefix_cache("SmolLM2-135M-Instruct.Q4_1.gguf", false);
+}
+
+#[test]
+fn prefix_cache_gives_the_same_answers_qwen2() {
+    check_prefix_cache("Qwen2.5-Coder-0.5B-Instruct.gguf", true);
+}
+

@@ -162,6 +162,9 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Their sum.
     pub total_tokens: usize,
+    /// Prompt tokens not read again: the fixed start of the prompt, read once
+    /// when the model loaded.
+    pub cached_tokens: usize,
 }
 
 /// Per-stage times in milliseconds.
@@ -996,7 +999,7 @@ impl AskProgress {
             sources: Vec::new(),
             finish_reason: "no_sources".into(),
             model: self.model,
-            usage: Usage { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 },
+            usage: Usage { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0, cached_tokens: 0 },
             timings: Timings {
                 retrieval_ms: self.retrieval_ms,
                 prompt_ms: 0.0,
@@ -1024,6 +1027,7 @@ impl AskProgress {
                 prompt_tokens: g.prompt_tokens,
                 completion_tokens: g.completion_tokens,
                 total_tokens: g.prompt_tokens + g.completion_tokens,
+                cached_tokens: g.cached_tokens,
             },
             timings: Timings {
                 retrieval_ms: self.retrieval_ms,

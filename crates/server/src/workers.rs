@@ -231,6 +231,15 @@ impl GenWorker {
                     return;
                 }
             };
+            // The start every prompt shares (chat markup, system instruction) is
+            // read once now; each question then reads only what follows it.
+            match fixed_prompt_prefix(&generator) {
+                Ok(prefix) => match generator.cache_prefix(&prefix) {
+                    Ok(()) => tracing::info!(tokens = prefix.len(), "prompt prefix cached"),
+                    Err(e) => tracing::warn!(error = %e, "cannot cache the prompt prefix"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot cache the prompt prefix"),
+            }
             let (tx, mut rx) = mpsc::channel::<GenJob>(queue_size.max(1));
             let handle =
                 GenWorker { tx, name: generator.name().to_string(), context: generator.context_length() };
@@ -257,6 +266,27 @@ impl GenWorker {
     pub fn submit(&self, job: GenJob) -> Result<(), QueueFull> {
         self.tx.try_send(job).map_err(|_| QueueFull)
     }
+}
+
+/// The tokens every prompt starts with: the common start of prompts rendered for
+/// unlike questions and passages. `generate` checks that a prompt really starts
+/// with them before it uses the cached state, so a sample that happens to share
+/// a token more than real prompts do costs a cache miss, never a wrong answer.
+fn fixed_prompt_prefix(generator: &Generator) -> Result<Vec<u32>, GenerateError> {
+    let samples = [
+        ("Why is the sky blue?", Passage { title: Some("Sky".into()), text: "Rayleigh scattering.".into() }),
+        ("2 + 2?", Passage { title: None, text: "(4)".into() }),
+        ("天空为什么是蓝色的？", Passage { title: Some("[x]".into()), text: "瑞利散射。".into() }),
+    ];
+    let mut prefix: Option<Vec<u32>> = None;
+    for (question, passage) in samples {
+        let ids = generator.encode_chat(&prompt::messages(question, &[passage]))?;
+        prefix = Some(match prefix {
+            None => ids,
+            Some(p) => p.iter().zip(&ids).take_while(|(a, b)| a == b).map(|(a, _)| *a).collect(),
+        });
+    }
+    Ok(prefix.unwrap_or_default())
 }
 
 fn run_job(generator: &mut Generator, job: GenJob) {

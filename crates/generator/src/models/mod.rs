@@ -1,0 +1,3 @@
+//! Model code kept in this crate (see each module for why).
+
+pub(crate) mod qwen2;
