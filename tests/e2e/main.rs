@@ -582,3 +582,48 @@ async fn the_multilingual_embedder_finds_passages_across_languages() {
     assert!(results.iter().any(|x| x["merged_with"].as_array().is_some_and(|m| !m.is_empty())), "{r}");
     server.shutdown().await.unwrap();
 }
+
+/// With a small context budget and long documents, the prompt and the answer
+/// stay inside the budget: passages are dropped lowest-ranked first (the last
+/// one shortened if need be) and the response lists them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_context_budget_is_never_exceeded() {
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(SMOLLM, data.path());
+    c.generation.max_context_tokens = 220;
+    c.generation.max_tokens = 48;
+    let mut server = ragd_server::start(c).await.expect("server starts");
+    server.wait_ready().await.expect("models load");
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let long = |topic: &str| {
+        (1..=30).map(|i| format!("Note {i} about {topic}: the keeper checks the lamp and logs the weather. ")).collect::<String>()
+    };
+    let docs = json!({ "documents": [
+        { "id": "lamp", "title": "Lamp", "text": long("the lighthouse lamp") },
+        { "id": "log", "title": "Log", "text": long("the lighthouse log") }
+    ]});
+    let (s, b) = post(&client, &format!("{base}/ingest"), &docs).await;
+    assert_eq!(s, 200, "{b}");
+    for top_k in [8, 1] {
+        let (s, a) = post(
+            &client,
+            &format!("{base}/ask"),
+            &json!({ "question": "What does the keeper check in the lighthouse?", "top_k": top_k, "max_tokens": 48 }),
+        )
+        .await;
+        assert_eq!(s, 200, "{a}");
+        let used = a["usage"]["prompt_tokens"].as_u64().unwrap() + a["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!(used <= 220, "prompt and answer use {used} tokens: {a}");
+        assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() + 48 <= 220, "room is kept for the answer: {a}");
+        // A 200-token chunk does not fit beside the instruction and the answer.
+        assert_eq!(a["trimmed"], a["sources"][0]["chunk_id"], "{a}");
+        let sources = a["sources"].as_array().unwrap().len();
+        let dropped = a["dropped"].as_array().map_or(0, Vec::len);
+        assert!(sources >= 1, "{a}");
+        if top_k == 8 {
+            assert!(dropped >= 1, "long passages do not all fit in 220 tokens: {a}");
+        }
+    }
+    server.shutdown().await.unwrap();
+}

@@ -211,7 +211,9 @@ async fn ask(
     let mut progress = progress;
     while let Some(event) = events.recv().await {
         match event {
-            GenEvent::Prompt { passages_used, prompt_ms, .. } => progress.prompt_ready(passages_used, prompt_ms),
+            GenEvent::Prompt { passages_used, trimmed, prompt_ms, .. } => {
+                progress.prompt_ready(passages_used, trimmed, prompt_ms)
+            }
             GenEvent::Token(_) => progress.token(),
             GenEvent::Done(generation) => return Ok(Json(engine.answer(progress, generation).await).into_response()),
             GenEvent::Failed { message, client_fault: true } => return Err(ApiError::Invalid(message)),
@@ -244,8 +246,8 @@ fn sse_response(
         // stops the generator at its next token.
         while let Some(ev) = events.recv().await {
             let out = match ev {
-                GenEvent::Prompt { passages_used, prompt_ms, .. } => {
-                    progress.prompt_ready(passages_used, prompt_ms);
+                GenEvent::Prompt { passages_used, trimmed, prompt_ms, .. } => {
+                    progress.prompt_ready(passages_used, trimmed, prompt_ms);
                     event("sources", &json!({ "sources": progress.sources() }))
                 }
                 GenEvent::Token(text) => {

@@ -103,6 +103,8 @@ pub struct GenerationConfig {
     /// Run the model from a copy whose Q4_1/Q5_0/Q5_1 tensors are re-quantized
     /// to Q8_0, which candle has fast CPU kernels for (made beside the file once).
     pub requantize: bool,
+    /// Most tokens for prompt and answer together; 0 = the model's context window.
+    pub max_context_tokens: usize,
     /// Seconds a request may take from arrival to its last token; an answer
     /// still being written then ends with finish_reason "timeout".
     pub timeout_s: f64,
@@ -210,6 +212,12 @@ impl Config {
         }
         if g.queue_size == 0 {
             return invalid("generation.queue_size must be at least 1".into());
+        }
+        if self.generation.max_context_tokens != 0 && self.generation.max_context_tokens <= self.generation.max_tokens {
+            return invalid(format!(
+                "generation.max_context_tokens = {} leaves no room for a prompt with max_tokens = {}",
+                self.generation.max_context_tokens, self.generation.max_tokens
+            ));
         }
         if !(self.generation.timeout_s > 0.0 && self.generation.timeout_s <= 86_400.0) {
             return invalid(format!("generation.timeout_s = {} must be within (0, 86400]", self.generation.timeout_s));

@@ -191,7 +191,14 @@ pub struct AskResponse {
     pub citations: Vec<Source>,
     /// The passages the model was given, best first, numbered as in the prompt.
     pub sources: Vec<Source>,
-    /// Why generation ended: `stop`, `length`, or `no_sources`.
+    /// Retrieved passages left out of the prompt to fit the context budget
+    /// (chunk ids, lowest-ranked last); empty when all fitted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
+    /// The chunk id of the passage shortened to fit, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trimmed: Option<String>,
+    /// Why generation ended: `stop`, `length`, `timeout`, `cancelled` or `no_sources`.
     pub finish_reason: String,
     /// The generator's model name.
     pub model: String,
@@ -218,6 +225,7 @@ pub struct AskRun {
 pub struct AskProgress {
     run_sources: Vec<Source>,
     used: usize,
+    trimmed: bool,
     prompt_ms: f64,
     first_token_ms: Option<f64>,
     started: Instant,
@@ -685,7 +693,13 @@ impl Engine {
                 text: s.text.clone(),
             }).collect();
         generator
-            .submit(GenJob { question: question.to_string(), passages, params, events: tx })
+            .submit(GenJob {
+                question: question.to_string(),
+                passages,
+                params,
+                context_budget: self.config.generation.max_context_tokens,
+                events: tx,
+            })
             .map_err(|_| ApiError::Busy { retry_after_secs: 2 })?;
         Ok(AskRun { sources, events: Some(rx), started, retrieval_ms, model })
     }
@@ -963,6 +977,7 @@ impl AskRun {
     pub fn into_parts(self) -> (Option<mpsc::UnboundedReceiver<GenEvent>>, AskProgress) {
         let progress = AskProgress {
             used: self.sources.len(),
+            trimmed: false,
             run_sources: self.sources,
             prompt_ms: 0.0,
             first_token_ms: None,
@@ -976,8 +991,9 @@ impl AskRun {
 
 impl AskProgress {
     /// Notes that the prompt uses the first `used` sources.
-    pub fn prompt_ready(&mut self, used: usize, prompt_ms: f64) {
+    pub fn prompt_ready(&mut self, used: usize, trimmed: bool, prompt_ms: f64) {
         self.used = used.min(self.run_sources.len());
+        self.trimmed = trimmed;
         self.prompt_ms = prompt_ms;
     }
 
@@ -997,6 +1013,8 @@ impl AskProgress {
             answer: "I don't know: no ingested document matches this question.".into(),
             citations: Vec::new(),
             sources: Vec::new(),
+            dropped: Vec::new(),
+            trimmed: None,
             finish_reason: "no_sources".into(),
             model: self.model,
             usage: Usage { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0, cached_tokens: 0 },
@@ -1021,6 +1039,8 @@ impl AskProgress {
             answer: g.text.trim().to_string(),
             citations,
             sources: sources.to_vec(),
+            dropped: self.run_sources[self.used..].iter().map(|s| s.chunk_id.clone()).collect(),
+            trimmed: if self.trimmed { sources.last().map(|s| s.chunk_id.clone()) } else { None },
             finish_reason: g.finish_reason.as_str().to_string(),
             model: self.model.clone(),
             usage: Usage {

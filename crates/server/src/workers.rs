@@ -161,8 +161,10 @@ impl EmbedWorker {
 pub enum GenEvent {
     /// The prompt is assembled.
     Prompt {
-        /// How many of the passages fit in the model's context.
+        /// How many of the passages fit in the context budget.
         passages_used: usize,
+        /// Whether the last of them was shortened to fit.
+        trimmed: bool,
         /// Tokens in the prompt.
         prompt_tokens: usize,
         /// Time to render and tokenize the prompt, ms.
@@ -190,6 +192,8 @@ pub struct GenJob {
     pub passages: Vec<Passage>,
     /// Sampling settings.
     pub params: GenerateParams,
+    /// Most tokens for prompt and answer together (0: the model's context).
+    pub context_budget: usize,
     /// Where events go.
     pub events: mpsc::UnboundedSender<GenEvent>,
 }
@@ -290,7 +294,7 @@ fn fixed_prompt_prefix(generator: &Generator) -> Result<Vec<u32>, GenerateError>
 }
 
 fn run_job(generator: &mut Generator, job: GenJob) {
-    let GenJob { question, passages, params, events } = job;
+    let GenJob { question, passages, params, context_budget, events } = job;
     let fail = |e: GenerateError| {
         let client_fault = matches!(e, GenerateError::PromptTooLong { .. } | GenerateError::InvalidParams(_));
         if !client_fault {
@@ -299,22 +303,48 @@ fn run_job(generator: &mut Generator, job: GenJob) {
         let message = if client_fault { e.to_string() } else { "generation failed".to_string() };
         let _ = events.send(GenEvent::Failed { message, client_fault });
     };
-    // Drop the lowest-ranked passages until prompt and answer fit the context.
+    // The prompt and the room reserved for the answer must fit the budget: drop
+    // the lowest-ranked passages, then trim the last one, until they do.
     let started = Instant::now();
-    let context = generator.context_length();
+    let budget = match context_budget {
+        0 => generator.context_length(),
+        n => n.min(generator.context_length()),
+    };
+    let mut passages = passages;
     let mut used = passages.len();
+    let mut trimmed = false;
     let prompt = loop {
         let ids = match generator.encode_chat(&prompt::messages(&question, &passages[..used])) {
             Ok(ids) => ids,
             Err(e) => return fail(e),
         };
-        if used <= 1 || ids.len() + params.max_tokens <= context {
+        let excess = (ids.len() + params.max_tokens).saturating_sub(budget);
+        if excess == 0 {
             break ids;
         }
-        used -= 1;
+        if used > 1 {
+            used -= 1;
+            continue;
+        }
+        // One passage left and still too long: shorten its text by about the
+        // excess (a token is at least one byte), at a character boundary.
+        let text = match passages.first_mut() {
+            Some(p) if !p.text.is_empty() => &mut p.text,
+            _ => break ids, // nothing left to trim: generate reports the overflow
+        };
+        let mut cut = text.len().saturating_sub(excess.max(8) * 2);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        trimmed = true;
     };
+    if prompt.len() + 1 >= budget {
+        return fail(GenerateError::PromptTooLong { prompt: prompt.len(), context: budget });
+    }
+    let params = GenerateParams { max_tokens: params.max_tokens.min(budget - prompt.len()), ..params };
     let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
-    if events.send(GenEvent::Prompt { passages_used: used, prompt_tokens: prompt.len(), prompt_ms }).is_err() {
+    if events.send(GenEvent::Prompt { passages_used: used, trimmed, prompt_tokens: prompt.len(), prompt_ms }).is_err() {
         return;
     }
     match generator.generate(&prompt, &params, |piece| events.send(GenEvent::Token(piece.to_string())).is_ok()) {
