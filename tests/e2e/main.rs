@@ -118,6 +118,17 @@ async fn smollm_ingest_ask_and_stream() {
         assert!(answer["timings"][stage].as_f64().is_some(), "{stage}");
     }
 
+    // Sampling with a seed repeats itself; a stop string ends the answer before it.
+    let sampled = json!({ "question": "How high is the summit of Mount Everest?", "temperature": 0.8,
+                          "sample_top_k": 20, "top_p": 0.95, "seed": 5, "max_tokens": 24, "stop": ["."] });
+    let (s1, a1) = post(&client, &format!("{base}/ask"), &sampled).await;
+    let (s2, a2) = post(&client, &format!("{base}/ask"), &sampled).await;
+    assert_eq!((s1, s2), (200, 200), "{a1} {a2}");
+    assert_eq!(a1["answer"], a2["answer"], "same request and seed, same answer");
+    assert!(!a1["answer"].as_str().unwrap().contains('.'), "{a1}");
+    let (s, e) = post(&client, &format!("{base}/ask"), &json!({ "question": "Everest?", "stop": ["", "x"] })).await;
+    assert_eq!(s, 422, "{e}");
+
     // Streamed: sources, then tokens, then done, in that order.
     let res = client
         .post(format!("{base}/ask"))

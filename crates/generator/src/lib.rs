@@ -103,6 +103,12 @@ pub struct GenerateParams {
     pub temperature: f64,
     /// Nucleus sampling mass, in (0, 1]; used when `temperature > 0`.
     pub top_p: f64,
+    /// Sample among the `top_k` most likely tokens only (0: no limit); used when
+    /// `temperature > 0`, before `top_p`.
+    pub top_k: usize,
+    /// The answer ends before the first occurrence of any of these strings
+    /// (which is not included), with finish reason `stop`.
+    pub stop: Vec<String>,
     /// Seed of the sampler.
     pub seed: u64,
     /// Divides the logits of tokens seen in the last `repeat_last_n` tokens
@@ -122,6 +128,8 @@ impl Default for GenerateParams {
             max_tokens: 256,
             temperature: 0.0,
             top_p: 0.9,
+            top_k: 0,
+            stop: Vec::new(),
             seed: 42,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
@@ -141,6 +149,9 @@ impl GenerateParams {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(GenerateError::InvalidParams("top_p must be within (0, 1]".into()));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(GenerateError::InvalidParams("stop strings must not be empty".into()));
         }
         if !(1.0..=2.0).contains(&self.repeat_penalty) {
             return Err(GenerateError::InvalidParams("repeat_penalty must be within 1..=2".into()));
@@ -192,6 +203,50 @@ pub struct Generation {
     pub decode_ms: f64,
     /// Prompt tokens taken from the cached prefix instead of being read again.
     pub cached_tokens: usize,
+}
+
+/// Holds back generated text that could be the start of a stop string, and
+/// finds stop strings across the pieces the model produces.
+struct StopStrings<'a> {
+    stops: &'a [String],
+    held: String,
+    stopped: bool,
+}
+
+impl<'a> StopStrings<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self { stops, held: String::new(), stopped: false }
+    }
+
+    /// Adds `piece`; returns the text that can be shown now and whether a stop
+    /// string was reached (the text before it is returned, the rest dropped).
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        if self.stops.is_empty() || self.stopped {
+            return (if self.stopped { String::new() } else { piece.to_string() }, self.stopped);
+        }
+        self.held.push_str(piece);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+            self.stopped = true;
+            let ready = self.held[..at].to_string();
+            self.held.clear();
+            return (ready, true);
+        }
+        // Keep the shortest tail that some stop string starts with.
+        let keep_from = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| self.stops.iter().any(|s| s.starts_with(&self.held[i..])))
+            .unwrap_or(self.held.len());
+        let ready = self.held[..keep_from].to_string();
+        self.held.drain(..keep_from);
+        (ready, false)
+    }
+
+    /// The text still held back (at the end of generation).
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
 }
 
 /// Tokens fed to the model per forward pass while reading the prompt; bounds the
@@ -441,13 +496,15 @@ impl Generator {
             return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context: self.context });
         }
         let max_new = params.max_tokens.min(self.context - prompt.len());
-        let sampling = if params.temperature <= 0.0 {
-            Sampling::ArgMax
-        } else if params.top_p >= 1.0 {
-            Sampling::All { temperature: params.temperature }
-        } else {
-            Sampling::TopP { p: params.top_p, temperature: params.temperature }
+        let (temperature, p, k) = (params.temperature, params.top_p, params.top_k);
+        let sampling = match (temperature <= 0.0, k > 0, p < 1.0) {
+            (true, _, _) => Sampling::ArgMax,
+            (false, true, true) => Sampling::TopKThenTopP { k, p, temperature },
+            (false, true, false) => Sampling::TopK { k, temperature },
+            (false, false, true) => Sampling::TopP { p, temperature },
+            (false, false, false) => Sampling::All { temperature },
         };
+        let mut stops = StopStrings::new(&params.stop);
         let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling);
         let started = Instant::now();
         let (mut logits, cached) = self.start(prompt)?;
@@ -475,9 +532,14 @@ impl Generator {
             completion += 1;
             let bytes = self.tokenizer.token_bytes.get(next as usize).map(Vec::as_slice).unwrap_or(&[]);
             if let Some(piece) = utf8.push(bytes) {
-                text.push_str(&piece);
-                if !on_text(&piece) {
+                let (ready, stopped) = stops.push(&piece);
+                text.push_str(&ready);
+                if !ready.is_empty() && !on_text(&ready) {
                     finish = FinishReason::Cancelled;
+                    break;
+                }
+                if stopped {
+                    finish = FinishReason::Stop;
                     break;
                 }
             }
@@ -492,10 +554,17 @@ impl Generator {
             logits = self.weights.forward(&input, pos)?;
             pos += 1;
         }
-        if let Some(piece) = utf8.finish() {
-            text.push_str(&piece);
-            if finish != FinishReason::Cancelled {
-                on_text(&piece);
+        if finish != FinishReason::Stop || !stops.stopped {
+            let mut rest = utf8.finish().map(|p| stops.push(&p).0).unwrap_or_default();
+            if !stops.stopped {
+                rest.push_str(&stops.flush());
+            }
+            text.push_str(&rest);
+            if finish != FinishReason::Cancelled && !rest.is_empty() {
+                on_text(&rest);
+            }
+            if stops.stopped {
+                finish = FinishReason::Stop;
             }
         }
         let first = first_token_at.unwrap_or_else(Instant::now);
@@ -508,5 +577,27 @@ impl Generator {
             decode_ms: first.elapsed().as_secs_f64() * 1e3,
             cached_tokens: cached,
         })
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::StopStrings;
+
+    #[test]
+    fn stop_strings_across_pieces() {
+        let stops = vec!["\n\nQuestion:".to_string(), "END".to_string()];
+        let mut s = StopStrings::new(&stops);
+        assert_eq!(s.push("Hello"), ("Hello".into(), false));
+        assert_eq!(s.push(" wor"), (" wor".into(), false));
+        assert_eq!(s.push("ld\n"), ("ld".into(), false), "a newline may start a stop string");
+        assert_eq!(s.push("\nQue"), ("".into(), false));
+        assert_eq!(s.push("stion: next"), ("".into(), true));
+        let mut s = StopStrings::new(&stops);
+        assert_eq!(s.push("a\nb"), ("a\nb".into(), false), "no stop string continues with b");
+        assert_eq!(s.push("xEN"), ("x".into(), false));
+        assert_eq!(s.flush(), "EN", "held text comes out at the end");
+        let none: Vec<String> = Vec::new();
+        assert_eq!(StopStrings::new(&none).push("ENDLESS"), ("ENDLESS".into(), false));
     }
 }

@@ -92,6 +92,8 @@ pub struct GenerationConfig {
     pub temperature: f64,
     /// Default nucleus mass.
     pub top_p: f64,
+    /// Default top-k for sampling (0 = no limit).
+    pub top_k: usize,
     /// Default sampler seed.
     pub seed: u64,
     /// Repetition penalty (1.0 = off).
@@ -233,6 +235,8 @@ impl Config {
             max_tokens: g.max_tokens,
             temperature: g.temperature,
             top_p: g.top_p,
+            top_k: g.top_k,
+            stop: Vec::new(),
             seed: g.seed,
             repeat_penalty: g.repeat_penalty,
             repeat_last_n: g.repeat_last_n,

@@ -109,6 +109,12 @@ pub struct AskRequest {
     pub top_p: Option<f64>,
     /// Sampler seed.
     pub seed: Option<u64>,
+    /// Sample among this many most likely tokens only (0 = no limit).
+    pub sample_top_k: Option<usize>,
+    /// Repetition penalty, 1 (off) to 2.
+    pub repeat_penalty: Option<f32>,
+    /// Up to 4 strings that end the answer (not included).
+    pub stop: Option<Vec<String>>,
     /// Conditions on `document_id` / `metadata.<key>` the passages must meet.
     pub filter: Option<Value>,
     /// `dense`, `lexical` or `hybrid` (default: `retrieval.mode`).
@@ -671,6 +677,24 @@ impl Engine {
         }
         if let Some(s) = req.seed {
             params.seed = s;
+        }
+        if let Some(k) = req.sample_top_k {
+            if k > 1000 {
+                return Err(ApiError::Invalid("sample_top_k: must be within 0..=1000".into()));
+            }
+            params.top_k = k;
+        }
+        if let Some(rp) = req.repeat_penalty {
+            if !(1.0..=2.0).contains(&rp) {
+                return Err(ApiError::Invalid("repeat_penalty: must be within 1..=2".into()));
+            }
+            params.repeat_penalty = rp;
+        }
+        if let Some(stop) = &req.stop {
+            if stop.len() > 4 || stop.iter().any(|s| s.is_empty() || s.chars().count() > 64) {
+                return Err(ApiError::Invalid("stop: at most 4 strings of 1 to 64 characters".into()));
+            }
+            params.stop = stop.clone();
         }
 
         let filter = Filter::parse(req.filter.as_ref())?;
