@@ -638,3 +638,57 @@ async fn the_context_budget_is_never_exceeded() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// One slot and a queue of one: while an answer streams, one more question waits
+/// (with a `queued` event) and the rest get 429 with Retry-After; when the first
+/// client goes away its slot is freed and the waiting question is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_429_and_a_disconnect_frees_the_slot() {
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(SMOLLM, data.path());
+    c.generation.slots = 1;
+    c.generation.queue_size = 1;
+    c.generation.max_tokens_limit = 4096;
+    let mut server = ragd_server::start(c).await.expect("server starts");
+    server.wait_ready().await.expect("models load");
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    ingest_three(&client, &base).await;
+    let stream = |max_tokens: u64| {
+        let (client, url) = (client.clone(), format!("{base}/ask"));
+        async move {
+            client
+                .post(url)
+                .header("accept", "text/event-stream")
+                .json(&json!({ "question": "Tell me everything about cats.", "max_tokens": max_tokens }))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // A long answer holds the only slot; wait for its first token.
+    let mut first = stream(4000).await;
+    let mut seen = String::new();
+    while !seen.contains("event: token") {
+        seen.push_str(&String::from_utf8_lossy(&first.chunk().await.unwrap().expect("the answer streams")));
+    }
+    let others = futures::future::join_all((0..4).map(|_| stream(8))).await;
+    let statuses: Vec<u16> = others.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 3, "{statuses:?}");
+    for r in others.iter().filter(|r| r.status() == 429) {
+        assert!(r.headers().contains_key("retry-after"));
+    }
+    // The client of the long answer goes away: the waiting question gets the slot.
+    drop(first);
+    let waiting = others.into_iter().find(|r| r.status() == 200).unwrap();
+    let body = waiting.text().await.unwrap();
+    let events = sse_events(&body);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"queued"), "{body}");
+    assert_eq!(events[0].1["position"], 1);
+    assert_eq!(names.last(), Some(&"done"), "{body}");
+    let ready: Value = client.get(format!("{base}/ready")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["generation"]["waiting"], 0, "{ready}");
+    server.shutdown().await.unwrap();
+}

@@ -254,6 +254,7 @@ impl<'a> StopStrings<'a> {
 const PREFILL_CHUNK: usize = 512;
 
 /// A loaded GGUF chat model with one KV cache.
+#[derive(Clone)]
 pub struct Generator {
     weights: Weights,
     /// A prompt prefix and the model state after reading it (see [`Generator::cache_prefix`]).
@@ -456,6 +457,14 @@ impl Generator {
         }
         let (logits, cached) = self.start(prompt)?;
         Ok((logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?, cached))
+    }
+
+    /// A second generator on the same weights (shared, not copied) with its own
+    /// KV cache, and the same cached prompt prefix: one per generation slot.
+    pub fn fork(&self) -> Generator {
+        let mut g = self.clone();
+        g.weights.clear();
+        g
     }
 
     /// Length of the cached prefix (0 when none).

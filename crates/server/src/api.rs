@@ -214,6 +214,7 @@ async fn ask(
             GenEvent::Prompt { passages_used, trimmed, prompt_ms, .. } => {
                 progress.prompt_ready(passages_used, trimmed, prompt_ms)
             }
+            GenEvent::Queued { .. } => {}
             GenEvent::Token(_) => progress.token(),
             GenEvent::Done(generation) => return Ok(Json(engine.answer(progress, generation).await).into_response()),
             GenEvent::Failed { message, client_fault: true } => return Err(ApiError::Invalid(message)),
@@ -227,7 +228,8 @@ fn event(name: &str, data: &serde_json::Value) -> Event {
     Event::default().event(name).data(data.to_string())
 }
 
-/// SSE: `sources`, then `token` events, then `done` (or `error`). Everything that
+/// SSE: `queued` (only while every generation slot is busy), `sources`, then
+/// `token` events, then `done` (or `error`). Everything that
 /// can be refused with a status was checked before this point.
 fn sse_response(
     engine: Arc<Engine>,
@@ -246,6 +248,7 @@ fn sse_response(
         // stops the generator at its next token.
         while let Some(ev) = events.recv().await {
             let out = match ev {
+                GenEvent::Queued { position } => event("queued", &json!({ "position": position })),
                 GenEvent::Prompt { passages_used, trimmed, prompt_ms, .. } => {
                     progress.prompt_ready(passages_used, trimmed, prompt_ms);
                     event("sources", &json!({ "sources": progress.sources() }))

@@ -102,6 +102,8 @@ pub struct GenerationConfig {
     pub repeat_last_n: usize,
     /// Requests that may wait for the generator.
     pub queue_size: usize,
+    /// Answers generated at the same time (threads sharing the model's weights).
+    pub slots: usize,
     /// Run the model from a copy whose Q4_1/Q5_0/Q5_1 tensors are re-quantized
     /// to Q8_0, which candle has fast CPU kernels for (made beside the file once).
     pub requantize: bool,
@@ -214,6 +216,9 @@ impl Config {
         }
         if g.queue_size == 0 {
             return invalid("generation.queue_size must be at least 1".into());
+        }
+        if !(1..=64).contains(&self.generation.slots) {
+            return invalid(format!("generation.slots = {} must be within 1..=64", self.generation.slots));
         }
         if self.generation.max_context_tokens != 0 && self.generation.max_context_tokens <= self.generation.max_tokens {
             return invalid(format!(

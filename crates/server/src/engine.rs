@@ -391,6 +391,7 @@ impl Engine {
             "documents": documents,
             "chunks": chunks,
             "index_at_start": self.index_source,
+            "generation": self.generator.as_ref().map(|g| g.load()),
         })
     }
 
@@ -716,7 +717,8 @@ impl Engine {
                 },
                 text: s.text.clone(),
             }).collect();
-        generator
+        let queued_tx = tx.clone();
+        let ahead = generator
             .submit(GenJob {
                 question: question.to_string(),
                 passages,
@@ -725,6 +727,9 @@ impl Engine {
                 events: tx,
             })
             .map_err(|_| ApiError::Busy { retry_after_secs: 2 })?;
+        if ahead > 0 {
+            let _ = queued_tx.send(GenEvent::Queued { position: ahead });
+        }
         Ok(AskRun { sources, events: Some(rx), started, retrieval_ms, model })
     }
 }

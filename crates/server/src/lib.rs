@@ -129,6 +129,7 @@ async fn load(config: Arc<Config>, slot: Arc<OnceLock<Arc<Engine>>>) -> Result<(
         config.models.generator.clone(),
         config.generation.queue_size,
         config.generation.requantize,
+        config.generation.slots,
     );
     let embedder = embedder.await.map_err(|_| "the embedder thread died while loading".to_string())??;
     let generator = generator.await.map_err(|_| "the generator thread died while loading".to_string())??;

@@ -13,6 +13,8 @@
 //!   channel; when the caller goes away the send fails and generation stops.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use ragd_embedder::{Embedder, EmbedderConfig, TextKind};
@@ -159,6 +161,11 @@ impl EmbedWorker {
 /// any number of `Token`s, then `Done` or `Failed`.
 #[derive(Debug)]
 pub enum GenEvent {
+    /// Every slot is busy: this many questions go first.
+    Queued {
+        /// 1 = next.
+        position: usize,
+    },
     /// The prompt is assembled.
     Prompt {
         /// How many of the passages fit in the context budget.
@@ -202,6 +209,12 @@ pub struct GenJob {
 #[derive(Clone, Debug)]
 pub struct GenWorker {
     tx: mpsc::Sender<GenJob>,
+    /// Jobs submitted and not yet taken by a slot.
+    waiting: Arc<AtomicUsize>,
+    /// Slots generating now.
+    busy: Arc<AtomicUsize>,
+    /// Generation slots (threads sharing the weights).
+    pub slots: usize,
     /// `general.name` of the model.
     pub name: String,
     /// Context window in tokens.
@@ -214,7 +227,13 @@ pub struct QueueFull;
 
 impl GenWorker {
     /// Starts the generator thread; the receiver yields the handle once the model is loaded.
-    pub fn spawn(path: PathBuf, queue_size: usize, requantize: bool) -> oneshot::Receiver<Result<GenWorker, String>> {
+    pub fn spawn(
+        path: PathBuf,
+        queue_size: usize,
+        requantize: bool,
+        slots: usize,
+    ) -> oneshot::Receiver<Result<GenWorker, String>> {
+        let slots = slots.max(1);
         let (ready_tx, ready_rx) = oneshot::channel();
         let spawned = std::thread::Builder::new().name("ragd-generator".into()).spawn(move || {
             let file = if requantize {
@@ -244,19 +263,33 @@ impl GenWorker {
                 },
                 Err(e) => tracing::warn!(error = %e, "cannot cache the prompt prefix"),
             }
-            let (tx, mut rx) = mpsc::channel::<GenJob>(queue_size.max(1));
-            let handle =
-                GenWorker { tx, name: generator.name().to_string(), context: generator.context_length() };
-            tracing::info!(model = %handle.name, architecture = generator.architecture(), context = handle.context, "generator loaded");
+            let (tx, rx) = mpsc::channel::<GenJob>(queue_size.max(1));
+            let (waiting, busy) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let handle = GenWorker {
+                tx,
+                waiting: Arc::clone(&waiting),
+                busy: Arc::clone(&busy),
+                slots,
+                name: generator.name().to_string(),
+                context: generator.context_length(),
+            };
+            tracing::info!(model = %handle.name, architecture = generator.architecture(), context = handle.context, slots, "generator loaded");
+            // Every slot takes the next job from the one queue; the weights are
+            // shared, each slot has its own KV cache.
+            let rx = Arc::new(std::sync::Mutex::new(rx));
+            for i in 1..slots {
+                let (mut g, rx, waiting, busy) = (generator.fork(), Arc::clone(&rx), Arc::clone(&waiting), Arc::clone(&busy));
+                let spawned = std::thread::Builder::new()
+                    .name(format!("ragd-generator-{i}"))
+                    .spawn(move || serve_slot(&mut g, &rx, &waiting, &busy));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, slot = i, "cannot start a generation slot");
+                }
+            }
             if ready_tx.send(Ok(handle)).is_err() {
                 return;
             }
-            while let Some(job) = rx.blocking_recv() {
-                if job.events.is_closed() {
-                    continue; // the caller left while queued
-                }
-                run_job(&mut generator, job);
-            }
+            serve_slot(&mut generator, &rx, &waiting, &busy);
         });
         if let Err(e) = spawned {
             let (tx, rx) = oneshot::channel();
@@ -266,9 +299,47 @@ impl GenWorker {
         ready_rx
     }
 
-    /// Queues a job, or fails at once when the queue is full.
-    pub fn submit(&self, job: GenJob) -> Result<(), QueueFull> {
-        self.tx.try_send(job).map_err(|_| QueueFull)
+    /// Slots, busy slots and questions waiting, as JSON for `/ready`.
+    pub fn load(&self) -> serde_json::Value {
+        serde_json::json!({
+            "slots": self.slots,
+            "busy": self.busy.load(Ordering::SeqCst),
+            "waiting": self.waiting.load(Ordering::SeqCst),
+        })
+    }
+
+    /// Queues a job, or fails at once when the queue is full. Returns how many
+    /// jobs will be started before this one once a slot frees (0: a slot is free).
+    pub fn submit(&self, job: GenJob) -> Result<usize, QueueFull> {
+        let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if self.tx.try_send(job).is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(QueueFull);
+        }
+        let free = self.slots.saturating_sub(self.busy.load(Ordering::SeqCst));
+        Ok((ahead + 1).saturating_sub(free))
+    }
+}
+
+/// One generation slot: takes jobs from the shared queue until it closes.
+fn serve_slot(
+    generator: &mut Generator,
+    rx: &std::sync::Mutex<mpsc::Receiver<GenJob>>,
+    waiting: &AtomicUsize,
+    busy: &AtomicUsize,
+) {
+    loop {
+        let job = match rx.lock() {
+            Ok(mut rx) => rx.blocking_recv(),
+            Err(_) => return,
+        };
+        let Some(job) = job else { return };
+        busy.fetch_add(1, Ordering::SeqCst);
+        waiting.fetch_sub(1, Ordering::SeqCst);
+        if !job.events.is_closed() {
+            run_job(generator, job); // else the caller left while queued
+        }
+        busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
