@@ -692,3 +692,84 @@ async fn a_full_queue_is_429_and_a_disconnect_frees_the_slot() {
     assert_eq!(ready["generation"]["waiting"], 0, "{ready}");
     server.shutdown().await.unwrap();
 }
+
+/// A `llama_cpp.server` child process, killed when dropped.
+struct LlamaServer(std::process::Child);
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `generation.backend = "openai"` against a real OpenAI-compatible engine:
+/// llama-cpp-python's server on loopback with the SmolLM2 file (installed from
+/// PyPI into its own environment by bench/compare-llamacpp on first use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("python3")
+        .arg(root.join("bench/compare-llamacpp"))
+        .arg("--print-python")
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let python = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _llama = LlamaServer(
+        std::process::Command::new(&python)
+            .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--n_ctx", "2048", "--n_threads", "2", "--model_alias", "smollm2", "--model"])
+            .arg(models_dir().join(SMOLLM))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("llama_cpp.server starts"),
+    );
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..600 {
+        if client.get(format!("{url}/v1/models")).send().await.is_ok_and(|r| r.status().is_success()) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(up, "llama_cpp.server did not come up on {url}");
+
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(SMOLLM, data.path());
+    c.generation.backend = "openai".into();
+    c.remote.url = url;
+    c.remote.model = "smollm2".into();
+    let mut server = ragd_server::start(c).await.expect("server starts");
+    server.wait_ready().await.expect("ready");
+    let base = format!("http://{}", server.addr);
+    ingest_three(&client, &base).await;
+
+    let answer = ask_json(&client, &base, "How high is the summit of Mount Everest?").await;
+    assert_eq!(answer["model"], "smollm2", "{answer}");
+    assert!(!answer["answer"].as_str().unwrap().trim().is_empty(), "{answer}");
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{answer}");
+    assert_eq!(answer["sources"][0]["document_id"], "everest", "{answer}");
+
+    let res = client
+        .post(format!("{base}/ask"))
+        .header("accept", "text/event-stream")
+        .json(&json!({ "question": "How long do cats sleep each day?", "max_tokens": 32 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let events = sse_events(&res.text().await.unwrap());
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"sources"), "{names:?}");
+    assert!(names.iter().filter(|n| **n == "token").count() > 1, "streamed token by token: {names:?}");
+    let (last, done) = events.last().unwrap();
+    assert_eq!(last, "done", "{names:?}");
+    let streamed: String = events.iter().filter(|(n, _)| n == "token").map(|(_, d)| d["text"].as_str().unwrap()).collect();
+    assert_eq!(done["answer"].as_str().unwrap(), streamed.trim(), "{done}");
+    server.shutdown().await.unwrap();
+}

@@ -32,6 +32,8 @@ pub struct Config {
     pub retrieval: RetrievalConfig,
     /// Generation defaults and limits.
     pub generation: GenerationConfig,
+    /// The OpenAI-compatible server for `generation.backend = "openai"`.
+    pub remote: crate::remote::RemoteConfig,
 }
 
 /// `[server]`
@@ -100,6 +102,8 @@ pub struct GenerationConfig {
     pub repeat_penalty: f32,
     /// Window of the repetition penalty.
     pub repeat_last_n: usize,
+    /// `local` (the GGUF model in this process) or `openai` (the server in `[remote]`).
+    pub backend: String,
     /// Requests that may wait for the generator.
     pub queue_size: usize,
     /// Answers generated at the same time (threads sharing the model's weights).
@@ -216,6 +220,22 @@ impl Config {
         }
         if g.queue_size == 0 {
             return invalid("generation.queue_size must be at least 1".into());
+        }
+        match self.generation.backend.as_str() {
+            "local" => {}
+            "openai" => {
+                let url = &self.remote.url;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return invalid(format!("remote.url = {url:?} must start with http:// or https://"));
+                }
+                if self.remote.model.trim().is_empty() {
+                    return invalid("remote.model must name the model to request".into());
+                }
+                if !(self.remote.connect_timeout_s > 0.0 && self.remote.connect_timeout_s <= 600.0) {
+                    return invalid("remote.connect_timeout_s must be within (0, 600]".into());
+                }
+            }
+            other => return invalid(format!("generation.backend = {other:?} must be \"local\" or \"openai\"")),
         }
         if !(1..=64).contains(&self.generation.slots) {
             return invalid(format!("generation.slots = {} must be within 1..=64", self.generation.slots));

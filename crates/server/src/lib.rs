@@ -20,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod extract;
 pub mod prompt;
+pub mod remote;
 pub mod retrieval;
 pub mod workers;
 
@@ -125,12 +126,18 @@ pub async fn open_for_ingest(config: Config) -> Result<Arc<Engine>, String> {
 
 async fn load(config: Arc<Config>, slot: Arc<OnceLock<Arc<Engine>>>) -> Result<(), String> {
     let embedder = EmbedWorker::spawn(config.models.embedder.clone(), config.embedder.clone());
-    let generator = GenWorker::spawn(
-        config.models.generator.clone(),
-        config.generation.queue_size,
-        config.generation.requantize,
-        config.generation.slots,
-    );
+    let generator = if config.generation.backend == "openai" {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(GenWorker::remote(config.remote.clone(), config.generation.queue_size, config.generation.slots));
+        rx
+    } else {
+        GenWorker::spawn(
+            config.models.generator.clone(),
+            config.generation.queue_size,
+            config.generation.requantize,
+            config.generation.slots,
+        )
+    };
     let embedder = embedder.await.map_err(|_| "the embedder thread died while loading".to_string())??;
     let generator = generator.await.map_err(|_| "the generator thread died while loading".to_string())??;
     let engine = tokio::task::spawn_blocking(move || Engine::open(config, embedder, Some(generator)))

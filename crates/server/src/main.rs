@@ -145,7 +145,11 @@ async fn main() -> anyhow::Result<()> {
             if let Some(g) = generator {
                 cfg.models.generator = g;
             }
+            let local = cfg.generation.backend == "local";
             for (what, path) in [("embedder", &cfg.models.embedder), ("generator", &cfg.models.generator)] {
+                if what == "generator" && !local {
+                    continue;
+                }
                 if !path.exists() {
                     anyhow::bail!(
                         "the {what} model {} does not exist: run scripts/fetch-models from the repository root, or set models.{what}",
@@ -153,7 +157,11 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
             }
-            tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
+            let mut shown = serde_json::to_value(&cfg).unwrap_or_default();
+            if !cfg.remote.api_key.is_empty() {
+                shown["remote"]["api_key"] = serde_json::json!("(redacted)");
+            }
+            tracing::info!(config = %shown, "effective configuration");
             let mut server = ragd_server::start(cfg).await.context("cannot listen")?;
             tracing::info!(addr = %server.addr, "listening");
             tokio::select! {

@@ -299,6 +299,17 @@ impl GenWorker {
         ready_rx
     }
 
+    /// Slots that send generation to an OpenAI-compatible server.
+    pub fn remote(config: crate::remote::RemoteConfig, queue_size: usize, slots: usize) -> Result<GenWorker, String> {
+        let slots = slots.max(1);
+        let (tx, rx) = mpsc::channel::<GenJob>(queue_size.max(1));
+        let (waiting, busy) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let name = config.model.clone();
+        tracing::info!(url = %config.url, model = %name, slots, "generation on a remote server");
+        crate::remote::spawn_slots(config, slots, rx, Arc::clone(&waiting), Arc::clone(&busy))?;
+        Ok(GenWorker { tx, waiting, busy, slots, name, context: 0 })
+    }
+
     /// Slots, busy slots and questions waiting, as JSON for `/ready`.
     pub fn load(&self) -> serde_json::Value {
         serde_json::json!({
