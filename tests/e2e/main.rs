@@ -772,4 +772,20 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
     let streamed: String = events.iter().filter(|(n, _)| n == "token").map(|(_, d)| d["text"].as_str().unwrap()).collect();
     assert_eq!(done["answer"].as_str().unwrap(), streamed.trim(), "{done}");
     server.shutdown().await.unwrap();
+
+    // A generation server that cannot be reached is a 502, after the retries.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(SMOLLM, data.path());
+    c.generation.backend = "openai".into();
+    c.remote.url = format!("http://127.0.0.1:{closed}");
+    c.remote.retries = 1;
+    let mut server = ragd_server::start(c).await.expect("server starts");
+    server.wait_ready().await.expect("ready");
+    let base = format!("http://{}", server.addr);
+    ingest_three(&client, &base).await;
+    let (s, e) = post(&client, &format!("{base}/ask"), &json!({ "question": "How long do cats sleep?" })).await;
+    assert_eq!(s, 502, "{e}");
+    assert_eq!(e["type"], "upstream_error", "{e}");
+    server.shutdown().await.unwrap();
 }

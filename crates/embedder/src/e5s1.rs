@@ -175,7 +175,7 @@ pub fn import(image: &Path, out_dir: &Path) -> Result<ImportReport, EmbedError> 
         eps: r.f32()?,
     };
     let block = r.count("block size", 1 << 16)?;
-    if block != QK || dims.hidden % dims.heads != 0 || !(dims.eps > 0.0 && dims.eps < 1.0) {
+    if block != QK || !dims.hidden.is_multiple_of(dims.heads) || !(dims.eps > 0.0 && dims.eps < 1.0) {
         return Err(bad(image, format!("unsupported E5S1 parameters: block {block}, {dims:?}")));
     }
     let vocab = read_vocab(&mut r, dims.vocab)?;

@@ -217,8 +217,7 @@ async fn ask(
             GenEvent::Queued { .. } => {}
             GenEvent::Token(_) => progress.token(),
             GenEvent::Done(generation) => return Ok(Json(engine.answer(progress, generation).await).into_response()),
-            GenEvent::Failed { message, client_fault: true } => return Err(ApiError::Invalid(message)),
-            GenEvent::Failed { message, client_fault: false } => return Err(ApiError::internal(message)),
+            GenEvent::Failed { message, fault } => return Err(fault.error(message)),
         }
     }
     Err(ApiError::internal("the generator stopped without an answer"))
@@ -262,8 +261,8 @@ fn sse_response(
                     let _ = tx.send(Ok(event("done", &done))).await;
                     return;
                 }
-                GenEvent::Failed { message, client_fault } => {
-                    let e = if client_fault { ApiError::Invalid(message) } else { ApiError::internal(message) };
+                GenEvent::Failed { message, fault } => {
+                    let e = fault.error(message);
                     let _ = tx.send(Ok(event("error", &e.body()))).await;
                     return;
                 }

@@ -188,11 +188,9 @@ fn bench_generate(
         let mut next = argmax(&logits);
         ttft.push(started.elapsed().as_secs_f64());
         let started = Instant::now();
-        let mut pos = ids.len();
-        for _ in 0..new_tokens {
+        for pos in ids.len()..ids.len() + new_tokens {
             logits = g.feed(&[next], pos)?;
             next = argmax(&logits);
-            pos += 1;
         }
         let decode_s = started.elapsed().as_secs_f64();
         prefill.push(ids.len() as f64 / prefill_s);

@@ -41,6 +41,10 @@ pub enum ApiError {
     /// A failure on our side; the detail is logged, not returned.
     #[error("internal error")]
     Internal(String),
+    /// The remote generation server failed or cannot be reached; the detail is
+    /// logged, not returned.
+    #[error("the generation server failed or cannot be reached")]
+    Upstream(String),
 }
 
 impl ApiError {
@@ -63,6 +67,7 @@ impl ApiError {
             ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+            ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error"),
         }
     }
 

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, Mutex};
 
 use crate::prompt;
-use crate::workers::{GenEvent, GenJob};
+use crate::workers::{Fault, GenEvent, GenJob};
 
 /// `[remote]`: the OpenAI-compatible server used when `generation.backend = "openai"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,7 +37,8 @@ pub struct RemoteConfig {
 }
 
 fn failed(events: &mpsc::UnboundedSender<GenEvent>, message: String, client_fault: bool) {
-    let _ = events.send(GenEvent::Failed { message, client_fault });
+    let fault = if client_fault { Fault::Client } else { Fault::Upstream };
+    let _ = events.send(GenEvent::Failed { message, fault });
 }
 
 /// Starts `slots` tasks answering jobs from `rx` on the remote server.

@@ -181,13 +181,39 @@ pub enum GenEvent {
     Token(String),
     /// Generation finished.
     Done(Generation),
-    /// Generation failed; `client_fault` tells a bad request from our failure.
+    /// Generation failed.
     Failed {
-        /// What to tell the client.
+        /// What to tell the client (or, for `Fault::Upstream`, to log).
         message: String,
-        /// Whether the request was at fault.
-        client_fault: bool,
+        /// Whose fault it was.
+        fault: Fault,
     },
+}
+
+/// Who caused a failed generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request (a prompt too long, a bad parameter): 422.
+    Client,
+    /// This server: 500.
+    Server,
+    /// The remote generation server: 502.
+    Upstream,
+}
+
+impl Fault {
+    /// The API error for a failure with `message`.
+    pub fn error(self, message: String) -> crate::error::ApiError {
+        use crate::error::ApiError;
+        match self {
+            Fault::Client => ApiError::Invalid(message),
+            Fault::Server => ApiError::internal(message),
+            Fault::Upstream => {
+                tracing::warn!(detail = %message, "generation server failed");
+                ApiError::Upstream(message)
+            }
+        }
+    }
 }
 
 /// One question for the generator.
@@ -383,7 +409,8 @@ fn run_job(generator: &mut Generator, job: GenJob) {
             tracing::error!(error = %e, "generation failed");
         }
         let message = if client_fault { e.to_string() } else { "generation failed".to_string() };
-        let _ = events.send(GenEvent::Failed { message, client_fault });
+        let fault = if client_fault { Fault::Client } else { Fault::Server };
+        let _ = events.send(GenEvent::Failed { message, fault });
     };
     // The prompt and the room reserved for the answer must fit the budget: drop
     // the lowest-ranked passages, then trim the last one, until they do.

@@ -69,6 +69,9 @@ pub enum StoreError {
     },
 }
 
+/// A stored chunk's key (its HNSW id) and vector.
+pub type KeyedVector = (usize, Vec<f32>);
+
 /// A chunk to store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewChunk {
@@ -281,7 +284,7 @@ fn vector_to_blob(v: &[f32]) -> Vec<u8> {
 }
 
 fn blob_to_vector(b: &[u8]) -> Option<Vec<f32>> {
-    (b.len() % 4 == 0).then(|| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    b.len().is_multiple_of(4).then(|| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 impl Store {
@@ -520,7 +523,7 @@ impl Store {
 
     /// Stores `doc` in one transaction, replacing an older version of the same id.
     /// Returns the status and the new chunks' keys with their vectors, for the index.
-    pub fn upsert(&mut self, doc: &NewDocument) -> Result<(UpsertStatus, Vec<(usize, Vec<f32>)>), StoreError> {
+    pub fn upsert(&mut self, doc: &NewDocument) -> Result<(UpsertStatus, Vec<KeyedVector>), StoreError> {
         let path = self.path.clone();
         let db = |source| StoreError::Db { path: path.clone(), source };
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
