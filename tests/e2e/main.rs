@@ -31,7 +31,12 @@ fn config(generator: &str, data_dir: &std::path::Path) -> Config {
 }
 
 async fn start(generator: &str, data_dir: &std::path::Path) -> (Server, String) {
-    let mut server = ragd_server::start(config(generator, data_dir)).await.expect("server starts");
+    start_with(config(generator, data_dir)).await
+}
+
+/// Starts a server with `config` and waits until it is ready; returns it and its base URL.
+async fn start_with(config: Config) -> (Server, String) {
+    let mut server = ragd_server::start(config).await.expect("server starts");
     server.wait_ready().await.expect("models load");
     let base = format!("http://{}", server.addr);
     (server, base)
@@ -529,9 +534,7 @@ async fn the_multilingual_embedder_finds_passages_across_languages() {
     let data = tempfile::tempdir().unwrap();
     let mut c = config(SMOLLM, data.path());
     c.models.embedder = models_dir().join("multilingual-e5-small");
-    let mut server = ragd_server::start(c).await.expect("server starts");
-    server.wait_ready().await.expect("models load");
-    let base = format!("http://{}", server.addr);
+    let (server, base) = start_with(c).await;
     let client = reqwest::Client::new();
     // Sections long enough that each becomes its own chunk.
     let brakes = "Check the brake pads every month and replace them when the grooves are worn flat. ".repeat(12);
@@ -603,9 +606,7 @@ async fn the_context_budget_is_never_exceeded() {
     let mut c = config(SMOLLM, data.path());
     c.generation.max_context_tokens = 220;
     c.generation.max_tokens = 48;
-    let mut server = ragd_server::start(c).await.expect("server starts");
-    server.wait_ready().await.expect("models load");
-    let base = format!("http://{}", server.addr);
+    let (server, base) = start_with(c).await;
     let client = reqwest::Client::new();
     let long = |topic: &str| {
         (1..=30).map(|i| format!("Note {i} about {topic}: the keeper checks the lamp and logs the weather. ")).collect::<String>()
@@ -649,9 +650,7 @@ async fn a_full_queue_is_429_and_a_disconnect_frees_the_slot() {
     c.generation.slots = 1;
     c.generation.queue_size = 1;
     c.generation.max_tokens_limit = 4096;
-    let mut server = ragd_server::start(c).await.expect("server starts");
-    server.wait_ready().await.expect("models load");
-    let base = format!("http://{}", server.addr);
+    let (server, base) = start_with(c).await;
     let client = reqwest::Client::new();
     ingest_three(&client, &base).await;
     let stream = |max_tokens: u64| {
@@ -744,9 +743,7 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
     c.generation.backend = "openai".into();
     c.remote.url = url;
     c.remote.model = "smollm2".into();
-    let mut server = ragd_server::start(c).await.expect("server starts");
-    server.wait_ready().await.expect("ready");
-    let base = format!("http://{}", server.addr);
+    let (server, base) = start_with(c).await;
     ingest_three(&client, &base).await;
 
     let answer = ask_json(&client, &base, "How high is the summit of Mount Everest?").await;
@@ -780,9 +777,7 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
     c.generation.backend = "openai".into();
     c.remote.url = format!("http://127.0.0.1:{closed}");
     c.remote.retries = 1;
-    let mut server = ragd_server::start(c).await.expect("server starts");
-    server.wait_ready().await.expect("ready");
-    let base = format!("http://{}", server.addr);
+    let (server, base) = start_with(c).await;
     ingest_three(&client, &base).await;
     let (s, e) = post(&client, &format!("{base}/ask"), &json!({ "question": "How long do cats sleep?" })).await;
     assert_eq!(s, 502, "{e}");

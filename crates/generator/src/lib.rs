@@ -435,6 +435,9 @@ impl Generator {
     /// the last prompt token's logits are needed), else from scratch. Returns the
     /// logits after the prompt and how many tokens came from the cache.
     fn start(&mut self, prompt: &[u32]) -> Result<(Tensor, usize), GenerateError> {
+        if prompt.is_empty() || prompt.len() >= self.context {
+            return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context: self.context });
+        }
         let cached = match &self.prefix {
             Some((ids, state)) if ids.len() < prompt.len() && prompt.starts_with(ids) => {
                 self.weights = state.clone();
@@ -452,9 +455,6 @@ impl Generator {
     /// when it applies) and returns the next-token logits and how many prompt
     /// tokens came from the cache.
     pub fn read_prompt(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize), GenerateError> {
-        if prompt.is_empty() || prompt.len() >= self.context {
-            return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context: self.context });
-        }
         let (logits, cached) = self.start(prompt)?;
         Ok((logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?, cached))
     }
@@ -501,9 +501,8 @@ impl Generator {
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, GenerateError> {
         params.validate()?;
-        if prompt.is_empty() || prompt.len() >= self.context {
-            return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context: self.context });
-        }
+        let started = Instant::now();
+        let (mut logits, cached) = self.start(prompt)?;
         let max_new = params.max_tokens.min(self.context - prompt.len());
         let (temperature, p, k) = (params.temperature, params.top_p, params.top_k);
         let sampling = match (temperature <= 0.0, k > 0, p < 1.0) {
@@ -515,9 +514,6 @@ impl Generator {
         };
         let mut stops = StopStrings::new(&params.stop);
         let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling);
-        let started = Instant::now();
-        let (mut logits, cached) = self.start(prompt)?;
-
         let mut text = String::new();
         let mut utf8 = Utf8Stream::new();
         let mut completion = 0usize;

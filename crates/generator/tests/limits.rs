@@ -6,13 +6,17 @@ use std::time::Instant;
 
 use ragd_generator::{FinishReason, GenerateParams, Generator, Message};
 
-fn smollm() -> Generator {
+fn load(file: &str) -> Generator {
     let dir = std::env::var_os("RAGD_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = dir.join(file);
     assert!(path.exists(), "{} is missing: run scripts/fetch-models", path.display());
     Generator::load(&path).unwrap()
+}
+
+fn smollm() -> Generator {
+    load("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 fn prompt(g: &Generator) -> Vec<u32> {
@@ -52,10 +56,7 @@ fn a_passed_deadline_ends_the_answer_with_timeout() {
 /// few tenths against reading it whole — candle's kernels sum in another order
 /// for other shapes — so for Qwen the greedy answers are compared too.)
 fn check_prefix_cache(file: &str, same_text: bool) {
-    let dir = std::env::var_os("RAGD_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let mut g = Generator::load(&dir.join(file)).unwrap();
+    let mut g = load(file);
     let chat = |g: &Generator, user: &str| {
         let messages: Vec<Message> = serde_json::from_value(serde_json::json!([
             { "role": "system", "content": "You answer in one short sentence." },

@@ -7,7 +7,6 @@
 //! generation would. A client that goes away drops the HTTP stream, which ends
 //! the remote generation.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, Mutex};
 
 use crate::prompt;
-use crate::workers::{Fault, GenEvent, GenJob};
+use crate::workers::{Fault, GenEvent, GenJob, SlotLoad};
 
 /// `[remote]`: the OpenAI-compatible server used when `generation.backend = "openai"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,8 +45,7 @@ pub(crate) fn spawn_slots(
     config: RemoteConfig,
     slots: usize,
     rx: mpsc::Receiver<GenJob>,
-    waiting: Arc<AtomicUsize>,
-    busy: Arc<AtomicUsize>,
+    load: Arc<SlotLoad>,
 ) -> Result<(), String> {
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs_f64(config.connect_timeout_s))
@@ -56,18 +54,15 @@ pub(crate) fn spawn_slots(
     let rx = Arc::new(Mutex::new(rx));
     let config = Arc::new(config);
     for _ in 0..slots.max(1) {
-        let (client, config, rx, waiting, busy) =
-            (client.clone(), Arc::clone(&config), Arc::clone(&rx), Arc::clone(&waiting), Arc::clone(&busy));
+        let (client, config, rx, load) = (client.clone(), Arc::clone(&config), Arc::clone(&rx), Arc::clone(&load));
         tokio::spawn(async move {
             loop {
                 let job = rx.lock().await.recv().await;
                 let Some(job) = job else { return };
-                busy.fetch_add(1, Ordering::SeqCst);
-                waiting.fetch_sub(1, Ordering::SeqCst);
+                let _busy = load.take();
                 if !job.events.is_closed() {
                     run(&client, &config, job).await;
                 }
-                busy.fetch_sub(1, Ordering::SeqCst);
             }
         });
     }

@@ -235,10 +235,8 @@ pub struct GenJob {
 #[derive(Clone, Debug)]
 pub struct GenWorker {
     tx: mpsc::Sender<GenJob>,
-    /// Jobs submitted and not yet taken by a slot.
-    waiting: Arc<AtomicUsize>,
-    /// Slots generating now.
-    busy: Arc<AtomicUsize>,
+    /// Questions waiting and slots busy.
+    load: Arc<SlotLoad>,
     /// Generation slots (threads sharing the weights).
     pub slots: usize,
     /// `general.name` of the model.
@@ -289,33 +287,26 @@ impl GenWorker {
                 },
                 Err(e) => tracing::warn!(error = %e, "cannot cache the prompt prefix"),
             }
-            let (tx, rx) = mpsc::channel::<GenJob>(queue_size.max(1));
-            let (waiting, busy) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-            let handle = GenWorker {
-                tx,
-                waiting: Arc::clone(&waiting),
-                busy: Arc::clone(&busy),
-                slots,
-                name: generator.name().to_string(),
-                context: generator.context_length(),
-            };
+            let (handle, rx) =
+                GenWorker::with_queue(queue_size, slots, generator.name().to_string(), generator.context_length());
             tracing::info!(model = %handle.name, architecture = generator.architecture(), context = handle.context, slots, "generator loaded");
             // Every slot takes the next job from the one queue; the weights are
             // shared, each slot has its own KV cache.
             let rx = Arc::new(std::sync::Mutex::new(rx));
             for i in 1..slots {
-                let (mut g, rx, waiting, busy) = (generator.fork(), Arc::clone(&rx), Arc::clone(&waiting), Arc::clone(&busy));
+                let (mut g, rx, load) = (generator.fork(), Arc::clone(&rx), Arc::clone(&handle.load));
                 let spawned = std::thread::Builder::new()
                     .name(format!("ragd-generator-{i}"))
-                    .spawn(move || serve_slot(&mut g, &rx, &waiting, &busy));
+                    .spawn(move || serve_slot(&mut g, &rx, &load));
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, slot = i, "cannot start a generation slot");
                 }
             }
+            let load = Arc::clone(&handle.load);
             if ready_tx.send(Ok(handle)).is_err() {
                 return;
             }
-            serve_slot(&mut generator, &rx, &waiting, &busy);
+            serve_slot(&mut generator, &rx, &load);
         });
         if let Err(e) = spawned {
             let (tx, rx) = oneshot::channel();
@@ -327,56 +318,79 @@ impl GenWorker {
 
     /// Slots that send generation to an OpenAI-compatible server.
     pub fn remote(config: crate::remote::RemoteConfig, queue_size: usize, slots: usize) -> Result<GenWorker, String> {
-        let slots = slots.max(1);
+        let (handle, rx) = GenWorker::with_queue(queue_size, slots, config.model.clone(), 0);
+        tracing::info!(url = %config.url, model = %handle.name, slots = handle.slots, "generation on a remote server");
+        crate::remote::spawn_slots(config, handle.slots, rx, Arc::clone(&handle.load))?;
+        Ok(handle)
+    }
+
+    /// The handle and the receiving end of its queue, for slots to take jobs from.
+    fn with_queue(queue_size: usize, slots: usize, name: String, context: usize) -> (GenWorker, mpsc::Receiver<GenJob>) {
         let (tx, rx) = mpsc::channel::<GenJob>(queue_size.max(1));
-        let (waiting, busy) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let name = config.model.clone();
-        tracing::info!(url = %config.url, model = %name, slots, "generation on a remote server");
-        crate::remote::spawn_slots(config, slots, rx, Arc::clone(&waiting), Arc::clone(&busy))?;
-        Ok(GenWorker { tx, waiting, busy, slots, name, context: 0 })
+        let load = Arc::new(SlotLoad { waiting: AtomicUsize::new(0), busy: AtomicUsize::new(0) });
+        (GenWorker { tx, load, slots: slots.max(1), name, context }, rx)
     }
 
     /// Slots, busy slots and questions waiting, as JSON for `/ready`.
     pub fn load(&self) -> serde_json::Value {
         serde_json::json!({
             "slots": self.slots,
-            "busy": self.busy.load(Ordering::SeqCst),
-            "waiting": self.waiting.load(Ordering::SeqCst),
+            "busy": self.load.busy.load(Ordering::SeqCst),
+            "waiting": self.load.waiting.load(Ordering::SeqCst),
         })
     }
 
     /// Queues a job, or fails at once when the queue is full. Returns how many
     /// jobs will be started before this one once a slot frees (0: a slot is free).
     pub fn submit(&self, job: GenJob) -> Result<usize, QueueFull> {
-        let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let ahead = self.load.waiting.fetch_add(1, Ordering::SeqCst);
         if self.tx.try_send(job).is_err() {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.load.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(QueueFull);
         }
-        let free = self.slots.saturating_sub(self.busy.load(Ordering::SeqCst));
+        let free = self.slots.saturating_sub(self.load.busy.load(Ordering::SeqCst));
         Ok((ahead + 1).saturating_sub(free))
     }
 }
 
+/// Questions waiting in the queue and slots generating, shared by the handle
+/// (which counts questions in) and the slots (which take them out).
+#[derive(Debug)]
+pub(crate) struct SlotLoad {
+    waiting: AtomicUsize,
+    busy: AtomicUsize,
+}
+
+impl SlotLoad {
+    /// A slot took a job off the queue; it is busy until the guard drops.
+    pub(crate) fn take(&self) -> BusySlot<'_> {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        BusySlot(self)
+    }
+}
+
+/// A slot at work; dropping it frees the slot.
+pub(crate) struct BusySlot<'a>(&'a SlotLoad);
+
+impl Drop for BusySlot<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// One generation slot: takes jobs from the shared queue until it closes.
-fn serve_slot(
-    generator: &mut Generator,
-    rx: &std::sync::Mutex<mpsc::Receiver<GenJob>>,
-    waiting: &AtomicUsize,
-    busy: &AtomicUsize,
-) {
+fn serve_slot(generator: &mut Generator, rx: &std::sync::Mutex<mpsc::Receiver<GenJob>>, load: &SlotLoad) {
     loop {
         let job = match rx.lock() {
             Ok(mut rx) => rx.blocking_recv(),
             Err(_) => return,
         };
         let Some(job) = job else { return };
-        busy.fetch_add(1, Ordering::SeqCst);
-        waiting.fetch_sub(1, Ordering::SeqCst);
+        let _busy = load.take();
         if !job.events.is_closed() {
             run_job(generator, job); // else the caller left while queued
         }
-        busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
