@@ -24,7 +24,11 @@ fn config(generator: &str, data_dir: &std::path::Path) -> Config {
     c.models.embedder = models_dir().join("all-MiniLM-L6-v2");
     c.models.generator = models_dir().join(generator);
     for p in [&c.models.embedder, &c.models.generator] {
-        assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
+        assert!(
+            p.exists(),
+            "{} is missing: run scripts/fetch-models",
+            p.display()
+        );
     }
     c.generation.max_tokens = 64;
     c
@@ -71,7 +75,12 @@ async fn ingest_three(client: &reqwest::Client, base: &str) {
 }
 
 fn cited_ids(answer: &Value) -> Vec<String> {
-    answer["citations"].as_array().unwrap().iter().map(|c| c["document_id"].as_str().unwrap().to_string()).collect()
+    answer["citations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["document_id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Parses a complete SSE body into (event, data) pairs.
@@ -93,7 +102,12 @@ fn sse_events(body: &str) -> Vec<(String, Value)> {
 }
 
 async fn ask_json(client: &reqwest::Client, base: &str, question: &str) -> Value {
-    let (status, answer) = post(client, &format!("{base}/ask"), &json!({ "question": question, "top_k": 3 })).await;
+    let (status, answer) = post(
+        client,
+        &format!("{base}/ask"),
+        &json!({ "question": question, "top_k": 3 }),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     answer
 }
@@ -103,8 +117,24 @@ async fn smollm_ingest_ask_and_stream() {
     let data = tempfile::tempdir().unwrap();
     let (server, base) = start(SMOLLM, data.path()).await;
     let client = reqwest::Client::new();
-    assert_eq!(client.get(format!("{base}/health")).send().await.unwrap().status(), 200);
-    assert_eq!(client.get(format!("{base}/ready")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     ingest_three(&client, &base).await;
 
     // JSON answer: the top source is the document about the question, the
@@ -113,12 +143,18 @@ async fn smollm_ingest_ask_and_stream() {
     println!("smollm answer: {answer:#}");
     assert_eq!(answer["sources"][0]["document_id"], "everest", "{answer}");
     assert!(!answer["answer"].as_str().unwrap().trim().is_empty());
-    assert!(cited_ids(&answer).contains(&"everest".to_string()), "{answer}");
+    assert!(
+        cited_ids(&answer).contains(&"everest".to_string()),
+        "{answer}"
+    );
     assert!(answer["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
     assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     // The chat markup and system instruction were read when the model loaded.
     let cached = answer["usage"]["cached_tokens"].as_u64().unwrap();
-    assert!(cached > 20 && cached < answer["usage"]["prompt_tokens"].as_u64().unwrap(), "{answer}");
+    assert!(
+        cached > 20 && cached < answer["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{answer}"
+    );
     for stage in ["retrieval_ms", "prompt_ms", "generation_ms"] {
         assert!(answer["timings"][stage].as_f64().is_some(), "{stage}");
     }
@@ -129,9 +165,17 @@ async fn smollm_ingest_ask_and_stream() {
     let (s1, a1) = post(&client, &format!("{base}/ask"), &sampled).await;
     let (s2, a2) = post(&client, &format!("{base}/ask"), &sampled).await;
     assert_eq!((s1, s2), (200, 200), "{a1} {a2}");
-    assert_eq!(a1["answer"], a2["answer"], "same request and seed, same answer");
+    assert_eq!(
+        a1["answer"], a2["answer"],
+        "same request and seed, same answer"
+    );
     assert!(!a1["answer"].as_str().unwrap().contains('.'), "{a1}");
-    let (s, e) = post(&client, &format!("{base}/ask"), &json!({ "question": "Everest?", "stop": ["", "x"] })).await;
+    let (s, e) = post(
+        &client,
+        &format!("{base}/ask"),
+        &json!({ "question": "Everest?", "stop": ["", "x"] }),
+    )
+    .await;
     assert_eq!(s, 422, "{e}");
 
     // Streamed: sources, then tokens, then done, in that order.
@@ -149,17 +193,28 @@ async fn smollm_ingest_ask_and_stream() {
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names.first(), Some(&"sources"), "{names:?}");
     assert_eq!(names.last(), Some(&"done"), "{names:?}");
-    assert!(names.len() >= 3 && names[1..names.len() - 1].iter().all(|n| *n == "token"), "{names:?}");
+    assert!(
+        names.len() >= 3 && names[1..names.len() - 1].iter().all(|n| *n == "token"),
+        "{names:?}"
+    );
     assert_eq!(events[0].1["sources"][0]["document_id"], "cats");
-    let streamed: String = events.iter().filter(|(n, _)| n == "token").map(|(_, d)| d["text"].as_str().unwrap()).collect();
+    let streamed: String = events
+        .iter()
+        .filter(|(n, _)| n == "token")
+        .map(|(_, d)| d["text"].as_str().unwrap())
+        .collect();
     let done = &events.last().unwrap().1;
     assert_eq!(done["answer"].as_str().unwrap(), streamed.trim());
-    assert!(done["citations"].is_array() && done["usage"].is_object() && done["timings"].is_object());
+    assert!(
+        done["citations"].is_array() && done["usage"].is_object() && done["timings"].is_object()
+    );
 
     // `"stream": true` in the body works too.
     let res = client
         .post(format!("{base}/ask"))
-        .json(&json!({ "question": "When was Rust 1.0 released?", "stream": true, "max_tokens": 8 }))
+        .json(
+            &json!({ "question": "When was Rust 1.0 released?", "stream": true, "max_tokens": 8 }),
+        )
         .send()
         .await
         .unwrap();
@@ -177,24 +232,67 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let client = reqwest::Client::new();
     let ingest = format!("{base}/ingest");
     let bad: Vec<(&str, Value, u16)> = vec![
-        ("empty text", json!({ "documents": [{ "id": "ok", "text": "fine" }, { "id": "bad", "text": "  " }] }), 422),
-        ("missing text", json!({ "documents": [{ "id": "ok", "text": "fine" }, { "id": "bad" }] }), 422),
-        ("unknown field", json!({ "documents": [{ "id": "ok", "text": "fine", "body": "x" }] }), 422),
+        (
+            "empty text",
+            json!({ "documents": [{ "id": "ok", "text": "fine" }, { "id": "bad", "text": "  " }] }),
+            422,
+        ),
+        (
+            "missing text",
+            json!({ "documents": [{ "id": "ok", "text": "fine" }, { "id": "bad" }] }),
+            422,
+        ),
+        (
+            "unknown field",
+            json!({ "documents": [{ "id": "ok", "text": "fine", "body": "x" }] }),
+            422,
+        ),
         ("no documents", json!({ "documents": [] }), 422),
-        ("duplicate ids", json!({ "documents": [{ "id": "ok", "text": "a" }, { "id": "ok", "text": "b" }] }), 422),
-        ("oversized", json!({ "documents": [{ "id": "ok", "text": "word ".repeat(60_000) }] }), 413),
+        (
+            "duplicate ids",
+            json!({ "documents": [{ "id": "ok", "text": "a" }, { "id": "ok", "text": "b" }] }),
+            422,
+        ),
+        (
+            "oversized",
+            json!({ "documents": [{ "id": "ok", "text": "word ".repeat(60_000) }] }),
+            413,
+        ),
     ];
     for (what, body, status) in bad {
         let (s, b) = post(&client, &ingest, &body).await;
         assert_eq!(s, status, "{what}: {b}");
-        assert!(b["error"].is_string() && b["type"].is_string(), "{what}: {b}");
+        assert!(
+            b["error"].is_string() && b["type"].is_string(),
+            "{what}: {b}"
+        );
     }
-    let res = client.post(&ingest).header("content-type", "application/json").body("{nope").send().await.unwrap();
+    let res = client
+        .post(&ingest)
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 400);
     // None of the refused requests stored "ok": ingesting it now creates it.
-    let (s, b) = post(&client, &ingest, &json!({ "documents": [{ "id": "ok", "text": "fine" }] })).await;
-    assert_eq!((s, b["documents"][0]["status"].as_str()), (200, Some("created")), "{b}");
-    let (_, b) = post(&client, &ingest, &json!({ "documents": [{ "id": "ok", "text": "fine" }] })).await;
+    let (s, b) = post(
+        &client,
+        &ingest,
+        &json!({ "documents": [{ "id": "ok", "text": "fine" }] }),
+    )
+    .await;
+    assert_eq!(
+        (s, b["documents"][0]["status"].as_str()),
+        (200, Some("created")),
+        "{b}"
+    );
+    let (_, b) = post(
+        &client,
+        &ingest,
+        &json!({ "documents": [{ "id": "ok", "text": "fine" }] }),
+    )
+    .await;
     assert_eq!(b["documents"][0]["status"], "unchanged");
 
     let ask = format!("{base}/ask");
@@ -204,8 +302,14 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("top_k zero", json!({ "question": "q", "top_k": 0 })),
         ("top_k too large", json!({ "question": "q", "top_k": 1000 })),
         ("unknown field", json!({ "question": "q", "topk": 2 })),
-        ("max_tokens zero", json!({ "question": "q", "max_tokens": 0 })),
-        ("temperature", json!({ "question": "q", "temperature": 9.0 })),
+        (
+            "max_tokens zero",
+            json!({ "question": "q", "max_tokens": 0 }),
+        ),
+        (
+            "temperature",
+            json!({ "question": "q", "temperature": 9.0 }),
+        ),
     ] {
         let (s, b) = post(&client, &ask, &body).await;
         assert_eq!(s, 422, "{what}: {b}");
@@ -221,7 +325,16 @@ async fn restart_gives_the_same_results_from_the_dump_or_a_rebuild() {
     let ask = json!({ "question": "What does Rust's borrow checker enforce?", "max_tokens": 12 });
     let ready = |base: String| {
         let client = client.clone();
-        async move { client.get(format!("{base}/ready")).send().await.unwrap().json::<Value>().await.unwrap() }
+        async move {
+            client
+                .get(format!("{base}/ready"))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
     };
     let (before_search, before_answer) = {
         let (server, base) = start(SMOLLM, data.path()).await;
@@ -234,7 +347,10 @@ async fn restart_gives_the_same_results_from_the_dump_or_a_rebuild() {
     };
     assert_eq!(before_search["results"][0]["document_id"], "rust");
     let same = |s: &Value, a: &Value| {
-        assert_eq!(s["results"], before_search["results"], "same search results");
+        assert_eq!(
+            s["results"], before_search["results"],
+            "same search results"
+        );
         assert_eq!(a["answer"], before_answer["answer"], "same greedy answer");
         assert_eq!(a["sources"], before_answer["sources"]);
     };
@@ -243,9 +359,20 @@ async fn restart_gives_the_same_results_from_the_dump_or_a_rebuild() {
     {
         let (server, base) = start(SMOLLM, data.path()).await;
         let r = ready(base.clone()).await;
-        assert_eq!((r["index_at_start"].as_str(), r["documents"].as_u64()), (Some("dump"), Some(3)), "{r}");
+        assert_eq!(
+            (r["index_at_start"].as_str(), r["documents"].as_u64()),
+            (Some("dump"), Some(3)),
+            "{r}"
+        );
         let (_, b) = post(&client, &format!("{base}/ingest"), &three_documents()).await;
-        assert!(b["documents"].as_array().unwrap().iter().all(|d| d["status"] == "unchanged"), "{b}");
+        assert!(
+            b["documents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["status"] == "unchanged"),
+            "{b}"
+        );
         let (_, s) = post(&client, &format!("{base}/search"), &search).await;
         let (_, a) = post(&client, &format!("{base}/ask"), &ask).await;
         same(&s, &a);
@@ -278,7 +405,10 @@ async fn qwen_answers_and_cites_the_right_document() {
     let text = answer["answer"].as_str().unwrap();
     assert!(!text.trim().is_empty());
     assert!(text.contains("8,849") || text.contains("8849"), "{text}");
-    assert!(cited_ids(&answer).contains(&"everest".to_string()), "{answer}");
+    assert!(
+        cited_ids(&answer).contains(&"everest".to_string()),
+        "{answer}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -287,24 +417,58 @@ async fn documents_are_listed_updated_and_deleted_for_good() {
     let data = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
     let everest_sources = |answer: &Value| {
-        answer["sources"].as_array().unwrap().iter().filter(|s| s["document_id"] == "everest").count()
+        answer["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["document_id"] == "everest")
+            .count()
     };
     {
         let (server, base) = start(SMOLLM, data.path()).await;
         ingest_three(&client, &base).await;
 
-        let list: Value = client.get(format!("{base}/documents?limit=2")).send().await.unwrap().json().await.unwrap();
-        let ids: Vec<&str> = list["documents"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+        let list: Value = client
+            .get(format!("{base}/documents?limit=2"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<&str> = list["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap())
+            .collect();
         assert_eq!(ids, vec!["cats", "everest"]);
         assert_eq!(list["next"], "everest");
-        let list: Value =
-            client.get(format!("{base}/documents?limit=2&after=everest")).send().await.unwrap().json().await.unwrap();
+        let list: Value = client
+            .get(format!("{base}/documents?limit=2&after=everest"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(list["documents"][0]["id"], "rust");
         assert!(list["next"].is_null());
-        let res = client.get(format!("{base}/documents?limit=0")).send().await.unwrap();
+        let res = client
+            .get(format!("{base}/documents?limit=0"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 422);
 
-        let doc: Value = client.get(format!("{base}/documents/everest")).send().await.unwrap().json().await.unwrap();
+        let doc: Value = client
+            .get(format!("{base}/documents/everest"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(doc["chunks"], 1);
         assert_eq!(doc["metadata"]["lang"], "en");
         assert!(doc["hash"].as_str().is_some_and(|h| h.len() == 64));
@@ -316,7 +480,11 @@ async fn documents_are_listed_updated_and_deleted_for_good() {
         assert_eq!(b["documents"][0]["status"], "updated", "{b}");
         let answer = ask_json(&client, &base, "Who first climbed Mount Everest?").await;
         assert_eq!(answer["sources"][0]["document_id"], "everest");
-        assert_eq!(everest_sources(&answer), 1, "only the new version is retrievable");
+        assert_eq!(
+            everest_sources(&answer),
+            1,
+            "only the new version is retrievable"
+        );
 
         // A long document changed at its end: only the chunks that changed are embedded.
         let paragraphs: Vec<String> = (0..12)
@@ -327,16 +495,43 @@ async fn documents_are_listed_updated_and_deleted_for_good() {
         let chunks = b["documents"][0]["chunks"].as_u64().unwrap();
         assert!(chunks >= 3, "{b}");
         assert_eq!(b["documents"][0]["embedded"].as_u64(), Some(chunks));
-        let (_, b) = post(&client, &format!("{base}/ingest"), &long("A different ending.")).await;
+        let (_, b) = post(
+            &client,
+            &format!("{base}/ingest"),
+            &long("A different ending."),
+        )
+        .await;
         assert_eq!(b["documents"][0]["status"], "updated");
         let embedded = b["documents"][0]["embedded"].as_u64().unwrap();
-        assert!(embedded >= 1 && embedded < chunks, "only the last chunk(s) re-embedded: {b}");
-        let (_, b) = post(&client, &format!("{base}/ingest"), &long("A different ending.")).await;
-        assert_eq!((b["documents"][0]["status"].as_str(), b["documents"][0]["embedded"].as_u64()), (Some("unchanged"), Some(0)));
+        assert!(
+            embedded >= 1 && embedded < chunks,
+            "only the last chunk(s) re-embedded: {b}"
+        );
+        let (_, b) = post(
+            &client,
+            &format!("{base}/ingest"),
+            &long("A different ending."),
+        )
+        .await;
+        assert_eq!(
+            (
+                b["documents"][0]["status"].as_str(),
+                b["documents"][0]["embedded"].as_u64()
+            ),
+            (Some("unchanged"), Some(0))
+        );
 
-        let res = client.delete(format!("{base}/documents/everest")).send().await.unwrap();
+        let res = client
+            .delete(format!("{base}/documents/everest"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200);
-        let res = client.delete(format!("{base}/documents/everest")).send().await.unwrap();
+        let res = client
+            .delete(format!("{base}/documents/everest"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 404);
         let answer = ask_json(&client, &base, "Who first climbed Mount Everest?").await;
         assert_eq!(everest_sources(&answer), 0, "{answer}");
@@ -344,7 +539,15 @@ async fn documents_are_listed_updated_and_deleted_for_good() {
     }
     // Still gone after a restart.
     let (server, base) = start(SMOLLM, data.path()).await;
-    assert_eq!(client.get(format!("{base}/documents/everest")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        client
+            .get(format!("{base}/documents/everest"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     let answer = ask_json(&client, &base, "How high is the summit of Mount Everest?").await;
     assert_eq!(everest_sources(&answer), 0, "{answer}");
     server.shutdown().await.unwrap();
@@ -371,51 +574,123 @@ async fn search_honours_filters_and_tombstones() {
     let (s, b) = post(&client, &format!("{base}/ingest"), &notes("first", 0..120)).await;
     assert_eq!(s, 200, "{b}");
     let (_, b) = post(&client, &format!("{base}/ingest"), &notes("second", 0..80)).await;
-    assert!(b["documents"].as_array().unwrap().iter().all(|d| d["status"] == "updated"));
+    assert!(b["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["status"] == "updated"));
 
-    let (s, r) = post(&client, &url, &json!({ "query": "meeting about topic 3", "top_k": 10 })).await;
+    let (s, r) = post(
+        &client,
+        &url,
+        &json!({ "query": "meeting about topic 3", "top_k": 10 }),
+    )
+    .await;
     assert_eq!(s, 200, "{r}");
     let results = r["results"].as_array().unwrap();
     assert_eq!(results.len(), 10);
-    let ids: Vec<&str> = results.iter().map(|x| x["document_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = results
+        .iter()
+        .map(|x| x["document_id"].as_str().unwrap())
+        .collect();
     let mut unique = ids.clone();
     unique.sort();
     unique.dedup();
-    assert_eq!(unique.len(), ids.len(), "no document twice (old versions are gone): {ids:?}");
-    assert!(results.iter().all(|x| !x["text"].as_str().unwrap().contains("(first)") || {
-        let n: usize = x["document_id"].as_str().unwrap()[5..].parse().unwrap();
-        n >= 80
-    }), "replaced text never comes back");
+    assert_eq!(
+        unique.len(),
+        ids.len(),
+        "no document twice (old versions are gone): {ids:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .all(|x| !x["text"].as_str().unwrap().contains("(first)") || {
+                let n: usize = x["document_id"].as_str().unwrap()[5..].parse().unwrap();
+                n >= 80
+            }),
+        "replaced text never comes back"
+    );
 
     // Filters: k results when k matching chunks exist.
-    let (_, r) = post(&client, &url, &json!({ "query": "meeting", "top_k": 20, "filter": { "metadata.lang": "de" } })).await;
+    let (_, r) = post(
+        &client,
+        &url,
+        &json!({ "query": "meeting", "top_k": 20, "filter": { "metadata.lang": "de" } }),
+    )
+    .await;
     let results = r["results"].as_array().unwrap();
     assert_eq!(results.len(), 20);
-    assert!(results.iter().all(|x| x["document_id"].as_str().unwrap()[5..].parse::<usize>().unwrap() % 2 == 1));
-    let (_, r) = post(&client, &url, &json!({ "query": "meeting", "top_k": 5, "filter": { "document_id": "note-42" } })).await;
+    assert!(results
+        .iter()
+        .all(|x| x["document_id"].as_str().unwrap()[5..]
+            .parse::<usize>()
+            .unwrap()
+            % 2
+            == 1));
+    let (_, r) = post(
+        &client,
+        &url,
+        &json!({ "query": "meeting", "top_k": 5, "filter": { "document_id": "note-42" } }),
+    )
+    .await;
     assert_eq!(r["results"].as_array().unwrap().len(), 1);
     assert_eq!(r["results"][0]["document_id"], "note-42");
     let (_, r) = post(&client, &url, &json!({ "query": "meeting", "top_k": 50, "filter": { "metadata.tag": { "in": ["t1", "t2"] } } })).await;
     assert_eq!(r["results"].as_array().unwrap().len(), 48);
-    let (s, _) = post(&client, &url, &json!({ "query": "meeting", "filter": { "lang": "de" } })).await;
+    let (s, _) = post(
+        &client,
+        &url,
+        &json!({ "query": "meeting", "filter": { "lang": "de" } }),
+    )
+    .await;
     assert_eq!(s, 422);
-    let (s, _) = post(&client, &url, &json!({ "query": "meeting", "mode": "fuzzy" })).await;
+    let (s, _) = post(
+        &client,
+        &url,
+        &json!({ "query": "meeting", "mode": "fuzzy" }),
+    )
+    .await;
     assert_eq!(s, 422);
     // The same boilerplate in two documents is returned once, with its position.
-    let boilerplate = "All rights reserved. Contact the office of records for permissions and reprints.";
-    let (_, b) = post(&client, &format!("{base}/ingest"), &json!({ "documents": [
-        { "id": "copy-a", "text": boilerplate }, { "id": "copy-b", "text": boilerplate } ] })).await;
+    let boilerplate =
+        "All rights reserved. Contact the office of records for permissions and reprints.";
+    let (_, b) = post(
+        &client,
+        &format!("{base}/ingest"),
+        &json!({ "documents": [
+        { "id": "copy-a", "text": boilerplate }, { "id": "copy-b", "text": boilerplate } ] }),
+    )
+    .await;
     assert_eq!(b["documents"][1]["status"], "created");
-    let (_, r) = post(&client, &url, &json!({ "query": "permissions and reprints office", "top_k": 5 })).await;
-    let copies = r["results"].as_array().unwrap().iter().filter(|x| x["text"] == boilerplate).count();
+    let (_, r) = post(
+        &client,
+        &url,
+        &json!({ "query": "permissions and reprints office", "top_k": 5 }),
+    )
+    .await;
+    let copies = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["text"] == boilerplate)
+        .count();
     assert_eq!(copies, 1, "{r}");
     let first = &r["results"][0];
-    assert_eq!((first["index"].as_u64(), first["start"].as_u64()), (Some(0), Some(0)), "{r}");
+    assert_eq!(
+        (first["index"].as_u64(), first["start"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
     assert_eq!(first["end"].as_u64(), Some(boilerplate.len() as u64));
     // Every mode honours filters and tombstones.
     for mode in ["dense", "lexical", "hybrid"] {
-        let (s, r) = post(&client, &url, &json!({ "query": "topic 7 meeting room", "top_k": 20, "mode": mode,
-            "filter": { "metadata.lang": "de" } })).await;
+        let (s, r) = post(
+            &client,
+            &url,
+            &json!({ "query": "topic 7 meeting room", "top_k": 20, "mode": mode,
+            "filter": { "metadata.lang": "de" } }),
+        )
+        .await;
         assert_eq!(s, 200, "{r}");
         let results = r["results"].as_array().unwrap();
         assert!(!results.is_empty(), "{mode}");
@@ -423,14 +698,22 @@ async fn search_honours_filters_and_tombstones() {
             let n: usize = x["document_id"].as_str().unwrap()[5..].parse().unwrap();
             assert_eq!(n % 2, 1, "{mode}: {x}");
             let first = x["text"].as_str().unwrap().contains("(first)");
-            assert!(!first || n >= 80, "{mode}: a replaced version came back: {x}");
+            assert!(
+                !first || n >= 80,
+                "{mode}: a replaced version came back: {x}"
+            );
         }
     }
     server.shutdown().await.unwrap();
 }
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)).unwrap()
+    std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name),
+    )
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,25 +722,54 @@ async fn files_of_each_kind_are_ingested_and_bad_files_fail_alone() {
     let (server, base) = start(SMOLLM, data.path()).await;
     let client = reqwest::Client::new();
     let part = |name: &str, mime: &str, bytes: Vec<u8>| {
-        reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()).mime_str(mime).unwrap()
+        reqwest::multipart::Part::bytes(bytes)
+            .file_name(name.to_string())
+            .mime_str(mime)
+            .unwrap()
     };
     let mut elf = b"\x7fELF\x02\x01\x01\x00".to_vec();
     elf.extend([0u8; 64]);
     let pdf = fixture("lighthouse.pdf");
     let form = reqwest::multipart::Form::new()
-        .part("file", part("tomatoes.txt", "text/plain", fixture("tomatoes.txt")))
-        .part("file", part("bicycle.md", "text/markdown", fixture("bicycle.md")))
+        .part(
+            "file",
+            part("tomatoes.txt", "text/plain", fixture("tomatoes.txt")),
+        )
+        .part(
+            "file",
+            part("bicycle.md", "text/markdown", fixture("bicycle.md")),
+        )
         // Declared as plain text: detected as HTML from its content.
-        .part("file", part("sourdough.html", "text/plain", fixture("sourdough.html")))
-        .part("file", part("lighthouse.pdf", "application/pdf", pdf.clone()))
-        .part("file", part("broken.pdf", "application/pdf", pdf[..pdf.len() / 3].to_vec()))
+        .part(
+            "file",
+            part("sourdough.html", "text/plain", fixture("sourdough.html")),
+        )
+        .part(
+            "file",
+            part("lighthouse.pdf", "application/pdf", pdf.clone()),
+        )
+        .part(
+            "file",
+            part(
+                "broken.pdf",
+                "application/pdf",
+                pdf[..pdf.len() / 3].to_vec(),
+            ),
+        )
         .part("file", part("program.txt", "text/plain", elf));
-    let res = client.post(format!("{base}/ingest")).multipart(form).send().await.unwrap();
+    let res = client
+        .post(format!("{base}/ingest"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     let docs = body["documents"].as_array().unwrap();
-    let status: Vec<(&str, &str)> =
-        docs.iter().map(|d| (d["id"].as_str().unwrap(), d["status"].as_str().unwrap())).collect();
+    let status: Vec<(&str, &str)> = docs
+        .iter()
+        .map(|d| (d["id"].as_str().unwrap(), d["status"].as_str().unwrap()))
+        .collect();
     assert_eq!(
         status,
         vec![
@@ -471,38 +783,98 @@ async fn files_of_each_kind_are_ingested_and_bad_files_fail_alone() {
         "{body}"
     );
     assert!(docs[4]["error"].as_str().unwrap().contains("PDF"), "{body}");
-    assert!(docs[5]["error"].as_str().unwrap().contains("binary"), "{body}");
+    assert!(
+        docs[5]["error"].as_str().unwrap().contains("binary"),
+        "{body}"
+    );
 
     let get = |id: &str| {
         let client = client.clone();
         let url = format!("{base}/documents/{id}");
-        async move { client.get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
     };
-    assert_eq!(get("sourdough.html").await["title"], "Sourdough starter care");
+    assert_eq!(
+        get("sourdough.html").await["title"],
+        "Sourdough starter care"
+    );
     assert_eq!(get("bicycle.md").await["title"], "Bicycle maintenance");
-    assert_eq!(get("lighthouse.pdf").await["title"], "Kestrel Point Lighthouse Manual");
+    assert_eq!(
+        get("lighthouse.pdf").await["title"],
+        "Kestrel Point Lighthouse Manual"
+    );
     assert_eq!(get("lighthouse.pdf").await["metadata"]["format"], "pdf");
 
     let search = |q: &str| {
         let client = client.clone();
         let url = format!("{base}/search");
         let body = json!({ "query": q, "top_k": 1 });
-        async move { client.post(url).json(&body).send().await.unwrap().json::<Value>().await.unwrap() }
+        async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
     };
     let r = search("How far does the lighthouse beam reach?").await;
     assert_eq!(r["results"][0]["document_id"], "lighthouse.pdf", "{r}");
-    assert!(r["results"][0]["text"].as_str().unwrap().contains("twenty-two nautical miles"), "{r}");
+    assert!(
+        r["results"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("twenty-two nautical miles"),
+        "{r}"
+    );
     let r = search("How often should I feed a sourdough starter?").await;
     assert_eq!(r["results"][0]["document_id"], "sourdough.html");
-    assert!(!r["results"][0]["text"].as_str().unwrap().contains("tracking"), "scripts are not indexed: {r}");
+    assert!(
+        !r["results"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("tracking"),
+        "scripts are not indexed: {r}"
+    );
 
     // A form part that is not a file is refused, and nothing else from it is stored.
     let form = reqwest::multipart::Form::new()
-        .part("file", part("other.txt", "text/plain", b"Another note about tomatoes.".to_vec()))
+        .part(
+            "file",
+            part(
+                "other.txt",
+                "text/plain",
+                b"Another note about tomatoes.".to_vec(),
+            ),
+        )
         .text("note", "not a file");
-    let res = client.post(format!("{base}/ingest")).multipart(form).send().await.unwrap();
+    let res = client
+        .post(format!("{base}/ingest"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 422);
-    assert_eq!(client.get(format!("{base}/documents/other.txt")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        client
+            .get(format!("{base}/documents/other.txt"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -520,7 +892,12 @@ async fn a_chinese_question_finds_the_chinese_document_among_english_ones() {
     ]});
     let (s, b) = post(&client, &format!("{base}/ingest"), &docs).await;
     assert_eq!(s, 200, "{b}");
-    let (s, r) = post(&client, &format!("{base}/search"), &json!({ "query": "中国的首都是哪里？", "top_k": 3 })).await;
+    let (s, r) = post(
+        &client,
+        &format!("{base}/search"),
+        &json!({ "query": "中国的首都是哪里？", "top_k": 3 }),
+    )
+    .await;
     assert_eq!(s, 200, "{r}");
     assert_eq!(r["results"][0]["document_id"], "beijing", "{r}");
     server.shutdown().await.unwrap();
@@ -537,8 +914,11 @@ async fn the_multilingual_embedder_finds_passages_across_languages() {
     let (server, base) = start_with(c).await;
     let client = reqwest::Client::new();
     // Sections long enough that each becomes its own chunk.
-    let brakes = "Check the brake pads every month and replace them when the grooves are worn flat. ".repeat(12);
-    let chain = "Oil the chain every few hundred kilometres and wipe off the excess with a rag. ".repeat(12);
+    let brakes =
+        "Check the brake pads every month and replace them when the grooves are worn flat. "
+            .repeat(12);
+    let chain = "Oil the chain every few hundred kilometres and wipe off the excess with a rag. "
+        .repeat(12);
     let guide = format!("# Bicycle guide\n\nKeep your bicycle in good order.\n\n## Brakes\n\n{brakes}\n\n## Chain\n\n{chain}\n");
     let docs = json!({ "documents": [
         { "id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France, on the Seine." },
@@ -550,13 +930,28 @@ async fn the_multilingual_embedder_finds_passages_across_languages() {
     let dense_top = |query: &'static str| {
         let (client, url) = (client.clone(), format!("{base}/search"));
         async move {
-            let (s, r) = post(&client, &url, &json!({ "query": query, "top_k": 2, "mode": "dense" })).await;
+            let (s, r) = post(
+                &client,
+                &url,
+                &json!({ "query": query, "top_k": 2, "mode": "dense" }),
+            )
+            .await;
             assert_eq!(s, 200, "{r}");
-            (r["results"][0]["document_id"].as_str().unwrap_or_default().to_string(), r)
+            (
+                r["results"][0]["document_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                r,
+            )
         }
     };
     // Chinese questions over English documents.
-    for (query, want) in [("法国的首都是哪里？", "paris"), ("番茄每天需要多少阳光？", "tomatoes"), ("自行车的刹车片什么时候更换？", "guide")] {
+    for (query, want) in [
+        ("法国的首都是哪里？", "paris"),
+        ("番茄每天需要多少阳光？", "tomatoes"),
+        ("自行车的刹车片什么时候更换？", "guide"),
+    ] {
         let (top, r) = dense_top(query).await;
         assert_eq!(top, want, "{query}: {r}");
     }
@@ -568,14 +963,32 @@ async fn the_multilingual_embedder_finds_passages_across_languages() {
     assert_eq!(s, 200, "{b}");
     let (top, r) = dense_top("Where is green tea grown in China?").await;
     assert_eq!(top, "tea", "{r}");
-    let (_, r) = post(&client, &format!("{base}/search"), &json!({ "query": "How often should I oil the chain?", "top_k": 1 })).await;
+    let (_, r) = post(
+        &client,
+        &format!("{base}/search"),
+        &json!({ "query": "How often should I oil the chain?", "top_k": 1 }),
+    )
+    .await;
     assert_eq!(r["results"][0]["document_id"], "guide", "{r}");
     assert_eq!(r["results"][0]["section"], "Bicycle guide > Chain", "{r}");
-    assert!(r["results"][0]["text"].as_str().unwrap().contains("Oil the chain"), "{r}");
+    assert!(
+        r["results"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Oil the chain"),
+        "{r}"
+    );
 
     // Overlapping neighbours come back as one passage: no text twice.
-    let long: String = (1..=40).map(|i| format!("Fact number {i} is about the lighthouse on the cliff. ")).collect();
-    let (s, b) = post(&client, &format!("{base}/ingest"), &json!({ "documents": [{ "id": "long", "text": long }] })).await;
+    let long: String = (1..=40)
+        .map(|i| format!("Fact number {i} is about the lighthouse on the cliff. "))
+        .collect();
+    let (s, b) = post(
+        &client,
+        &format!("{base}/ingest"),
+        &json!({ "documents": [{ "id": "long", "text": long }] }),
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
     assert!(b["documents"][0]["chunks"].as_u64().unwrap() >= 3, "{b}");
     let (_, r) = post(
@@ -585,15 +998,31 @@ async fn the_multilingual_embedder_finds_passages_across_languages() {
     )
     .await;
     let results = r["results"].as_array().unwrap();
-    let spans: Vec<(usize, usize)> =
-        results.iter().map(|x| (x["start"].as_u64().unwrap() as usize, x["end"].as_u64().unwrap() as usize)).collect();
+    let spans: Vec<(usize, usize)> = results
+        .iter()
+        .map(|x| {
+            (
+                x["start"].as_u64().unwrap() as usize,
+                x["end"].as_u64().unwrap() as usize,
+            )
+        })
+        .collect();
     for (i, a) in spans.iter().enumerate() {
-        assert_eq!(&long[a.0..a.1], results[i]["text"].as_str().unwrap(), "a result is a verbatim slice");
+        assert_eq!(
+            &long[a.0..a.1],
+            results[i]["text"].as_str().unwrap(),
+            "a result is a verbatim slice"
+        );
         for b in &spans[i + 1..] {
             assert!(a.1 <= b.0 || b.1 <= a.0, "results overlap: {spans:?}");
         }
     }
-    assert!(results.iter().any(|x| x["merged_with"].as_array().is_some_and(|m| !m.is_empty())), "{r}");
+    assert!(
+        results
+            .iter()
+            .any(|x| x["merged_with"].as_array().is_some_and(|m| !m.is_empty())),
+        "{r}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -609,7 +1038,11 @@ async fn the_context_budget_is_never_exceeded() {
     let (server, base) = start_with(c).await;
     let client = reqwest::Client::new();
     let long = |topic: &str| {
-        (1..=30).map(|i| format!("Note {i} about {topic}: the keeper checks the lamp and logs the weather. ")).collect::<String>()
+        (1..=30)
+            .map(|i| {
+                format!("Note {i} about {topic}: the keeper checks the lamp and logs the weather. ")
+            })
+            .collect::<String>()
     };
     let docs = json!({ "documents": [
         { "id": "lamp", "title": "Lamp", "text": long("the lighthouse lamp") },
@@ -625,16 +1058,23 @@ async fn the_context_budget_is_never_exceeded() {
         )
         .await;
         assert_eq!(s, 200, "{a}");
-        let used = a["usage"]["prompt_tokens"].as_u64().unwrap() + a["usage"]["completion_tokens"].as_u64().unwrap();
+        let used = a["usage"]["prompt_tokens"].as_u64().unwrap()
+            + a["usage"]["completion_tokens"].as_u64().unwrap();
         assert!(used <= 220, "prompt and answer use {used} tokens: {a}");
-        assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() + 48 <= 220, "room is kept for the answer: {a}");
+        assert!(
+            a["usage"]["prompt_tokens"].as_u64().unwrap() + 48 <= 220,
+            "room is kept for the answer: {a}"
+        );
         // A 200-token chunk does not fit beside the instruction and the answer.
         assert_eq!(a["trimmed"], a["sources"][0]["chunk_id"], "{a}");
         let sources = a["sources"].as_array().unwrap().len();
         let dropped = a["dropped"].as_array().map_or(0, Vec::len);
         assert!(sources >= 1, "{a}");
         if top_k == 8 {
-            assert!(dropped >= 1, "long passages do not all fit in 220 tokens: {a}");
+            assert!(
+                dropped >= 1,
+                "long passages do not all fit in 220 tokens: {a}"
+            );
         }
     }
     server.shutdown().await.unwrap();
@@ -669,12 +1109,22 @@ async fn a_full_queue_is_429_and_a_disconnect_frees_the_slot() {
     let mut first = stream(4000).await;
     let mut seen = String::new();
     while !seen.contains("event: token") {
-        seen.push_str(&String::from_utf8_lossy(&first.chunk().await.unwrap().expect("the answer streams")));
+        seen.push_str(&String::from_utf8_lossy(
+            &first.chunk().await.unwrap().expect("the answer streams"),
+        ));
     }
     let others = futures::future::join_all((0..4).map(|_| stream(8))).await;
     let statuses: Vec<u16> = others.iter().map(|r| r.status().as_u16()).collect();
-    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 1, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 3, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        3,
+        "{statuses:?}"
+    );
     for r in others.iter().filter(|r| r.status() == 429) {
         assert!(r.headers().contains_key("retry-after"));
     }
@@ -687,7 +1137,14 @@ async fn a_full_queue_is_429_and_a_disconnect_frees_the_slot() {
     assert_eq!(names.first(), Some(&"queued"), "{body}");
     assert_eq!(events[0].1["position"], 1);
     assert_eq!(names.last(), Some(&"done"), "{body}");
-    let ready: Value = client.get(format!("{base}/ready")).send().await.unwrap().json().await.unwrap();
+    let ready: Value = client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ready["generation"]["waiting"], 0, "{ready}");
     server.shutdown().await.unwrap();
 }
@@ -713,13 +1170,36 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
         .arg("--print-python")
         .output()
         .expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let python = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let _llama = LlamaServer(
         std::process::Command::new(&python)
-            .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--n_ctx", "2048", "--n_threads", "2", "--model_alias", "smollm2", "--model"])
+            .args([
+                "-m",
+                "llama_cpp.server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .args([
+                "--n_ctx",
+                "2048",
+                "--n_threads",
+                "2",
+                "--model_alias",
+                "smollm2",
+                "--model",
+            ])
             .arg(models_dir().join(SMOLLM))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -730,7 +1210,12 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
     let url = format!("http://127.0.0.1:{port}");
     let mut up = false;
     for _ in 0..600 {
-        if client.get(format!("{url}/v1/models")).send().await.is_ok_and(|r| r.status().is_success()) {
+        if client
+            .get(format!("{url}/v1/models"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             up = true;
             break;
         }
@@ -748,8 +1233,14 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
 
     let answer = ask_json(&client, &base, "How high is the summit of Mount Everest?").await;
     assert_eq!(answer["model"], "smollm2", "{answer}");
-    assert!(!answer["answer"].as_str().unwrap().trim().is_empty(), "{answer}");
-    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{answer}");
+    assert!(
+        !answer["answer"].as_str().unwrap().trim().is_empty(),
+        "{answer}"
+    );
+    assert!(
+        answer["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{answer}"
+    );
     assert_eq!(answer["sources"][0]["document_id"], "everest", "{answer}");
 
     let res = client
@@ -763,15 +1254,26 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
     let events = sse_events(&res.text().await.unwrap());
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names.first(), Some(&"sources"), "{names:?}");
-    assert!(names.iter().filter(|n| **n == "token").count() > 1, "streamed token by token: {names:?}");
+    assert!(
+        names.iter().filter(|n| **n == "token").count() > 1,
+        "streamed token by token: {names:?}"
+    );
     let (last, done) = events.last().unwrap();
     assert_eq!(last, "done", "{names:?}");
-    let streamed: String = events.iter().filter(|(n, _)| n == "token").map(|(_, d)| d["text"].as_str().unwrap()).collect();
+    let streamed: String = events
+        .iter()
+        .filter(|(n, _)| n == "token")
+        .map(|(_, d)| d["text"].as_str().unwrap())
+        .collect();
     assert_eq!(done["answer"].as_str().unwrap(), streamed.trim(), "{done}");
     server.shutdown().await.unwrap();
 
     // A generation server that cannot be reached is a 502, after the retries.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let data = tempfile::tempdir().unwrap();
     let mut c = config(SMOLLM, data.path());
     c.generation.backend = "openai".into();
@@ -779,7 +1281,12 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
     c.remote.retries = 1;
     let (server, base) = start_with(c).await;
     ingest_three(&client, &base).await;
-    let (s, e) = post(&client, &format!("{base}/ask"), &json!({ "question": "How long do cats sleep?" })).await;
+    let (s, e) = post(
+        &client,
+        &format!("{base}/ask"),
+        &json!({ "question": "How long do cats sleep?" }),
+    )
+    .await;
     assert_eq!(s, 502, "{e}");
     assert_eq!(e["type"], "upstream_error", "{e}");
     server.shutdown().await.unwrap();

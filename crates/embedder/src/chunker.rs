@@ -32,7 +32,10 @@ pub struct ChunkerConfig {
 
 impl Default for ChunkerConfig {
     fn default() -> Self {
-        Self { max_tokens: 200, overlap: 40 }
+        Self {
+            max_tokens: 200,
+            overlap: 40,
+        }
     }
 }
 
@@ -41,7 +44,10 @@ impl ChunkerConfig {
     /// two special tokens a BERT model adds).
     pub fn validate(&self, max_length: usize) -> Result<(), String> {
         if self.max_tokens < 16 {
-            return Err(format!("chunking.max_tokens = {} is below the minimum of 16", self.max_tokens));
+            return Err(format!(
+                "chunking.max_tokens = {} is below the minimum of 16",
+                self.max_tokens
+            ));
         }
         if self.max_tokens + 2 > max_length {
             return Err(format!(
@@ -92,7 +98,10 @@ impl ChunkSizer for TokenSizer {
         // The splitter's sizer cannot fail here. Encoding plain text does not fail
         // with the tokenizers ragd builds; if one ever did, the byte length is an
         // upper bound on the token count, so the chunk still fits the window.
-        self.0.encode_fast(chunk, false).map(|e| e.len()).unwrap_or(chunk.len())
+        self.0
+            .encode_fast(chunk, false)
+            .map(|e| e.len())
+            .unwrap_or(chunk.len())
     }
 }
 
@@ -114,7 +123,12 @@ fn headings(text: &str) -> Vec<Heading> {
     for (event, range) in Parser::new(text).into_offset_iter() {
         match event {
             Event::Start(Tag::Heading { level, .. }) => {
-                current = Some(Heading { start: range.start, end: range.end, level: level as usize, text: String::new() })
+                current = Some(Heading {
+                    start: range.start,
+                    end: range.end,
+                    level: level as usize,
+                    text: String::new(),
+                })
             }
             Event::End(TagEnd::Heading(_)) => {
                 if let Some(mut h) = current.take() {
@@ -144,7 +158,10 @@ fn headings(text: &str) -> Vec<Heading> {
 fn is_only_headings(chunk: &Chunk, heads: &[Heading]) -> bool {
     let mut pos = chunk.start;
     let mut rest = String::new();
-    for h in heads.iter().filter(|h| h.end > chunk.start && h.start < chunk.end) {
+    for h in heads
+        .iter()
+        .filter(|h| h.end > chunk.start && h.start < chunk.end)
+    {
         if h.start > pos {
             rest.push_str(&chunk.text[pos - chunk.start..h.start - chunk.start]);
         }
@@ -157,9 +174,15 @@ fn is_only_headings(chunk: &Chunk, heads: &[Heading]) -> bool {
 /// Splits `text` into chunks of at most `config.max_tokens` tokens of `tokenizer`.
 ///
 /// `tokenizer` is used without truncation or padding whatever its settings.
-pub fn chunk_text(tokenizer: &Tokenizer, text: &str, config: &ChunkerConfig) -> Result<Vec<Chunk>, EmbedError> {
+pub fn chunk_text(
+    tokenizer: &Tokenizer,
+    text: &str,
+    config: &ChunkerConfig,
+) -> Result<Vec<Chunk>, EmbedError> {
     let mut tokenizer = tokenizer.clone();
-    tokenizer.with_truncation(None).map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
     tokenizer.with_padding(None);
     let sizer = TokenSizer(tokenizer);
     let chunk_config = ChunkConfig::new(config.max_tokens.max(1))
@@ -216,7 +239,10 @@ mod tests {
     }
 
     fn cfg(max_tokens: usize, overlap: usize) -> ChunkerConfig {
-        ChunkerConfig { max_tokens, overlap }
+        ChunkerConfig {
+            max_tokens,
+            overlap,
+        }
     }
 
     #[test]
@@ -231,14 +257,24 @@ mod tests {
     #[test]
     fn empty_text_has_no_chunks() {
         assert!(chunk_text(&words(), "", &cfg(20, 4)).unwrap().is_empty());
-        assert!(chunk_text(&words(), " \n\t ", &cfg(20, 4)).unwrap().is_empty());
+        assert!(chunk_text(&words(), " \n\t ", &cfg(20, 4))
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
     fn one_word_is_one_chunk() {
         let chunks = chunk_text(&words(), "\nDebian\n", &cfg(20, 4)).unwrap();
         assert_eq!(chunks.len(), 1);
-        assert_eq!((chunks[0].text.as_str(), chunks[0].start, chunks[0].end, chunks[0].tokens), ("Debian", 1, 7, 1));
+        assert_eq!(
+            (
+                chunks[0].text.as_str(),
+                chunks[0].start,
+                chunks[0].end,
+                chunks[0].tokens
+            ),
+            ("Debian", 1, 7, 1)
+        );
         assert!(chunks[0].headings.is_empty());
     }
 
@@ -276,11 +312,18 @@ mod tests {
         assert_eq!(in_flags.section(), "Install > From source > Build flags");
         let packages = text.find("## From packages").unwrap();
         let after = chunks.iter().find(|c| c.start >= packages).unwrap();
-        assert_eq!(after.section(), "Install > From packages", "a sibling closes its predecessor: {after:?}");
+        assert_eq!(
+            after.section(),
+            "Install > From packages",
+            "a sibling closes its predecessor: {after:?}"
+        );
         let last = chunks.last().unwrap();
         assert_eq!(last.section(), "Setext title");
         // A chunk of nothing but a heading is dropped: the next chunk carries it.
-        assert!(chunks.iter().all(|c| !c.text.starts_with("Setext")), "{chunks:#?}");
+        assert!(
+            chunks.iter().all(|c| !c.text.starts_with("Setext")),
+            "{chunks:#?}"
+        );
     }
 
     #[test]
@@ -289,14 +332,19 @@ mod tests {
         let text = "北京是中国的首都也是政治文化中心".repeat(8);
         let chunks = chunk_text(&t, &text, &cfg(20, 0)).unwrap();
         assert!(chunks.len() > 1);
-        assert_eq!(chunks.iter().map(|c| c.text.as_str()).collect::<String>(), text);
+        assert_eq!(
+            chunks.iter().map(|c| c.text.as_str()).collect::<String>(),
+            text
+        );
         assert!(chunks.iter().all(|c| c.tokens <= 20 && c.tokens > 0));
     }
 
     #[test]
     fn chunks_respect_bounds_overlap_and_sentence_ends() {
         let sentence = "One two three four five six seven eight nine.";
-        let text = std::iter::repeat_n(sentence, 12).collect::<Vec<_>>().join(" ");
+        let text = std::iter::repeat_n(sentence, 12)
+            .collect::<Vec<_>>()
+            .join(" ");
         // Sentences of 10 tokens: three fit in 32; an overlap of 12 repeats one.
         let chunks = chunk_text(&words(), &text, &cfg(32, 12)).unwrap();
         assert!(chunks.len() >= 5, "{chunks:#?}");
@@ -304,8 +352,15 @@ mod tests {
             assert!(c.tokens <= 32, "chunk {i} has {} tokens", c.tokens);
             assert_eq!(&text[c.start..c.end], c.text);
             if i + 1 < chunks.len() {
-                assert!(c.text.ends_with('.'), "chunk {i} ends mid-sentence: {:?}", c.text);
-                assert!(chunks[i + 1].start < c.end, "chunk {i} and the next overlap");
+                assert!(
+                    c.text.ends_with('.'),
+                    "chunk {i} ends mid-sentence: {:?}",
+                    c.text
+                );
+                assert!(
+                    chunks[i + 1].start < c.end,
+                    "chunk {i} and the next overlap"
+                );
             }
         }
         assert_eq!(chunks.last().unwrap().end, text.len());
@@ -313,7 +368,10 @@ mod tests {
 
     #[test]
     fn paragraph_break_beats_sentence_end() {
-        let text = format!("{}\n\n{}", "a b c d e f g h i j k l. m n o p", "q r s t u v w x y z");
+        let text = format!(
+            "{}\n\n{}",
+            "a b c d e f g h i j k l. m n o p", "q r s t u v w x y z"
+        );
         let chunks = chunk_text(&words(), &text, &cfg(20, 2)).unwrap();
         assert_eq!(chunks[0].text, "a b c d e f g h i j k l. m n o p");
     }

@@ -40,7 +40,9 @@ use tokenizers::models::unigram::Unigram;
 use tokenizers::normalizers::{Replace, Sequence, NFKC};
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, NormalizedString, Normalizer, NormalizerWrapper, PaddingParams, Tokenizer};
+use tokenizers::{
+    AddedToken, NormalizedString, Normalizer, NormalizerWrapper, PaddingParams, Tokenizer,
+};
 
 use crate::EmbedError;
 
@@ -67,7 +69,10 @@ pub struct ImportReport {
 }
 
 fn bad(path: &Path, message: impl Into<String>) -> EmbedError {
-    EmbedError::Config { path: path.to_owned(), message: message.into() }
+    EmbedError::Config {
+        path: path.to_owned(),
+        message: message.into(),
+    }
 }
 
 /// A bounds-checked little-endian reader over the image.
@@ -79,9 +84,19 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], EmbedError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| {
-            bad(self.path, format!("truncated E5S1 image: {n} bytes wanted at offset {}", self.pos))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or_else(|| {
+                bad(
+                    self.path,
+                    format!(
+                        "truncated E5S1 image: {n} bytes wanted at offset {}",
+                        self.pos
+                    ),
+                )
+            })?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -90,16 +105,24 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, EmbedError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, EmbedError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, EmbedError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn f32(&mut self) -> Result<f32, EmbedError> {
-        Ok(f32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(f32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     /// A count or dimension: an i32 that must be positive and at most `max`.
     fn count(&mut self, what: &str, max: usize) -> Result<usize, EmbedError> {
@@ -145,7 +168,10 @@ struct TensorEntry {
 pub fn is_image(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == MAGIC
+    fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == MAGIC
 }
 
 /// Converts the E5S1 image at `image` into a model directory at `out_dir`
@@ -155,14 +181,24 @@ pub fn is_image(path: &Path) -> bool {
 /// last, so an interrupted import leaves no `model.safetensors` and is simply
 /// done again.
 pub fn import(image: &Path, out_dir: &Path) -> Result<ImportReport, EmbedError> {
-    let data = fs::read(image).map_err(|source| EmbedError::Io { path: image.to_owned(), source })?;
-    let mut r = Reader { data: &data, pos: 0, path: image };
+    let data = fs::read(image).map_err(|source| EmbedError::Io {
+        path: image.to_owned(),
+        source,
+    })?;
+    let mut r = Reader {
+        data: &data,
+        pos: 0,
+        path: image,
+    };
     if r.take(4)? != MAGIC {
         return Err(bad(image, "not an E5S1 image (bad magic)"));
     }
     let version = r.u32()?;
     if version != 1 {
-        return Err(bad(image, format!("E5S1 version {version} is not supported (only 1)")));
+        return Err(bad(
+            image,
+            format!("E5S1 version {version} is not supported (only 1)"),
+        ));
     }
     let dims = Dims {
         hidden: r.count("hidden size", 1 << 16)?,
@@ -175,18 +211,27 @@ pub fn import(image: &Path, out_dir: &Path) -> Result<ImportReport, EmbedError> 
         eps: r.f32()?,
     };
     let block = r.count("block size", 1 << 16)?;
-    if block != QK || !dims.hidden.is_multiple_of(dims.heads) || !(dims.eps > 0.0 && dims.eps < 1.0) {
-        return Err(bad(image, format!("unsupported E5S1 parameters: block {block}, {dims:?}")));
+    if block != QK || !dims.hidden.is_multiple_of(dims.heads) || !(dims.eps > 0.0 && dims.eps < 1.0)
+    {
+        return Err(bad(
+            image,
+            format!("unsupported E5S1 parameters: block {block}, {dims:?}"),
+        ));
     }
     let vocab = read_vocab(&mut r, dims.vocab)?;
     let entries = read_directory(&mut r, data.len())?;
 
-    fs::create_dir_all(out_dir.join("1_Pooling"))
-        .map_err(|source| EmbedError::Io { path: out_dir.to_owned(), source })?;
+    fs::create_dir_all(out_dir.join("1_Pooling")).map_err(|source| EmbedError::Io {
+        path: out_dir.to_owned(),
+        source,
+    })?;
 
     // Tokenizer first: it is checked against the image's map before anything is written.
-    let (tokenizer, matched) = build_tokenizer(&vocab, dims.max_positions).map_err(EmbedError::Tokenizer)?;
-    let tok_json = tokenizer.to_string(false).map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+    let (tokenizer, matched) =
+        build_tokenizer(&vocab, dims.max_positions).map_err(EmbedError::Tokenizer)?;
+    let tok_json = tokenizer
+        .to_string(false)
+        .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
 
     let (tensors, dequantized) = convert_tensors(image, &data, &entries, &dims)?;
     let n_tensors = tensors.len();
@@ -238,10 +283,15 @@ pub fn import(image: &Path, out_dir: &Path) -> Result<ImportReport, EmbedError> 
                 "pooling_mode_mean_sqrt_len_tokens": false
             })),
         ),
-        ("sentence_bert_config.json", pretty(&json!({"max_seq_length": dims.max_positions, "do_lower_case": false}))),
+        (
+            "sentence_bert_config.json",
+            pretty(&json!({"max_seq_length": dims.max_positions, "do_lower_case": false})),
+        ),
         (
             "config_sentence_transformers.json",
-            pretty(&json!({"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": null})),
+            pretty(
+                &json!({"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": null}),
+            ),
         ),
         (
             "ragd-import.json",
@@ -264,7 +314,10 @@ pub fn import(image: &Path, out_dir: &Path) -> Result<ImportReport, EmbedError> 
     let weights = out_dir.join("model.safetensors");
     let partial = out_dir.join("model.safetensors.partial");
     candle_core::safetensors::save(&tensors, &partial)?;
-    fs::rename(&partial, &weights).map_err(|source| EmbedError::Io { path: weights.clone(), source })?;
+    fs::rename(&partial, &weights).map_err(|source| EmbedError::Io {
+        path: weights.clone(),
+        source,
+    })?;
     tracing::info!(
         image = %image.display(),
         out = %out_dir.display(),
@@ -292,8 +345,14 @@ fn pretty(v: &serde_json::Value) -> Vec<u8> {
     s.into_bytes()
 }
 
-fn write_atomic(path: &Path, write: impl FnOnce(&mut fs::File) -> std::io::Result<()>) -> Result<(), EmbedError> {
-    let io = |source| EmbedError::Io { path: path.to_owned(), source };
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+) -> Result<(), EmbedError> {
+    let io = |source| EmbedError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut partial = PathBuf::from(path);
     partial.as_mut_os_string().push(".partial");
     let mut f = fs::File::create(&partial).map_err(io)?;
@@ -308,21 +367,35 @@ fn read_vocab(r: &mut Reader<'_>, model_vocab: usize) -> Result<Vocab, EmbedErro
     for id in &mut ids {
         let v = r.u32()? as usize;
         if v >= n {
-            return Err(bad(r.path, format!("E5S1 special token id {v} is outside the {n} pieces")));
+            return Err(bad(
+                r.path,
+                format!("E5S1 special token id {v} is outside the {n} pieces"),
+            ));
         }
         *id = v;
     }
     let [bos, eos, pad, unk] = ids;
-    let blob_len = usize::try_from(r.u64()?).map_err(|_| bad(r.path, "E5S1 piece blob too large"))?;
-    let offsets: Vec<usize> =
-        r.take((n + 1) * 4)?.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4")) as usize).collect();
-    let scores: Vec<f32> = r.take(n * 4)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4"))).collect();
+    let blob_len =
+        usize::try_from(r.u64()?).map_err(|_| bad(r.path, "E5S1 piece blob too large"))?;
+    let offsets: Vec<usize> = r
+        .take((n + 1) * 4)?
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4")) as usize)
+        .collect();
+    let scores: Vec<f32> = r
+        .take(n * 4)?
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
+        .collect();
     let blob = r.take(blob_len)?;
     let mut pieces = Vec::with_capacity(n);
     for i in 0..n {
         let (a, b) = (offsets[i], offsets[i + 1]);
         if a > b || b > blob.len() {
-            return Err(bad(r.path, format!("E5S1 piece {i} has offsets {a}..{b} outside the blob")));
+            return Err(bad(
+                r.path,
+                format!("E5S1 piece {i} has offsets {a}..{b} outside the blob"),
+            ));
         }
         let piece = std::str::from_utf8(&blob[a..b])
             .map_err(|_| bad(r.path, format!("E5S1 piece {i} is not UTF-8")))?
@@ -332,7 +405,11 @@ fn read_vocab(r: &mut Reader<'_>, model_vocab: usize) -> Result<Vocab, EmbedErro
     let entries = r.u32()? as usize;
     let map_len = r.u32()? as usize;
     let map = r.take(map_len)?;
-    let mut m = Reader { data: map, pos: 0, path: r.path };
+    let mut m = Reader {
+        data: map,
+        pos: 0,
+        path: r.path,
+    };
     let mut norm = Vec::with_capacity(entries.min(1 << 20));
     for _ in 0..entries {
         let cp = m.u32()?;
@@ -343,7 +420,14 @@ fn read_vocab(r: &mut Reader<'_>, model_vocab: usize) -> Result<Vocab, EmbedErro
         }
         norm.push((cp, out));
     }
-    Ok(Vocab { pieces, bos, eos, pad, unk, norm })
+    Ok(Vocab {
+        pieces,
+        bos,
+        eos,
+        pad,
+        unk,
+        norm,
+    })
 }
 
 fn read_directory(r: &mut Reader<'_>, file_len: usize) -> Result<Vec<TensorEntry>, EmbedError> {
@@ -359,9 +443,17 @@ fn read_directory(r: &mut Reader<'_>, file_len: usize) -> Result<Vec<TensorEntry
         let offset = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
         let bytes = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
         if offset.checked_add(bytes).is_none_or(|end| end > file_len) {
-            return Err(bad(r.path, format!("E5S1 tensor {name} lies outside the file")));
+            return Err(bad(
+                r.path,
+                format!("E5S1 tensor {name} lies outside the file"),
+            ));
         }
-        entries.push(TensorEntry { name, count, offset, len: bytes });
+        entries.push(TensorEntry {
+            name,
+            count,
+            offset,
+            len: bytes,
+        });
     }
     Ok(entries)
 }
@@ -371,8 +463,14 @@ fn bert_name(name: &str, d: &Dims) -> Option<(String, Vec<usize>)> {
     let h = d.hidden;
     let fixed = match name {
         "emb.word" => Some(("embeddings.word_embeddings.weight", vec![d.vocab, h])),
-        "emb.pos" => Some(("embeddings.position_embeddings.weight", vec![d.max_positions, h])),
-        "emb.type" => Some(("embeddings.token_type_embeddings.weight", vec![d.type_vocab, h])),
+        "emb.pos" => Some((
+            "embeddings.position_embeddings.weight",
+            vec![d.max_positions, h],
+        )),
+        "emb.type" => Some((
+            "embeddings.token_type_embeddings.weight",
+            vec![d.type_vocab, h],
+        )),
         "emb.ln.w" => Some(("embeddings.LayerNorm.weight", vec![h])),
         "emb.ln.b" => Some(("embeddings.LayerNorm.bias", vec![h])),
         _ => None,
@@ -413,28 +511,52 @@ fn convert_tensors(
     let mut out = HashMap::new();
     let mut dequantized = 0;
     for e in entries {
-        let (name, shape) =
-            bert_name(&e.name, d).ok_or_else(|| bad(path, format!("unexpected E5S1 tensor {:?}", e.name)))?;
+        let (name, shape) = bert_name(&e.name, d)
+            .ok_or_else(|| bad(path, format!("unexpected E5S1 tensor {:?}", e.name)))?;
         let want: usize = shape.iter().product();
         if e.count != want {
-            return Err(bad(path, format!("E5S1 tensor {} has {} elements, expected {want}", e.name, e.count)));
+            return Err(bad(
+                path,
+                format!(
+                    "E5S1 tensor {} has {} elements, expected {want}",
+                    e.name, e.count
+                ),
+            ));
         }
         let bytes = &data[e.offset..e.offset + e.len];
         let values = if e.len == 4 * e.count {
-            bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4"))).collect()
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
+                .collect()
         } else if e.count % QK == 0 && e.len == e.count / QK * Q4_BLOCK_BYTES {
             dequantized += 1;
             dequantize_q4_0(bytes, e.count)
         } else {
-            return Err(bad(path, format!("E5S1 tensor {} is neither f32 nor Q4_0 ({} bytes)", e.name, e.len)));
+            return Err(bad(
+                path,
+                format!(
+                    "E5S1 tensor {} is neither f32 nor Q4_0 ({} bytes)",
+                    e.name, e.len
+                ),
+            ));
         };
-        if out.insert(name.clone(), Tensor::from_vec(values, shape, &Device::Cpu)?).is_some() {
+        if out
+            .insert(name.clone(), Tensor::from_vec(values, shape, &Device::Cpu)?)
+            .is_some()
+        {
             return Err(bad(path, format!("E5S1 tensor {name} appears twice")));
         }
     }
     let expected = 5 + 16 * d.layers;
     if out.len() != expected {
-        return Err(bad(path, format!("E5S1 image has {} tensors, a BERT of this shape needs {expected}", out.len())));
+        return Err(bad(
+            path,
+            format!(
+                "E5S1 image has {} tensors, a BERT of this shape needs {expected}",
+                out.len()
+            ),
+        ));
     }
     Ok((out, dequantized))
 }
@@ -463,7 +585,9 @@ fn build_tokenizer(v: &Vocab, max_length: usize) -> Result<(Tokenizer, usize), S
         .norm
         .iter()
         .filter(|(cp, want)| {
-            let Some(c) = char::from_u32(*cp) else { return false };
+            let Some(c) = char::from_u32(*cp) else {
+                return false;
+            };
             let want: String = want.iter().filter_map(|&c| char::from_u32(c)).collect();
             let mut s = NormalizedString::from(c.to_string());
             normalizer.normalize(&mut s).is_ok() && s.get() == want
@@ -477,16 +601,28 @@ fn build_tokenizer(v: &Vocab, max_length: usize) -> Result<(Tokenizer, usize), S
         .try_single(format!("{bos} $A {eos}"))
         .and_then(|b| b.try_pair(format!("{bos} $A {eos} {eos} $B {eos}")))
         .map_err(|e| e.to_string())?
-        .special_tokens(vec![(bos.clone(), v.bos as u32), (eos.clone(), v.eos as u32)])
+        .special_tokens(vec![
+            (bos.clone(), v.bos as u32),
+            (eos.clone(), v.eos as u32),
+        ])
         .build()
         .map_err(|e| e.to_string())?;
     tokenizer.with_post_processor(Some(processor));
-    tokenizer.with_decoder(Some(MetaspaceDecoder::new('▁', PrependScheme::Always, true)));
-    let specials: Vec<AddedToken> =
-        [v.bos, v.pad, v.eos, v.unk].iter().map(|&i| AddedToken::from(v.pieces[i].0.clone(), true)).collect();
+    tokenizer.with_decoder(Some(MetaspaceDecoder::new(
+        '▁',
+        PrependScheme::Always,
+        true,
+    )));
+    let specials: Vec<AddedToken> = [v.bos, v.pad, v.eos, v.unk]
+        .iter()
+        .map(|&i| AddedToken::from(v.pieces[i].0.clone(), true))
+        .collect();
     tokenizer.add_special_tokens(&specials);
     tokenizer
-        .with_truncation(Some(tokenizers::TruncationParams { max_length, ..Default::default() }))
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length,
+            ..Default::default()
+        }))
         .map_err(|e| e.to_string())?;
     tokenizer.with_padding(Some(PaddingParams {
         pad_id: v.pad as u32,
@@ -504,7 +640,9 @@ fn normalizer(v: &Vocab) -> Result<NormalizerWrapper, Box<dyn std::error::Error 
     let mut removed = String::new();
     let mut spaces = String::new();
     for (cp, out) in &v.norm {
-        let Some(c) = char::from_u32(*cp) else { continue };
+        let Some(c) = char::from_u32(*cp) else {
+            continue;
+        };
         if c == ' ' {
             continue;
         }
@@ -516,13 +654,31 @@ fn normalizer(v: &Vocab) -> Result<NormalizerWrapper, Box<dyn std::error::Error 
     }
     let mut steps: Vec<NormalizerWrapper> = Vec::new();
     if !removed.is_empty() {
-        steps.push(Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(format!("[{removed}]")), "")?.into());
+        steps.push(
+            Replace::new(
+                tokenizers::normalizers::replace::ReplacePattern::Regex(format!("[{removed}]")),
+                "",
+            )?
+            .into(),
+        );
     }
     if !spaces.is_empty() {
-        steps.push(Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(format!("[{spaces}]")), " ")?.into());
+        steps.push(
+            Replace::new(
+                tokenizers::normalizers::replace::ReplacePattern::Regex(format!("[{spaces}]")),
+                " ",
+            )?
+            .into(),
+        );
     }
     steps.push(NFKC.into());
-    steps.push(Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(" {2,}".into()), " ")?.into());
+    steps.push(
+        Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(" {2,}".into()),
+            " ",
+        )?
+        .into(),
+    );
     Ok(Sequence::new(steps).into())
 }
 
@@ -554,9 +710,24 @@ mod tests {
             type_vocab: 2,
             eps: 1e-12,
         };
-        assert_eq!(bert_name("l1.fi.w", &d), Some(("encoder.layer.1.intermediate.dense.weight".into(), vec![32, 8])));
-        assert_eq!(bert_name("l0.aln.w", &d), Some(("encoder.layer.0.attention.output.LayerNorm.weight".into(), vec![8])));
-        assert_eq!(bert_name("emb.word", &d), Some(("embeddings.word_embeddings.weight".into(), vec![10, 8])));
+        assert_eq!(
+            bert_name("l1.fi.w", &d),
+            Some((
+                "encoder.layer.1.intermediate.dense.weight".into(),
+                vec![32, 8]
+            ))
+        );
+        assert_eq!(
+            bert_name("l0.aln.w", &d),
+            Some((
+                "encoder.layer.0.attention.output.LayerNorm.weight".into(),
+                vec![8]
+            ))
+        );
+        assert_eq!(
+            bert_name("emb.word", &d),
+            Some(("embeddings.word_embeddings.weight".into(), vec![10, 8]))
+        );
         assert_eq!(bert_name("l2.q.w", &d), None, "layer out of range");
         assert_eq!(bert_name("l0.zz.w", &d), None);
     }
@@ -566,7 +737,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ragd-e5s1-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("bad.bin");
-        for bytes in [&b""[..], b"GGUF\x01\x00\x00\x00", b"E5S1\x01\x00\x00\x00\x80\x01\x00\x00", b"E5S1\x02\x00\x00\x00"] {
+        for bytes in [
+            &b""[..],
+            b"GGUF\x01\x00\x00\x00",
+            b"E5S1\x01\x00\x00\x00\x80\x01\x00\x00",
+            b"E5S1\x02\x00\x00\x00",
+        ] {
             fs::write(&path, bytes).unwrap();
             let e = import(&path, &dir.join("out")).unwrap_err();
             assert!(matches!(e, EmbedError::Config { .. }), "{e}");

@@ -92,7 +92,12 @@ pub struct EmbedderConfig {
 
 impl Default for EmbedderConfig {
     fn default() -> Self {
-        Self { batch_size: 32, max_length: None, query_prefix: None, passage_prefix: None }
+        Self {
+            batch_size: 32,
+            max_length: None,
+            query_prefix: None,
+            passage_prefix: None,
+        }
     }
 }
 
@@ -135,12 +140,17 @@ impl std::fmt::Debug for Embedder {
 }
 
 fn read(path: &Path) -> Result<String, EmbedError> {
-    std::fs::read_to_string(path).map_err(|source| EmbedError::Io { path: path.to_owned(), source })
+    std::fs::read_to_string(path).map_err(|source| EmbedError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, EmbedError> {
-    serde_json::from_str(&read(path)?)
-        .map_err(|e| EmbedError::Config { path: path.to_owned(), message: e.to_string() })
+    serde_json::from_str(&read(path)?).map_err(|e| EmbedError::Config {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -235,13 +245,19 @@ impl Embedder {
             .min(dims.max_position_embeddings);
 
         let tok_path = dir.join("tokenizer.json");
-        let mut tokenizer =
-            Tokenizer::from_file(&tok_path).map_err(|e| EmbedError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        let mut tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| EmbedError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                ..Default::default()
+            }))
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
         let pad_id = tokenizer.get_padding().map(|p| p.pad_id).unwrap_or(0);
-        let pad_token = tokenizer.get_padding().map(|p| p.pad_token.clone()).unwrap_or_else(|| "[PAD]".into());
+        let pad_token = tokenizer
+            .get_padding()
+            .map(|p| p.pad_token.clone())
+            .unwrap_or_else(|| "[PAD]".into());
         tokenizer.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::BatchLongest,
             pad_id,
@@ -258,14 +274,30 @@ impl Embedder {
         }
         let vb = load_safetensors(&weights, &device)?;
         let model = BertModel::load(vb, &bert_config)?;
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let st_path = dir.join("config_sentence_transformers.json");
-        let prompts = if st_path.exists() { parse::<StConfig>(&st_path)?.prompts } else { HashMap::new() };
-        let query_prefix = config.query_prefix.clone().or_else(|| prompts.get("query").cloned()).unwrap_or_default();
+        let prompts = if st_path.exists() {
+            parse::<StConfig>(&st_path)?.prompts
+        } else {
+            HashMap::new()
+        };
+        let query_prefix = config
+            .query_prefix
+            .clone()
+            .or_else(|| prompts.get("query").cloned())
+            .unwrap_or_default();
         let passage_prefix = config
             .passage_prefix
             .clone()
-            .or_else(|| prompts.get("passage").or_else(|| prompts.get("document")).cloned())
+            .or_else(|| {
+                prompts
+                    .get("passage")
+                    .or_else(|| prompts.get("document"))
+                    .cloned()
+            })
             .unwrap_or_default();
         Ok(Self {
             query_prefix,
@@ -316,12 +348,19 @@ impl Embedder {
     }
 
     /// Embeds `texts` as `kind`, with the model's prefix for that kind in front.
-    pub fn embed_as<S: AsRef<str>>(&self, kind: TextKind, texts: &[S]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    pub fn embed_as<S: AsRef<str>>(
+        &self,
+        kind: TextKind,
+        texts: &[S],
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let prefix = self.prefix(kind);
         if prefix.is_empty() {
             return self.embed(texts);
         }
-        let texts: Vec<String> = texts.iter().map(|t| format!("{prefix}{}", t.as_ref())).collect();
+        let texts: Vec<String> = texts
+            .iter()
+            .map(|t| format!("{prefix}{}", t.as_ref()))
+            .collect();
         self.embed(&texts)
     }
 
@@ -351,21 +390,35 @@ impl Embedder {
         let n = encodings.len();
         let len = encodings.first().map(|e| e.len()).unwrap_or(0);
         let flat = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Vec<u32> {
-            encodings.iter().flat_map(|e| f(e).iter().copied()).collect()
+            encodings
+                .iter()
+                .flat_map(|e| f(e).iter().copied())
+                .collect()
         };
         let ids = Tensor::from_vec(flat(&|e| e.get_ids()), (n, len), &self.device)?;
         let type_ids = Tensor::from_vec(flat(&|e| e.get_type_ids()), (n, len), &self.device)?;
         let mask = Tensor::from_vec(flat(&|e| e.get_attention_mask()), (n, len), &self.device)?;
         let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?; // (n, len, dim)
         let pooled = pool(&hidden, &mask, self.pooling)?;
-        let pooled = if self.normalize { l2_normalize(&pooled)? } else { pooled };
+        let pooled = if self.normalize {
+            l2_normalize(&pooled)?
+        } else {
+            pooled
+        };
         Ok(pooled.to_vec2::<f32>()?)
     }
 }
 
 fn load_safetensors(path: &Path, device: &Device) -> Result<VarBuilder<'static>, EmbedError> {
-    let data = std::fs::read(path).map_err(|source| EmbedError::Io { path: path.to_owned(), source })?;
-    Ok(VarBuilder::from_buffered_safetensors(data, DType::F32, device)?)
+    let data = std::fs::read(path).map_err(|source| EmbedError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(VarBuilder::from_buffered_safetensors(
+        data,
+        DType::F32,
+        device,
+    )?)
 }
 
 /// Pools token vectors `(n, len, dim)` into text vectors `(n, dim)` under `mask` `(n, len)`.
@@ -376,7 +429,11 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> candle_core::Re
         Pooling::Mean | Pooling::MeanSqrtLen => {
             let summed = hidden.broadcast_mul(&mask_f)?.sum(1)?; // (n, dim)
             let counts = mask_f.sum(1)?.clamp(1e-9f32, f32::MAX)?; // (n, 1)
-            let denom = if pooling == Pooling::Mean { counts } else { counts.sqrt()? };
+            let denom = if pooling == Pooling::Mean {
+                counts
+            } else {
+                counts.sqrt()?
+            };
             summed.broadcast_div(&denom)
         }
         Pooling::Max => {
@@ -401,11 +458,20 @@ mod tests {
     fn mean_pooling_ignores_padding() {
         let hidden = Tensor::new(&[[[1f32, 2.], [3., 4.], [100., 100.]]], &Device::Cpu).unwrap();
         let mask = Tensor::new(&[[1u32, 1, 0]], &Device::Cpu).unwrap();
-        let v = pool(&hidden, &mask, Pooling::Mean).unwrap().to_vec2::<f32>().unwrap();
+        let v = pool(&hidden, &mask, Pooling::Mean)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(v, vec![vec![2., 3.]]);
-        let v = pool(&hidden, &mask, Pooling::Max).unwrap().to_vec2::<f32>().unwrap();
+        let v = pool(&hidden, &mask, Pooling::Max)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(v, vec![vec![3., 4.]]);
-        let v = pool(&hidden, &mask, Pooling::Cls).unwrap().to_vec2::<f32>().unwrap();
+        let v = pool(&hidden, &mask, Pooling::Cls)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(v, vec![vec![1., 2.]]);
     }
 

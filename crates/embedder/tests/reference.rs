@@ -11,22 +11,41 @@ fn root() -> PathBuf {
 }
 
 fn minilm() -> Embedder {
-    let dir = std::env::var_os("RAGD_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let dir = std::env::var_os("RAGD_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models"));
     let path = dir.join("all-MiniLM-L6-v2");
-    assert!(path.exists(), "{} is missing: run scripts/fetch-models", path.display());
-    Embedder::load(&path, &EmbedderConfig { batch_size: 7, ..Default::default() }).unwrap()
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-models",
+        path.display()
+    );
+    Embedder::load(
+        &path,
+        &EmbedderConfig {
+            batch_size: 7,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn reference() -> Vec<(String, Vec<f32>)> {
-    let dir =
-        std::env::var_os("RAGD_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/data"));
+    let dir = std::env::var_os("RAGD_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/data"));
     let path = dir.join("reference/minilm-embeddings.jsonl");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
-            let e = v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let e = v["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
             (v["text"].as_str().unwrap().to_string(), e)
         })
         .collect()
@@ -68,8 +87,15 @@ fn minilm_matches_sentence_transformers() {
 fn chunks_fit_the_model_window_and_cover_the_text() {
     let e = minilm();
     let cases = reference();
-    let long = cases.iter().map(|(t, _)| t.as_str()).max_by_key(|t| t.len()).unwrap();
-    let cfg = ChunkerConfig { max_tokens: 64, overlap: 16 };
+    let long = cases
+        .iter()
+        .map(|(t, _)| t.as_str())
+        .max_by_key(|t| t.len())
+        .unwrap();
+    let cfg = ChunkerConfig {
+        max_tokens: 64,
+        overlap: 16,
+    };
     let chunks = chunker::chunk_text(e.tokenizer(), long, &cfg).unwrap();
     assert!(chunks.len() > 2, "a long text gives several chunks");
     for c in &chunks {
@@ -84,6 +110,9 @@ fn chunks_fit_the_model_window_and_cover_the_text() {
     // sentence fits in the overlap, else they meet).
     for w in chunks.windows(2) {
         assert!(w[1].start > w[0].start);
-        assert!(w[1].start <= w[0].end || long[w[0].end..w[1].start].trim().is_empty(), "gap between chunks");
+        assert!(
+            w[1].start <= w[0].end || long[w[0].end..w[1].start].trim().is_empty(),
+            "gap between chunks"
+        );
     }
 }

@@ -23,7 +23,10 @@ pub struct Message {
 impl Message {
     /// A message with `role` and `content`.
     pub fn new(role: &str, content: impl Into<String>) -> Self {
-        Self { role: role.to_string(), content: content.into() }
+        Self {
+            role: role.to_string(),
+            content: content.into(),
+        }
     }
 }
 
@@ -53,13 +56,22 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| GenerateError::Template(format!("cannot compile the chat template: {e}")))?;
-        Ok(Self { env, bos: bos.to_string(), eos: eos.to_string() })
+            .map_err(|e| {
+                GenerateError::Template(format!("cannot compile the chat template: {e}"))
+            })?;
+        Ok(Self {
+            env,
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        })
     }
 
     /// Renders `messages` and the opening of the assistant's turn.
     pub fn render(&self, messages: &[Message]) -> Result<String, GenerateError> {
-        let tmpl = self.env.get_template("chat").map_err(|e| GenerateError::Template(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| GenerateError::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => true,

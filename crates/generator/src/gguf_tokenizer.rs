@@ -56,11 +56,17 @@ pub struct GgufTokenizer {
 }
 
 fn md<'a>(ct: &'a Content, key: &str) -> Result<&'a Value, GenerateError> {
-    ct.metadata.get(key).ok_or_else(|| GenerateError::Unsupported(format!("GGUF metadata has no {key}")))
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| GenerateError::Unsupported(format!("GGUF metadata has no {key}")))
 }
 
 fn opt_u32(ct: &Content, key: &str) -> Option<u32> {
-    ct.metadata.get(key).and_then(|v| v.to_u32().ok().or_else(|| v.to_i32().ok().map(|x| x as u32)))
+    ct.metadata.get(key).and_then(|v| {
+        v.to_u32()
+            .ok()
+            .or_else(|| v.to_i32().ok().map(|x| x as u32))
+    })
 }
 
 fn bad(key: &str, e: impl std::fmt::Display) -> GenerateError {
@@ -73,7 +79,8 @@ pub fn byte_to_char() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..=255u8 {
-        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable =
+            (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         map[b as usize] = if printable {
             char::from(b)
         } else {
@@ -86,19 +93,34 @@ pub fn byte_to_char() -> [char; 256] {
 
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, GenerateError> {
     let split = |pattern: &str| -> Result<PreTokenizerWrapper, GenerateError> {
-        let split = Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| bad("tokenizer.ggml.pre", e))?;
-        Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into())
+        let split = Split::new(
+            SplitPattern::Regex(pattern.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| bad("tokenizer.ggml.pre", e))?;
+        Ok(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, false, false).into(),
+        ])
+        .into())
     };
     match pre {
         "qwen2" | "deepseek-r1-qwen" => split(QWEN2_PATTERN),
         "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => split(LLAMA3_PATTERN),
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-            Ok(Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, false, true).into()]).into())
+            Ok(Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, false, true).into(),
+            ])
+            .into())
         }
         "gpt2" | "default" | "gpt-2" => Ok(ByteLevel::new(false, false, true).into()),
         other => {
-            tracing::warn!(pre = other, "unknown tokenizer.ggml.pre, using the GPT-2 pattern");
+            tracing::warn!(
+                pre = other,
+                "unknown tokenizer.ggml.pre, using the GPT-2 pattern"
+            );
             Ok(ByteLevel::new(false, false, true).into())
         }
     }
@@ -107,7 +129,9 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, GenerateError> {
 impl GgufTokenizer {
     /// Builds the tokenizer from the metadata of a parsed GGUF file.
     pub fn from_gguf(ct: &Content) -> Result<Self, GenerateError> {
-        let model = md(ct, "tokenizer.ggml.model")?.to_string().map_err(|e| bad("tokenizer.ggml.model", e))?;
+        let model = md(ct, "tokenizer.ggml.model")?
+            .to_string()
+            .map_err(|e| bad("tokenizer.ggml.model", e))?;
         if model != "gpt2" {
             return Err(GenerateError::Unsupported(format!(
                 "tokenizer.ggml.model = {model:?}; only byte-level BPE (\"gpt2\") GGUF tokenizers are supported"
@@ -136,7 +160,10 @@ impl GgufTokenizer {
             None => vec![1; tokens.len()],
         };
         if types.len() != tokens.len() {
-            return Err(bad("tokenizer.ggml.token_type", "length differs from tokenizer.ggml.tokens"));
+            return Err(bad(
+                "tokenizer.ggml.token_type",
+                "length differs from tokenizer.ggml.tokens",
+            ));
         }
         let merges: Vec<(String, String)> = md(ct, "tokenizer.ggml.merges")?
             .to_vec()
@@ -144,7 +171,9 @@ impl GgufTokenizer {
             .iter()
             .map(|v| {
                 let s = v.to_string().map_err(|e| bad("tokenizer.ggml.merges", e))?;
-                let (a, b) = s.split_once(' ').ok_or_else(|| bad("tokenizer.ggml.merges", format!("{s:?}")))?;
+                let (a, b) = s
+                    .split_once(' ')
+                    .ok_or_else(|| bad("tokenizer.ggml.merges", format!("{s:?}")))?;
                 Ok((a.to_string(), b.to_string()))
             })
             .collect::<Result<_, GenerateError>>()?;
@@ -178,8 +207,11 @@ impl GgufTokenizer {
         let mut plain = tokenizer;
         plain.set_encode_special_tokens(true);
 
-        let char_to_byte: HashMap<char, u8> =
-            byte_to_char().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let char_to_byte: HashMap<char, u8> = byte_to_char()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
         let token_bytes = tokens
             .iter()
             .zip(&types)
@@ -212,7 +244,12 @@ impl GgufTokenizer {
 
     /// Token ids of `text`, special-token markup treated as plain text.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
-        Ok(self.plain.encode(text, false).map_err(|e| GenerateError::Tokenizer(e.to_string()))?.get_ids().to_vec())
+        Ok(self
+            .plain
+            .encode(text, false)
+            .map_err(|e| GenerateError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
     }
 
     /// Token ids of `text`, special-token markup parsed as special tokens.
@@ -227,8 +264,15 @@ impl GgufTokenizer {
 
     /// The text of `ids`, control tokens left out; invalid UTF-8 becomes U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> =
-            ids.iter().flat_map(|&id| self.token_bytes.get(id as usize).cloned().unwrap_or_default()).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| {
+                self.token_bytes
+                    .get(id as usize)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 

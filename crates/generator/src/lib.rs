@@ -15,16 +15,17 @@
 pub mod chat;
 pub mod gguf_tokenizer;
 mod models;
+pub mod q8_0;
 pub mod requant;
 pub mod stream;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::models::llama as quantized_llama;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama;
 
 use crate::models::qwen2 as quantized_qwen2;
 use serde::{Deserialize, Serialize};
@@ -142,19 +143,29 @@ impl GenerateParams {
     /// Checks the ranges.
     pub fn validate(&self) -> Result<(), GenerateError> {
         if self.max_tokens == 0 {
-            return Err(GenerateError::InvalidParams("max_tokens must be at least 1".into()));
+            return Err(GenerateError::InvalidParams(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         if !(0.0..=5.0).contains(&self.temperature) {
-            return Err(GenerateError::InvalidParams("temperature must be within 0..=5".into()));
+            return Err(GenerateError::InvalidParams(
+                "temperature must be within 0..=5".into(),
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(GenerateError::InvalidParams("top_p must be within (0, 1]".into()));
+            return Err(GenerateError::InvalidParams(
+                "top_p must be within (0, 1]".into(),
+            ));
         }
         if self.stop.iter().any(String::is_empty) {
-            return Err(GenerateError::InvalidParams("stop strings must not be empty".into()));
+            return Err(GenerateError::InvalidParams(
+                "stop strings must not be empty".into(),
+            ));
         }
         if !(1.0..=2.0).contains(&self.repeat_penalty) {
-            return Err(GenerateError::InvalidParams("repeat_penalty must be within 1..=2".into()));
+            return Err(GenerateError::InvalidParams(
+                "repeat_penalty must be within 1..=2".into(),
+            ));
         }
         Ok(())
     }
@@ -215,17 +226,33 @@ struct StopStrings<'a> {
 
 impl<'a> StopStrings<'a> {
     fn new(stops: &'a [String]) -> Self {
-        Self { stops, held: String::new(), stopped: false }
+        Self {
+            stops,
+            held: String::new(),
+            stopped: false,
+        }
     }
 
     /// Adds `piece`; returns the text that can be shown now and whether a stop
     /// string was reached (the text before it is returned, the rest dropped).
     fn push(&mut self, piece: &str) -> (String, bool) {
         if self.stops.is_empty() || self.stopped {
-            return (if self.stopped { String::new() } else { piece.to_string() }, self.stopped);
+            return (
+                if self.stopped {
+                    String::new()
+                } else {
+                    piece.to_string()
+                },
+                self.stopped,
+            );
         }
         self.held.push_str(piece);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             self.stopped = true;
             let ready = self.held[..at].to_string();
             self.held.clear();
@@ -280,41 +307,75 @@ impl std::fmt::Debug for Generator {
 
 /// Texts of end-of-turn tokens across common chat formats; llama.cpp treats the
 /// same set as "end of generation".
-const EOG_TEXTS: &[&str] =
-    &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>", "</s>"];
+const EOG_TEXTS: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|end_of_text|>",
+    "</s>",
+];
 
 impl Generator {
     /// Loads a GGUF model file.
     pub fn load(path: &Path) -> Result<Self, GenerateError> {
-        let io = |source| GenerateError::Io { path: path.to_owned(), source };
+        let io = |source| GenerateError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let mut file = std::fs::File::open(path).map_err(io)?;
-        let ct = gguf_file::Content::read(&mut file)
-            .map_err(|e| GenerateError::Unsupported(format!("{} is not a readable GGUF file: {e}", path.display())))?;
+        let ct = gguf_file::Content::read(&mut file).map_err(|e| {
+            GenerateError::Unsupported(format!(
+                "{} is not a readable GGUF file: {e}",
+                path.display()
+            ))
+        })?;
         let architecture = ct
             .metadata
             .get("general.architecture")
             .and_then(|v| v.to_string().ok().cloned())
-            .ok_or_else(|| GenerateError::Unsupported("GGUF metadata has no general.architecture".into()))?;
+            .ok_or_else(|| {
+                GenerateError::Unsupported("GGUF metadata has no general.architecture".into())
+            })?;
         let name = ct
             .metadata
             .get("general.name")
             .and_then(|v| v.to_string().ok().cloned())
-            .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+            .unwrap_or_else(|| {
+                path.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
         let ctx_key = format!("{architecture}.context_length");
-        let file_context = ct.metadata.get(&ctx_key).and_then(|v| v.to_u32().ok()).unwrap_or(2048) as usize;
+        let file_context = ct
+            .metadata
+            .get(&ctx_key)
+            .and_then(|v| v.to_u32().ok())
+            .unwrap_or(2048) as usize;
 
         let tokenizer = GgufTokenizer::from_gguf(&ct)?;
         let template_src = ct
             .metadata
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok().cloned())
-            .ok_or_else(|| GenerateError::Unsupported("GGUF metadata has no tokenizer.chat_template".into()))?;
+            .ok_or_else(|| {
+                GenerateError::Unsupported("GGUF metadata has no tokenizer.chat_template".into())
+            })?;
         let tok_text = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.tokens.get(i as usize).cloned()).unwrap_or_default()
+            id.and_then(|i| tokenizer.tokens.get(i as usize).cloned())
+                .unwrap_or_default()
         };
-        let template = ChatTemplate::new(&template_src, &tok_text(tokenizer.bos_id), &tok_text(tokenizer.eos_id))?;
+        let template = ChatTemplate::new(
+            &template_src,
+            &tok_text(tokenizer.bos_id),
+            &tok_text(tokenizer.eos_id),
+        )?;
 
-        let mut stop_ids: Vec<u32> = [tokenizer.eos_id, tokenizer.eot_id].into_iter().flatten().collect();
+        let mut stop_ids: Vec<u32> = [tokenizer.eos_id, tokenizer.eot_id]
+            .into_iter()
+            .flatten()
+            .collect();
         for t in EOG_TEXTS {
             if let Some(id) = tokenizer.token_id(t) {
                 if tokenizer.control[id as usize] && !stop_ids.contains(&id) {
@@ -325,11 +386,16 @@ impl Generator {
 
         let device = Device::Cpu;
         let (weights, context) = match architecture.as_str() {
-            "qwen2" => {
-                (Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(ct, &mut file, &device)?), file_context)
-            }
+            "qwen2" => (
+                Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
+                    ct, &mut file, &device,
+                )?),
+                file_context,
+            ),
             "llama" => (
-                Weights::Llama(quantized_llama::ModelWeights::from_gguf(ct, &mut file, &device)?),
+                Weights::Llama(quantized_llama::ModelWeights::from_gguf(
+                    ct, &mut file, &device,
+                )?),
                 // candle's quantized llama precomputes rotary tables for this many positions.
                 file_context.min(quantized_llama::MAX_SEQ_LEN),
             ),
@@ -339,7 +405,17 @@ impl Generator {
                 )))
             }
         };
-        Ok(Self { weights, prefix: None, tokenizer, template, stop_ids, context, architecture, name, device })
+        Ok(Self {
+            weights,
+            prefix: None,
+            tokenizer,
+            template,
+            stop_ids,
+            context,
+            architecture,
+            name,
+            device,
+        })
     }
 
     /// The model's context window, in tokens.
@@ -376,15 +452,25 @@ impl Generator {
         // Render with placeholders (private-use characters no text contains) and
         // splice the real contents in between the template's pieces.
         let marker = |i: usize| format!("\u{F8F0}{i}\u{F8F1}");
-        let placeholders: Vec<Message> =
-            messages.iter().enumerate().map(|(i, m)| Message { role: m.role.clone(), content: marker(i) }).collect();
+        let placeholders: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message {
+                role: m.role.clone(),
+                content: marker(i),
+            })
+            .collect();
         let rendered = self.template.render(&placeholders)?;
         let mut ids = Vec::new();
         let mut rest = rendered.as_str();
         while let Some(open) = rest.find('\u{F8F0}') {
-            let Some(close_rel) = rest[open..].find('\u{F8F1}') else { break };
+            let Some(close_rel) = rest[open..].find('\u{F8F1}') else {
+                break;
+            };
             let close = open + close_rel;
-            let Ok(i) = rest[open + '\u{F8F0}'.len_utf8()..close].parse::<usize>() else { break };
+            let Ok(i) = rest[open + '\u{F8F0}'.len_utf8()..close].parse::<usize>() else {
+                break;
+            };
             let Some(msg) = messages.get(i) else { break };
             ids.extend(self.tokenizer.encode_special(&rest[..open])?);
             ids.extend(self.tokenizer.encode_plain(&msg.content)?);
@@ -404,12 +490,19 @@ impl Generator {
     /// tests; [`Generator::generate`] is the way to generate.
     pub fn feed(&mut self, ids: &[u32], start: usize) -> Result<Vec<f32>, GenerateError> {
         if ids.is_empty() || start + ids.len() >= self.context {
-            return Err(GenerateError::PromptTooLong { prompt: start + ids.len(), context: self.context });
+            return Err(GenerateError::PromptTooLong {
+                prompt: start + ids.len(),
+                context: self.context,
+            });
         }
         if start == 0 {
             self.weights.clear();
         }
-        Ok(self.prefill(ids, start)?.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?)
+        Ok(self
+            .prefill(ids, start)?
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?)
     }
 
     /// Reads `ids` once and keeps the model state after them: a later
@@ -422,7 +515,10 @@ impl Generator {
             return Ok(());
         }
         if ids.len() + 1 >= self.context {
-            return Err(GenerateError::PromptTooLong { prompt: ids.len(), context: self.context });
+            return Err(GenerateError::PromptTooLong {
+                prompt: ids.len(),
+                context: self.context,
+            });
         }
         self.weights.clear();
         self.prefill(ids, 0)?;
@@ -436,7 +532,10 @@ impl Generator {
     /// logits after the prompt and how many tokens came from the cache.
     fn start(&mut self, prompt: &[u32]) -> Result<(Tensor, usize), GenerateError> {
         if prompt.is_empty() || prompt.len() >= self.context {
-            return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context: self.context });
+            return Err(GenerateError::PromptTooLong {
+                prompt: prompt.len(),
+                context: self.context,
+            });
         }
         let cached = match &self.prefix {
             Some((ids, state)) if ids.len() < prompt.len() && prompt.starts_with(ids) => {
@@ -456,7 +555,13 @@ impl Generator {
     /// tokens came from the cache.
     pub fn read_prompt(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize), GenerateError> {
         let (logits, cached) = self.start(prompt)?;
-        Ok((logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?, cached))
+        Ok((
+            logits
+                .squeeze(0)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1()?,
+            cached,
+        ))
     }
 
     /// A second generator on the same weights (shared, not copied) with its own
@@ -478,7 +583,10 @@ impl Generator {
             let input = Tensor::new(piece, &self.device)?.unsqueeze(0)?;
             logits = Some(self.weights.forward(&input, start + i * PREFILL_CHUNK)?);
         }
-        logits.ok_or(GenerateError::PromptTooLong { prompt: 0, context: self.context })
+        logits.ok_or(GenerateError::PromptTooLong {
+            prompt: 0,
+            context: self.context,
+        })
     }
 
     /// Generates a reply to `messages`; see [`Generator::generate`].
@@ -525,7 +633,11 @@ impl Generator {
             let mut step = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
             if params.repeat_penalty != 1.0 {
                 let recent = &history[history.len().saturating_sub(params.repeat_last_n)..];
-                step = candle_transformers::utils::apply_repeat_penalty(&step, params.repeat_penalty, recent)?;
+                step = candle_transformers::utils::apply_repeat_penalty(
+                    &step,
+                    params.repeat_penalty,
+                    recent,
+                )?;
             }
             let next = sampler.sample(&step)?;
             history.push(next);
@@ -535,7 +647,12 @@ impl Generator {
                 break;
             }
             completion += 1;
-            let bytes = self.tokenizer.token_bytes.get(next as usize).map(Vec::as_slice).unwrap_or(&[]);
+            let bytes = self
+                .tokenizer
+                .token_bytes
+                .get(next as usize)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
             if let Some(piece) = utf8.push(bytes) {
                 let (ready, stopped) = stops.push(&piece);
                 text.push_str(&ready);
@@ -595,14 +712,25 @@ mod stop_tests {
         let mut s = StopStrings::new(&stops);
         assert_eq!(s.push("Hello"), ("Hello".into(), false));
         assert_eq!(s.push(" wor"), (" wor".into(), false));
-        assert_eq!(s.push("ld\n"), ("ld".into(), false), "a newline may start a stop string");
+        assert_eq!(
+            s.push("ld\n"),
+            ("ld".into(), false),
+            "a newline may start a stop string"
+        );
         assert_eq!(s.push("\nQue"), ("".into(), false));
         assert_eq!(s.push("stion: next"), ("".into(), true));
         let mut s = StopStrings::new(&stops);
-        assert_eq!(s.push("a\nb"), ("a\nb".into(), false), "no stop string continues with b");
+        assert_eq!(
+            s.push("a\nb"),
+            ("a\nb".into(), false),
+            "no stop string continues with b"
+        );
         assert_eq!(s.push("xEN"), ("x".into(), false));
         assert_eq!(s.flush(), "EN", "held text comes out at the end");
         let none: Vec<String> = Vec::new();
-        assert_eq!(StopStrings::new(&none).push("ENDLESS"), ("ENDLESS".into(), false));
+        assert_eq!(
+            StopStrings::new(&none).push("ENDLESS"),
+            ("ENDLESS".into(), false)
+        );
     }
 }

@@ -28,17 +28,32 @@ pub type Conversions = Vec<(String, String, usize)>;
 
 /// The path of the re-quantized copy of `original`.
 pub fn copy_path(original: &Path) -> PathBuf {
-    let stem = original.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = original
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     original.with_file_name(format!("{stem}.ragd-q8_0.gguf"))
 }
 
 /// How many tensors of `path` have a slow type, by type.
 pub fn slow_tensors(path: &Path) -> Result<Conversions, GenerateError> {
-    let io = |source| GenerateError::Io { path: path.to_owned(), source };
+    let io = |source| GenerateError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut file = fs::File::open(path).map_err(io)?;
-    let ct = gguf_file::Content::read(&mut file)
-        .map_err(|e| GenerateError::Unsupported(format!("{} is not a readable GGUF file: {e}", path.display())))?;
-    Ok(count(ct.tensor_infos.values().map(|t| t.ggml_dtype).filter(|d| SLOW.contains(d))))
+    let ct = gguf_file::Content::read(&mut file).map_err(|e| {
+        GenerateError::Unsupported(format!(
+            "{} is not a readable GGUF file: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(count(
+        ct.tensor_infos
+            .values()
+            .map(|t| t.ggml_dtype)
+            .filter(|d| SLOW.contains(d)),
+    ))
 }
 
 fn count(types: impl Iterator<Item = GgmlDType>) -> Conversions {
@@ -63,7 +78,9 @@ pub fn fast_copy(original: &Path) -> Result<(PathBuf, Conversions), GenerateErro
     }
     let copy = copy_path(original);
     let fresh = |copy: &Path| -> bool {
-        let (Ok(c), Ok(o)) = (fs::metadata(copy), fs::metadata(original)) else { return false };
+        let (Ok(c), Ok(o)) = (fs::metadata(copy), fs::metadata(original)) else {
+            return false;
+        };
         // A copy older than its original is stale.
         matches!((c.modified(), o.modified()), (Ok(cm), Ok(om)) if cm >= om)
     };
@@ -81,27 +98,38 @@ pub fn requantize(src: &Path, dst: &Path) -> Result<Conversions, GenerateError> 
     };
     let started = std::time::Instant::now();
     let mut file = fs::File::open(src).map_err(io(src))?;
-    let ct = gguf_file::Content::read(&mut file)
-        .map_err(|e| GenerateError::Unsupported(format!("{} is not a readable GGUF file: {e}", src.display())))?;
+    let ct = gguf_file::Content::read(&mut file).map_err(|e| {
+        GenerateError::Unsupported(format!(
+            "{} is not a readable GGUF file: {e}",
+            src.display()
+        ))
+    })?;
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     let mut converted = Vec::new();
     for name in names {
         let t = ct.tensor(&mut file, name, &Device::Cpu)?;
-        let t = if SLOW.contains(&t.dtype()) && t.shape().dims().last().is_some_and(|&d| d % 32 == 0) {
-            converted.push(t.dtype());
-            QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
-        } else {
-            t
-        };
+        let t =
+            if SLOW.contains(&t.dtype()) && t.shape().dims().last().is_some_and(|&d| d % 32 == 0) {
+                converted.push(t.dtype());
+                QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
+            } else {
+                t
+            };
         tensors.push((name.clone(), t));
     }
     let conversions = count(converted.into_iter());
-    let record = conversions.iter().map(|(f, t, n)| format!("{n} {f} -> {t}")).collect::<Vec<_>>().join(", ");
+    let record = conversions
+        .iter()
+        .map(|(f, t, n)| format!("{n} {f} -> {t}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let note = gguf_file::Value::String(format!(
         "{record} by ragd from {}",
-        src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        src.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
     let mut metadata: Vec<(&str, &gguf_file::Value)> = ct
         .metadata
@@ -126,7 +154,10 @@ pub fn requantize(src: &Path, dst: &Path) -> Result<Conversions, GenerateError> 
     let result = (|| {
         let mut out = std::io::BufWriter::new(fs::File::create(&partial).map_err(io(&partial))?);
         gguf_file::write(&mut out, &metadata, &refs)?;
-        let f = out.into_inner().map_err(|e| GenerateError::Io { path: partial.clone(), source: e.into_error() })?;
+        let f = out.into_inner().map_err(|e| GenerateError::Io {
+            path: partial.clone(),
+            source: e.into_error(),
+        })?;
         f.sync_all().map_err(io(&partial))?;
         fs::rename(&partial, dst).map_err(io(dst))
     })();

@@ -11,7 +11,11 @@ fn load(file: &str) -> Generator {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
     let path = dir.join(file);
-    assert!(path.exists(), "{} is missing: run scripts/fetch-models", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-models",
+        path.display()
+    );
     Generator::load(&path).unwrap()
 }
 
@@ -20,9 +24,10 @@ fn smollm() -> Generator {
 }
 
 fn prompt(g: &Generator) -> Vec<u32> {
-    let messages: Vec<Message> =
-        serde_json::from_value(serde_json::json!([{ "role": "user", "content": "Write a short poem about the sea." }]))
-            .unwrap();
+    let messages: Vec<Message> = serde_json::from_value(
+        serde_json::json!([{ "role": "user", "content": "Write a short poem about the sea." }]),
+    )
+    .unwrap();
     g.encode_chat(&messages).unwrap()
 }
 
@@ -30,20 +35,35 @@ fn prompt(g: &Generator) -> Vec<u32> {
 fn the_same_seed_gives_the_same_text() {
     let mut g = smollm();
     let p = prompt(&g);
-    let params = |seed| GenerateParams { max_tokens: 24, temperature: 0.9, top_p: 0.95, seed, ..Default::default() };
+    let params = |seed| GenerateParams {
+        max_tokens: 24,
+        temperature: 0.9,
+        top_p: 0.95,
+        seed,
+        ..Default::default()
+    };
     let a = g.generate(&p, &params(7), |_| true).unwrap();
     let b = g.generate(&p, &params(7), |_| true).unwrap();
     assert_eq!(a.text, b.text);
     assert_eq!(a.completion_tokens, b.completion_tokens);
-    let others: Vec<String> = (8..11).map(|s| g.generate(&p, &params(s), |_| true).unwrap().text).collect();
-    assert!(others.iter().any(|t| *t != a.text), "sampling with other seeds varies: {others:?}");
+    let others: Vec<String> = (8..11)
+        .map(|s| g.generate(&p, &params(s), |_| true).unwrap().text)
+        .collect();
+    assert!(
+        others.iter().any(|t| *t != a.text),
+        "sampling with other seeds varies: {others:?}"
+    );
 }
 
 #[test]
 fn a_passed_deadline_ends_the_answer_with_timeout() {
     let mut g = smollm();
     let p = prompt(&g);
-    let params = GenerateParams { max_tokens: 64, deadline: Some(Instant::now()), ..Default::default() };
+    let params = GenerateParams {
+        max_tokens: 64,
+        deadline: Some(Instant::now()),
+        ..Default::default()
+    };
     let out = g.generate(&p, &params, |_| true).unwrap();
     assert_eq!(out.finish_reason, FinishReason::Timeout);
     assert_eq!(out.finish_reason.as_str(), "timeout");
@@ -69,7 +89,10 @@ fn check_prefix_cache(file: &str, same_text: bool) {
     let b = chat(&g, "Name a fruit that is yellow.");
     let fixed = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
     assert!(fixed > 5, "the system part is shared");
-    let params = GenerateParams { max_tokens: 16, ..Default::default() };
+    let params = GenerateParams {
+        max_tokens: 16,
+        ..Default::default()
+    };
     let split_logits: Vec<Vec<f32>> = [&a, &b]
         .iter()
         .map(|p| {
@@ -77,22 +100,38 @@ fn check_prefix_cache(file: &str, same_text: bool) {
             g.feed(&p[fixed..], fixed).unwrap()
         })
         .collect();
-    let whole_text: Vec<String> = [&a, &b].iter().map(|p| g.generate(p, &params, |_| true).unwrap().text).collect();
+    let whole_text: Vec<String> = [&a, &b]
+        .iter()
+        .map(|p| g.generate(p, &params, |_| true).unwrap().text)
+        .collect();
     g.cache_prefix(&a[..fixed]).unwrap();
     assert_eq!(g.cached_prefix_len(), fixed);
     for (i, p) in [&a, &b, &a].iter().enumerate() {
         let (logits, cached) = g.read_prompt(p).unwrap();
         assert_eq!(cached, fixed);
-        assert!(logits == split_logits[i % 2], "{file}: prompt {i}: the cache is not the same as reading in two pieces");
+        assert!(
+            logits == split_logits[i % 2],
+            "{file}: prompt {i}: the cache is not the same as reading in two pieces"
+        );
         let got = g.generate(p, &params, |_| true).unwrap();
         assert_eq!(got.cached_tokens, fixed);
         if same_text {
-            assert_eq!(got.text, whole_text[i % 2], "{file}: the cached prefix changes the answer");
+            assert_eq!(
+                got.text,
+                whole_text[i % 2],
+                "{file}: the cached prefix changes the answer"
+            );
         }
     }
     // A prompt that does not start with the prefix is read whole.
-    let other = g.tokenizer().encode_plain("Hello there, how are you today?").unwrap();
-    assert_eq!(g.generate(&other, &params, |_| true).unwrap().cached_tokens, 0);
+    let other = g
+        .tokenizer()
+        .encode_plain("Hello there, how are you today?")
+        .unwrap();
+    assert_eq!(
+        g.generate(&other, &params, |_| true).unwrap().cached_tokens,
+        0
+    );
 }
 
 /// SmolLM2's greedy answers hit near-ties that reading in pieces can flip, so
@@ -106,4 +145,3 @@ fn prefix_cache_gives_the_same_logits_llama() {
 fn prefix_cache_gives_the_same_answers_qwen2() {
     check_prefix_cache("Qwen2.5-Coder-0.5B-Instruct.gguf", true);
 }
-

@@ -12,18 +12,28 @@ fn root() -> PathBuf {
 }
 
 fn model(file: &str) -> PathBuf {
-    let dir = std::env::var_os("RAGD_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let dir = std::env::var_os("RAGD_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models"));
     let path = dir.join(file);
-    assert!(path.exists(), "{} is missing: run scripts/fetch-models", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-models",
+        path.display()
+    );
     path
 }
 
 fn reference(file: &str) -> Vec<Value> {
-    let dir =
-        std::env::var_os("RAGD_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/data"));
+    let dir = std::env::var_os("RAGD_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/data"));
     let path = dir.join("reference").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn check_tokens(model_file: &str, reference_file: &str) {
@@ -33,7 +43,12 @@ fn check_tokens(model_file: &str, reference_file: &str) {
     assert_eq!(cases.len(), 12);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let expected: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let expected: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let ids = tok.encode_plain(text).unwrap();
         assert_eq!(ids, expected, "ids of {text:?}");
         assert_eq!(tok.decode(&ids), text, "round trip of {text:?}");
@@ -42,12 +57,18 @@ fn check_tokens(model_file: &str, reference_file: &str) {
 
 #[test]
 fn qwen_tokenizer_matches_llama_cpp() {
-    check_tokens("Qwen2.5-Coder-0.5B-Instruct.gguf", "qwen2.5-coder-0.5b-tokens.jsonl");
+    check_tokens(
+        "Qwen2.5-Coder-0.5B-Instruct.gguf",
+        "qwen2.5-coder-0.5b-tokens.jsonl",
+    );
 }
 
 #[test]
 fn smollm_tokenizer_matches_llama_cpp() {
-    check_tokens("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-tokens.jsonl");
+    check_tokens(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2-135m-tokens.jsonl",
+    );
 }
 
 /// Greedy decoding reproduces llama.cpp's text up to quantisation ties.
@@ -67,7 +88,11 @@ fn check_greedy(model_file: &str, reference_file: &str) {
 fn check_greedy_of(path: &std::path::Path, reference_file: &str) {
     let model_file = path.file_name().unwrap().to_string_lossy().into_owned();
     let mut g = Generator::load(path).unwrap();
-    let params = GenerateParams { max_tokens: 24, temperature: 0.0, ..Default::default() };
+    let params = GenerateParams {
+        max_tokens: 24,
+        temperature: 0.0,
+        ..Default::default()
+    };
     let mut failures = Vec::new();
     for case in reference(reference_file) {
         let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
@@ -84,14 +109,21 @@ fn check_greedy_of(path: &std::path::Path, reference_file: &str) {
         let mut ties = 0;
         for (i, (accepted, is_stop)) in steps.iter().enumerate() {
             let top = logits.iter().copied().fold(f32::MIN, f32::max);
-            let best_ok = accepted.iter().map(|&t| logits[t as usize]).fold(f32::MIN, f32::max);
+            let best_ok = accepted
+                .iter()
+                .map(|&t| logits[t as usize])
+                .fold(f32::MIN, f32::max);
             if best_ok < top {
                 ties += 1;
             }
             if top - best_ok > TIE {
                 failures.push(format!(
                     "{model_file} {expected:?}: step {i} ({}) is {:.3} logits below the top",
-                    if *is_stop { "end of turn".to_string() } else { format!("{:?}", g.tokenizer().decode(accepted)) },
+                    if *is_stop {
+                        "end of turn".to_string()
+                    } else {
+                        format!("{:?}", g.tokenizer().decode(accepted))
+                    },
                     top - best_ok
                 ));
                 break;
@@ -109,7 +141,11 @@ fn check_greedy_of(path: &std::path::Path, reference_file: &str) {
                 true
             })
             .unwrap();
-        assert_eq!(pieces.concat(), out.text, "streamed pieces add up to the text");
+        assert_eq!(
+            pieces.concat(),
+            out.text,
+            "streamed pieces add up to the text"
+        );
         let got = g.tokenizer().encode_plain(&out.text).unwrap();
         let same = want.iter().zip(&got).take_while(|(a, b)| a == b).count();
         println!(
@@ -124,12 +160,18 @@ fn check_greedy_of(path: &std::path::Path, reference_file: &str) {
 
 #[test]
 fn qwen_greedy_matches_llama_cpp() {
-    check_greedy("Qwen2.5-Coder-0.5B-Instruct.gguf", "qwen2.5-coder-0.5b-greedy.jsonl");
+    check_greedy(
+        "Qwen2.5-Coder-0.5B-Instruct.gguf",
+        "qwen2.5-coder-0.5b-greedy.jsonl",
+    );
 }
 
 #[test]
 fn smollm_greedy_matches_llama_cpp() {
-    check_greedy("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-greedy.jsonl");
+    check_greedy(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2-135m-greedy.jsonl",
+    );
 }
 
 /// A copy with the slow tensor types (Q4_1, Q5_0) re-quantized to Q8_0 keeps
@@ -139,18 +181,32 @@ fn check_requantized(model_file: &str, reference_file: &str) {
     let copy = tmp.path().join(model_file);
     let started = std::time::Instant::now();
     let done = ragd_generator::requant::requantize(&model(model_file), &copy).unwrap();
-    println!("{model_file}: {done:?} in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "{model_file}: {done:?} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     assert!(!done.is_empty(), "the packaged file has slow tensors");
-    assert!(ragd_generator::requant::slow_tensors(&copy).unwrap().is_empty(), "none are left in the copy");
+    assert!(
+        ragd_generator::requant::slow_tensors(&copy)
+            .unwrap()
+            .is_empty(),
+        "none are left in the copy"
+    );
     check_greedy_of(&copy, reference_file);
 }
 
 #[test]
 fn requantized_qwen_stays_close_to_llama_cpp() {
-    check_requantized("Qwen2.5-Coder-0.5B-Instruct.gguf", "qwen2.5-coder-0.5b-greedy.jsonl");
+    check_requantized(
+        "Qwen2.5-Coder-0.5B-Instruct.gguf",
+        "qwen2.5-coder-0.5b-greedy.jsonl",
+    );
 }
 
 #[test]
 fn requantized_smollm_stays_close_to_llama_cpp() {
-    check_requantized("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-greedy.jsonl");
+    check_requantized(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2-135m-greedy.jsonl",
+    );
 }

@@ -87,9 +87,13 @@ impl Default for IndexConfig {
 impl IndexConfig {
     /// Checks every parameter that hnsw_rs would otherwise exit, panic or clamp on.
     pub fn validate(&self) -> Result<(), IndexError> {
-        let bad = |field: &'static str, reason: String| Err(IndexError::InvalidConfig { field, reason });
+        let bad =
+            |field: &'static str, reason: String| Err(IndexError::InvalidConfig { field, reason });
         if !(2..=MAX_CONNECTIONS).contains(&self.max_connections) {
-            return bad("max_connections", format!("{} is outside 2..={MAX_CONNECTIONS}", self.max_connections));
+            return bad(
+                "max_connections",
+                format!("{} is outside 2..={MAX_CONNECTIONS}", self.max_connections),
+            );
         }
         if self.ef_construction == 0 {
             return bad("ef_construction", "must be at least 1".into());
@@ -98,13 +102,19 @@ impl IndexConfig {
             return bad("ef_search", "must be at least 1".into());
         }
         if !(1..=MAX_LAYERS).contains(&self.max_layers) {
-            return bad("max_layers", format!("{} is outside 1..={MAX_LAYERS}", self.max_layers));
+            return bad(
+                "max_layers",
+                format!("{} is outside 1..={MAX_LAYERS}", self.max_layers),
+            );
         }
         if self.capacity_hint == 0 {
             return bad("capacity_hint", "must be at least 1".into());
         }
         if !(self.compact_fraction > 0.0 && self.compact_fraction <= 1.0) {
-            return bad("compact_fraction", format!("{} is outside (0, 1]", self.compact_fraction));
+            return bad(
+                "compact_fraction",
+                format!("{} is outside (0, 1]", self.compact_fraction),
+            );
         }
         Ok(())
     }
@@ -175,7 +185,10 @@ pub struct VectorIndex {
 
 impl std::fmt::Debug for VectorIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VectorIndex").field("dim", &self.dim).field("len", &self.len()).finish()
+        f.debug_struct("VectorIndex")
+            .field("dim", &self.dim)
+            .field("len", &self.len())
+            .finish()
     }
 }
 
@@ -184,7 +197,10 @@ impl VectorIndex {
     pub fn new(dim: usize, config: IndexConfig) -> Result<Self, IndexError> {
         config.validate()?;
         if dim == 0 {
-            return Err(IndexError::InvalidConfig { field: "dim", reason: "must be at least 1".into() });
+            return Err(IndexError::InvalidConfig {
+                field: "dim",
+                reason: "must be at least 1".into(),
+            });
         }
         let hnsw = Hnsw::new(
             config.max_connections,
@@ -200,11 +216,17 @@ impl VectorIndex {
     /// generation `generation`. The files go to a temporary directory first, which
     /// is then renamed, so `dir` holds a complete dump or none.
     pub fn dump(&self, dir: &Path, generation: u64) -> Result<(), IndexError> {
-        let fail = |message: String| IndexError::Dump { path: dir.to_owned(), message };
+        let fail = |message: String| IndexError::Dump {
+            path: dir.to_owned(),
+            message,
+        };
         let tmp = dir.with_extension("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| fail(e.to_string()))?;
-        let written = self.hnsw.file_dump(&tmp, DUMP_BASENAME).map_err(|e| fail(e.to_string()))?;
+        let written = self
+            .hnsw
+            .file_dump(&tmp, DUMP_BASENAME)
+            .map_err(|e| fail(e.to_string()))?;
         if written != DUMP_BASENAME {
             return Err(fail(format!("hnsw_rs wrote {written:?}")));
         }
@@ -220,7 +242,9 @@ impl VectorIndex {
         let json = serde_json::to_vec(&meta).map_err(|e| fail(e.to_string()))?;
         std::fs::write(tmp.join(DUMP_META), json).map_err(|e| fail(e.to_string()))?;
         for f in [&graph, &data, &tmp.join(DUMP_META)] {
-            std::fs::File::open(f).and_then(|f| f.sync_all()).map_err(|e| fail(e.to_string()))?;
+            std::fs::File::open(f)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| fail(e.to_string()))?;
         }
         let _ = std::fs::remove_dir_all(dir);
         std::fs::rename(&tmp, dir).map_err(|e| fail(e.to_string()))?;
@@ -230,16 +254,29 @@ impl VectorIndex {
     /// Loads the dump in `dir` if it covers store generation `generation` with
     /// vectors of `dim` dimensions and is intact; otherwise says why not, and the
     /// caller rebuilds from the store.
-    pub fn load_dump(dir: &Path, config: IndexConfig, generation: u64, dim: usize) -> Result<Self, String> {
+    pub fn load_dump(
+        dir: &Path,
+        config: IndexConfig,
+        generation: u64,
+        dim: usize,
+    ) -> Result<Self, String> {
         config.validate().map_err(|e| e.to_string())?;
         let meta: DumpMeta = std::fs::read(dir.join(DUMP_META))
             .map_err(|e| format!("no dump ({e})"))
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("unreadable dump metadata ({e})")))?;
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| format!("unreadable dump metadata ({e})"))
+            })?;
         if meta.generation != generation {
-            return Err(format!("dump covers generation {}, the store is at {generation}", meta.generation));
+            return Err(format!(
+                "dump covers generation {}, the store is at {generation}",
+                meta.generation
+            ));
         }
         if meta.dim != dim {
-            return Err(format!("dump holds {}-dimensional vectors, not {dim}", meta.dim));
+            return Err(format!(
+                "dump holds {}-dimensional vectors, not {dim}",
+                meta.dim
+            ));
         }
         let graph = dir.join(format!("{DUMP_BASENAME}.hnsw.graph"));
         let data = dir.join(format!("{DUMP_BASENAME}.hnsw.data"));
@@ -253,9 +290,14 @@ impl VectorIndex {
         // is leaked (a few hundred bytes, once per start) so the graph can be owned
         // with a 'static lifetime, without unsafe code.
         let io: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, DUMP_BASENAME)));
-        let hnsw: Hnsw<'static, f32, ClampedDot> = io.load_hnsw().map_err(|e| format!("hnsw_rs: {e}"))?;
+        let hnsw: Hnsw<'static, f32, ClampedDot> =
+            io.load_hnsw().map_err(|e| format!("hnsw_rs: {e}"))?;
         if hnsw.get_nb_point() != meta.points {
-            return Err(format!("dump has {} points, its metadata says {}", hnsw.get_nb_point(), meta.points));
+            return Err(format!(
+                "dump has {} points, its metadata says {}",
+                hnsw.get_nb_point(),
+                meta.points
+            ));
         }
         Ok(Self { hnsw, dim, config })
     }
@@ -277,7 +319,10 @@ impl VectorIndex {
 
     fn check(&self, v: &[f32]) -> Result<(), IndexError> {
         if v.len() != self.dim {
-            return Err(IndexError::DimensionMismatch { expected: self.dim, got: v.len() });
+            return Err(IndexError::DimensionMismatch {
+                expected: self.dim,
+                got: v.len(),
+            });
         }
         if v.iter().any(|x| !x.is_finite()) {
             return Err(IndexError::NonFinite);
@@ -287,7 +332,10 @@ impl VectorIndex {
 
     /// Checks every vector of a batch without inserting anything, so that a caller
     /// can refuse a whole batch before changing the index.
-    pub fn check_all<'a>(&self, vectors: impl IntoIterator<Item = &'a [f32]>) -> Result<(), IndexError> {
+    pub fn check_all<'a>(
+        &self,
+        vectors: impl IntoIterator<Item = &'a [f32]>,
+    ) -> Result<(), IndexError> {
         vectors.into_iter().try_for_each(|v| self.check(v))
     }
 
@@ -308,7 +356,12 @@ impl VectorIndex {
     }
 
     /// The `k` nearest vectors to `query` for which `keep(id)` holds, best first.
-    pub fn search(&self, query: &[f32], k: usize, keep: &dyn Fn(usize) -> bool) -> Result<Vec<Hit>, IndexError> {
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Hit>, IndexError> {
         self.search_with_ef(query, k, self.config.ef_search, keep)
     }
 
@@ -326,9 +379,16 @@ impl VectorIndex {
         }
         let ef = ef.max(k);
         let filter = |id: &usize| keep(*id);
-        let found = self.hnsw.search_filter(query, k, ef, Some(&filter as &dyn FilterT));
-        let mut hits: Vec<Hit> =
-            found.into_iter().map(|n| Hit { id: n.d_id, score: 1.0 - n.distance }).collect();
+        let found = self
+            .hnsw
+            .search_filter(query, k, ef, Some(&filter as &dyn FilterT));
+        let mut hits: Vec<Hit> = found
+            .into_iter()
+            .map(|n| Hit {
+                id: n.d_id,
+                score: 1.0 - n.distance,
+            })
+            .collect();
         hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
         hits.truncate(k);
         Ok(hits)
@@ -346,9 +406,15 @@ pub fn exact_top_k<'a>(
     let mut hits = Vec::new();
     for (id, v) in candidates {
         if v.len() != query.len() {
-            return Err(IndexError::DimensionMismatch { expected: query.len(), got: v.len() });
+            return Err(IndexError::DimensionMismatch {
+                expected: query.len(),
+                got: v.len(),
+            });
         }
-        hits.push(Hit { id, score: v.iter().zip(query).map(|(a, b)| a * b).sum() });
+        hits.push(Hit {
+            id,
+            score: v.iter().zip(query).map(|(a, b)| a * b).sum(),
+        });
     }
     hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
     hits.truncate(k);
@@ -371,15 +437,35 @@ mod tests {
 
     #[test]
     fn refuses_parameters_hnsw_rs_would_exit_on() {
-        let cfg = IndexConfig { max_connections: 257, ..Default::default() };
-        assert!(matches!(cfg.validate(), Err(IndexError::InvalidConfig { field: "max_connections", .. })));
+        let cfg = IndexConfig {
+            max_connections: 257,
+            ..Default::default()
+        };
+        assert!(matches!(
+            cfg.validate(),
+            Err(IndexError::InvalidConfig {
+                field: "max_connections",
+                ..
+            })
+        ));
         assert!(VectorIndex::new(8, cfg).is_err());
-        let cfg = IndexConfig { max_layers: 17, ..Default::default() };
+        let cfg = IndexConfig {
+            max_layers: 17,
+            ..Default::default()
+        };
         assert!(VectorIndex::new(8, cfg).is_err());
-        let cfg = IndexConfig { ef_search: 0, ..Default::default() };
+        let cfg = IndexConfig {
+            ef_search: 0,
+            ..Default::default()
+        };
         assert!(VectorIndex::new(8, cfg).is_err());
         assert!(VectorIndex::new(0, IndexConfig::default()).is_err());
-        assert!(IndexConfig { max_connections: 256, ..Default::default() }.validate().is_ok());
+        assert!(IndexConfig {
+            max_connections: 256,
+            ..Default::default()
+        }
+        .validate()
+        .is_ok());
     }
 
     #[test]
@@ -395,7 +481,11 @@ mod tests {
             let hits = index.search(&vectors[probe], 5, &|_| true).unwrap();
             assert_eq!(hits.len(), 5);
             assert_eq!(hits[0].id, probe);
-            assert!((hits[0].score - 1.0).abs() < 1e-5, "score {}", hits[0].score);
+            assert!(
+                (hits[0].score - 1.0).abs() < 1e-5,
+                "score {}",
+                hits[0].score
+            );
             assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
         }
     }
@@ -406,15 +496,22 @@ mod tests {
         let dim = 48;
         let index = VectorIndex::new(dim, IndexConfig::default()).unwrap();
         let vectors: Vec<Vec<f32>> = (0..2000).map(|_| random_unit(&mut rng, dim)).collect();
-        let items: Vec<(usize, &[f32])> = vectors.iter().enumerate().map(|(i, v)| (i, v.as_slice())).collect();
+        let items: Vec<(usize, &[f32])> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i, v.as_slice()))
+            .collect();
         index.insert_many(&items).unwrap();
         assert_eq!(index.len(), 2000);
         let mut found = 0;
         let queries = 50;
         for _ in 0..queries {
             let q = random_unit(&mut rng, dim);
-            let mut exact: Vec<(usize, f32)> =
-                vectors.iter().enumerate().map(|(i, v)| (i, v.iter().zip(&q).map(|(a, b)| a * b).sum())).collect();
+            let mut exact: Vec<(usize, f32)> = vectors
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i, v.iter().zip(&q).map(|(a, b)| a * b).sum()))
+                .collect();
             exact.sort_by(|a, b| b.1.total_cmp(&a.1));
             let top: Vec<usize> = exact[..10].iter().map(|e| e.0).collect();
             let hits = index.search(&q, 10, &|_| true).unwrap();
@@ -429,7 +526,12 @@ mod tests {
         let a = unit(vec![1.0, 0.0]);
         let b = unit(vec![0.6, 0.8]);
         let c = unit(vec![0.0, 1.0]);
-        let hits = exact_top_k(&[1.0, 0.0], [(7, &a[..]), (8, &b[..]), (9, &c[..])].into_iter(), 2).unwrap();
+        let hits = exact_top_k(
+            &[1.0, 0.0],
+            [(7, &a[..]), (8, &b[..]), (9, &c[..])].into_iter(),
+            2,
+        )
+        .unwrap();
         assert_eq!(hits.iter().map(|h| h.id).collect::<Vec<_>>(), vec![7, 8]);
         assert!((hits[1].score - 0.6).abs() < 1e-6);
     }
@@ -453,7 +555,9 @@ mod tests {
                 index.search(&vectors[probe], 3, &|_| true).unwrap()
             );
         }
-        assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 8, 16).unwrap_err().contains("generation"));
+        assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 8, 16)
+            .unwrap_err()
+            .contains("generation"));
         assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 7, 32).is_err());
         // Flip a byte of the graph: detected before hnsw_rs reads it.
         let graph = dir.join("ragd.hnsw.graph");
@@ -461,8 +565,13 @@ mod tests {
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xFF;
         std::fs::write(&graph, bytes).unwrap();
-        assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 7, 16).unwrap_err().contains("damaged"));
-        assert!(VectorIndex::load_dump(&tmp.path().join("none"), IndexConfig::default(), 7, 16).is_err());
+        assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 7, 16)
+            .unwrap_err()
+            .contains("damaged"));
+        assert!(
+            VectorIndex::load_dump(&tmp.path().join("none"), IndexConfig::default(), 7, 16)
+                .is_err()
+        );
     }
 
     #[test]
@@ -479,12 +588,21 @@ mod tests {
     #[test]
     fn rejects_bad_vectors_and_handles_empty() {
         let index = VectorIndex::new(3, IndexConfig::default()).unwrap();
-        assert!(index.search(&[1.0, 0.0, 0.0], 3, &|_| true).unwrap().is_empty());
+        assert!(index
+            .search(&[1.0, 0.0, 0.0], 3, &|_| true)
+            .unwrap()
+            .is_empty());
         assert_eq!(
             index.insert(0, &[1.0, 0.0]),
-            Err(IndexError::DimensionMismatch { expected: 3, got: 2 })
+            Err(IndexError::DimensionMismatch {
+                expected: 3,
+                got: 2
+            })
         );
-        assert_eq!(index.insert(0, &[f32::NAN, 0.0, 0.0]), Err(IndexError::NonFinite));
+        assert_eq!(
+            index.insert(0, &[f32::NAN, 0.0, 0.0]),
+            Err(IndexError::NonFinite)
+        );
         assert!(index.is_empty());
         // A vector slightly longer than 1 (rounding) must not panic.
         index.insert(5, &[1.0000001, 0.0, 0.0]).unwrap();

@@ -76,7 +76,9 @@ where
                     "expected a JSON body with the header Content-Type: application/json".into(),
                 ),
                 JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                    ApiError::PayloadTooLarge("the request body is larger than the configured limit".into())
+                    ApiError::PayloadTooLarge(
+                        "the request body is larger than the configured limit".into(),
+                    )
                 }
                 JsonRejection::BytesRejection(e) => ApiError::MalformedJson(e.body_text()),
                 other => ApiError::MalformedJson(other.body_text()),
@@ -91,7 +93,9 @@ async fn health() -> Json<serde_json::Value> {
 
 async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let engine = Arc::clone(state.engine()?);
-    let mut status = tokio::task::spawn_blocking(move || engine.status()).await.map_err(ApiError::internal)?;
+    let mut status = tokio::task::spawn_blocking(move || engine.status())
+        .await
+        .map_err(ApiError::internal)?;
     status["status"] = json!("ready");
     Ok(Json(status))
 }
@@ -101,17 +105,25 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> Response {
-    let body = json!({ "error": "method not allowed on this endpoint", "type": "method_not_allowed" });
+    let body =
+        json!({ "error": "method not allowed on this endpoint", "type": "method_not_allowed" });
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
 /// `POST /ingest`: a JSON body of documents, or `multipart/form-data` files.
-async fn ingest(State(state): State<AppState>, req: Request) -> Result<Json<crate::engine::IngestResponse>, ApiError> {
+async fn ingest(
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<Json<crate::engine::IngestResponse>, ApiError> {
     let multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"));
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("multipart/form-data")
+        });
     if !multipart {
         let AppJson(body) = AppJson::<IngestRequest>::from_request(req, &state).await?;
         return Ok(Json(state.engine()?.ingest(body).await?));
@@ -120,7 +132,10 @@ async fn ingest(State(state): State<AppState>, req: Request) -> Result<Json<crat
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge("the request body is larger than the configured limit".into())
         } else {
-            ApiError::MalformedMultipart(format!("cannot read the multipart body: {}", e.body_text()))
+            ApiError::MalformedMultipart(format!(
+                "cannot read the multipart body: {}",
+                e.body_text()
+            ))
         }
     };
     let mut form = Multipart::from_request(req, &state)
@@ -136,10 +151,16 @@ async fn ingest(State(state): State<AppState>, req: Request) -> Result<Json<crat
         };
         let content_type = field.content_type().map(str::to_string);
         let bytes = field.bytes().await.map_err(too_large_or_malformed)?;
-        files.push(crate::engine::UploadedFile { name, content_type, bytes: bytes.to_vec() });
+        files.push(crate::engine::UploadedFile {
+            name,
+            content_type,
+            bytes: bytes.to_vec(),
+        });
     }
     if files.is_empty() {
-        return Err(ApiError::Invalid("the multipart body holds no files".into()));
+        return Err(ApiError::Invalid(
+            "the multipart body holds no files".into(),
+        ));
     }
     Ok(Json(state.engine()?.ingest_files(files).await?))
 }
@@ -189,7 +210,10 @@ fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {
         headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim().starts_with("text/event-stream")))
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().starts_with("text/event-stream"))
+            })
     })
 }
 
@@ -211,16 +235,23 @@ async fn ask(
     let mut progress = progress;
     while let Some(event) = events.recv().await {
         match event {
-            GenEvent::Prompt { passages_used, trimmed, prompt_ms, .. } => {
-                progress.prompt_ready(passages_used, trimmed, prompt_ms)
-            }
+            GenEvent::Prompt {
+                passages_used,
+                trimmed,
+                prompt_ms,
+                ..
+            } => progress.prompt_ready(passages_used, trimmed, prompt_ms),
             GenEvent::Queued { .. } => {}
             GenEvent::Token(_) => progress.token(),
-            GenEvent::Done(generation) => return Ok(Json(engine.answer(progress, generation).await).into_response()),
+            GenEvent::Done(generation) => {
+                return Ok(Json(engine.answer(progress, generation).await).into_response())
+            }
             GenEvent::Failed { message, fault } => return Err(fault.error(message)),
         }
     }
-    Err(ApiError::internal("the generator stopped without an answer"))
+    Err(ApiError::internal(
+        "the generator stopped without an answer",
+    ))
 }
 
 fn event(name: &str, data: &serde_json::Value) -> Event {
@@ -238,7 +269,9 @@ fn sse_response(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let Some(mut events) = events else {
-            let _ = tx.send(Ok(event("sources", &json!({ "sources": [] })))).await;
+            let _ = tx
+                .send(Ok(event("sources", &json!({ "sources": [] }))))
+                .await;
             let done = serde_json::to_value(progress.no_sources()).unwrap_or_default();
             let _ = tx.send(Ok(event("done", &done))).await;
             return;
@@ -248,7 +281,12 @@ fn sse_response(
         while let Some(ev) = events.recv().await {
             let out = match ev {
                 GenEvent::Queued { position } => event("queued", &json!({ "position": position })),
-                GenEvent::Prompt { passages_used, trimmed, prompt_ms, .. } => {
+                GenEvent::Prompt {
+                    passages_used,
+                    trimmed,
+                    prompt_ms,
+                    ..
+                } => {
                     progress.prompt_ready(passages_used, trimmed, prompt_ms);
                     event("sources", &json!({ "sources": progress.sources() }))
                 }
@@ -257,7 +295,8 @@ fn sse_response(
                     event("token", &json!({ "text": text }))
                 }
                 GenEvent::Done(generation) => {
-                    let done = serde_json::to_value(engine.answer(progress, generation).await).unwrap_or_default();
+                    let done = serde_json::to_value(engine.answer(progress, generation).await)
+                        .unwrap_or_default();
                     let _ = tx.send(Ok(event("done", &done))).await;
                     return;
                 }
@@ -276,8 +315,12 @@ fn sse_response(
     });
     let sse = Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default());
     let mut response = sse.into_response();
-    response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 
@@ -291,18 +334,33 @@ mod tests {
     /// A router whose models never load: enough for everything decided before
     /// the engine is reached.
     fn unloaded(limit: usize) -> Router {
-        app(AppState { engine: Arc::new(OnceLock::new()), body_limit: limit })
+        app(AppState {
+            engine: Arc::new(OnceLock::new()),
+            body_limit: limit,
+        })
     }
 
-    async fn call(router: Router, method: &str, uri: &str, body: &str, json: bool) -> (StatusCode, serde_json::Value) {
+    async fn call(
+        router: Router,
+        method: &str,
+        uri: &str,
+        body: &str,
+        json: bool,
+    ) -> (StatusCode, serde_json::Value) {
         let mut req = axum::http::Request::builder().method(method).uri(uri);
         if json {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
-        let res = router.oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+        let res = router
+            .oneshot(req.body(Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap();
         let status = res.status();
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     #[tokio::test]
@@ -313,7 +371,14 @@ mod tests {
         let (s, body) = call(unloaded(1 << 20), "GET", "/ready", "", false).await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["type"], "not_ready");
-        let (s, body) = call(unloaded(1 << 20), "POST", "/ask", r#"{"question":"x"}"#, true).await;
+        let (s, body) = call(
+            unloaded(1 << 20),
+            "POST",
+            "/ask",
+            r#"{"question":"x"}"#,
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["type"], "not_ready");
     }
@@ -321,17 +386,63 @@ mod tests {
     #[tokio::test]
     async fn bad_bodies_get_json_errors_with_fitting_statuses() {
         let cases: &[(&str, &str, bool, StatusCode, &str)] = &[
-            ("/ingest", "{not json", true, StatusCode::BAD_REQUEST, "malformed_json"),
-            ("/ingest", r#"{"documents":[{"title":"no text"}]}"#, true, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            ("/ingest", r#"{"documents":[{"text":"x","colour":"red"}]}"#, true, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            ("/ingest", r#"{"documents":[{"text":42}]}"#, true, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            ("/ask", r#"{}"#, true, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            ("/ask", r#"{"question":"q","top_k":-1}"#, true, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            ("/ask", r#"{"question":"q"}"#, false, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            (
+                "/ingest",
+                "{not json",
+                true,
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+            ),
+            (
+                "/ingest",
+                r#"{"documents":[{"title":"no text"}]}"#,
+                true,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+            ),
+            (
+                "/ingest",
+                r#"{"documents":[{"text":"x","colour":"red"}]}"#,
+                true,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+            ),
+            (
+                "/ingest",
+                r#"{"documents":[{"text":42}]}"#,
+                true,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+            ),
+            (
+                "/ask",
+                r#"{}"#,
+                true,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+            ),
+            (
+                "/ask",
+                r#"{"question":"q","top_k":-1}"#,
+                true,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+            ),
+            (
+                "/ask",
+                r#"{"question":"q"}"#,
+                false,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+            ),
         ];
         for (uri, body, json, status, kind) in cases {
             let (s, b) = call(unloaded(1 << 20), "POST", uri, body, *json).await;
-            assert_eq!((s, b["type"].as_str()), (*status, Some(*kind)), "{uri} {body}: {b}");
+            assert_eq!(
+                (s, b["type"].as_str()),
+                (*status, Some(*kind)),
+                "{uri} {body}: {b}"
+            );
             assert!(b["error"].as_str().is_some_and(|e| !e.is_empty()));
         }
         let big = format!(r#"{{"documents":[{{"text":"{}"}}]}}"#, "a".repeat(5000));
@@ -343,8 +454,14 @@ mod tests {
     #[tokio::test]
     async fn unknown_routes_and_methods_are_json_errors() {
         let (s, b) = call(unloaded(1 << 20), "GET", "/nope", "", false).await;
-        assert_eq!((s, b["type"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+        assert_eq!(
+            (s, b["type"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
         let (s, b) = call(unloaded(1 << 20), "GET", "/ask", "", false).await;
-        assert_eq!((s, b["type"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
+        assert_eq!(
+            (s, b["type"].as_str()),
+            (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+        );
     }
 }

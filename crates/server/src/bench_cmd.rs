@@ -103,8 +103,12 @@ pub(crate) enum BenchCommand {
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines().filter(|l| !l.trim().is_empty()).map(|l| Ok(serde_json::from_str(l)?)).collect()
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
 }
 
 fn corpus_texts(corpus: &Path) -> Result<Vec<Value>> {
@@ -113,29 +117,86 @@ fn corpus_texts(corpus: &Path) -> Result<Vec<Value>> {
 
 pub(crate) async fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Embed { corpus, model, texts } => bench_embed(&corpus, &model, texts),
-        BenchCommand::Generate { model, corpus, prompt_tokens, new_tokens, runs, json, requantize } => {
-            let model = if requantize { ragd_generator::requant::fast_copy(&model)?.0 } else { model };
-            bench_generate(&model, &corpus, prompt_tokens, new_tokens, runs.max(1), json)
+        BenchCommand::Embed {
+            corpus,
+            model,
+            texts,
+        } => bench_embed(&corpus, &model, texts),
+        BenchCommand::Generate {
+            model,
+            corpus,
+            prompt_tokens,
+            new_tokens,
+            runs,
+            json,
+            requantize,
+        } => {
+            let model = if requantize {
+                ragd_generator::requant::fast_copy(&model)?.0
+            } else {
+                model
+            };
+            bench_generate(
+                &model,
+                &corpus,
+                prompt_tokens,
+                new_tokens,
+                runs.max(1),
+                json,
+            )
         }
-        BenchCommand::Ingest { corpus, batch, limit } => bench_ingest(&corpus, batch.max(1), limit).await,
-        BenchCommand::Search { corpus, data_dir, config, clients, requests, top_k } => {
-            bench_search(&corpus, &data_dir, config.as_deref(), clients, requests, top_k).await
+        BenchCommand::Ingest {
+            corpus,
+            batch,
+            limit,
+        } => bench_ingest(&corpus, batch.max(1), limit).await,
+        BenchCommand::Search {
+            corpus,
+            data_dir,
+            config,
+            clients,
+            requests,
+            top_k,
+        } => {
+            bench_search(
+                &corpus,
+                &data_dir,
+                config.as_deref(),
+                clients,
+                requests,
+                top_k,
+            )
+            .await
         }
-        BenchCommand::Ask { corpus, model, questions } => bench_ask(&corpus, model, questions).await,
+        BenchCommand::Ask {
+            corpus,
+            model,
+            questions,
+        } => bench_ask(&corpus, model, questions).await,
     }
 }
 
 fn bench_embed(corpus: &Path, model: &Path, n: usize) -> Result<()> {
     let embedder = Embedder::load(model, &EmbedderConfig::default())?;
     let docs = corpus_texts(corpus)?;
-    let texts: Vec<String> = docs.iter().filter_map(|d| d["text"].as_str().map(str::to_string)).cycle().take(n).collect();
+    let texts: Vec<String> = docs
+        .iter()
+        .filter_map(|d| d["text"].as_str().map(str::to_string))
+        .cycle()
+        .take(n)
+        .collect();
     if texts.is_empty() {
         bail!("no texts in {}", corpus.display());
     }
     let tokens: usize = texts
         .iter()
-        .map(|t| embedder.tokenizer().encode(t.as_str(), true).map(|e| e.len()).unwrap_or(0))
+        .map(|t| {
+            embedder
+                .tokenizer()
+                .encode(t.as_str(), true)
+                .map(|e| e.len())
+                .unwrap_or(0)
+        })
         .sum();
     embedder.embed(&texts[..texts.len().min(8)])?; // warm-up
     let started = Instant::now();
@@ -172,7 +233,11 @@ fn bench_generate(
     let load_s = started.elapsed().as_secs_f64();
     // The prompt: the first N tokens of the corpus texts, the same ids llama.cpp
     // gives (bench/compare-llamacpp feeds it the same text).
-    let text: String = corpus_texts(corpus)?.iter().filter_map(|d| d["text"].as_str()).collect::<Vec<_>>().join("\n\n");
+    let text: String = corpus_texts(corpus)?
+        .iter()
+        .filter_map(|d| d["text"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n\n");
     let mut ids = g.tokenizer().encode_plain(&text)?;
     ids.truncate(prompt_tokens);
     if ids.len() < prompt_tokens {
@@ -184,7 +249,13 @@ fn bench_generate(
         let started = Instant::now();
         let mut logits = g.feed(&ids, 0)?;
         let prefill_s = started.elapsed().as_secs_f64();
-        let argmax = |l: &[f32]| l.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0);
+        let argmax = |l: &[f32]| {
+            l.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap_or(0)
+        };
         let mut next = argmax(&logits);
         ttft.push(started.elapsed().as_secs_f64());
         let started = Instant::now();
@@ -226,7 +297,11 @@ fn rayon_threads() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&n: &usize| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
 }
 
 async fn bench_ingest(corpus: &Path, batch: usize, limit: usize) -> Result<()> {
@@ -254,16 +329,24 @@ async fn bench_ingest(corpus: &Path, batch: usize, limit: usize) -> Result<()> {
         })
         .collect::<Result<_>>()?;
 
-    let engine = ragd_server::open_for_ingest(config.clone()).await.map_err(anyhow::Error::msg)?;
+    let engine = ragd_server::open_for_ingest(config.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
     for (label, reqs) in [("cold", requests.clone()), ("unchanged", requests)] {
         let started = Instant::now();
-        let (mut n_docs, mut n_chunks, mut statuses) = (0usize, 0usize, std::collections::BTreeMap::new());
+        let (mut n_docs, mut n_chunks, mut statuses) =
+            (0usize, 0usize, std::collections::BTreeMap::new());
         for req in reqs {
-            let res = engine.ingest(req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let res = engine
+                .ingest(req)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             for d in res.documents {
                 n_docs += 1;
                 n_chunks += d.chunks;
-                *statuses.entry(format!("{:?}", d.status).to_lowercase()).or_insert(0usize) += 1;
+                *statuses
+                    .entry(format!("{:?}", d.status).to_lowercase())
+                    .or_insert(0usize) += 1;
             }
         }
         let secs = started.elapsed().as_secs_f64();
@@ -274,17 +357,27 @@ async fn bench_ingest(corpus: &Path, batch: usize, limit: usize) -> Result<()> {
         );
     }
     let e = std::sync::Arc::clone(&engine);
-    tokio::task::spawn_blocking(move || e.save_index()).await?.map_err(anyhow::Error::msg)?;
+    tokio::task::spawn_blocking(move || e.save_index())
+        .await?
+        .map_err(anyhow::Error::msg)?;
     drop(engine);
 
-    for (label, remove_dump) in [("with the index dump", false), ("without the dump (rebuild)", true)] {
+    for (label, remove_dump) in [
+        ("with the index dump", false),
+        ("without the dump (rebuild)", true),
+    ] {
         if remove_dump {
             std::fs::remove_dir_all(data.join("index"))?;
         }
         let started = Instant::now();
-        let engine = ragd_server::open_for_ingest(config.clone()).await.map_err(anyhow::Error::msg)?;
+        let engine = ragd_server::open_for_ingest(config.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
         let secs = started.elapsed().as_secs_f64();
-        println!("restart {label}: ready in {secs:.2} s ({})", engine.status()["index_at_start"]);
+        println!(
+            "restart {label}: ready in {secs:.2} s ({})",
+            engine.status()["index_at_start"]
+        );
     }
     let _ = std::fs::remove_dir_all(data);
     Ok(())
@@ -305,29 +398,49 @@ async fn bench_search(
     config.server.port = 0;
     config.server.data_dir = data_dir.to_path_buf();
     {
-        let engine = ragd_server::open_for_ingest(config.clone()).await.map_err(anyhow::Error::msg)?;
+        let engine = ragd_server::open_for_ingest(config.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
         if engine.status()["documents"].as_u64().unwrap_or(0) == 0 {
             let started = Instant::now();
             let docs = corpus_texts(corpus)?;
             for batch in docs.chunks(256) {
                 let documents = batch
                     .iter()
-                    .map(|d| serde_json::from_value(json!({ "id": d["_id"], "title": d["title"], "text": d["text"] })))
+                    .map(|d| {
+                        serde_json::from_value(
+                            json!({ "id": d["_id"], "title": d["title"], "text": d["text"] }),
+                        )
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 engine
                     .ingest(ragd_server::engine::IngestRequest { documents })
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
-            println!("ingested {} documents in {:.1} s", docs.len(), started.elapsed().as_secs_f64());
+            println!(
+                "ingested {} documents in {:.1} s",
+                docs.len(),
+                started.elapsed().as_secs_f64()
+            );
             let e = std::sync::Arc::clone(&engine);
-            tokio::task::spawn_blocking(move || e.save_index()).await?.map_err(anyhow::Error::msg)?;
+            tokio::task::spawn_blocking(move || e.save_index())
+                .await?
+                .map_err(anyhow::Error::msg)?;
         }
     }
     let mut server = ragd_server::start(config).await?;
     server.wait_ready().await.map_err(anyhow::Error::msg)?;
-    let status = server.state.engine.get().map(|e| e.status()).unwrap_or(Value::Null);
-    println!("serving {} documents, {} chunks at {}", status["documents"], status["chunks"], server.addr);
+    let status = server
+        .state
+        .engine
+        .get()
+        .map(|e| e.status())
+        .unwrap_or(Value::Null);
+    println!(
+        "serving {} documents, {} chunks at {}",
+        status["documents"], status["chunks"], server.addr
+    );
     let base = format!("http://{}", server.addr);
     let queries: Vec<String> = read_jsonl(&corpus.join("queries.jsonl"))?
         .iter()
@@ -340,7 +453,11 @@ async fn bench_search(
     for mode in ["dense", "lexical", "hybrid"] {
         // Warm-up: every query once, so caches are the same for each mode.
         for q in queries.iter().take(20) {
-            client.post(format!("{base}/search")).json(&json!({ "query": q, "mode": mode })).send().await?;
+            client
+                .post(format!("{base}/search"))
+                .json(&json!({ "query": q, "mode": mode }))
+                .send()
+                .await?;
         }
         let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let started = Instant::now();
@@ -374,8 +491,14 @@ async fn bench_search(
         }
         let secs = started.elapsed().as_secs_f64();
         latencies.sort_by(f64::total_cmp);
-        let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-        println!("{mode:<9} {:>9.1} {:>7.1} {:>7.1}", latencies.len() as f64 / secs, pct(0.5), pct(0.95));
+        let pct =
+            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        println!(
+            "{mode:<9} {:>9.1} {:>7.1} {:>7.1}",
+            latencies.len() as f64 / secs,
+            pct(0.5),
+            pct(0.95)
+        );
     }
     server.shutdown().await?;
     Ok(())
@@ -399,9 +522,17 @@ async fn bench_ask(corpus: &Path, model: Option<PathBuf>, questions: usize) -> R
         .map(|d| json!({ "id": d["_id"], "title": d["title"], "text": d["text"] }))
         .collect();
     let started = Instant::now();
-    let res: Value =
-        client.post(format!("{base}/ingest")).json(&json!({ "documents": documents })).send().await?.json().await?;
-    let chunks: u64 = res["documents"].as_array().map(|d| d.iter().filter_map(|x| x["chunks"].as_u64()).sum()).unwrap_or(0);
+    let res: Value = client
+        .post(format!("{base}/ingest"))
+        .json(&json!({ "documents": documents }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let chunks: u64 = res["documents"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|x| x["chunks"].as_u64()).sum())
+        .unwrap_or(0);
     println!(
         "ingest: {} documents, {} chunks in {:.2} s",
         documents.len(),
@@ -409,7 +540,10 @@ async fn bench_ask(corpus: &Path, model: Option<PathBuf>, questions: usize) -> R
         started.elapsed().as_secs_f64()
     );
 
-    for q in read_jsonl(&corpus.join("queries.jsonl"))?.iter().take(questions) {
+    for q in read_jsonl(&corpus.join("queries.jsonl"))?
+        .iter()
+        .take(questions)
+    {
         let question = q["text"].as_str().unwrap_or_default();
         let started = Instant::now();
         let mut res = client

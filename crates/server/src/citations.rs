@@ -53,7 +53,9 @@ pub fn segments(answer: &str, passages: usize) -> Vec<Segment> {
     let mut chars = answer.char_indices().peekable();
     while let Some((i, c)) = chars.next() {
         let next_is_space = chars.peek().is_none_or(|(_, n)| n.is_whitespace());
-        let cut = c == '\n' || matches!(c, '。' | '！' | '？') || (matches!(c, '.' | '!' | '?') && next_is_space);
+        let cut = c == '\n'
+            || matches!(c, '。' | '！' | '？')
+            || (matches!(c, '.' | '!' | '?') && next_is_space);
         if cut {
             let end = i + c.len_utf8();
             pieces.push(&answer[start..end]);
@@ -102,7 +104,10 @@ fn leading_markers_len(s: &str) -> usize {
         let rest = &s[at..];
         let spaces = rest.len() - rest.trim_start().len();
         let rest = &rest[spaces..];
-        match rest.strip_prefix('[').and_then(|r| r.find(']').map(|c| (r, c))) {
+        match rest
+            .strip_prefix('[')
+            .and_then(|r| r.find(']').map(|c| (r, c)))
+        {
             Some((r, close)) if parse_list(&r[..close]).is_some() => at += spaces + close + 2,
             _ => return at,
         }
@@ -139,7 +144,10 @@ pub fn attribute(segments: &[Segment], similarity: &[Vec<f32>]) -> Vec<(usize, C
         }
     };
     for (seg, sims) in segments.iter().zip(similarity) {
-        let Some((best_p, &best)) = sims.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)) else { continue };
+        let Some((best_p, &best)) = sims.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))
+        else {
+            continue;
+        };
         let mut kept = false;
         for &n in &seg.markers {
             let Some(&s) = sims.get(n - 1) else { continue };
@@ -227,10 +235,25 @@ mod tests {
 
     #[test]
     fn segments_split_sentences_and_attach_trailing_markers() {
-        let segs = segments("Everest is 8,849 m high. [1] Cats purr [2]! 3.14 is pi.\n[3]", 3);
+        let segs = segments(
+            "Everest is 8,849 m high. [1] Cats purr [2]! 3.14 is pi.\n[3]",
+            3,
+        );
         assert_eq!(segs.len(), 3);
-        assert_eq!(segs[0], Segment { text: "Everest is 8,849 m high.".into(), markers: vec![1] });
-        assert_eq!(segs[1], Segment { text: "Cats purr !".into(), markers: vec![2] });
+        assert_eq!(
+            segs[0],
+            Segment {
+                text: "Everest is 8,849 m high.".into(),
+                markers: vec![1]
+            }
+        );
+        assert_eq!(
+            segs[1],
+            Segment {
+                text: "Cats purr !".into(),
+                markers: vec![2]
+            }
+        );
         assert_eq!(segs[2].text, "3.14 is pi.");
         assert_eq!(segs[2].markers, vec![3]);
         let segs = segments("北京是首都。[1]上海很大。", 2);
@@ -241,10 +264,22 @@ mod tests {
     #[test]
     fn wrong_markers_are_dropped_and_unmarked_sentences_attributed() {
         let segs = vec![
-            Segment { text: "a".into(), markers: vec![2] }, // cites 2, but matches 1
-            Segment { text: "b".into(), markers: vec![] },  // matches 3 well
-            Segment { text: "c".into(), markers: vec![] },  // matches nothing
-            Segment { text: "d".into(), markers: vec![1] }, // close to the best: kept
+            Segment {
+                text: "a".into(),
+                markers: vec![2],
+            }, // cites 2, but matches 1
+            Segment {
+                text: "b".into(),
+                markers: vec![],
+            }, // matches 3 well
+            Segment {
+                text: "c".into(),
+                markers: vec![],
+            }, // matches nothing
+            Segment {
+                text: "d".into(),
+                markers: vec![1],
+            }, // close to the best: kept
         ];
         let sims = vec![
             vec![0.7, 0.2, 0.1],
@@ -252,8 +287,17 @@ mod tests {
             vec![0.1, 0.2, 0.3],
             vec![0.5, 0.55, 0.1],
         ];
-        assert_eq!(attribute(&segs, &sims), vec![(1, CitedBy::Similarity), (3, CitedBy::Similarity)]);
-        let segs = vec![Segment { text: "d".into(), markers: vec![1] }];
-        assert_eq!(attribute(&segs, &[vec![0.5, 0.55, 0.1]]), vec![(1, CitedBy::Model)]);
+        assert_eq!(
+            attribute(&segs, &sims),
+            vec![(1, CitedBy::Similarity), (3, CitedBy::Similarity)]
+        );
+        let segs = vec![Segment {
+            text: "d".into(),
+            markers: vec![1],
+        }];
+        assert_eq!(
+            attribute(&segs, &[vec![0.5, 0.55, 0.1]]),
+            vec![(1, CitedBy::Model)]
+        );
     }
 }

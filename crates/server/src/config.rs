@@ -161,34 +161,45 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
 impl Config {
     /// The compiled-in defaults.
     pub fn defaults() -> Self {
-        Self::from_toml_over_defaults("", "defaults").unwrap_or_else(|e| panic!("built-in config is invalid: {e}"))
+        Self::from_toml_over_defaults("", "defaults")
+            .unwrap_or_else(|e| panic!("built-in config is invalid: {e}"))
     }
 
     /// Parses `text` (a TOML file's contents) merged over the defaults.
     pub fn from_toml_over_defaults(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let parse = |t: &str, origin: &str| {
-            t.parse::<toml::Value>().map_err(|e| ConfigError::Parse { origin: origin.to_string(), message: e.to_string() })
+            t.parse::<toml::Value>().map_err(|e| ConfigError::Parse {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })
         };
         let mut value = parse(DEFAULT_CONFIG, "built-in defaults")?;
         merge(&mut value, parse(text, origin)?);
         let config: Config = value
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.to_string(), message: e.to_string() })?;
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Reads a config file merged over the defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_toml_over_defaults(&text, &path.display().to_string())
     }
 
     /// Checks values that no type can express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        self.index.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.index
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.server.body_limit_bytes < 1024 {
             return invalid("server.body_limit_bytes must be at least 1024".into());
         }
@@ -200,16 +211,28 @@ impl Config {
         }
         let r = &self.retrieval;
         if r.max_top_k == 0 || r.top_k == 0 || r.top_k > r.max_top_k {
-            return invalid(format!("retrieval.top_k = {} must be within 1..=max_top_k ({})", r.top_k, r.max_top_k));
+            return invalid(format!(
+                "retrieval.top_k = {} must be within 1..=max_top_k ({})",
+                r.top_k, r.max_top_k
+            ));
         }
         if !(0.0..=1.0).contains(&r.dense_weight) {
-            return invalid(format!("retrieval.dense_weight = {} must be within 0..=1", r.dense_weight));
+            return invalid(format!(
+                "retrieval.dense_weight = {} must be within 0..=1",
+                r.dense_weight
+            ));
         }
         if r.candidates == 0 || r.candidates > 1000 {
-            return invalid(format!("retrieval.candidates = {} must be within 1..=1000", r.candidates));
+            return invalid(format!(
+                "retrieval.candidates = {} must be within 1..=1000",
+                r.candidates
+            ));
         }
         if !(-1.0..=1.0).contains(&r.min_score) {
-            return invalid(format!("retrieval.min_score = {} must be within -1..=1", r.min_score));
+            return invalid(format!(
+                "retrieval.min_score = {} must be within -1..=1",
+                r.min_score
+            ));
         }
         let g = &self.generation;
         if g.max_tokens == 0 || g.max_tokens > g.max_tokens_limit {
@@ -226,30 +249,47 @@ impl Config {
             "openai" => {
                 let url = &self.remote.url;
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return invalid(format!("remote.url = {url:?} must start with http:// or https://"));
+                    return invalid(format!(
+                        "remote.url = {url:?} must start with http:// or https://"
+                    ));
                 }
                 if self.remote.model.trim().is_empty() {
                     return invalid("remote.model must name the model to request".into());
                 }
-                if !(self.remote.connect_timeout_s > 0.0 && self.remote.connect_timeout_s <= 600.0) {
+                if !(self.remote.connect_timeout_s > 0.0 && self.remote.connect_timeout_s <= 600.0)
+                {
                     return invalid("remote.connect_timeout_s must be within (0, 600]".into());
                 }
             }
-            other => return invalid(format!("generation.backend = {other:?} must be \"local\" or \"openai\"")),
+            other => {
+                return invalid(format!(
+                    "generation.backend = {other:?} must be \"local\" or \"openai\""
+                ))
+            }
         }
         if !(1..=64).contains(&self.generation.slots) {
-            return invalid(format!("generation.slots = {} must be within 1..=64", self.generation.slots));
+            return invalid(format!(
+                "generation.slots = {} must be within 1..=64",
+                self.generation.slots
+            ));
         }
-        if self.generation.max_context_tokens != 0 && self.generation.max_context_tokens <= self.generation.max_tokens {
+        if self.generation.max_context_tokens != 0
+            && self.generation.max_context_tokens <= self.generation.max_tokens
+        {
             return invalid(format!(
                 "generation.max_context_tokens = {} leaves no room for a prompt with max_tokens = {}",
                 self.generation.max_context_tokens, self.generation.max_tokens
             ));
         }
         if !(self.generation.timeout_s > 0.0 && self.generation.timeout_s <= 86_400.0) {
-            return invalid(format!("generation.timeout_s = {} must be within (0, 86400]", self.generation.timeout_s));
+            return invalid(format!(
+                "generation.timeout_s = {} must be within (0, 86400]",
+                self.generation.timeout_s
+            ));
         }
-        self.generation_defaults().validate().map_err(|e| ConfigError::Invalid(format!("generation: {e}")))?;
+        self.generation_defaults()
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("generation: {e}")))?;
         Ok(())
     }
 
@@ -293,7 +333,8 @@ mod tests {
     fn unknown_keys_and_bad_values_are_errors() {
         let e = Config::from_toml_over_defaults("[server]\nprot = 9000\n", "test").unwrap_err();
         assert!(e.to_string().contains("prot"), "{e}");
-        let e = Config::from_toml_over_defaults("[index]\nmax_connections = 300\n", "test").unwrap_err();
+        let e = Config::from_toml_over_defaults("[index]\nmax_connections = 300\n", "test")
+            .unwrap_err();
         assert!(e.to_string().contains("max_connections"), "{e}");
         let e = Config::from_toml_over_defaults("[retrieval]\ntop_k = 50\n", "test").unwrap_err();
         assert!(e.to_string().contains("top_k"), "{e}");

@@ -20,8 +20,8 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::prompt::Passage;
 use crate::retrieval::{self, Filter, Mode, Strategy};
-use ragd_store::{NewChunk, NewDocument, Store, UpsertStatus};
 use crate::workers::{EmbedWorker, GenEvent, GenJob, GenWorker};
+use ragd_store::{NewChunk, NewDocument, Store, UpsertStatus};
 
 /// Longest document id accepted.
 const MAX_ID_LEN: usize = 256;
@@ -275,7 +275,12 @@ impl Data {
         let started = Instant::now();
         self.index.dump(dir, generation)?;
         self.dumped = Some(generation);
-        tracing::info!(generation, points = self.index.len(), ms = started.elapsed().as_millis() as u64, "index dumped");
+        tracing::info!(
+            generation,
+            points = self.index.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "index dumped"
+        );
         Ok(())
     }
 
@@ -288,24 +293,39 @@ impl Data {
             return Ok(());
         }
         let started = Instant::now();
-        let index = build_index(&self.store, self.index.dim(), config).map_err(ApiError::internal)?;
-        tracing::info!(dead, live = self.store.live_count(), ms = started.elapsed().as_millis() as u64, "index compacted");
+        let index =
+            build_index(&self.store, self.index.dim(), config).map_err(ApiError::internal)?;
+        tracing::info!(
+            dead,
+            live = self.store.live_count(),
+            ms = started.elapsed().as_millis() as u64,
+            "index compacted"
+        );
         self.index = index;
         Ok(())
     }
 }
 
 /// A new graph over the store's live chunks.
-fn build_index(store: &Store, dim: usize, config: &ragd_index::IndexConfig) -> Result<VectorIndex, String> {
+fn build_index(
+    store: &Store,
+    dim: usize,
+    config: &ragd_index::IndexConfig,
+) -> Result<VectorIndex, String> {
     let index = VectorIndex::new(dim, config.clone()).map_err(|e| e.to_string())?;
     let items: Vec<(usize, &[f32])> = store.live().map(|(key, _, v)| (key, v)).collect();
-    index.insert_many(&items).map_err(|e| format!("stored vectors: {e}"))?;
+    index
+        .insert_many(&items)
+        .map_err(|e| format!("stored vectors: {e}"))?;
     Ok(index)
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("embedder", &self.embedder).field("generator", &self.generator).finish()
+        f.debug_struct("Engine")
+            .field("embedder", &self.embedder)
+            .field("generator", &self.generator)
+            .finish()
     }
 }
 
@@ -325,7 +345,9 @@ fn query_text<'a>(field: &str, text: &'a str) -> Result<&'a str, ApiError> {
         return Err(ApiError::Invalid(format!("{field}: must not be empty")));
     }
     if text.chars().count() > MAX_QUESTION_CHARS {
-        return Err(ApiError::Invalid(format!("{field}: longer than {MAX_QUESTION_CHARS} characters")));
+        return Err(ApiError::Invalid(format!(
+            "{field}: longer than {MAX_QUESTION_CHARS} characters"
+        )));
     }
     Ok(text)
 }
@@ -340,19 +362,32 @@ fn snippet(text: &str) -> String {
 impl Engine {
     /// Opens the store in the configured data directory, builds the index from
     /// its vectors, and assembles the engine. Blocking: call from a blocking context.
-    pub fn open(config: Arc<Config>, embedder: EmbedWorker, generator: Option<GenWorker>) -> Result<Self, String> {
-        config.chunking.validate(embedder.max_length.saturating_sub(embedder.passage_prefix_tokens()))?;
-        let store = Store::open(&config.server.data_dir, &embedder.identity(), embedder.dim).map_err(|e| e.to_string())?;
+    pub fn open(
+        config: Arc<Config>,
+        embedder: EmbedWorker,
+        generator: Option<GenWorker>,
+    ) -> Result<Self, String> {
+        config.chunking.validate(
+            embedder
+                .max_length
+                .saturating_sub(embedder.passage_prefix_tokens()),
+        )?;
+        let store = Store::open(&config.server.data_dir, &embedder.identity(), embedder.dim)
+            .map_err(|e| e.to_string())?;
         let started = Instant::now();
         let index_dir = config.server.data_dir.join("index");
-        let (index, from_dump) =
-            match VectorIndex::load_dump(&index_dir, config.index.clone(), store.generation(), embedder.dim) {
-                Ok(index) => (index, true),
-                Err(why) => {
-                    tracing::info!(reason = %why, "rebuilding the vector index from the store");
-                    (build_index(&store, embedder.dim, &config.index)?, false)
-                }
-            };
+        let (index, from_dump) = match VectorIndex::load_dump(
+            &index_dir,
+            config.index.clone(),
+            store.generation(),
+            embedder.dim,
+        ) {
+            Ok(index) => (index, true),
+            Err(why) => {
+                tracing::info!(reason = %why, "rebuilding the vector index from the store");
+                (build_index(&store, embedder.dim, &config.index)?, false)
+            }
+        };
         let documents = store.document_count().map_err(|e| e.to_string())?;
         tracing::info!(
             documents,
@@ -363,21 +398,35 @@ impl Engine {
             "documents loaded"
         );
         let dumped = from_dump.then(|| store.generation());
-        let mut data = Data { store, index, dumped };
+        let mut data = Data {
+            store,
+            index,
+            dumped,
+        };
         if !from_dump {
             if let Err(e) = data.dump(&index_dir) {
                 tracing::warn!(error = %e, "cannot write the index dump; the next start rebuilds it");
             }
         }
         let index_source = if from_dump { "dump" } else { "rebuilt" };
-        Ok(Self { config, embedder, generator, data: Mutex::new(data), index_source })
+        Ok(Self {
+            config,
+            embedder,
+            generator,
+            data: Mutex::new(data),
+            index_source,
+        })
     }
 
     /// Writes the index dump if the store changed since the last one (at
     /// shutdown, so the next start need not rebuild the graph).
     pub fn save_index(&self) -> Result<(), String> {
-        let mut data = self.data.lock().map_err(|_| "data lock poisoned".to_string())?;
-        data.dump(&self.config.server.data_dir.join("index")).map_err(|e| e.to_string())
+        let mut data = self
+            .data
+            .lock()
+            .map_err(|_| "data lock poisoned".to_string())?;
+        data.dump(&self.config.server.data_dir.join("index"))
+            .map_err(|e| e.to_string())
     }
 
     /// What `/ready` reports: the models, the documents and where the index came from.
@@ -398,10 +447,14 @@ impl Engine {
     fn validate_ingest(&self, req: &IngestRequest) -> Result<Vec<(String, String)>, ApiError> {
         let max = self.config.server.max_documents_per_request;
         if req.documents.is_empty() {
-            return Err(ApiError::Invalid("documents: at least one document is required".into()));
+            return Err(ApiError::Invalid(
+                "documents: at least one document is required".into(),
+            ));
         }
         if req.documents.len() > max {
-            return Err(ApiError::Invalid(format!("documents: at most {max} documents per request")));
+            return Err(ApiError::Invalid(format!(
+                "documents: at most {max} documents per request"
+            )));
         }
         let mut ids = Vec::with_capacity(req.documents.len());
         for (i, d) in req.documents.iter().enumerate() {
@@ -423,7 +476,10 @@ impl Engine {
             ]);
             let id = match &d.id {
                 Some(id) => {
-                    if id.trim().is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
+                    if id.trim().is_empty()
+                        || id.len() > MAX_ID_LEN
+                        || id.chars().any(char::is_control)
+                    {
                         return Err(at(&format!(
                             "id: must be 1..={MAX_ID_LEN} bytes without control characters"
                         )));
@@ -447,7 +503,10 @@ impl Engine {
     ) -> Result<T, ApiError> {
         let engine = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let mut data = engine.data.lock().map_err(|_| ApiError::internal("data lock poisoned"))?;
+            let mut data = engine
+                .data
+                .lock()
+                .map_err(|_| ApiError::internal("data lock poisoned"))?;
             f(&engine, &mut data)
         })
         .await
@@ -467,9 +526,16 @@ impl Engine {
                 let mut unchanged = Vec::new();
                 let mut known = Vec::new();
                 for (id, hash) in &lookup {
-                    let same = store.hash_of(id).map_err(ApiError::internal)?.as_deref() == Some(hash.as_str());
+                    let same = store.hash_of(id).map_err(ApiError::internal)?.as_deref()
+                        == Some(hash.as_str());
                     unchanged.push(same);
-                    known.push(if same { HashMap::new() } else { store.vectors_by_embed_hash(id).map_err(ApiError::internal)? });
+                    known.push(if same {
+                        HashMap::new()
+                    } else {
+                        store
+                            .vectors_by_embed_hash(id)
+                            .map_err(ApiError::internal)?
+                    });
                 }
                 Ok((unchanged, known))
             })
@@ -478,8 +544,12 @@ impl Engine {
         // Chunk the new and changed documents (CPU work, off the runtime).
         let tokenizer = self.embedder.tokenizer.clone();
         let chunking = self.config.chunking.clone();
-        let texts: Vec<Option<String>> =
-            req.documents.iter().zip(&unchanged).map(|(d, &u)| (!u).then(|| d.text.clone())).collect();
+        let texts: Vec<Option<String>> = req
+            .documents
+            .iter()
+            .zip(&unchanged)
+            .map(|(d, &u)| (!u).then(|| d.text.clone()))
+            .collect();
         let chunked = tokio::task::spawn_blocking(move || {
             texts
                 .iter()
@@ -520,19 +590,36 @@ impl Engine {
         let missing: Vec<String> = embed_inputs
             .iter()
             .zip(&known)
-            .flat_map(|(inputs, known)| inputs.iter().filter(|(_, h)| !known.contains_key(h)).map(|(i, _)| i.clone()))
+            .flat_map(|(inputs, known)| {
+                inputs
+                    .iter()
+                    .filter(|(_, h)| !known.contains_key(h))
+                    .map(|(i, _)| i.clone())
+            })
             .collect();
         let reused = embed_inputs.iter().map(Vec::len).sum::<usize>() - missing.len();
-        let mut fresh = self.embedder.embed(TextKind::Passage, missing).await.map_err(ApiError::internal)?.into_iter();
+        let mut fresh = self
+            .embedder
+            .embed(TextKind::Passage, missing)
+            .await
+            .map_err(ApiError::internal)?
+            .into_iter();
         if reused > 0 {
             tracing::debug!(reused, "chunk vectors reused from the previous versions");
         }
 
         let mut docs = Vec::new();
-        for (((d, chunks), (id, hash)), (inputs, known)) in
-            req.documents.into_iter().zip(chunked).zip(ids).zip(embed_inputs.into_iter().zip(known.iter_mut()))
+        for (((d, chunks), (id, hash)), (inputs, known)) in req
+            .documents
+            .into_iter()
+            .zip(chunked)
+            .zip(ids)
+            .zip(embed_inputs.into_iter().zip(known.iter_mut()))
         {
-            let embedded = inputs.iter().filter(|(_, h)| !known.contains_key(h)).count();
+            let embedded = inputs
+                .iter()
+                .filter(|(_, h)| !known.contains_key(h))
+                .count();
             let stored = chunks.map(|chunks| {
                 let mut metadata = d.metadata.unwrap_or_default();
                 if let Some(source) = d.source {
@@ -552,7 +639,11 @@ impl Engine {
                             text: c.text,
                             start: c.start,
                             end: c.end,
-                            vector: known.get(&embed_hash).cloned().or_else(|| fresh.next()).unwrap_or_default(),
+                            vector: known
+                                .get(&embed_hash)
+                                .cloned()
+                                .or_else(|| fresh.next())
+                                .unwrap_or_default(),
                             embed_hash,
                         })
                         .collect(),
@@ -568,11 +659,26 @@ impl Engine {
                 let mut out = Vec::new();
                 for (id, doc, embedded) in docs {
                     let Some(doc) = doc else {
-                        let chunks = data.store.document(&id).ok().flatten().map(|d| d.chunks).unwrap_or(0);
-                        out.push(IngestedDocument { id, status: IngestStatus::Unchanged, chunks, embedded: 0, error: None });
+                        let chunks = data
+                            .store
+                            .document(&id)
+                            .ok()
+                            .flatten()
+                            .map(|d| d.chunks)
+                            .unwrap_or(0);
+                        out.push(IngestedDocument {
+                            id,
+                            status: IngestStatus::Unchanged,
+                            chunks,
+                            embedded: 0,
+                            error: None,
+                        });
                         continue;
                     };
-                    if let Err(e) = data.index.check_all(doc.chunks.iter().map(|c| c.vector.as_slice())) {
+                    if let Err(e) = data
+                        .index
+                        .check_all(doc.chunks.iter().map(|c| c.vector.as_slice()))
+                    {
                         tracing::error!(%id, error = %e, "embedding produced an unusable vector");
                         out.push(failed(id, "embedding failed"));
                         continue;
@@ -590,8 +696,18 @@ impl Engine {
                                 UpsertStatus::Updated => IngestStatus::Updated,
                                 UpsertStatus::Unchanged => IngestStatus::Unchanged,
                             };
-                            let embedded = if status == IngestStatus::Unchanged { 0 } else { embedded };
-                            out.push(IngestedDocument { id, status, chunks: doc.chunks.len(), embedded, error: None });
+                            let embedded = if status == IngestStatus::Unchanged {
+                                0
+                            } else {
+                                embedded
+                            };
+                            out.push(IngestedDocument {
+                                id,
+                                status,
+                                chunks: doc.chunks.len(),
+                                embedded,
+                                error: None,
+                            });
                         }
                         Err(e) => {
                             tracing::error!(%id, error = %e, "storing a document failed");
@@ -617,8 +733,13 @@ impl Engine {
             return Err(ApiError::Invalid("limit: must be within 1..=1000".into()));
         }
         self.with_data(move |_, data| {
-            let docs = data.store.list(after.as_deref(), limit).map_err(ApiError::internal)?;
-            let next = (docs.len() == limit).then(|| docs.last().map(|d| d.id.clone())).flatten();
+            let docs = data
+                .store
+                .list(after.as_deref(), limit)
+                .map_err(ApiError::internal)?;
+            let next = (docs.len() == limit)
+                .then(|| docs.last().map(|d| d.id.clone()))
+                .flatten();
             Ok(serde_json::json!({ "documents": docs, "next": next }))
         })
         .await
@@ -626,9 +747,11 @@ impl Engine {
 
     /// Document `id`'s record.
     pub async fn get_document(self: &Arc<Self>, id: String) -> Result<Value, ApiError> {
-        self.with_data(move |_, data| match data.store.document(&id).map_err(ApiError::internal)? {
-            Some(d) => Ok(serde_json::to_value(d).unwrap_or_default()),
-            None => Err(ApiError::NotFound(format!("no document with id {id:?}"))),
+        self.with_data(move |_, data| {
+            match data.store.document(&id).map_err(ApiError::internal)? {
+                Some(d) => Ok(serde_json::to_value(d).unwrap_or_default()),
+                None => Err(ApiError::NotFound(format!("no document with id {id:?}"))),
+            }
         })
         .await
     }
@@ -653,20 +776,29 @@ impl Engine {
         let r = &self.config.retrieval;
         let top_k = req.top_k.unwrap_or(r.top_k);
         if !(1..=r.max_top_k).contains(&top_k) {
-            return Err(ApiError::Invalid(format!("top_k: must be within 1..={}", r.max_top_k)));
+            return Err(ApiError::Invalid(format!(
+                "top_k: must be within 1..={}",
+                r.max_top_k
+            )));
         }
         let g = &self.config.generation;
         let mut params = self.config.generation_defaults();
-        params.deadline = Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(g.timeout_s));
+        params.deadline =
+            Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(g.timeout_s));
         if let Some(m) = req.max_tokens {
             if !(1..=g.max_tokens_limit).contains(&m) {
-                return Err(ApiError::Invalid(format!("max_tokens: must be within 1..={}", g.max_tokens_limit)));
+                return Err(ApiError::Invalid(format!(
+                    "max_tokens: must be within 1..={}",
+                    g.max_tokens_limit
+                )));
             }
             params.max_tokens = m;
         }
         if let Some(t) = req.temperature {
             if !(0.0..=2.0).contains(&t) {
-                return Err(ApiError::Invalid("temperature: must be within 0..=2".into()));
+                return Err(ApiError::Invalid(
+                    "temperature: must be within 0..=2".into(),
+                ));
             }
             params.temperature = t;
         }
@@ -681,34 +813,53 @@ impl Engine {
         }
         if let Some(k) = req.sample_top_k {
             if k > 1000 {
-                return Err(ApiError::Invalid("sample_top_k: must be within 0..=1000".into()));
+                return Err(ApiError::Invalid(
+                    "sample_top_k: must be within 0..=1000".into(),
+                ));
             }
             params.top_k = k;
         }
         if let Some(rp) = req.repeat_penalty {
             if !(1.0..=2.0).contains(&rp) {
-                return Err(ApiError::Invalid("repeat_penalty: must be within 1..=2".into()));
+                return Err(ApiError::Invalid(
+                    "repeat_penalty: must be within 1..=2".into(),
+                ));
             }
             params.repeat_penalty = rp;
         }
         if let Some(stop) = &req.stop {
             if stop.len() > 4 || stop.iter().any(|s| s.is_empty() || s.chars().count() > 64) {
-                return Err(ApiError::Invalid("stop: at most 4 strings of 1 to 64 characters".into()));
+                return Err(ApiError::Invalid(
+                    "stop: at most 4 strings of 1 to 64 characters".into(),
+                ));
             }
             params.stop = stop.clone();
         }
 
         let filter = Filter::parse(req.filter.as_ref())?;
         let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
-        let generator = self.generator.as_ref().ok_or_else(|| ApiError::internal("no generator is loaded"))?;
-        let sources = self.retrieve(question, top_k, filter, mode, r.min_score).await?;
+        let generator = self
+            .generator
+            .as_ref()
+            .ok_or_else(|| ApiError::internal("no generator is loaded"))?;
+        let sources = self
+            .retrieve(question, top_k, filter, mode, r.min_score)
+            .await?;
         let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
         let model = generator.name.clone();
         if sources.is_empty() {
-            return Ok(AskRun { sources, events: None, started, retrieval_ms, model });
+            return Ok(AskRun {
+                sources,
+                events: None,
+                started,
+                retrieval_ms,
+                model,
+            });
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let passages = sources.iter().map(|s| Passage {
+        let passages = sources
+            .iter()
+            .map(|s| Passage {
                 // The prompt shows where a passage sits: "Title > Section > Subsection".
                 title: match (&s.title, &s.section) {
                     (Some(t), Some(sec)) => Some(format!("{t} > {sec}")),
@@ -716,7 +867,8 @@ impl Engine {
                     (t, None) => t.clone(),
                 },
                 text: s.text.clone(),
-            }).collect();
+            })
+            .collect();
         let queued_tx = tx.clone();
         let ahead = generator
             .submit(GenJob {
@@ -726,18 +878,30 @@ impl Engine {
                 context_budget: self.config.generation.max_context_tokens,
                 events: tx,
             })
-            .map_err(|_| ApiError::Busy { retry_after_secs: 2 })?;
+            .map_err(|_| ApiError::Busy {
+                retry_after_secs: 2,
+            })?;
         if ahead > 0 {
             let _ = queued_tx.send(GenEvent::Queued { position: ahead });
         }
-        Ok(AskRun { sources, events: Some(rx), started, retrieval_ms, model })
+        Ok(AskRun {
+            sources,
+            events: Some(rx),
+            started,
+            retrieval_ms,
+            model,
+        })
     }
 }
 
 impl Engine {
     /// Post-processing: checks the answer's citation markers against what its
     /// sentences say and attributes unmarked sentences (see [`citations`]).
-    pub async fn answer(&self, progress: AskProgress, g: ragd_generator::Generation) -> AskResponse {
+    pub async fn answer(
+        &self,
+        progress: AskProgress,
+        g: ragd_generator::Generation,
+    ) -> AskResponse {
         let sources = progress.sources();
         let segments = citations::segments(&g.text, sources.len());
         let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
@@ -745,14 +909,22 @@ impl Engine {
             Ok(vectors) => {
                 let similarity: Vec<Vec<f32>> = vectors
                     .iter()
-                    .map(|v| sources.iter().map(|s| v.iter().zip(&s.vector).map(|(a, b)| a * b).sum()).collect())
+                    .map(|v| {
+                        sources
+                            .iter()
+                            .map(|s| v.iter().zip(&s.vector).map(|(a, b)| a * b).sum())
+                            .collect()
+                    })
                     .collect();
                 citations::attribute(&segments, &similarity)
             }
             Err(e) => {
                 // Without the embedder, fall back to the model's in-range markers.
                 tracing::warn!(error = %e, "citation check skipped");
-                citations::cited(&g.text, sources.len()).into_iter().map(|n| (n, CitedBy::Model)).collect()
+                citations::cited(&g.text, sources.len())
+                    .into_iter()
+                    .map(|n| (n, CitedBy::Model))
+                    .collect()
             }
         };
         progress.finish(g, cited)
@@ -789,19 +961,33 @@ impl Engine {
         self.with_data(move |_, data| {
             // Ask for more than top_k so that dropping near-duplicates still leaves top_k.
             let wanted = (top_k * 2).min(top_k + 20);
-            let hits = retrieval::search_with(&data.store, &data.index, &text, &vector, wanted, &filter, &strategy)?;
+            let hits = retrieval::search_with(
+                &data.store,
+                &data.index,
+                &text,
+                &vector,
+                wanted,
+                &filter,
+                &strategy,
+            )?;
             let hits: Vec<_> = hits.into_iter().filter(|h| h.score >= min_score).collect();
             let keys: Vec<usize> = hits.iter().map(|h| h.id).collect();
             let chunks = data.store.chunks(&keys).map_err(ApiError::internal)?;
             let keep = retrieval::distinct(
-                &chunks.iter().map(|(_, c)| (c.text.as_str(), c.vector.as_slice())).collect::<Vec<_>>(),
+                &chunks
+                    .iter()
+                    .map(|(_, c)| (c.text.as_str(), c.vector.as_slice()))
+                    .collect::<Vec<_>>(),
             );
             let mut chunks: Vec<_> = chunks.into_iter().map(Some).collect();
             let chunks: Vec<_> = keep.into_iter().filter_map(|i| chunks[i].take()).collect();
             // A chunk overlapping a better-ranked one of the same document is merged
             // into it: the overlap is not shown twice and the passage reads on.
             let groups = retrieval::merge_overlapping(
-                &chunks.iter().map(|(_, c)| (c.document_id.as_str(), c.start, c.end)).collect::<Vec<_>>(),
+                &chunks
+                    .iter()
+                    .map(|(_, c)| (c.document_id.as_str(), c.start, c.end))
+                    .collect::<Vec<_>>(),
             );
             let score_of: HashMap<usize, f32> = hits.iter().map(|h| (h.id, h.score)).collect();
             Ok(groups
@@ -814,7 +1000,8 @@ impl Engine {
                     let mut merged_with = Vec::new();
                     for &m in &members[1..] {
                         let (_, other) = &chunks[m];
-                        (start, text) = retrieval::union_text((start, &text), (other.start, &other.text));
+                        (start, text) =
+                            retrieval::union_text((start, &text), (other.start, &other.text));
                         merged_with.push(other.chunk_id());
                     }
                     Source {
@@ -845,7 +1032,10 @@ impl Engine {
         let r = &self.config.retrieval;
         let top_k = req.top_k.unwrap_or(10);
         if !(1..=r.max_top_k.max(100)).contains(&top_k) {
-            return Err(ApiError::Invalid(format!("top_k: must be within 1..={}", r.max_top_k.max(100))));
+            return Err(ApiError::Invalid(format!(
+                "top_k: must be within 1..={}",
+                r.max_top_k.max(100)
+            )));
         }
         let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
         let filter = Filter::parse(req.filter.as_ref())?;
@@ -885,10 +1075,15 @@ impl Engine {
     /// Ingests files: each is identified by its name, its text extracted
     /// ([`crate::extract`]); a file that cannot be read is reported as failed and
     /// the others still go in.
-    pub async fn ingest_files(self: &Arc<Self>, files: Vec<UploadedFile>) -> Result<IngestResponse, ApiError> {
+    pub async fn ingest_files(
+        self: &Arc<Self>,
+        files: Vec<UploadedFile>,
+    ) -> Result<IngestResponse, ApiError> {
         let max = self.config.server.max_documents_per_request;
         if files.len() > max {
-            return Err(ApiError::Invalid(format!("at most {max} files per request")));
+            return Err(ApiError::Invalid(format!(
+                "at most {max} files per request"
+            )));
         }
         let extracted = tokio::task::spawn_blocking(move || {
             files
@@ -904,19 +1099,34 @@ impl Engine {
         let mut slots: Vec<Result<usize, IngestedDocument>> = Vec::new();
         let mut documents = Vec::new();
         for (name, result) in extracted {
-            let bad_name = name.trim().is_empty() || name.len() > MAX_ID_LEN || name.chars().any(char::is_control);
-            let duplicate = documents.iter().any(|d: &DocumentIn| d.id.as_deref() == Some(name.as_str()));
+            let bad_name = name.trim().is_empty()
+                || name.len() > MAX_ID_LEN
+                || name.chars().any(char::is_control);
+            let duplicate = documents
+                .iter()
+                .any(|d: &DocumentIn| d.id.as_deref() == Some(name.as_str()));
             match result {
-                _ if bad_name => slots.push(Err(failed(name, "the file name must be 1..=256 bytes without control characters"))),
-                _ if duplicate => slots.push(Err(failed(name, "the same file name appears twice in this request"))),
+                _ if bad_name => slots.push(Err(failed(
+                    name,
+                    "the file name must be 1..=256 bytes without control characters",
+                ))),
+                _ if duplicate => slots.push(Err(failed(
+                    name,
+                    "the same file name appears twice in this request",
+                ))),
                 Err(why) => slots.push(Err(failed(name, &why))),
                 Ok(e) => {
                     let mut metadata = Map::new();
                     metadata.insert("file_name".into(), Value::String(name.clone()));
                     metadata.insert("format".into(), Value::String(e.kind.into()));
-                    let stem = std::path::Path::new(&name).file_stem().map(|s| s.to_string_lossy().into_owned());
+                    let stem = std::path::Path::new(&name)
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned());
                     // Titles are display strings: keep them short whatever the file says.
-                    let title = e.title.or(stem).map(|t| t.chars().take(200).collect::<String>());
+                    let title = e
+                        .title
+                        .or(stem)
+                        .map(|t| t.chars().take(200).collect::<String>());
                     slots.push(Ok(documents.len()));
                     documents.push(DocumentIn {
                         id: Some(name),
@@ -939,7 +1149,9 @@ impl Engine {
         let documents = slots
             .into_iter()
             .map(|slot| match slot {
-                Ok(i) => stored[i].take().unwrap_or_else(|| failed(String::new(), "lost")),
+                Ok(i) => stored[i]
+                    .take()
+                    .unwrap_or_else(|| failed(String::new(), "lost")),
                 Err(f) => f,
             })
             .collect();
@@ -997,7 +1209,13 @@ pub struct SearchResponse {
 }
 
 fn failed(id: String, why: &str) -> IngestedDocument {
-    IngestedDocument { id, status: IngestStatus::Failed, chunks: 0, embedded: 0, error: Some(why.to_string()) }
+    IngestedDocument {
+        id,
+        status: IngestStatus::Failed,
+        chunks: 0,
+        embedded: 0,
+        error: Some(why.to_string()),
+    }
 }
 
 impl AskRun {
@@ -1028,7 +1246,8 @@ impl AskProgress {
 
     /// Notes an answer token.
     pub fn token(&mut self) {
-        self.first_token_ms.get_or_insert_with(|| self.started.elapsed().as_secs_f64() * 1e3);
+        self.first_token_ms
+            .get_or_insert_with(|| self.started.elapsed().as_secs_f64() * 1e3);
     }
 
     /// The sources the prompt uses.
@@ -1046,7 +1265,12 @@ impl AskProgress {
             trimmed: None,
             finish_reason: "no_sources".into(),
             model: self.model,
-            usage: Usage { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0, cached_tokens: 0 },
+            usage: Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                total_tokens: 0,
+                cached_tokens: 0,
+            },
             timings: Timings {
                 retrieval_ms: self.retrieval_ms,
                 prompt_ms: 0.0,
@@ -1062,14 +1286,24 @@ impl AskProgress {
         let sources = self.sources();
         let citations = cited
             .into_iter()
-            .map(|(n, by)| Source { cited_by: Some(by), ..sources[n - 1].clone() })
+            .map(|(n, by)| Source {
+                cited_by: Some(by),
+                ..sources[n - 1].clone()
+            })
             .collect();
         AskResponse {
             answer: g.text.trim().to_string(),
             citations,
             sources: sources.to_vec(),
-            dropped: self.run_sources[self.used..].iter().map(|s| s.chunk_id.clone()).collect(),
-            trimmed: if self.trimmed { sources.last().map(|s| s.chunk_id.clone()) } else { None },
+            dropped: self.run_sources[self.used..]
+                .iter()
+                .map(|s| s.chunk_id.clone())
+                .collect(),
+            trimmed: if self.trimmed {
+                sources.last().map(|s| s.chunk_id.clone())
+            } else {
+                None
+            },
             finish_reason: g.finish_reason.as_str().to_string(),
             model: self.model.clone(),
             usage: Usage {

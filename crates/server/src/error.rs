@@ -62,7 +62,9 @@ impl ApiError {
             ApiError::MalformedMultipart(_) => (StatusCode::BAD_REQUEST, "malformed_multipart"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
@@ -83,10 +85,14 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(self.body())).into_response();
         match &self {
             ApiError::Busy { retry_after_secs } => {
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             ApiError::NotReady => {
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(5u64));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(5u64));
             }
             _ => {}
         }

@@ -34,16 +34,32 @@ pub fn extract(name: &str, content_type: Option<&str>, bytes: &[u8]) -> Result<E
     if head.contains(&0) {
         return Err("binary file: only text, Markdown, HTML and PDF files are supported".into());
     }
-    let text = std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes))
-        .map_err(|_| "not UTF-8 text: only text, Markdown, HTML and PDF files are supported".to_string())?;
-    let start = text.trim_start().get(..15).unwrap_or("").to_ascii_lowercase();
+    let text = std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)).map_err(
+        |_| "not UTF-8 text: only text, Markdown, HTML and PDF files are supported".to_string(),
+    )?;
+    let start = text
+        .trim_start()
+        .get(..15)
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let looks_html = start.starts_with("<!doctype html") || start.starts_with("<html");
-    let out = if looks_html || content_type.starts_with("text/html") || lower_name.ends_with(".html") || lower_name.ends_with(".htm") {
+    let out = if looks_html
+        || content_type.starts_with("text/html")
+        || lower_name.ends_with(".html")
+        || lower_name.ends_with(".htm")
+    {
         html(text)
-    } else if content_type.starts_with("text/markdown") || lower_name.ends_with(".md") || lower_name.ends_with(".markdown") {
+    } else if content_type.starts_with("text/markdown")
+        || lower_name.ends_with(".md")
+        || lower_name.ends_with(".markdown")
+    {
         markdown(text)
     } else {
-        Extracted { kind: "text", title: None, text: text.to_string() }
+        Extracted {
+            kind: "text",
+            title: None,
+            text: text.to_string(),
+        }
     };
     if out.text.trim().is_empty() {
         return Err("the file contains no text".into());
@@ -56,25 +72,62 @@ fn markdown(text: &str) -> Extracted {
         .lines()
         .find_map(|l| l.strip_prefix("# ").map(|t| t.trim().to_string()))
         .filter(|t| !t.is_empty());
-    Extracted { kind: "markdown", title, text: text.to_string() }
+    Extracted {
+        kind: "markdown",
+        title,
+        text: text.to_string(),
+    }
 }
 
 /// Elements whose text is not content.
 const SKIPPED: &[&str] = &["script", "style", "noscript", "template", "head", "svg"];
 /// Elements that start a new line of text.
 const BLOCKS: &[&str] = &[
-    "p", "div", "section", "article", "header", "footer", "main", "aside", "nav", "li", "ul", "ol", "table", "tr",
-    "br", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "dt", "dd", "figcaption", "hr",
+    "p",
+    "div",
+    "section",
+    "article",
+    "header",
+    "footer",
+    "main",
+    "aside",
+    "nav",
+    "li",
+    "ul",
+    "ol",
+    "table",
+    "tr",
+    "br",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "pre",
+    "blockquote",
+    "dt",
+    "dd",
+    "figcaption",
+    "hr",
 ];
 
 fn html(source: &str) -> Extracted {
     let doc = Html::parse_document(source);
     let first = |sel: &str| {
         Selector::parse(sel).ok().and_then(|s| {
-            doc.select(&s).next().map(|e| e.text().collect::<String>().split_whitespace().collect::<Vec<_>>().join(" "))
+            doc.select(&s).next().map(|e| {
+                e.text()
+                    .collect::<String>()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
         })
     };
-    let title = first("title").or_else(|| first("h1")).filter(|t| !t.is_empty());
+    let title = first("title")
+        .or_else(|| first("h1"))
+        .filter(|t| !t.is_empty());
     let mut out = String::new();
     let mut stack = vec![(doc.tree.root(), false)];
     // Depth-first walk; a block element's closing adds a line break.
@@ -108,7 +161,8 @@ fn html(source: &str) -> Extracted {
             Node::Text(t) if !closing => {
                 let words = t.split_whitespace().collect::<Vec<_>>().join(" ");
                 if !words.is_empty() {
-                    if !out.is_empty() && !out.ends_with('\n') && t.starts_with(char::is_whitespace) {
+                    if !out.is_empty() && !out.ends_with('\n') && t.starts_with(char::is_whitespace)
+                    {
                         out.push(' ');
                     }
                     out.push_str(&words);
@@ -126,10 +180,20 @@ fn html(source: &str) -> Extracted {
         }
     }
     let mut text = String::with_capacity(out.len());
-    for line in out.lines().map(str::trim).filter(|l| !l.is_empty() && !l.chars().all(|c| c == '#')) {
-        let is_heading = line.split_once(' ').is_some_and(|(marks, _)| heading_marks(marks));
+    for line in out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '#'))
+    {
+        let is_heading = line
+            .split_once(' ')
+            .is_some_and(|(marks, _)| heading_marks(marks));
         if !text.is_empty() {
-            text.push_str(if is_heading || text.ends_with("\n\n") { "\n\n" } else { "\n" });
+            text.push_str(if is_heading || text.ends_with("\n\n") {
+                "\n\n"
+            } else {
+                "\n"
+            });
         }
         text.push_str(line);
         if is_heading {
@@ -137,7 +201,11 @@ fn html(source: &str) -> Extracted {
         }
     }
     let text = text.replace("\n\n\n", "\n\n").trim().to_string();
-    Extracted { kind: "html", title, text }
+    Extracted {
+        kind: "html",
+        title,
+        text,
+    }
 }
 
 fn heading_level(name: &str) -> Option<usize> {
@@ -160,20 +228,39 @@ fn pdf(bytes: &[u8]) -> Result<Extracted, String> {
     // pdf-extract can panic on malformed files; a bad upload must not take the
     // request (or the server) down.
     let result = std::panic::catch_unwind(|| {
-        let text = pdf_extract::extract_text_from_mem(bytes).map_err(|e| format!("unreadable PDF: {e}"))?;
+        let text = pdf_extract::extract_text_from_mem(bytes)
+            .map_err(|e| format!("unreadable PDF: {e}"))?;
         let title = pdf_extract::Document::load_mem(bytes).ok().and_then(|doc| {
             let info = doc.trailer.get(b"Info").ok()?.as_reference().ok()?;
-            let title = doc.get_object(info).ok()?.as_dict().ok()?.get(b"Title").ok()?.as_str().ok()?;
+            let title = doc
+                .get_object(info)
+                .ok()?
+                .as_dict()
+                .ok()?
+                .get(b"Title")
+                .ok()?
+                .as_str()
+                .ok()?;
             Some(String::from_utf8_lossy(title).trim().to_string()).filter(|t| !t.is_empty())
         });
         Ok::<_, String>((text, title))
     });
     let (text, title) = result.map_err(|_| "unreadable PDF".to_string())??;
-    let text = text.lines().map(str::trim_end).collect::<Vec<_>>().join("\n").trim().to_string();
+    let text = text
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_string();
     if text.is_empty() {
         return Err("the PDF has no text layer (scanned pages are not supported)".into());
     }
-    Ok(Extracted { kind: "pdf", title, text })
+    Ok(Extracted {
+        kind: "pdf",
+        title,
+        text,
+    })
 }
 
 #[cfg(test)]
@@ -195,7 +282,10 @@ mod tests {
     #[test]
     fn markdown_title_and_plain_text() {
         let e = extract("notes.md", None, b"Intro\n# Main Title\nBody text").unwrap();
-        assert_eq!((e.kind, e.title.as_deref()), ("markdown", Some("Main Title")));
+        assert_eq!(
+            (e.kind, e.title.as_deref()),
+            ("markdown", Some("Main Title"))
+        );
         let e = extract("notes", Some("text/plain"), "plain 中文".as_bytes()).unwrap();
         assert_eq!((e.kind, e.text.as_str()), ("text", "plain 中文"));
     }
@@ -212,14 +302,24 @@ mod tests {
         font.set("Subtype", name("Type1"));
         font.set("BaseFont", name("Helvetica"));
         let font_id = doc.add_object(font);
-        let mut ops = vec![Operation::new("BT", vec![]), Operation::new("Tf", vec![name("F1"), 12.into()])];
+        let mut ops = vec![
+            Operation::new("BT", vec![]),
+            Operation::new("Tf", vec![name("F1"), 12.into()]),
+        ];
         for (i, line) in lines.iter().enumerate() {
-            let td = if i == 0 { vec![72.into(), 720.into()] } else { vec![0.into(), (-16).into()] };
+            let td = if i == 0 {
+                vec![72.into(), 720.into()]
+            } else {
+                vec![0.into(), (-16).into()]
+            };
             ops.push(Operation::new("Td", td));
             ops.push(Operation::new("Tj", vec![Object::string_literal(*line)]));
         }
         ops.push(Operation::new("ET", vec![]));
-        let content_id = doc.add_object(Stream::new(Dictionary::new(), Content { operations: ops }.encode().unwrap()));
+        let content_id = doc.add_object(Stream::new(
+            Dictionary::new(),
+            Content { operations: ops }.encode().unwrap(),
+        ));
         let mut page = Dictionary::new();
         page.set("Type", name("Page"));
         page.set("Parent", pages_id);
@@ -252,11 +352,18 @@ mod tests {
 
     #[test]
     fn pdf_text_layer_and_title() {
-        let bytes = tiny_pdf("Quarterly Report", &["Revenue grew by twelve percent.", "Costs were flat."]);
+        let bytes = tiny_pdf(
+            "Quarterly Report",
+            &["Revenue grew by twelve percent.", "Costs were flat."],
+        );
         let e = extract("upload.bin", Some("application/octet-stream"), &bytes).unwrap();
         assert_eq!(e.kind, "pdf");
         assert_eq!(e.title.as_deref(), Some("Quarterly Report"));
-        assert!(e.text.contains("Revenue grew by twelve percent."), "{:?}", e.text);
+        assert!(
+            e.text.contains("Revenue grew by twelve percent."),
+            "{:?}",
+            e.text
+        );
         assert!(e.text.contains("Costs were flat."), "{:?}", e.text);
         // Truncated: a per-file error, not a panic.
         assert!(extract("cut.pdf", None, &bytes[..bytes.len() / 2]).is_err());
@@ -264,10 +371,20 @@ mod tests {
 
     #[test]
     fn binaries_bad_pdfs_and_empty_files_are_refused() {
-        assert!(extract("a.txt", None, b"\x7fELF\x02\x01\x00\x00").unwrap_err().contains("binary"));
-        assert!(extract("a.txt", None, &[0xC3, 0x28, b'a']).unwrap_err().contains("UTF-8"));
-        assert!(extract("a.pdf", None, b"%PDF-1.4\ngarbage").unwrap_err().contains("PDF"));
-        assert!(extract("a.pdf", None, b"not a pdf").unwrap_err().contains("not a PDF"));
-        assert!(extract("a.txt", None, b"   \n").unwrap_err().contains("no text"));
+        assert!(extract("a.txt", None, b"\x7fELF\x02\x01\x00\x00")
+            .unwrap_err()
+            .contains("binary"));
+        assert!(extract("a.txt", None, &[0xC3, 0x28, b'a'])
+            .unwrap_err()
+            .contains("UTF-8"));
+        assert!(extract("a.pdf", None, b"%PDF-1.4\ngarbage")
+            .unwrap_err()
+            .contains("PDF"));
+        assert!(extract("a.pdf", None, b"not a pdf")
+            .unwrap_err()
+            .contains("not a PDF"));
+        assert!(extract("a.txt", None, b"   \n")
+            .unwrap_err()
+            .contains("no text"));
     }
 }

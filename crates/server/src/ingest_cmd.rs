@@ -19,7 +19,10 @@ const BATCH_BYTES: usize = 8 << 20;
 
 enum Target {
     Direct(Arc<Engine>),
-    Server { client: reqwest::Client, url: String },
+    Server {
+        client: reqwest::Client,
+        url: String,
+    },
 }
 
 /// Every file under `paths`, hidden files and folders left out, in a stable order.
@@ -29,9 +32,12 @@ fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         if !root.exists() {
             anyhow::bail!("{} does not exist", root.display());
         }
-        let walker = walkdir::WalkDir::new(root).sort_by_file_name().into_iter().filter_entry(|e| {
-            e.depth() == 0 || !e.file_name().to_str().is_some_and(|n| n.starts_with('.'))
-        });
+        let walker = walkdir::WalkDir::new(root)
+            .sort_by_file_name()
+            .into_iter()
+            .filter_entry(|e| {
+                e.depth() == 0 || !e.file_name().to_str().is_some_and(|n| n.starts_with('.'))
+            });
         for entry in walker {
             let entry = entry.with_context(|| format!("walking {}", root.display()))?;
             if entry.file_type().is_file() {
@@ -54,11 +60,25 @@ fn id_of(path: &Path) -> String {
 pub(crate) async fn run(paths: Vec<PathBuf>, url: Option<String>, config: Config) -> Result<bool> {
     let files = collect(&paths)?;
     if files.is_empty() {
-        anyhow::bail!("no files found under {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        anyhow::bail!(
+            "no files found under {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     let target = match url {
-        Some(url) => Target::Server { client: reqwest::Client::new(), url: url.trim_end_matches('/').to_string() },
-        None => Target::Direct(ragd_server::open_for_ingest(config).await.map_err(anyhow::Error::msg)?),
+        Some(url) => Target::Server {
+            client: reqwest::Client::new(),
+            url: url.trim_end_matches('/').to_string(),
+        },
+        None => Target::Direct(
+            ragd_server::open_for_ingest(config)
+                .await
+                .map_err(anyhow::Error::msg)?,
+        ),
     };
     let bar = ProgressBar::new(files.len() as u64);
     bar.set_style(
@@ -71,14 +91,19 @@ pub(crate) async fn run(paths: Vec<PathBuf>, url: Option<String>, config: Config
     let mut batch_bytes = 0;
     let mut index = 0;
     while index < files.len() || !batch.is_empty() {
-        let flush = index == files.len() || batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES;
+        let flush =
+            index == files.len() || batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES;
         if !flush {
             let path = &files[index];
             index += 1;
             match std::fs::read(path) {
                 Ok(bytes) => {
                     batch_bytes += bytes.len();
-                    batch.push(UploadedFile { name: id_of(path), content_type: None, bytes });
+                    batch.push(UploadedFile {
+                        name: id_of(path),
+                        content_type: None,
+                        bytes,
+                    });
                 }
                 Err(e) => {
                     failed.push((id_of(path), e.to_string()));
@@ -108,7 +133,10 @@ pub(crate) async fn run(paths: Vec<PathBuf>, url: Option<String>, config: Config
             Err(e) => failed.extend(names.into_iter().map(|name| (name, format!("{e:#}")))),
         }
         bar.inc(n);
-        bar.set_message(format!("{created} created, {updated} updated, {unchanged} unchanged, {} failed", failed.len()));
+        bar.set_message(format!(
+            "{created} created, {updated} updated, {unchanged} unchanged, {} failed",
+            failed.len()
+        ));
     }
     bar.finish_and_clear();
     if let Target::Direct(engine) = &target {
@@ -131,19 +159,33 @@ pub(crate) async fn run(paths: Vec<PathBuf>, url: Option<String>, config: Config
 
 async fn send(target: &Target, files: Vec<UploadedFile>) -> Result<Vec<Value>> {
     let body: Value = match target {
-        Target::Direct(engine) => {
-            serde_json::to_value(engine.ingest_files(files).await.map_err(|e| anyhow::anyhow!("{e}"))?)?
-        }
+        Target::Direct(engine) => serde_json::to_value(
+            engine
+                .ingest_files(files)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )?,
         Target::Server { client, url } => {
             let mut form = reqwest::multipart::Form::new();
             for f in files {
-                form = form.part("file", reqwest::multipart::Part::bytes(f.bytes).file_name(f.name));
+                form = form.part(
+                    "file",
+                    reqwest::multipart::Part::bytes(f.bytes).file_name(f.name),
+                );
             }
-            let res = client.post(format!("{url}/ingest")).multipart(form).send().await.context("sending to the server")?;
+            let res = client
+                .post(format!("{url}/ingest"))
+                .multipart(form)
+                .send()
+                .await
+                .context("sending to the server")?;
             let status = res.status();
             let body: Value = res.json().await.context("reading the server's answer")?;
             if !status.is_success() {
-                anyhow::bail!("the server answered {status}: {}", body["error"].as_str().unwrap_or(""));
+                anyhow::bail!(
+                    "the server answered {status}: {}",
+                    body["error"].as_str().unwrap_or("")
+                );
             }
             body
         }

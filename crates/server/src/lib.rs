@@ -53,7 +53,9 @@ impl Server {
     /// that prevented it.
     pub async fn wait_ready(&mut self) -> Result<(), String> {
         match self.loaded.take() {
-            Some(rx) => rx.await.unwrap_or_else(|_| Err("the loader stopped".into())),
+            Some(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err("the loader stopped".into())),
             None => Ok(()),
         }
     }
@@ -76,7 +78,10 @@ impl Server {
     }
 
     /// Serves until `signal` completes, then shuts down gracefully.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
         signal.await;
         self.shutdown().await
     }
@@ -87,7 +92,10 @@ pub async fn start(config: Config) -> std::io::Result<Server> {
     let listener = TcpListener::bind((config.server.host.as_str(), config.server.port)).await?;
     let addr = listener.local_addr()?;
     let config = Arc::new(config);
-    let state = AppState { engine: Arc::new(OnceLock::new()), body_limit: config.server.body_limit_bytes };
+    let state = AppState {
+        engine: Arc::new(OnceLock::new()),
+        body_limit: config.server.body_limit_bytes,
+    };
     let router = app(state.clone());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let serving = tokio::spawn(async move {
@@ -107,7 +115,13 @@ pub async fn start(config: Config) -> std::io::Result<Server> {
         }
         let _ = loaded_tx.send(result);
     });
-    Ok(Server { addr, state, loaded: Some(loaded_rx), shutdown: Some(shutdown_tx), serving })
+    Ok(Server {
+        addr,
+        state,
+        loaded: Some(loaded_rx),
+        shutdown: Some(shutdown_tx),
+        serving,
+    })
 }
 
 /// Opens the data directory with the embedder only, for ingesting without a
@@ -128,7 +142,11 @@ async fn load(config: Arc<Config>, slot: Arc<OnceLock<Arc<Engine>>>) -> Result<(
     let embedder = EmbedWorker::spawn(config.models.embedder.clone(), config.embedder.clone());
     let generator = if config.generation.backend == "openai" {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let _ = tx.send(GenWorker::remote(config.remote.clone(), config.generation.queue_size, config.generation.slots));
+        let _ = tx.send(GenWorker::remote(
+            config.remote.clone(),
+            config.generation.queue_size,
+            config.generation.slots,
+        ));
         rx
     } else {
         GenWorker::spawn(
@@ -138,12 +156,18 @@ async fn load(config: Arc<Config>, slot: Arc<OnceLock<Arc<Engine>>>) -> Result<(
             config.generation.slots,
         )
     };
-    let embedder = embedder.await.map_err(|_| "the embedder thread died while loading".to_string())??;
-    let generator = generator.await.map_err(|_| "the generator thread died while loading".to_string())??;
-    let engine = tokio::task::spawn_blocking(move || Engine::open(config, embedder, Some(generator)))
+    let embedder = embedder
         .await
-        .map_err(|e| e.to_string())??;
-    slot.set(Arc::new(engine)).map_err(|_| "engine installed twice".to_string())?;
+        .map_err(|_| "the embedder thread died while loading".to_string())??;
+    let generator = generator
+        .await
+        .map_err(|_| "the generator thread died while loading".to_string())??;
+    let engine =
+        tokio::task::spawn_blocking(move || Engine::open(config, embedder, Some(generator)))
+            .await
+            .map_err(|e| e.to_string())??;
+    slot.set(Arc::new(engine))
+        .map_err(|_| "engine installed twice".to_string())?;
     tracing::info!("ready");
     Ok(())
 }

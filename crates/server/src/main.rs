@@ -6,12 +6,23 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ragd_server::Config;
 
+/// mimalloc instead of glibc's allocator: a forward pass allocates and frees
+/// buffers of megabytes per layer, which glibc hands back to the kernel and
+/// faults in again each time (a 512-token prefill: ~10 % of the time in page
+/// faults, 150 vs 210 tokens/s with the retained heap).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench_cmd;
 mod eval_cmd;
 mod ingest_cmd;
 
 #[derive(Parser)]
-#[command(name = "ragd", version, about = "Retrieval-augmented question answering over your documents")]
+#[command(
+    name = "ragd",
+    version,
+    about = "Retrieval-augmented question answering over your documents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -125,13 +136,20 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RAGD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=info,hnsw_rs=warn")),
+            tracing_subscriber::EnvFilter::try_from_env("RAGD_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,tower_http=info,hnsw_rs=warn")
+            }),
         )
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, port, host, data_dir, generator } => {
+        Command::Serve {
+            config,
+            port,
+            host,
+            data_dir,
+            generator,
+        } => {
             let mut cfg = load_config(config)?;
             if let Some(p) = port {
                 cfg.server.port = p;
@@ -146,7 +164,10 @@ async fn main() -> anyhow::Result<()> {
                 cfg.models.generator = g;
             }
             let local = cfg.generation.backend == "local";
-            for (what, path) in [("embedder", &cfg.models.embedder), ("generator", &cfg.models.generator)] {
+            for (what, path) in [
+                ("embedder", &cfg.models.embedder),
+                ("generator", &cfg.models.generator),
+            ] {
                 if what == "generator" && !local {
                     continue;
                 }
@@ -168,9 +189,17 @@ async fn main() -> anyhow::Result<()> {
                 r = server.wait_ready() => r.map_err(anyhow::Error::msg).context("cannot start")?,
                 _ = shutdown_signal() => return Ok(()),
             }
-            server.run_until(shutdown_signal()).await.context("server failed")?;
+            server
+                .run_until(shutdown_signal())
+                .await
+                .context("server failed")?;
         }
-        Command::Ingest { paths, url, config, data_dir } => {
+        Command::Ingest {
+            paths,
+            url,
+            config,
+            data_dir,
+        } => {
             let mut cfg = load_config(config)?;
             if let Some(d) = data_dir {
                 cfg.server.data_dir = d;
@@ -186,7 +215,13 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Bench(b) => bench_cmd::run(b).await?,
-        Command::Eval(EvalCommand::Retrieval { dataset, modes, json, config, data_dir }) => {
+        Command::Eval(EvalCommand::Retrieval {
+            dataset,
+            modes,
+            json,
+            config,
+            data_dir,
+        }) => {
             eval_cmd::run(&dataset, &modes, json, load_config(config)?, data_dir).await?;
         }
     }

@@ -33,7 +33,10 @@ pub fn messages(question: &str, passages: &[Passage]) -> Vec<Message> {
         user.push('\n');
     }
     user.push_str(&format!("\nQuestion: {}", question.trim()));
-    vec![Message::new("system", INSTRUCTION), Message::new("user", user)]
+    vec![
+        Message::new("system", INSTRUCTION),
+        Message::new("user", user),
+    ]
 }
 
 #[cfg(test)]
@@ -45,8 +48,14 @@ mod tests {
         let m = messages(
             " Why? ",
             &[
-                Passage { title: Some("Cats".into()), text: "Cats purr.".into() },
-                Passage { title: None, text: " Dogs bark. ".into() },
+                Passage {
+                    title: Some("Cats".into()),
+                    text: "Cats purr.".into(),
+                },
+                Passage {
+                    title: None,
+                    text: " Dogs bark. ".into(),
+                },
             ],
         );
         assert_eq!(m.len(), 2);

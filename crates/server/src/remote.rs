@@ -36,7 +36,11 @@ pub struct RemoteConfig {
 }
 
 fn failed(events: &mpsc::UnboundedSender<GenEvent>, message: String, client_fault: bool) {
-    let fault = if client_fault { Fault::Client } else { Fault::Upstream };
+    let fault = if client_fault {
+        Fault::Client
+    } else {
+        Fault::Upstream
+    };
     let _ = events.send(GenEvent::Failed { message, fault });
 }
 
@@ -54,7 +58,12 @@ pub(crate) fn spawn_slots(
     let rx = Arc::new(Mutex::new(rx));
     let config = Arc::new(config);
     for _ in 0..slots.max(1) {
-        let (client, config, rx, load) = (client.clone(), Arc::clone(&config), Arc::clone(&rx), Arc::clone(&load));
+        let (client, config, rx, load) = (
+            client.clone(),
+            Arc::clone(&config),
+            Arc::clone(&rx),
+            Arc::clone(&load),
+        );
         tokio::spawn(async move {
             loop {
                 let job = rx.lock().await.recv().await;
@@ -70,7 +79,13 @@ pub(crate) fn spawn_slots(
 }
 
 async fn run(client: &reqwest::Client, config: &RemoteConfig, job: GenJob) {
-    let GenJob { question, passages, params, events, .. } = job;
+    let GenJob {
+        question,
+        passages,
+        params,
+        events,
+        ..
+    } = job;
     let started = Instant::now();
     let messages = prompt::messages(&question, &passages);
     let mut body = json!({
@@ -94,7 +109,15 @@ async fn run(client: &reqwest::Client, config: &RemoteConfig, job: GenJob) {
     }
     let url = format!("{}/v1/chat/completions", config.url.trim_end_matches('/'));
     let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
-    if events.send(GenEvent::Prompt { passages_used: passages.len(), trimmed: false, prompt_tokens: 0, prompt_ms }).is_err() {
+    if events
+        .send(GenEvent::Prompt {
+            passages_used: passages.len(),
+            trimmed: false,
+            prompt_tokens: 0,
+            prompt_ms,
+        })
+        .is_err()
+    {
         return;
     }
 
@@ -106,17 +129,33 @@ async fn run(client: &reqwest::Client, config: &RemoteConfig, job: GenJob) {
             req = req.bearer_auth(&config.api_key);
         }
         if let Some(deadline) = params.deadline {
-            req = req.timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+            req = req.timeout(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            );
         }
         let outcome = match req.send().await {
             Ok(r) if r.status().is_success() => Ok(r),
             Ok(r) => {
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();
-                let retry = status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
-                Err((format!("the generation server answered {status}: {}", text.chars().take(300).collect::<String>()), retry, status.is_client_error() && !retry))
+                let retry =
+                    status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+                Err((
+                    format!(
+                        "the generation server answered {status}: {}",
+                        text.chars().take(300).collect::<String>()
+                    ),
+                    retry,
+                    status.is_client_error() && !retry,
+                ))
             }
-            Err(e) => Err((format!("cannot reach the generation server {url}: {e}"), !e.is_timeout(), false)),
+            Err(e) => Err((
+                format!("cannot reach the generation server {url}: {e}"),
+                !e.is_timeout(),
+                false,
+            )),
         };
         match outcome {
             Ok(r) => break r,
@@ -141,7 +180,11 @@ async fn run(client: &reqwest::Client, config: &RemoteConfig, job: GenJob) {
         let chunk = match chunk {
             Ok(c) => c,
             Err(e) => {
-                let message = if e.is_timeout() { None } else { Some(format!("the generation stream broke: {e}")) };
+                let message = if e.is_timeout() {
+                    None
+                } else {
+                    Some(format!("the generation stream broke: {e}"))
+                };
                 match message {
                     Some(m) => return failed(&events, m, false),
                     None => {
@@ -155,17 +198,26 @@ async fn run(client: &reqwest::Client, config: &RemoteConfig, job: GenJob) {
         while let Some(end) = buffer.find('\n') {
             let line = buffer[..end].trim_end_matches('\r').to_string();
             buffer.drain(..=end);
-            let Some(data) = line.strip_prefix("data:").map(str::trim) else { continue };
+            let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+                continue;
+            };
             if data == "[DONE]" {
                 break 'read;
             }
-            let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
             if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                 prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
                 completion_tokens = u["completion_tokens"].as_u64().map(|n| n as usize);
             }
-            let Some(choice) = v["choices"].get(0) else { continue };
-            if let Some(piece) = choice["delta"]["content"].as_str().filter(|p| !p.is_empty()) {
+            let Some(choice) = v["choices"].get(0) else {
+                continue;
+            };
+            if let Some(piece) = choice["delta"]["content"]
+                .as_str()
+                .filter(|p| !p.is_empty())
+            {
                 first_token_at.get_or_insert_with(Instant::now);
                 pieces += 1;
                 text.push_str(piece);

@@ -48,10 +48,14 @@ fn scalar(v: &Value) -> bool {
 impl Filter {
     /// Parses the `filter` of a request; a malformed filter is the client's error.
     pub fn parse(value: Option<&Value>) -> Result<Self, ApiError> {
-        let Some(value) = value else { return Ok(Self::default()) };
+        let Some(value) = value else {
+            return Ok(Self::default());
+        };
         let bad = |m: String| ApiError::Invalid(format!("filter: {m}"));
         let Value::Object(map) = value else {
-            return Err(bad("must be an object such as {\"metadata.lang\": \"en\"}".into()));
+            return Err(bad(
+                "must be an object such as {\"metadata.lang\": \"en\"}".into()
+            ));
         };
         let mut conditions = Vec::new();
         for (key, v) in map {
@@ -60,17 +64,29 @@ impl Filter {
             } else if let Some(k) = key.strip_prefix("metadata.").filter(|k| !k.is_empty()) {
                 Field::Metadata(k.to_string())
             } else {
-                return Err(bad(format!("unknown field {key:?}; use \"document_id\" or \"metadata.<key>\"")));
+                return Err(bad(format!(
+                    "unknown field {key:?}; use \"document_id\" or \"metadata.<key>\""
+                )));
             };
             let condition = match v {
                 v if scalar(v) => Condition::Eq(v.clone()),
                 Value::Object(op) => match (op.len(), op.get("in")) {
-                    (1, Some(Value::Array(values))) if !values.is_empty() && values.iter().all(scalar) => {
+                    (1, Some(Value::Array(values)))
+                        if !values.is_empty() && values.iter().all(scalar) =>
+                    {
                         Condition::In(values.clone())
                     }
-                    _ => return Err(bad(format!("{key}: the only operator is {{\"in\": [values]}}"))),
+                    _ => {
+                        return Err(bad(format!(
+                            "{key}: the only operator is {{\"in\": [values]}}"
+                        )))
+                    }
                 },
-                _ => return Err(bad(format!("{key}: expected a string, number, boolean or {{\"in\": [...]}}"))),
+                _ => {
+                    return Err(bad(format!(
+                        "{key}: expected a string, number, boolean or {{\"in\": [...]}}"
+                    )))
+                }
             };
             conditions.push((field, condition));
         }
@@ -123,9 +139,9 @@ impl Mode {
             Some("dense") => Ok(Mode::Dense),
             Some("lexical") => Ok(Mode::Lexical),
             Some("hybrid") => Ok(Mode::Hybrid),
-            Some(other) => {
-                Err(ApiError::Invalid(format!("mode: {other:?} is not one of \"dense\", \"lexical\", \"hybrid\"")))
-            }
+            Some(other) => Err(ApiError::Invalid(format!(
+                "mode: {other:?} is not one of \"dense\", \"lexical\", \"hybrid\""
+            ))),
         }
     }
 }
@@ -168,7 +184,10 @@ pub fn search_with(
     strategy: &Strategy,
 ) -> Result<Vec<Hit>, ApiError> {
     let cosine = |key: usize| -> f32 {
-        store.vector_of(key).map(|v| v.iter().zip(vector).map(|(a, b)| a * b).sum()).unwrap_or(0.0)
+        store
+            .vector_of(key)
+            .map(|v| v.iter().zip(vector).map(|(a, b)| a * b).sum())
+            .unwrap_or(0.0)
     };
     let lexical = |n: usize| -> Result<Vec<Hit>, ApiError> {
         let allowed = |key: usize| match store.document_of(key) {
@@ -176,8 +195,15 @@ pub fn search_with(
             None => false,
         };
         // Over-fetch so that filtering still leaves n.
-        let raw = store.lexical_search(text, (n * 10).max(200)).map_err(ApiError::internal)?;
-        Ok(raw.into_iter().filter(|(key, _)| allowed(*key)).take(n).map(|(id, score)| Hit { id, score }).collect())
+        let raw = store
+            .lexical_search(text, (n * 10).max(200))
+            .map_err(ApiError::internal)?;
+        Ok(raw
+            .into_iter()
+            .filter(|(key, _)| allowed(*key))
+            .take(n)
+            .map(|(id, score)| Hit { id, score })
+            .collect())
     };
     let ranked: Vec<usize> = match strategy.mode {
         Mode::Dense => return search(store, index, vector, k, filter, strategy.ef_search),
@@ -186,10 +212,19 @@ pub fn search_with(
             let n = strategy.candidates.max(k);
             let dense = search(store, index, vector, n, filter, strategy.ef_search)?;
             let lexical = lexical(n)?;
-            fuse(&dense, &lexical, strategy.fusion, strategy.dense_weight).into_iter().take(k).collect()
+            fuse(&dense, &lexical, strategy.fusion, strategy.dense_weight)
+                .into_iter()
+                .take(k)
+                .collect()
         }
     };
-    Ok(ranked.into_iter().map(|id| Hit { id, score: cosine(id) }).collect())
+    Ok(ranked
+        .into_iter()
+        .map(|id| Hit {
+            id,
+            score: cosine(id),
+        })
+        .collect())
 }
 
 /// Two chunks whose vectors are this close say the same thing (repeated
@@ -200,12 +235,22 @@ const NEAR_DUPLICATE: f32 = 0.98;
 /// the same as an earlier one's (ignoring case and spacing) or whose vector is a
 /// near-duplicate of an earlier one's.
 pub fn distinct(items: &[(&str, &[f32])]) -> Vec<usize> {
-    let norm = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    let norm = |t: &str| {
+        t.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
     let mut kept: Vec<usize> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, (text, vector)) in items.iter().enumerate() {
         let near = kept.iter().any(|&j| {
-            let dot: f32 = items[j].1.iter().zip(vector.iter()).map(|(a, b)| a * b).sum();
+            let dot: f32 = items[j]
+                .1
+                .iter()
+                .zip(vector.iter())
+                .map(|(a, b)| a * b)
+                .sum();
             dot >= NEAR_DUPLICATE
         });
         if seen.insert(norm(text)) && !near {
@@ -222,7 +267,9 @@ pub fn distinct(items: &[(&str, &[f32])]) -> Vec<usize> {
 pub fn merge_overlapping(items: &[(&str, usize, usize)]) -> Vec<Vec<usize>> {
     let mut groups: Vec<(Vec<usize>, usize, usize)> = Vec::new();
     for (i, &(doc, start, end)) in items.iter().enumerate() {
-        let joined = groups.iter_mut().find(|(members, s, e)| items[members[0]].0 == doc && start < *e && *s < end);
+        let joined = groups
+            .iter_mut()
+            .find(|(members, s, e)| items[members[0]].0 == doc && start < *e && *s < end);
         match joined {
             Some((members, s, e)) => {
                 members.push(i);
@@ -254,7 +301,10 @@ pub fn union_text(a: (usize, &str), b: (usize, &str)) -> (usize, String) {
 
 /// Combines two best-first rankings into one list of ids, best first.
 pub fn fuse(dense: &[Hit], lexical: &[Hit], fusion: Fusion, dense_weight: f32) -> Vec<usize> {
-    let w = [dense_weight.clamp(0.0, 1.0), 1.0 - dense_weight.clamp(0.0, 1.0)];
+    let w = [
+        dense_weight.clamp(0.0, 1.0),
+        1.0 - dense_weight.clamp(0.0, 1.0),
+    ];
     let mut fused: HashMap<usize, f32> = HashMap::new();
     for (side, hits) in [dense, lexical].into_iter().enumerate() {
         match fusion {
@@ -268,7 +318,11 @@ pub fn fuse(dense: &[Hit], lexical: &[Hit], fusion: Fusion, dense_weight: f32) -
                 let min = hits.iter().map(|h| h.score).fold(f32::MAX, f32::min);
                 let span = max - min;
                 for h in hits {
-                    let norm = if span > 1e-9 { (h.score - min) / span } else { 1.0 };
+                    let norm = if span > 1e-9 {
+                        (h.score - min) / span
+                    } else {
+                        1.0
+                    };
                     *fused.entry(h.id).or_default() += w[side] * norm;
                 }
             }
@@ -295,16 +349,28 @@ pub fn search(
     let allowed_count = if filter.is_empty() {
         store.live_count()
     } else {
-        store.live().filter(|(_, doc, _)| filter.matches(doc, store.metadata_of(doc))).count()
+        store
+            .live()
+            .filter(|(_, doc, _)| filter.matches(doc, store.metadata_of(doc)))
+            .count()
     };
     let exact = || {
-        exact_top_k(query, store.live().filter(|(key, _, _)| allowed(*key)).map(|(key, _, v)| (key, v)), k)
-            .map_err(ApiError::internal)
+        exact_top_k(
+            query,
+            store
+                .live()
+                .filter(|(key, _, _)| allowed(*key))
+                .map(|(key, _, v)| (key, v)),
+            k,
+        )
+        .map_err(ApiError::internal)
     };
     if allowed_count <= EXACT_LIMIT.max(k) {
         return exact();
     }
-    let hits = index.search_with_ef(query, k, ef_search.max(2 * k), &allowed).map_err(ApiError::internal)?;
+    let hits = index
+        .search_with_ef(query, k, ef_search.max(2 * k), &allowed)
+        .map_err(ApiError::internal)?;
     if hits.len() < k.min(allowed_count) {
         return exact();
     }
@@ -362,15 +428,30 @@ mod tests {
     #[test]
     fn overlapping_neighbours_are_merged_into_the_better_one() {
         // doc a: chunks [0,100) and [80,180) overlap; [300,400) does not; doc b shares offsets only.
-        let items = [("a", 80, 180), ("b", 0, 100), ("a", 0, 100), ("a", 300, 400), ("a", 170, 260)];
-        assert_eq!(merge_overlapping(&items), vec![vec![0, 2, 4], vec![1], vec![3]]);
+        let items = [
+            ("a", 80, 180),
+            ("b", 0, 100),
+            ("a", 0, 100),
+            ("a", 300, 400),
+            ("a", 170, 260),
+        ];
+        assert_eq!(
+            merge_overlapping(&items),
+            vec![vec![0, 2, 4], vec![1], vec![3]]
+        );
         let doc = "0123456789abcdefghij";
         let (start, text) = union_text((5, &doc[5..12]), (2, &doc[2..8]));
         assert_eq!((start, text.as_str()), (2, &doc[2..12]));
-        assert_eq!(union_text((0, &doc[0..10]), (3, &doc[3..6])), (0, doc[0..10].to_string()));
+        assert_eq!(
+            union_text((0, &doc[0..10]), (3, &doc[3..6])),
+            (0, doc[0..10].to_string())
+        );
         // Multi-byte text: the cut is at a character boundary of the document.
         let zh = "北京是中国的首都";
-        assert_eq!(union_text((0, &zh[0..12]), (6, &zh[6..24])), (0, zh.to_string()));
+        assert_eq!(
+            union_text((0, &zh[0..12]), (6, &zh[6..24])),
+            (0, zh.to_string())
+        );
     }
 
     #[test]
@@ -378,15 +459,23 @@ mod tests {
         let a = [1.0f32, 0.0];
         let b = [0.999f32, 0.0447];
         let c = [0.0f32, 1.0];
-        let items: Vec<(&str, &[f32])> =
-            vec![("Same  text", &a), ("same text", &c), ("other", &b), ("third", &c), ("fourth", &c)];
+        let items: Vec<(&str, &[f32])> = vec![
+            ("Same  text", &a),
+            ("same text", &c),
+            ("other", &b),
+            ("third", &c),
+            ("fourth", &c),
+        ];
         assert_eq!(distinct(&items), vec![0, 3]);
     }
 
     #[test]
     fn modes_parse() {
         assert_eq!(Mode::parse(None, Mode::Hybrid).unwrap(), Mode::Hybrid);
-        assert_eq!(Mode::parse(Some("lexical"), Mode::Dense).unwrap(), Mode::Lexical);
+        assert_eq!(
+            Mode::parse(Some("lexical"), Mode::Dense).unwrap(),
+            Mode::Lexical
+        );
         assert!(Mode::parse(Some("fuzzy"), Mode::Dense).is_err());
     }
 
@@ -401,7 +490,10 @@ mod tests {
             json!({ "metadata.lang": { "in": [["nested"]] } }),
             json!({ "metadata.lang": null }),
         ] {
-            assert!(matches!(Filter::parse(Some(&v)), Err(ApiError::Invalid(_))), "{v}");
+            assert!(
+                matches!(Filter::parse(Some(&v)), Err(ApiError::Invalid(_))),
+                "{v}"
+            );
         }
     }
 }

@@ -52,69 +52,80 @@ pub struct EmbedWorker {
 
 impl std::fmt::Debug for EmbedWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbedWorker").field("name", &self.name).field("dim", &self.dim).finish()
+        f.debug_struct("EmbedWorker")
+            .field("name", &self.name)
+            .field("dim", &self.dim)
+            .finish()
     }
 }
 
 impl EmbedWorker {
     /// Starts the embedder thread; the receiver yields the handle once the model is loaded.
-    pub fn spawn(dir: PathBuf, config: EmbedderConfig) -> oneshot::Receiver<Result<EmbedWorker, String>> {
+    pub fn spawn(
+        dir: PathBuf,
+        config: EmbedderConfig,
+    ) -> oneshot::Receiver<Result<EmbedWorker, String>> {
         let (ready_tx, ready_rx) = oneshot::channel();
-        let spawned = std::thread::Builder::new().name("ragd-embedder".into()).spawn(move || {
-            let embedder = match Embedder::load(&dir, &config) {
-                Ok(e) => e,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("embedder {}: {e}", dir.display())));
+        let spawned = std::thread::Builder::new()
+            .name("ragd-embedder".into())
+            .spawn(move || {
+                let embedder = match Embedder::load(&dir, &config) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("embedder {}: {e}", dir.display())));
+                        return;
+                    }
+                };
+                let (tx, mut rx) = mpsc::channel::<EmbedJob>(1024);
+                let handle = EmbedWorker {
+                    tx,
+                    tokenizer: embedder.tokenizer().clone(),
+                    name: embedder.name().to_string(),
+                    dim: embedder.dim(),
+                    max_length: embedder.max_length(),
+                    query_prefix: embedder.prefix(TextKind::Query).to_string(),
+                    passage_prefix: embedder.prefix(TextKind::Passage).to_string(),
+                };
+                tracing::info!(model = %handle.name, dim = handle.dim, "embedder loaded");
+                if ready_tx.send(Ok(handle)).is_err() {
                     return;
                 }
-            };
-            let (tx, mut rx) = mpsc::channel::<EmbedJob>(1024);
-            let handle = EmbedWorker {
-                tx,
-                tokenizer: embedder.tokenizer().clone(),
-                name: embedder.name().to_string(),
-                dim: embedder.dim(),
-                max_length: embedder.max_length(),
-                query_prefix: embedder.prefix(TextKind::Query).to_string(),
-                passage_prefix: embedder.prefix(TextKind::Passage).to_string(),
-            };
-            tracing::info!(model = %handle.name, dim = handle.dim, "embedder loaded");
-            if ready_tx.send(Ok(handle)).is_err() {
-                return;
-            }
-            while let Some(first) = rx.blocking_recv() {
-                let mut jobs = vec![first];
-                let mut queued = jobs[0].texts.len();
-                while queued < EMBED_DRAIN_BUDGET {
-                    match rx.try_recv() {
-                        Ok(job) => {
-                            queued += job.texts.len();
-                            jobs.push(job);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                jobs.retain(|j| !j.reply.is_closed());
-                if jobs.is_empty() {
-                    continue;
-                }
-                let texts: Vec<&str> = jobs.iter().flat_map(|j| j.texts.iter().map(String::as_str)).collect();
-                match embedder.embed(&texts) {
-                    Ok(mut vectors) => {
-                        for job in jobs {
-                            let rest = vectors.split_off(job.texts.len());
-                            let _ = job.reply.send(Ok(std::mem::replace(&mut vectors, rest)));
+                while let Some(first) = rx.blocking_recv() {
+                    let mut jobs = vec![first];
+                    let mut queued = jobs[0].texts.len();
+                    while queued < EMBED_DRAIN_BUDGET {
+                        match rx.try_recv() {
+                            Ok(job) => {
+                                queued += job.texts.len();
+                                jobs.push(job);
+                            }
+                            Err(_) => break,
                         }
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "embedding failed");
-                        for job in jobs {
-                            let _ = job.reply.send(Err(e.to_string()));
+                    jobs.retain(|j| !j.reply.is_closed());
+                    if jobs.is_empty() {
+                        continue;
+                    }
+                    let texts: Vec<&str> = jobs
+                        .iter()
+                        .flat_map(|j| j.texts.iter().map(String::as_str))
+                        .collect();
+                    match embedder.embed(&texts) {
+                        Ok(mut vectors) => {
+                            for job in jobs {
+                                let rest = vectors.split_off(job.texts.len());
+                                let _ = job.reply.send(Ok(std::mem::replace(&mut vectors, rest)));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "embedding failed");
+                            for job in jobs {
+                                let _ = job.reply.send(Err(e.to_string()));
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
         if let Err(e) = spawned {
             let (tx, rx) = oneshot::channel();
             let _ = tx.send(Err(format!("cannot start the embedder thread: {e}")));
@@ -129,7 +140,10 @@ impl EmbedWorker {
         if self.passage_prefix.is_empty() {
             self.name.clone()
         } else {
-            format!("{} with passage prefix {:?}", self.name, self.passage_prefix)
+            format!(
+                "{} with passage prefix {:?}",
+                self.name, self.passage_prefix
+            )
         }
     }
 
@@ -138,7 +152,10 @@ impl EmbedWorker {
         if self.passage_prefix.is_empty() {
             return 0;
         }
-        self.tokenizer.encode(self.passage_prefix.as_str(), false).map(|e| e.len()).unwrap_or(0)
+        self.tokenizer
+            .encode(self.passage_prefix.as_str(), false)
+            .map(|e| e.len())
+            .unwrap_or(0)
     }
 
     /// Embeds `texts` as `kind` on the embedder thread, the model's prefix in front.
@@ -150,10 +167,18 @@ impl EmbedWorker {
             TextKind::Query => &self.query_prefix,
             TextKind::Passage => &self.passage_prefix,
         };
-        let texts = if prefix.is_empty() { texts } else { texts.into_iter().map(|t| format!("{prefix}{t}")).collect() };
+        let texts = if prefix.is_empty() {
+            texts
+        } else {
+            texts.into_iter().map(|t| format!("{prefix}{t}")).collect()
+        };
         let (reply, rx) = oneshot::channel();
-        self.tx.send(EmbedJob { texts, reply }).await.map_err(|_| "the embedder thread has stopped".to_string())?;
-        rx.await.map_err(|_| "the embedder thread has stopped".to_string())?
+        self.tx
+            .send(EmbedJob { texts, reply })
+            .await
+            .map_err(|_| "the embedder thread has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the embedder thread has stopped".to_string())?
     }
 }
 
@@ -317,7 +342,11 @@ impl GenWorker {
     }
 
     /// Slots that send generation to an OpenAI-compatible server.
-    pub fn remote(config: crate::remote::RemoteConfig, queue_size: usize, slots: usize) -> Result<GenWorker, String> {
+    pub fn remote(
+        config: crate::remote::RemoteConfig,
+        queue_size: usize,
+        slots: usize,
+    ) -> Result<GenWorker, String> {
         let (handle, rx) = GenWorker::with_queue(queue_size, slots, config.model.clone(), 0);
         tracing::info!(url = %config.url, model = %handle.name, slots = handle.slots, "generation on a remote server");
         crate::remote::spawn_slots(config, handle.slots, rx, Arc::clone(&handle.load))?;
@@ -325,10 +354,27 @@ impl GenWorker {
     }
 
     /// The handle and the receiving end of its queue, for slots to take jobs from.
-    fn with_queue(queue_size: usize, slots: usize, name: String, context: usize) -> (GenWorker, mpsc::Receiver<GenJob>) {
+    fn with_queue(
+        queue_size: usize,
+        slots: usize,
+        name: String,
+        context: usize,
+    ) -> (GenWorker, mpsc::Receiver<GenJob>) {
         let (tx, rx) = mpsc::channel::<GenJob>(queue_size.max(1));
-        let load = Arc::new(SlotLoad { waiting: AtomicUsize::new(0), busy: AtomicUsize::new(0) });
-        (GenWorker { tx, load, slots: slots.max(1), name, context }, rx)
+        let load = Arc::new(SlotLoad {
+            waiting: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+        });
+        (
+            GenWorker {
+                tx,
+                load,
+                slots: slots.max(1),
+                name,
+                context,
+            },
+            rx,
+        )
     }
 
     /// Slots, busy slots and questions waiting, as JSON for `/ready`.
@@ -348,7 +394,9 @@ impl GenWorker {
             self.load.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(QueueFull);
         }
-        let free = self.slots.saturating_sub(self.load.busy.load(Ordering::SeqCst));
+        let free = self
+            .slots
+            .saturating_sub(self.load.busy.load(Ordering::SeqCst));
         Ok((ahead + 1).saturating_sub(free))
     }
 }
@@ -380,7 +428,11 @@ impl Drop for BusySlot<'_> {
 }
 
 /// One generation slot: takes jobs from the shared queue until it closes.
-fn serve_slot(generator: &mut Generator, rx: &std::sync::Mutex<mpsc::Receiver<GenJob>>, load: &SlotLoad) {
+fn serve_slot(
+    generator: &mut Generator,
+    rx: &std::sync::Mutex<mpsc::Receiver<GenJob>>,
+    load: &SlotLoad,
+) {
     loop {
         let job = match rx.lock() {
             Ok(mut rx) => rx.blocking_recv(),
@@ -400,30 +452,70 @@ fn serve_slot(generator: &mut Generator, rx: &std::sync::Mutex<mpsc::Receiver<Ge
 /// a token more than real prompts do costs a cache miss, never a wrong answer.
 fn fixed_prompt_prefix(generator: &Generator) -> Result<Vec<u32>, GenerateError> {
     let samples = [
-        ("Why is the sky blue?", Passage { title: Some("Sky".into()), text: "Rayleigh scattering.".into() }),
-        ("2 + 2?", Passage { title: None, text: "(4)".into() }),
-        ("天空为什么是蓝色的？", Passage { title: Some("[x]".into()), text: "瑞利散射。".into() }),
+        (
+            "Why is the sky blue?",
+            Passage {
+                title: Some("Sky".into()),
+                text: "Rayleigh scattering.".into(),
+            },
+        ),
+        (
+            "2 + 2?",
+            Passage {
+                title: None,
+                text: "(4)".into(),
+            },
+        ),
+        (
+            "天空为什么是蓝色的？",
+            Passage {
+                title: Some("[x]".into()),
+                text: "瑞利散射。".into(),
+            },
+        ),
     ];
     let mut prefix: Option<Vec<u32>> = None;
     for (question, passage) in samples {
         let ids = generator.encode_chat(&prompt::messages(question, &[passage]))?;
         prefix = Some(match prefix {
             None => ids,
-            Some(p) => p.iter().zip(&ids).take_while(|(a, b)| a == b).map(|(a, _)| *a).collect(),
+            Some(p) => p
+                .iter()
+                .zip(&ids)
+                .take_while(|(a, b)| a == b)
+                .map(|(a, _)| *a)
+                .collect(),
         });
     }
     Ok(prefix.unwrap_or_default())
 }
 
 fn run_job(generator: &mut Generator, job: GenJob) {
-    let GenJob { question, passages, params, context_budget, events } = job;
+    let GenJob {
+        question,
+        passages,
+        params,
+        context_budget,
+        events,
+    } = job;
     let fail = |e: GenerateError| {
-        let client_fault = matches!(e, GenerateError::PromptTooLong { .. } | GenerateError::InvalidParams(_));
+        let client_fault = matches!(
+            e,
+            GenerateError::PromptTooLong { .. } | GenerateError::InvalidParams(_)
+        );
         if !client_fault {
             tracing::error!(error = %e, "generation failed");
         }
-        let message = if client_fault { e.to_string() } else { "generation failed".to_string() };
-        let fault = if client_fault { Fault::Client } else { Fault::Server };
+        let message = if client_fault {
+            e.to_string()
+        } else {
+            "generation failed".to_string()
+        };
+        let fault = if client_fault {
+            Fault::Client
+        } else {
+            Fault::Server
+        };
         let _ = events.send(GenEvent::Failed { message, fault });
     };
     // The prompt and the room reserved for the answer must fit the budget: drop
@@ -463,14 +555,30 @@ fn run_job(generator: &mut Generator, job: GenJob) {
         trimmed = true;
     };
     if prompt.len() + 1 >= budget {
-        return fail(GenerateError::PromptTooLong { prompt: prompt.len(), context: budget });
+        return fail(GenerateError::PromptTooLong {
+            prompt: prompt.len(),
+            context: budget,
+        });
     }
-    let params = GenerateParams { max_tokens: params.max_tokens.min(budget - prompt.len()), ..params };
+    let params = GenerateParams {
+        max_tokens: params.max_tokens.min(budget - prompt.len()),
+        ..params
+    };
     let prompt_ms = started.elapsed().as_secs_f64() * 1e3;
-    if events.send(GenEvent::Prompt { passages_used: used, trimmed, prompt_tokens: prompt.len(), prompt_ms }).is_err() {
+    if events
+        .send(GenEvent::Prompt {
+            passages_used: used,
+            trimmed,
+            prompt_tokens: prompt.len(),
+            prompt_ms,
+        })
+        .is_err()
+    {
         return;
     }
-    match generator.generate(&prompt, &params, |piece| events.send(GenEvent::Token(piece.to_string())).is_ok()) {
+    match generator.generate(&prompt, &params, |piece| {
+        events.send(GenEvent::Token(piece.to_string())).is_ok()
+    }) {
         Ok(generation) => {
             let _ = events.send(GenEvent::Done(generation));
         }

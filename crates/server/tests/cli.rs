@@ -18,7 +18,11 @@ fn ragd_ingest(args: &[&str], config: &Path, cwd: &Path) -> (bool, String) {
         .env("RAGD_LOG", "warn")
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -30,7 +34,11 @@ fn ingest_a_folder_twice_then_a_change() {
     std::fs::create_dir_all(docs.join(".hidden")).unwrap();
     std::fs::write(docs.join("a.txt"), "Apples grow on trees in orchards.").unwrap();
     std::fs::write(docs.join("b.md"), "# Bees\nBees make honey from nectar.").unwrap();
-    std::fs::write(docs.join("sub/c.html"), "<html><title>Cows</title><body><p>Cows eat grass.</p></body></html>").unwrap();
+    std::fs::write(
+        docs.join("sub/c.html"),
+        "<html><title>Cows</title><body><p>Cows eat grass.</p></body></html>",
+    )
+    .unwrap();
     std::fs::write(docs.join(".hidden/secret.txt"), "not to be ingested").unwrap();
     let config = config_file(tmp.path());
     let data = tmp.path().join("data");
@@ -38,15 +46,28 @@ fn ingest_a_folder_twice_then_a_change() {
 
     let (ok, out) = ragd_ingest(&["docs", "--data-dir", data_arg], &config, tmp.path());
     assert!(ok, "{out}");
-    assert!(out.contains("3 files") && out.contains("3 created"), "{out}");
+    assert!(
+        out.contains("3 files") && out.contains("3 created"),
+        "{out}"
+    );
     let (ok, out) = ragd_ingest(&["docs", "--data-dir", data_arg], &config, tmp.path());
     assert!(ok && out.contains("3 unchanged"), "{out}");
-    std::fs::write(docs.join("a.txt"), "Apples and pears grow on trees in orchards.").unwrap();
+    std::fs::write(
+        docs.join("a.txt"),
+        "Apples and pears grow on trees in orchards.",
+    )
+    .unwrap();
     std::fs::write(docs.join("sub/bin.dat"), [0u8, 159, 146, 150]).unwrap();
     let (ok, out) = ragd_ingest(&["./docs", "--data-dir", data_arg], &config, tmp.path());
     assert!(!ok, "a failed file makes the exit status non-zero: {out}");
-    assert!(out.contains("1 updated") && out.contains("2 unchanged") && out.contains("1 failed"), "{out}");
-    assert!(out.contains("failed: docs/sub/bin.dat: binary file"), "{out}");
+    assert!(
+        out.contains("1 updated") && out.contains("2 unchanged") && out.contains("1 failed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("failed: docs/sub/bin.dat: binary file"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +75,11 @@ async fn ingest_against_a_running_server() {
     let tmp = tempfile::tempdir().unwrap();
     let docs = tmp.path().join("docs");
     std::fs::create_dir_all(&docs).unwrap();
-    std::fs::write(docs.join("d.txt"), "Dolphins are marine mammals that use echolocation.").unwrap();
+    std::fs::write(
+        docs.join("d.txt"),
+        "Dolphins are marine mammals that use echolocation.",
+    )
+    .unwrap();
     let (mut child, base) = spawn(tmp.path());
     let client = reqwest::Client::new();
     wait_ready(&client, &base).await;
@@ -62,10 +87,18 @@ async fn ingest_against_a_running_server() {
     let cwd = tmp.path().to_path_buf();
     let url = base.clone();
     let (ok, out) =
-        tokio::task::spawn_blocking(move || ragd_ingest(&["docs", "--url", &url], &config, &cwd)).await.unwrap();
+        tokio::task::spawn_blocking(move || ragd_ingest(&["docs", "--url", &url], &config, &cwd))
+            .await
+            .unwrap();
     assert!(ok && out.contains("1 created"), "{out}");
-    let doc: serde_json::Value =
-        client.get(format!("{base}/documents/docs%2Fd.txt")).send().await.unwrap().json().await.unwrap();
+    let doc: serde_json::Value = client
+        .get(format!("{base}/documents/docs%2Fd.txt"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(doc["id"], "docs/d.txt", "{doc}");
     child.kill();
 }

@@ -22,7 +22,12 @@ fn text_of(id: &str) -> String {
 
 /// Checks that every acknowledged document is whole and no other document is
 /// present in part; returns how many documents are stored.
-async fn check(client: &reqwest::Client, base: &str, acked: &[String], sent: &HashMap<String, ()>) -> usize {
+async fn check(
+    client: &reqwest::Client,
+    base: &str,
+    acked: &[String],
+    sent: &HashMap<String, ()>,
+) -> usize {
     let mut stored = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -32,7 +37,10 @@ async fn check(client: &reqwest::Client, base: &str, acked: &[String], sent: &Ha
         }
         let page: Value = client.get(url).send().await.unwrap().json().await.unwrap();
         for d in page["documents"].as_array().unwrap() {
-            stored.push((d["id"].as_str().unwrap().to_string(), d["chunks"].as_u64().unwrap()));
+            stored.push((
+                d["id"].as_str().unwrap().to_string(),
+                d["chunks"].as_u64().unwrap(),
+            ));
         }
         match page["next"].as_str() {
             Some(n) => after = Some(n.to_string()),
@@ -41,7 +49,10 @@ async fn check(client: &reqwest::Client, base: &str, acked: &[String], sent: &Ha
     }
     let present: HashMap<&str, u64> = stored.iter().map(|(id, c)| (id.as_str(), *c)).collect();
     for id in acked {
-        assert!(present.contains_key(id.as_str()), "acknowledged document {id} is missing");
+        assert!(
+            present.contains_key(id.as_str()),
+            "acknowledged document {id} is missing"
+        );
     }
     for (id, chunks) in &stored {
         assert!(sent.contains_key(id), "unknown document {id}");
@@ -56,19 +67,35 @@ async fn check(client: &reqwest::Client, base: &str, acked: &[String], sent: &Ha
             .await
             .unwrap();
         let results = r["results"].as_array().unwrap();
-        assert_eq!(results.len(), 1, "document {id} is searchable exactly once: {r}");
-        assert_eq!(results[0]["text"].as_str().unwrap(), text_of(id), "document {id} is whole");
+        assert_eq!(
+            results.len(),
+            1,
+            "document {id} is searchable exactly once: {r}"
+        );
+        assert_eq!(
+            results[0]["text"].as_str().unwrap(),
+            text_of(id),
+            "document {id} is whole"
+        );
     }
     stored.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_ingests_survive_sigkill() {
-    assert!(models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(), "run scripts/fetch-models");
+    assert!(
+        models_dir()
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+            .exists(),
+        "run scripts/fetch-models"
+    );
     let data = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
     );
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut sent = HashMap::new();
@@ -79,7 +106,10 @@ async fn acknowledged_ingests_survive_sigkill() {
         wait_ready(&client, &base).await;
         let acked_now = acked.lock().unwrap().clone();
         let stored = check(&client, &base, &acked_now, &sent).await;
-        println!("round {round}: {} acknowledged, {stored} stored after restart", acked_now.len());
+        println!(
+            "round {round}: {} acknowledged, {stored} stored after restart",
+            acked_now.len()
+        );
 
         // Ingest batches of 4 until the kill.
         let batches: Vec<Vec<String>> = (0..400)
@@ -102,13 +132,25 @@ async fn acknowledged_ingests_survive_sigkill() {
         let loop_base = base.clone();
         let ingest_loop = tokio::spawn(async move {
             for batch in batches {
-                let docs: Vec<Value> = batch.iter().map(|id| json!({ "id": id, "text": text_of(id) })).collect();
-                let res = loop_client.post(format!("{loop_base}/ingest")).json(&json!({ "documents": docs })).send().await;
+                let docs: Vec<Value> = batch
+                    .iter()
+                    .map(|id| json!({ "id": id, "text": text_of(id) }))
+                    .collect();
+                let res = loop_client
+                    .post(format!("{loop_base}/ingest"))
+                    .json(&json!({ "documents": docs }))
+                    .send()
+                    .await;
                 let Ok(res) = res else { return };
-                let Ok(body) = res.json::<Value>().await else { return };
+                let Ok(body) = res.json::<Value>().await else {
+                    return;
+                };
                 for d in body["documents"].as_array().into_iter().flatten() {
                     if d["status"] == "created" {
-                        loop_acked.lock().unwrap().push(d["id"].as_str().unwrap().to_string());
+                        loop_acked
+                            .lock()
+                            .unwrap()
+                            .push(d["id"].as_str().unwrap().to_string());
                     }
                 }
             }

@@ -191,7 +191,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -254,9 +256,10 @@ fn lexical_body(title: Option<&str>, section: &str, text: &str) -> String {
 /// set plus question words and auxiliaries). In an OR query every term matches
 /// somewhere, and these add matches without meaning; BM25's IDF only dampens them.
 const STOP_WORDS: &[&str] = &[
-    "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "does", "for", "how", "i", "if", "in",
-    "into", "is", "it", "me", "my", "no", "not", "of", "on", "or", "such", "that", "the", "their", "then", "there",
-    "these", "they", "this", "to", "was", "what", "when", "where", "which", "who", "why", "will", "with", "you",
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "does", "for", "how", "i",
+    "if", "in", "into", "is", "it", "me", "my", "no", "not", "of", "on", "or", "such", "that",
+    "the", "their", "then", "there", "these", "they", "this", "to", "was", "what", "when", "where",
+    "which", "who", "why", "will", "with", "you",
 ];
 
 /// An FTS5 query matching any term of `query` (BM25 ranks by how many and how
@@ -270,13 +273,29 @@ fn match_expression(query: &str) -> Option<String> {
         .collect();
     all.sort();
     all.dedup();
-    let content: Vec<&String> = all.iter().filter(|t| !STOP_WORDS.contains(&t.as_str())).collect();
-    let terms: Vec<&String> = if content.is_empty() { all.iter().collect() } else { content };
-    (!terms.is_empty()).then(|| terms.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(" OR "))
+    let content: Vec<&String> = all
+        .iter()
+        .filter(|t| !STOP_WORDS.contains(&t.as_str()))
+        .collect();
+    let terms: Vec<&String> = if content.is_empty() {
+        all.iter().collect()
+    } else {
+        content
+    };
+    (!terms.is_empty()).then(|| {
+        terms
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    })
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn vector_to_blob(v: &[f32]) -> Vec<u8> {
@@ -284,21 +303,34 @@ fn vector_to_blob(v: &[f32]) -> Vec<u8> {
 }
 
 fn blob_to_vector(b: &[u8]) -> Option<Vec<f32>> {
-    b.len().is_multiple_of(4).then(|| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    b.len().is_multiple_of(4).then(|| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
 }
 
 impl Store {
     /// Opens (creating if needed) the database in `dir` for vectors of model
     /// `embedder` with `dim` dimensions.
     pub fn open(dir: &Path, embedder: &str, dim: usize) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
         let path = dir.join(DB_FILE);
-        let db = |source| StoreError::Db { path: path.clone(), source };
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS documents (
@@ -324,12 +356,18 @@ impl Store {
         )
         .map_err(db)?;
         let meta = |key: &str| -> Result<Option<String>, StoreError> {
-            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().map_err(db)
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+                .map_err(db)
         };
         let expected = format!("{embedder} ({dim} dims)");
         match meta("embedder")? {
             Some(found) if found != expected => {
-                return Err(StoreError::ModelMismatch { path, found, expected });
+                return Err(StoreError::ModelMismatch {
+                    path,
+                    found,
+                    expected,
+                });
             }
             Some(_) => {}
             None => {
@@ -354,13 +392,24 @@ impl Store {
                 tracing::info!(path = %path.display(), "database migrated to schema 2 (chunk sections)");
             }
             Some(v) if v != SCHEMA_VERSION.to_string() => {
-                return Err(StoreError::Corrupt { path, message: format!("unknown schema version {v}") });
+                return Err(StoreError::Corrupt {
+                    path,
+                    message: format!("unknown schema version {v}"),
+                });
             }
             _ => {}
         }
-        let generation = meta("generation")?.and_then(|g| g.parse().ok()).unwrap_or(0);
-        let mut store =
-            Store { conn, path, live: Vec::new(), live_count: 0, metadata: HashMap::new(), generation };
+        let generation = meta("generation")?
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(0);
+        let mut store = Store {
+            conn,
+            path,
+            live: Vec::new(),
+            live_count: 0,
+            metadata: HashMap::new(),
+            generation,
+        };
         store.load_live()?;
         store.backfill_lexical()?;
         Ok(store)
@@ -370,8 +419,14 @@ impl Store {
     /// written before it existed).
     fn backfill_lexical(&mut self) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let db = |source| StoreError::Db { path: path.clone(), source };
-        let indexed: i64 = self.conn.query_row("SELECT count(*) FROM chunks_fts", [], |r| r.get(0)).map_err(db)?;
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
+        let indexed: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM chunks_fts", [], |r| r.get(0))
+            .map_err(db)?;
         if indexed > 0 || self.live_count == 0 {
             return Ok(());
         }
@@ -387,9 +442,16 @@ impl Store {
                 .map_err(db)?
                 .collect::<Result<_, _>>()
                 .map_err(db)?;
-            let mut insert = tx.prepare("INSERT INTO chunks_fts (rowid, body) VALUES (?1, ?2)").map_err(db)?;
+            let mut insert = tx
+                .prepare("INSERT INTO chunks_fts (rowid, body) VALUES (?1, ?2)")
+                .map_err(db)?;
             for (key, title, section, text) in rows {
-                insert.execute(params![key, lexical_body(title.as_deref(), &section, &text)]).map_err(db)?;
+                insert
+                    .execute(params![
+                        key,
+                        lexical_body(title.as_deref(), &section, &text)
+                    ])
+                    .map_err(db)?;
             }
         }
         tx.commit().map_err(db)
@@ -397,8 +459,14 @@ impl Store {
 
     /// BM25 search (SQLite FTS5) over titles and chunk texts: up to `limit`
     /// chunk keys with their scores, best first (higher is better).
-    pub fn lexical_search(&self, query: &str, limit: usize) -> Result<Vec<(usize, f32)>, StoreError> {
-        let Some(expr) = match_expression(query) else { return Ok(Vec::new()) };
+    pub fn lexical_search(
+        &self,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<(usize, f32)>, StoreError> {
+        let Some(expr) = match_expression(query) else {
+            return Ok(Vec::new());
+        };
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -407,43 +475,68 @@ impl Store {
             )
             .map_err(self.db())?;
         let rows = stmt
-            .query_map(params![expr, limit as i64], |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, f64>(1)? as f32)))
+            .query_map(params![expr, limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as usize, r.get::<_, f64>(1)? as f32))
+            })
             .map_err(self.db())?;
         rows.collect::<Result<_, _>>().map_err(self.db())
     }
 
     fn load_live(&mut self) -> Result<(), StoreError> {
         let docs: Vec<(String, String)> = {
-            let mut stmt = self.conn.prepare("SELECT id, metadata FROM documents").map_err(self.db())?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(self.db())?;
+            let mut stmt = self
+                .conn
+                .prepare("SELECT id, metadata FROM documents")
+                .map_err(self.db())?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(self.db())?;
             rows.collect::<Result<_, _>>().map_err(self.db())?
         };
         for (id, metadata) in docs {
-            self.metadata.insert(Arc::from(id.as_str()), serde_json::from_str(&metadata).unwrap_or_default());
+            self.metadata.insert(
+                Arc::from(id.as_str()),
+                serde_json::from_str(&metadata).unwrap_or_default(),
+            );
         }
         let chunks: Vec<(usize, String, Vec<u8>)> = {
-            let mut stmt =
-                self.conn.prepare("SELECT key, document_id, vector FROM chunks ORDER BY key").map_err(self.db())?;
+            let mut stmt = self
+                .conn
+                .prepare("SELECT key, document_id, vector FROM chunks ORDER BY key")
+                .map_err(self.db())?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get(2)?)))
+                .query_map([], |r| {
+                    Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get(2)?))
+                })
                 .map_err(self.db())?;
             rows.collect::<Result<_, _>>().map_err(self.db())?
         };
         for (key, document, blob) in chunks {
-            let vector = blob_to_vector(&blob)
-                .ok_or_else(|| StoreError::Corrupt { path: self.path.clone(), message: format!("vector of chunk {key}") })?;
+            let vector = blob_to_vector(&blob).ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+                message: format!("vector of chunk {key}"),
+            })?;
             let document = self
                 .metadata
                 .get_key_value(document.as_str())
                 .map(|(k, _)| Arc::clone(k))
                 .unwrap_or_else(|| Arc::from(document.as_str()));
-            self.set_live(key, Some(LiveChunk { document, vector: vector.into() }));
+            self.set_live(
+                key,
+                Some(LiveChunk {
+                    document,
+                    vector: vector.into(),
+                }),
+            );
         }
         Ok(())
     }
 
     fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        move |source| StoreError::Db { path: self.path.clone(), source }
+        move |source| StoreError::Db {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn set_live(&mut self, key: usize, chunk: Option<LiveChunk>) {
@@ -460,7 +553,10 @@ impl Store {
 
     /// Every live chunk: key, document id and vector, in key order.
     pub fn live(&self) -> impl Iterator<Item = (usize, &str, &[f32])> + '_ {
-        self.live.iter().enumerate().filter_map(|(k, c)| c.as_ref().map(|c| (k, &*c.document, &*c.vector)))
+        self.live
+            .iter()
+            .enumerate()
+            .filter_map(|(k, c)| c.as_ref().map(|c| (k, &*c.document, &*c.vector)))
     }
 
     /// Number of live chunks.
@@ -470,12 +566,18 @@ impl Store {
 
     /// The document that chunk `key` belongs to, if the chunk is live.
     pub fn document_of(&self, key: usize) -> Option<&str> {
-        self.live.get(key).and_then(Option::as_ref).map(|c| &*c.document)
+        self.live
+            .get(key)
+            .and_then(Option::as_ref)
+            .map(|c| &*c.document)
     }
 
     /// The vector of chunk `key`, if the chunk is live.
     pub fn vector_of(&self, key: usize) -> Option<&[f32]> {
-        self.live.get(key).and_then(Option::as_ref).map(|c| &*c.vector)
+        self.live
+            .get(key)
+            .and_then(Option::as_ref)
+            .map(|c| &*c.vector)
     }
 
     /// The metadata of document `id`.
@@ -500,7 +602,9 @@ impl Store {
     /// The content hash of document `id`, if stored.
     pub fn hash_of(&self, id: &str) -> Result<Option<String>, StoreError> {
         self.conn
-            .query_row("SELECT hash FROM documents WHERE id = ?1", [id], |r| r.get(0))
+            .query_row("SELECT hash FROM documents WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(self.db())
     }
@@ -508,9 +612,15 @@ impl Store {
     /// The vectors of document `id`'s current chunks by what was embedded, so an
     /// update re-embeds only chunks that changed.
     pub fn vectors_by_embed_hash(&self, id: &str) -> Result<HashMap<String, Vec<f32>>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT embed_hash, vector FROM chunks WHERE document_id = ?1").map_err(self.db())?;
-        let rows = stmt.query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))).map_err(self.db())?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT embed_hash, vector FROM chunks WHERE document_id = ?1")
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(self.db())?;
         let mut out = HashMap::new();
         for row in rows {
             let (h, blob) = row.map_err(self.db())?;
@@ -523,31 +633,50 @@ impl Store {
 
     /// Stores `doc` in one transaction, replacing an older version of the same id.
     /// Returns the status and the new chunks' keys with their vectors, for the index.
-    pub fn upsert(&mut self, doc: &NewDocument) -> Result<(UpsertStatus, Vec<KeyedVector>), StoreError> {
+    pub fn upsert(
+        &mut self,
+        doc: &NewDocument,
+    ) -> Result<(UpsertStatus, Vec<KeyedVector>), StoreError> {
         let path = self.path.clone();
-        let db = |source| StoreError::Db { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
         let existing: Option<(String, i64)> = tx
-            .query_row("SELECT hash, created_at FROM documents WHERE id = ?1", [&doc.id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT hash, created_at FROM documents WHERE id = ?1",
+                [&doc.id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()
             .map_err(db)?;
         if existing.as_ref().is_some_and(|(h, _)| *h == doc.hash) {
             return Ok((UpsertStatus::Unchanged, Vec::new()));
         }
         let old_keys: Vec<usize> = {
-            let mut stmt = tx.prepare("SELECT key FROM chunks WHERE document_id = ?1").map_err(db)?;
-            let keys = stmt.query_map([&doc.id], |r| r.get::<_, i64>(0)).map_err(db)?;
-            keys.map(|k| k.map(|k| k as usize)).collect::<Result<_, _>>().map_err(db)?
+            let mut stmt = tx
+                .prepare("SELECT key FROM chunks WHERE document_id = ?1")
+                .map_err(db)?;
+            let keys = stmt
+                .query_map([&doc.id], |r| r.get::<_, i64>(0))
+                .map_err(db)?;
+            keys.map(|k| k.map(|k| k as usize))
+                .collect::<Result<_, _>>()
+                .map_err(db)?
         };
         let t = now();
         let created_at = existing.as_ref().map(|(_, c)| *c).unwrap_or(t);
         let metadata = serde_json::to_string(&doc.metadata).unwrap_or_else(|_| "{}".into());
         for k in &old_keys {
-            tx.execute("DELETE FROM chunks_fts WHERE rowid = ?1", [*k as i64]).map_err(db)?;
+            tx.execute("DELETE FROM chunks_fts WHERE rowid = ?1", [*k as i64])
+                .map_err(db)?;
         }
-        tx.execute("DELETE FROM chunks WHERE document_id = ?1", [&doc.id]).map_err(db)?;
+        tx.execute("DELETE FROM chunks WHERE document_id = ?1", [&doc.id])
+            .map_err(db)?;
         tx.execute(
             "INSERT INTO documents (id, title, text, metadata, hash, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -593,29 +722,54 @@ impl Store {
             self.set_live(k, None);
         }
         let document: Arc<str> = Arc::from(doc.id.as_str());
-        self.metadata.insert(Arc::clone(&document), doc.metadata.clone());
+        self.metadata
+            .insert(Arc::clone(&document), doc.metadata.clone());
         for (k, v) in &new {
-            self.set_live(*k, Some(LiveChunk { document: Arc::clone(&document), vector: v.as_slice().into() }));
+            self.set_live(
+                *k,
+                Some(LiveChunk {
+                    document: Arc::clone(&document),
+                    vector: v.as_slice().into(),
+                }),
+            );
         }
-        let status = if existing.is_some() { UpsertStatus::Updated } else { UpsertStatus::Created };
+        let status = if existing.is_some() {
+            UpsertStatus::Updated
+        } else {
+            UpsertStatus::Created
+        };
         Ok((status, new))
     }
 
     /// Deletes document `id` and its chunks; returns whether it existed.
     pub fn delete(&mut self, id: &str) -> Result<bool, StoreError> {
         let path = self.path.clone();
-        let db = |source| StoreError::Db { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
         let keys: Vec<usize> = {
-            let mut stmt = tx.prepare("SELECT key FROM chunks WHERE document_id = ?1").map_err(db)?;
+            let mut stmt = tx
+                .prepare("SELECT key FROM chunks WHERE document_id = ?1")
+                .map_err(db)?;
             let keys = stmt.query_map([id], |r| r.get::<_, i64>(0)).map_err(db)?;
-            keys.map(|k| k.map(|k| k as usize)).collect::<Result<_, _>>().map_err(db)?
+            keys.map(|k| k.map(|k| k as usize))
+                .collect::<Result<_, _>>()
+                .map_err(db)?
         };
         for k in &keys {
-            tx.execute("DELETE FROM chunks_fts WHERE rowid = ?1", [*k as i64]).map_err(db)?;
+            tx.execute("DELETE FROM chunks_fts WHERE rowid = ?1", [*k as i64])
+                .map_err(db)?;
         }
-        tx.execute("DELETE FROM chunks WHERE document_id = ?1", [id]).map_err(db)?;
-        let n = tx.execute("DELETE FROM documents WHERE id = ?1", [id]).map_err(db)?;
+        tx.execute("DELETE FROM chunks WHERE document_id = ?1", [id])
+            .map_err(db)?;
+        let n = tx
+            .execute("DELETE FROM documents WHERE id = ?1", [id])
+            .map_err(db)?;
         if n == 0 {
             return Ok(false);
         }
@@ -663,7 +817,19 @@ impl Store {
                 // The live vectors are in memory; no need to read the blob again.
                 let vector = self.vector_of(key).map(<[f32]>::to_vec).unwrap_or_default();
                 let (start, end) = (start as usize, end as usize);
-                out.push((key, ChunkView { document_id, index: idx as usize, title, section, text, start, end, vector }));
+                out.push((
+                    key,
+                    ChunkView {
+                        document_id,
+                        index: idx as usize,
+                        title,
+                        section,
+                        text,
+                        start,
+                        end,
+                        vector,
+                    },
+                ));
             }
         }
         Ok(out)
@@ -688,17 +854,28 @@ impl Store {
 
     /// Document `id`'s record.
     pub fn document(&self, id: &str) -> Result<Option<DocumentInfo>, StoreError> {
-        let sql = format!("SELECT {} FROM documents d WHERE d.id = ?1", Self::INFO_COLUMNS);
-        self.conn.query_row(&sql, [id], Self::info_from_row).optional().map_err(self.db())
+        let sql = format!(
+            "SELECT {} FROM documents d WHERE d.id = ?1",
+            Self::INFO_COLUMNS
+        );
+        self.conn
+            .query_row(&sql, [id], Self::info_from_row)
+            .optional()
+            .map_err(self.db())
     }
 
     /// Up to `limit` documents with ids after `after`, in id order.
     pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<DocumentInfo>, StoreError> {
-        let sql =
-            format!("SELECT {} FROM documents d WHERE d.id > ?1 ORDER BY d.id LIMIT ?2", Self::INFO_COLUMNS);
+        let sql = format!(
+            "SELECT {} FROM documents d WHERE d.id > ?1 ORDER BY d.id LIMIT ?2",
+            Self::INFO_COLUMNS
+        );
         let mut stmt = self.conn.prepare(&sql).map_err(self.db())?;
         let rows = stmt
-            .query_map(params![after.unwrap_or(""), limit as i64], Self::info_from_row)
+            .query_map(
+                params![after.unwrap_or(""), limit as i64],
+                Self::info_from_row,
+            )
             .map_err(self.db())?;
         rows.collect::<Result<_, _>>().map_err(self.db())
     }
@@ -728,7 +905,11 @@ mod tests {
                 .enumerate()
                 .map(|(i, t)| NewChunk {
                     text: t.to_string(),
-                    section: if i == 0 { String::new() } else { format!("Part {i}") },
+                    section: if i == 0 {
+                        String::new()
+                    } else {
+                        format!("Part {i}")
+                    },
                     start: i,
                     end: i + 1,
                     embed_hash: format!("e-{t}"),
@@ -744,18 +925,31 @@ mod tests {
         {
             let mut s = Store::open(dir.path(), "m", 2).unwrap();
             let (st, new) = s.upsert(&doc("a", &["x", "y"])).unwrap();
-            assert_eq!((st, new.iter().map(|n| n.0).collect::<Vec<_>>()), (UpsertStatus::Created, vec![1, 2]));
-            assert_eq!(s.upsert(&doc("a", &["x", "y"])).unwrap().0, UpsertStatus::Unchanged);
+            assert_eq!(
+                (st, new.iter().map(|n| n.0).collect::<Vec<_>>()),
+                (UpsertStatus::Created, vec![1, 2])
+            );
+            assert_eq!(
+                s.upsert(&doc("a", &["x", "y"])).unwrap().0,
+                UpsertStatus::Unchanged
+            );
             let (st, new) = s.upsert(&doc("a", &["x", "z"])).unwrap();
             assert_eq!(st, UpsertStatus::Updated);
-            assert_eq!(new.iter().map(|n| n.0).collect::<Vec<_>>(), vec![3, 4], "keys are never reused");
+            assert_eq!(
+                new.iter().map(|n| n.0).collect::<Vec<_>>(),
+                vec![3, 4],
+                "keys are never reused"
+            );
             assert!(!s.is_live(1) && !s.is_live(2) && s.is_live(3));
             assert_eq!(s.vectors_by_embed_hash("a").unwrap().len(), 2);
             s.upsert(&doc("b", &["w"])).unwrap();
         }
         let s = Store::open(dir.path(), "m", 2).unwrap();
         assert_eq!(s.document_count().unwrap(), 2);
-        assert_eq!(s.live().map(|(k, _, _)| k).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            s.live().map(|(k, _, _)| k).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         assert_eq!(s.live_count(), 3);
         assert_eq!(s.document_of(5), Some("b"));
         assert_eq!(s.generation(), 3, "three committed changes");
@@ -789,8 +983,10 @@ mod tests {
     fn lexical_search_ranks_by_bm25_and_forgets_deleted_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path(), "m", 2).unwrap();
-        s.upsert(&doc("a", &["the quick brown fox jumps", "lazy dogs sleep"])).unwrap();
-        s.upsert(&doc("b", &["a fox den in the forest", "中国的首都是北京"])).unwrap();
+        s.upsert(&doc("a", &["the quick brown fox jumps", "lazy dogs sleep"]))
+            .unwrap();
+        s.upsert(&doc("b", &["a fox den in the forest", "中国的首都是北京"]))
+            .unwrap();
         let hits = s.lexical_search("Fox jumps!", 10).unwrap();
         assert_eq!(hits.first().map(|h| h.0), Some(1), "{hits:?}");
         assert!(hits.iter().any(|h| h.0 == 3));
@@ -801,12 +997,20 @@ mod tests {
         s.delete("a").unwrap();
         assert!(s.lexical_search("jumps", 10).unwrap().is_empty());
         s.upsert(&doc("b", &["only wolves here"])).unwrap();
-        assert!(s.lexical_search("fox", 10).unwrap().is_empty(), "replaced chunks are gone");
+        assert!(
+            s.lexical_search("fox", 10).unwrap().is_empty(),
+            "replaced chunks are gone"
+        );
     }
 
     #[test]
     fn cjk_runs_become_bigrams() {
-        assert_eq!(lexical_text("Hi 北京大学!").split_whitespace().collect::<Vec<_>>(), vec!["Hi", "北京", "京大", "大学", "!"]);
+        assert_eq!(
+            lexical_text("Hi 北京大学!")
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            vec!["Hi", "北京", "京大", "大学", "!"]
+        );
         assert_eq!(lexical_text("中").trim(), "中");
     }
 
@@ -818,17 +1022,29 @@ mod tests {
             s.upsert(&doc(id, &["t"])).unwrap();
         }
         let page = s.list(None, 3).unwrap();
-        assert_eq!(page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), vec!["a", "b", "c"]);
+        assert_eq!(
+            page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+            vec!["a", "b", "c"]
+        );
         let page = s.list(Some("c"), 3).unwrap();
-        assert_eq!(page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), vec!["d"]);
+        assert_eq!(
+            page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+            vec!["d"]
+        );
     }
 
     #[test]
     fn another_embedder_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), "m", 2).unwrap());
-        assert!(matches!(Store::open(dir.path(), "other", 2), Err(StoreError::ModelMismatch { .. })));
-        assert!(matches!(Store::open(dir.path(), "m", 3), Err(StoreError::ModelMismatch { .. })));
+        assert!(matches!(
+            Store::open(dir.path(), "other", 2),
+            Err(StoreError::ModelMismatch { .. })
+        ));
+        assert!(matches!(
+            Store::open(dir.path(), "m", 3),
+            Err(StoreError::ModelMismatch { .. })
+        ));
     }
 
     #[test]
@@ -850,12 +1066,24 @@ mod tests {
         let keys: Vec<usize> = s.live().map(|(k, _, _)| k).collect();
         let chunks = s.chunks(&keys).unwrap();
         assert_eq!(chunks.len(), 2);
-        assert!(chunks.iter().all(|(_, c)| c.section.is_empty()), "migrated rows have no section");
+        assert!(
+            chunks.iter().all(|(_, c)| c.section.is_empty()),
+            "migrated rows have no section"
+        );
         s.upsert(&doc("b", &["gamma", "delta"])).unwrap();
-        let hits: Vec<usize> = s.lexical_search("part", 10).unwrap().into_iter().map(|(k, _)| k).collect();
+        let hits: Vec<usize> = s
+            .lexical_search("part", 10)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         let found = s.chunks(&hits).unwrap();
         assert!(
-            found.iter().any(|(_, c)| (c.document_id.as_str(), c.section.as_str(), c.text.as_str()) == ("b", "Part 1", "delta")),
+            found.iter().any(|(_, c)| (
+                c.document_id.as_str(),
+                c.section.as_str(),
+                c.text.as_str()
+            ) == ("b", "Part 1", "delta")),
             "the section is in the full-text index: {found:?}"
         );
     }

@@ -1,3 +1,4 @@
 //! Model code kept in this crate (see each module for why).
 
+pub(crate) mod llama;
 pub(crate) mod qwen2;

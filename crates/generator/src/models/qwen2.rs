@@ -1,6 +1,7 @@
 //! Quantized Qwen2, from candle-transformers 0.11.1
 //! (`candle_transformers::models::quantized_qwen2`, MIT OR Apache-2.0, by the
-//! candle authors), with one change: `ModelWeights` is `Clone`.
+//! candle authors), with two changes: `ModelWeights` is `Clone`, and the
+//! linear layers go through [`crate::q8_0::Linear`] (a faster Q8_0 kernel).
 //!
 //! A clone shares the weights (`Arc`-backed tensors) and copies the KV cache's
 //! tensor handles, so a model whose cache holds the fixed start of every prompt
@@ -9,19 +10,17 @@
 //! 0.11, hence this copy (to drop when upstream derives it).
 #![allow(missing_docs, unreachable_pub)]
 
-use candle_transformers::{quantized_nn::RmsNorm, utils::repeat_kv};
-use candle_core::{
-    quantized::{gguf_file, QMatMul},
-    DType, Device, IndexOp, Result, Tensor,
-};
+use crate::q8_0::Linear;
+use candle_core::{quantized::gguf_file, DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Embedding, Module};
+use candle_transformers::{quantized_nn::RmsNorm, utils::repeat_kv};
 use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    feed_forward_w1: QMatMul,
-    feed_forward_w2: QMatMul,
-    feed_forward_w3: QMatMul,
+    feed_forward_w1: Linear,
+    feed_forward_w2: Linear,
+    feed_forward_w3: Linear,
 }
 
 impl Module for Mlp {
@@ -35,13 +34,13 @@ impl Module for Mlp {
 
 #[derive(Debug, Clone)]
 struct LayerWeights {
-    attention_wq: QMatMul,
-    attention_wk: QMatMul,
-    attention_wv: QMatMul,
+    attention_wq: Linear,
+    attention_wk: Linear,
+    attention_wv: Linear,
     attention_bq: Tensor,
     attention_bk: Tensor,
     attention_bv: Tensor,
-    attention_wo: QMatMul,
+    attention_wo: Linear,
     attention_norm: RmsNorm,
     mlp: Mlp,
     ffn_norm: RmsNorm,
@@ -148,7 +147,7 @@ pub struct ModelWeights {
     tok_embeddings: Embedding,
     layers: Vec<LayerWeights>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Linear,
     masks: HashMap<(usize, usize), Tensor>,
     span: tracing::Span,
     span_output: tracing::Span,
@@ -206,10 +205,10 @@ impl ModelWeights {
             rms_norm_eps,
         )?;
         let output = match ct.tensor(reader, "output.weight", device) {
-            Ok(v) => QMatMul::from_qtensor(v)?,
+            Ok(v) => Linear::from_qtensor(v)?,
             _ => {
                 // use tie_word_embeddings
-                QMatMul::from_qtensor(ct.tensor(reader, "token_embd.weight", device)?)?
+                Linear::from_qtensor(ct.tensor(reader, "token_embd.weight", device)?)?
             }
         };
 
@@ -238,9 +237,9 @@ impl ModelWeights {
                 let feed_forward_w3 =
                     ct.tensor(reader, &format!("{prefix}.ffn_up.weight"), device)?;
                 Mlp {
-                    feed_forward_w1: QMatMul::from_qtensor(feed_forward_w1)?,
-                    feed_forward_w2: QMatMul::from_qtensor(feed_forward_w2)?,
-                    feed_forward_w3: QMatMul::from_qtensor(feed_forward_w3)?,
+                    feed_forward_w1: Linear::from_qtensor(feed_forward_w1)?,
+                    feed_forward_w2: Linear::from_qtensor(feed_forward_w2)?,
+                    feed_forward_w3: Linear::from_qtensor(feed_forward_w3)?,
                 }
             };
 
@@ -253,13 +252,13 @@ impl ModelWeights {
             let span_mlp = tracing::span!(tracing::Level::TRACE, "attn-mlp");
 
             layers.push(LayerWeights {
-                attention_wq: QMatMul::from_qtensor(attention_wq)?,
-                attention_wk: QMatMul::from_qtensor(attention_wk)?,
-                attention_wv: QMatMul::from_qtensor(attention_wv)?,
+                attention_wq: Linear::from_qtensor(attention_wq)?,
+                attention_wk: Linear::from_qtensor(attention_wk)?,
+                attention_wv: Linear::from_qtensor(attention_wv)?,
                 attention_bq: attention_bq.dequantize(device)?,
                 attention_bk: attention_bk.dequantize(device)?,
                 attention_bv: attention_bv.dequantize(device)?,
-                attention_wo: QMatMul::from_qtensor(attention_wo)?,
+                attention_wo: Linear::from_qtensor(attention_wo)?,
                 attention_norm: RmsNorm::from_qtensor(attention_norm, rms_norm_eps)?,
                 cos: cos.clone(),
                 sin: sin.clone(),

@@ -15,7 +15,10 @@ pub fn models_dir() -> PathBuf {
 /// A config file for the packaged test models, written into `dir`.
 pub fn config_file(dir: &Path) -> PathBuf {
     let models = models_dir();
-    assert!(models.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(), "run scripts/fetch-models");
+    assert!(
+        models.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(),
+        "run scripts/fetch-models"
+    );
     let config = dir.join("test-config.toml");
     std::fs::write(
         &config,

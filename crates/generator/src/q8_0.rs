@@ -1,0 +1,458 @@
+//! A Q8_0 matrix multiplication for x86-64 with AVX2 and FMA.
+//!
+//! Written by hand because candle 0.11's CPU path for Q8_0 weights on a machine
+//! without AVX-512 VNNI is one dot product per (row, column) pair, each a single
+//! FMA chain over the whole row (`k_quants::matmul` → `vec_dot_q8_0_q8_0`); its
+//! repacked tiles (`repack_x86`) are switched off for Q8_0 on plain AVX2. On a
+//! 512-token prompt that is where most of the prefill time went (perf: 62 % in
+//! `BlockQ8_0::vec_dot`). llama.cpp's answer on the same CPUs is register
+//! tiling (llamafile's tinyBLAS): each block of weights loaded once is
+//! multiplied with several prompt rows, and each prompt block with several
+//! weight rows, into independent accumulators. This module does the same:
+//!
+//! * weights are kept as they are in the GGUF file (32 signed bytes per block)
+//!   with the block scales widened to `f32` once at load;
+//! * the activations are quantized to Q8_0 exactly the way ggml does it (scale
+//!   `max|x| / 127` rounded to f16, values rounded to nearest), so results
+//!   differ from candle's only in the order of float additions;
+//! * a `RM × RN` tile of outputs is computed with `RM·RN` accumulators
+//!   (`_mm256_maddubs_epi16` on |w| and sign-adjusted activations, as ggml);
+//! * the work is split over candle's own thread pool (the one its other CPU ops
+//!   use), by panels of weight rows, so each thread reads each weight once per
+//!   call and keeps its panel in cache while it walks the prompt rows.
+//!
+//! [`Linear`] uses it for Q8_0 weights when the CPU has AVX2 and FMA and falls
+//! back to candle's `QMatMul` for everything else.
+//!
+//! The only `unsafe` code in the workspace: SIMD intrinsics behind a run-time
+//! CPU check, and raw pointers so the pool's threads can write disjoint parts
+//! of one output buffer.
+#![allow(unsafe_code)]
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use std::sync::Arc;
+
+const QK: usize = 32;
+/// Bytes of one Q8_0 block in a GGUF file: an f16 scale and 32 signed bytes.
+const BLOCK_BYTES: usize = 2 + QK;
+
+/// A linear layer without bias: `x · Wᵀ`.
+#[derive(Clone, Debug)]
+pub enum Linear {
+    /// Q8_0 weights through this module's kernel.
+    Q8(Arc<Q8Matrix>),
+    /// Anything else through candle.
+    Candle(QMatMul),
+}
+
+impl Linear {
+    /// Wraps a quantized tensor, taking the fast path where it applies.
+    pub fn from_qtensor(t: QTensor) -> Result<Self> {
+        if t.dtype() == GgmlDType::Q8_0 && t.device().is_cpu() && kernel_available() {
+            if let Some(m) = Q8Matrix::from_qtensor(&t)? {
+                return Ok(Self::Q8(Arc::new(m)));
+            }
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Q8(m) => {
+                let xs = xs.contiguous()?;
+                xs.apply_op1_no_bwd(&**m)
+            }
+            Self::Candle(m) => m.forward(xs),
+        }
+    }
+}
+
+/// Whether this CPU runs the kernel (AVX2, FMA and F16C, checked at run time).
+pub fn kernel_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the CPU has AVX-512 VNNI with 256-bit forms (checked once).
+#[cfg(target_arch = "x86_64")]
+fn vnni_available() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        std::env::var_os("RAGD_NO_VNNI").is_none()
+            && std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// An `n × k` Q8_0 weight matrix, one row per output, stored in groups of
+/// [`RN`] rows whose blocks are interleaved (block `l` of the group's rows side
+/// by side, then their scales), so that the kernel reads one sequential stream
+/// per group instead of `2·RN` short ones. The last group is padded with zero
+/// rows.
+pub struct Q8Matrix {
+    n: usize,
+    k: usize,
+    /// `ceil(n/RN) · k/32` interleaved blocks, group-major.
+    groups: Vec<Group>,
+}
+
+/// Block `l` of [`RN`] consecutive weight rows.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Group {
+    qs: [[i8; QK]; RN],
+    d: [f32; RN],
+}
+
+impl std::fmt::Debug for Q8Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q8Matrix({}x{})", self.n, self.k)
+    }
+}
+
+impl Q8Matrix {
+    /// Copies a Q8_0 tensor of shape `(n, k)`; `None` for other shapes.
+    pub fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
+        let Ok((n, k)) = t.shape().dims2() else {
+            return Ok(None);
+        };
+        if t.dtype() != GgmlDType::Q8_0 || k % QK != 0 || n == 0 {
+            return Ok(None);
+        }
+        let data = t.data()?;
+        let blocks = n * k / QK;
+        if data.len() != blocks * BLOCK_BYTES {
+            candle_core::bail!(
+                "Q8_0 tensor of {n}x{k} has {} bytes, expected {}",
+                data.len(),
+                blocks * BLOCK_BYTES
+            );
+        }
+        let kb = k / QK;
+        let zero = Group {
+            qs: [[0; QK]; RN],
+            d: [0.0; RN],
+        };
+        let mut groups = vec![zero; n.div_ceil(RN) * kb];
+        for (b, block) in data.chunks_exact(BLOCK_BYTES).enumerate() {
+            let (row, l) = (b / kb, b % kb);
+            let g = &mut groups[(row / RN) * kb + l];
+            g.d[row % RN] = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+            for (q, &byte) in g.qs[row % RN].iter_mut().zip(&block[2..]) {
+                *q = byte as i8;
+            }
+        }
+        Ok(Some(Self { n, k, groups }))
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// `dst[i][j] = Σ_l lhs[i][l] · W[j][l]` for `m` rows of `lhs` (`m × k`).
+    pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) {
+        assert_eq!(lhs.len(), m * self.k, "lhs is not {m}x{}", self.k);
+        assert_eq!(dst.len(), m * self.n, "dst is not {m}x{}", self.n);
+        assert!(
+            kernel_available(),
+            "the Q8_0 kernel needs AVX2, FMA and F16C"
+        );
+        let kb = self.k / QK;
+        let mut a_qs = vec![[0i8; QK]; m * kb];
+        let mut a_d = vec![0f32; m * kb];
+        quantize_rows(lhs, &mut a_qs, &mut a_d);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let a = Operand {
+                qs: a_qs.as_ptr(),
+                d: a_d.as_ptr(),
+                rows: m,
+                kb,
+            };
+            let w = Weights {
+                groups: self.groups.as_ptr(),
+                n: self.n,
+            };
+            let out = SendPtr(dst.as_mut_ptr());
+            let vnni = vnni_available();
+            // Work items are groups of RN weight rows; the pool hands each thread
+            // contiguous ranges of them (a panel), walked over all prompt rows.
+            candle_core::utils::barrier_pool().execute_chunked(self.n.div_ceil(RN), |groups| {
+                let out = &out;
+                // SAFETY: the CPU features were checked above; every (row, col)
+                // of dst is written by exactly one range, all indices in bounds.
+                if vnni {
+                    unsafe { panel_vnni(&a, &w, groups, out.0) }
+                } else {
+                    unsafe { panel_avx2(&a, &w, groups, out.0) }
+                }
+            });
+        }
+    }
+}
+
+impl CustomOp1 for Q8Matrix {
+    fn name(&self) -> &'static str {
+        "q8_0-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(xs) = storage else {
+            candle_core::bail!(
+                "q8_0-matmul: input must be f32, got {:?}",
+                candle_core::backend::BackendStorage::dtype(storage)
+            )
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("q8_0-matmul: input must be contiguous")
+        };
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!("q8_0-matmul: input {:?} does not end in {}", dims, self.k)
+        }
+        let m = layout.shape().elem_count() / self.k;
+        let mut dst = vec![0f32; m * self.n];
+        self.matmul(&xs[start..end], m, &mut dst);
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("checked above") = self.n;
+        Ok((CpuStorage::F32(dst), Shape::from(out)))
+    }
+}
+
+/// Quantizes rows of 32-value blocks the way ggml's `quantize_row_q8_0` does.
+fn quantize_rows(xs: &[f32], qs: &mut [[i8; QK]], d: &mut [f32]) {
+    for ((x, q), d) in xs.chunks_exact(QK).zip(qs.iter_mut()).zip(d.iter_mut()) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        *d = half::f16::from_f32(scale).to_f32();
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = (v * inv).round_ties_even() as i8;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Rows of weights per tile.
+const RN: usize = 4;
+/// Prompt rows per tile.
+const RM: usize = 3;
+
+/// The quantized prompt rows.
+#[derive(Clone, Copy)]
+struct Operand {
+    qs: *const [i8; QK],
+    d: *const f32,
+    rows: usize,
+    kb: usize,
+}
+
+/// The interleaved weights.
+#[derive(Clone, Copy)]
+struct Weights {
+    groups: *const Group,
+    n: usize,
+}
+
+// SAFETY: read-only views of buffers that outlive the pool call.
+unsafe impl Send for Operand {}
+unsafe impl Sync for Operand {}
+unsafe impl Send for Weights {}
+unsafe impl Sync for Weights {}
+
+struct SendPtr(*mut f32);
+// SAFETY: threads write disjoint elements (see `matmul`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Generates a panel function (all prompt rows against a range of weight row
+/// groups) and its tile function for one instruction set; `$dot` turns |w| and
+/// the sign-adjusted activations into eight i32 sums of four products.
+macro_rules! kernel {
+    ($panel:ident, $tile:ident, $features:literal, $dot:expr) => {
+        /// All prompt rows against the weight row groups `groups`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $panel(a: &Operand, w: &Weights, groups: std::ops::Range<usize>, out: *mut f32) {
+            let mut i = 0;
+            while i < a.rows {
+                let rm = RM.min(a.rows - i);
+                for g in groups.clone() {
+                    unsafe {
+                        match rm {
+                            3 => $tile::<3>(a, w, i, g, out),
+                            2 => $tile::<2>(a, w, i, g, out),
+                            _ => $tile::<1>(a, w, i, g, out),
+                        }
+                    }
+                }
+                i += rm;
+            }
+        }
+
+        /// `M` prompt rows from `i0` against the [`RN`] weight rows of group `g`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $tile<const M: usize>(
+            a: &Operand,
+            w: &Weights,
+            i0: usize,
+            g: usize,
+            out: *mut f32,
+        ) {
+            let kb = a.kb;
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); RN]; M];
+                let group = w.groups.add(g * kb);
+                for l in 0..kb {
+                    let block = &*group.add(l);
+                    let mut wq = [_mm256_setzero_si256(); RN];
+                    let mut wabs = [_mm256_setzero_si256(); RN];
+                    let mut wd = [_mm256_setzero_ps(); RN];
+                    for j in 0..RN {
+                        wq[j] = _mm256_loadu_si256(block.qs[j].as_ptr() as *const __m256i);
+                        wabs[j] = _mm256_sign_epi8(wq[j], wq[j]);
+                        wd[j] = _mm256_set1_ps(block.d[j]);
+                    }
+                    for i in 0..M {
+                        let idx = (i0 + i) * kb + l;
+                        let aq = _mm256_loadu_si256(a.qs.add(idx) as *const __m256i);
+                        let ad = _mm256_set1_ps(*a.d.add(idx));
+                        for j in 0..RN {
+                            // |w| · (a with w's sign) = w · a (neither side is ever -128).
+                            let sum = $dot(wabs[j], _mm256_sign_epi8(aq, wq[j]));
+                            let scale = _mm256_mul_ps(ad, wd[j]);
+                            acc[i][j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[i][j]);
+                        }
+                    }
+                }
+                let cols = RN.min(w.n - g * RN);
+                for (i, acc) in acc.iter().enumerate() {
+                    for (j, &v) in acc.iter().enumerate().take(cols) {
+                        *out.add((i0 + i) * w.n + g * RN + j) = hsum(v);
+                    }
+                }
+            }
+        }
+    };
+}
+
+// AVX2: u8·i8 pairs to i16 (cannot saturate: at most 2·128·127), then to i32.
+kernel!(panel_avx2, tile_avx2, "avx2,fma", |u, s| _mm256_madd_epi16(
+    _mm256_maddubs_epi16(u, s),
+    _mm256_set1_epi16(1)
+));
+// AVX-512 VNNI (256-bit form): the same sums in one instruction.
+kernel!(
+    panel_vnni,
+    tile_vnni,
+    "avx2,fma,avx512vnni,avx512vl",
+    |u, s| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+);
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum(v: __m256) -> f32 {
+    {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// The kernel against candle's own Q8_0 matmul on the same weights, for
+    /// shapes that exercise every tile edge.
+    #[test]
+    fn matches_candle_q8_0_matmul() -> Result<()> {
+        if !kernel_available() {
+            eprintln!("skipped: no AVX2/FMA/F16C");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        for &(m, k, n) in &[
+            (1, 32, 1),
+            (1, 64, 7),
+            (2, 96, 5),
+            (3, 128, 8),
+            (5, 64, 13),
+            (17, 896, 130),
+            (64, 256, 33),
+        ] {
+            let w = Tensor::from_vec(pseudo_random(n * k, (n * k) as u64), (n, k), &dev)?;
+            let qt = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+            let ours = Q8Matrix::from_qtensor(&qt)?.expect("a Q8_0 matrix");
+            let theirs = QMatMul::from_qtensor(qt)?;
+            let x = Tensor::from_vec(pseudo_random(m * k, 7 + m as u64), (m, k), &dev)?;
+            let want: Vec<f32> = theirs.forward(&x)?.flatten_all()?.to_vec1()?;
+            let got: Vec<f32> = x.apply_op1_no_bwd(&ours)?.flatten_all()?.to_vec1()?;
+            assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-6);
+            for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-3 * scale,
+                    "({m},{k},{n}) element {idx}: {g} vs {w}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn batched_input_keeps_its_leading_dims() -> Result<()> {
+        if !kernel_available() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(pseudo_random(6 * 64, 3), (6, 64), &dev)?;
+        let lin = Linear::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+        assert!(matches!(lin, Linear::Q8(_)));
+        let x = Tensor::from_vec(pseudo_random(2 * 3 * 64, 9), (2, 3, 64), &dev)?;
+        let y = lin.forward(&x)?;
+        assert_eq!(y.dims(), &[2, 3, 6]);
+        // Row by row gives the same numbers as the batch.
+        let row = lin.forward(&x.get(1)?.get(2)?.unsqueeze(0)?)?;
+        let a: Vec<f32> = row.flatten_all()?.to_vec1()?;
+        let b: Vec<f32> = y.get(1)?.get(2)?.to_vec1()?;
+        assert_eq!(a, b);
+        // Non-Q8_0 weights go through candle.
+        let f = Linear::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4_0)?)?;
+        assert!(matches!(f, Linear::Candle(_)));
+        Ok(())
+    }
+}
