@@ -81,11 +81,18 @@ fn smollm_tokenizer_matches_llama_cpp() {
 /// runs free greedy decoding and prints how many tokens match exactly.
 const TIE: f32 = 0.25;
 
+/// The tolerance for re-quantized copies. Q5_0 → Q8_0 is exact, but Q4_1's
+/// offset is not a multiple of its scale, so a Q4_1 → Q8_0 copy rounds every
+/// weight a second time (by at most 1/254 of its block's range). On SmolLM2
+/// that moves a near-tie in the reference by up to 0.34 logits (measured with
+/// the Q8_0 kernel that quantizes activations as ggml does).
+const REQUANT_TIE: f32 = 0.5;
+
 fn check_greedy(model_file: &str, reference_file: &str) {
-    check_greedy_of(&model(model_file), reference_file)
+    check_greedy_of(&model(model_file), reference_file, TIE)
 }
 
-fn check_greedy_of(path: &std::path::Path, reference_file: &str) {
+fn check_greedy_of(path: &std::path::Path, reference_file: &str, tie: f32) {
     let model_file = path.file_name().unwrap().to_string_lossy().into_owned();
     let mut g = Generator::load(path).unwrap();
     let params = GenerateParams {
@@ -116,7 +123,7 @@ fn check_greedy_of(path: &std::path::Path, reference_file: &str) {
             if best_ok < top {
                 ties += 1;
             }
-            if top - best_ok > TIE {
+            if top - best_ok > tie {
                 failures.push(format!(
                     "{model_file} {expected:?}: step {i} ({}) is {:.3} logits below the top",
                     if *is_stop {
@@ -192,7 +199,7 @@ fn check_requantized(model_file: &str, reference_file: &str) {
             .is_empty(),
         "none are left in the copy"
     );
-    check_greedy_of(&copy, reference_file);
+    check_greedy_of(&copy, reference_file, REQUANT_TIE);
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! Quantized llama, from candle-transformers 0.11.1
 //! (`candle_transformers::models::quantized_llama`, MIT OR Apache-2.0, by the
-//! candle authors), with one change: its `QMatMul` wrapper holds a
-//! [`crate::q8_0::Linear`], so Q8_0 weights go through this crate's kernel.
+//! candle authors), with two changes: its `QMatMul` wrapper holds a
+//! [`crate::q8_0::Linear`], so Q8_0 weights go through this crate's kernel,
+//! and the KV cache and attention are [`super::attention`]'s (written in place,
+//! no per-head copies).
 //! To drop when candle's own Q8_0 matmul is as fast on AVX2 / AVX-512 VNNI.
 #![allow(missing_docs, unreachable_pub, dead_code, clippy::all)]
 
@@ -151,7 +153,7 @@ struct LayerWeights {
     cos: Tensor,
     sin: Tensor,
     neg_inf: Tensor,
-    kv_cache: Option<(Tensor, Tensor)>,
+    kv_cache: super::attention::KvCache,
     span_attn: tracing::Span,
     span_rot: tracing::Span,
     span_mlp: tracing::Span,
@@ -206,48 +208,8 @@ impl LayerWeights {
         let q = self.apply_rotary_emb(&q, index_pos)?;
         let k = self.apply_rotary_emb(&k, index_pos)?;
 
-        let (k, v) = match &self.kv_cache {
-            None => (k, v),
-            Some((k_cache, v_cache)) => {
-                if index_pos == 0 {
-                    (k, v)
-                } else {
-                    let k = Tensor::cat(&[k_cache, &k], 2)?;
-                    let v = Tensor::cat(&[v_cache, &v], 2)?;
-                    (k, v)
-                }
-            }
-        };
-        self.kv_cache = Some((k.clone(), v.clone()));
-
-        let y = if q.device().is_metal() && seq_len == 1 {
-            // SDPA will do MQA for us
-            candle_nn::ops::sdpa(
-                &q,
-                &k,
-                &v,
-                None,
-                false,
-                1. / (self.head_dim as f32).sqrt(),
-                1.,
-            )?
-        } else {
-            // Support for MQA, useful for 70B models and mistral.
-            let k = candle_transformers::utils::repeat_kv(k, self.n_head / self.n_kv_head)?;
-            let v = candle_transformers::utils::repeat_kv(v, self.n_head / self.n_kv_head)?;
-
-            let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-            let att = match mask {
-                None => att,
-                Some(mask) => {
-                    let mask = mask.broadcast_as(att.shape())?;
-                    masked_fill(&att, &mask, &self.neg_inf)?
-                }
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            // Convert to contiguous as matmul doesn't support strided vs for now.
-            att.matmul(&v.contiguous()?)?
-        };
+        let (k, v) = self.kv_cache.append(index_pos, &k, &v)?;
+        let y = super::attention::grouped_attention(&q, &k, &v, mask, &self.neg_inf)?;
 
         let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
         let y = self.attention_wo.forward(&y)?;
@@ -334,7 +296,7 @@ impl ModelWeights {
                 cos: cos.clone(),
                 sin: sin.clone(),
                 neg_inf: neg_inf.clone(),
-                kv_cache: None,
+                kv_cache: super::attention::KvCache::new(),
                 span_attn,
                 span_rot,
                 span_mlp,
@@ -493,7 +455,7 @@ impl ModelWeights {
                 cos: cos.clone(),
                 sin: sin.clone(),
                 neg_inf: neg_inf.clone(),
-                kv_cache: None,
+                kv_cache: super::attention::KvCache::new(),
                 span_attn,
                 span_rot,
                 span_mlp,
@@ -550,7 +512,7 @@ impl ModelWeights {
     /// state without recreating the model.
     pub fn clear_kv_cache(&mut self) {
         for layer in self.layers.iter_mut() {
-            layer.kv_cache = None;
+            layer.kv_cache.clear();
         }
     }
 

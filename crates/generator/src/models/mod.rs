@@ -1,4 +1,5 @@
 //! Model code kept in this crate (see each module for why).
 
+pub(crate) mod attention;
 pub(crate) mod llama;
 pub(crate) mod qwen2;

@@ -1,7 +1,9 @@
 //! Quantized Qwen2, from candle-transformers 0.11.1
 //! (`candle_transformers::models::quantized_qwen2`, MIT OR Apache-2.0, by the
-//! candle authors), with two changes: `ModelWeights` is `Clone`, and the
-//! linear layers go through [`crate::q8_0::Linear`] (a faster Q8_0 kernel).
+//! candle authors), with three changes: `ModelWeights` is `Clone`, the linear
+//! layers go through [`crate::q8_0::Linear`] (a faster Q8_0 kernel), and the
+//! KV cache and attention are [`super::attention`]'s (written in place, no
+//! per-head copies).
 //!
 //! A clone shares the weights (`Arc`-backed tensors) and copies the KV cache's
 //! tensor handles, so a model whose cache holds the fixed start of every prompt
@@ -13,7 +15,7 @@
 use crate::q8_0::Linear;
 use candle_core::{quantized::gguf_file, DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Embedding, Module};
-use candle_transformers::{quantized_nn::RmsNorm, utils::repeat_kv};
+use candle_transformers::quantized_nn::RmsNorm;
 use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
@@ -50,16 +52,10 @@ struct LayerWeights {
     cos: Tensor,
     sin: Tensor,
     neg_inf: Tensor,
-    kv_cache: Option<(Tensor, Tensor)>,
+    kv_cache: super::attention::KvCache,
     span_attn: tracing::Span,
     span_rot: tracing::Span,
     span_mlp: tracing::Span,
-}
-
-fn masked_fill(on_false: &Tensor, mask: &Tensor, on_true: &Tensor) -> Result<Tensor> {
-    let shape = mask.shape();
-    let m = mask.where_cond(&on_true.broadcast_as(shape.dims())?, on_false)?;
-    Ok(m)
 }
 
 impl LayerWeights {
@@ -107,35 +103,9 @@ impl LayerWeights {
         let q = self.apply_rotary_emb(&q, index_pos)?;
         let k = self.apply_rotary_emb(&k, index_pos)?;
 
-        let (k, v) = match &self.kv_cache {
-            None => (k, v),
-            Some((k_cache, v_cache)) => {
-                if index_pos == 0 {
-                    (k, v)
-                } else {
-                    let k = Tensor::cat(&[k_cache, &k], 2)?;
-                    let v = Tensor::cat(&[v_cache, &v], 2)?;
-                    (k, v)
-                }
-            }
-        };
-        self.kv_cache = Some((k.clone(), v.clone()));
+        let (k, v) = self.kv_cache.append(index_pos, &k, &v)?;
+        let y = super::attention::grouped_attention(&q, &k, &v, mask, &self.neg_inf)?;
 
-        // Support for MQA, useful for 70B models and mistral.
-        let k = repeat_kv(k, self.n_head / self.n_kv_head)?;
-        let v = repeat_kv(v, self.n_head / self.n_kv_head)?;
-
-        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = match mask {
-            None => att,
-            Some(mask) => {
-                let mask = mask.broadcast_as(att.shape())?;
-                masked_fill(&att, &mask, &self.neg_inf)?
-            }
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        // Convert to contiguous as matmul doesn't support strided vs for now.
-        let y = att.matmul(&v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
         let y = self.attention_wo.forward(&y)?;
         Ok(y)
@@ -268,7 +238,7 @@ impl ModelWeights {
                 n_kv_head: head_count_kv,
                 head_dim,
                 neg_inf: neg_inf.clone(),
-                kv_cache: None,
+                kv_cache: super::attention::KvCache::new(),
                 span_attn,
                 span_rot,
                 span_mlp,
@@ -306,7 +276,7 @@ impl ModelWeights {
     /// state without recreating the model.
     pub fn clear_kv_cache(&mut self) {
         for layer in self.layers.iter_mut() {
-            layer.kv_cache = None;
+            layer.kv_cache.clear();
         }
     }
 
