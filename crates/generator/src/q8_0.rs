@@ -70,6 +70,65 @@ impl Module for Linear {
     }
 }
 
+/// A token embedding table. Q8_0 tables stay quantized (rows are
+/// dequantized as they are looked up) and can double as the output layer of
+/// a model with tied embeddings; anything else is dequantized once, as candle
+/// does. For Qwen2.5-0.5B that is 150 MB instead of 545 MB of f32.
+#[derive(Clone, Debug)]
+pub enum TokenEmbedding {
+    /// Kept quantized.
+    Q8(Arc<Q8Matrix>),
+    /// Dequantized.
+    Dense(candle_nn::Embedding),
+}
+
+impl TokenEmbedding {
+    /// The table from its quantized tensor `(vocabulary, hidden)`.
+    pub fn from_qtensor(t: QTensor) -> Result<Self> {
+        if t.dtype() == GgmlDType::Q8_0 && t.device().is_cpu() {
+            if let Some(m) = Q8Matrix::from_qtensor(&t)? {
+                return Ok(Self::Q8(Arc::new(m)));
+            }
+        }
+        let hidden = t.shape().dims2()?.1;
+        Ok(Self::Dense(candle_nn::Embedding::new(
+            t.dequantize(&t.device())?,
+            hidden,
+        )))
+    }
+
+    /// The same weights as an output layer, where they are kept quantized
+    /// and the kernel runs on this CPU (`None`: load the tensor again).
+    pub fn as_linear(&self) -> Option<Linear> {
+        match self {
+            Self::Q8(m) if kernel_available() => Some(Linear::Q8(Arc::clone(m))),
+            _ => None,
+        }
+    }
+}
+
+impl Module for TokenEmbedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(e) => e.forward(ids),
+            Self::Q8(m) => {
+                let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let mut out = vec![0f32; flat.len() * m.k];
+                for (&id, row) in flat.iter().zip(out.chunks_exact_mut(m.k)) {
+                    let id = id as usize;
+                    if id >= m.n {
+                        candle_core::bail!("token id {id} is outside the vocabulary of {}", m.n)
+                    }
+                    m.dequantize_row(id, row);
+                }
+                let mut dims = ids.dims().to_vec();
+                dims.push(m.k);
+                Tensor::from_vec(out, dims, ids.device())
+            }
+        }
+    }
+}
+
 /// Whether this CPU runs the kernel (AVX2, FMA and F16C, checked at run time).
 pub fn kernel_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -166,6 +225,18 @@ impl Q8Matrix {
     /// Output features.
     pub fn rows(&self) -> usize {
         self.n
+    }
+
+    /// Weight row `j` as f32 values.
+    fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let kb = self.k / QK;
+        let groups = &self.groups[(j / RN) * kb..(j / RN + 1) * kb];
+        for (g, out) in groups.iter().zip(out.chunks_exact_mut(QK)) {
+            let d = g.d[j % RN];
+            for (o, &q) in out.iter_mut().zip(&g.qs[j % RN]) {
+                *o = q as f32 * d;
+            }
+        }
     }
 
     /// `dst[i][j] = Σ_l lhs[i][l] · W[j][l]` for `m` rows of `lhs` (`m × k`).
@@ -508,6 +579,23 @@ mod tests {
                 "({m},{k},{n}): mean error {a} vs candle's {b}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn quantized_embedding_equals_the_dequantized_table() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(pseudo_random(10 * 64, 4), (10, 64), &dev)?;
+        let qt = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let dense = candle_nn::Embedding::new(qt.dequantize(&dev)?, 64);
+        let ours = TokenEmbedding::from_qtensor(qt)?;
+        assert!(matches!(ours, TokenEmbedding::Q8(_)));
+        let ids = Tensor::new(&[[0u32, 9, 4], [5, 5, 1]], &dev)?;
+        let a: Vec<f32> = ours.forward(&ids)?.flatten_all()?.to_vec1()?;
+        let b: Vec<f32> = dense.forward(&ids)?.flatten_all()?.to_vec1()?;
+        assert_eq!(ours.forward(&ids)?.dims(), &[2, 3, 64]);
+        assert_eq!(a, b);
+        assert!(ours.forward(&Tensor::new(&[[10u32]], &dev)?).is_err());
         Ok(())
     }
 }

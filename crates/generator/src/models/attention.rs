@@ -116,7 +116,7 @@ pub(crate) fn grouped_attention(
     let rep = n_head / n_kv;
     // (b, n_kv, rep·s, d): the query heads of one group stacked as rows.
     let q = q.contiguous()?.reshape((b, n_kv, rep * s, d))?;
-    let att = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    let att = (q.matmul(&k.contiguous()?.t()?)? / (d as f64).sqrt())?;
     let att = match mask {
         None => att,
         Some(mask) => {

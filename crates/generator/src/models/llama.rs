@@ -31,6 +31,11 @@ impl QMatMul {
         Ok(Self { inner, span })
     }
 
+    fn from_linear(inner: crate::q8_0::Linear) -> Self {
+        let span = tracing::span!(tracing::Level::TRACE, "qmatmul");
+        Self { inner, span }
+    }
+
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
         self.inner.forward(xs)
@@ -219,7 +224,7 @@ impl LayerWeights {
 
 #[derive(Debug, Clone)]
 pub struct ModelWeights {
-    tok_embeddings: Embedding,
+    tok_embeddings: crate::q8_0::TokenEmbedding,
     layers: Vec<LayerWeights>,
     norm: RmsNorm,
     output: QMatMul,
@@ -305,7 +310,10 @@ impl ModelWeights {
         let span = tracing::span!(tracing::Level::TRACE, "model");
         let span_output = tracing::span!(tracing::Level::TRACE, "output");
         Ok(Self {
-            tok_embeddings: Embedding::new(tok_embeddings, ct.hparams.n_embd as usize),
+            tok_embeddings: crate::q8_0::TokenEmbedding::Dense(Embedding::new(
+                tok_embeddings,
+                ct.hparams.n_embd as usize,
+            )),
             layers,
             norm,
             output: QMatMul::from_qtensor(output)?,
@@ -381,15 +389,22 @@ impl ModelWeights {
         let (cos, sin) = precomput_freqs_cis(rope_dim, rope_freq_base, device)?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
 
-        let tok_embeddings_q = ct.tensor(reader, "token_embd.weight", device)?;
-        let tok_embeddings = tok_embeddings_q.dequantize(device)?;
+        let tok_embeddings = crate::q8_0::TokenEmbedding::from_qtensor(ct.tensor(
+            reader,
+            "token_embd.weight",
+            device,
+        )?)?;
         let norm = RmsNorm::from_qtensor(
             ct.tensor(reader, "output_norm.weight", device)?,
             rms_norm_eps,
         )?;
         let output = match ct.tensor(reader, "output.weight", device) {
-            Ok(tensor) => tensor,
-            Err(_) => tok_embeddings_q,
+            Ok(tensor) => QMatMul::from_qtensor(tensor)?,
+            // tied embeddings: the same weights, shared when they stay quantized
+            Err(_) => match tok_embeddings.as_linear() {
+                Some(inner) => QMatMul::from_linear(inner),
+                None => QMatMul::from_qtensor(ct.tensor(reader, "token_embd.weight", device)?)?,
+            },
         };
         let mut layers = Vec::with_capacity(block_count);
         for layer_idx in 0..block_count {
@@ -464,10 +479,10 @@ impl ModelWeights {
         let span = tracing::span!(tracing::Level::TRACE, "model");
         let span_output = tracing::span!(tracing::Level::TRACE, "output");
         Ok(Self {
-            tok_embeddings: Embedding::new(tok_embeddings, embedding_length),
+            tok_embeddings,
             layers,
             norm,
-            output: QMatMul::from_qtensor(output)?,
+            output,
             masks: HashMap::new(),
             span,
             span_output,

@@ -12,9 +12,9 @@
 //! 0.11, hence this copy (to drop when upstream derives it).
 #![allow(missing_docs, unreachable_pub)]
 
-use crate::q8_0::Linear;
+use crate::q8_0::{Linear, TokenEmbedding};
 use candle_core::{quantized::gguf_file, DType, Device, IndexOp, Result, Tensor};
-use candle_nn::{Embedding, Module};
+use candle_nn::Module;
 use candle_transformers::quantized_nn::RmsNorm;
 use std::collections::HashMap;
 
@@ -114,7 +114,7 @@ impl LayerWeights {
 
 #[derive(Debug, Clone)]
 pub struct ModelWeights {
-    tok_embeddings: Embedding,
+    tok_embeddings: TokenEmbedding,
     layers: Vec<LayerWeights>,
     norm: RmsNorm,
     output: Linear,
@@ -168,18 +168,19 @@ impl ModelWeights {
 
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
 
-        let tok_embeddings = ct.tensor(reader, "token_embd.weight", device)?;
-        let tok_embeddings = tok_embeddings.dequantize(device)?;
+        let tok_embeddings =
+            TokenEmbedding::from_qtensor(ct.tensor(reader, "token_embd.weight", device)?)?;
         let norm = RmsNorm::from_qtensor(
             ct.tensor(reader, "output_norm.weight", device)?,
             rms_norm_eps,
         )?;
         let output = match ct.tensor(reader, "output.weight", device) {
             Ok(v) => Linear::from_qtensor(v)?,
-            _ => {
-                // use tie_word_embeddings
-                Linear::from_qtensor(ct.tensor(reader, "token_embd.weight", device)?)?
-            }
+            // tied embeddings: the same weights, shared when they stay quantized
+            _ => match tok_embeddings.as_linear() {
+                Some(l) => l,
+                None => Linear::from_qtensor(ct.tensor(reader, "token_embd.weight", device)?)?,
+            },
         };
 
         let (cos, sin) = precomput_freqs_cis(head_dim, rope_freq_base, context_length, device)?;
@@ -249,7 +250,7 @@ impl ModelWeights {
         let span_output = tracing::span!(tracing::Level::TRACE, "output");
 
         Ok(Self {
-            tok_embeddings: Embedding::new(tok_embeddings, embedding_length),
+            tok_embeddings,
             layers,
             norm,
             output,
