@@ -99,6 +99,10 @@ pub(crate) enum BenchCommand {
         /// Questions to ask (the first N of queries.jsonl).
         #[arg(long, default_value_t = 3)]
         questions: usize,
+        /// One JSON object per question, with the prompt's token ids (rebuilt
+        /// from the sources the answer reports) for a peer engine to prefill.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -172,7 +176,8 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
             corpus,
             model,
             questions,
-        } => bench_ask(&corpus, model, questions).await,
+            json,
+        } => bench_ask(&corpus, model, questions, json).await,
     }
 }
 
@@ -504,7 +509,7 @@ async fn bench_search(
     Ok(())
 }
 
-async fn bench_ask(corpus: &Path, model: Option<PathBuf>, questions: usize) -> Result<()> {
+async fn bench_ask(corpus: &Path, model: Option<PathBuf>, questions: usize, json_out: bool) -> Result<()> {
     let data = std::env::temp_dir().join(format!("ragd-bench-{}", std::process::id()));
     let mut config = ragd_server::Config::defaults();
     config.server.port = 0;
@@ -512,6 +517,15 @@ async fn bench_ask(corpus: &Path, model: Option<PathBuf>, questions: usize) -> R
     if let Some(m) = model {
         config.models.generator = m;
     }
+    // The prompt's token ids are rebuilt with the model's own template and
+    // tokenizer (a second copy of the model, loaded only for that).
+    let top_k = config.retrieval.top_k;
+    let tokenizer = if json_out {
+        let path = config.models.generator.clone();
+        Some(tokio::task::spawn_blocking(move || ragd_generator::Generator::load(&path)).await??)
+    } else {
+        None
+    };
     let mut server = ragd_server::start(config).await?;
     server.wait_ready().await.map_err(anyhow::Error::msg)?;
     let base = format!("http://{}", server.addr);
@@ -533,7 +547,7 @@ async fn bench_ask(corpus: &Path, model: Option<PathBuf>, questions: usize) -> R
         .as_array()
         .map(|d| d.iter().filter_map(|x| x["chunks"].as_u64()).sum())
         .unwrap_or(0);
-    println!(
+    eprintln!(
         "ingest: {} documents, {} chunks in {:.2} s",
         documents.len(),
         chunks,
@@ -567,6 +581,45 @@ async fn bench_ask(corpus: &Path, model: Option<PathBuf>, questions: usize) -> R
             .and_then(|b| b.lines().find_map(|l| l.strip_prefix("data: ")))
             .and_then(|d| serde_json::from_str::<Value>(d).ok())
             .unwrap_or(Value::Null);
+        if let Some(g) = &tokenizer {
+            // The answer reports its sources without their full text: take
+            // the text from /search for the same question (the same retrieval
+            // path), in the order of the answer's sources.
+            let found: Value = client
+                .post(format!("{base}/search"))
+                .json(&json!({ "query": question, "top_k": top_k }))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let results = found["results"].as_array().cloned().unwrap_or_default();
+            let mut passages = Vec::new();
+            for source in done["sources"].as_array().cloned().unwrap_or_default() {
+                let r = results
+                    .iter()
+                    .find(|r| r["chunk_id"] == source["chunk_id"])
+                    .with_context(|| format!("source {} is not in /search's results", source["chunk_id"]))?;
+                passages.push(ragd_server::prompt::Passage::located(
+                    r["title"].as_str(),
+                    r["section"].as_str(),
+                    r["text"].as_str().unwrap_or_default(),
+                ));
+            }
+            let ids = g.encode_chat(&ragd_server::prompt::messages(question, &passages))?;
+            anyhow::ensure!(
+                done["usage"]["prompt_tokens"].as_u64() == Some(ids.len() as u64),
+                "the rebuilt prompt has {} tokens, the answer reports {}",
+                ids.len(),
+                done["usage"]["prompt_tokens"]
+            );
+            println!(
+                "{}",
+                json!({ "question": question, "ttft_s": first_token, "total_s": total,
+                        "prompt_tokens": ids.len(), "cached_tokens": done["usage"]["cached_tokens"],
+                        "completion_tokens": done["usage"]["completion_tokens"], "prompt_ids": ids })
+            );
+            continue;
+        }
         println!(
             "ask: {question:?}: time to first token {:.2} s, total {:.2} s, prompt {} tokens, {} answer tokens, top source {}",
             first_token.unwrap_or(f64::NAN),

@@ -859,15 +859,7 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let passages = sources
             .iter()
-            .map(|s| Passage {
-                // The prompt shows where a passage sits: "Title > Section > Subsection".
-                title: match (&s.title, &s.section) {
-                    (Some(t), Some(sec)) => Some(format!("{t} > {sec}")),
-                    (None, Some(sec)) => Some(sec.clone()),
-                    (t, None) => t.clone(),
-                },
-                text: s.text.clone(),
-            })
+            .map(|s| Passage::located(s.title.as_deref(), s.section.as_deref(), &s.text))
             .collect();
         let queued_tx = tx.clone();
         let ahead = generator

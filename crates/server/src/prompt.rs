@@ -15,6 +15,18 @@ pub struct Passage {
     pub text: String,
 }
 
+impl Passage {
+    /// A passage headed by where it sits: "Title > Section > Subsection".
+    pub fn located(title: Option<&str>, section: Option<&str>, text: &str) -> Self {
+        let title = match (title, section) {
+            (Some(t), Some(sec)) => Some(format!("{t} > {sec}")),
+            (None, Some(sec)) => Some(sec.to_string()),
+            (t, None) => t.map(str::to_string),
+        };
+        Self { title, text: text.to_string() }
+    }
+}
+
 /// The system instruction.
 pub const INSTRUCTION: &str = "You answer questions using only the numbered passages the user provides. \
 Cite every passage you use by its number in square brackets, like [1] or [2], right after the statement it supports. \
