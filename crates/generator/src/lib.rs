@@ -2,8 +2,9 @@
 //!
 //! A GGUF file holds everything a chat model needs: quantized weights, the
 //! tokenizer ([`gguf_tokenizer`]) and the prompt format ([`chat`]). This crate
-//! loads the weights with candle-transformers' quantized modules, picked from
-//! `general.architecture`, renders a conversation with the model's own template,
+//! loads the weights into candle-transformers' quantized qwen2/llama models
+//! (copies with a faster Q8_0 kernel, [`q8_0`], and an in-place KV cache),
+//! picked from `general.architecture`, renders a conversation with the model's own template,
 //! and generates with greedy or temperature/top-p sampling, reporting text as it
 //! is produced through a callback ([`stream`] keeps multi-byte characters whole).
 //!
