@@ -276,6 +276,9 @@ fn sse_response(
             let _ = tx.send(Ok(event("done", &done))).await;
             return;
         };
+        // Content rules hold back the last few characters of the stream so a
+        // match split across tokens is redacted whole.
+        let mut filter = engine.content_rules().stream();
         // A failed send means the client has gone: returning drops `events`, which
         // stops the generator at its next token.
         while let Some(ev) = events.recv().await {
@@ -288,13 +291,29 @@ fn sse_response(
                     ..
                 } => {
                     progress.prompt_ready(passages_used, trimmed, prompt_ms);
-                    event("sources", &json!({ "sources": progress.sources() }))
+                    event(
+                        "sources",
+                        &json!({ "sources": progress.sources_for_client(&engine.content_rules()) }),
+                    )
                 }
                 GenEvent::Token(text) => {
                     progress.token();
+                    let text = filter.push(&text);
+                    if text.is_empty() {
+                        continue;
+                    }
                     event("token", &json!({ "text": text }))
                 }
                 GenEvent::Done(generation) => {
+                    let rest = filter.finish();
+                    if !rest.is_empty()
+                        && tx
+                            .send(Ok(event("token", &json!({ "text": rest }))))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
                     let done = serde_json::to_value(engine.answer(progress, generation).await)
                         .unwrap_or_default();
                     let _ = tx.send(Ok(event("done", &done))).await;

@@ -509,7 +509,12 @@ async fn bench_search(
     Ok(())
 }
 
-async fn bench_ask(corpus: &Path, model: Option<PathBuf>, questions: usize, json_out: bool) -> Result<()> {
+async fn bench_ask(
+    corpus: &Path,
+    model: Option<PathBuf>,
+    questions: usize,
+    json_out: bool,
+) -> Result<()> {
     let data = std::env::temp_dir().join(format!("ragd-bench-{}", std::process::id()));
     let mut config = ragd_server::Config::defaults();
     config.server.port = 0;
@@ -598,14 +603,21 @@ async fn bench_ask(corpus: &Path, model: Option<PathBuf>, questions: usize, json
                 let r = results
                     .iter()
                     .find(|r| r["chunk_id"] == source["chunk_id"])
-                    .with_context(|| format!("source {} is not in /search's results", source["chunk_id"]))?;
+                    .with_context(|| {
+                        format!("source {} is not in /search's results", source["chunk_id"])
+                    })?;
                 passages.push(ragd_server::prompt::Passage::located(
                     r["title"].as_str(),
                     r["section"].as_str(),
                     r["text"].as_str().unwrap_or_default(),
                 ));
             }
-            let ids = g.encode_chat(&ragd_server::prompt::messages(question, &passages))?;
+            let ids = g.encode_chat(&ragd_server::prompt::messages(
+                question,
+                &passages,
+                ragd_server::prompt::Style::default(),
+                ragd_server::language::detect(question),
+            ))?;
             anyhow::ensure!(
                 done["usage"]["prompt_tokens"].as_u64() == Some(ids.len() as u64),
                 "the rebuilt prompt has {} tokens, the answer reports {}",

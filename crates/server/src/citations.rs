@@ -5,13 +5,17 @@
 //! made it up, or quoted a bracketed number from a passage) is dropped, so every
 //! citation returned refers to a passage the model was actually shown.
 //!
-//! Small models cite unreliably: they omit markers, or put `[2]` after a fact
-//! from passage 1. So markers are checked against what the sentence says: the
-//! answer is cut into sentences, each sentence is embedded and compared with the
-//! passages ([`attribute`]). A marker is kept when its passage is among the ones
-//! that best match its sentence; a sentence left without a kept marker is
-//! attributed to its best-matching passage when the match is strong enough.
-//! Each citation says which way it was found ([`CitedBy`]).
+//! Small models cite unreliably: they omit markers, put `[2]` after a fact from
+//! passage 1, or cite a number no passage has. So every marker is checked
+//! against what its sentence says ([`check`]): the answer is cut into
+//! sentences, and each sentence's support by each passage is measured — the
+//! larger of the cosine between the sentence's and the passage's embeddings and
+//! the share of the sentence's content words found in the passage
+//! ([`lexical_support`]). A marker is kept when its passage supports the
+//! sentence (at least `min_support`, and within a small margin of the best
+//! passage); otherwise it is re-pointed to the passage that does support the
+//! sentence, or removed when none does. A sentence without a marker is
+//! attributed to the passage that supports it. Each change is reported.
 
 use serde::Serialize;
 
@@ -23,17 +27,14 @@ pub enum CitedBy {
     Model,
     /// The model wrote no usable marker; the sentence matches this passage best.
     Similarity,
+    /// The model's marker pointed at a passage that does not support the
+    /// sentence; ragd pointed it at the one that does.
+    Repointed,
 }
 
-/// A marker is kept when its passage matches the sentence within this much of
-/// the best-matching passage (cosine)...
-const MARKER_MARGIN: f32 = 0.12;
-/// ...and at least this well.
-const MARKER_FLOOR: f32 = 0.15;
-/// A sentence without a kept marker is attributed to its best passage at this
-/// cosine or above (all-MiniLM-L6-v2: unrelated text scores below ~0.2, a
-/// paraphrase of a passage's content above ~0.5).
-const ATTRIBUTION_FLOOR: f32 = 0.4;
+/// A marker is kept when its passage's support is within this much of the
+/// best-supporting passage's (and at least `min_support`).
+const MARKER_MARGIN: f32 = 0.1;
 
 /// A sentence of the answer: its text without citation markers, and the
 /// passage numbers it cites.
@@ -43,6 +44,30 @@ pub struct Segment {
     pub text: String,
     /// Valid passage numbers cited in it.
     pub markers: Vec<usize>,
+    /// Its bracket groups in the answer (`[2]`, `[1, 3]`): byte range and every
+    /// number written, in range or not.
+    pub groups: Vec<(std::ops::Range<usize>, Vec<usize>)>,
+}
+
+/// The bracket groups of `s` that read as citations, with byte ranges offset
+/// by `base`.
+fn groups_in(s: &str, base: usize) -> Vec<(std::ops::Range<usize>, Vec<usize>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(open) = s[at..].find('[') {
+        let open = at + open;
+        let after = &s[open + 1..];
+        let Some(close) = after.find(']') else { break };
+        match parse_list(&after[..close]) {
+            Some(numbers) => {
+                let end = open + 1 + close + 1;
+                out.push((base + open..base + end, numbers));
+                at = end;
+            }
+            None => at = open + 1,
+        }
+    }
+    out
 }
 
 /// Cuts `answer` into sentences; a marker standing alone (`... metres. [1]`)
@@ -65,21 +90,30 @@ pub fn segments(answer: &str, passages: usize) -> Vec<Segment> {
     pieces.push(&answer[start..]);
     let mut out: Vec<Segment> = Vec::new();
     for piece in pieces {
+        let base = piece.as_ptr() as usize - answer.as_ptr() as usize;
         // Markers before any text of a sentence close the previous sentence when
         // it has none of its own (`high. [1] Cats ...`).
         let trimmed = piece.trim_start();
+        let base = base + (piece.len() - trimmed.len());
         let lead_len = leading_markers_len(trimmed);
         let (lead, piece) = trimmed.split_at(lead_len);
         let mut lead_markers = cited(lead, passages);
-        if let Some(last) = out.last_mut().filter(|l| l.markers.is_empty()) {
+        let mut lead_groups = groups_in(lead, base);
+        if let Some(last) = out
+            .last_mut()
+            .filter(|l| l.markers.is_empty() && l.groups.is_empty())
+        {
             last.markers.append(&mut lead_markers);
+            last.groups.append(&mut lead_groups);
         }
         let mut markers = lead_markers;
+        let mut groups = lead_groups;
         for m in cited(piece, passages) {
             if !markers.contains(&m) {
                 markers.push(m);
             }
         }
+        groups.extend(groups_in(piece, base + lead_len));
         let text = strip_markers(piece);
         let content = text.chars().filter(|c| c.is_alphanumeric()).count();
         if content < 2 {
@@ -89,10 +123,15 @@ pub fn segments(answer: &str, passages: usize) -> Vec<Segment> {
                         last.markers.push(m);
                     }
                 }
+                last.groups.extend(groups);
             }
             continue;
         }
-        out.push(Segment { text, markers });
+        out.push(Segment {
+            text,
+            markers,
+            groups,
+        });
     }
     out
 }
@@ -134,33 +173,200 @@ fn strip_markers(s: &str) -> String {
     out.trim().to_string()
 }
 
-/// The citations of an answer, in order of first appearance, from its segments
-/// and `similarity[s][p]`, the cosine between segment `s` and passage `p + 1`.
-pub fn attribute(segments: &[Segment], similarity: &[Vec<f32>]) -> Vec<(usize, CitedBy)> {
-    let mut out: Vec<(usize, CitedBy)> = Vec::new();
+/// A citation the check changed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    /// The sentence (index into `grounding.sentences`).
+    pub sentence: usize,
+    /// The number the model wrote.
+    pub from: usize,
+    /// The passage it now points to; `None`: removed.
+    pub to: Option<usize>,
+}
+
+/// How well one sentence of the answer is supported.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SentenceSupport {
+    /// The sentence, without markers.
+    pub text: String,
+    /// Its best support by any passage (0–1).
+    pub score: f32,
+    /// That passage, when it supports the sentence.
+    pub passage: Option<usize>,
+    /// Whether some passage supports it.
+    pub supported: bool,
+}
+
+/// The answer after the check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    /// The answer with unsupported markers removed or re-pointed.
+    pub text: String,
+    /// Citations in order of first appearance, with how each was found.
+    pub citations: Vec<(usize, CitedBy)>,
+    /// What was changed.
+    pub changes: Vec<Change>,
+    /// Support per sentence.
+    pub sentences: Vec<SentenceSupport>,
+}
+
+/// Checks the markers of `answer` (cut into `segments`) against
+/// `support[s][p]`, the support of sentence `s` by passage `p + 1`.
+pub fn check(
+    answer: &str,
+    segments: &[Segment],
+    support: &[Vec<f32>],
+    min_support: f32,
+) -> Checked {
+    let mut citations: Vec<(usize, CitedBy)> = Vec::new();
     let add = |n: usize, by: CitedBy, out: &mut Vec<(usize, CitedBy)>| {
         if !out.iter().any(|(m, _)| *m == n) {
             out.push((n, by));
         }
     };
-    for (seg, sims) in segments.iter().zip(similarity) {
-        let Some((best_p, &best)) = sims.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))
-        else {
-            continue;
-        };
-        let mut kept = false;
-        for &n in &seg.markers {
-            let Some(&s) = sims.get(n - 1) else { continue };
-            if s >= MARKER_FLOOR && s >= best - MARKER_MARGIN {
-                add(n, CitedBy::Model, &mut out);
-                kept = true;
+    let mut changes = Vec::new();
+    let mut sentences = Vec::new();
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    for (i, (seg, sup)) in segments.iter().zip(support).enumerate() {
+        let best = sup
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(p, &v)| (p + 1, v));
+        let supported_by = best.filter(|&(_, v)| v >= min_support).map(|(p, _)| p);
+        let best_score = best.map_or(0.0, |(_, v)| v);
+        sentences.push(SentenceSupport {
+            text: seg.text.clone(),
+            score: best_score,
+            passage: supported_by,
+            supported: supported_by.is_some(),
+        });
+        let mut seen: Vec<usize> = Vec::new();
+        for (range, numbers) in &seg.groups {
+            let mut kept = Vec::new();
+            for &n in numbers {
+                let ok = n >= 1
+                    && sup
+                        .get(n - 1)
+                        .is_some_and(|&v| v >= min_support && v >= best_score - MARKER_MARGIN);
+                let to = if ok {
+                    add(n, CitedBy::Model, &mut citations);
+                    Some(n)
+                } else {
+                    let to = supported_by;
+                    if let Some(p) = to {
+                        add(p, CitedBy::Repointed, &mut citations);
+                    }
+                    changes.push(Change {
+                        sentence: i,
+                        from: n,
+                        to,
+                    });
+                    to
+                };
+                if let Some(t) = to.filter(|t| !seen.contains(t)) {
+                    seen.push(t);
+                    kept.push(t);
+                }
+            }
+            if kept != *numbers {
+                let text = match kept.as_slice() {
+                    [] => String::new(),
+                    k => format!(
+                        "[{}]",
+                        k.iter()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                edits.push((range.clone(), text));
             }
         }
-        if !kept && best >= ATTRIBUTION_FLOOR {
-            add(best_p + 1, CitedBy::Similarity, &mut out);
+        if seen.is_empty() {
+            if let Some(p) = supported_by {
+                add(p, CitedBy::Similarity, &mut citations);
+            }
+        }
+    }
+    edits.sort_by_key(|(r, _)| r.start);
+    let mut text = String::with_capacity(answer.len());
+    let mut at = 0;
+    for (range, replacement) in edits {
+        if range.start < at || range.end > answer.len() {
+            continue;
+        }
+        let mut head = &answer[at..range.start];
+        if replacement.is_empty() {
+            head = head.trim_end_matches(' ');
+        }
+        text.push_str(head);
+        text.push_str(&replacement);
+        at = range.end;
+    }
+    text.push_str(&answer[at..]);
+    Checked {
+        text: text.trim().to_string(),
+        citations,
+        changes,
+        sentences,
+    }
+}
+
+/// The share of `sentence`'s content words (English words without stop words,
+/// lightly stemmed; Han text as character pairs) that occur in `passage`.
+pub fn lexical_support(sentence: &str, passage: &str) -> f32 {
+    let words = content_words(sentence);
+    if words.is_empty() {
+        return 0.0;
+    }
+    let known: std::collections::HashSet<String> = content_words(passage).into_iter().collect();
+    words.iter().filter(|w| known.contains(*w)).count() as f32 / words.len() as f32
+}
+
+fn content_words(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut han: Vec<char> = Vec::new();
+    let flush_han = |han: &mut Vec<char>, out: &mut Vec<String>| {
+        match han.len() {
+            0 => {}
+            1 => out.push(han[0].to_string()),
+            _ => out.extend(han.windows(2).map(|w| w.iter().collect::<String>())),
+        }
+        han.clear();
+    };
+    for word in text.split(|c: char| !c.is_alphanumeric()) {
+        let mut latin = String::new();
+        for c in word.chars() {
+            if matches!(c as u32, 0x3400..=0x9FFF | 0xF900..=0xFAFF) {
+                if !latin.is_empty() {
+                    push_word(std::mem::take(&mut latin), &mut out);
+                }
+                han.push(c);
+            } else {
+                flush_han(&mut han, &mut out);
+                latin.extend(c.to_lowercase());
+            }
+        }
+        flush_han(&mut han, &mut out);
+        if !latin.is_empty() {
+            push_word(latin, &mut out);
         }
     }
     out
+}
+
+fn push_word(w: String, out: &mut Vec<String>) {
+    if ragd_store::STOP_WORDS.contains(&w.as_str())
+        || (w.chars().count() < 2 && !w.chars().all(|c| c.is_ascii_digit()))
+    {
+        return;
+    }
+    let stem = match w.strip_suffix('s') {
+        Some(s) if s.len() >= 3 && !s.ends_with('s') => s.to_string(),
+        _ => w,
+    };
+    out.push(stem);
 }
 
 /// The passage numbers cited in `answer`, in order of first appearance, keeping
@@ -244,14 +450,16 @@ mod tests {
             segs[0],
             Segment {
                 text: "Everest is 8,849 m high.".into(),
-                markers: vec![1]
+                markers: vec![1],
+                groups: vec![(25..28, vec![1])],
             }
         );
         assert_eq!(
             segs[1],
             Segment {
                 text: "Cats purr !".into(),
-                markers: vec![2]
+                markers: vec![2],
+                groups: vec![(39..42, vec![2])],
             }
         );
         assert_eq!(segs[2].text, "3.14 is pi.");
@@ -261,43 +469,95 @@ mod tests {
         assert_eq!(segs[0].markers, vec![1]);
     }
 
+    fn check_of(answer: &str, support: &[Vec<f32>]) -> Checked {
+        let segs = segments(answer, support[0].len());
+        assert_eq!(segs.len(), support.len(), "{segs:?}");
+        check(answer, &segs, support, 0.5)
+    }
+
     #[test]
-    fn wrong_markers_are_dropped_and_unmarked_sentences_attributed() {
-        let segs = vec![
-            Segment {
-                text: "a".into(),
-                markers: vec![2],
-            }, // cites 2, but matches 1
-            Segment {
-                text: "b".into(),
-                markers: vec![],
-            }, // matches 3 well
-            Segment {
-                text: "c".into(),
-                markers: vec![],
-            }, // matches nothing
-            Segment {
-                text: "d".into(),
-                markers: vec![1],
-            }, // close to the best: kept
-        ];
-        let sims = vec![
-            vec![0.7, 0.2, 0.1],
-            vec![0.1, 0.2, 0.6],
-            vec![0.1, 0.2, 0.3],
-            vec![0.5, 0.55, 0.1],
-        ];
-        assert_eq!(
-            attribute(&segs, &sims),
-            vec![(1, CitedBy::Similarity), (3, CitedBy::Similarity)]
+    fn a_supported_citation_is_kept() {
+        let c = check_of(
+            "Debian is free [1]. It has many packages [2].",
+            &[vec![0.8, 0.2], vec![0.3, 0.7]],
         );
-        let segs = vec![Segment {
-            text: "d".into(),
-            markers: vec![1],
-        }];
-        assert_eq!(
-            attribute(&segs, &[vec![0.5, 0.55, 0.1]]),
-            vec![(1, CitedBy::Model)]
+        assert_eq!(c.text, "Debian is free [1]. It has many packages [2].");
+        assert_eq!(c.citations, vec![(1, CitedBy::Model), (2, CitedBy::Model)]);
+        assert!(c.changes.is_empty());
+        assert!(c.sentences.iter().all(|s| s.supported));
+        assert_eq!(c.sentences[1].passage, Some(2));
+    }
+
+    #[test]
+    fn an_unsupported_citation_is_repointed_or_removed() {
+        // Sentence 1 cites [2] but passage 1 supports it: re-pointed. Sentence 2
+        // cites [1] and nothing supports it: removed.
+        let c = check_of(
+            "Debian is free [2]. The moon is made of cheese [1].",
+            &[vec![0.8, 0.2], vec![0.1, 0.2]],
         );
+        assert_eq!(c.text, "Debian is free [1]. The moon is made of cheese.");
+        assert_eq!(c.citations, vec![(1, CitedBy::Repointed)]);
+        assert_eq!(
+            c.changes,
+            vec![
+                Change {
+                    sentence: 0,
+                    from: 2,
+                    to: Some(1)
+                },
+                Change {
+                    sentence: 1,
+                    from: 1,
+                    to: None
+                }
+            ]
+        );
+        assert!(!c.sentences[1].supported);
+        assert_eq!(c.sentences[1].passage, None);
+    }
+
+    #[test]
+    fn a_misnumbered_citation_is_repointed() {
+        // [7] names no passage (there are 2): pointed at the supporting one.
+        let c = check_of("Stable is released every two years [7].", &[vec![0.2, 0.9]]);
+        assert_eq!(c.text, "Stable is released every two years [2].");
+        assert_eq!(
+            c.changes,
+            vec![Change {
+                sentence: 0,
+                from: 7,
+                to: Some(2)
+            }]
+        );
+        // A group keeps its supported members and loses the rest; duplicates go.
+        let c = check_of("Both [1, 2][2].", &[vec![0.9, 0.3]]);
+        assert_eq!(c.text, "Both [1].");
+        assert_eq!(c.citations, vec![(1, CitedBy::Model)]);
+    }
+
+    #[test]
+    fn unmarked_sentences_are_attributed_and_close_seconds_kept() {
+        let c = check_of(
+            "Testing gets packages first. Unstable is sid [1][2].",
+            &[vec![0.1, 0.7], vec![0.75, 0.7]],
+        );
+        assert_eq!(
+            c.citations,
+            vec![(2, CitedBy::Similarity), (1, CitedBy::Model)]
+        );
+        assert_eq!(
+            c.text,
+            "Testing gets packages first. Unstable is sid [1][2]."
+        );
+    }
+
+    #[test]
+    fn lexical_support_counts_content_words() {
+        let p = "Debian releases a new stable version about every two years.";
+        assert!(lexical_support("A new stable version is released every two years.", p) > 0.7);
+        assert!(lexical_support("Bananas are yellow.", p) < 0.01);
+        assert_eq!(lexical_support("the of and", p), 0.0);
+        assert!(lexical_support("稳定版每两年发布", "Debian 稳定版每两年发布一次") > 0.99);
     }
 }

@@ -34,6 +34,21 @@ pub struct Config {
     pub generation: GenerationConfig,
     /// The OpenAI-compatible server for `generation.backend = "openai"`.
     pub remote: crate::remote::RemoteConfig,
+    /// Checking and cleaning answers.
+    pub answers: AnswersConfig,
+}
+
+/// `[answers]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswersConfig {
+    /// A sentence is supported by a passage at this support or above (the
+    /// larger of embedding cosine and shared content words, 0–1).
+    pub min_support: f32,
+    /// Redaction rules: `email`, `phone`, `ipv4`, `card`.
+    pub redact: Vec<String>,
+    /// Terms replaced by `[blocked]` (whole words, any case).
+    pub block_terms: Vec<String>,
 }
 
 /// `[server]`
@@ -72,6 +87,9 @@ pub struct RetrievalConfig {
     pub max_top_k: usize,
     /// Passages scoring below this are left out.
     pub min_score: f32,
+    /// When the best passage scores below this, ragd declines to answer
+    /// without asking the model.
+    pub abstain_below: f32,
     /// Default retrieval mode.
     pub mode: crate::retrieval::Mode,
     /// Hybrid fusion method.
@@ -228,6 +246,20 @@ impl Config {
                 r.candidates
             ));
         }
+        if !(-1.0..=1.0).contains(&r.abstain_below) {
+            return invalid(format!(
+                "retrieval.abstain_below = {} must be within -1..=1",
+                r.abstain_below
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.answers.min_support) {
+            return invalid(format!(
+                "answers.min_support = {} must be within 0..=1",
+                self.answers.min_support
+            ));
+        }
+        crate::content::ContentRules::new(&self.answers.redact, &self.answers.block_terms)
+            .map_err(ConfigError::Invalid)?;
         if !(-1.0..=1.0).contains(&r.min_score) {
             return invalid(format!(
                 "retrieval.min_score = {} must be within -1..=1",

@@ -17,8 +17,10 @@ use tokio::sync::mpsc;
 
 use crate::citations::{self, CitedBy};
 use crate::config::Config;
+use crate::content::{self, ContentRules, Tally};
 use crate::error::ApiError;
-use crate::prompt::Passage;
+use crate::language::{self, Lang};
+use crate::prompt::{Passage, Style};
 use crate::retrieval::{self, Filter, Mode, Strategy};
 use crate::workers::{EmbedWorker, GenEvent, GenJob, GenWorker};
 use ragd_store::{NewChunk, NewDocument, Store, UpsertStatus};
@@ -121,6 +123,8 @@ pub struct AskRequest {
     pub mode: Option<String>,
     /// Stream the answer as server-sent events.
     pub stream: Option<bool>,
+    /// `concise` (default: one to three sentences) or `detailed`.
+    pub style: Option<String>,
 }
 
 /// A retrieved passage, as reported to the client.
@@ -147,6 +151,10 @@ pub struct Source {
     /// In citations: whether the model's marker or ragd's matching found it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cited_by: Option<CitedBy>,
+    /// In citations: whether the passage was checked to support the sentences
+    /// citing it (false only when the check could not run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
     #[serde(skip)]
     index: usize,
     #[serde(skip)]
@@ -188,13 +196,55 @@ pub struct Timings {
     pub total_ms: f64,
 }
 
+/// The languages of a question and its answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LanguageCheck {
+    /// The question's language (the one the answer is asked for).
+    pub question: Lang,
+    /// The answer's, when it was generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Lang>,
+    /// Whether they are the same.
+    pub matches: bool,
+}
+
+/// How well an answer is supported by its passages.
+#[derive(Debug, Clone, Serialize)]
+pub struct Grounding {
+    /// The sentences' best support, averaged by length (0–1).
+    pub score: f32,
+    /// Whether sentences making up at least half of the answer are supported by
+    /// some passage. False marks an answer the passages do not back.
+    pub supported: bool,
+    /// Each sentence, its best support and the passage giving it.
+    pub sentences: Vec<citations::SentenceSupport>,
+}
+
 /// The answer to `POST /ask` (also the `done` event of a stream).
 #[derive(Debug, Clone, Serialize)]
 pub struct AskResponse {
-    /// The answer text.
+    /// The answer text (after the citation check and the content rules).
     pub answer: String,
+    /// False when ragd found nothing relevant enough and did not ask the model
+    /// (the answer then says so in the question's language), or when the
+    /// model's answer says the passages do not hold the answer.
+    pub answerable: bool,
+    /// The question's language and whether the answer is in it.
+    pub language: LanguageCheck,
+    /// The answer style asked for.
+    pub style: Style,
     /// Passages the answer cites, in order of first citation.
     pub citations: Vec<Source>,
+    /// Citations the check removed or pointed at another passage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub citation_changes: Vec<citations::Change>,
+    /// How well the passages support each sentence of the answer; absent when
+    /// no answer was generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grounding: Option<Grounding>,
+    /// Content rules that changed the answer or the snippets, with counts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub content_rules: Vec<content::Applied>,
     /// The passages the model was given, best first, numbered as in the prompt.
     pub sources: Vec<Source>,
     /// Retrieved passages left out of the prompt to fit the context budget
@@ -224,6 +274,8 @@ pub struct AskRun {
     started: Instant,
     retrieval_ms: f64,
     model: String,
+    language: Lang,
+    style: Style,
 }
 
 /// Accumulates an ask's events into the final answer.
@@ -237,6 +289,8 @@ pub struct AskProgress {
     started: Instant,
     retrieval_ms: f64,
     model: String,
+    language: Lang,
+    style: Style,
 }
 
 /// The loaded service: models, index and documents.
@@ -248,6 +302,8 @@ pub struct Engine {
     data: Mutex<Data>,
     /// Where the index came from at start-up: `dump` or `rebuilt`.
     index_source: &'static str,
+    /// Redaction and block list for answers and snippets.
+    content: Arc<ContentRules>,
 }
 
 /// The store and the index derived from it, changed together under one lock.
@@ -409,12 +465,17 @@ impl Engine {
             }
         }
         let index_source = if from_dump { "dump" } else { "rebuilt" };
+        let content = Arc::new(ContentRules::new(
+            &config.answers.redact,
+            &config.answers.block_terms,
+        )?);
         Ok(Self {
             config,
             embedder,
             generator,
             data: Mutex::new(data),
             index_source,
+            content,
         })
     }
 
@@ -773,6 +834,8 @@ impl Engine {
     pub async fn ask(self: &Arc<Self>, req: &AskRequest) -> Result<AskRun, ApiError> {
         let started = Instant::now();
         let question = query_text("question", &req.question)?;
+        let style = Style::parse(req.style.as_deref()).map_err(ApiError::Invalid)?;
+        let language = language::detect(question);
         let r = &self.config.retrieval;
         let top_k = req.top_k.unwrap_or(r.top_k);
         if !(1..=r.max_top_k).contains(&top_k) {
@@ -847,13 +910,16 @@ impl Engine {
             .await?;
         let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
         let model = generator.name.clone();
-        if sources.is_empty() {
+        // Nothing relevant enough: decline without asking the model.
+        if sources.first().is_none_or(|s| s.score < r.abstain_below) {
             return Ok(AskRun {
-                sources,
+                sources: Vec::new(),
                 events: None,
                 started,
                 retrieval_ms,
                 model,
+                language,
+                style,
             });
         }
         let (tx, rx) = mpsc::unbounded_channel();
@@ -866,6 +932,8 @@ impl Engine {
             .submit(GenJob {
                 question: question.to_string(),
                 passages,
+                style,
+                language,
                 params,
                 context_budget: self.config.generation.max_context_tokens,
                 events: tx,
@@ -882,13 +950,17 @@ impl Engine {
             started,
             retrieval_ms,
             model,
+            language,
+            style,
         })
     }
 }
 
 impl Engine {
     /// Post-processing: checks the answer's citation markers against what its
-    /// sentences say and attributes unmarked sentences (see [`citations`]).
+    /// sentences say, re-points or removes unsupported ones, attributes
+    /// unmarked sentences, measures grounding (see [`citations`]), notes a
+    /// refusal and the answer's language, and applies the content rules.
     pub async fn answer(
         &self,
         progress: AskProgress,
@@ -897,29 +969,39 @@ impl Engine {
         let sources = progress.sources();
         let segments = citations::segments(&g.text, sources.len());
         let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
-        let cited = match self.embedder.embed(TextKind::Query, texts).await {
+        let checked = match self.embedder.embed(TextKind::Query, texts).await {
             Ok(vectors) => {
-                let similarity: Vec<Vec<f32>> = vectors
+                let support: Vec<Vec<f32>> = vectors
                     .iter()
-                    .map(|v| {
+                    .zip(&segments)
+                    .map(|(v, seg)| {
                         sources
                             .iter()
-                            .map(|s| v.iter().zip(&s.vector).map(|(a, b)| a * b).sum())
+                            .map(|s| {
+                                let cosine: f32 = v.iter().zip(&s.vector).map(|(a, b)| a * b).sum();
+                                cosine.max(citations::lexical_support(&seg.text, &s.text))
+                            })
                             .collect()
                     })
                     .collect();
-                citations::attribute(&segments, &similarity)
+                Some(citations::check(
+                    &g.text,
+                    &segments,
+                    &support,
+                    self.config.answers.min_support,
+                ))
             }
             Err(e) => {
-                // Without the embedder, fall back to the model's in-range markers.
                 tracing::warn!(error = %e, "citation check skipped");
-                citations::cited(&g.text, sources.len())
-                    .into_iter()
-                    .map(|n| (n, CitedBy::Model))
-                    .collect()
+                None
             }
         };
-        progress.finish(g, cited)
+        progress.finish(g, checked, &self.content)
+    }
+
+    /// The content rules, for streamed answers.
+    pub fn content_rules(&self) -> Arc<ContentRules> {
+        Arc::clone(&self.content)
     }
 }
 
@@ -1006,6 +1088,7 @@ impl Engine {
                         snippet: snippet(&text),
                         score: score_of.get(key).copied().unwrap_or(0.0),
                         cited_by: None,
+                        verified: None,
                         index: c.index,
                         end: start + text.len(),
                         start,
@@ -1032,6 +1115,7 @@ impl Engine {
         let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
         let filter = Filter::parse(req.filter.as_ref())?;
         let sources = self.retrieve(query, top_k, filter, mode, -1.0).await?;
+        let mut tally = Tally::default();
         Ok(SearchResponse {
             results: sources
                 .into_iter()
@@ -1044,10 +1128,11 @@ impl Engine {
                     index: s.index,
                     start: s.start,
                     end: s.end,
-                    text: s.text,
+                    text: self.content.apply(&s.text, &mut tally),
                     score: s.score,
                 })
                 .collect(),
+            content_rules: tally.applied(),
         })
     }
 }
@@ -1198,6 +1283,9 @@ pub struct SearchResult {
 pub struct SearchResponse {
     /// Best first.
     pub results: Vec<SearchResult>,
+    /// Content rules that changed the results' text, with counts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub content_rules: Vec<content::Applied>,
 }
 
 fn failed(id: String, why: &str) -> IngestedDocument {
@@ -1223,6 +1311,8 @@ impl AskRun {
             started: self.started,
             retrieval_ms: self.retrieval_ms,
             model: self.model,
+            language: self.language,
+            style: self.style,
         };
         (self.events, progress)
     }
@@ -1247,11 +1337,35 @@ impl AskProgress {
         &self.run_sources[..self.used]
     }
 
-    /// The answer when nothing was retrieved.
+    /// The sources the prompt uses, as a client may see them (content rules
+    /// applied to their snippets).
+    pub fn sources_for_client(&self, rules: &ContentRules) -> Vec<Source> {
+        let mut tally = Tally::default();
+        self.sources()
+            .iter()
+            .map(|s| Source {
+                snippet: rules.apply(&s.snippet, &mut tally),
+                ..s.clone()
+            })
+            .collect()
+    }
+
+    /// The answer when nothing relevant enough was retrieved: ragd says, in the
+    /// question's language, that the documents do not hold the answer.
     pub fn no_sources(self) -> AskResponse {
         AskResponse {
-            answer: "I don't know: no ingested document matches this question.".into(),
+            answer: self.language.not_in_documents().into(),
+            answerable: false,
+            language: LanguageCheck {
+                question: self.language,
+                answer: None,
+                matches: true,
+            },
+            style: self.style,
             citations: Vec::new(),
+            citation_changes: Vec::new(),
+            grounding: None,
+            content_rules: Vec::new(),
             sources: Vec::new(),
             dropped: Vec::new(),
             trimmed: None,
@@ -1273,20 +1387,81 @@ impl AskProgress {
         }
     }
 
-    /// The final answer: the generated text with the citations found for it.
-    fn finish(self, g: ragd_generator::Generation, cited: Vec<(usize, CitedBy)>) -> AskResponse {
+    /// The final answer: the checked text with its citations and grounding,
+    /// content rules applied.
+    fn finish(
+        self,
+        g: ragd_generator::Generation,
+        checked: Option<citations::Checked>,
+        rules: &ContentRules,
+    ) -> AskResponse {
         let sources = self.sources();
-        let citations = cited
-            .into_iter()
-            .map(|(n, by)| Source {
-                cited_by: Some(by),
-                ..sources[n - 1].clone()
-            })
-            .collect();
+        let mut tally = Tally::default();
+        let redacted = |s: &Source, tally: &mut Tally| Source {
+            snippet: rules.apply(&s.snippet, tally),
+            ..s.clone()
+        };
+        let (text, citations, changes, grounding) = match checked {
+            Some(c) => {
+                let citations: Vec<Source> = c
+                    .citations
+                    .iter()
+                    .map(|&(n, by)| Source {
+                        cited_by: Some(by),
+                        verified: Some(true),
+                        ..redacted(&sources[n - 1], &mut tally)
+                    })
+                    .collect();
+                let chars = |t: &str| t.chars().count().max(1) as f32;
+                let total: f32 = c.sentences.iter().map(|s| chars(&s.text)).sum();
+                let score = c
+                    .sentences
+                    .iter()
+                    .map(|s| s.score * chars(&s.text))
+                    .sum::<f32>()
+                    / total.max(1.0);
+                let supported: f32 = c
+                    .sentences
+                    .iter()
+                    .filter(|s| s.supported)
+                    .map(|s| chars(&s.text))
+                    .sum();
+                let grounding = Grounding {
+                    score: if c.sentences.is_empty() { 0.0 } else { score },
+                    supported: !c.sentences.is_empty() && supported * 2.0 >= total,
+                    sentences: c.sentences,
+                };
+                (c.text, citations, c.changes, Some(grounding))
+            }
+            // The check could not run: the model's in-range markers, unverified.
+            None => {
+                let citations = citations::cited(&g.text, sources.len())
+                    .into_iter()
+                    .map(|n| Source {
+                        cited_by: Some(CitedBy::Model),
+                        verified: Some(false),
+                        ..redacted(&sources[n - 1], &mut tally)
+                    })
+                    .collect();
+                (g.text.trim().to_string(), citations, Vec::new(), None)
+            }
+        };
+        let answer = rules.apply(&text, &mut tally);
+        let answer_language = language::detect(&answer);
+        let sources: Vec<Source> = sources.iter().map(|s| redacted(s, &mut tally)).collect();
         AskResponse {
-            answer: g.text.trim().to_string(),
+            answerable: !language::is_refusal(&answer),
+            language: LanguageCheck {
+                question: self.language,
+                answer: Some(answer_language),
+                matches: answer_language == self.language,
+            },
+            style: self.style,
+            answer,
             citations,
-            sources: sources.to_vec(),
+            citation_changes: changes,
+            grounding,
+            content_rules: tally.applied(),
             dropped: self.run_sources[self.used..]
                 .iter()
                 .map(|s| s.chunk_id.clone())
@@ -1296,6 +1471,7 @@ impl AskProgress {
             } else {
                 None
             },
+            sources,
             finish_reason: g.finish_reason.as_str().to_string(),
             model: self.model.clone(),
             usage: Usage {

@@ -16,9 +16,11 @@
 pub mod api;
 pub mod citations;
 pub mod config;
+pub mod content;
 pub mod engine;
 pub mod error;
 pub mod extract;
+pub mod language;
 pub mod prompt;
 pub mod remote;
 pub mod retrieval;

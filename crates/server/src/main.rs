@@ -15,6 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench_cmd;
 mod eval_cmd;
+mod eval_qa;
 mod ingest_cmd;
 
 #[derive(Parser)]
@@ -98,6 +99,33 @@ enum EvalCommand {
         /// again). It must have been made with the same embedder.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+    /// Answer quality over a folder's qa.jsonl (question, answers, doc_ids) and
+    /// a set of questions the corpus cannot answer: token F1, ROUGE-L, citation
+    /// precision and recall, answered and declined rates, latency and time to
+    /// first token.
+    Qa {
+        /// The folder (corpus.jsonl and qa.jsonl).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Questions about topics absent from the corpus (jsonl with `question`).
+        #[arg(long, default_value = "eval/unanswerable.jsonl")]
+        unanswerable: PathBuf,
+        /// Ask only the first N questions of each set.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Config file, as for `serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Use and keep this data directory (see `eval retrieval`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Write every question with its full response here (jsonl).
+        #[arg(long)]
+        answers_out: Option<PathBuf>,
     },
 }
 
@@ -223,6 +251,25 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
         }) => {
             eval_cmd::run(&dataset, &modes, json, load_config(config)?, data_dir).await?;
+        }
+        Command::Eval(EvalCommand::Qa {
+            dataset,
+            unanswerable,
+            limit,
+            json,
+            config,
+            data_dir,
+            answers_out,
+        }) => {
+            let args = eval_qa::Args {
+                dataset,
+                unanswerable: Some(unanswerable),
+                limit,
+                json,
+                data_dir,
+                answers_out,
+            };
+            eval_qa::run(args, load_config(config)?).await?;
         }
     }
     Ok(())

@@ -82,12 +82,14 @@ async fn run(client: &reqwest::Client, config: &RemoteConfig, job: GenJob) {
     let GenJob {
         question,
         passages,
+        style,
+        language,
         params,
         events,
         ..
     } = job;
     let started = Instant::now();
-    let messages = prompt::messages(&question, &passages);
+    let messages = prompt::messages(&question, &passages, style, language);
     let mut body = json!({
         "model": config.model,
         "messages": messages,

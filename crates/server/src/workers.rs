@@ -248,6 +248,10 @@ pub struct GenJob {
     pub question: String,
     /// Retrieved passages, best first; the tail is dropped if the context is too small.
     pub passages: Vec<Passage>,
+    /// How long the answer should be.
+    pub style: prompt::Style,
+    /// The language to answer in (the question's).
+    pub language: crate::language::Lang,
     /// Sampling settings.
     pub params: GenerateParams,
     /// Most tokens for prompt and answer together (0: the model's context).
@@ -476,7 +480,12 @@ fn fixed_prompt_prefix(generator: &Generator) -> Result<Vec<u32>, GenerateError>
     ];
     let mut prefix: Option<Vec<u32>> = None;
     for (question, passage) in samples {
-        let ids = generator.encode_chat(&prompt::messages(question, &[passage]))?;
+        let ids = generator.encode_chat(&prompt::messages(
+            question,
+            &[passage],
+            prompt::Style::Concise,
+            crate::language::Lang::En,
+        ))?;
         prefix = Some(match prefix {
             None => ids,
             Some(p) => p
@@ -494,6 +503,8 @@ fn run_job(generator: &mut Generator, job: GenJob) {
     let GenJob {
         question,
         passages,
+        style,
+        language,
         params,
         context_budget,
         events,
@@ -529,7 +540,12 @@ fn run_job(generator: &mut Generator, job: GenJob) {
     let mut used = passages.len();
     let mut trimmed = false;
     let prompt = loop {
-        let ids = match generator.encode_chat(&prompt::messages(&question, &passages[..used])) {
+        let ids = match generator.encode_chat(&prompt::messages(
+            &question,
+            &passages[..used],
+            style,
+            language,
+        )) {
             Ok(ids) => ids,
             Err(e) => return fail(e),
         };

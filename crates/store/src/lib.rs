@@ -255,7 +255,7 @@ fn lexical_body(title: Option<&str>, section: &str, text: &str) -> String {
 /// English function words left out of lexical queries (Lucene's English stop
 /// set plus question words and auxiliaries). In an OR query every term matches
 /// somewhere, and these add matches without meaning; BM25's IDF only dampens them.
-const STOP_WORDS: &[&str] = &[
+pub const STOP_WORDS: &[&str] = &[
     "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "does", "for", "how", "i",
     "if", "in", "into", "is", "it", "me", "my", "no", "not", "of", "on", "or", "such", "that",
     "the", "their", "then", "there", "these", "they", "this", "to", "was", "what", "when", "where",
