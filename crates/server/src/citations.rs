@@ -8,10 +8,12 @@
 //! Small models cite unreliably: they omit markers, put `[2]` after a fact from
 //! passage 1, or cite a number no passage has. So every marker is checked
 //! against what its sentence says ([`check`]): the answer is cut into
-//! sentences, and each sentence's support by each passage is measured — the
-//! larger of the cosine between the sentence's and the passage's embeddings and
-//! the share of the sentence's content words found in the passage
-//! ([`lexical_support`]). A marker is kept when its passage supports the
+//! sentences, and each sentence's support by each passage is measured
+//! ([`support_matrix`]): the mean of the cosine between the sentence's and the
+//! passage's embeddings and the share of the sentence's content words found in
+//! the passage, each word weighted by how few of the prompt's passages contain
+//! it (words every passage has say little about which one the sentence came
+//! from). A marker is kept when its passage supports the
 //! sentence (at least `min_support`, and within a small margin of the best
 //! passage); otherwise it is re-pointed to the passage that does support the
 //! sentence, or removed when none does. A sentence without a marker is
@@ -35,6 +37,10 @@ pub enum CitedBy {
 /// A marker is kept when its passage's support is within this much of the
 /// best-supporting passage's (and at least `min_support`).
 const MARKER_MARGIN: f32 = 0.1;
+/// A sentence without a marker is attributed to its best passage only when that
+/// passage leads the next one by this much: a sentence two passages support
+/// equally (a generic statement) does not say where it came from.
+const ATTRIBUTION_LEAD: f32 = 0.05;
 
 /// A sentence of the answer: its text without citation markers, and the
 /// passage numbers it cites.
@@ -284,7 +290,13 @@ pub fn check(
             }
         }
         if seen.is_empty() {
-            if let Some(p) = supported_by {
+            let second = sup
+                .iter()
+                .enumerate()
+                .filter(|(p, _)| Some(p + 1) != supported_by)
+                .map(|(_, &v)| v)
+                .fold(f32::MIN, f32::max);
+            if let Some(p) = supported_by.filter(|_| best_score - second >= ATTRIBUTION_LEAD) {
                 add(p, CitedBy::Similarity, &mut citations);
             }
         }
@@ -313,15 +325,64 @@ pub fn check(
     }
 }
 
-/// The share of `sentence`'s content words (English words without stop words,
-/// lightly stemmed; Han text as character pairs) that occur in `passage`.
-pub fn lexical_support(sentence: &str, passage: &str) -> f32 {
+/// `support[s][p]`: how well passage `p` supports sentence `s`, from the
+/// sentences' embeddings and the passages' (text, embedding). The mean of the
+/// cosine and the weighted share of the sentence's content words the passage
+/// contains ([`lexical_support`]); the cosine alone for a sentence that shares
+/// no word with any passage (an answer in another language than the documents).
+pub fn support_matrix(sentences: &[(&str, &[f32])], passages: &[(&str, &[f32])]) -> Vec<Vec<f32>> {
+    let passage_words: Vec<std::collections::HashSet<String>> = passages
+        .iter()
+        .map(|(t, _)| content_words(t).into_iter().collect())
+        .collect();
+    sentences
+        .iter()
+        .map(|(text, v)| {
+            let lexical = lexical_support(text, &passage_words);
+            passages
+                .iter()
+                .zip(&lexical)
+                .map(|((_, pv), &lex)| {
+                    let cosine: f32 = v.iter().zip(pv.iter()).map(|(a, b)| a * b).sum();
+                    if lexical.iter().all(|&l| l == 0.0) {
+                        cosine
+                    } else {
+                        0.5 * cosine + 0.5 * lex
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// For each passage (given as its set of content words), the share of
+/// `sentence`'s content words (English words without stop words, lightly
+/// stemmed; Han text as character pairs) it contains, each word weighted by
+/// `ln(1 + (k + 1) / (df + 1))` where `df` of the `k` passages contain it.
+pub fn lexical_support(sentence: &str, passages: &[std::collections::HashSet<String>]) -> Vec<f32> {
     let words = content_words(sentence);
-    if words.is_empty() {
-        return 0.0;
-    }
-    let known: std::collections::HashSet<String> = content_words(passage).into_iter().collect();
-    words.iter().filter(|w| known.contains(*w)).count() as f32 / words.len() as f32
+    let k = passages.len() as f32;
+    let weight = |w: &String| {
+        let df = passages.iter().filter(|p| p.contains(w)).count() as f32;
+        (1.0 + (k + 1.0) / (df + 1.0)).ln()
+    };
+    let weights: Vec<f32> = words.iter().map(weight).collect();
+    let total: f32 = weights.iter().sum();
+    passages
+        .iter()
+        .map(|p| {
+            if total == 0.0 {
+                return 0.0;
+            }
+            words
+                .iter()
+                .zip(&weights)
+                .filter(|(w, _)| p.contains(*w))
+                .map(|(_, &x)| x)
+                .sum::<f32>()
+                / total
+        })
+        .collect()
 }
 
 fn content_words(text: &str) -> Vec<String> {
@@ -537,6 +598,13 @@ mod tests {
     }
 
     #[test]
+    fn a_sentence_two_passages_support_equally_is_not_attributed() {
+        let c = check_of("Debian is an operating system.", &[vec![0.8, 0.78]]);
+        assert!(c.citations.is_empty(), "{c:?}");
+        assert!(c.sentences[0].supported);
+    }
+
+    #[test]
     fn unmarked_sentences_are_attributed_and_close_seconds_kept() {
         let c = check_of(
             "Testing gets packages first. Unstable is sid [1][2].",
@@ -552,12 +620,37 @@ mod tests {
         );
     }
 
+    fn words(t: &str) -> std::collections::HashSet<String> {
+        content_words(t).into_iter().collect()
+    }
+
     #[test]
-    fn lexical_support_counts_content_words() {
-        let p = "Debian releases a new stable version about every two years.";
-        assert!(lexical_support("A new stable version is released every two years.", p) > 0.7);
-        assert!(lexical_support("Bananas are yellow.", p) < 0.01);
-        assert_eq!(lexical_support("the of and", p), 0.0);
-        assert!(lexical_support("稳定版每两年发布", "Debian 稳定版每两年发布一次") > 0.99);
+    fn lexical_support_weights_distinctive_words() {
+        let p = words("Debian releases a new stable version about every two years.");
+        let q = words("Debian packages are built from source packages.");
+        let s = lexical_support(
+            "A new stable version is released every two years.",
+            &[p.clone(), q.clone()],
+        );
+        assert!(s[0] > 0.7 && s[1] < 0.01, "{s:?}");
+        assert!(lexical_support("Bananas are yellow.", &[p.clone()])[0] < 0.01);
+        assert_eq!(lexical_support("the of and", &[p.clone()])[0], 0.0);
+        // "Debian" is in both passages: it counts for less than "source".
+        let s = lexical_support("Debian source", &[p, q]);
+        assert!(s[1] > 0.5 && s[0] < 0.5 && s[0] > 0.0, "{s:?}");
+        let zh = lexical_support("稳定版每两年发布", &[words("Debian 稳定版每两年发布一次")]);
+        assert!(zh[0] > 0.99);
+    }
+
+    #[test]
+    fn support_blends_cosine_and_words_or_falls_back_to_cosine() {
+        let v = [1.0f32, 0.0];
+        let w = [0.6f32, 0.8];
+        let passages = [("Debian releases a new stable version.", &w[..])];
+        let s = support_matrix(&[("A new stable version.", &v[..])], &passages);
+        assert!((s[0][0] - (0.5 * 0.6 + 0.5 * 1.0)).abs() < 1e-6, "{s:?}");
+        // No shared word (another language): the cosine alone.
+        let s = support_matrix(&[("Eine neue Ausgabe.", &v[..])], &passages);
+        assert!((s[0][0] - 0.6).abs() < 1e-6, "{s:?}");
     }
 }

@@ -104,8 +104,10 @@ pub struct RetrievalConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationConfig {
-    /// Default answer length in tokens.
+    /// Default answer length in tokens (`style: detailed`).
     pub max_tokens: usize,
+    /// Default answer length in tokens for `style: concise` (the default style).
+    pub concise_max_tokens: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
     /// Default temperature (0 = greedy).
@@ -271,6 +273,12 @@ impl Config {
             return invalid(format!(
                 "generation.max_tokens = {} must be within 1..=max_tokens_limit ({})",
                 g.max_tokens, g.max_tokens_limit
+            ));
+        }
+        if g.concise_max_tokens == 0 || g.concise_max_tokens > g.max_tokens_limit {
+            return invalid(format!(
+                "generation.concise_max_tokens = {} must be within 1..=max_tokens_limit ({})",
+                g.concise_max_tokens, g.max_tokens_limit
             ));
         }
         if g.queue_size == 0 {

@@ -846,6 +846,9 @@ impl Engine {
         }
         let g = &self.config.generation;
         let mut params = self.config.generation_defaults();
+        if style == Style::Concise {
+            params.max_tokens = g.concise_max_tokens;
+        }
         params.deadline =
             Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(g.timeout_s));
         if let Some(m) = req.max_tokens {
@@ -971,19 +974,16 @@ impl Engine {
         let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
         let checked = match self.embedder.embed(TextKind::Query, texts).await {
             Ok(vectors) => {
-                let support: Vec<Vec<f32>> = vectors
+                let sentences: Vec<(&str, &[f32])> = segments
                     .iter()
-                    .zip(&segments)
-                    .map(|(v, seg)| {
-                        sources
-                            .iter()
-                            .map(|s| {
-                                let cosine: f32 = v.iter().zip(&s.vector).map(|(a, b)| a * b).sum();
-                                cosine.max(citations::lexical_support(&seg.text, &s.text))
-                            })
-                            .collect()
-                    })
+                    .zip(&vectors)
+                    .map(|(seg, v)| (seg.text.as_str(), v.as_slice()))
                     .collect();
+                let passages: Vec<(&str, &[f32])> = sources
+                    .iter()
+                    .map(|s| (s.text.as_str(), s.vector.as_slice()))
+                    .collect();
+                let support = citations::support_matrix(&sentences, &passages);
                 Some(citations::check(
                     &g.text,
                     &segments,
