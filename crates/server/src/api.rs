@@ -27,6 +27,10 @@ pub struct AppState {
     pub engine: Arc<OnceLock<Arc<Engine>>>,
     /// Largest request body.
     pub body_limit: usize,
+    /// API keys (none: every request passes).
+    pub keys: Arc<crate::auth::Keys>,
+    /// Origins allowed by CORS.
+    pub cors_origins: Vec<String>,
 }
 
 impl AppState {
@@ -38,6 +42,8 @@ impl AppState {
 /// The API's routes.
 pub fn app(state: AppState) -> Router {
     let limit = state.body_limit;
+    let keys = Arc::clone(&state.keys);
+    let cors = cors_layer(&state.cors_origins);
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -49,8 +55,35 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            keys,
+            crate::auth::check,
+        ))
+        .layer(cors)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// CORS for `server.cors_origins`: none (the default) sends no CORS headers,
+/// so browsers keep pages from other origins out.
+fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let layer = CorsLayer::new()
+        .allow_methods([
+            axum::http::Method::GET,
+            axum::http::Method::POST,
+            axum::http::Method::DELETE,
+        ])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT]);
+    if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(AllowOrigin::any())
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    }
 }
 
 /// JSON body extractor whose rejections use the API's error format: syntax errors
@@ -356,7 +389,113 @@ mod tests {
         app(AppState {
             engine: Arc::new(OnceLock::new()),
             body_limit: limit,
+            keys: Arc::new(crate::auth::Keys::default()),
+            cors_origins: Vec::new(),
         })
+    }
+
+    const READ: &str = "read-key-0123456789";
+    const WRITE: &str = "write-key-0123456789";
+
+    fn guarded(cors: &[&str]) -> Router {
+        app(AppState {
+            engine: Arc::new(OnceLock::new()),
+            body_limit: 1 << 20,
+            keys: Arc::new(crate::auth::Keys::new(&crate::config::AuthConfig {
+                read_keys: vec![READ.into()],
+                write_keys: vec![WRITE.into()],
+                allow_unauthenticated: false,
+            })),
+            cors_origins: cors.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    async fn status_with(
+        router: Router,
+        method: &str,
+        uri: &str,
+        key: Option<&str>,
+    ) -> (StatusCode, HeaderMap) {
+        let mut req = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(k) = key {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+        }
+        let res = router
+            .oneshot(req.body(Body::from("{}")).unwrap())
+            .await
+            .unwrap();
+        (res.status(), res.headers().clone())
+    }
+
+    /// No key and a wrong key are 401 (with `WWW-Authenticate`), a read key on a
+    /// write route is 403, the right keys pass (to a server still loading: 503
+    /// or a body error), and the probes need no key.
+    #[tokio::test]
+    async fn the_auth_matrix() {
+        let r = guarded(&[]);
+        let (s, h) = status_with(r.clone(), "POST", "/search", None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(h.get(header::WWW_AUTHENTICATE).unwrap(), "Bearer");
+        let (s, _) = status_with(r.clone(), "POST", "/search", Some("not-a-key-0123456789")).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        let (s, _) = status_with(r.clone(), "POST", "/ingest", Some(READ)).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        let (s, _) = status_with(r.clone(), "DELETE", "/documents/x", Some(READ)).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        for (method, uri, key) in [
+            ("POST", "/search", READ),
+            ("GET", "/documents", READ),
+            ("POST", "/ingest", WRITE),
+            ("POST", "/search", WRITE),
+            ("DELETE", "/documents/x", WRITE),
+        ] {
+            let (s, _) = status_with(r.clone(), method, uri, Some(key)).await;
+            assert!(
+                s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN,
+                "{method} {uri}: {s}"
+            );
+        }
+        for uri in ["/health", "/ready"] {
+            let (s, _) = status_with(r.clone(), "GET", uri, None).await;
+            assert!(s != StatusCode::UNAUTHORIZED, "{uri}: {s}");
+        }
+        // Without keys nothing is asked for.
+        let (s, _) = status_with(unloaded(1 << 20), "POST", "/search", None).await;
+        assert_ne!(s, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn cors_allows_only_configured_origins() {
+        let preflight = |router: Router, origin: &'static str| async move {
+            let req = axum::http::Request::builder()
+                .method("OPTIONS")
+                .uri("/ask")
+                .header(header::ORIGIN, origin)
+                .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+                .body(Body::empty())
+                .unwrap();
+            router
+                .oneshot(req)
+                .await
+                .unwrap()
+                .headers()
+                .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+                .cloned()
+        };
+        let r = guarded(&["https://intranet.example.org"]);
+        assert_eq!(
+            preflight(r.clone(), "https://intranet.example.org")
+                .await
+                .unwrap(),
+            "https://intranet.example.org"
+        );
+        assert!(preflight(r, "https://evil.example.com").await.is_none());
+        assert!(preflight(guarded(&[]), "https://intranet.example.org")
+            .await
+            .is_none());
     }
 
     async fn call(

@@ -36,6 +36,8 @@ pub struct Config {
     pub remote: crate::remote::RemoteConfig,
     /// Checking and cleaning answers.
     pub answers: AnswersConfig,
+    /// API keys.
+    pub auth: AuthConfig,
 }
 
 /// `[answers]`
@@ -65,6 +67,35 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     /// Most documents per ingest request.
     pub max_documents_per_request: usize,
+    /// Origins allowed to call the API from a browser (CORS); `["*"]` for any.
+    pub cors_origins: Vec<String>,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer keys that may ask, search and read documents.
+    pub read_keys: Vec<String>,
+    /// Bearer keys that may also ingest and delete.
+    pub write_keys: Vec<String>,
+    /// Serve without keys on an address other machines can reach.
+    pub allow_unauthenticated: bool,
+}
+
+impl AuthConfig {
+    /// Whether requests need a key.
+    pub fn enabled(&self) -> bool {
+        !(self.read_keys.is_empty() && self.write_keys.is_empty())
+    }
+}
+
+/// Whether `host` is reachable only from this machine.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `[models]`
@@ -178,15 +209,54 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
     }
 }
 
-impl Config {
-    /// The compiled-in defaults.
-    pub fn defaults() -> Self {
-        Self::from_toml_over_defaults("", "defaults")
-            .unwrap_or_else(|e| panic!("built-in config is invalid: {e}"))
-    }
+/// Environment variables that override settings: `RAGD__SECTION__KEY`.
+pub const ENV_PREFIX: &str = "RAGD__";
 
-    /// Parses `text` (a TOML file's contents) merged over the defaults.
-    pub fn from_toml_over_defaults(text: &str, origin: &str) -> Result<Self, ConfigError> {
+/// Applies `RAGD__SECTION__KEY=value` variables to `value` (the merged tree).
+/// A value is read as TOML (`8080`, `true`, `["a", "b"]`) and otherwise taken as
+/// a string; a variable naming no setting is an error naming it.
+fn apply_env(value: &mut toml::Value, vars: &[(String, String)]) -> Result<(), ConfigError> {
+    for (name, raw) in vars {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        let unknown = || ConfigError::Parse {
+            origin: format!("environment variable {name}"),
+            message: format!("no setting is called {}", keys.join(".")),
+        };
+        if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
+            return Err(unknown());
+        }
+        let mut slot = &mut *value;
+        for k in &keys {
+            slot = slot.get_mut(k.as_str()).ok_or_else(unknown)?;
+        }
+        let parsed = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        // A string setting takes the text as written ("0123" stays "0123").
+        *slot = match slot {
+            toml::Value::String(_) => toml::Value::String(match parsed {
+                toml::Value::String(s) => s,
+                _ => raw.clone(),
+            }),
+            _ => parsed,
+        };
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The layers in order: built-in defaults, the file's text (`origin` names
+    /// it in errors), then `RAGD__SECTION__KEY` variables from `env`.
+    pub fn from_layers(
+        text: &str,
+        origin: &str,
+        env: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
         let parse = |t: &str, origin: &str| {
             t.parse::<toml::Value>().map_err(|e| ConfigError::Parse {
                 origin: origin.to_string(),
@@ -195,14 +265,66 @@ impl Config {
         };
         let mut value = parse(DEFAULT_CONFIG, "built-in defaults")?;
         merge(&mut value, parse(text, origin)?);
+        apply_env(&mut value, env)?;
+        let from_env = env.iter().any(|(k, _)| k.starts_with(ENV_PREFIX));
         let config: Config = value
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse {
-                origin: origin.to_string(),
+                origin: if from_env {
+                    format!("{origin} with RAGD__ variables")
+                } else {
+                    origin.to_string()
+                },
                 message: e.to_string(),
             })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The configuration as JSON with secrets (API keys) replaced by `"***"`,
+    /// for the start-up log.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(k) = v
+            .pointer_mut("/remote/api_key")
+            .filter(|k| k.as_str().is_some_and(|s| !s.is_empty()))
+        {
+            *k = "***".into();
+        }
+        for list in ["/auth/read_keys", "/auth/write_keys"] {
+            if let Some(serde_json::Value::Array(keys)) = v.pointer_mut(list) {
+                for k in keys.iter_mut() {
+                    *k = "***".into();
+                }
+            }
+        }
+        v
+    }
+
+    /// The compiled-in defaults.
+    pub fn defaults() -> Self {
+        Self::from_toml_over_defaults("", "defaults")
+            .unwrap_or_else(|e| panic!("built-in config is invalid: {e}"))
+    }
+
+    /// Parses `text` (a TOML file's contents) merged over the defaults.
+    pub fn from_toml_over_defaults(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::from_layers(text, origin, &[])
+    }
+
+    /// Reads `file` (when given) merged over the defaults, then the
+    /// `RAGD__SECTION__KEY` variables among `env`.
+    pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::from_layers(&text, &path.display().to_string(), env)
+            }
+            None => Self::from_layers("", "defaults", env),
+        }
     }
 
     /// Reads a config file merged over the defaults.
@@ -222,6 +344,21 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.server.body_limit_bytes < 1024 {
             return invalid("server.body_limit_bytes must be at least 1024".into());
+        }
+        let a = &self.auth;
+        for key in a.read_keys.iter().chain(&a.write_keys) {
+            if key.len() < 16 || key.chars().any(char::is_whitespace) {
+                return invalid(
+                    "auth: every key must be at least 16 characters without spaces (e.g. `openssl rand -hex 24`)".into(),
+                );
+            }
+        }
+        if !is_loopback(&self.server.host) && !a.enabled() && !a.allow_unauthenticated {
+            return invalid(format!(
+                "server.host = {:?} can be reached from other machines: set auth.read_keys / auth.write_keys, \
+                 or auth.allow_unauthenticated = true to serve without keys",
+                self.server.host
+            ));
         }
         if self.server.max_documents_per_request == 0 {
             return invalid("server.max_documents_per_request must be at least 1".into());
@@ -367,6 +504,83 @@ mod tests {
         let c = Config::from_toml_over_defaults("[server]\nport = 9000\n", "test").unwrap();
         assert_eq!(c.server.port, 9000);
         assert_eq!(c.server.host, "127.0.0.1");
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_the_file_which_overrides_the_defaults() {
+        let file = "[server]\nport = 9000\ndata_dir = \"from-file\"\n";
+        let c = Config::from_layers(
+            file,
+            "test",
+            &env(&[
+                ("RAGD__SERVER__PORT", "9100"),
+                ("RAGD__RETRIEVAL__MODE", "dense"),
+                ("RAGD__AUTH__READ_KEYS", r#"["0123456789abcdef"]"#),
+                ("RAGD__REMOTE__API_KEY", "12345"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.port, 9100, "the environment beats the file");
+        assert_eq!(
+            c.server.data_dir,
+            PathBuf::from("from-file"),
+            "the file beats the defaults"
+        );
+        assert_eq!(c.server.host, "127.0.0.1", "defaults fill the rest");
+        assert_eq!(c.retrieval.mode, crate::retrieval::Mode::Dense);
+        assert_eq!(c.auth.read_keys, vec!["0123456789abcdef".to_string()]);
+        assert_eq!(
+            c.remote.api_key, "12345",
+            "a string setting keeps digits as text"
+        );
+        // Secrets never reach the log.
+        let logged = c.redacted().to_string();
+        assert!(
+            !logged.contains("0123456789abcdef") && !logged.contains("12345"),
+            "{logged}"
+        );
+    }
+
+    #[test]
+    fn bad_environment_variables_are_named() {
+        let e = Config::from_layers("", "test", &env(&[("RAGD__SERVER__PROT", "1")])).unwrap_err();
+        assert!(
+            e.to_string().contains("RAGD__SERVER__PROT") && e.to_string().contains("server.prot"),
+            "{e}"
+        );
+        let e =
+            Config::from_layers("", "test", &env(&[("RAGD__SERVER__PORT", "eighty")])).unwrap_err();
+        assert!(e.to_string().contains("port"), "{e}");
+        let e = Config::from_layers("", "test", &env(&[("RAGD__PORT", "1")])).unwrap_err();
+        assert!(e.to_string().contains("RAGD__PORT"), "{e}");
+    }
+
+    #[test]
+    fn a_public_address_needs_keys_or_an_explicit_opt_out() {
+        let e =
+            Config::from_toml_over_defaults("[server]\nhost = \"0.0.0.0\"\n", "test").unwrap_err();
+        assert!(e.to_string().contains("allow_unauthenticated"), "{e}");
+        Config::from_toml_over_defaults(
+            "[server]\nhost = \"0.0.0.0\"\n[auth]\nallow_unauthenticated = true\n",
+            "test",
+        )
+        .unwrap();
+        Config::from_toml_over_defaults(
+            "[server]\nhost = \"0.0.0.0\"\n[auth]\nwrite_keys = [\"0123456789abcdef\"]\n",
+            "test",
+        )
+        .unwrap();
+        let e = Config::from_toml_over_defaults("[auth]\nread_keys = [\"short\"]\n", "test")
+            .unwrap_err();
+        assert!(e.to_string().contains("16 characters"), "{e}");
+        assert!(is_loopback("::1") && is_loopback("localhost") && !is_loopback("10.0.0.1"));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! have loaded and the stored documents are back in the index.
 
 pub mod api;
+pub mod auth;
 pub mod citations;
 pub mod config;
 pub mod content;
@@ -97,6 +98,8 @@ pub async fn start(config: Config) -> std::io::Result<Server> {
     let state = AppState {
         engine: Arc::new(OnceLock::new()),
         body_limit: config.server.body_limit_bytes,
+        keys: Arc::new(auth::Keys::new(&config.auth)),
+        cors_origins: config.server.cors_origins.clone(),
     };
     let router = app(state.clone());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();

@@ -129,13 +129,18 @@ enum EvalCommand {
     },
 }
 
+/// The configuration: built-in defaults, then the file (`--config`, else
+/// `RAGD_CONFIG`, else `config/ragd.toml` when it exists), then
+/// `RAGD__SECTION__KEY` environment variables; CLI flags are applied after.
 fn load_config(config: Option<PathBuf>) -> anyhow::Result<Config> {
     let default_file = PathBuf::from("config/ragd.toml");
-    Ok(match config {
-        Some(path) => Config::from_file(&path)?,
-        None if default_file.exists() => Config::from_file(&default_file)?,
-        None => Config::defaults(),
-    })
+    let file = config
+        .or_else(|| std::env::var_os("RAGD_CONFIG").map(PathBuf::from))
+        .or_else(|| default_file.exists().then_some(default_file));
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(ragd_server::config::ENV_PREFIX))
+        .collect();
+    Ok(Config::load(file.as_deref(), &env)?)
 }
 
 async fn shutdown_signal() {
@@ -191,6 +196,8 @@ async fn main() -> anyhow::Result<()> {
             if let Some(g) = generator {
                 cfg.models.generator = g;
             }
+            // Flags can change what validation allowed (a public --host).
+            cfg.validate()?;
             let local = cfg.generation.backend == "local";
             for (what, path) in [
                 ("embedder", &cfg.models.embedder),
@@ -211,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
                 shown["remote"]["api_key"] = serde_json::json!("(redacted)");
             }
             tracing::info!(config = %shown, "effective configuration");
+            tracing::info!(config = %cfg.redacted(), "effective configuration");
             let mut server = ragd_server::start(cfg).await.context("cannot listen")?;
             tracing::info!(addr = %server.addr, "listening");
             tokio::select! {
