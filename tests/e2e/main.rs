@@ -524,6 +524,26 @@ async fn unanswerable_questions_are_declined_in_their_language_without_the_model
         json!([{ "rule": "email", "count": 1 }]),
         "{found}"
     );
+    // Metrics after that traffic, and a request id on every response.
+    let res = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res
+        .headers()
+        .get("x-request-id")
+        .is_some_and(|v| !v.is_empty()));
+    let text = res.text().await.unwrap();
+    for line in [
+        "ragd_http_requests_total{method=\"POST\",route=\"/ask\",status=\"200\"}",
+        "ragd_http_requests_total{method=\"POST\",route=\"/ask\",status=\"422\"}",
+        "ragd_http_request_duration_seconds_bucket{route=\"/search\"",
+        "ragd_time_to_first_token_seconds_count",
+        "ragd_generated_tokens_total",
+        "ragd_embedding_batch_size_count",
+        "ragd_documents 4",
+        "ragd_generation_queue_depth 0",
+    ] {
+        assert!(text.contains(line), "{line} missing from /metrics:\n{text}");
+    }
     server.shutdown().await.unwrap();
 }
 

@@ -47,6 +47,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/ingest", post(ingest))
         .route("/ask", post(ask))
         .route("/search", post(search))
@@ -54,14 +55,47 @@ pub fn app(state: AppState) -> Router {
         .route("/documents/{id}", get(get_document).delete(delete_document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(axum::middleware::from_fn_with_state(keys, crate::auth::check))
+        .route_layer(axum::middleware::from_fn(crate::metrics::track))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(
-            keys,
-            crate::auth::check,
-        ))
         .layer(cors)
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+        }))
+        // Every response carries `x-request-id` (the client's, or a new UUID),
+        // and the request's log lines carry the same id.
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+            tower_http::request_id::MakeRequestUuid,
+        ))
         .with_state(state)
+}
+
+/// `GET /metrics`: Prometheus text format (see [`crate::metrics`]).
+async fn metrics(State(state): State<AppState>) -> Response {
+    let status = match state.engine.get() {
+        Some(engine) => {
+            let engine = Arc::clone(engine);
+            tokio::task::spawn_blocking(move || engine.status())
+                .await
+                .ok()
+        }
+        None => None,
+    };
+    let body = crate::metrics::get().render(status.as_ref());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// CORS for `server.cors_origins`: none (the default) sends no CORS headers,

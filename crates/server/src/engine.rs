@@ -1447,6 +1447,7 @@ impl AskProgress {
             }
         };
         let answer = rules.apply(&text, &mut tally);
+        crate::metrics::get().answer(self.first_token_ms, g.completion_tokens);
         let answer_language = language::detect(&answer);
         let sources: Vec<Source> = sources.iter().map(|s| redacted(s, &mut tally)).collect();
         AskResponse {

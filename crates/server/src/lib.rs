@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod extract;
 pub mod language;
+pub mod metrics;
 pub mod prompt;
 pub mod remote;
 pub mod retrieval;

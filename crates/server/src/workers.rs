@@ -110,6 +110,7 @@ impl EmbedWorker {
                         .iter()
                         .flat_map(|j| j.texts.iter().map(String::as_str))
                         .collect();
+                    crate::metrics::get().embedding_batch(texts.len());
                     match embedder.embed(&texts) {
                         Ok(mut vectors) => {
                             for job in jobs {
