@@ -1470,3 +1470,79 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
     assert_eq!(e["type"], "upstream_error", "{e}");
     server.shutdown().await.unwrap();
 }
+
+/// The official `openai` Python package (pinned, installed from PyPI into a
+/// cached virtual environment on first use) as the client of `/v1`.
+const OPENAI_PACKAGE: &str = "openai==1.109.1";
+
+fn openai_python() -> PathBuf {
+    let base = std::env::var_os("RAGD_OPENAI_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache/ragd")
+                .join(OPENAI_PACKAGE.replace("==", "-"))
+        });
+    let python = base.join("bin/python");
+    let works = |p: &PathBuf| {
+        std::process::Command::new(p)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !works(&python) {
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&base)
+            .status()
+            .expect("python3 runs")
+            .success();
+        assert!(
+            ok,
+            "cannot create a virtual environment at {}",
+            base.display()
+        );
+        let ok = std::process::Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                OPENAI_PACKAGE,
+            ])
+            .status()
+            .expect("pip runs")
+            .success();
+        assert!(ok, "cannot install {OPENAI_PACKAGE}");
+    }
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_library_talks_to_v1() {
+    let python = tokio::task::spawn_blocking(openai_python).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let client = reqwest::Client::new();
+    ingest_three(&client, &base).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("openai/check.py");
+    let url = base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python)
+            .arg(&script)
+            .arg(&url)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("the client script runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{stdout}\n{stderr}"
+    );
+    println!("{stdout}");
+    server.shutdown().await.unwrap();
+}

@@ -617,6 +617,7 @@ async fn bench_ask(
                 &passages,
                 ragd_server::prompt::Style::default(),
                 ragd_server::language::detect(question),
+                &[],
             ))?;
             anyhow::ensure!(
                 done["usage"]["prompt_tokens"].as_u64() == Some(ids.len() as u64),

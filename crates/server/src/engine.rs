@@ -125,6 +125,9 @@ pub struct AskRequest {
     pub stream: Option<bool>,
     /// `concise` (default: one to three sentences) or `detailed`.
     pub style: Option<String>,
+    /// Earlier turns of the conversation, oldest first (`user` and `assistant`
+    /// messages); retrieval uses the question alone.
+    pub history: Option<Vec<ragd_generator::Message>>,
 }
 
 /// A retrieved passage, as reported to the client.
@@ -835,6 +838,19 @@ impl Engine {
         let started = Instant::now();
         let question = query_text("question", &req.question)?;
         let style = Style::parse(req.style.as_deref()).map_err(ApiError::Invalid)?;
+        let history = req.history.clone().unwrap_or_default();
+        if history.len() > 40 {
+            return Err(ApiError::Invalid("history: at most 40 messages".into()));
+        }
+        if let Some(m) = history
+            .iter()
+            .find(|m| m.role != "user" && m.role != "assistant")
+        {
+            return Err(ApiError::Invalid(format!(
+                "history: role {:?} is not \"user\" or \"assistant\"",
+                m.role
+            )));
+        }
         let language = language::detect(question);
         let r = &self.config.retrieval;
         let top_k = req.top_k.unwrap_or(r.top_k);
@@ -935,6 +951,7 @@ impl Engine {
             .submit(GenJob {
                 question: question.to_string(),
                 passages,
+                history,
                 style,
                 language,
                 params,
@@ -997,6 +1014,31 @@ impl Engine {
             }
         };
         progress.finish(g, checked, &self.content)
+    }
+
+    /// Embeds `texts` as passages: the vectors and the tokens read.
+    pub async fn embeddings(&self, texts: Vec<String>) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+        if texts.is_empty() || texts.len() > 256 {
+            return Err(ApiError::Invalid("input: 1 to 256 texts".into()));
+        }
+        if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+            return Err(ApiError::Invalid(format!("input[{i}]: empty text")));
+        }
+        let tokens = texts.iter().map(|t| self.embedder.count_tokens(t)).sum();
+        let vectors = self
+            .embedder
+            .embed(TextKind::Passage, texts)
+            .await
+            .map_err(ApiError::internal)?;
+        Ok((vectors, tokens))
+    }
+
+    /// The names of the generator (when one is loaded) and the embedder.
+    pub fn model_names(&self) -> (Option<String>, String) {
+        (
+            self.generator.as_ref().map(|g| g.name.clone()),
+            self.embedder.name.clone(),
+        )
     }
 
     /// The content rules, for streamed answers.

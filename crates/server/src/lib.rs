@@ -23,6 +23,7 @@ pub mod error;
 pub mod extract;
 pub mod language;
 pub mod metrics;
+pub mod openai;
 pub mod prompt;
 pub mod remote;
 pub mod retrieval;

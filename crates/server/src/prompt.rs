@@ -89,6 +89,7 @@ pub fn messages(
     passages: &[Passage],
     style: Style,
     language: Lang,
+    history: &[Message],
 ) -> Vec<Message> {
     let mut user = format!("{OPEN}\n");
     for (i, p) in passages.iter().enumerate() {
@@ -108,10 +109,13 @@ pub fn messages(
         style.instruction(),
         language.name()
     ));
-    vec![
-        Message::new("system", INSTRUCTION),
-        Message::new("user", user),
-    ]
+    // Earlier turns go between the fixed instruction and this question, so the
+    // model can resolve "it" and "that" in a follow-up.
+    let mut out = Vec::with_capacity(history.len() + 2);
+    out.push(Message::new("system", INSTRUCTION));
+    out.extend(history.iter().cloned());
+    out.push(Message::new("user", user));
+    out
 }
 
 #[cfg(test)]
@@ -134,6 +138,7 @@ mod tests {
             ],
             Style::Concise,
             Lang::Zh,
+            &[],
         );
         assert_eq!(m.len(), 2);
         assert_eq!(m[0].role, "system");
@@ -163,8 +168,23 @@ mod tests {
             title: None,
             text: "x".into(),
         }];
-        let a = messages("q", &p, Style::Concise, Lang::En);
-        let b = messages("q", &p, Style::Detailed, Lang::En);
+        let a = messages("q", &p, Style::Concise, Lang::En, &[]);
+        let b = messages("q", &p, Style::Detailed, Lang::En, &[]);
+        let h = messages(
+            "q",
+            &p,
+            Style::Concise,
+            Lang::En,
+            &[
+                Message::new("user", "hi"),
+                Message::new("assistant", "hello"),
+            ],
+        );
+        assert_eq!(h.len(), 4);
+        assert_eq!(
+            (h[1].role.as_str(), h[2].role.as_str(), h[3].role.as_str()),
+            ("user", "assistant", "user")
+        );
         assert_eq!(a[0], b[0], "the system message is the same for every style");
         assert_ne!(a[1], b[1]);
     }

@@ -82,6 +82,7 @@ async fn run(client: &reqwest::Client, config: &RemoteConfig, job: GenJob) {
     let GenJob {
         question,
         passages,
+        history,
         style,
         language,
         params,
@@ -89,7 +90,7 @@ async fn run(client: &reqwest::Client, config: &RemoteConfig, job: GenJob) {
         ..
     } = job;
     let started = Instant::now();
-    let messages = prompt::messages(&question, &passages, style, language);
+    let messages = prompt::messages(&question, &passages, style, language, &history);
     let mut body = json!({
         "model": config.model,
         "messages": messages,

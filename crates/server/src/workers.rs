@@ -148,6 +148,14 @@ impl EmbedWorker {
         }
     }
 
+    /// Tokens of `text` (without special tokens), as the embedder counts them.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.tokenizer
+            .encode(text, false)
+            .map(|e| e.len())
+            .unwrap_or(0)
+    }
+
     /// Tokens the passage prefix adds to every chunk.
     pub fn passage_prefix_tokens(&self) -> usize {
         if self.passage_prefix.is_empty() {
@@ -249,6 +257,8 @@ pub struct GenJob {
     pub question: String,
     /// Retrieved passages, best first; the tail is dropped if the context is too small.
     pub passages: Vec<Passage>,
+    /// Earlier turns of the conversation (user and assistant messages).
+    pub history: Vec<ragd_generator::Message>,
     /// How long the answer should be.
     pub style: prompt::Style,
     /// The language to answer in (the question's).
@@ -486,6 +496,7 @@ fn fixed_prompt_prefix(generator: &Generator) -> Result<Vec<u32>, GenerateError>
             &[passage],
             prompt::Style::Concise,
             crate::language::Lang::En,
+            &[],
         ))?;
         prefix = Some(match prefix {
             None => ids,
@@ -504,6 +515,7 @@ fn run_job(generator: &mut Generator, job: GenJob) {
     let GenJob {
         question,
         passages,
+        history,
         style,
         language,
         params,
@@ -546,6 +558,7 @@ fn run_job(generator: &mut Generator, job: GenJob) {
             &passages[..used],
             style,
             language,
+            &history,
         )) {
             Ok(ids) => ids,
             Err(e) => return fail(e),

@@ -1,0 +1,438 @@
+//! The OpenAI-compatible API, so OpenAI client libraries can talk to ragd:
+//!
+//! * `POST /v1/chat/completions`: the last `user` message is the question,
+//!   earlier `user`/`assistant` messages are the conversation so far (`system`
+//!   messages are ignored: ragd's own instruction applies). The answer is
+//!   ragd's — retrieved, generated, checked — and its citations, sources and
+//!   grounding travel in the extension field `ragd`. `stream: true` gives
+//!   `chat.completion.chunk` events and `data: [DONE]`.
+//! * `POST /v1/embeddings`: the embedder's vectors (`input`: a string or a list
+//!   of strings), embedded as passages.
+//! * `GET /v1/models`: the generator and the embedder.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ragd_generator::Message;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::api::{AppJson, AppState};
+use crate::engine::{AskProgress, AskRequest, AskResponse, Engine};
+use crate::error::ApiError;
+use crate::workers::GenEvent;
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    /// Accepted and echoed; ragd answers with its configured model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The conversation; the last `user` message is the question.
+    pub messages: Vec<Message>,
+    /// Stream `chat.completion.chunk` events.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Longest answer.
+    #[serde(default, alias = "max_completion_tokens")]
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Sampler seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// A string or up to 4 strings that end the answer.
+    #[serde(default)]
+    pub stop: Option<Value>,
+    /// Options OpenAI clients send that ragd does not use (`n` must be 1).
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// Ignored OpenAI fields.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn completion_id() -> String {
+    format!("chatcmpl-{}", uuid_like())
+}
+
+/// 32 hex digits from the clock and a counter: unique per process and time.
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{:016x}{:016x}",
+        t as u64,
+        n ^ (std::process::id() as u64) << 32
+    )
+}
+
+/// The ask that a chat request stands for.
+fn to_ask(req: &ChatRequest) -> Result<AskRequest, ApiError> {
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::Invalid("n: only 1 is supported".into()));
+    }
+    let turns: Vec<&Message> = req.messages.iter().filter(|m| m.role != "system").collect();
+    let Some((last, earlier)) = turns.split_last() else {
+        return Err(ApiError::Invalid(
+            "messages: a user message is required".into(),
+        ));
+    };
+    if last.role != "user" {
+        return Err(ApiError::Invalid(
+            "messages: the last message must be the user's question".into(),
+        ));
+    }
+    let stop = match &req.stop {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(vec![s.clone()]),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ApiError::Invalid("stop: strings only".into()))?,
+        ),
+        Some(_) => {
+            return Err(ApiError::Invalid(
+                "stop: a string or a list of strings".into(),
+            ))
+        }
+    };
+    let request = json!({
+        "question": last.content,
+        "history": earlier,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "seed": req.seed,
+        "stop": stop,
+    });
+    serde_json::from_value(request).map_err(|e| ApiError::Invalid(e.to_string()))
+}
+
+fn finish_reason(r: &str) -> &'static str {
+    match r {
+        "length" | "timeout" => "length",
+        _ => "stop",
+    }
+}
+
+/// ragd's extension field: what the answer rests on.
+fn extension(a: &AskResponse) -> Value {
+    json!({
+        "answerable": a.answerable,
+        "citations": a.citations,
+        "sources": a.sources,
+        "grounding": a.grounding,
+        "citation_changes": a.citation_changes,
+        "finish_reason": a.finish_reason,
+    })
+}
+
+fn completion(id: &str, model: &str, a: &AskResponse) -> Value {
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": a.answer },
+            "finish_reason": finish_reason(&a.finish_reason),
+            "logprobs": null,
+        }],
+        "usage": {
+            "prompt_tokens": a.usage.prompt_tokens,
+            "completion_tokens": a.usage.completion_tokens,
+            "total_tokens": a.usage.total_tokens,
+        },
+        "ragd": extension(a),
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    AppJson(req): AppJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let engine = Arc::clone(state.engine.get().ok_or(ApiError::NotReady)?);
+    let ask = to_ask(&req)?;
+    let model = engine.model_names().0.unwrap_or_else(|| "ragd".into());
+    let run = engine.ask(&ask).await?;
+    let (events, progress) = run.into_parts();
+    let id = completion_id();
+    if req.stream.unwrap_or(false) {
+        return Ok(stream(engine, events, progress, id, model));
+    }
+    let answer = collect(&engine, events, progress).await?;
+    Ok(Json(completion(&id, &model, &answer)).into_response())
+}
+
+async fn collect(
+    engine: &Arc<Engine>,
+    events: Option<tokio::sync::mpsc::UnboundedReceiver<GenEvent>>,
+    mut progress: AskProgress,
+) -> Result<AskResponse, ApiError> {
+    let Some(mut events) = events else {
+        return Ok(progress.no_sources());
+    };
+    while let Some(event) = events.recv().await {
+        match event {
+            GenEvent::Prompt {
+                passages_used,
+                trimmed,
+                prompt_ms,
+                ..
+            } => progress.prompt_ready(passages_used, trimmed, prompt_ms),
+            GenEvent::Queued { .. } => {}
+            GenEvent::Token(_) => progress.token(),
+            GenEvent::Done(generation) => return Ok(engine.answer(progress, generation).await),
+            GenEvent::Failed { message, fault } => return Err(fault.error(message)),
+        }
+    }
+    Err(ApiError::internal(
+        "the generator stopped without an answer",
+    ))
+}
+
+fn chunk(id: &str, model: &str, delta: Value) -> Event {
+    let c = json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": now(),
+        "model": model,
+        "choices": [{ "index": 0, "delta": delta, "finish_reason": null, "logprobs": null }],
+    });
+    Event::default().data(c.to_string())
+}
+
+fn stream(
+    engine: Arc<Engine>,
+    events: Option<tokio::sync::mpsc::UnboundedReceiver<GenEvent>>,
+    mut progress: AskProgress,
+    id: String,
+    model: String,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let send = |e: Event| {
+            let tx = tx.clone();
+            async move { tx.send(Ok(e)).await.is_ok() }
+        };
+        if !send(chunk(
+            &id,
+            &model,
+            json!({ "role": "assistant", "content": "" }),
+        ))
+        .await
+        {
+            return;
+        }
+        let mut filter = engine.content_rules().stream();
+        let done = match events {
+            None => progress.no_sources(),
+            Some(mut events) => loop {
+                match events.recv().await {
+                    Some(GenEvent::Prompt {
+                        passages_used,
+                        trimmed,
+                        prompt_ms,
+                        ..
+                    }) => progress.prompt_ready(passages_used, trimmed, prompt_ms),
+                    Some(GenEvent::Queued { .. }) => {}
+                    Some(GenEvent::Token(text)) => {
+                        progress.token();
+                        let text = filter.push(&text);
+                        if !text.is_empty()
+                            && !send(chunk(&id, &model, json!({ "content": text }))).await
+                        {
+                            return;
+                        }
+                    }
+                    Some(GenEvent::Done(generation)) => {
+                        let rest = filter.finish();
+                        if !rest.is_empty()
+                            && !send(chunk(&id, &model, json!({ "content": rest }))).await
+                        {
+                            return;
+                        }
+                        break engine.answer(progress, generation).await;
+                    }
+                    Some(GenEvent::Failed { message, fault }) => {
+                        let e = fault.error(message);
+                        let _ =
+                            send(Event::default().data(json!({ "error": e.body() }).to_string()))
+                                .await;
+                        return;
+                    }
+                    None => return,
+                }
+            },
+        };
+        // A declined question has no streamed tokens: its answer is the content.
+        if done.finish_reason == "no_sources"
+            && !send(chunk(&id, &model, json!({ "content": done.answer }))).await
+        {
+            return;
+        }
+        let usage = json!({
+            "prompt_tokens": done.usage.prompt_tokens,
+            "completion_tokens": done.usage.completion_tokens,
+            "total_tokens": done.usage.total_tokens,
+        });
+        // The last chunk carries the finish reason, the usage (as OpenAI's do
+        // with stream_options.include_usage) and ragd's extension.
+        let last = Event::default().data(
+            json!({
+                "id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
+                "choices": [{ "index": 0, "delta": {}, "finish_reason": finish_reason(&done.finish_reason), "logprobs": null }],
+                "usage": usage,
+                "ragd": extension(&done),
+            })
+            .to_string(),
+        );
+        if send(last).await {
+            let _ = send(Event::default().data("[DONE]")).await;
+        }
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// `POST /v1/embeddings`.
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingsRequest {
+    /// A string or a list of strings.
+    pub input: Value,
+    /// Accepted and echoed.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// `float` (default) or `base64` (little-endian f32).
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    /// Ignored OpenAI fields.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// `POST /v1/embeddings`.
+pub async fn embeddings(
+    State(state): State<AppState>,
+    AppJson(req): AppJson<EmbeddingsRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let engine = Arc::clone(state.engine.get().ok_or(ApiError::NotReady)?);
+    // OpenAI's clients ask for base64 (little-endian f32) by default.
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::Invalid(format!(
+                "encoding_format: {other:?} is not \"float\" or \"base64\""
+            )))
+        }
+    };
+    let texts: Vec<String> = match req.input {
+        Value::String(s) => vec![s],
+        Value::Array(a) => a
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(ApiError::Invalid(
+                    "input: strings only (token arrays are not supported)".into(),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(ApiError::Invalid(
+                "input: a string or a list of strings".into(),
+            ))
+        }
+    };
+    let (vectors, tokens) = engine.embeddings(texts).await?;
+    let model = engine.model_names().1;
+    Ok(Json(json!({
+        "object": "list",
+        "data": vectors.into_iter().enumerate().map(|(i, v)| {
+            let embedding = if base64 {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        }).collect::<Vec<_>>(),
+        "model": model,
+        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+    })))
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let engine = state.engine.get().ok_or(ApiError::NotReady)?;
+    let (generator, embedder) = engine.model_names();
+    let data: Vec<Value> = generator
+        .into_iter()
+        .chain(std::iter::once(embedder))
+        .map(|id| json!({ "id": id, "object": "model", "created": 0, "owned_by": "ragd" }))
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: Value) -> ChatRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_last_user_message_is_the_question_and_the_rest_history() {
+        let a = to_ask(&req(json!({ "model": "x", "messages": [
+            { "role": "system", "content": "be nice" },
+            { "role": "user", "content": "What is Debian?" },
+            { "role": "assistant", "content": "An OS [1]." },
+            { "role": "user", "content": "Who makes it?" }
+        ], "stop": "END", "max_tokens": 20, "frequency_penalty": 0 })))
+        .unwrap();
+        assert_eq!(a.question, "Who makes it?");
+        let h = a.history.unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].role, "user");
+        assert_eq!(a.stop, Some(vec!["END".to_string()]));
+        assert_eq!(a.max_tokens, Some(20));
+        assert!(to_ask(&req(json!({ "messages": [] }))).is_err());
+        assert!(to_ask(&req(
+            json!({ "messages": [{ "role": "assistant", "content": "hi" }] })
+        ))
+        .is_err());
+        assert!(to_ask(&req(
+            json!({ "messages": [{ "role": "user", "content": "q" }], "n": 2 })
+        ))
+        .is_err());
+    }
+}
