@@ -634,7 +634,10 @@ mod tests {
         );
         assert!(s[0] > 0.7 && s[1] < 0.01, "{s:?}");
         assert!(lexical_support("Bananas are yellow.", std::slice::from_ref(&p))[0] < 0.01);
-        assert_eq!(lexical_support("the of and", std::slice::from_ref(&p))[0], 0.0);
+        assert_eq!(
+            lexical_support("the of and", std::slice::from_ref(&p))[0],
+            0.0
+        );
         // "Debian" is in both passages: it counts for less than "source".
         let s = lexical_support("Debian source", &[p, q]);
         assert!(s[1] > 0.5 && s[0] < 0.5 && s[0] > 0.0, "{s:?}");

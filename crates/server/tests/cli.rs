@@ -100,5 +100,42 @@ async fn ingest_against_a_running_server() {
         .await
         .unwrap();
     assert_eq!(doc["id"], "docs/d.txt", "{doc}");
+    // `ragd ask` streams the answer, then lists the sources.
+    let url = base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_ragd"))
+            .args([
+                "ask",
+                "What do dolphins use to find their way?",
+                "--url",
+                &url,
+            ])
+            .env("RAGD_LOG", "warn")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("sources:") && text.contains("docs/d.txt"),
+        "{text}"
+    );
+    // A server that is not there is a clear error, not a panic.
+    let out = Command::new(env!("CARGO_BIN_EXE_ragd"))
+        .args(["ask", "anything", "--url", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach ragd"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     child.kill();
 }
