@@ -588,6 +588,13 @@ async fn a_document_cannot_give_the_model_instructions() {
         cited_ids(&answer).contains(&"everest".to_string()),
         "{answer}"
     );
+    // The sentences addressed to the model were taken out, and said so.
+    assert!(
+        answer["content_rules"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x["rule"] == "document_instructions")),
+        "{answer}"
+    );
     server.shutdown().await.unwrap();
 }
 

@@ -48,6 +48,13 @@ impl Tally {
             .collect()
     }
 
+    /// Adds `count` matches of `rule` (nothing when 0).
+    pub fn add(&mut self, rule: &str, count: usize) {
+        if count > 0 {
+            *self.0.entry(rule.to_string()).or_default() += count;
+        }
+    }
+
     /// Adds another tally's counts.
     pub fn merge(&mut self, other: &Tally) {
         for (k, v) in &other.0 {

@@ -294,6 +294,8 @@ pub struct AskProgress {
     model: String,
     language: Lang,
     style: Style,
+    /// Sentences addressed to the model taken out of the passages.
+    defused: usize,
 }
 
 /// The loaded service: models, index and documents.
@@ -1355,6 +1357,16 @@ impl AskRun {
             model: self.model,
             language: self.language,
             style: self.style,
+            defused: 0,
+        };
+        let defused = progress
+            .sources()
+            .iter()
+            .map(|s| crate::prompt::defuse(&s.text).1)
+            .sum();
+        let progress = AskProgress {
+            defused,
+            ..progress
         };
         (self.events, progress)
     }
@@ -1489,6 +1501,7 @@ impl AskProgress {
             }
         };
         let answer = rules.apply(&text, &mut tally);
+        tally.add("document_instructions", self.defused);
         crate::metrics::get().answer(self.first_token_ms, g.completion_tokens);
         let answer_language = language::detect(&answer);
         let sources: Vec<Source> = sources.iter().map(|s| redacted(s, &mut tally)).collect();
