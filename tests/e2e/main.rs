@@ -1478,22 +1478,26 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
     server.shutdown().await.unwrap();
 }
 
-/// The official `openai` Python package (pinned, installed from PyPI into a
-/// cached virtual environment on first use) as the client of `/v1`.
-const OPENAI_PACKAGE: &str = "openai==1.109.1";
+/// Python packages the client tests use, pinned, installed from PyPI into a
+/// cached virtual environment on first use: the official `openai` client and
+/// `websocket-client` (to drive Chromium over the DevTools protocol).
+const TEST_PACKAGES: [&str; 2] = ["openai==1.109.1", "websocket-client==1.9.2"];
 
-fn openai_python() -> PathBuf {
-    let base = std::env::var_os("RAGD_OPENAI_VENV")
+fn test_python() -> PathBuf {
+    let base = std::env::var_os("RAGD_TEST_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
                 .join(".cache/ragd")
-                .join(OPENAI_PACKAGE.replace("==", "-"))
+                .join(format!(
+                    "test-python-{}",
+                    TEST_PACKAGES.join("-").replace("==", "-")
+                ))
         });
     let python = base.join("bin/python");
     let works = |p: &PathBuf| {
         std::process::Command::new(p)
-            .args(["-c", "import openai"])
+            .args(["-c", "import openai, websocket"])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -1516,25 +1520,21 @@ fn openai_python() -> PathBuf {
                 "install",
                 "--quiet",
                 "--disable-pip-version-check",
-                OPENAI_PACKAGE,
             ])
+            .args(TEST_PACKAGES)
             .status()
             .expect("pip runs")
             .success();
-        assert!(ok, "cannot install {OPENAI_PACKAGE}");
+        assert!(ok, "cannot install {TEST_PACKAGES:?}");
     }
     python
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_client_library_talks_to_v1() {
-    let python = tokio::task::spawn_blocking(openai_python).await.unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let (server, base) = start(SMOLLM, data.path()).await;
-    let client = reqwest::Client::new();
-    ingest_three(&client, &base).await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("openai/check.py");
-    let url = base.clone();
+/// Runs `script` (under tests/) with the test Python against `base`.
+async fn run_client_script(script: &str, base: &str) -> String {
+    let python = tokio::task::spawn_blocking(test_python).await.unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
+    let url = base.to_string();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(&python)
             .arg(&script)
@@ -1544,12 +1544,37 @@ async fn the_openai_client_library_talks_to_v1() {
     .await
     .unwrap()
     .expect("the client script runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "openai client failed:\n{stdout}\n{stderr}"
+        "client script failed:\n{stdout}\n{stderr}"
     );
-    println!("{stdout}");
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_streams_an_answer_in_headless_chromium() {
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let client = reqwest::Client::new();
+    ingest_three(&client, &base).await;
+    let page = client.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    println!("{}", run_client_script("web/check.py", &base).await);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_library_talks_to_v1() {
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let client = reqwest::Client::new();
+    ingest_three(&client, &base).await;
+    println!("{}", run_client_script("openai/check.py", &base).await);
     server.shutdown().await.unwrap();
 }

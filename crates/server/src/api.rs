@@ -45,6 +45,7 @@ pub fn app(state: AppState) -> Router {
     let keys = Arc::clone(&state.keys);
     let cors = cors_layer(&state.cors_origins);
     Router::new()
+        .route("/", get(index))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -77,6 +78,18 @@ pub fn app(state: AppState) -> Router {
             tower_http::request_id::MakeRequestUuid,
         ))
         .with_state(state)
+}
+
+/// `GET /`: the chat page (one static file, no build step).
+async fn index() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("web/index.html"),
+    )
+        .into_response()
 }
 
 /// `GET /metrics`: Prometheus text format (see [`crate::metrics`]).

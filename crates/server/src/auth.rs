@@ -69,7 +69,7 @@ impl Keys {
 /// The scope a route needs; `None` for the open ones.
 pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     match path {
-        "/health" | "/ready" | "/metrics" => None,
+        "/" | "/health" | "/ready" | "/metrics" => None,
         "/ingest" => Some(Scope::Write),
         p if p.starts_with("/documents/") && method == Method::DELETE => Some(Scope::Write),
         _ => Some(Scope::Read),

@@ -164,8 +164,8 @@ pub struct Source {
     start: usize,
     #[serde(skip)]
     end: usize,
-    #[serde(skip)]
-    text: String,
+    /// The passage as the model read it (neighbours merged in).
+    pub text: String,
     #[serde(skip)]
     vector: Vec<f32>,
 }
@@ -1399,6 +1399,7 @@ impl AskProgress {
             .iter()
             .map(|s| Source {
                 snippet: rules.apply(&s.snippet, &mut tally),
+                text: rules.apply(&s.text, &mut tally),
                 ..s.clone()
             })
             .collect()
@@ -1453,6 +1454,7 @@ impl AskProgress {
         let mut tally = Tally::default();
         let redacted = |s: &Source, tally: &mut Tally| Source {
             snippet: rules.apply(&s.snippet, tally),
+            text: rules.apply(&s.text, tally),
             ..s.clone()
         };
         let (text, citations, changes, grounding) = match checked {
