@@ -1480,8 +1480,13 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
 
 /// Python packages the client tests use, pinned, installed from PyPI into a
 /// cached virtual environment on first use: the official `openai` client and
-/// `websocket-client` (to drive Chromium over the DevTools protocol).
-const TEST_PACKAGES: [&str; 2] = ["openai==1.109.1", "websocket-client==1.9.2"];
+/// `websocket-client` (to drive Chromium over the DevTools protocol) and
+/// `openapi-spec-validator`.
+const TEST_PACKAGES: [&str; 3] = [
+    "openai==1.109.1",
+    "websocket-client==1.9.2",
+    "openapi-spec-validator==0.9.0",
+];
 
 fn test_python() -> PathBuf {
     let base = std::env::var_os("RAGD_TEST_VENV")
@@ -1497,7 +1502,7 @@ fn test_python() -> PathBuf {
     let python = base.join("bin/python");
     let works = |p: &PathBuf| {
         std::process::Command::new(p)
-            .args(["-c", "import openai, websocket"])
+            .args(["-c", "import openai, websocket, openapi_spec_validator"])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -1551,6 +1556,27 @@ async fn run_client_script(script: &str, base: &str) -> String {
         "client script failed:\n{stdout}\n{stderr}"
     );
     stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_validates() {
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let out = run_client_script("openapi/check.py", &base).await;
+    for path in [
+        "/ask",
+        "/ingest",
+        "/search",
+        "/v1/chat/completions",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(
+            out.contains(&format!("\"{path}\"")),
+            "{path} missing: {out}"
+        );
+    }
+    server.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

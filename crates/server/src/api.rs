@@ -49,6 +49,7 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
         .route("/v1/chat/completions", post(crate::openai::chat_completions))
         .route("/v1/embeddings", post(crate::openai::embeddings))
         .route("/v1/models", get(crate::openai::models))
@@ -81,6 +82,7 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// `GET /`: the chat page (one static file, no build step).
+#[utoipa::path(get, path = "/", tag = "page", responses((status = 200, description = "The chat page (HTML)", content_type = "text/html")))]
 async fn index() -> Response {
     (
         [
@@ -92,7 +94,56 @@ async fn index() -> Response {
         .into_response()
 }
 
+/// `GET /openapi.json`: this API, generated from the code.
+#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "OpenAPI 3.1 document", body = Object)))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi())
+}
+
+/// The API's OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi as _;
+    #[derive(utoipa::OpenApi)]
+    #[openapi(
+        info(title = "ragd", description = "Retrieval-augmented question answering over your documents."),
+        paths(
+            index, health, ready, metrics, openapi_json, ingest, search, list_documents, get_document,
+            delete_document, ask, crate::openai::chat_completions, crate::openai::embeddings,
+            crate::openai::models
+        ),
+        modifiers(&BearerAuth)
+    )]
+    struct ApiDoc;
+    ApiDoc::openapi()
+}
+
+/// Declares the bearer API keys (see [`crate::auth`]).
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("read or write API key, when the server has keys"))
+                    .build(),
+            ),
+        );
+        openapi.security = Some(vec![SecurityRequirement::new(
+            "api_key",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
 /// `GET /metrics`: Prometheus text format (see [`crate::metrics`]).
+#[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let status = match state.engine.get() {
         Some(engine) => {
@@ -170,10 +221,12 @@ where
     }
 }
 
+#[utoipa::path(get, path = "/health", tag = "service", responses((status = 200, description = "The process is up", body = Object)))]
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
+#[utoipa::path(get, path = "/ready", tag = "service", responses((status = 200, description = "Models loaded: documents, chunks, generation slots", body = Object), (status = 503, description = "Still loading", body = crate::error::ErrorBody)))]
 async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let engine = Arc::clone(state.engine()?);
     let mut status = tokio::task::spawn_blocking(move || engine.status())
@@ -194,6 +247,7 @@ async fn method_not_allowed() -> Response {
 }
 
 /// `POST /ingest`: a JSON body of documents, or `multipart/form-data` files.
+#[utoipa::path(post, path = "/ingest", tag = "documents", request_body(content((crate::engine::IngestRequest = "application/json"), (Object = "multipart/form-data")), description = "Documents as JSON, or files as multipart/form-data"), responses((status = 200, description = "One status per document", body = crate::engine::IngestResponse), (status = 413, description = "Body too large", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
 async fn ingest(
     State(state): State<AppState>,
     req: Request,
@@ -248,6 +302,7 @@ async fn ingest(
     Ok(Json(state.engine()?.ingest_files(files).await?))
 }
 
+#[utoipa::path(post, path = "/search", tag = "retrieval", request_body = crate::engine::SearchRequest, responses((status = 200, description = "Passages, best first", body = crate::engine::SearchResponse), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
 async fn search(
     State(state): State<AppState>,
     AppJson(req): AppJson<crate::engine::SearchRequest>,
@@ -265,6 +320,7 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
+#[utoipa::path(get, path = "/documents", tag = "documents", params(("after" = Option<String>, Query, description = "List after this id"), ("limit" = Option<usize>, Query, description = "Most documents")), responses((status = 200, description = "Documents in id order", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
 async fn list_documents(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -274,6 +330,7 @@ async fn list_documents(
     Ok(Json(engine.list_documents(q.after, q.limit).await?))
 }
 
+#[utoipa::path(get, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "The document's record", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
 async fn get_document(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -281,6 +338,7 @@ async fn get_document(
     Ok(Json(state.engine()?.get_document(id).await?))
 }
 
+#[utoipa::path(delete, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "Deleted", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
 async fn delete_document(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -300,6 +358,7 @@ fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {
     })
 }
 
+#[utoipa::path(post, path = "/ask", tag = "answers", request_body = crate::engine::AskRequest, responses((status = 200, description = "The answer (JSON), or with `stream: true` / `Accept: text/event-stream` server-sent events: `queued`, `sources`, `token`..., then `done` with this object or `error`", body = crate::engine::AskResponse), (status = 429, description = "Generation queue full (Retry-After)", body = crate::error::ErrorBody), (status = 502, description = "Remote generation server failed", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
 async fn ask(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -483,6 +542,64 @@ mod tests {
     /// No key and a wrong key are 401 (with `WWW-Authenticate`), a read key on a
     /// write route is 403, the right keys pass (to a server still loading: 503
     /// or a body error), and the probes need no key.
+    /// Every route the router serves (read from this file's `.route(...)`
+    /// calls, with their methods) is in the OpenAPI document with the same
+    /// methods, and the document names no route the router lacks.
+    #[tokio::test]
+    async fn openapi_lists_every_route_the_router_serves() {
+        let source = include_str!("api.rs");
+        let app_fn =
+            &source[source.find("pub fn app(").unwrap()..source.find("fn cors_layer(").unwrap()];
+        let mut served: Vec<(String, String)> = Vec::new();
+        for line in app_fn
+            .lines()
+            .filter(|l| l.trim_start().starts_with(".route(\""))
+        {
+            let path = line.split('"').nth(1).unwrap().to_string();
+            for (needle, method) in [("get(", "get"), ("post(", "post"), ("delete(", "delete")] {
+                if line.contains(needle) {
+                    served.push((path.clone(), method.to_string()));
+                }
+            }
+        }
+        assert!(served.len() >= 14, "{served:?}");
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.push((path.clone(), method.clone()));
+            }
+        }
+        served.sort();
+        documented.sort();
+        assert_eq!(served, documented);
+        // Every documented route answers on the router (not 404 or 405).
+        for (path, method) in &documented {
+            let uri = path.replace("{id}", "some-id");
+            let (status, _) =
+                status_with(unloaded(1 << 20), &method.to_uppercase(), &uri, None).await;
+            assert!(
+                status != StatusCode::NOT_FOUND || path.contains("{id}"),
+                "{method} {path}: {status}"
+            );
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        }
+        // The schemas the bodies refer to are in the document.
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for name in [
+            "AskRequest",
+            "AskResponse",
+            "Source",
+            "Grounding",
+            "SearchResponse",
+            "IngestRequest",
+            "ErrorBody",
+            "ChatRequest",
+        ] {
+            assert!(schemas.contains_key(name), "{name} missing");
+        }
+    }
+
     #[tokio::test]
     async fn the_auth_matrix() {
         let r = guarded(&[]);

@@ -22,7 +22,7 @@
 use serde::Serialize;
 
 /// How a citation was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CitedBy {
     /// The model wrote the marker and the sentence matches the passage.
@@ -180,7 +180,7 @@ fn strip_markers(s: &str) -> String {
 }
 
 /// A citation the check changed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Change {
     /// The sentence (index into `grounding.sentences`).
     pub sentence: usize,
@@ -191,7 +191,7 @@ pub struct Change {
 }
 
 /// How well one sentence of the answer is supported.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SentenceSupport {
     /// The sentence, without markers.
     pub text: String,

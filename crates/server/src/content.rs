@@ -17,7 +17,7 @@ use serde::Serialize;
 pub const RULES: [&str; 4] = ["email", "phone", "ipv4", "card"];
 
 /// How often a rule matched.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Applied {
     /// `email`, `phone`, `ipv4`, `card` or `block_list`.
     pub rule: String,

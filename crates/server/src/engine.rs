@@ -35,7 +35,7 @@ const MAX_QUESTION_CHARS: usize = 4000;
 const SNIPPET_CHARS: usize = 240;
 
 /// One document of `POST /ingest`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DocumentIn {
     /// Caller's id; derived from the text when absent.
@@ -51,7 +51,7 @@ pub struct DocumentIn {
 }
 
 /// Body of `POST /ingest`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IngestRequest {
     /// The documents.
@@ -59,7 +59,7 @@ pub struct IngestRequest {
 }
 
 /// Outcome for one document.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct IngestedDocument {
     /// The document's id.
     pub id: String,
@@ -75,7 +75,7 @@ pub struct IngestedDocument {
 }
 
 /// `created`, `updated`, `unchanged` or `failed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum IngestStatus {
     /// New id.
@@ -89,14 +89,14 @@ pub enum IngestStatus {
 }
 
 /// Response of `POST /ingest`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct IngestResponse {
     /// One entry per document, in request order.
     pub documents: Vec<IngestedDocument>,
 }
 
 /// Body of `POST /ask`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AskRequest {
     /// The question.
@@ -127,11 +127,23 @@ pub struct AskRequest {
     pub style: Option<String>,
     /// Earlier turns of the conversation, oldest first (`user` and `assistant`
     /// messages); retrieval uses the question alone.
+    #[schema(value_type = Option<Vec<ChatMessage>>)]
     pub history: Option<Vec<ragd_generator::Message>>,
 }
 
+/// A chat message (`role`: `user` or `assistant`, and its `content`), for the
+/// API documentation.
+#[derive(Debug, Clone, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ChatMessage {
+    /// `user` or `assistant` (`system` is accepted and ignored on `/v1`).
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
 /// A retrieved passage, as reported to the client.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Source {
     /// Its number in the prompt, from 1.
     pub n: usize,
@@ -171,7 +183,7 @@ pub struct Source {
 }
 
 /// Token counts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     /// Prompt tokens.
     pub prompt_tokens: usize,
@@ -185,7 +197,7 @@ pub struct Usage {
 }
 
 /// Per-stage times in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Timings {
     /// Embedding the question and searching.
     pub retrieval_ms: f64,
@@ -200,7 +212,7 @@ pub struct Timings {
 }
 
 /// The languages of a question and its answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LanguageCheck {
     /// The question's language (the one the answer is asked for).
     pub question: Lang,
@@ -212,7 +224,7 @@ pub struct LanguageCheck {
 }
 
 /// How well an answer is supported by its passages.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Grounding {
     /// The sentences' best support, averaged by length (0–1).
     pub score: f32,
@@ -224,7 +236,7 @@ pub struct Grounding {
 }
 
 /// The answer to `POST /ask` (also the `done` event of a stream).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AskResponse {
     /// The answer text (after the citation check and the content rules).
     pub answer: String,
@@ -1281,7 +1293,7 @@ impl Engine {
 }
 
 /// Body of `POST /search`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SearchRequest {
     /// The query text.
@@ -1295,7 +1307,7 @@ pub struct SearchRequest {
 }
 
 /// One result of `POST /search`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SearchResult {
     /// The document.
     pub document_id: String,
@@ -1323,7 +1335,7 @@ pub struct SearchResult {
 }
 
 /// Response of `POST /search`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SearchResponse {
     /// Best first.
     pub results: Vec<SearchResult>,

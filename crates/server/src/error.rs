@@ -8,6 +8,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+/// The JSON body of every error response.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+    /// For a program: `invalid_request`, `unauthorized`, `forbidden`,
+    /// `not_found`, `overloaded`, `not_ready`, `upstream_error`, ...
+    #[serde(rename = "type")]
+    pub r#type: String,
+}
+
 /// An error as the API reports it.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -12,7 +12,7 @@ use serde::Serialize;
 use whatlang::{Lang as WLang, Script};
 
 /// A language, by ISO 639-1 code where ragd has words for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Lang {
     /// English (also the fallback).

@@ -29,12 +29,13 @@ use crate::error::ApiError;
 use crate::workers::GenEvent;
 
 /// `POST /v1/chat/completions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ChatRequest {
     /// Accepted and echoed; ragd answers with its configured model.
     #[serde(default)]
     pub model: Option<String>,
     /// The conversation; the last `user` message is the question.
+    #[schema(value_type = Vec<crate::engine::ChatMessage>)]
     pub messages: Vec<Message>,
     /// Stream `chat.completion.chunk` events.
     #[serde(default)]
@@ -59,6 +60,7 @@ pub struct ChatRequest {
     pub n: Option<u32>,
     /// Ignored OpenAI fields.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub other: serde_json::Map<String, Value>,
 }
 
@@ -173,6 +175,7 @@ fn completion(id: &str, model: &str, a: &AskResponse) -> Value {
 }
 
 /// `POST /v1/chat/completions`.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatRequest, responses((status = 200, description = "A chat.completion (with the extension field `ragd`: citations, sources, grounding), or with `stream: true` chat.completion.chunk events and `data: [DONE]`", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     AppJson(req): AppJson<ChatRequest>,
@@ -323,7 +326,7 @@ fn stream(
 }
 
 /// `POST /v1/embeddings`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct EmbeddingsRequest {
     /// A string or a list of strings.
     pub input: Value,
@@ -335,10 +338,12 @@ pub struct EmbeddingsRequest {
     pub encoding_format: Option<String>,
     /// Ignored OpenAI fields.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub other: serde_json::Map<String, Value>,
 }
 
 /// `POST /v1/embeddings`.
+#[utoipa::path(post, path = "/v1/embeddings", tag = "openai", request_body = EmbeddingsRequest, responses((status = 200, description = "A list of embeddings (float arrays or base64)", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody)))]
 pub async fn embeddings(
     State(state): State<AppState>,
     AppJson(req): AppJson<EmbeddingsRequest>,
@@ -391,6 +396,7 @@ pub async fn embeddings(
 }
 
 /// `GET /v1/models`.
+#[utoipa::path(get, path = "/v1/models", tag = "openai", responses((status = 200, description = "The generator and the embedder", body = Object)))]
 pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let engine = state.engine.get().ok_or(ApiError::NotReady)?;
     let (generator, embedder) = engine.model_names();
