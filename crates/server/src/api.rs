@@ -31,6 +31,8 @@ pub struct AppState {
     pub keys: Arc<crate::auth::Keys>,
     /// Origins allowed by CORS.
     pub cors_origins: Vec<String>,
+    /// Longest time before a response starts.
+    pub request_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -44,6 +46,7 @@ pub fn app(state: AppState) -> Router {
     let limit = state.body_limit;
     let keys = Arc::clone(&state.keys);
     let cors = cors_layer(&state.cors_origins);
+    let timeout = state.request_timeout;
     Router::new()
         .route("/", get(index))
         .route("/health", get(health))
@@ -63,6 +66,10 @@ pub fn app(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(keys, crate::auth::check))
         .route_layer(axum::middleware::from_fn(crate::metrics::track))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .layer(cors)
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req
@@ -500,6 +507,7 @@ mod tests {
             body_limit: limit,
             keys: Arc::new(crate::auth::Keys::default()),
             cors_origins: Vec::new(),
+            request_timeout: std::time::Duration::from_secs(60),
         })
     }
 
@@ -516,6 +524,7 @@ mod tests {
                 allow_unauthenticated: false,
             })),
             cors_origins: cors.iter().map(|s| s.to_string()).collect(),
+            request_timeout: std::time::Duration::from_secs(60),
         })
     }
 

@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub max_documents_per_request: usize,
     /// Origins allowed to call the API from a browser (CORS); `["*"]` for any.
     pub cors_origins: Vec<String>,
+    /// Longest time a request may take before its response starts (408);
+    /// streamed answers are bounded by `generation.timeout_s` instead.
+    pub request_timeout_s: f64,
 }
 
 /// `[auth]`
@@ -358,6 +361,12 @@ impl Config {
                 "server.host = {:?} can be reached from other machines: set auth.read_keys / auth.write_keys, \
                  or auth.allow_unauthenticated = true to serve without keys",
                 self.server.host
+            ));
+        }
+        if !(self.server.request_timeout_s > 0.0 && self.server.request_timeout_s <= 86400.0) {
+            return invalid(format!(
+                "server.request_timeout_s = {} must be within (0, 86400]",
+                self.server.request_timeout_s
             ));
         }
         if self.server.max_documents_per_request == 0 {

@@ -102,6 +102,7 @@ pub async fn start(config: Config) -> std::io::Result<Server> {
         body_limit: config.server.body_limit_bytes,
         keys: Arc::new(auth::Keys::new(&config.auth)),
         cors_origins: config.server.cors_origins.clone(),
+        request_timeout: std::time::Duration::from_secs_f64(config.server.request_timeout_s),
     };
     let router = app(state.clone());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
