@@ -1604,3 +1604,37 @@ async fn the_openai_client_library_talks_to_v1() {
     println!("{}", run_client_script("openai/check.py", &base).await);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_answers_in_flight() {
+    let data = tempfile::tempdir().unwrap();
+    let (server, base) = start(SMOLLM, data.path()).await;
+    let client = reqwest::Client::new();
+    ingest_three(&client, &base).await;
+    let mut res = client
+        .post(format!("{base}/ask"))
+        .json(&json!({ "question": "How long does an adult cat sleep each day?", "stream": true, "max_tokens": 64 }))
+        .send()
+        .await
+        .unwrap();
+    let mut body = String::new();
+    while !body.contains("event: token") {
+        let chunk = res.chunk().await.unwrap().expect("the stream goes on");
+        body.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // Shut down while the answer is being written.
+    let shutdown = tokio::spawn(server.shutdown());
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        body.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    shutdown.await.unwrap().unwrap();
+    let events = sse_events(&body);
+    let done = &events
+        .iter()
+        .find(|(n, _)| n == "done")
+        .expect("the answer in flight finished")
+        .1;
+    assert!(!done["answer"].as_str().unwrap().is_empty(), "{done}");
+    // After shutdown nothing listens.
+    assert!(client.get(format!("{base}/health")).send().await.is_err());
+}

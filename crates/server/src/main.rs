@@ -257,11 +257,6 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
             }
-            let mut shown = serde_json::to_value(&cfg).unwrap_or_default();
-            if !cfg.remote.api_key.is_empty() {
-                shown["remote"]["api_key"] = serde_json::json!("(redacted)");
-            }
-            tracing::info!(config = %shown, "effective configuration");
             tracing::info!(config = %cfg.redacted(), "effective configuration");
             let mut server = ragd_server::start(cfg).await.context("cannot listen")?;
             tracing::info!(addr = %server.addr, "listening");

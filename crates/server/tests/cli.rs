@@ -139,3 +139,78 @@ async fn ingest_against_a_running_server() {
     );
     child.kill();
 }
+
+/// Flags beat `RAGD__` variables, which beat the file; a variable that makes
+/// the configuration unsafe stops the start with a message; the effective
+/// configuration is logged without the keys.
+#[test]
+fn serve_layers_flags_over_the_environment_and_logs_without_secrets() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = config_file(tmp.path());
+    let serve = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ragd"));
+        c.args(["serve", "--port", "0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(tmp.path().join("db"))
+            .args(extra)
+            .env("RAGD_LOG", "info")
+            .env("RAGD__SERVER__HOST", "0.0.0.0")
+            .env("RAGD__AUTH__READ_KEYS", r#"["very-secret-read-key-0123"]"#)
+            .env_remove("RAGD__AUTH__ALLOW_UNAUTHENTICATED");
+        c
+    };
+    // The environment asks for every interface: with a read key that is allowed,
+    // but a key in the environment must not reach the log. The --host flag wins.
+    let mut child = serve(&["--host", "127.0.0.1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = String::new();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("ragd logs its address").unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(at) = line.find("listening addr=") {
+            break line[at + "listening addr=".len()..].trim().to_string();
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        addr.starts_with("127.0.0.1:"),
+        "the flag beats RAGD__SERVER__HOST: {addr}"
+    );
+    assert!(log.contains("effective configuration"), "{log}");
+    assert!(
+        !log.contains("very-secret-read-key"),
+        "a key reached the log:\n{log}"
+    );
+    // Without keys, the same variable stops the start and says why.
+    let out = Command::new(env!("CARGO_BIN_EXE_ragd"))
+        .args(["serve", "--port", "0", "--config"])
+        .arg(&config)
+        .env("RAGD__SERVER__HOST", "0.0.0.0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("allow_unauthenticated"),
+        "{err}"
+    );
+    // An unknown variable is named.
+    let out = Command::new(env!("CARGO_BIN_EXE_ragd"))
+        .args(["serve", "--port", "0", "--config"])
+        .arg(&config)
+        .env("RAGD__SERVER__PROT", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("RAGD__SERVER__PROT"),
+        "{err}"
+    );
+}
