@@ -378,29 +378,7 @@ async fn ask(
     if stream {
         return Ok(sse_response(Arc::clone(engine), events, progress));
     }
-    let Some(mut events) = events else {
-        return Ok(Json(progress.no_sources()).into_response());
-    };
-    let mut progress = progress;
-    while let Some(event) = events.recv().await {
-        match event {
-            GenEvent::Prompt {
-                passages_used,
-                trimmed,
-                prompt_ms,
-                ..
-            } => progress.prompt_ready(passages_used, trimmed, prompt_ms),
-            GenEvent::Queued { .. } => {}
-            GenEvent::Token(_) => progress.token(),
-            GenEvent::Done(generation) => {
-                return Ok(Json(engine.answer(progress, generation).await).into_response())
-            }
-            GenEvent::Failed { message, fault } => return Err(fault.error(message)),
-        }
-    }
-    Err(ApiError::internal(
-        "the generator stopped without an answer",
-    ))
+    Ok(Json(engine.collect(events, progress).await?).into_response())
 }
 
 fn event(name: &str, data: &serde_json::Value) -> Event {

@@ -524,7 +524,6 @@ async fn bench_ask(
     }
     // The prompt's token ids are rebuilt with the model's own template and
     // tokenizer (a second copy of the model, loaded only for that).
-    let top_k = config.retrieval.top_k;
     let tokenizer = if json_out {
         let path = config.models.generator.clone();
         Some(tokio::task::spawn_blocking(move || ragd_generator::Generator::load(&path)).await??)
@@ -587,31 +586,22 @@ async fn bench_ask(
             .and_then(|d| serde_json::from_str::<Value>(d).ok())
             .unwrap_or(Value::Null);
         if let Some(g) = &tokenizer {
-            // The answer reports its sources without their full text: take
-            // the text from /search for the same question (the same retrieval
-            // path), in the order of the answer's sources.
-            let found: Value = client
-                .post(format!("{base}/search"))
-                .json(&json!({ "query": question, "top_k": top_k }))
-                .send()
-                .await?
-                .json()
-                .await?;
-            let results = found["results"].as_array().cloned().unwrap_or_default();
-            let mut passages = Vec::new();
-            for source in done["sources"].as_array().cloned().unwrap_or_default() {
-                let r = results
-                    .iter()
-                    .find(|r| r["chunk_id"] == source["chunk_id"])
-                    .with_context(|| {
-                        format!("source {} is not in /search's results", source["chunk_id"])
-                    })?;
-                passages.push(ragd_server::prompt::Passage::located(
-                    r["title"].as_str(),
-                    r["section"].as_str(),
-                    r["text"].as_str().unwrap_or_default(),
-                ));
-            }
+            // The prompt's passages are the answer's sources, in order.
+            let passages: Vec<ragd_server::prompt::Passage> = done["sources"]
+                .as_array()
+                .map(|sources| {
+                    sources
+                        .iter()
+                        .map(|s| {
+                            ragd_server::prompt::Passage::located(
+                                s["title"].as_str(),
+                                s["section"].as_str(),
+                                s["text"].as_str().unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             let ids = g.encode_chat(&ragd_server::prompt::messages(
                 question,
                 &passages,

@@ -1030,6 +1030,35 @@ impl Engine {
         progress.finish(g, checked, &self.content)
     }
 
+    /// Runs an ask to its end without streaming: the final answer, or the
+    /// generator's error (shared by `POST /ask` and `/v1/chat/completions`).
+    pub async fn collect(
+        &self,
+        events: Option<mpsc::UnboundedReceiver<GenEvent>>,
+        mut progress: AskProgress,
+    ) -> Result<AskResponse, ApiError> {
+        let Some(mut events) = events else {
+            return Ok(progress.no_sources());
+        };
+        while let Some(event) = events.recv().await {
+            match event {
+                GenEvent::Prompt {
+                    passages_used,
+                    trimmed,
+                    prompt_ms,
+                    ..
+                } => progress.prompt_ready(passages_used, trimmed, prompt_ms),
+                GenEvent::Queued { .. } => {}
+                GenEvent::Token(_) => progress.token(),
+                GenEvent::Done(generation) => return Ok(self.answer(progress, generation).await),
+                GenEvent::Failed { message, fault } => return Err(fault.error(message)),
+            }
+        }
+        Err(ApiError::internal(
+            "the generator stopped without an answer",
+        ))
+    }
+
     /// Embeds `texts` as passages: the vectors and the tokens read.
     pub async fn embeddings(&self, texts: Vec<String>) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
         if texts.is_empty() || texts.len() > 256 {

@@ -189,35 +189,8 @@ pub async fn chat_completions(
     if req.stream.unwrap_or(false) {
         return Ok(stream(engine, events, progress, id, model));
     }
-    let answer = collect(&engine, events, progress).await?;
+    let answer = engine.collect(events, progress).await?;
     Ok(Json(completion(&id, &model, &answer)).into_response())
-}
-
-async fn collect(
-    engine: &Arc<Engine>,
-    events: Option<tokio::sync::mpsc::UnboundedReceiver<GenEvent>>,
-    mut progress: AskProgress,
-) -> Result<AskResponse, ApiError> {
-    let Some(mut events) = events else {
-        return Ok(progress.no_sources());
-    };
-    while let Some(event) = events.recv().await {
-        match event {
-            GenEvent::Prompt {
-                passages_used,
-                trimmed,
-                prompt_ms,
-                ..
-            } => progress.prompt_ready(passages_used, trimmed, prompt_ms),
-            GenEvent::Queued { .. } => {}
-            GenEvent::Token(_) => progress.token(),
-            GenEvent::Done(generation) => return Ok(engine.answer(progress, generation).await),
-            GenEvent::Failed { message, fault } => return Err(fault.error(message)),
-        }
-    }
-    Err(ApiError::internal(
-        "the generator stopped without an answer",
-    ))
 }
 
 fn chunk(id: &str, model: &str, delta: Value) -> Event {
