@@ -118,6 +118,11 @@ pub struct GenerateParams {
     pub repeat_penalty: f32,
     /// How many recent tokens `repeat_penalty` looks at.
     pub repeat_last_n: usize,
+    /// The text may not begin with any of these strings: the first token is
+    /// chosen among those whose text (leading white space aside) starts with
+    /// none of them. A retrieval answer uses it so a small model cannot answer
+    /// with citation markers or a passage heading alone.
+    pub avoid_start: Vec<String>,
     /// Stop with [`FinishReason::Timeout`] after the token being produced when
     /// this moment has passed.
     #[serde(skip)]
@@ -135,6 +140,7 @@ impl Default for GenerateParams {
             seed: 42,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            avoid_start: Vec::new(),
             deadline: None,
         }
     }
@@ -158,9 +164,14 @@ impl GenerateParams {
                 "top_p must be within (0, 1]".into(),
             ));
         }
-        if self.stop.iter().any(String::is_empty) {
+        if self
+            .stop
+            .iter()
+            .chain(&self.avoid_start)
+            .any(String::is_empty)
+        {
             return Err(GenerateError::InvalidParams(
-                "stop strings must not be empty".into(),
+                "stop and avoid_start strings must not be empty".into(),
             ));
         }
         if !(1.0..=2.0).contains(&self.repeat_penalty) {
@@ -601,6 +612,24 @@ impl Generator {
         self.generate(&prompt, params, on_text)
     }
 
+    /// `logits` with every token whose text (after leading white space) starts
+    /// with one of `avoid` set to minus infinity. Tokens that are only white
+    /// space stay allowed; so do the end-of-turn tokens, so an empty answer
+    /// remains possible.
+    fn mask_start(&self, logits: Tensor, avoid: &[String]) -> Result<Tensor, GenerateError> {
+        let mut values = logits.to_vec1::<f32>()?;
+        for (id, bytes) in self.tokenizer.token_bytes.iter().enumerate() {
+            let text = String::from_utf8_lossy(bytes);
+            let text = text.trim_start();
+            if !text.is_empty() && avoid.iter().any(|a| text.starts_with(a.as_str())) {
+                if let Some(v) = values.get_mut(id) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Tensor::new(values, logits.device())?)
+    }
+
     /// Generates from `prompt` token ids. `on_text` receives each complete piece of
     /// text as soon as it is produced and returns `false` to stop generation.
     pub fn generate(
@@ -639,6 +668,11 @@ impl Generator {
                     params.repeat_penalty,
                     recent,
                 )?;
+            }
+            // Until the answer has visible text (a first token of white space
+            // does not count).
+            if !params.avoid_start.is_empty() && text.trim_start().is_empty() {
+                step = self.mask_start(step, &params.avoid_start)?;
             }
             let next = sampler.sample(&step)?;
             history.push(next);

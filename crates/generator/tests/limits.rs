@@ -145,3 +145,38 @@ fn prefix_cache_gives_the_same_logits_llama() {
 fn prefix_cache_gives_the_same_answers_qwen2() {
     check_prefix_cache("Qwen2.5-Coder-0.5B-Instruct.gguf", true);
 }
+
+#[test]
+fn avoided_starts_are_never_the_first_text() {
+    let mut g = smollm();
+    // A plain-text prompt (no chat turn) whose obvious continuation is a marker.
+    let p = g
+        .tokenizer()
+        .encode_plain("Sources: [1] [2] [3]\nSources: [1] [2] [3]\nSources:")
+        .unwrap();
+    let params = |avoid: &[&str]| GenerateParams {
+        max_tokens: 12,
+        avoid_start: avoid.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let free = g.generate(&p, &params(&[]), |_| true).unwrap().text;
+    assert!(
+        free.trim_start().starts_with('['),
+        "the model starts with a marker when free to: {free:?}"
+    );
+    let kept = g.generate(&p, &params(&["[", "("]), |_| true).unwrap().text;
+    let start = kept.trim_start();
+    assert!(
+        !start.is_empty() && !start.starts_with('[') && !start.starts_with('('),
+        "{kept:?}"
+    );
+    assert!(
+        GenerateParams {
+            avoid_start: vec![String::new()],
+            ..Default::default()
+        }
+        .validate()
+        .is_err(),
+        "an empty avoided start is refused"
+    );
+}
