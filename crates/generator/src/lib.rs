@@ -96,7 +96,7 @@ impl Weights {
 }
 
 /// Sampling and length settings of one generation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GenerateParams {
     /// Most tokens to generate.
@@ -118,11 +118,11 @@ pub struct GenerateParams {
     pub repeat_penalty: f32,
     /// How many recent tokens `repeat_penalty` looks at.
     pub repeat_last_n: usize,
-    /// The text may not begin with any of these strings: the first token is
-    /// chosen among those whose text (leading white space aside) starts with
-    /// none of them. A retrieval answer uses it so a small model cannot answer
-    /// with citation markers or a passage heading alone.
-    pub avoid_start: Vec<String>,
+    /// Called before each token with the text so far; what it returns limits
+    /// the next token (see [`Steer`]). A retrieval answer uses it so that a
+    /// small model cannot answer with citation markers alone.
+    #[serde(skip)]
+    pub steer: Option<fn(&str) -> Steer>,
     /// Stop with [`FinishReason::Timeout`] after the token being produced when
     /// this moment has passed.
     #[serde(skip)]
@@ -140,7 +140,7 @@ impl Default for GenerateParams {
             seed: 42,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
-            avoid_start: Vec::new(),
+            steer: None,
             deadline: None,
         }
     }
@@ -164,14 +164,9 @@ impl GenerateParams {
                 "top_p must be within (0, 1]".into(),
             ));
         }
-        if self
-            .stop
-            .iter()
-            .chain(&self.avoid_start)
-            .any(String::is_empty)
-        {
+        if self.stop.iter().any(String::is_empty) {
             return Err(GenerateError::InvalidParams(
-                "stop and avoid_start strings must not be empty".into(),
+                "stop strings must not be empty".into(),
             ));
         }
         if !(1.0..=2.0).contains(&self.repeat_penalty) {
@@ -181,6 +176,25 @@ impl GenerateParams {
         }
         Ok(())
     }
+}
+
+/// What the next token may be (returned by [`GenerateParams::steer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Steer {
+    /// Whether an end-of-turn token may come next (the length limit applies
+    /// either way).
+    pub may_end: bool,
+    /// A token whose text, leading white space aside, starts with one of these
+    /// may not come next (tokens of white space only stay allowed).
+    pub avoid: &'static [&'static str],
+}
+
+impl Steer {
+    /// No limit.
+    pub const FREE: Steer = Steer {
+        may_end: true,
+        avoid: &[],
+    };
 }
 
 /// Why generation ended.
@@ -612,17 +626,26 @@ impl Generator {
         self.generate(&prompt, params, on_text)
     }
 
-    /// `logits` with every token whose text (after leading white space) starts
-    /// with one of `avoid` set to minus infinity. Tokens that are only white
-    /// space stay allowed; so do the end-of-turn tokens, so an empty answer
-    /// remains possible.
-    fn mask_start(&self, logits: Tensor, avoid: &[String]) -> Result<Tensor, GenerateError> {
+    /// `logits` limited as `steer` says: minus infinity for the end-of-turn
+    /// tokens unless it may end, and for every token whose text (after leading
+    /// white space) starts with one of `steer.avoid`.
+    fn apply_steer(&self, logits: Tensor, steer: Steer) -> Result<Tensor, GenerateError> {
+        if steer == Steer::FREE {
+            return Ok(logits);
+        }
         let mut values = logits.to_vec1::<f32>()?;
-        for (id, bytes) in self.tokenizer.token_bytes.iter().enumerate() {
-            let text = String::from_utf8_lossy(bytes);
-            let text = text.trim_start();
-            if !text.is_empty() && avoid.iter().any(|a| text.starts_with(a.as_str())) {
-                if let Some(v) = values.get_mut(id) {
+        if !steer.may_end {
+            for &id in &self.stop_ids {
+                if let Some(v) = values.get_mut(id as usize) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if !steer.avoid.is_empty() {
+            for (v, bytes) in values.iter_mut().zip(&self.tokenizer.token_bytes) {
+                let text = String::from_utf8_lossy(bytes);
+                let text = text.trim_start();
+                if !text.is_empty() && steer.avoid.iter().any(|a| text.starts_with(a)) {
                     *v = f32::NEG_INFINITY;
                 }
             }
@@ -669,10 +692,8 @@ impl Generator {
                     recent,
                 )?;
             }
-            // Until the answer has visible text (a first token of white space
-            // does not count).
-            if !params.avoid_start.is_empty() && text.trim_start().is_empty() {
-                step = self.mask_start(step, &params.avoid_start)?;
+            if let Some(steer) = params.steer {
+                step = self.apply_steer(step, steer(&text))?;
             }
             let next = sampler.sample(&step)?;
             history.push(next);

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ragd_generator::{FinishReason, GenerateParams, Generator, Message};
+use ragd_generator::{FinishReason, GenerateParams, Generator, Message, Steer};
 
 fn load(file: &str) -> Generator {
     let dir = std::env::var_os("RAGD_MODELS_DIR")
@@ -147,36 +147,92 @@ fn prefix_cache_gives_the_same_answers_qwen2() {
 }
 
 #[test]
-fn avoided_starts_are_never_the_first_text() {
+fn steer_limits_the_next_token() {
     let mut g = smollm();
     // A plain-text prompt (no chat turn) whose obvious continuation is a marker.
     let p = g
         .tokenizer()
         .encode_plain("Sources: [1] [2] [3]\nSources: [1] [2] [3]\nSources:")
         .unwrap();
-    let params = |avoid: &[&str]| GenerateParams {
+    let params = |steer: Option<fn(&str) -> Steer>| GenerateParams {
         max_tokens: 12,
-        avoid_start: avoid.iter().map(|s| s.to_string()).collect(),
+        steer,
         ..Default::default()
     };
-    let free = g.generate(&p, &params(&[]), |_| true).unwrap().text;
+    let free = g.generate(&p, &params(None), |_| true).unwrap().text;
     assert!(
         free.trim_start().starts_with('['),
         "the model starts with a marker when free to: {free:?}"
     );
-    let kept = g.generate(&p, &params(&["[", "("]), |_| true).unwrap().text;
+    fn no_brackets_first(text: &str) -> Steer {
+        if text.trim().is_empty() {
+            Steer {
+                may_end: false,
+                avoid: &["[", "("],
+            }
+        } else {
+            Steer::FREE
+        }
+    }
+    let kept = g
+        .generate(&p, &params(Some(no_brackets_first)), |_| true)
+        .unwrap()
+        .text;
     let start = kept.trim_start();
     assert!(
         !start.is_empty() && !start.starts_with('[') && !start.starts_with('('),
         "{kept:?}"
     );
+}
+
+#[test]
+fn the_answer_cannot_end_before_steer_allows() {
+    let mut g = smollm();
+    let messages: Vec<Message> = serde_json::from_value(serde_json::json!([{
+        "role": "user",
+        "content": "Is water wet? Reply with one word."
+    }]))
+    .unwrap();
+    let p = g.encode_chat(&messages).unwrap();
+    let free = g
+        .generate(
+            &p,
+            &GenerateParams {
+                max_tokens: 40,
+                ..Default::default()
+            },
+            |_| true,
+        )
+        .unwrap();
+    assert_eq!(free.finish_reason, FinishReason::Stop, "{:?}", free.text);
     assert!(
-        GenerateParams {
-            avoid_start: vec![String::new()],
-            ..Default::default()
+        free.text.len() < 80,
+        "a short answer when free: {:?}",
+        free.text
+    );
+    fn at_least_80_bytes(text: &str) -> Steer {
+        Steer {
+            may_end: text.len() >= 80,
+            avoid: &[],
         }
-        .validate()
-        .is_err(),
-        "an empty avoided start is refused"
+    }
+    let held = g
+        .generate(
+            &p,
+            &GenerateParams {
+                max_tokens: 40,
+                steer: Some(at_least_80_bytes),
+                ..Default::default()
+            },
+            |_| true,
+        )
+        .unwrap();
+    assert!(
+        held.text.len() >= 80 || held.finish_reason == FinishReason::Length,
+        "{held:?}"
+    );
+    assert!(
+        held.text.starts_with(free.text.trim_end()),
+        "{free:?} {held:?}"
     );
 }

@@ -491,7 +491,7 @@ impl Config {
             seed: g.seed,
             repeat_penalty: g.repeat_penalty,
             repeat_last_n: g.repeat_last_n,
-            avoid_start: Vec::new(),
+            steer: None,
             deadline: None,
         }
     }

@@ -879,10 +879,8 @@ impl Engine {
         if style == Style::Concise {
             params.max_tokens = g.concise_max_tokens;
         }
-        // An answer begins with words: a small model otherwise sometimes
-        // answers with the markers "[1] [2] [3]" alone, or repeats a passage's
-        // "(heading)" as the prompt shows it.
-        params.avoid_start = vec!["[".into(), "(".into(), "<".into()];
+        // Not markers alone, nor a passage heading echoed (see the function).
+        params.steer = Some(citations::steer_answer);
         params.deadline =
             Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(g.timeout_s));
         if let Some(m) = req.max_tokens {

@@ -110,7 +110,7 @@ async fn run(client: &reqwest::Client, config: &RemoteConfig, job: GenJob) {
     if params.repeat_penalty != 1.0 {
         body["repeat_penalty"] = json!(params.repeat_penalty);
     }
-    // `params.avoid_start` is not sent: the OpenAI API can only bias token ids,
+    // `params.steer` is not applied: the OpenAI API can only bias token ids,
     // which are the remote model's own. The larger models such servers run do
     // not answer with markers alone the way the 0.5B default does.
     let url = format!("{}/v1/chat/completions", config.url.trim_end_matches('/'));
