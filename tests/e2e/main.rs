@@ -101,6 +101,15 @@ fn sse_events(body: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// The events of a streamed answer without "queued", which may come first
+/// while the slot of the answer before is still being released.
+fn answer_events(body: &str) -> Vec<(String, Value)> {
+    sse_events(body)
+        .into_iter()
+        .filter(|(n, _)| n != "queued")
+        .collect()
+}
+
 async fn ask_json(client: &reqwest::Client, base: &str, question: &str) -> Value {
     let (status, answer) = post(
         client,
@@ -189,7 +198,7 @@ async fn smollm_ingest_ask_and_stream() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     assert_eq!(res.headers()["x-accel-buffering"], "no");
-    let events = sse_events(&res.text().await.unwrap());
+    let events = answer_events(&res.text().await.unwrap());
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names.first(), Some(&"sources"), "{names:?}");
     assert_eq!(names.last(), Some(&"done"), "{names:?}");
@@ -218,7 +227,7 @@ async fn smollm_ingest_ask_and_stream() {
         .send()
         .await
         .unwrap();
-    let events = sse_events(&res.text().await.unwrap());
+    let events = answer_events(&res.text().await.unwrap());
     assert_eq!(events.first().map(|e| e.0.as_str()), Some("sources"));
     assert_eq!(events.last().map(|e| e.0.as_str()), Some("done"));
 
@@ -1437,7 +1446,7 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let events = sse_events(&res.text().await.unwrap());
+    let events = answer_events(&res.text().await.unwrap());
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names.first(), Some(&"sources"), "{names:?}");
     assert!(
@@ -1637,4 +1646,55 @@ async fn shutdown_finishes_the_answers_in_flight() {
     assert!(!done["answer"].as_str().unwrap().is_empty(), "{done}");
     // After shutdown nothing listens.
     assert!(client.get(format!("{base}/health")).send().await.is_err());
+}
+
+/// `server.request_timeout_s` bounds a request until its response starts: a
+/// JSON answer that takes longer is 408, while a streamed one starts at once
+/// and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_json_answer_is_408_and_a_stream_is_not() {
+    let data = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    {
+        let (server, base) = start(SMOLLM, data.path()).await;
+        ingest_three(&client, &base).await;
+        server.shutdown().await.unwrap();
+    }
+    let mut c = config(SMOLLM, data.path());
+    // Reading the prompt alone (a few hundred tokens) takes longer than this.
+    c.server.request_timeout_s = 0.2;
+    let (server, base) = start_with(c).await;
+    let question = "How long does an adult cat sleep each day?";
+    let res = client
+        .post(format!("{base}/ask"))
+        .json(&json!({ "question": question }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 408);
+    let res = client
+        .post(format!("{base}/ask"))
+        .json(&json!({ "question": question, "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let events = sse_events(&res.text().await.unwrap());
+    let done = &events
+        .iter()
+        .find(|(n, _)| n == "done")
+        .expect("the streamed answer finished")
+        .1;
+    assert!(!done["answer"].as_str().unwrap().is_empty(), "{done}");
+    assert_eq!(
+        client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    server.shutdown().await.unwrap();
 }

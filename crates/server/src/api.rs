@@ -408,8 +408,12 @@ fn sse_response(
         let mut filter = engine.content_rules().stream();
         // A failed send means the client has gone: returning drops `events`, which
         // stops the generator at its next token.
+        // The queue position is sent after the job is handed over, so the
+        // generator may already have started it: a late position is stale.
+        let mut started = false;
         while let Some(ev) = events.recv().await {
             let out = match ev {
+                GenEvent::Queued { .. } if started => continue,
                 GenEvent::Queued { position } => event("queued", &json!({ "position": position })),
                 GenEvent::Prompt {
                     passages_used,
@@ -417,6 +421,7 @@ fn sse_response(
                     prompt_ms,
                     ..
                 } => {
+                    started = true;
                     progress.prompt_ready(passages_used, trimmed, prompt_ms);
                     event(
                         "sources",

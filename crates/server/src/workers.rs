@@ -404,14 +404,16 @@ impl GenWorker {
     /// Queues a job, or fails at once when the queue is full. Returns how many
     /// jobs will be started before this one once a slot frees (0: a slot is free).
     pub fn submit(&self, job: GenJob) -> Result<usize, QueueFull> {
+        // Free slots are counted before the job is handed over: afterwards a
+        // slot may already be busy with this very job.
+        let free = self
+            .slots
+            .saturating_sub(self.load.busy.load(Ordering::SeqCst));
         let ahead = self.load.waiting.fetch_add(1, Ordering::SeqCst);
         if self.tx.try_send(job).is_err() {
             self.load.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(QueueFull);
         }
-        let free = self
-            .slots
-            .saturating_sub(self.load.busy.load(Ordering::SeqCst));
         Ok((ahead + 1).saturating_sub(free))
     }
 }
