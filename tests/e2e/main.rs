@@ -1150,6 +1150,32 @@ async fn the_multilingual_embedder_finds_passages_across_languages() {
         let (top, r) = dense_top(query).await;
         assert_eq!(top, want, "{query}: {r}");
     }
+    // This embedder's own thresholds (unrelated text scores about 0.75 here,
+    // against documents in English):
+    // a question on another topic is declined without the model, in its
+    // language; one on these documents is answered.
+    let ready: Value = client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready["thresholds"]["abstain_below"]
+            .as_f64()
+            .map(|v| (v * 100.0).round()),
+        Some(81.0),
+        "{ready}"
+    );
+    for question in ["人体正常体温是多少度？", "How do I bake sourdough bread?"] {
+        let a = ask_json(&client, &base, question).await;
+        assert_eq!(a["answerable"], false, "{question}: {a}");
+        assert_eq!(a["finish_reason"], "no_sources", "{question}: {a}");
+    }
+    let a = ask_json(&client, &base, "How often should I oil the chain?").await;
+    assert_eq!(a["answerable"], true, "{a}");
     // An English question finds the Chinese document among English ones.
     let tea = json!({ "documents": [
         { "id": "tea", "title": "茶", "text": "绿茶是中国最常见的茶类，主要产于浙江和安徽。" }

@@ -119,11 +119,14 @@ pub struct RetrievalConfig {
     pub top_k: usize,
     /// Largest `top_k` a request may ask for.
     pub max_top_k: usize,
-    /// Passages scoring below this are left out.
-    pub min_score: f32,
+    /// Passages scoring below this are left out. `None`: the embedder's
+    /// calibrated value ([`Thresholds::for_embedder`]).
+    #[serde(default)]
+    pub min_score: Option<f32>,
     /// When the best passage scores below this, ragd declines to answer
-    /// without asking the model.
-    pub abstain_below: f32,
+    /// without asking the model. `None`: the embedder's calibrated value.
+    #[serde(default)]
+    pub abstain_below: Option<f32>,
     /// Default retrieval mode.
     pub mode: crate::retrieval::Mode,
     /// Hybrid fusion method.
@@ -394,10 +397,9 @@ impl Config {
                 r.candidates
             ));
         }
-        if !(-1.0..=1.0).contains(&r.abstain_below) {
+        if let Some(a) = r.abstain_below.filter(|a| !(-1.0..=1.0).contains(a)) {
             return invalid(format!(
-                "retrieval.abstain_below = {} must be within -1..=1",
-                r.abstain_below
+                "retrieval.abstain_below = {a} must be within -1..=1"
             ));
         }
         if !(0.0..=1.0).contains(&self.answers.min_support) {
@@ -408,11 +410,8 @@ impl Config {
         }
         crate::content::ContentRules::new(&self.answers.redact, &self.answers.block_terms)
             .map_err(ConfigError::Invalid)?;
-        if !(-1.0..=1.0).contains(&r.min_score) {
-            return invalid(format!(
-                "retrieval.min_score = {} must be within -1..=1",
-                r.min_score
-            ));
+        if let Some(m) = r.min_score.filter(|m| !(-1.0..=1.0).contains(m)) {
+            return invalid(format!("retrieval.min_score = {m} must be within -1..=1"));
         }
         let g = &self.generation;
         if g.max_tokens == 0 || g.max_tokens > g.max_tokens_limit {
@@ -497,6 +496,49 @@ impl Config {
     }
 }
 
+/// The retrieval score thresholds in force: the configured ones, else the
+/// embedder's calibrated ones. Cosine similarity means different things for
+/// different embedders (all-MiniLM-L6-v2 scores unrelated text around 0,
+/// multilingual-e5-small around 0.75), so one number cannot serve both.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// Passages below this are not given to the model.
+    pub min_score: f32,
+    /// Below this best score ragd declines without asking the model.
+    pub abstain_below: f32,
+    /// Whether the embedder's values came from a calibration (false: an
+    /// unknown embedder fell back to all-MiniLM-L6-v2's).
+    pub calibrated: bool,
+}
+
+impl Thresholds {
+    /// Measured with the Debian FAQ's 123 questions and the 40 questions of
+    /// `eval/unanswerable.jsonl` (top passage cosine; hybrid retrieval):
+    /// all-MiniLM-L6-v2 scores the FAQ's questions 0.25-0.9 (all but one above
+    /// 0.33) and the others 0.24 at most; multilingual-e5-small scores them
+    /// 0.818-0.94 and 0.71-0.810 — a narrow gap, so calibrate on your own
+    /// questions with `ragd eval qa` where it matters.
+    const KNOWN: &[(&str, f32, f32)] = &[
+        ("all-MiniLM-L6-v2", 0.2, 0.3),
+        ("multilingual-e5-small", 0.8, 0.81),
+    ];
+
+    /// The thresholds for the embedder named `embedder` (its directory name),
+    /// with the configured values taking precedence.
+    pub fn for_embedder(retrieval: &RetrievalConfig, embedder: &str) -> Self {
+        let known = Self::KNOWN
+            .iter()
+            .find(|(name, _, _)| embedder.eq_ignore_ascii_case(name));
+        let (_, min_score, abstain_below) = known.copied().unwrap_or(Self::KNOWN[0]);
+        Self {
+            min_score: retrieval.min_score.unwrap_or(min_score),
+            abstain_below: retrieval.abstain_below.unwrap_or(abstain_below),
+            calibrated: known.is_some()
+                || (retrieval.min_score.is_some() && retrieval.abstain_below.is_some()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,6 +549,44 @@ mod tests {
         assert_eq!(c.server.port, 8080);
         assert_eq!(c.retrieval.top_k, 4);
         assert_eq!(c.index, IndexConfig::default());
+    }
+
+    #[test]
+    fn thresholds_follow_the_embedder_unless_configured() {
+        let c = Config::defaults();
+        assert_eq!(
+            (c.retrieval.min_score, c.retrieval.abstain_below),
+            (None, None)
+        );
+        let t = |c: &Config, name| Thresholds::for_embedder(&c.retrieval, name);
+        let minilm = t(&c, "all-MiniLM-L6-v2");
+        assert_eq!(
+            (minilm.min_score, minilm.abstain_below, minilm.calibrated),
+            (0.2, 0.3, true)
+        );
+        let e5 = t(&c, "multilingual-e5-small");
+        assert_eq!(
+            (e5.min_score, e5.abstain_below, e5.calibrated),
+            (0.8, 0.81, true)
+        );
+        let other = t(&c, "bge-small-en");
+        assert_eq!(
+            (other.min_score, other.abstain_below, other.calibrated),
+            (0.2, 0.3, false)
+        );
+        let set =
+            Config::from_toml_over_defaults("[retrieval]\nabstain_below = 0.5\n", "test").unwrap();
+        let e5 = t(&set, "multilingual-e5-small");
+        assert_eq!((e5.min_score, e5.abstain_below), (0.8, 0.5));
+        let both = Config::from_toml_over_defaults(
+            "[retrieval]\nmin_score = 0.4\nabstain_below = 0.5\n",
+            "test",
+        )
+        .unwrap();
+        assert!(t(&both, "bge-small-en").calibrated, "both set by the user");
+        assert!(
+            Config::from_toml_over_defaults("[retrieval]\nabstain_below = 1.5\n", "test").is_err()
+        );
     }
 
     #[test]

@@ -321,6 +321,8 @@ pub struct Engine {
     index_source: &'static str,
     /// Redaction and block list for answers and snippets.
     content: Arc<ContentRules>,
+    /// The retrieval score thresholds for this embedder.
+    thresholds: crate::config::Thresholds,
 }
 
 /// The store and the index derived from it, changed together under one lock.
@@ -486,6 +488,23 @@ impl Engine {
             &config.answers.redact,
             &config.answers.block_terms,
         )?);
+        let thresholds = crate::config::Thresholds::for_embedder(&config.retrieval, &embedder.name);
+        if thresholds.calibrated {
+            tracing::info!(
+                embedder = %embedder.name,
+                min_score = thresholds.min_score,
+                abstain_below = thresholds.abstain_below,
+                "retrieval thresholds"
+            );
+        } else {
+            tracing::warn!(
+                embedder = %embedder.name,
+                min_score = thresholds.min_score,
+                abstain_below = thresholds.abstain_below,
+                "no calibrated retrieval thresholds for this embedder: all-MiniLM-L6-v2's are used; \
+                 set retrieval.min_score and retrieval.abstain_below (measure with `ragd eval qa`)"
+            );
+        }
         Ok(Self {
             config,
             embedder,
@@ -493,6 +512,7 @@ impl Engine {
             data: Mutex::new(data),
             index_source,
             content,
+            thresholds,
         })
     }
 
@@ -515,6 +535,7 @@ impl Engine {
         };
         serde_json::json!({
             "models": { "embedder": self.embedder.name, "generator": self.generator.as_ref().map(|g| &g.name) },
+            "thresholds": { "min_score": self.thresholds.min_score, "abstain_below": self.thresholds.abstain_below },
             "documents": documents,
             "chunks": chunks,
             "index_at_start": self.index_source,
@@ -941,12 +962,15 @@ impl Engine {
             .as_ref()
             .ok_or_else(|| ApiError::internal("no generator is loaded"))?;
         let sources = self
-            .retrieve(question, top_k, filter, mode, r.min_score)
+            .retrieve(question, top_k, filter, mode, self.thresholds.min_score)
             .await?;
         let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
         let model = generator.name.clone();
         // Nothing relevant enough: decline without asking the model.
-        if sources.first().is_none_or(|s| s.score < r.abstain_below) {
+        if sources
+            .first()
+            .is_none_or(|s| s.score < self.thresholds.abstain_below)
+        {
             return Ok(AskRun {
                 sources: Vec::new(),
                 events: None,
