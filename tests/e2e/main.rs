@@ -63,6 +63,18 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value)
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
+/// GET `url` and its JSON body.
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("a JSON body")
+}
+
 async fn ingest_three(client: &reqwest::Client, base: &str) {
     let (status, body) = post(client, &format!("{base}/ingest"), &three_documents()).await;
     assert_eq!(status, 200, "{body}");
@@ -334,16 +346,7 @@ async fn restart_gives_the_same_results_from_the_dump_or_a_rebuild() {
     let ask = json!({ "question": "What does Rust's borrow checker enforce?", "max_tokens": 12 });
     let ready = |base: String| {
         let client = client.clone();
-        async move {
-            client
-                .get(format!("{base}/ready"))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
+        async move { get_json(&client, &format!("{base}/ready")).await }
     };
     let (before_search, before_answer) = {
         let (server, base) = start(SMOLLM, data.path()).await;
@@ -623,14 +626,7 @@ async fn documents_are_listed_updated_and_deleted_for_good() {
         let (server, base) = start(SMOLLM, data.path()).await;
         ingest_three(&client, &base).await;
 
-        let list: Value = client
-            .get(format!("{base}/documents?limit=2"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: Value = get_json(&client, &format!("{base}/documents?limit=2")).await;
         let ids: Vec<&str> = list["documents"]
             .as_array()
             .unwrap()
@@ -639,14 +635,8 @@ async fn documents_are_listed_updated_and_deleted_for_good() {
             .collect();
         assert_eq!(ids, vec!["cats", "everest"]);
         assert_eq!(list["next"], "everest");
-        let list: Value = client
-            .get(format!("{base}/documents?limit=2&after=everest"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: Value =
+            get_json(&client, &format!("{base}/documents?limit=2&after=everest")).await;
         assert_eq!(list["documents"][0]["id"], "rust");
         assert!(list["next"].is_null());
         let res = client
@@ -656,14 +646,7 @@ async fn documents_are_listed_updated_and_deleted_for_good() {
             .unwrap();
         assert_eq!(res.status(), 422);
 
-        let doc: Value = client
-            .get(format!("{base}/documents/everest"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let doc: Value = get_json(&client, &format!("{base}/documents/everest")).await;
         assert_eq!(doc["chunks"], 1);
         assert_eq!(doc["metadata"]["lang"], "en");
         assert!(doc["hash"].as_str().is_some_and(|h| h.len() == 64));
@@ -1154,14 +1137,7 @@ async fn the_multilingual_embedder_finds_passages_across_languages() {
     // against documents in English):
     // a question on another topic is declined without the model, in its
     // language; one on these documents is answered.
-    let ready: Value = client
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = get_json(&client, &format!("{base}/ready")).await;
     assert_eq!(
         ready["thresholds"]["abstain_below"]
             .as_f64()
@@ -1358,14 +1334,7 @@ async fn a_full_queue_is_429_and_a_disconnect_frees_the_slot() {
     assert_eq!(names.first(), Some(&"queued"), "{body}");
     assert_eq!(events[0].1["position"], 1);
     assert_eq!(names.last(), Some(&"done"), "{body}");
-    let ready: Value = client
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = get_json(&client, &format!("{base}/ready")).await;
     assert_eq!(ready["generation"]["waiting"], 0, "{ready}");
     server.shutdown().await.unwrap();
 }

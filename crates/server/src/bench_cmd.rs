@@ -14,7 +14,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::eval_cmd::read_jsonl;
+use anyhow::{bail, Result};
 use clap::Subcommand;
 use ragd_embedder::{Embedder, EmbedderConfig};
 use ragd_generator::Generator;
@@ -104,15 +105,6 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| Ok(serde_json::from_str(l)?))
-        .collect()
 }
 
 fn corpus_texts(corpus: &Path) -> Result<Vec<Value>> {

@@ -15,7 +15,8 @@ use ragd_server::engine::{IngestRequest, SearchRequest};
 use ragd_server::Config;
 use serde_json::{json, Value};
 
-fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+/// The JSON values of a `.jsonl` file, one per non-empty line.
+pub(crate) fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()

@@ -18,21 +18,13 @@
 //! * latency and time to first token, p50 and p95.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use crate::eval_cmd::read_jsonl;
+use anyhow::Result;
 use ragd_server::Config;
 use serde_json::{json, Value};
-
-fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| Ok(serde_json::from_str(l)?))
-        .collect()
-}
 
 /// Lower-cased words without punctuation; Han characters are words of their own.
 pub(crate) fn tokens(text: &str) -> Vec<String> {
