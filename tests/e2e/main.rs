@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use ragd_server::{Config, Server};
+use ragd::{Config, Server};
 use serde_json::{json, Value};
 
 const SMOLLM: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -40,7 +40,7 @@ async fn start(generator: &str, data_dir: &std::path::Path) -> (Server, String) 
 
 /// Starts a server with `config` and waits until it is ready; returns it and its base URL.
 async fn start_with(config: Config) -> (Server, String) {
-    let mut server = ragd_server::start(config).await.expect("server starts");
+    let mut server = ragd::start(config).await.expect("server starts");
     server.wait_ready().await.expect("models load");
     let base = format!("http://{}", server.addr);
     (server, base)

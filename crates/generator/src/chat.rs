@@ -7,28 +7,9 @@
 //! Settings follow Hugging Face's renderer: `trim_blocks`, `lstrip_blocks`.
 
 use minijinja::{context, Environment, Error, ErrorKind};
-use serde::{Deserialize, Serialize};
 
 use crate::GenerateError;
-
-/// One turn of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// The turn's text.
-    pub content: String,
-}
-
-impl Message {
-    /// A message with `role` and `content`.
-    pub fn new(role: &str, content: impl Into<String>) -> Self {
-        Self {
-            role: role.to_string(),
-            content: content.into(),
-        }
-    }
-}
+use ragd_core::Message;
 
 /// A compiled chat template.
 #[derive(Clone)]

@@ -29,9 +29,8 @@ use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::models::qwen2 as quantized_qwen2;
-use serde::{Deserialize, Serialize};
-
-pub use chat::{ChatTemplate, Message};
+pub use chat::ChatTemplate;
+pub use ragd_core::{FinishReason, GenerateParams, Generation, Message, Steer};
 pub use gguf_tokenizer::GgufTokenizer;
 pub use stream::Utf8Stream;
 
@@ -93,153 +92,6 @@ impl Weights {
             Weights::Llama(m) => m.clear_kv_cache(),
         }
     }
-}
-
-/// Sampling and length settings of one generation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GenerateParams {
-    /// Most tokens to generate.
-    pub max_tokens: usize,
-    /// 0 for greedy decoding; otherwise the softmax temperature.
-    pub temperature: f64,
-    /// Nucleus sampling mass, in (0, 1]; used when `temperature > 0`.
-    pub top_p: f64,
-    /// Sample among the `top_k` most likely tokens only (0: no limit); used when
-    /// `temperature > 0`, before `top_p`.
-    pub top_k: usize,
-    /// The answer ends before the first occurrence of any of these strings
-    /// (which is not included), with finish reason `stop`.
-    pub stop: Vec<String>,
-    /// Seed of the sampler.
-    pub seed: u64,
-    /// Divides the logits of tokens seen in the last `repeat_last_n` tokens
-    /// (prompt included, as llama.cpp does); 1.0 turns it off.
-    pub repeat_penalty: f32,
-    /// How many recent tokens `repeat_penalty` looks at.
-    pub repeat_last_n: usize,
-    /// Called before each token with the text so far; what it returns limits
-    /// the next token (see [`Steer`]). A retrieval answer uses it so that a
-    /// small model cannot answer with citation markers alone.
-    #[serde(skip)]
-    pub steer: Option<fn(&str) -> Steer>,
-    /// Stop with [`FinishReason::Timeout`] after the token being produced when
-    /// this moment has passed.
-    #[serde(skip)]
-    pub deadline: Option<Instant>,
-}
-
-impl Default for GenerateParams {
-    fn default() -> Self {
-        Self {
-            max_tokens: 256,
-            temperature: 0.0,
-            top_p: 0.9,
-            top_k: 0,
-            stop: Vec::new(),
-            seed: 42,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            steer: None,
-            deadline: None,
-        }
-    }
-}
-
-impl GenerateParams {
-    /// Checks the ranges.
-    pub fn validate(&self) -> Result<(), GenerateError> {
-        if self.max_tokens == 0 {
-            return Err(GenerateError::InvalidParams(
-                "max_tokens must be at least 1".into(),
-            ));
-        }
-        if !(0.0..=5.0).contains(&self.temperature) {
-            return Err(GenerateError::InvalidParams(
-                "temperature must be within 0..=5".into(),
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(GenerateError::InvalidParams(
-                "top_p must be within (0, 1]".into(),
-            ));
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return Err(GenerateError::InvalidParams(
-                "stop strings must not be empty".into(),
-            ));
-        }
-        if !(1.0..=2.0).contains(&self.repeat_penalty) {
-            return Err(GenerateError::InvalidParams(
-                "repeat_penalty must be within 1..=2".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// What the next token may be (returned by [`GenerateParams::steer`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Steer {
-    /// Whether an end-of-turn token may come next (the length limit applies
-    /// either way).
-    pub may_end: bool,
-    /// A token whose text, leading white space aside, starts with one of these
-    /// may not come next (tokens of white space only stay allowed).
-    pub avoid: &'static [&'static str],
-}
-
-impl Steer {
-    /// No limit.
-    pub const FREE: Steer = Steer {
-        may_end: true,
-        avoid: &[],
-    };
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// The model ended its turn.
-    Stop,
-    /// `max_tokens` or the context window was reached.
-    Length,
-    /// The caller asked to stop (for example, the client went away).
-    Cancelled,
-    /// The request's deadline passed.
-    Timeout,
-}
-
-impl FinishReason {
-    /// `stop`, `length`, `cancelled` or `timeout`, as serialised.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Cancelled => "cancelled",
-            FinishReason::Timeout => "timeout",
-        }
-    }
-}
-
-/// The result of one generation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Generation {
-    /// The generated text.
-    pub text: String,
-    /// Tokens in the prompt.
-    pub prompt_tokens: usize,
-    /// Tokens generated (the end-of-turn token not counted).
-    pub completion_tokens: usize,
-    /// Why it ended.
-    pub finish_reason: FinishReason,
-    /// Time to process the prompt and sample the first token, ms.
-    pub prefill_ms: f64,
-    /// Time spent generating after the first token, ms.
-    pub decode_ms: f64,
-    /// Prompt tokens taken from the cached prefix instead of being read again.
-    pub cached_tokens: usize,
 }
 
 /// Holds back generated text that could be the start of a stop string, and
@@ -661,7 +513,9 @@ impl Generator {
         params: &GenerateParams,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, GenerateError> {
-        params.validate()?;
+        params
+            .validate()
+            .map_err(|e| GenerateError::InvalidParams(e.0))?;
         let started = Instant::now();
         let (mut logits, cached) = self.start(prompt)?;
         let max_new = params.max_tokens.min(self.context - prompt.len());

@@ -164,14 +164,7 @@ impl Distance<f32> for ClampedDot {
     }
 }
 
-/// One search result.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Hit {
-    /// The id the vector was inserted with.
-    pub id: usize,
-    /// Cosine similarity with the query, in `[-1, 1]`; higher is closer.
-    pub score: f32,
-}
+pub use ragd_core::Hit;
 
 /// An HNSW index of unit vectors of one dimension.
 ///

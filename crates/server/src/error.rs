@@ -2,10 +2,13 @@
 //!
 //! Every error is the client's fault (4xx, with a message that helps fix the
 //! request) or ours (5xx, with a generic message; the detail goes to the log).
+//! The pipeline's errors ([`ragd_pipeline::Error`]) say whose fault they are;
+//! the HTTP layer adds its own (bodies it cannot read, keys, start-up).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use ragd_pipeline::Error;
 use serde_json::json;
 
 /// The JSON body of every error response.
@@ -28,7 +31,7 @@ pub enum ApiError {
     /// A `multipart/form-data` body cannot be read.
     #[error("{0}")]
     MalformedMultipart(String),
-    /// The body is JSON of the wrong shape, or a value is out of range.
+    /// The body is JSON of the wrong shape.
     #[error("{0}")]
     Invalid(String),
     /// The body is larger than `server.body_limit_bytes`.
@@ -37,7 +40,7 @@ pub enum ApiError {
     /// The body is not declared as JSON.
     #[error("{0}")]
     UnsupportedMediaType(String),
-    /// No such route or resource.
+    /// No such route.
     #[error("{0}")]
     NotFound(String),
     /// No API key, or one that is not configured.
@@ -49,19 +52,12 @@ pub enum ApiError {
     /// The models are still loading.
     #[error("the service is starting: models are still loading")]
     NotReady,
-    /// The generation queue is full.
-    #[error("too many requests are waiting for the generator; retry shortly")]
-    Busy {
-        /// Seconds the client should wait.
-        retry_after_secs: u64,
-    },
-    /// A failure on our side; the detail is logged, not returned.
+    /// A failure in the HTTP layer itself; the detail is logged, not returned.
     #[error("internal error")]
     Internal(String),
-    /// The remote generation server failed or cannot be reached; the detail is
-    /// logged, not returned.
-    #[error("the generation server failed or cannot be reached")]
-    Upstream(String),
+    /// What the pipeline refused or failed at.
+    #[error(transparent)]
+    Pipeline(#[from] Error),
 }
 
 impl ApiError {
@@ -86,9 +82,14 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
-            ApiError::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
-            ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error"),
+            ApiError::Pipeline(e) => match e {
+                Error::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+                Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+                Error::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+                Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error"),
+                Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+            },
         }
     }
 
@@ -103,7 +104,7 @@ impl IntoResponse for ApiError {
         let (status, _) = self.status_and_type();
         let mut response = (status, Json(self.body())).into_response();
         match &self {
-            ApiError::Busy { retry_after_secs } => {
+            ApiError::Pipeline(Error::Busy { retry_after_secs }) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));

@@ -1,181 +1,204 @@
-//! ragd: retrieval-augmented question answering over your documents.
+//! ragd's HTTP API: routes, authentication, metrics, the OpenAPI document,
+//! and the one place errors become statuses. Handlers parse the request, call
+//! one [`Pipeline`] method and encode the result; the request flow itself is
+//! `ragd-pipeline`'s.
 //!
-//! The request flow, one module per stage:
+//! Each module serves its own routes:
 //!
-//! * [`api`] — HTTP routes; parse, call the engine, map errors ([`error`]).
-//! * [`engine`] — ingest: validate → chunk → embed → store → index;
-//!   ask: embed the question → search → [`prompt`] → generate → [`citations`].
-//!   Documents live in the `ragd-store` crate (SQLite); the index is rebuilt from it.
-//! * [`workers`] — the embedder and generator threads the engine talks to.
-//! * [`config`] — defaults, config file and flags.
+//! * [`documents`] — `POST /ingest` (JSON or files), `GET /documents`,
+//!   `GET|DELETE /documents/{id}`;
+//! * [`answers`] — `POST /ask` (JSON or server-sent events), `POST /search`;
+//! * [`openai`] — `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`;
+//! * [`service`] — the web page, `/health`, `/ready`, `/metrics`;
+//! * [`openapi`] — `GET /openapi.json`, generated from the handlers.
 //!
-//! [`start`] binds the listener at once, so `/health` answers and `/ready` says 503
-//! while the models load on their own threads; the engine is installed when they
-//! have loaded and the stored documents are back in the index.
+//! An answer is one stream of events from the pipeline
+//! ([`ragd_pipeline::Answer`]); `/ask` as JSON, `/ask` as SSE and
+//! `/v1/chat/completions` are three encoders of it.
+//!
+//! [`Http::bind`] listens at once, so `/health` answers and `/ready` says 503
+//! until the program [installs](Http::install) the loaded pipeline.
 
-pub mod api;
+#![deny(missing_docs)]
+
+pub mod answers;
 pub mod auth;
-pub mod citations;
 pub mod config;
-pub mod content;
-pub mod engine;
+pub mod documents;
 pub mod error;
-pub mod extract;
-pub mod language;
+pub mod json;
 pub mod metrics;
 pub mod openai;
-pub mod prompt;
-pub mod remote;
-pub mod retrieval;
-pub mod workers;
+pub mod openapi;
+pub mod service;
+
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::Router;
+use ragd_pipeline::Pipeline;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tower_http::trace::TraceLayer;
 
-pub use api::{app, AppState};
-pub use config::Config;
-pub use engine::Engine;
+pub use config::{AuthConfig, ServerConfig};
+pub use error::ApiError;
 
-use workers::{EmbedWorker, GenWorker};
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// Set once the models are loaded and the documents are back.
+    pub pipeline: Arc<OnceLock<Arc<Pipeline>>>,
+    /// Largest request body.
+    pub body_limit: usize,
+    /// API keys (none: every request passes).
+    pub keys: Arc<auth::Keys>,
+    /// Origins allowed by CORS.
+    pub cors_origins: Vec<String>,
+    /// Longest time before a response starts.
+    pub request_timeout: Duration,
+}
 
-/// A running server.
+impl AppState {
+    /// The state for `server` and `auth`, with no pipeline yet.
+    pub fn new(server: &ServerConfig, auth: &AuthConfig) -> Self {
+        AppState {
+            pipeline: Arc::new(OnceLock::new()),
+            body_limit: server.body_limit_bytes,
+            keys: Arc::new(auth::Keys::new(auth)),
+            cors_origins: server.cors_origins.clone(),
+            request_timeout: Duration::from_secs_f64(server.request_timeout_s),
+        }
+    }
+
+    /// The pipeline, or 503 while it loads.
+    pub fn pipeline(&self) -> Result<&Arc<Pipeline>, ApiError> {
+        self.pipeline.get().ok_or(ApiError::NotReady)
+    }
+}
+
+/// The API's routes, with authentication, metrics, limits, CORS, request ids
+/// and tracing.
+pub fn app(state: AppState) -> Router {
+    let limit = state.body_limit;
+    let keys = Arc::clone(&state.keys);
+    let cors = cors_layer(&state.cors_origins);
+    let timeout = state.request_timeout;
+    Router::new()
+        .merge(service::routes())
+        .merge(openapi::routes())
+        .merge(openai::routes())
+        .merge(documents::routes())
+        .merge(answers::routes())
+        .fallback(service::not_found)
+        .method_not_allowed_fallback(service::method_not_allowed)
+        .route_layer(axum::middleware::from_fn_with_state(keys, auth::check))
+        .route_layer(axum::middleware::from_fn(metrics::track))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .layer(cors)
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+        }))
+        // Every response carries `x-request-id` (the client's, or a new UUID),
+        // and the request's log lines carry the same id.
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+            tower_http::request_id::MakeRequestUuid,
+        ))
+        .with_state(state)
+}
+
+/// CORS for `server.cors_origins`: none (the default) sends no CORS headers,
+/// so browsers keep pages from other origins out.
+fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let layer = CorsLayer::new()
+        .allow_methods([
+            axum::http::Method::GET,
+            axum::http::Method::POST,
+            axum::http::Method::DELETE,
+        ])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT]);
+    if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(AllowOrigin::any())
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    }
+}
+
+/// The HTTP server, listening.
 #[derive(Debug)]
-pub struct Server {
+pub struct Http {
     /// The address it listens on.
     pub addr: SocketAddr,
-    /// Shared state (the engine appears once loaded).
+    /// Shared state (the pipeline appears once installed).
     pub state: AppState,
-    loaded: Option<oneshot::Receiver<Result<(), String>>>,
     shutdown: Option<oneshot::Sender<()>>,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-impl Server {
-    /// Waits until the models are loaded and documents replayed, or for the error
-    /// that prevented it.
-    pub async fn wait_ready(&mut self) -> Result<(), String> {
-        match self.loaded.take() {
-            Some(rx) => rx
+impl Http {
+    /// Binds `server.host:port` and starts serving the API.
+    pub async fn bind(server: &ServerConfig, auth: &AuthConfig) -> std::io::Result<Http> {
+        let listener = TcpListener::bind((server.host.as_str(), server.port)).await?;
+        let addr = listener.local_addr()?;
+        let state = AppState::new(server, auth);
+        let router = app(state.clone());
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let serving = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = shutdown_rx.await;
+                })
                 .await
-                .unwrap_or_else(|_| Err("the loader stopped".into())),
-            None => Ok(()),
-        }
+        });
+        Ok(Http {
+            addr,
+            state,
+            shutdown: Some(shutdown_tx),
+            serving,
+        })
     }
 
-    /// Stops accepting connections, waits for open requests to finish and writes
-    /// the index dump.
+    /// Serves `pipeline` from now on; false if one was installed already.
+    pub fn install(&self, pipeline: Arc<Pipeline>) -> bool {
+        self.state.pipeline.set(pipeline).is_ok()
+    }
+
+    /// Stops accepting connections and waits for the open requests to finish.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let served = self.serving.await.map_err(std::io::Error::other)?;
-        if let Some(engine) = self.state.engine.get().cloned() {
-            match tokio::task::spawn_blocking(move || engine.save_index()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the index dump"),
-                Err(e) => tracing::warn!(error = %e, "cannot write the index dump"),
-            }
-        }
-        served
-    }
-
-    /// Serves until `signal` completes, then shuts down gracefully.
-    pub async fn run_until(
-        self,
-        signal: impl std::future::Future<Output = ()>,
-    ) -> std::io::Result<()> {
-        signal.await;
-        self.shutdown().await
+        self.serving.await.map_err(std::io::Error::other)?
     }
 }
 
-/// Binds `config.server.host:port`, starts serving and starts loading the models.
-pub async fn start(config: Config) -> std::io::Result<Server> {
-    let listener = TcpListener::bind((config.server.host.as_str(), config.server.port)).await?;
-    let addr = listener.local_addr()?;
-    let config = Arc::new(config);
-    let state = AppState {
-        engine: Arc::new(OnceLock::new()),
-        body_limit: config.server.body_limit_bytes,
-        keys: Arc::new(auth::Keys::new(&config.auth)),
-        cors_origins: config.server.cors_origins.clone(),
-        request_timeout: std::time::Duration::from_secs_f64(config.server.request_timeout_s),
-    };
-    let router = app(state.clone());
-    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let serving = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = shutdown_rx.await;
-            })
-            .await
-    });
-
-    let (loaded_tx, loaded_rx) = oneshot::channel();
-    let slot = Arc::clone(&state.engine);
-    tokio::spawn(async move {
-        let result = load(config, slot).await;
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "start-up failed");
-        }
-        let _ = loaded_tx.send(result);
-    });
-    Ok(Server {
-        addr,
-        state,
-        loaded: Some(loaded_rx),
-        shutdown: Some(shutdown_tx),
-        serving,
-    })
-}
-
-/// Opens the data directory with the embedder only, for ingesting without a
-/// server (`ragd ingest`). Do not run it on a data directory a server is using:
-/// the server would not see the new documents until it restarts.
-pub async fn open_for_ingest(config: Config) -> Result<Arc<Engine>, String> {
-    let config = Arc::new(config);
-    let embedder = EmbedWorker::spawn(config.models.embedder.clone(), config.embedder.clone())
-        .await
-        .map_err(|_| "the embedder thread died while loading".to_string())??;
-    let engine = tokio::task::spawn_blocking(move || Engine::open(config, embedder, None))
-        .await
-        .map_err(|e| e.to_string())??;
-    Ok(Arc::new(engine))
-}
-
-async fn load(config: Arc<Config>, slot: Arc<OnceLock<Arc<Engine>>>) -> Result<(), String> {
-    let embedder = EmbedWorker::spawn(config.models.embedder.clone(), config.embedder.clone());
-    let generator = if config.generation.backend == "openai" {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let _ = tx.send(GenWorker::remote(
-            config.remote.clone(),
-            config.generation.queue_size,
-            config.generation.slots,
-        ));
-        rx
-    } else {
-        GenWorker::spawn(
-            config.models.generator.clone(),
-            config.generation.queue_size,
-            config.generation.requantize,
-            config.generation.slots,
-        )
-    };
-    let embedder = embedder
-        .await
-        .map_err(|_| "the embedder thread died while loading".to_string())??;
-    let generator = generator
-        .await
-        .map_err(|_| "the generator thread died while loading".to_string())??;
-    let engine =
-        tokio::task::spawn_blocking(move || Engine::open(config, embedder, Some(generator)))
-            .await
-            .map_err(|e| e.to_string())??;
-    slot.set(Arc::new(engine))
-        .map_err(|_| "engine installed twice".to_string())?;
-    tracing::info!("ready");
-    Ok(())
+/// `Sse` headers every event stream carries: no proxy buffering, no caching.
+pub(crate) fn sse_headers(response: &mut axum::response::Response) {
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
 }

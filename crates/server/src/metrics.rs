@@ -109,6 +109,14 @@ impl Metrics {
         self.tokens.inc_by(completion_tokens as u64);
     }
 
+    /// Notes a finished answer from its response.
+    pub fn answered(&self, response: &ragd_pipeline::AskResponse) {
+        self.answer(
+            response.timings.first_token_ms,
+            response.usage.completion_tokens,
+        );
+    }
+
     /// Notes an embedding batch.
     pub fn embedding_batch(&self, texts: usize) {
         self.embed_batch.observe(texts as f64);

@@ -11,22 +11,30 @@
 //! * `GET /v1/models`: the generator and the embedder.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use ragd_generator::Message;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{stream, StreamExt};
+use ragd_core::Message;
+use ragd_pipeline::{Answer, AnswerEvent, AskRequest, AskResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio_stream::wrappers::ReceiverStream;
 
-use crate::api::{AppJson, AppState};
-use crate::engine::{AskProgress, AskRequest, AskResponse, Engine};
 use crate::error::ApiError;
-use crate::workers::GenEvent;
+use crate::json::AppJson;
+use crate::AppState;
+
+/// `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+}
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -35,7 +43,7 @@ pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
     /// The conversation; the last `user` message is the question.
-    #[schema(value_type = Vec<crate::engine::ChatMessage>)]
+    #[schema(value_type = Vec<ragd_pipeline::ask::ChatMessage>)]
     pub messages: Vec<Message>,
     /// Stream `chat.completion.chunk` events.
     #[serde(default)]
@@ -180,16 +188,16 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     AppJson(req): AppJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let engine = Arc::clone(state.engine.get().ok_or(ApiError::NotReady)?);
+    let pipeline = state.pipeline()?;
     let ask = to_ask(&req)?;
-    let model = engine.model_names().0.unwrap_or_else(|| "ragd".into());
-    let run = engine.ask(&ask).await?;
-    let (events, progress) = run.into_parts();
+    let model = pipeline.model_names().0.unwrap_or_else(|| "ragd".into());
+    let answer = pipeline.ask(&ask).await?;
     let id = completion_id();
     if req.stream.unwrap_or(false) {
-        return Ok(stream(engine, events, progress, id, model));
+        return Ok(stream_response(answer, id, model));
     }
-    let answer = engine.collect(events, progress).await?;
+    let answer = answer.collect().await?;
+    crate::metrics::get().answered(&answer);
     Ok(Json(completion(&id, &model, &answer)).into_response())
 }
 
@@ -204,96 +212,48 @@ fn chunk(id: &str, model: &str, delta: Value) -> Event {
     Event::default().data(c.to_string())
 }
 
-fn stream(
-    engine: Arc<Engine>,
-    events: Option<tokio::sync::mpsc::UnboundedReceiver<GenEvent>>,
-    mut progress: AskProgress,
-    id: String,
-    model: String,
-) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
-        let send = |e: Event| {
-            let tx = tx.clone();
-            async move { tx.send(Ok(e)).await.is_ok() }
-        };
-        if !send(chunk(
-            &id,
-            &model,
-            json!({ "role": "assistant", "content": "" }),
-        ))
-        .await
-        {
-            return;
-        }
-        let mut filter = engine.content_rules().stream();
-        let done = match events {
-            None => progress.no_sources(),
-            Some(mut events) => loop {
-                match events.recv().await {
-                    Some(GenEvent::Prompt {
-                        passages_used,
-                        trimmed,
-                        prompt_ms,
-                        ..
-                    }) => progress.prompt_ready(passages_used, trimmed, prompt_ms),
-                    Some(GenEvent::Queued { .. }) => {}
-                    Some(GenEvent::Token(text)) => {
-                        progress.token();
-                        let text = filter.push(&text);
-                        if !text.is_empty()
-                            && !send(chunk(&id, &model, json!({ "content": text }))).await
-                        {
-                            return;
-                        }
-                    }
-                    Some(GenEvent::Done(generation)) => {
-                        let rest = filter.finish();
-                        if !rest.is_empty()
-                            && !send(chunk(&id, &model, json!({ "content": rest }))).await
-                        {
-                            return;
-                        }
-                        break engine.answer(progress, generation).await;
-                    }
-                    Some(GenEvent::Failed { message, fault }) => {
-                        let e = fault.error(message);
-                        let _ =
-                            send(Event::default().data(json!({ "error": e.body() }).to_string()))
-                                .await;
-                        return;
-                    }
-                    None => return,
+/// The `chat.completion.chunk` encoding of an answer: a first chunk with the
+/// role, one chunk per piece of text, a last chunk with the finish reason,
+/// the usage and ragd's extension, then `data: [DONE]`.
+fn stream_response(answer: Answer, id: String, model: String) -> Response {
+    let first = chunk(&id, &model, json!({ "role": "assistant", "content": "" }));
+    let events = answer.into_stream().flat_map(move |e| {
+        let out: Vec<Event> = match e {
+            AnswerEvent::Queued { .. } | AnswerEvent::Sources(_) => Vec::new(),
+            AnswerEvent::Token(text) => vec![chunk(&id, &model, json!({ "content": text }))],
+            AnswerEvent::Done(done) => {
+                crate::metrics::get().answered(&done);
+                let mut out = Vec::new();
+                // A declined question has no streamed tokens: its answer is the content.
+                if done.finish_reason == "no_sources" {
+                    out.push(chunk(&id, &model, json!({ "content": done.answer })));
                 }
-            },
+                let usage = json!({
+                    "prompt_tokens": done.usage.prompt_tokens,
+                    "completion_tokens": done.usage.completion_tokens,
+                    "total_tokens": done.usage.total_tokens,
+                });
+                // The last chunk carries the finish reason, the usage (as OpenAI's do
+                // with stream_options.include_usage) and ragd's extension.
+                out.push(Event::default().data(
+                    json!({
+                        "id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
+                        "choices": [{ "index": 0, "delta": {}, "finish_reason": finish_reason(&done.finish_reason), "logprobs": null }],
+                        "usage": usage,
+                        "ragd": extension(&done),
+                    })
+                    .to_string(),
+                ));
+                out.push(Event::default().data("[DONE]"));
+                out
+            }
+            AnswerEvent::Failed(e) => {
+                vec![Event::default().data(json!({ "error": ApiError::from(e).body() }).to_string())]
+            }
         };
-        // A declined question has no streamed tokens: its answer is the content.
-        if done.finish_reason == "no_sources"
-            && !send(chunk(&id, &model, json!({ "content": done.answer }))).await
-        {
-            return;
-        }
-        let usage = json!({
-            "prompt_tokens": done.usage.prompt_tokens,
-            "completion_tokens": done.usage.completion_tokens,
-            "total_tokens": done.usage.total_tokens,
-        });
-        // The last chunk carries the finish reason, the usage (as OpenAI's do
-        // with stream_options.include_usage) and ragd's extension.
-        let last = Event::default().data(
-            json!({
-                "id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
-                "choices": [{ "index": 0, "delta": {}, "finish_reason": finish_reason(&done.finish_reason), "logprobs": null }],
-                "usage": usage,
-                "ragd": extension(&done),
-            })
-            .to_string(),
-        );
-        if send(last).await {
-            let _ = send(Event::default().data("[DONE]")).await;
-        }
+        stream::iter(out)
     });
-    Sse::new(ReceiverStream::new(rx))
+    Sse::new(stream::once(async { first }).chain(events).map(Ok::<_, Infallible>))
         .keep_alive(KeepAlive::default())
         .into_response()
 }
@@ -321,7 +281,7 @@ pub async fn embeddings(
     State(state): State<AppState>,
     AppJson(req): AppJson<EmbeddingsRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let engine = Arc::clone(state.engine.get().ok_or(ApiError::NotReady)?);
+    let pipeline = state.pipeline()?;
     // OpenAI's clients ask for base64 (little-endian f32) by default.
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -349,8 +309,8 @@ pub async fn embeddings(
             ))
         }
     };
-    let (vectors, tokens) = engine.embeddings(texts).await?;
-    let model = engine.model_names().1;
+    let (vectors, tokens) = pipeline.embeddings(texts).await?;
+    let model = pipeline.model_names().1;
     Ok(Json(json!({
         "object": "list",
         "data": vectors.into_iter().enumerate().map(|(i, v)| {
@@ -371,8 +331,7 @@ pub async fn embeddings(
 /// `GET /v1/models`.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", responses((status = 200, description = "The generator and the embedder", body = Object)))]
 pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let engine = state.engine.get().ok_or(ApiError::NotReady)?;
-    let (generator, embedder) = engine.model_names();
+    let (generator, embedder) = state.pipeline()?.model_names();
     let data: Vec<Value> = generator
         .into_iter()
         .chain(std::iter::once(embedder))

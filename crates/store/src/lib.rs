@@ -13,22 +13,32 @@
 //!
 //! The store is synchronous and not `Sync` (SQLite connections are not): the
 //! server keeps it behind a mutex and calls it from blocking threads.
+//!
+//! One module a job: this file holds [`Store`] and the documents (open, upsert,
+//! delete, reads); `schema` the tables, the `meta` table (embedder identity,
+//! schema version, generation counter) and bringing older databases up to date;
+//! `lexical` the full-text index (FTS5) and BM25 search; `live` the in-memory
+//! view of the live chunks and every document's metadata.
 
 #![deny(missing_docs)]
 
+mod lexical;
+mod live;
+mod schema;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use serde::Serialize;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::{Map, Value};
+
+use live::LiveSet;
+
+pub use lexical::{lexical_text, STOP_WORDS};
+pub use ragd_core::{DocumentInfo, NewChunk, NewDocument, StoredChunk, UpsertStatus};
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "ragd.sqlite3";
-/// 2: chunks.section (the heading path of a chunk) and Porter stemming in the
-/// full-text index. Version 1 databases are migrated on open.
-const SCHEMA_VERSION: i64 = 2;
 
 /// Storage failures: the disk's or ours, never the API user's.
 #[derive(Debug, thiserror::Error)]
@@ -72,119 +82,12 @@ pub enum StoreError {
 /// A stored chunk's key (its HNSW id) and vector.
 pub type KeyedVector = (usize, Vec<f32>);
 
-/// A chunk to store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewChunk {
-    /// The passage.
-    pub text: String,
-    /// The headings in force where the passage starts, outermost first, joined with " > "; empty
-    /// when the document has none.
-    pub section: String,
-    /// Byte offset in the document.
-    pub start: usize,
-    /// Byte offset past the end.
-    pub end: usize,
-    /// Hash of what was embedded (decides whether a vector can be reused).
-    pub embed_hash: String,
-    /// The embedding.
-    pub vector: Vec<f32>,
-}
-
-/// A document to store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewDocument {
-    /// The id.
-    pub id: String,
-    /// Optional title.
-    pub title: Option<String>,
-    /// The full text.
-    pub text: String,
-    /// The caller's metadata.
-    pub metadata: Map<String, Value>,
-    /// Hash of everything that makes a document "unchanged".
-    pub hash: String,
-    /// Its chunks, in order.
-    pub chunks: Vec<NewChunk>,
-}
-
-/// What an upsert did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UpsertStatus {
-    /// A new id.
-    Created,
-    /// An existing id with different content; its chunks were replaced.
-    Updated,
-    /// An existing id with the same content: nothing written.
-    Unchanged,
-}
-
-/// A live chunk, as retrieval sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChunkView {
-    /// The owning document.
-    pub document_id: String,
-    /// Position in the document.
-    pub index: usize,
-    /// The document's title.
-    pub title: Option<String>,
-    /// The headings in force where the passage starts (" > "-joined; empty when none).
-    pub section: String,
-    /// The passage.
-    pub text: String,
-    /// Byte offset of the passage in the document text.
-    pub start: usize,
-    /// Byte offset just past the passage.
-    pub end: usize,
-    /// Its embedding.
-    pub vector: Vec<f32>,
-}
-
-impl ChunkView {
-    /// Public chunk id: `{document_id}#{index}`.
-    pub fn chunk_id(&self) -> String {
-        format!("{}#{}", self.document_id, self.index)
-    }
-}
-
-/// A document's record, without its text.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DocumentInfo {
-    /// The id.
-    pub id: String,
-    /// The title.
-    pub title: Option<String>,
-    /// The metadata.
-    pub metadata: Map<String, Value>,
-    /// The content hash.
-    pub hash: String,
-    /// Number of chunks.
-    pub chunks: usize,
-    /// Length of the text in bytes.
-    pub text_bytes: usize,
-    /// First stored, seconds since the Unix epoch.
-    pub created_at: i64,
-    /// Last changed, seconds since the Unix epoch.
-    pub updated_at: i64,
-}
-
-/// What retrieval needs of a live chunk, kept in memory: filters and exact
-/// search must not wait on the disk.
-#[derive(Debug, Clone)]
-struct LiveChunk {
-    document: Arc<str>,
-    vector: Arc<[f32]>,
-}
-
 /// The SQLite store plus an in-memory view of the live chunks.
 pub struct Store {
     conn: Connection,
     path: PathBuf,
-    /// `live[key]`: the chunk with that key, if it exists.
-    live: Vec<Option<LiveChunk>>,
-    live_count: usize,
-    /// Every document's metadata, for filters.
-    metadata: HashMap<Arc<str>, Map<String, Value>>,
+    /// The live chunks and every document's metadata.
+    live: LiveSet,
     /// Bumped by every committed change; tells whether an index dump is current.
     generation: u64,
 }
@@ -197,97 +100,21 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Whether `c` is written without spaces between words (Chinese, Japanese,
-/// Korean), so that FTS5's unicode61 tokenizer would see a whole run as one token.
-fn is_cjk(c: char) -> bool {
-    matches!(c as u32,
-        0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF | 0xAC00..=0xD7AF | 0x20000..=0x2FFFF)
-}
-
-/// Text as the full-text index sees it: CJK runs become overlapping character
-/// bigrams (the usual segmentation-free indexing for Chinese), the rest is kept
-/// for FTS5's unicode61 tokenizer.
-pub fn lexical_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() * 2);
-    let mut run: Vec<char> = Vec::new();
-    let flush = |run: &mut Vec<char>, out: &mut String| {
-        if run.is_empty() {
-            return;
-        }
-        out.push(' ');
-        if run.len() == 1 {
-            out.push(run[0]);
-        } else {
-            for pair in run.windows(2) {
-                out.push(pair[0]);
-                out.push(pair[1]);
-                out.push(' ');
-            }
-        }
-        out.push(' ');
-        run.clear();
-    };
-    for c in text.chars() {
-        if is_cjk(c) {
-            run.push(c);
-        } else {
-            flush(&mut run, &mut out);
-            out.push(c);
-        }
+/// Wraps SQLite's errors with the database file `path`.
+fn db_error(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
+    move |source| StoreError::Db {
+        path: path.to_owned(),
+        source,
     }
-    flush(&mut run, &mut out);
-    out
 }
 
-/// What the full-text index holds for a chunk: its title, section and text.
-fn lexical_body(title: Option<&str>, section: &str, text: &str) -> String {
-    let mut body = String::with_capacity(text.len() + section.len() + 64);
-    for part in [title.unwrap_or(""), section] {
-        if !part.is_empty() {
-            body.push_str(part);
-            body.push('\n');
-        }
-    }
-    body.push_str(text);
-    lexical_text(&body)
-}
-
-/// English function words left out of lexical queries (Lucene's English stop
-/// set plus question words and auxiliaries). In an OR query every term matches
-/// somewhere, and these add matches without meaning; BM25's IDF only dampens them.
-pub const STOP_WORDS: &[&str] = &[
-    "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "does", "for", "how", "i",
-    "if", "in", "into", "is", "it", "me", "my", "no", "not", "of", "on", "or", "such", "that",
-    "the", "their", "then", "there", "these", "they", "this", "to", "was", "what", "when", "where",
-    "which", "who", "why", "will", "with", "you",
-];
-
-/// An FTS5 query matching any term of `query` (BM25 ranks by how many and how
-/// rare; the index stems English words, so "packages" finds "package"); `None`
-/// when the query has no terms. Stop words are dropped unless nothing else is left.
-fn match_expression(query: &str) -> Option<String> {
-    let mut all: Vec<String> = lexical_text(query)
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|t| !t.is_empty())
-        .map(str::to_lowercase)
-        .collect();
-    all.sort();
-    all.dedup();
-    let content: Vec<&String> = all
-        .iter()
-        .filter(|t| !STOP_WORDS.contains(&t.as_str()))
-        .collect();
-    let terms: Vec<&String> = if content.is_empty() {
-        all.iter().collect()
-    } else {
-        content
-    };
-    (!terms.is_empty()).then(|| {
-        terms
-            .iter()
-            .map(|t| format!("\"{t}\""))
-            .collect::<Vec<_>>()
-            .join(" OR ")
+/// Document `id`'s metadata as stored (a JSON object). A value that does not
+/// decode is damage to report, not an empty map: that would drop the user's
+/// metadata without a word and make filters miss the document.
+fn decode_metadata(path: &Path, id: &str, json: &str) -> Result<Map<String, Value>, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        path: path.to_owned(),
+        message: format!("metadata of document {id:?}: {e}"),
     })
 }
 
@@ -310,6 +137,20 @@ fn blob_to_vector(b: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
+/// Deletes document `id`'s chunks and their full-text entries in `tx`; returns
+/// the chunks' keys.
+fn delete_chunks(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Vec<usize>> {
+    let keys: Vec<usize> = {
+        let mut stmt = tx.prepare("SELECT key FROM chunks WHERE document_id = ?1")?;
+        let keys = stmt.query_map([id], |r| r.get::<_, i64>(0))?;
+        keys.map(|k| k.map(|k| k as usize))
+            .collect::<Result<_, _>>()?
+    };
+    lexical::forget_chunks(tx, &keys)?;
+    tx.execute("DELETE FROM chunks WHERE document_id = ?1", [id])?;
+    Ok(keys)
+}
+
 impl Store {
     /// Opens (creating if needed) the database in `dir` for vectors of model
     /// `embedder` with `dim` dimensions.
@@ -319,10 +160,7 @@ impl Store {
             source,
         })?;
         let path = dir.join(DB_FILE);
-        let db = |source| StoreError::Db {
-            path: path.clone(),
-            source,
-        };
+        let db = db_error(&path);
         let conn = Connection::open(&path).map_err(db)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db)?;
@@ -331,272 +169,25 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS documents (
-                 id TEXT PRIMARY KEY,
-                 title TEXT,
-                 text TEXT NOT NULL,
-                 metadata TEXT NOT NULL,
-                 hash TEXT NOT NULL,
-                 created_at INTEGER NOT NULL,
-                 updated_at INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS chunks (
-                 key INTEGER PRIMARY KEY AUTOINCREMENT,
-                 document_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
-                 idx INTEGER NOT NULL,
-                 text TEXT NOT NULL,
-                 start INTEGER NOT NULL,
-                 end INTEGER NOT NULL,
-                 embed_hash TEXT NOT NULL,
-                 vector BLOB NOT NULL,
-                 section TEXT NOT NULL DEFAULT '');
-             CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, idx);
-             CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');",
-        )
-        .map_err(db)?;
-        let meta = |key: &str| -> Result<Option<String>, StoreError> {
-            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                .optional()
-                .map_err(db)
-        };
-        let expected = format!("{embedder} ({dim} dims)");
-        match meta("embedder")? {
-            Some(found) if found != expected => {
-                return Err(StoreError::ModelMismatch {
-                    path,
-                    found,
-                    expected,
-                });
-            }
-            Some(_) => {}
-            None => {
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('embedder', ?1), ('schema', ?2)",
-                    params![expected, SCHEMA_VERSION.to_string()],
-                )
-                .map_err(db)?;
-            }
-        }
-        match meta("schema")?.as_deref() {
-            Some("1") => {
-                conn.execute_batch(
-                    "BEGIN;
-                     ALTER TABLE chunks ADD COLUMN section TEXT NOT NULL DEFAULT '';
-                     DROP TABLE chunks_fts;
-                     CREATE VIRTUAL TABLE chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');
-                     UPDATE meta SET value = '2' WHERE key = 'schema';
-                     COMMIT;",
-                )
-                .map_err(db)?;
-                tracing::info!(path = %path.display(), "database migrated to schema 2 (chunk sections)");
-            }
-            Some(v) if v != SCHEMA_VERSION.to_string() => {
-                return Err(StoreError::Corrupt {
-                    path,
-                    message: format!("unknown schema version {v}"),
-                });
-            }
-            _ => {}
-        }
-        let generation = meta("generation")?
-            .and_then(|g| g.parse().ok())
-            .unwrap_or(0);
+        let generation = schema::prepare(&conn, &path, embedder, dim)?;
+        let live = LiveSet::load(&conn, &path)?;
         let mut store = Store {
             conn,
             path,
-            live: Vec::new(),
-            live_count: 0,
-            metadata: HashMap::new(),
+            live,
             generation,
         };
-        store.load_live()?;
-        store.backfill_lexical()?;
+        schema::backfill_lexical(&mut store.conn, &store.path, store.live.count())?;
         Ok(store)
     }
 
-    /// Fills the full-text index from the chunks when it is empty (a database
-    /// written before it existed).
-    fn backfill_lexical(&mut self) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let db = |source| StoreError::Db {
-            path: path.clone(),
-            source,
-        };
-        let indexed: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM chunks_fts", [], |r| r.get(0))
-            .map_err(db)?;
-        if indexed > 0 || self.live_count == 0 {
-            return Ok(());
-        }
-        let tx = self.conn.transaction().map_err(db)?;
-        {
-            let mut select = tx
-                .prepare(
-                    "SELECT c.key, d.title, c.section, c.text FROM chunks c JOIN documents d ON d.id = c.document_id",
-                )
-                .map_err(db)?;
-            let rows: Vec<(i64, Option<String>, String, String)> = select
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .map_err(db)?
-                .collect::<Result<_, _>>()
-                .map_err(db)?;
-            let mut insert = tx
-                .prepare("INSERT INTO chunks_fts (rowid, body) VALUES (?1, ?2)")
-                .map_err(db)?;
-            for (key, title, section, text) in rows {
-                insert
-                    .execute(params![
-                        key,
-                        lexical_body(title.as_deref(), &section, &text)
-                    ])
-                    .map_err(db)?;
-            }
-        }
-        tx.commit().map_err(db)
-    }
-
-    /// BM25 search (SQLite FTS5) over titles and chunk texts: up to `limit`
-    /// chunk keys with their scores, best first (higher is better).
-    pub fn lexical_search(
-        &self,
-        query: &str,
-        limit: usize,
-    ) -> Result<Vec<(usize, f32)>, StoreError> {
-        let Some(expr) = match_expression(query) else {
-            return Ok(Vec::new());
-        };
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ?1
-                 ORDER BY bm25(chunks_fts) LIMIT ?2",
-            )
-            .map_err(self.db())?;
-        let rows = stmt
-            .query_map(params![expr, limit as i64], |r| {
-                Ok((r.get::<_, i64>(0)? as usize, r.get::<_, f64>(1)? as f32))
-            })
-            .map_err(self.db())?;
-        rows.collect::<Result<_, _>>().map_err(self.db())
-    }
-
-    fn load_live(&mut self) -> Result<(), StoreError> {
-        let docs: Vec<(String, String)> = {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT id, metadata FROM documents")
-                .map_err(self.db())?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(self.db())?;
-            rows.collect::<Result<_, _>>().map_err(self.db())?
-        };
-        for (id, metadata) in docs {
-            self.metadata.insert(
-                Arc::from(id.as_str()),
-                serde_json::from_str(&metadata).unwrap_or_default(),
-            );
-        }
-        let chunks: Vec<(usize, String, Vec<u8>)> = {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT key, document_id, vector FROM chunks ORDER BY key")
-                .map_err(self.db())?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get(2)?))
-                })
-                .map_err(self.db())?;
-            rows.collect::<Result<_, _>>().map_err(self.db())?
-        };
-        for (key, document, blob) in chunks {
-            let vector = blob_to_vector(&blob).ok_or_else(|| StoreError::Corrupt {
-                path: self.path.clone(),
-                message: format!("vector of chunk {key}"),
-            })?;
-            let document = self
-                .metadata
-                .get_key_value(document.as_str())
-                .map(|(k, _)| Arc::clone(k))
-                .unwrap_or_else(|| Arc::from(document.as_str()));
-            self.set_live(
-                key,
-                Some(LiveChunk {
-                    document,
-                    vector: vector.into(),
-                }),
-            );
-        }
-        Ok(())
-    }
-
-    fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        move |source| StoreError::Db {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    fn set_live(&mut self, key: usize, chunk: Option<LiveChunk>) {
-        if self.live.len() <= key {
-            self.live.resize(key + 1, None);
-        }
-        match (&self.live[key], &chunk) {
-            (None, Some(_)) => self.live_count += 1,
-            (Some(_), None) => self.live_count -= 1,
-            _ => {}
-        }
-        self.live[key] = chunk;
-    }
-
-    /// Every live chunk: key, document id and vector, in key order.
-    pub fn live(&self) -> impl Iterator<Item = (usize, &str, &[f32])> + '_ {
-        self.live
-            .iter()
-            .enumerate()
-            .filter_map(|(k, c)| c.as_ref().map(|c| (k, &*c.document, &*c.vector)))
-    }
-
-    /// Number of live chunks.
-    pub fn live_count(&self) -> usize {
-        self.live_count
-    }
-
-    /// The document that chunk `key` belongs to, if the chunk is live.
-    pub fn document_of(&self, key: usize) -> Option<&str> {
-        self.live
-            .get(key)
-            .and_then(Option::as_ref)
-            .map(|c| &*c.document)
-    }
-
-    /// The vector of chunk `key`, if the chunk is live.
-    pub fn vector_of(&self, key: usize) -> Option<&[f32]> {
-        self.live
-            .get(key)
-            .and_then(Option::as_ref)
-            .map(|c| &*c.vector)
-    }
-
-    /// The metadata of document `id`.
-    pub fn metadata_of(&self, id: &str) -> Option<&Map<String, Value>> {
-        self.metadata.get(id)
+    fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
+        db_error(&self.path)
     }
 
     /// The store generation: changes with every committed write.
     pub fn generation(&self) -> u64 {
         self.generation
-    }
-
-    fn bump_generation(tx: &rusqlite::Transaction<'_>, generation: u64) -> rusqlite::Result<()> {
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('generation', ?1)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [generation.to_string()],
-        )
-        .map(|_| ())
     }
 
     /// The content hash of document `id`, if stored.
@@ -637,11 +228,7 @@ impl Store {
         &mut self,
         doc: &NewDocument,
     ) -> Result<(UpsertStatus, Vec<KeyedVector>), StoreError> {
-        let path = self.path.clone();
-        let db = |source| StoreError::Db {
-            path: path.clone(),
-            source,
-        };
+        let db = db_error(&self.path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -657,26 +244,14 @@ impl Store {
         if existing.as_ref().is_some_and(|(h, _)| *h == doc.hash) {
             return Ok((UpsertStatus::Unchanged, Vec::new()));
         }
-        let old_keys: Vec<usize> = {
-            let mut stmt = tx
-                .prepare("SELECT key FROM chunks WHERE document_id = ?1")
-                .map_err(db)?;
-            let keys = stmt
-                .query_map([&doc.id], |r| r.get::<_, i64>(0))
-                .map_err(db)?;
-            keys.map(|k| k.map(|k| k as usize))
-                .collect::<Result<_, _>>()
-                .map_err(db)?
-        };
         let t = now();
         let created_at = existing.as_ref().map(|(_, c)| *c).unwrap_or(t);
-        let metadata = serde_json::to_string(&doc.metadata).unwrap_or_else(|_| "{}".into());
-        for k in &old_keys {
-            tx.execute("DELETE FROM chunks_fts WHERE rowid = ?1", [*k as i64])
-                .map_err(db)?;
-        }
-        tx.execute("DELETE FROM chunks WHERE document_id = ?1", [&doc.id])
-            .map_err(db)?;
+        // Cannot fail: the keys are strings, a `Value` holds nothing that JSON
+        // cannot write (non-finite numbers are not representable in it), and
+        // writing into a `String` has no I/O error.
+        let metadata = serde_json::to_string(&doc.metadata)
+            .expect("a JSON object with string keys always serialises");
+        let old_keys = delete_chunks(&tx, &doc.id).map_err(db)?;
         tx.execute(
             "INSERT INTO documents (id, title, text, metadata, hash, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -707,32 +282,16 @@ impl Store {
                     ])
                     .map_err(db)?;
                 let key = tx.last_insert_rowid();
-                tx.execute(
-                    "INSERT INTO chunks_fts (rowid, body) VALUES (?1, ?2)",
-                    params![key, lexical_body(doc.title.as_deref(), &c.section, &c.text)],
-                )
-                .map_err(db)?;
+                lexical::index_chunk(&tx, key, doc.title.as_deref(), &c.section, &c.text)
+                    .map_err(db)?;
                 new.push((key as usize, c.vector.clone()));
             }
         }
-        Self::bump_generation(&tx, self.generation + 1).map_err(db)?;
+        schema::bump_generation(&tx, self.generation + 1).map_err(db)?;
         tx.commit().map_err(db)?;
         self.generation += 1;
-        for k in old_keys {
-            self.set_live(k, None);
-        }
-        let document: Arc<str> = Arc::from(doc.id.as_str());
-        self.metadata
-            .insert(Arc::clone(&document), doc.metadata.clone());
-        for (k, v) in &new {
-            self.set_live(
-                *k,
-                Some(LiveChunk {
-                    document: Arc::clone(&document),
-                    vector: v.as_slice().into(),
-                }),
-            );
-        }
+        self.live
+            .replace_document(&doc.id, doc.metadata.clone(), &old_keys, &new);
         let status = if existing.is_some() {
             UpsertStatus::Updated
         } else {
@@ -743,53 +302,27 @@ impl Store {
 
     /// Deletes document `id` and its chunks; returns whether it existed.
     pub fn delete(&mut self, id: &str) -> Result<bool, StoreError> {
-        let path = self.path.clone();
-        let db = |source| StoreError::Db {
-            path: path.clone(),
-            source,
-        };
+        let db = db_error(&self.path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let keys: Vec<usize> = {
-            let mut stmt = tx
-                .prepare("SELECT key FROM chunks WHERE document_id = ?1")
-                .map_err(db)?;
-            let keys = stmt.query_map([id], |r| r.get::<_, i64>(0)).map_err(db)?;
-            keys.map(|k| k.map(|k| k as usize))
-                .collect::<Result<_, _>>()
-                .map_err(db)?
-        };
-        for k in &keys {
-            tx.execute("DELETE FROM chunks_fts WHERE rowid = ?1", [*k as i64])
-                .map_err(db)?;
-        }
-        tx.execute("DELETE FROM chunks WHERE document_id = ?1", [id])
-            .map_err(db)?;
+        let keys = delete_chunks(&tx, id).map_err(db)?;
         let n = tx
             .execute("DELETE FROM documents WHERE id = ?1", [id])
             .map_err(db)?;
         if n == 0 {
             return Ok(false);
         }
-        Self::bump_generation(&tx, self.generation + 1).map_err(db)?;
+        schema::bump_generation(&tx, self.generation + 1).map_err(db)?;
         tx.commit().map_err(db)?;
         self.generation += 1;
-        for k in keys {
-            self.set_live(k, None);
-        }
-        self.metadata.remove(id);
+        self.live.remove_document(id, &keys);
         Ok(true)
     }
 
-    /// Whether chunk `key` exists.
-    pub fn is_live(&self, key: usize) -> bool {
-        self.live.get(key).is_some_and(Option::is_some)
-    }
-
     /// The live chunks with these keys (missing ones are left out), in the given order.
-    pub fn chunks(&self, keys: &[usize]) -> Result<Vec<(usize, ChunkView)>, StoreError> {
+    pub fn chunks(&self, keys: &[usize]) -> Result<Vec<StoredChunk>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -817,36 +350,47 @@ impl Store {
                 // The live vectors are in memory; no need to read the blob again.
                 let vector = self.vector_of(key).map(<[f32]>::to_vec).unwrap_or_default();
                 let (start, end) = (start as usize, end as usize);
-                out.push((
+                out.push(StoredChunk {
                     key,
-                    ChunkView {
-                        document_id,
-                        index: idx as usize,
-                        title,
-                        section,
-                        text,
-                        start,
-                        end,
-                        vector,
-                    },
-                ));
+                    document_id,
+                    index: idx as usize,
+                    title,
+                    section,
+                    text,
+                    start,
+                    end,
+                    vector,
+                });
             }
         }
         Ok(out)
     }
 
-    fn info_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DocumentInfo> {
-        let metadata: String = r.get(2)?;
-        Ok(DocumentInfo {
+    /// A row of [`Self::INFO_COLUMNS`], with the metadata still as stored (JSON
+    /// text): a row mapper can only return SQLite's errors, and a value that
+    /// does not decode is [`StoreError::Corrupt`] (see [`Self::decode_info`]).
+    fn info_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(DocumentInfo, String)> {
+        let info = DocumentInfo {
             id: r.get(0)?,
             title: r.get(1)?,
-            metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+            metadata: Map::new(),
             hash: r.get(3)?,
             created_at: r.get(4)?,
             updated_at: r.get(5)?,
             text_bytes: r.get::<_, i64>(6)? as usize,
             chunks: r.get::<_, i64>(7)? as usize,
-        })
+        };
+        Ok((info, r.get(2)?))
+    }
+
+    /// A document's record with the metadata that [`Self::info_from_row`] left
+    /// as stored decoded.
+    fn decode_info(
+        &self,
+        (info, metadata): (DocumentInfo, String),
+    ) -> Result<DocumentInfo, StoreError> {
+        let metadata = decode_metadata(&self.path, &info.id, &metadata)?;
+        Ok(DocumentInfo { metadata, ..info })
     }
 
     const INFO_COLUMNS: &'static str = "d.id, d.title, d.metadata, d.hash, d.created_at, d.updated_at, length(CAST(d.text AS BLOB)),
@@ -861,7 +405,9 @@ impl Store {
         self.conn
             .query_row(&sql, [id], Self::info_from_row)
             .optional()
-            .map_err(self.db())
+            .map_err(self.db())?
+            .map(|row| self.decode_info(row))
+            .transpose()
     }
 
     /// Up to `limit` documents with ids after `after`, in id order.
@@ -877,7 +423,8 @@ impl Store {
                 Self::info_from_row,
             )
             .map_err(self.db())?;
-        rows.collect::<Result<_, _>>().map_err(self.db())
+        rows.map(|row| self.decode_info(row.map_err(self.db())?))
+            .collect()
     }
 
     /// Number of documents.
@@ -893,7 +440,8 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn doc(id: &str, texts: &[&str]) -> NewDocument {
+    /// A document `id` with one chunk a text; chunks after the first have a section.
+    pub(crate) fn doc(id: &str, texts: &[&str]) -> NewDocument {
         NewDocument {
             id: id.into(),
             title: Some(format!("T {id}")),
@@ -955,8 +503,8 @@ mod tests {
         assert_eq!(s.generation(), 3, "three committed changes");
         let chunks = s.chunks(&[4, 1, 5]).unwrap();
         assert_eq!(chunks.len(), 2, "dead key 1 is left out");
-        assert_eq!(chunks[0].1.text, "z");
-        assert_eq!(chunks[0].1.chunk_id(), "a#1");
+        assert_eq!(chunks[0].text, "z");
+        assert_eq!(chunks[0].chunk_id(), "a#1");
         let info = s.document("a").unwrap().unwrap();
         assert_eq!((info.chunks, info.title.as_deref()), (2, Some("T a")));
     }
@@ -980,41 +528,6 @@ mod tests {
     }
 
     #[test]
-    fn lexical_search_ranks_by_bm25_and_forgets_deleted_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path(), "m", 2).unwrap();
-        s.upsert(&doc("a", &["the quick brown fox jumps", "lazy dogs sleep"]))
-            .unwrap();
-        s.upsert(&doc("b", &["a fox den in the forest", "中国的首都是北京"]))
-            .unwrap();
-        let hits = s.lexical_search("Fox jumps!", 10).unwrap();
-        assert_eq!(hits.first().map(|h| h.0), Some(1), "{hits:?}");
-        assert!(hits.iter().any(|h| h.0 == 3));
-        // Chinese by bigrams.
-        let hits = s.lexical_search("首都北京", 10).unwrap();
-        assert_eq!(hits.first().map(|h| h.0), Some(4), "{hits:?}");
-        assert!(s.lexical_search("  ?! ", 10).unwrap().is_empty());
-        s.delete("a").unwrap();
-        assert!(s.lexical_search("jumps", 10).unwrap().is_empty());
-        s.upsert(&doc("b", &["only wolves here"])).unwrap();
-        assert!(
-            s.lexical_search("fox", 10).unwrap().is_empty(),
-            "replaced chunks are gone"
-        );
-    }
-
-    #[test]
-    fn cjk_runs_become_bigrams() {
-        assert_eq!(
-            lexical_text("Hi 北京大学!")
-                .split_whitespace()
-                .collect::<Vec<_>>(),
-            vec!["Hi", "北京", "京大", "大学", "!"]
-        );
-        assert_eq!(lexical_text("中").trim(), "中");
-    }
-
-    #[test]
     fn list_pages_in_id_order() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path(), "m", 2).unwrap();
@@ -1034,57 +547,33 @@ mod tests {
     }
 
     #[test]
-    fn another_embedder_is_refused() {
+    fn metadata_round_trips_and_damaged_metadata_is_reported() {
         let dir = tempfile::tempdir().unwrap();
-        drop(Store::open(dir.path(), "m", 2).unwrap());
-        assert!(matches!(
-            Store::open(dir.path(), "other", 2),
-            Err(StoreError::ModelMismatch { .. })
-        ));
-        assert!(matches!(
-            Store::open(dir.path(), "m", 3),
-            Err(StoreError::ModelMismatch { .. })
-        ));
-    }
-
-    #[test]
-    fn schema_1_is_migrated_and_sections_are_searchable() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let mut s = Store::open(dir.path(), "m", 2).unwrap();
-            s.upsert(&doc("a", &["alpha", "beta"])).unwrap();
-        }
-        // Turn the database back into a version 1 one.
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        let mut a = doc("a", &["x"]);
+        a.metadata.insert("lang".into(), "en".into());
+        s.upsert(&a).unwrap();
+        s.upsert(&doc("b", &["y"])).unwrap();
+        assert_eq!(s.document("a").unwrap().unwrap().metadata, a.metadata);
+        assert_eq!(s.metadata_of("a"), Some(&a.metadata));
         {
             let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-            conn.execute_batch(
-                "ALTER TABLE chunks DROP COLUMN section; UPDATE meta SET value = '1' WHERE key = 'schema';",
+            conn.execute(
+                "UPDATE documents SET metadata = '{\"lang\": ' WHERE id = 'a'",
+                [],
             )
             .unwrap();
         }
-        let mut s = Store::open(dir.path(), "m", 2).unwrap();
-        let keys: Vec<usize> = s.live().map(|(k, _, _)| k).collect();
-        let chunks = s.chunks(&keys).unwrap();
-        assert_eq!(chunks.len(), 2);
+        fn corrupt<T>(r: Result<T, StoreError>) -> bool {
+            matches!(r, Err(StoreError::Corrupt { message, .. }) if message.contains("\"a\""))
+        }
+        assert!(corrupt(s.document("a")));
+        assert!(corrupt(s.list(None, 10)));
         assert!(
-            chunks.iter().all(|(_, c)| c.section.is_empty()),
-            "migrated rows have no section"
+            s.document("b").unwrap().is_some(),
+            "other documents still read"
         );
-        s.upsert(&doc("b", &["gamma", "delta"])).unwrap();
-        let hits: Vec<usize> = s
-            .lexical_search("part", 10)
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        let found = s.chunks(&hits).unwrap();
-        assert!(
-            found.iter().any(|(_, c)| (
-                c.document_id.as_str(),
-                c.section.as_str(),
-                c.text.as_str()
-            ) == ("b", "Part 1", "delta")),
-            "the section is in the full-text index: {found:?}"
-        );
+        drop(s);
+        assert!(corrupt(Store::open(dir.path(), "m", 2)));
     }
 }

@@ -1,0 +1,198 @@
+//! [`Embed`] on the local BERT model (`ragd-embedder`), on its own OS thread.
+//!
+//! Model code is CPU-bound and synchronous, so the model lives on one thread
+//! fed by a bounded channel and never runs on the async runtime. The thread
+//! loads the model first and reports success or the load error on a oneshot.
+//! It batches dynamically: it takes a job, then everything already queued up
+//! to a budget, embeds it in one go and skips jobs whose caller has gone.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ragd_core::{async_trait, BackendError, Embed, EmbedderInfo, TextKind};
+use ragd_embedder::{Embedder, EmbedderConfig};
+use tokenizers::Tokenizer;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::LoadError;
+
+/// Texts taken from the queue for one embedding pass.
+const EMBED_DRAIN_BUDGET: usize = 256;
+
+/// Called with the size of every embedding batch (for metrics).
+pub type BatchObserver = Arc<dyn Fn(usize) + Send + Sync>;
+
+struct EmbedJob {
+    texts: Vec<String>,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+}
+
+/// Handle to the embedder thread.
+#[derive(Clone)]
+pub struct LocalEmbedder {
+    tx: mpsc::Sender<EmbedJob>,
+    /// The model's tokenizer without truncation or padding, for counting.
+    counter: Tokenizer,
+    info: EmbedderInfo,
+}
+
+impl std::fmt::Debug for LocalEmbedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalEmbedder")
+            .field("name", &self.info.name)
+            .field("dim", &self.info.dim)
+            .finish()
+    }
+}
+
+impl LocalEmbedder {
+    /// Starts the embedder thread; the receiver yields the handle once the
+    /// model is loaded, or why it could not be.
+    pub fn spawn(
+        dir: PathBuf,
+        config: EmbedderConfig,
+        on_batch: Option<BatchObserver>,
+    ) -> oneshot::Receiver<Result<LocalEmbedder, LoadError>> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("ragd-embedder".into())
+            .spawn(move || {
+                let embedder = match Embedder::load(&dir, &config) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(LoadError::Model {
+                            what: "embedder",
+                            path: dir,
+                            message: e.to_string(),
+                        }));
+                        return;
+                    }
+                };
+                let mut counter = embedder.tokenizer().clone();
+                if let Err(e) = counter.with_truncation(None) {
+                    let _ = ready_tx.send(Err(LoadError::Model {
+                        what: "embedder",
+                        path: dir,
+                        message: format!("tokenizer: {e}"),
+                    }));
+                    return;
+                }
+                counter.with_padding(None);
+                let (tx, rx) = mpsc::channel::<EmbedJob>(1024);
+                let handle = LocalEmbedder {
+                    tx,
+                    counter,
+                    info: EmbedderInfo {
+                        name: embedder.name().to_string(),
+                        dim: embedder.dim(),
+                        max_length: embedder.max_length(),
+                        query_prefix: embedder.prefix(TextKind::Query).to_string(),
+                        passage_prefix: embedder.prefix(TextKind::Passage).to_string(),
+                    },
+                };
+                tracing::info!(model = %handle.info.name, dim = handle.info.dim, "embedder loaded");
+                if ready_tx.send(Ok(handle)).is_err() {
+                    return;
+                }
+                serve(&embedder, rx, on_batch.as_deref());
+            });
+        if let Err(e) = spawned {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(LoadError::Thread {
+                what: "embedder",
+                message: e.to_string(),
+            }));
+            return rx;
+        }
+        ready_rx
+    }
+}
+
+/// The embedder thread's loop: a job, then whatever else is queued, in one pass.
+fn serve(
+    embedder: &Embedder,
+    mut rx: mpsc::Receiver<EmbedJob>,
+    on_batch: Option<&(dyn Fn(usize) + Send + Sync)>,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        let mut queued = jobs[0].texts.len();
+        while queued < EMBED_DRAIN_BUDGET {
+            match rx.try_recv() {
+                Ok(job) => {
+                    queued += job.texts.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        let texts: Vec<&str> = jobs
+            .iter()
+            .flat_map(|j| j.texts.iter().map(String::as_str))
+            .collect();
+        if let Some(observe) = on_batch {
+            observe(texts.len());
+        }
+        match embedder.embed(&texts) {
+            Ok(mut vectors) => {
+                for job in jobs {
+                    let rest = vectors.split_off(job.texts.len());
+                    let _ = job.reply.send(Ok(std::mem::replace(&mut vectors, rest)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "embedding failed");
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Embed for LocalEmbedder {
+    fn info(&self) -> &EmbedderInfo {
+        &self.info
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        // Encoding plain text does not fail with the tokenizers ragd loads; if
+        // one ever did, the byte length is an upper bound on the token count,
+        // so a chunk sized with it still fits the window.
+        self.counter
+            .encode_fast(text, false)
+            .map(|e| e.len())
+            .unwrap_or(text.len())
+    }
+
+    async fn embed(
+        &self,
+        kind: TextKind,
+        texts: Vec<String>,
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prefix = match kind {
+            TextKind::Query => &self.info.query_prefix,
+            TextKind::Passage => &self.info.passage_prefix,
+        };
+        let texts = if prefix.is_empty() {
+            texts
+        } else {
+            texts.into_iter().map(|t| format!("{prefix}{t}")).collect()
+        };
+        let stopped = || BackendError::server("the embedder thread has stopped");
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(EmbedJob { texts, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?.map_err(BackendError::server)
+    }
+}

@@ -1,0 +1,62 @@
+//! The engines behind ragd's seams (the traits of `ragd-core`):
+//!
+//! * [`LocalEmbedder`] — [`ragd_core::Embed`] on the local BERT model, on its
+//!   own thread with dynamic batching;
+//! * [`LocalGenerator`] — [`ragd_core::Generate`] on a local GGUF model, in
+//!   slot threads sharing the weights;
+//! * [`RemoteGenerator`] — [`ragd_core::Generate`] on an OpenAI-compatible
+//!   server;
+//! * [`SqliteStore`] — [`ragd_core::DocumentStore`] on SQLite with an HNSW
+//!   graph over the vectors.
+//!
+//! Each says in its module what it does with the context budget and steering
+//! (the generators) or how it searches (the store). The pipeline never names
+//! them: the program picks them from the configuration and hands them over as
+//! trait objects.
+
+#![deny(missing_docs)]
+
+pub mod embed_local;
+pub mod generate_local;
+mod queue;
+pub mod remote;
+pub mod sqlite;
+
+use std::path::PathBuf;
+
+pub use embed_local::{BatchObserver, LocalEmbedder};
+pub use generate_local::{LocalGenerator, LocalOptions};
+pub use remote::{RemoteConfig, RemoteGenerator};
+pub use sqlite::SqliteStore;
+
+/// Why an engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A model file is missing, unreadable or not a supported model.
+    #[error("{what} {}: {message}", path.display())]
+    Model {
+        /// `embedder` or `generator`.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A model thread could not be started.
+    #[error("cannot start the {what} thread: {message}")]
+    Thread {
+        /// `embedder` or `generator`.
+        what: &'static str,
+        /// The OS error.
+        message: String,
+    },
+    /// The database cannot be opened (or was written with another embedder).
+    #[error("{0}")]
+    Store(#[from] ragd_store::StoreError),
+    /// The vector index cannot be built from the stored vectors.
+    #[error("{0}")]
+    Index(String),
+    /// The remote server's client cannot be set up.
+    #[error("{0}")]
+    Remote(String),
+}

@@ -1,0 +1,203 @@
+//! Documents, chunks and their vectors, and the [`DocumentStore`] seam.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::error::BackendError;
+use crate::filter::Filter;
+
+/// A chunk to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewChunk {
+    /// The passage.
+    pub text: String,
+    /// The headings in force where the passage starts, outermost first, joined with " > "; empty
+    /// when the document has none.
+    pub section: String,
+    /// Byte offset in the document.
+    pub start: usize,
+    /// Byte offset past the end.
+    pub end: usize,
+    /// Hash of what was embedded (decides whether a vector can be reused).
+    pub embed_hash: String,
+    /// The embedding.
+    pub vector: Vec<f32>,
+}
+
+/// A document to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDocument {
+    /// The id.
+    pub id: String,
+    /// Optional title.
+    pub title: Option<String>,
+    /// The full text.
+    pub text: String,
+    /// The caller's metadata.
+    pub metadata: Map<String, Value>,
+    /// Hash of everything that makes a document "unchanged".
+    pub hash: String,
+    /// Its chunks, in order.
+    pub chunks: Vec<NewChunk>,
+}
+
+/// What an upsert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpsertStatus {
+    /// A new id.
+    Created,
+    /// An existing id with different content; its chunks were replaced.
+    Updated,
+    /// An existing id with the same content: nothing written.
+    Unchanged,
+}
+
+/// Why one document of an upsert was not stored (the others still are).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpsertFailure {
+    /// A vector cannot be indexed (wrong size, not finite): the embedder's fault.
+    #[error("embedding failed")]
+    Vector(String),
+    /// Writing failed.
+    #[error("storage failed")]
+    Storage(String),
+}
+
+/// A stored chunk, as retrieval reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredChunk {
+    /// Its key: unique, never reused, the id search hits carry.
+    pub key: usize,
+    /// The owning document.
+    pub document_id: String,
+    /// Position in the document.
+    pub index: usize,
+    /// The document's title.
+    pub title: Option<String>,
+    /// The headings in force where the passage starts (" > "-joined; empty when none).
+    pub section: String,
+    /// The passage.
+    pub text: String,
+    /// Byte offset of the passage in the document text.
+    pub start: usize,
+    /// Byte offset just past the passage.
+    pub end: usize,
+    /// Its embedding.
+    pub vector: Vec<f32>,
+}
+
+impl StoredChunk {
+    /// Public chunk id: `{document_id}#{index}`.
+    pub fn chunk_id(&self) -> String {
+        format!("{}#{}", self.document_id, self.index)
+    }
+}
+
+/// A document's record, without its text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DocumentInfo {
+    /// The id.
+    pub id: String,
+    /// The title.
+    pub title: Option<String>,
+    /// The metadata.
+    pub metadata: Map<String, Value>,
+    /// The content hash.
+    pub hash: String,
+    /// Number of chunks.
+    pub chunks: usize,
+    /// Length of the text in bytes.
+    pub text_bytes: usize,
+    /// First stored, seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Last changed, seconds since the Unix epoch.
+    pub updated_at: i64,
+}
+
+/// A search hit: a chunk key and its score (higher is better).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    /// The chunk's key.
+    pub id: usize,
+    /// Its score: cosine similarity for dense search, BM25 for lexical search.
+    pub score: f32,
+}
+
+/// What a store holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Documents.
+    pub documents: usize,
+    /// Live chunks.
+    pub chunks: usize,
+    /// Where the vector index came from at start-up (`dump` or `rebuilt`),
+    /// for stores that keep one.
+    pub index_at_start: Option<&'static str>,
+}
+
+/// Documents, their chunks and vectors, and search over them: the seam between
+/// the pipeline and storage.
+///
+/// A store keeps every document wholly in one version: an upsert is one
+/// transaction per document, and a replaced or deleted document's chunks are
+/// not returned by any search from the moment the call returns. Chunk keys are
+/// never reused.
+#[async_trait::async_trait]
+pub trait DocumentStore: Send + Sync + std::fmt::Debug {
+    /// For each `(id, hash)`: `None` when the document is stored with that
+    /// content hash (unchanged), else the vectors of its stored chunks by the
+    /// hash of what was embedded (empty for a new document), for reuse.
+    async fn prior_versions(
+        &self,
+        documents: &[(String, String)],
+    ) -> Result<Vec<Option<HashMap<String, Vec<f32>>>>, BackendError>;
+
+    /// Stores the documents, each in its own transaction, replacing older
+    /// versions; one failing does not undo the others.
+    async fn upsert(
+        &self,
+        documents: Vec<NewDocument>,
+    ) -> Result<Vec<Result<UpsertStatus, UpsertFailure>>, BackendError>;
+
+    /// Deletes a document and its chunks; whether it existed.
+    async fn delete(&self, id: &str) -> Result<bool, BackendError>;
+
+    /// A document's record.
+    async fn document(&self, id: &str) -> Result<Option<DocumentInfo>, BackendError>;
+
+    /// Up to `limit` documents with ids after `after`, in id order.
+    async fn list(&self, after: Option<&str>, limit: usize)
+        -> Result<Vec<DocumentInfo>, BackendError>;
+
+    /// The `k` live chunks nearest to `vector` that pass `filter`, best first,
+    /// scored by cosine similarity.
+    async fn dense_search(
+        &self,
+        vector: &[f32],
+        k: usize,
+        filter: &Filter,
+    ) -> Result<Vec<Hit>, BackendError>;
+
+    /// The `k` live chunks best matching `query`'s words (BM25 over title,
+    /// section and text) that pass `filter`, best first.
+    async fn lexical_search(
+        &self,
+        query: &str,
+        k: usize,
+        filter: &Filter,
+    ) -> Result<Vec<Hit>, BackendError>;
+
+    /// The live chunks with these keys, in the given order (missing ones are
+    /// left out).
+    async fn chunks(&self, keys: &[usize]) -> Result<Vec<StoredChunk>, BackendError>;
+
+    /// Counts, for `/ready` and `/metrics`.
+    async fn stats(&self) -> Result<StoreStats, BackendError>;
+
+    /// Writes what is kept only in memory (an index dump) so that the next
+    /// start is fast; called at shutdown.
+    async fn flush(&self) -> Result<(), BackendError>;
+}

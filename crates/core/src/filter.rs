@@ -1,0 +1,160 @@
+//! Filters on documents, as data: a backend applies them in memory or turns
+//! them into its query language.
+
+use serde_json::{Map, Value};
+
+/// A filter the client wrote wrongly; the message says how to write it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("filter: {0}")]
+pub struct InvalidFilter(pub String);
+
+/// One condition of a filter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    /// The field equals the value (a metadata array: any element does).
+    Eq(Value),
+    /// The field equals one of the values.
+    In(Vec<Value>),
+}
+
+/// Which field a condition tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field {
+    /// The document's id.
+    DocumentId,
+    /// A key of the document's metadata.
+    Metadata(String),
+}
+
+/// A conjunction of conditions on `document_id` and `metadata.<key>`:
+/// `{"document_id": "x"}`, `{"metadata.lang": "en"}`,
+/// `{"metadata.tag": {"in": ["a", "b"]}}`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Filter {
+    conditions: Vec<(Field, Condition)>,
+}
+
+fn scalar(v: &Value) -> bool {
+    matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_))
+}
+
+impl Filter {
+    /// Parses the `filter` of a request.
+    pub fn parse(value: Option<&Value>) -> Result<Self, InvalidFilter> {
+        let Some(value) = value else {
+            return Ok(Self::default());
+        };
+        let bad = |m: String| InvalidFilter(m);
+        let Value::Object(map) = value else {
+            return Err(bad(
+                "must be an object such as {\"metadata.lang\": \"en\"}".into()
+            ));
+        };
+        let mut conditions = Vec::new();
+        for (key, v) in map {
+            let field = if key == "document_id" {
+                Field::DocumentId
+            } else if let Some(k) = key.strip_prefix("metadata.").filter(|k| !k.is_empty()) {
+                Field::Metadata(k.to_string())
+            } else {
+                return Err(bad(format!(
+                    "unknown field {key:?}; use \"document_id\" or \"metadata.<key>\""
+                )));
+            };
+            let condition = match v {
+                v if scalar(v) => Condition::Eq(v.clone()),
+                Value::Object(op) => match (op.len(), op.get("in")) {
+                    (1, Some(Value::Array(values)))
+                        if !values.is_empty() && values.iter().all(scalar) =>
+                    {
+                        Condition::In(values.clone())
+                    }
+                    _ => {
+                        return Err(bad(format!(
+                            "{key}: the only operator is {{\"in\": [values]}}"
+                        )))
+                    }
+                },
+                _ => {
+                    return Err(bad(format!(
+                        "{key}: expected a string, number, boolean or {{\"in\": [...]}}"
+                    )))
+                }
+            };
+            conditions.push((field, condition));
+        }
+        Ok(Self { conditions })
+    }
+
+    /// Whether the filter lets everything through.
+    pub fn is_empty(&self) -> bool {
+        self.conditions.is_empty()
+    }
+
+    /// The conditions, for a backend that translates them.
+    pub fn conditions(&self) -> &[(Field, Condition)] {
+        &self.conditions
+    }
+
+    /// Whether a chunk of document `id` with `metadata` passes.
+    pub fn matches(&self, id: &str, metadata: Option<&Map<String, Value>>) -> bool {
+        self.conditions.iter().all(|(field, condition)| {
+            let actual = match field {
+                Field::DocumentId => Some(Value::String(id.to_string())),
+                Field::Metadata(k) => metadata.and_then(|m| m.get(k)).cloned(),
+            };
+            let Some(actual) = actual else { return false };
+            // A metadata array (tags) matches when any element does.
+            let candidates: Vec<&Value> = match &actual {
+                Value::Array(items) => items.iter().collect(),
+                other => vec![other],
+            };
+            match condition {
+                Condition::Eq(want) => candidates.contains(&want),
+                Condition::In(wanted) => wanted.iter().any(|w| candidates.contains(&w)),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn meta(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn parses_and_matches_the_documented_forms() {
+        let m = meta(json!({ "lang": "en", "tag": ["a", "c"], "year": 2020 }));
+        let f = |v: Value| Filter::parse(Some(&v)).unwrap();
+        assert!(f(json!({ "document_id": "x" })).matches("x", Some(&m)));
+        assert!(!f(json!({ "document_id": "x" })).matches("y", Some(&m)));
+        assert!(f(json!({ "metadata.lang": "en" })).matches("x", Some(&m)));
+        assert!(!f(json!({ "metadata.lang": "zh" })).matches("x", Some(&m)));
+        assert!(f(json!({ "metadata.tag": { "in": ["b", "c"] } })).matches("x", Some(&m)));
+        assert!(f(json!({ "metadata.tag": "a" })).matches("x", Some(&m)));
+        assert!(f(json!({ "metadata.year": 2020, "metadata.lang": "en" })).matches("x", Some(&m)));
+        assert!(!f(json!({ "metadata.year": 2020, "metadata.lang": "zh" })).matches("x", Some(&m)));
+        assert!(!f(json!({ "metadata.missing": "x" })).matches("x", Some(&m)));
+        assert!(Filter::parse(None).unwrap().matches("x", None));
+    }
+
+    #[test]
+    fn malformed_filters_are_refused_with_the_reason() {
+        for v in [
+            json!("en"),
+            json!({ "lang": "en" }),
+            json!({ "metadata.": "en" }),
+            json!({ "metadata.lang": { "eq": "en" } }),
+            json!({ "metadata.lang": { "in": [] } }),
+            json!({ "metadata.lang": { "in": [["nested"]] } }),
+            json!({ "metadata.lang": null }),
+        ] {
+            let e = Filter::parse(Some(&v)).unwrap_err();
+            assert!(e.to_string().starts_with("filter: "), "{v}: {e}");
+        }
+    }
+}

@@ -1,0 +1,599 @@
+//! The transformer that the llama and qwen2 copies share: RMS-normed
+//! pre-norm blocks of rotary self-attention and a SiLU-gated feed-forward,
+//! token embeddings in, the last position's logits out.
+//!
+//! Both candle-transformers 0.11 files (`quantized_llama`, `quantized_qwen2`)
+//! spell this out separately, line for line the same apart from qwen2's q/k/v
+//! biases, llama's optional mixture of experts, and how many positions the
+//! rotary tables cover. Here it is once; [`super::llama`] and [`super::qwen2`]
+//! keep only what differs (metadata keys, the feed-forward, rope convention and
+//! table length, biases). The operations, their order and their dtypes are
+//! those of the candle code, so outputs are bit-for-bit what the two copies
+//! produced before they were merged.
+//!
+//! This is a module of its own rather than part of [`super::attention`]:
+//! that one holds the two pieces that *replace* candle's code (the in-place KV
+//! cache and grouped-query attention) and their tests; this one holds the
+//! structure copied from candle around them, including the GGUF tensor names.
+//! A new architecture (gemma3) can take the pieces it shares ([`Gguf`],
+//! [`Hparams`], [`Rope`], [`Attention`], [`Mlp`]) and write its own block and
+//! model loop where its layout differs (extra norms, per-layer rope bases,
+//! sliding-window masks; [`Model`]'s mask cache is causal-only).
+
+use std::collections::HashMap;
+use std::io::{Read, Seek};
+
+use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use candle_nn::Module;
+use candle_transformers::quantized_nn::RmsNorm;
+
+use super::attention::{grouped_attention, KvCache};
+use crate::q8_0::{Linear, TokenEmbedding};
+
+/// A GGUF file being read into a model: its header, the file and the device.
+pub(crate) struct Gguf<'a, R> {
+    ct: gguf_file::Content,
+    reader: &'a mut R,
+    device: &'a Device,
+}
+
+impl<'a, R: Read + Seek> Gguf<'a, R> {
+    pub(crate) fn new(ct: gguf_file::Content, reader: &'a mut R, device: &'a Device) -> Self {
+        Self { ct, reader, device }
+    }
+
+    pub(crate) fn device(&self) -> &'a Device {
+        self.device
+    }
+
+    /// A metadata value, an error if missing.
+    pub(crate) fn metadata(&self, key: &str) -> Result<&gguf_file::Value> {
+        match self.ct.metadata.get(key) {
+            None => candle_core::bail!("cannot find {key} in metadata"),
+            Some(v) => Ok(v),
+        }
+    }
+
+    pub(crate) fn tensor(&mut self, name: &str) -> Result<QTensor> {
+        self.ct.tensor(self.reader, name, self.device)
+    }
+
+    pub(crate) fn linear(&mut self, name: &str) -> Result<Linear> {
+        Linear::from_qtensor(self.tensor(name)?)
+    }
+
+    pub(crate) fn rms_norm(&mut self, name: &str, eps: f64) -> Result<RmsNorm> {
+        RmsNorm::from_qtensor(self.tensor(name)?, eps)
+    }
+
+    /// `token_embd.weight`, `output_norm.weight` and the output head:
+    /// `output.weight`, or with tied embeddings the embedding table again
+    /// (the same weights, shared when they stay quantized).
+    fn embeddings_and_head(&mut self, eps: f64) -> Result<(TokenEmbedding, RmsNorm, Linear)> {
+        let tok_embeddings = TokenEmbedding::from_qtensor(self.tensor("token_embd.weight")?)?;
+        let norm = self.rms_norm("output_norm.weight", eps)?;
+        let output = match self.linear("output.weight") {
+            Ok(output) => output,
+            Err(_) => match tok_embeddings.as_linear() {
+                Some(output) => output,
+                None => self.linear("token_embd.weight")?,
+            },
+        };
+        Ok((tok_embeddings, norm, output))
+    }
+}
+
+/// The hyperparameters both architectures read, under `{arch}.…`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hparams {
+    pub(crate) head_count: usize,
+    pub(crate) head_count_kv: usize,
+    pub(crate) embedding_length: usize,
+    pub(crate) block_count: usize,
+    pub(crate) rms_norm_eps: f64,
+    /// `{arch}.rope.freq_base`, 10000 when absent.
+    pub(crate) rope_freq_base: f32,
+}
+
+impl Hparams {
+    pub(crate) fn read<R: Read + Seek>(gg: &Gguf<'_, R>, arch: &str) -> Result<Self> {
+        let u = |key: &str| -> Result<usize> {
+            Ok(gg.metadata(&format!("{arch}.{key}"))?.to_u32()? as usize)
+        };
+        Ok(Self {
+            head_count: u("attention.head_count")?,
+            head_count_kv: u("attention.head_count_kv")?,
+            embedding_length: u("embedding_length")?,
+            block_count: u("block_count")?,
+            rms_norm_eps: gg
+                .metadata(&format!("{arch}.attention.layer_norm_rms_epsilon"))?
+                .to_f32()? as f64,
+            rope_freq_base: gg
+                .metadata(&format!("{arch}.rope.freq_base"))
+                .and_then(|m| m.to_f32())
+                .unwrap_or(10000f32),
+        })
+    }
+
+    pub(crate) fn head_dim(&self) -> usize {
+        self.embedding_length / self.head_count
+    }
+}
+
+/// Rotary embedding tables for positions `0..positions` and their application.
+#[derive(Debug, Clone)]
+pub(crate) struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    /// RoPE convention: true = NEOX (non-interleaved, pairs i with i+d/2),
+    /// false = NORM (interleaved, pairs 2i with 2i+1).
+    /// Must match the model architecture — using the wrong convention corrupts
+    /// attention patterns and causes severe output degradation.
+    neox: bool,
+}
+
+impl Rope {
+    /// candle's `precomput_freqs_cis`, with the number of positions a parameter
+    /// (llama: `MAX_SEQ_LEN`, qwen2: the file's context length).
+    pub(crate) fn new(
+        dim: usize,
+        freq_base: f32,
+        positions: usize,
+        neox: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let theta: Vec<_> = (0..dim)
+            .step_by(2)
+            .map(|i| 1f32 / freq_base.powf(i as f32 / dim as f32))
+            .collect();
+        let theta = Tensor::new(theta.as_slice(), device)?;
+        let idx_theta = Tensor::arange(0, positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((positions, 1))?
+            .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+        let cos = idx_theta.cos()?;
+        let sin = idx_theta.sin()?;
+        Ok(Self { cos, sin, neox })
+    }
+
+    /// Rotates `x` `(b, heads, seq, head_dim)` for positions `index_pos..`.
+    fn apply(&self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
+        let (_b_sz, _n_head, seq_len, _n_embd) = x.dims4()?;
+        let cos = self.cos.narrow(0, index_pos, seq_len)?;
+        let sin = self.sin.narrow(0, index_pos, seq_len)?;
+        let x = x.contiguous()?;
+        if self.neox {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
+        }
+    }
+}
+
+/// Self-attention: q/k/v projections (with biases for qwen2), rotary
+/// embeddings, the layer's KV cache, grouped attention, output projection.
+#[derive(Debug, Clone)]
+pub(crate) struct Attention {
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    /// q, k, v biases (qwen2).
+    biases: Option<[Tensor; 3]>,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    rope: Rope,
+    neg_inf: Tensor,
+    kv_cache: KvCache,
+    span_attn: tracing::Span,
+    span_rot: tracing::Span,
+}
+
+impl Attention {
+    pub(crate) fn new(
+        [wq, wk, wv, wo]: [Linear; 4],
+        n_head: usize,
+        n_kv_head: usize,
+        head_dim: usize,
+        rope: Rope,
+    ) -> Result<Self> {
+        let neg_inf = Tensor::new(f32::NEG_INFINITY, rope.cos.device())?;
+        Ok(Self {
+            wq,
+            wk,
+            wv,
+            wo,
+            biases: None,
+            n_head,
+            n_kv_head,
+            head_dim,
+            rope,
+            neg_inf,
+            kv_cache: KvCache::new(),
+            span_attn: tracing::span!(tracing::Level::TRACE, "attn"),
+            span_rot: tracing::span!(tracing::Level::TRACE, "attn-rot"),
+        })
+    }
+
+    /// `{prefix}.attn_{q,k,v,output}.weight`, and with `qkv_bias`
+    /// `{prefix}.attn_{q,k,v}.bias`.
+    pub(crate) fn from_gguf<R: Read + Seek>(
+        gg: &mut Gguf<'_, R>,
+        prefix: &str,
+        hp: &Hparams,
+        rope: &Rope,
+        qkv_bias: bool,
+    ) -> Result<Self> {
+        let mut weight = |name: &str| gg.linear(&format!("{prefix}.{name}.weight"));
+        let projections = [
+            weight("attn_q")?,
+            weight("attn_k")?,
+            weight("attn_v")?,
+            weight("attn_output")?,
+        ];
+        let mut attention = Self::new(
+            projections,
+            hp.head_count,
+            hp.head_count_kv,
+            hp.head_dim(),
+            rope.clone(),
+        )?;
+        if qkv_bias {
+            let device = gg.device();
+            let mut bias = |name: &str| {
+                gg.tensor(&format!("{prefix}.{name}.bias"))?
+                    .dequantize(device)
+            };
+            attention.biases = Some([bias("attn_q")?, bias("attn_k")?, bias("attn_v")?]);
+        }
+        Ok(attention)
+    }
+
+    fn rotate(&self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
+        let _enter = self.span_rot.enter();
+        self.rope.apply(x, index_pos)
+    }
+
+    fn forward(&mut self, x: &Tensor, mask: Option<&Tensor>, index_pos: usize) -> Result<Tensor> {
+        let _enter = self.span_attn.enter();
+        let (b_sz, seq_len, n_embd) = x.dims3()?;
+        let q = self.wq.forward(x)?;
+        let k = self.wk.forward(x)?;
+        let v = self.wv.forward(x)?;
+        let (q, k, v) = match &self.biases {
+            None => (q, k, v),
+            Some([bq, bk, bv]) => (
+                q.broadcast_add(bq)?,
+                k.broadcast_add(bk)?,
+                v.broadcast_add(bv)?,
+            ),
+        };
+
+        let q = q
+            .reshape((b_sz, seq_len, self.n_head, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = k
+            .reshape((b_sz, seq_len, self.n_kv_head, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = v
+            .reshape((b_sz, seq_len, self.n_kv_head, self.head_dim))?
+            .transpose(1, 2)?
+            // This call to contiguous ensures that the fast kernel can be called below. It's
+            // actually a no-op except when processing the initial prompt so has no significant
+            // impact on performance.
+            .contiguous()?;
+
+        // `rotate` makes q and k contiguous (qwen2's copy did so one step
+        // earlier; the values are the same).
+        let q = self.rotate(&q, index_pos)?;
+        let k = self.rotate(&k, index_pos)?;
+
+        let (k, v) = self.kv_cache.append(index_pos, &k, &v)?;
+        let y = grouped_attention(&q, &k, &v, mask, &self.neg_inf)?;
+
+        let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
+        self.wo.forward(&y)
+    }
+}
+
+/// The feed-forward: `down(silu(gate(x)) · up(x))`.
+#[derive(Debug, Clone)]
+pub(crate) struct Mlp {
+    gate: Linear,
+    down: Linear,
+    up: Linear,
+}
+
+impl Mlp {
+    /// `{prefix}.ffn_{gate,down,up}{suffix}.weight` (`suffix` `.{i}` for
+    /// expert `i` of a mixture, else empty).
+    pub(crate) fn from_gguf<R: Read + Seek>(
+        gg: &mut Gguf<'_, R>,
+        prefix: &str,
+        suffix: &str,
+    ) -> Result<Self> {
+        let mut weight = |name: &str| gg.linear(&format!("{prefix}.{name}{suffix}.weight"));
+        Ok(Self {
+            gate: weight("ffn_gate")?,
+            down: weight("ffn_down")?,
+            up: weight("ffn_up")?,
+        })
+    }
+
+    pub(crate) fn new(gate: Linear, down: Linear, up: Linear) -> Self {
+        Self { gate, down, up }
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let w1 = self.gate.forward(xs)?;
+        let w3 = self.up.forward(xs)?;
+        self.down.forward(&(candle_nn::ops::silu(&w1)? * w3)?)
+    }
+}
+
+/// A pre-norm transformer block, generic over its feed-forward (qwen2:
+/// [`Mlp`]; llama: an [`Mlp`] or a mixture of experts).
+#[derive(Debug, Clone)]
+pub(crate) struct Block<F> {
+    attention_norm: RmsNorm,
+    attention: Attention,
+    ffn_norm: RmsNorm,
+    ffn: F,
+    span_mlp: tracing::Span,
+}
+
+impl<F: Module> Block<F> {
+    pub(crate) fn new(
+        attention_norm: RmsNorm,
+        attention: Attention,
+        ffn_norm: RmsNorm,
+        ffn: F,
+    ) -> Self {
+        Self {
+            attention_norm,
+            attention,
+            ffn_norm,
+            ffn,
+            span_mlp: tracing::span!(tracing::Level::TRACE, "attn-mlp"),
+        }
+    }
+
+    fn forward(&mut self, x: &Tensor, mask: Option<&Tensor>, index_pos: usize) -> Result<Tensor> {
+        let residual = x;
+        let x = self.attention_norm.forward(x)?;
+        let attn = self.attention.forward(&x, mask, index_pos)?;
+        let x = (attn + residual)?;
+
+        // MLP
+        let _enter = self.span_mlp.enter();
+        let residual = &x;
+        let x = self.ffn_norm.forward(&x)?;
+        let x = self.ffn.forward(&x)?;
+        x + residual
+    }
+}
+
+/// Embeddings, blocks, final norm and output head, with the causal masks
+/// built so far.
+#[derive(Debug, Clone)]
+pub(crate) struct Model<F> {
+    tok_embeddings: TokenEmbedding,
+    layers: Vec<Block<F>>,
+    norm: RmsNorm,
+    output: Linear,
+    /// Mask cache keyed by (seq_len, kv_len).
+    /// kv_len = index_pos + seq_len, so the mask is rectangular when prefix
+    /// KV cache entries exist (index_pos > 0).
+    masks: HashMap<(usize, usize), Tensor>,
+    span: tracing::Span,
+    span_output: tracing::Span,
+}
+
+impl<F: Module> Model<F> {
+    pub(crate) fn new(
+        tok_embeddings: TokenEmbedding,
+        layers: Vec<Block<F>>,
+        norm: RmsNorm,
+        output: Linear,
+    ) -> Self {
+        Self {
+            tok_embeddings,
+            layers,
+            norm,
+            output,
+            masks: HashMap::new(),
+            span: tracing::span!(tracing::Level::TRACE, "model"),
+            span_output: tracing::span!(tracing::Level::TRACE, "output"),
+        }
+    }
+
+    /// Reads the embeddings, output head and `hp.block_count` blocks
+    /// `blk.{i}` (`attn_norm`, `ffn_norm` and [`Attention::from_gguf`]'s
+    /// tensors); `ffn` reads block `blk.{i}`'s feed-forward.
+    pub(crate) fn read_gguf<R: Read + Seek>(
+        gg: &mut Gguf<'_, R>,
+        hp: &Hparams,
+        rope: &Rope,
+        qkv_bias: bool,
+        mut ffn: impl FnMut(&mut Gguf<'_, R>, &str) -> Result<F>,
+    ) -> Result<Self> {
+        let (tok_embeddings, norm, output) = gg.embeddings_and_head(hp.rms_norm_eps)?;
+        let mut layers = Vec::with_capacity(hp.block_count);
+        for layer_idx in 0..hp.block_count {
+            let prefix = format!("blk.{layer_idx}");
+            let attention = Attention::from_gguf(gg, &prefix, hp, rope, qkv_bias)?;
+            let feed_forward = ffn(gg, &prefix)?;
+            let attention_norm =
+                gg.rms_norm(&format!("{prefix}.attn_norm.weight"), hp.rms_norm_eps)?;
+            let ffn_norm = gg.rms_norm(&format!("{prefix}.ffn_norm.weight"), hp.rms_norm_eps)?;
+            layers.push(Block::new(
+                attention_norm,
+                attention,
+                ffn_norm,
+                feed_forward,
+            ));
+        }
+        Ok(Self::new(tok_embeddings, layers, norm, output))
+    }
+
+    /// Build a causal attention mask of shape `(seq_len, kv_len)` where
+    /// `kv_len = index_pos + seq_len`.
+    ///
+    /// When `index_pos == 0` the mask is square `(seq_len, seq_len)` — the
+    /// classic case with an empty KV cache.
+    ///
+    /// When `index_pos > 0` the KV cache already holds `index_pos` entries from
+    /// a previously fed prefix.  The mask becomes rectangular: the first
+    /// `index_pos` columns are all 0 (every query attends to every prefix key)
+    /// and the remaining `seq_len` columns form the standard causal triangle
+    /// (query at global position `index_pos + i` cannot attend to keys at global
+    /// positions `> index_pos + i`).
+    ///
+    /// # Shape example  (index_pos=65, seq_len=4)
+    /// ```text
+    ///              kv 0..64 (prefix)   kv 65  kv 66  kv 67  kv 68
+    /// query 65:       0  0 … 0           0      1      1      1
+    /// query 66:       0  0 … 0           0      0      1      1
+    /// query 67:       0  0 … 0           0      0      0      1
+    /// query 68:       0  0 … 0           0      0      0      0
+    /// ```
+    fn mask(&mut self, seq_len: usize, index_pos: usize, device: &Device) -> Result<Tensor> {
+        let kv_len = index_pos + seq_len;
+        if let Some(mask) = self.masks.get(&(seq_len, kv_len)) {
+            Ok(mask.clone())
+        } else {
+            let mask = candle_transformers::utils::build_causal_mask(seq_len, index_pos, device)?;
+            self.masks.insert((seq_len, kv_len), mask.clone());
+            Ok(mask)
+        }
+    }
+
+    /// Clear the KV cache across all layers.
+    ///
+    /// Call this between independent conversations to free cached attention
+    /// state without recreating the model.
+    pub(crate) fn clear_kv_cache(&mut self) {
+        for layer in self.layers.iter_mut() {
+            layer.attention.kv_cache.clear();
+        }
+    }
+
+    /// Logits for the last of the tokens `x` `(batch, seq)`, which sit at
+    /// positions `index_pos..` (the KV cache holds the positions before).
+    pub(crate) fn forward(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
+        let (_b_sz, seq_len) = x.dims2()?;
+        let mask = if seq_len == 1 {
+            None
+        } else {
+            Some(self.mask(seq_len, index_pos, x.device())?)
+        };
+        let _enter = self.span.enter();
+        let mut layer_in = self.tok_embeddings.forward(x)?;
+        for layer in self.layers.iter_mut() {
+            layer_in = layer.forward(&layer_in, mask.as_ref(), index_pos)?;
+        }
+        let x = self.norm.forward(&layer_in)?;
+        let x = x.i((.., seq_len - 1, ..))?;
+        let _enter = self.span_output.enter();
+        self.output.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Result};
+    use candle_transformers::utils::build_causal_mask;
+
+    // ── Mask shape tests ──────────────────────────────────────────────────────
+
+    /// Classic square mask: index_pos=0 produces (seq_len, seq_len).
+    #[test]
+    fn causal_mask_square_shape() -> Result<()> {
+        let mask = build_causal_mask(4, 0, &Device::Cpu)?;
+        assert_eq!(mask.dims(), [4, 4]);
+        Ok(())
+    }
+
+    /// Rectangular mask: index_pos=N produces (seq_len, N + seq_len).
+    #[test]
+    fn causal_mask_rectangular_shape() -> Result<()> {
+        let mask = build_causal_mask(4, 65, &Device::Cpu)?;
+        assert_eq!(mask.dims(), [4, 69]);
+        Ok(())
+    }
+
+    // ── Mask value tests ──────────────────────────────────────────────────────
+
+    /// Square mask values: standard lower-triangular pattern (0=attend, 1=block).
+    ///
+    /// For seq_len=3, index_pos=0:
+    ///   row 0 (global pos 0): attend to pos 0             → [0, 1, 1]
+    ///   row 1 (global pos 1): attend to pos 0..1           → [0, 0, 1]
+    ///   row 2 (global pos 2): attend to pos 0..2           → [0, 0, 0]
+    #[test]
+    fn causal_mask_square_values() -> Result<()> {
+        let mask = build_causal_mask(3, 0, &Device::Cpu)?;
+        let data: Vec<u8> = mask.flatten_all()?.to_vec1()?;
+        assert_eq!(data, [0, 1, 1, 0, 0, 1, 0, 0, 0]);
+        Ok(())
+    }
+
+    /// Rectangular mask values: prefix columns are all-zero, user columns
+    /// form the causal triangle.
+    ///
+    /// For seq_len=3, index_pos=2 → kv_len=5:
+    ///   row 0 (global pos 2): attend to kv 0..2  → [0,0, 0,1,1]
+    ///   row 1 (global pos 3): attend to kv 0..3  → [0,0, 0,0,1]
+    ///   row 2 (global pos 4): attend to kv 0..4  → [0,0, 0,0,0]
+    #[test]
+    fn causal_mask_rectangular_values() -> Result<()> {
+        let mask = build_causal_mask(3, 2, &Device::Cpu)?;
+        let data: Vec<u8> = mask.flatten_all()?.to_vec1()?;
+        #[rustfmt::skip]
+        assert_eq!(data, [
+            0, 0,  0, 1, 1,
+            0, 0,  0, 0, 1,
+            0, 0,  0, 0, 0,
+        ]);
+        Ok(())
+    }
+
+    /// A single-token query (seq_len=1) with prefix produces a single row
+    /// of all zeros — it can attend to every key including itself.
+    #[test]
+    fn causal_mask_single_query_with_prefix() -> Result<()> {
+        let mask = build_causal_mask(1, 10, &Device::Cpu)?;
+        assert_eq!(mask.dims(), [1, 11]);
+        let data: Vec<u8> = mask.flatten_all()?.to_vec1()?;
+        assert!(
+            data.iter().all(|&v| v == 0),
+            "single-query mask should be all-zero"
+        );
+        Ok(())
+    }
+
+    // ── Mask broadcast compatibility test ─────────────────────────────────────
+
+    /// Verify the mask can be broadcast to (batch, heads, seq_len, kv_len) —
+    /// the exact shape produced by `Q @ K^T` in the attention forward pass.
+    /// This is the broadcast that previously panicked when index_pos > 0.
+    #[test]
+    fn causal_mask_broadcasts_to_attention_shape() -> Result<()> {
+        let batch = 1usize;
+        let heads = 8usize;
+        let seq_len = 4usize;
+        let index_pos = 10usize;
+
+        let mask = build_causal_mask(seq_len, index_pos, &Device::Cpu)?;
+        // Simulate the attention score shape Q @ K^T → (batch, heads, seq_len, kv_len)
+        let kv_len = index_pos + seq_len;
+        let att_shape = &[batch, heads, seq_len, kv_len];
+        let broadcasted = mask.broadcast_as(att_shape.as_slice())?;
+        assert_eq!(broadcasted.dims(), att_shape);
+        Ok(())
+    }
+}

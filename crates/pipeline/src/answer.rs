@@ -1,0 +1,476 @@
+//! The answer's one event loop: the generation backend's events become
+//! [`AnswerEvent`]s — the passages the model read, the answer's text with the
+//! content rules applied as it streams, then the checked answer — which the
+//! JSON answer, the SSE stream and the OpenAI-style API each encode in their
+//! own format. Dropping an [`Answer`] drops the backend's event channel, which
+//! stops generation at its next token (a client that goes away costs nothing
+//! more).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use ragd_core::{Embed, GenEvent, Generation, TextKind};
+use tokio::sync::mpsc;
+
+use crate::ask::{AskResponse, Grounding, LanguageCheck, Timings, Usage};
+use crate::check::{self, CitedBy};
+use crate::content::{ContentRules, StreamFilter, Tally};
+use crate::error::Error;
+use crate::language::{self, Lang};
+use crate::prompt::Style;
+use crate::select::Source;
+use crate::Pipeline;
+
+/// What a client learns about an answer, in order: perhaps `Queued`, then
+/// `Sources`, any number of `Token`s, then `Done` or `Failed`.
+#[derive(Debug)]
+pub enum AnswerEvent {
+    /// Every generation slot is busy: this many questions go first.
+    Queued {
+        /// 1 = next.
+        position: usize,
+    },
+    /// The passages the model reads (content rules applied).
+    Sources(Vec<Source>),
+    /// A piece of the answer's text (content rules applied; never a split
+    /// UTF-8 character).
+    Token(String),
+    /// The checked answer.
+    Done(Box<AskResponse>),
+    /// Generation failed after the stream started.
+    Failed(Error),
+}
+
+/// Where the loop is.
+#[derive(Debug)]
+enum State {
+    /// Declined without the model: `Sources` (none), then `Done`.
+    Declined { sources_sent: bool },
+    /// Reading the backend's events; `started` once the prompt is read.
+    Running { started: bool },
+    /// The text is complete and its held-back tail was sent: check it next.
+    Checking(Generation),
+    /// `Done` or `Failed` was sent.
+    Finished,
+}
+
+/// An answer in progress. Read it with [`Answer::next`], as a stream with
+/// [`Answer::into_stream`], or to its end with [`Answer::collect`].
+#[derive(Debug)]
+pub struct Answer {
+    embedder: Arc<dyn Embed>,
+    content: Arc<ContentRules>,
+    min_support: f32,
+    events: Option<mpsc::UnboundedReceiver<GenEvent>>,
+    filter: StreamFilter,
+    progress: Progress,
+    state: State,
+}
+
+/// Accumulates an answer's events into the final response.
+#[derive(Debug)]
+struct Progress {
+    run_sources: Vec<Source>,
+    used: usize,
+    trimmed: bool,
+    prompt_ms: f64,
+    first_token_ms: Option<f64>,
+    started: Instant,
+    retrieval_ms: f64,
+    model: String,
+    language: Lang,
+    style: Style,
+    /// Sentences addressed to the model taken out of the passages.
+    defused: usize,
+}
+
+impl Answer {
+    /// An answer to a question asked at `started`, before its passages are known.
+    pub(crate) fn new(
+        pipeline: &Pipeline,
+        started: Instant,
+        retrieval_ms: f64,
+        language: Lang,
+        style: Style,
+    ) -> Self {
+        let model = pipeline
+            .generator
+            .as_ref()
+            .map(|g| g.info().name.clone())
+            .unwrap_or_default();
+        Self {
+            embedder: Arc::clone(&pipeline.embedder),
+            content: Arc::clone(&pipeline.content),
+            min_support: pipeline.config.answers.min_support,
+            events: None,
+            filter: pipeline.content.stream(),
+            progress: Progress {
+                run_sources: Vec::new(),
+                used: 0,
+                trimmed: false,
+                prompt_ms: 0.0,
+                first_token_ms: None,
+                started,
+                retrieval_ms,
+                model,
+                language,
+                style,
+                defused: 0,
+            },
+            state: State::Finished,
+        }
+    }
+
+    /// Declined without asking the model.
+    pub(crate) fn declined(self) -> Self {
+        Self {
+            state: State::Declined {
+                sources_sent: false,
+            },
+            ..self
+        }
+    }
+
+    /// Generating from `sources`, the backend's events on `events`.
+    pub(crate) fn generating(
+        mut self,
+        sources: Vec<Source>,
+        events: mpsc::UnboundedReceiver<GenEvent>,
+    ) -> Self {
+        self.progress.defused = sources
+            .iter()
+            .map(|s| crate::prompt::defuse(&s.text).1)
+            .sum();
+        self.progress.used = sources.len();
+        self.progress.run_sources = sources;
+        self.events = Some(events);
+        self.state = State::Running { started: false };
+        self
+    }
+
+    /// The next event; `None` after `Done` or `Failed`.
+    pub async fn next(&mut self) -> Option<AnswerEvent> {
+        loop {
+            match std::mem::replace(&mut self.state, State::Finished) {
+                State::Finished => return None,
+                State::Declined { sources_sent: false } => {
+                    self.state = State::Declined { sources_sent: true };
+                    return Some(AnswerEvent::Sources(Vec::new()));
+                }
+                State::Declined { sources_sent: true } => {
+                    let progress = std::mem::replace(&mut self.progress, Progress::empty());
+                    return Some(AnswerEvent::Done(Box::new(progress.no_sources())));
+                }
+                State::Checking(generation) => {
+                    let response = self.check(generation).await;
+                    return Some(AnswerEvent::Done(Box::new(response)));
+                }
+                State::Running { started } => {
+                    let Some(events) = self.events.as_mut() else {
+                        return None;
+                    };
+                    let Some(event) = events.recv().await else {
+                        return Some(AnswerEvent::Failed(Error::internal(
+                            "the generator stopped without an answer",
+                        )));
+                    };
+                    self.state = State::Running { started };
+                    match event {
+                        // A position that arrives after the answer started is stale.
+                        GenEvent::Queued { .. } if started => continue,
+                        GenEvent::Queued { position } => {
+                            return Some(AnswerEvent::Queued { position })
+                        }
+                        GenEvent::Prompt {
+                            passages_used,
+                            trimmed,
+                            prompt_ms,
+                            ..
+                        } => {
+                            self.state = State::Running { started: true };
+                            self.progress.prompt_ready(passages_used, trimmed, prompt_ms);
+                            return Some(AnswerEvent::Sources(
+                                self.progress.sources_for_client(&self.content),
+                            ));
+                        }
+                        GenEvent::Token(text) => {
+                            self.progress.token();
+                            // The content rules hold back the last few characters
+                            // so that a match split across tokens is caught whole.
+                            let text = self.filter.push(&text);
+                            if !text.is_empty() {
+                                return Some(AnswerEvent::Token(text));
+                            }
+                        }
+                        GenEvent::Done(generation) => {
+                            let rest = self.filter.finish();
+                            if rest.is_empty() {
+                                let response = self.check(generation).await;
+                                self.state = State::Finished;
+                                return Some(AnswerEvent::Done(Box::new(response)));
+                            }
+                            self.state = State::Checking(generation);
+                            return Some(AnswerEvent::Token(rest));
+                        }
+                        GenEvent::Failed(e) => {
+                            self.state = State::Finished;
+                            return Some(AnswerEvent::Failed(e.into()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The events as a stream (ends after `Done` or `Failed`).
+    pub fn into_stream(self) -> impl Stream<Item = AnswerEvent> + Send {
+        futures::stream::unfold(self, |mut answer| async move {
+            answer.next().await.map(|event| (event, answer))
+        })
+    }
+
+    /// Reads the answer to its end: the checked answer, or why it failed.
+    pub async fn collect(mut self) -> Result<AskResponse, Error> {
+        while let Some(event) = self.next().await {
+            match event {
+                AnswerEvent::Done(response) => return Ok(*response),
+                AnswerEvent::Failed(e) => return Err(e),
+                AnswerEvent::Queued { .. } | AnswerEvent::Sources(_) | AnswerEvent::Token(_) => {}
+            }
+        }
+        Err(Error::internal("the answer ended without a result"))
+    }
+
+    /// Ask stage "check the answer": reads the answer's citation markers
+    /// against what its sentences say, re-points or removes unsupported ones,
+    /// attributes unmarked sentences, measures grounding (see [`check`]),
+    /// notes a refusal and the answer's language, and applies the content rules.
+    async fn check(&mut self, g: Generation) -> AskResponse {
+        let progress = std::mem::replace(&mut self.progress, Progress::empty());
+        let sources = progress.sources();
+        let segments = check::segments(&g.text, sources.len());
+        let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
+        let checked = match self.embedder.embed(TextKind::Query, texts).await {
+            Ok(vectors) => {
+                let sentences: Vec<(&str, &[f32])> = segments
+                    .iter()
+                    .zip(&vectors)
+                    .map(|(seg, v)| (seg.text.as_str(), v.as_slice()))
+                    .collect();
+                let passages: Vec<(&str, &[f32])> = sources
+                    .iter()
+                    .map(|s| (s.text.as_str(), s.vector.as_slice()))
+                    .collect();
+                let support = check::support_matrix(&sentences, &passages);
+                Some(check::check(
+                    &g.text,
+                    &segments,
+                    &support,
+                    self.min_support,
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "citation check skipped");
+                None
+            }
+        };
+        progress.finish(g, checked, &self.content)
+    }
+}
+
+impl Progress {
+    /// A placeholder left behind when the real progress is consumed.
+    fn empty() -> Self {
+        Progress {
+            run_sources: Vec::new(),
+            used: 0,
+            trimmed: false,
+            prompt_ms: 0.0,
+            first_token_ms: None,
+            started: Instant::now(),
+            retrieval_ms: 0.0,
+            model: String::new(),
+            language: Lang::En,
+            style: Style::Concise,
+            defused: 0,
+        }
+    }
+}
+
+impl Progress {
+    /// Notes that the prompt uses the first `used` sources.
+    fn prompt_ready(&mut self, used: usize, trimmed: bool, prompt_ms: f64) {
+        self.used = used.min(self.run_sources.len());
+        self.trimmed = trimmed;
+        self.prompt_ms = prompt_ms;
+    }
+
+    /// Notes an answer token.
+    fn token(&mut self) {
+        self.first_token_ms
+            .get_or_insert_with(|| self.started.elapsed().as_secs_f64() * 1e3);
+    }
+
+    /// The sources the prompt uses.
+    fn sources(&self) -> &[Source] {
+        &self.run_sources[..self.used]
+    }
+
+    /// The sources the prompt uses, as a client may see them (content rules
+    /// applied to their snippets).
+    fn sources_for_client(&self, rules: &ContentRules) -> Vec<Source> {
+        let mut tally = Tally::default();
+        self.sources()
+            .iter()
+            .map(|s| Source {
+                snippet: rules.apply(&s.snippet, &mut tally),
+                text: rules.apply(&s.text, &mut tally),
+                ..s.clone()
+            })
+            .collect()
+    }
+
+    /// The answer when nothing relevant enough was retrieved: ragd says, in the
+    /// question's language, that the documents do not hold the answer.
+    fn no_sources(self) -> AskResponse {
+        AskResponse {
+            answer: self.language.not_in_documents().into(),
+            answerable: false,
+            language: LanguageCheck {
+                question: self.language,
+                answer: None,
+                matches: true,
+            },
+            style: self.style,
+            citations: Vec::new(),
+            citation_changes: Vec::new(),
+            grounding: None,
+            content_rules: Vec::new(),
+            sources: Vec::new(),
+            dropped: Vec::new(),
+            trimmed: None,
+            finish_reason: "no_sources".into(),
+            model: self.model,
+            usage: Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                total_tokens: 0,
+                cached_tokens: 0,
+            },
+            timings: Timings {
+                retrieval_ms: self.retrieval_ms,
+                prompt_ms: 0.0,
+                generation_ms: 0.0,
+                first_token_ms: None,
+                total_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            },
+        }
+    }
+
+    /// The final answer: the checked text with its citations and grounding,
+    /// content rules applied.
+    fn finish(
+        self,
+        g: Generation,
+        checked: Option<check::Checked>,
+        rules: &ContentRules,
+    ) -> AskResponse {
+        let sources = self.sources();
+        let mut tally = Tally::default();
+        let redacted = |s: &Source, tally: &mut Tally| Source {
+            snippet: rules.apply(&s.snippet, tally),
+            text: rules.apply(&s.text, tally),
+            ..s.clone()
+        };
+        let (text, citations, changes, grounding) = match checked {
+            Some(c) => {
+                let citations: Vec<Source> = c
+                    .citations
+                    .iter()
+                    .map(|&(n, by)| Source {
+                        cited_by: Some(by),
+                        verified: Some(true),
+                        ..redacted(&sources[n - 1], &mut tally)
+                    })
+                    .collect();
+                let chars = |t: &str| t.chars().count().max(1) as f32;
+                let total: f32 = c.sentences.iter().map(|s| chars(&s.text)).sum();
+                let score = c
+                    .sentences
+                    .iter()
+                    .map(|s| s.score * chars(&s.text))
+                    .sum::<f32>()
+                    / total.max(1.0);
+                let supported: f32 = c
+                    .sentences
+                    .iter()
+                    .filter(|s| s.supported)
+                    .map(|s| chars(&s.text))
+                    .sum();
+                let grounding = Grounding {
+                    score: if c.sentences.is_empty() { 0.0 } else { score },
+                    supported: !c.sentences.is_empty() && supported * 2.0 >= total,
+                    sentences: c.sentences,
+                };
+                (c.text, citations, c.changes, Some(grounding))
+            }
+            // The check could not run: the model's in-range markers, unverified.
+            None => {
+                let citations = check::cited(&g.text, sources.len())
+                    .into_iter()
+                    .map(|n| Source {
+                        cited_by: Some(CitedBy::Model),
+                        verified: Some(false),
+                        ..redacted(&sources[n - 1], &mut tally)
+                    })
+                    .collect();
+                (g.text.trim().to_string(), citations, Vec::new(), None)
+            }
+        };
+        let answer = rules.apply(&text, &mut tally);
+        tally.add("document_instructions", self.defused);
+        let answer_language = language::detect(&answer);
+        let sources: Vec<Source> = sources.iter().map(|s| redacted(s, &mut tally)).collect();
+        AskResponse {
+            answerable: !language::is_refusal(&answer),
+            language: LanguageCheck {
+                question: self.language,
+                answer: Some(answer_language),
+                matches: answer_language == self.language,
+            },
+            style: self.style,
+            answer,
+            citations,
+            citation_changes: changes,
+            grounding,
+            content_rules: tally.applied(),
+            dropped: self.run_sources[self.used..]
+                .iter()
+                .map(|s| s.chunk_id.clone())
+                .collect(),
+            trimmed: if self.trimmed {
+                sources.last().map(|s| s.chunk_id.clone())
+            } else {
+                None
+            },
+            sources,
+            finish_reason: g.finish_reason.as_str().to_string(),
+            model: self.model.clone(),
+            usage: Usage {
+                prompt_tokens: g.prompt_tokens,
+                completion_tokens: g.completion_tokens,
+                total_tokens: g.prompt_tokens + g.completion_tokens,
+                cached_tokens: g.cached_tokens,
+            },
+            timings: Timings {
+                retrieval_ms: self.retrieval_ms,
+                prompt_ms: self.prompt_ms,
+                generation_ms: g.prefill_ms + g.decode_ms,
+                first_token_ms: self.first_token_ms,
+                total_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            },
+        }
+    }
+}
+

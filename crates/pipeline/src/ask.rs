@@ -1,0 +1,330 @@
+//! The ask flow: validate → retrieve → select → rerank → assemble the prompt →
+//! generate → check the answer → apply the content rules.
+//!
+//! [`Pipeline::ask`] runs everything up to handing the prompt to the
+//! generation backend, and returns the [`Answer`]: one stream of
+//! [`AnswerEvent`]s that the JSON answer, the SSE stream and the OpenAI-style
+//! API all read (see [`crate::answer`]). Everything that can be refused with an
+//! HTTP status is decided before that stream starts.
+
+use std::time::{Duration, Instant};
+
+use ragd_core::{Filter, GenEvent, GenJob, Message};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::answer::Answer;
+use crate::check;
+use crate::content;
+use crate::error::Error;
+use crate::language::{self, Lang};
+use crate::prompt::{self, Passage, Style};
+use crate::retrieve::Mode;
+pub use crate::select::Source;
+use crate::Pipeline;
+
+/// Longest question accepted, in characters.
+const MAX_QUESTION_CHARS: usize = 4000;
+/// Most earlier turns of a conversation.
+const MAX_HISTORY: usize = 40;
+
+/// Body of `POST /ask`.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AskRequest {
+    /// The question.
+    pub question: String,
+    /// Passages to retrieve.
+    pub top_k: Option<usize>,
+    /// Longest answer in tokens.
+    pub max_tokens: Option<usize>,
+    /// 0 = greedy.
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    pub top_p: Option<f64>,
+    /// Sampler seed.
+    pub seed: Option<u64>,
+    /// Sample among this many most likely tokens only (0 = no limit).
+    pub sample_top_k: Option<usize>,
+    /// Repetition penalty, 1 (off) to 2.
+    pub repeat_penalty: Option<f32>,
+    /// Up to 4 strings that end the answer (not included).
+    pub stop: Option<Vec<String>>,
+    /// Conditions on `document_id` / `metadata.<key>` the passages must meet.
+    pub filter: Option<Value>,
+    /// `dense`, `lexical` or `hybrid` (default: `retrieval.mode`).
+    pub mode: Option<String>,
+    /// Stream the answer as server-sent events.
+    pub stream: Option<bool>,
+    /// `concise` (default: one to three sentences) or `detailed`.
+    pub style: Option<String>,
+    /// Earlier turns of the conversation, oldest first (`user` and `assistant`
+    /// messages); retrieval uses the question alone.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<ChatMessage>>))]
+    pub history: Option<Vec<Message>>,
+}
+
+/// A chat message (`role`: `user` or `assistant`, and its `content`), for the
+/// API documentation.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[allow(dead_code)]
+pub struct ChatMessage {
+    /// `user` or `assistant` (`system` is accepted and ignored on `/v1`).
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Their sum.
+    pub total_tokens: usize,
+    /// Prompt tokens not read again: the fixed start of the prompt, read once
+    /// when the model loaded.
+    pub cached_tokens: usize,
+}
+
+/// Per-stage times in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Timings {
+    /// Embedding the question and searching.
+    pub retrieval_ms: f64,
+    /// Rendering and tokenizing the prompt (after waiting for the generator).
+    pub prompt_ms: f64,
+    /// Prefill and decoding.
+    pub generation_ms: f64,
+    /// From the request to the first answer token.
+    pub first_token_ms: Option<f64>,
+    /// The whole request.
+    pub total_ms: f64,
+}
+
+/// The languages of a question and its answer.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LanguageCheck {
+    /// The question's language (the one the answer is asked for).
+    pub question: Lang,
+    /// The answer's, when it was generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Lang>,
+    /// Whether they are the same.
+    pub matches: bool,
+}
+
+/// How well an answer is supported by its passages.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Grounding {
+    /// The sentences' best support, averaged by length (0–1).
+    pub score: f32,
+    /// Whether sentences making up at least half of the answer are supported by
+    /// some passage. False marks an answer the passages do not back.
+    pub supported: bool,
+    /// Each sentence, its best support and the passage giving it.
+    pub sentences: Vec<check::SentenceSupport>,
+}
+
+/// The answer to `POST /ask` (also the `done` event of a stream).
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AskResponse {
+    /// The answer text (after the citation check and the content rules).
+    pub answer: String,
+    /// False when ragd found nothing relevant enough and did not ask the model
+    /// (the answer then says so in the question's language), or when the
+    /// model's answer says the passages do not hold the answer.
+    pub answerable: bool,
+    /// The question's language and whether the answer is in it.
+    pub language: LanguageCheck,
+    /// The answer style asked for.
+    pub style: Style,
+    /// Passages the answer cites, in order of first citation.
+    pub citations: Vec<Source>,
+    /// Citations the check removed or pointed at another passage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub citation_changes: Vec<check::Change>,
+    /// How well the passages support each sentence of the answer; absent when
+    /// no answer was generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grounding: Option<Grounding>,
+    /// Content rules that changed the answer or the snippets, with counts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub content_rules: Vec<content::Applied>,
+    /// The passages the model was given, best first, numbered as in the prompt.
+    pub sources: Vec<Source>,
+    /// Retrieved passages left out of the prompt to fit the context budget
+    /// (chunk ids, lowest-ranked last); empty when all fitted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
+    /// The chunk id of the passage shortened to fit, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trimmed: Option<String>,
+    /// Why generation ended: `stop`, `length`, `timeout`, `cancelled` or `no_sources`.
+    pub finish_reason: String,
+    /// The generator's model name.
+    pub model: String,
+    /// Token counts.
+    pub usage: Usage,
+    /// Stage times.
+    pub timings: Timings,
+}
+
+/// The trimmed text of a question or query, refused when empty or too long.
+pub(crate) fn query_text<'a>(field: &str, text: &'a str) -> Result<&'a str, Error> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(Error::Invalid(format!("{field}: must not be empty")));
+    }
+    if text.chars().count() > MAX_QUESTION_CHARS {
+        return Err(Error::Invalid(format!(
+            "{field}: longer than {MAX_QUESTION_CHARS} characters"
+        )));
+    }
+    Ok(text)
+}
+
+impl Pipeline {
+    /// Validates a question, retrieves and selects its passages, and hands the
+    /// prompt to the generation backend. The answer comes as [`Answer`]'s
+    /// events; a question whose best passage scores under the abstention
+    /// threshold is declined without asking the model.
+    pub async fn ask(&self, req: &AskRequest) -> Result<Answer, Error> {
+        let started = Instant::now();
+        let question = query_text("question", &req.question)?;
+        let style = Style::parse(req.style.as_deref())?;
+        let history = req.history.clone().unwrap_or_default();
+        if history.len() > MAX_HISTORY {
+            return Err(Error::Invalid(format!(
+                "history: at most {MAX_HISTORY} messages"
+            )));
+        }
+        if let Some(m) = history
+            .iter()
+            .find(|m| m.role != "user" && m.role != "assistant")
+        {
+            return Err(Error::Invalid(format!(
+                "history: role {:?} is not \"user\" or \"assistant\"",
+                m.role
+            )));
+        }
+        let language = language::detect(question);
+        let r = &self.config.retrieval;
+        let top_k = req.top_k.unwrap_or(r.top_k);
+        if !(1..=r.max_top_k).contains(&top_k) {
+            return Err(Error::Invalid(format!(
+                "top_k: must be within 1..={}",
+                r.max_top_k
+            )));
+        }
+        let g = &self.config.generation;
+        let mut params = g.defaults();
+        if style == Style::Concise {
+            params.max_tokens = g.concise_max_tokens;
+        }
+        // Not markers alone, nor a passage heading echoed (see the function).
+        params.steer = Some(check::steer_answer);
+        params.deadline = Some(Instant::now() + Duration::from_secs_f64(g.timeout_s));
+        if let Some(m) = req.max_tokens {
+            if !(1..=g.max_tokens_limit).contains(&m) {
+                return Err(Error::Invalid(format!(
+                    "max_tokens: must be within 1..={}",
+                    g.max_tokens_limit
+                )));
+            }
+            params.max_tokens = m;
+        }
+        if let Some(t) = req.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(Error::Invalid("temperature: must be within 0..=2".into()));
+            }
+            params.temperature = t;
+        }
+        if let Some(p) = req.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::Invalid("top_p: must be within (0, 1]".into()));
+            }
+            params.top_p = p;
+        }
+        if let Some(s) = req.seed {
+            params.seed = s;
+        }
+        if let Some(k) = req.sample_top_k {
+            if k > 1000 {
+                return Err(Error::Invalid(
+                    "sample_top_k: must be within 0..=1000".into(),
+                ));
+            }
+            params.top_k = k;
+        }
+        if let Some(rp) = req.repeat_penalty {
+            if !(1.0..=2.0).contains(&rp) {
+                return Err(Error::Invalid(
+                    "repeat_penalty: must be within 1..=2".into(),
+                ));
+            }
+            params.repeat_penalty = rp;
+        }
+        if let Some(stop) = &req.stop {
+            if stop.len() > 4 || stop.iter().any(|s| s.is_empty() || s.chars().count() > 64) {
+                return Err(Error::Invalid(
+                    "stop: at most 4 strings of 1 to 64 characters".into(),
+                ));
+            }
+            params.stop = stop.clone();
+        }
+        let filter = Filter::parse(req.filter.as_ref())?;
+        let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
+        let generator = self
+            .generator
+            .as_ref()
+            .ok_or_else(|| Error::internal("no generator is loaded"))?;
+
+        // Retrieve, select and rerank.
+        let sources = self
+            .passages(question, top_k, &filter, mode, self.thresholds.min_score)
+            .await?;
+        let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
+        let answer = Answer::new(self, started, retrieval_ms, language, style);
+        // Nothing relevant enough: decline without asking the model.
+        if sources
+            .first()
+            .is_none_or(|s| s.score < self.thresholds.abstain_below)
+        {
+            return Ok(answer.declined());
+        }
+
+        // Assemble the prompt and hand it to the generation backend.
+        let passages: Vec<Passage> = sources
+            .iter()
+            .map(|s| Passage::located(s.title.as_deref(), s.section.as_deref(), &s.text))
+            .collect();
+        let prompt = prompt::build(question, &passages, style, language, &history);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = tx.clone();
+        let ahead = generator
+            .submit(GenJob {
+                prompt,
+                params,
+                context_budget: g.max_context_tokens,
+                events: tx,
+            })
+            .map_err(|_| Error::Busy {
+                retry_after_secs: 2,
+            })?;
+        if ahead > 0 {
+            let _ = queued.send(GenEvent::Queued { position: ahead });
+        }
+        Ok(answer.generating(sources, rx))
+    }
+}

@@ -1,0 +1,258 @@
+//! The pipeline's settings: the `[retrieval]`, `[generation]`, `[answers]` and
+//! `[chunking]` sections of `config/ragd.toml`, each with the checks no type
+//! can express. The program reads the file and its layers; each section is
+//! owned and checked here.
+
+use ragd_core::GenerateParams;
+use serde::{Deserialize, Serialize};
+
+pub use crate::chunk::ChunkerConfig;
+use crate::retrieve::{Fusion, Mode};
+
+/// A setting out of range; the message names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// What the pipeline is told: its sections and a limit of the ingest flow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineConfig {
+    /// `[retrieval]`
+    pub retrieval: RetrievalConfig,
+    /// `[generation]`
+    pub generation: GenerationConfig,
+    /// `[answers]`
+    pub answers: AnswersConfig,
+    /// `[chunking]`
+    pub chunking: ChunkerConfig,
+    /// Most documents (or files) in one ingest.
+    pub max_documents_per_request: usize,
+}
+
+/// `[retrieval]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrievalConfig {
+    /// Default number of chunks per question.
+    pub top_k: usize,
+    /// Largest `top_k` a request may ask for.
+    pub max_top_k: usize,
+    /// Passages scoring below this are left out. `None`: the embedder's
+    /// calibrated value ([`Thresholds::for_embedder`]).
+    #[serde(default)]
+    pub min_score: Option<f32>,
+    /// When the best passage scores below this, ragd declines to answer
+    /// without asking the model. `None`: the embedder's calibrated value.
+    #[serde(default)]
+    pub abstain_below: Option<f32>,
+    /// Default retrieval mode.
+    pub mode: Mode,
+    /// Hybrid fusion method.
+    pub fusion: Fusion,
+    /// Hybrid: weight of the dense side.
+    pub dense_weight: f32,
+    /// Hybrid: candidates per side.
+    pub candidates: usize,
+}
+
+impl RetrievalConfig {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError(m));
+        if self.max_top_k == 0 || self.top_k == 0 || self.top_k > self.max_top_k {
+            return invalid(format!(
+                "retrieval.top_k = {} must be within 1..=max_top_k ({})",
+                self.top_k, self.max_top_k
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.dense_weight) {
+            return invalid(format!(
+                "retrieval.dense_weight = {} must be within 0..=1",
+                self.dense_weight
+            ));
+        }
+        if self.candidates == 0 || self.candidates > 1000 {
+            return invalid(format!(
+                "retrieval.candidates = {} must be within 1..=1000",
+                self.candidates
+            ));
+        }
+        if let Some(a) = self.abstain_below.filter(|a| !(-1.0..=1.0).contains(a)) {
+            return invalid(format!(
+                "retrieval.abstain_below = {a} must be within -1..=1"
+            ));
+        }
+        if let Some(m) = self.min_score.filter(|m| !(-1.0..=1.0).contains(m)) {
+            return invalid(format!("retrieval.min_score = {m} must be within -1..=1"));
+        }
+        Ok(())
+    }
+}
+
+/// `[generation]`: the answer's defaults and limits (read by the pipeline) and
+/// the generation backend's queue and slots (read by the backend).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationConfig {
+    /// Default answer length in tokens (`style: detailed`).
+    pub max_tokens: usize,
+    /// Default answer length in tokens for `style: concise` (the default style).
+    pub concise_max_tokens: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_limit: usize,
+    /// Default temperature (0 = greedy).
+    pub temperature: f64,
+    /// Default nucleus mass.
+    pub top_p: f64,
+    /// Default top-k for sampling (0 = no limit).
+    pub top_k: usize,
+    /// Default sampler seed.
+    pub seed: u64,
+    /// Repetition penalty (1.0 = off).
+    pub repeat_penalty: f32,
+    /// Window of the repetition penalty.
+    pub repeat_last_n: usize,
+    /// `local` (the GGUF model in this process) or `openai` (the server in `[remote]`).
+    pub backend: String,
+    /// Requests that may wait for the generator.
+    pub queue_size: usize,
+    /// Answers generated at the same time (threads sharing the model's weights).
+    pub slots: usize,
+    /// Run the model from a copy whose Q4_1/Q5_0/Q5_1 tensors are re-quantized
+    /// to Q8_0, which candle has fast CPU kernels for (made beside the file once).
+    pub requantize: bool,
+    /// Most tokens for prompt and answer together; 0 = the model's context window.
+    pub max_context_tokens: usize,
+    /// Seconds a request may take from arrival to its last token; an answer
+    /// still being written then ends with finish_reason "timeout".
+    pub timeout_s: f64,
+}
+
+impl GenerationConfig {
+    /// Checks the ranges (the backend's name is checked with its own section).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError(m));
+        if self.max_tokens == 0 || self.max_tokens > self.max_tokens_limit {
+            return invalid(format!(
+                "generation.max_tokens = {} must be within 1..=max_tokens_limit ({})",
+                self.max_tokens, self.max_tokens_limit
+            ));
+        }
+        if self.concise_max_tokens == 0 || self.concise_max_tokens > self.max_tokens_limit {
+            return invalid(format!(
+                "generation.concise_max_tokens = {} must be within 1..=max_tokens_limit ({})",
+                self.concise_max_tokens, self.max_tokens_limit
+            ));
+        }
+        if self.queue_size == 0 {
+            return invalid("generation.queue_size must be at least 1".into());
+        }
+        if !(1..=64).contains(&self.slots) {
+            return invalid(format!(
+                "generation.slots = {} must be within 1..=64",
+                self.slots
+            ));
+        }
+        if self.max_context_tokens != 0 && self.max_context_tokens <= self.max_tokens {
+            return invalid(format!(
+                "generation.max_context_tokens = {} leaves no room for a prompt with max_tokens = {}",
+                self.max_context_tokens, self.max_tokens
+            ));
+        }
+        if !(self.timeout_s > 0.0 && self.timeout_s <= 86_400.0) {
+            return invalid(format!(
+                "generation.timeout_s = {} must be within (0, 86400]",
+                self.timeout_s
+            ));
+        }
+        self.defaults()
+            .validate()
+            .map_err(|e| ConfigError(format!("generation: {e}")))
+    }
+
+    /// The sampling settings a request starts from.
+    pub fn defaults(&self) -> GenerateParams {
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            stop: Vec::new(),
+            seed: self.seed,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            steer: None,
+            deadline: None,
+        }
+    }
+}
+
+/// `[answers]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswersConfig {
+    /// A sentence is supported by a passage at this support or above (the
+    /// mean of embedding cosine and shared content words, 0–1).
+    pub min_support: f32,
+    /// Redaction rules: `email`, `phone`, `ipv4`, `card`.
+    pub redact: Vec<String>,
+    /// Terms replaced by `[blocked]` (whole words, any case).
+    pub block_terms: Vec<String>,
+}
+
+impl AnswersConfig {
+    /// Checks the range and that the content rules compile.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.min_support) {
+            return Err(ConfigError(format!(
+                "answers.min_support = {} must be within 0..=1",
+                self.min_support
+            )));
+        }
+        crate::content::ContentRules::new(&self.redact, &self.block_terms)?;
+        Ok(())
+    }
+}
+
+/// The retrieval score thresholds in force: the configured ones, else the
+/// embedder's calibrated ones. Cosine similarity means different things for
+/// different embedders (all-MiniLM-L6-v2 scores unrelated text around 0,
+/// multilingual-e5-small around 0.75), so one number cannot serve both.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// Passages below this are not given to the model.
+    pub min_score: f32,
+    /// Below this best score ragd declines without asking the model.
+    pub abstain_below: f32,
+    /// Whether the embedder's values came from a calibration (false: an
+    /// unknown embedder fell back to all-MiniLM-L6-v2's).
+    pub calibrated: bool,
+}
+
+impl Thresholds {
+    /// Measured with the Debian FAQ's 123 questions and the 40 questions of
+    /// `eval/unanswerable.jsonl` (top passage cosine; hybrid retrieval):
+    /// all-MiniLM-L6-v2 scores the FAQ's questions 0.25-0.9 (all but one above
+    /// 0.33) and the others 0.24 at most; multilingual-e5-small scores them
+    /// 0.818-0.94 and 0.71-0.810 — a narrow gap, so calibrate on your own
+    /// questions with `ragd eval qa` where it matters.
+    const KNOWN: &[(&str, f32, f32)] = &[
+        ("all-MiniLM-L6-v2", 0.2, 0.3),
+        ("multilingual-e5-small", 0.8, 0.81),
+    ];
+
+    /// The thresholds for the embedder named `embedder` (its directory name),
+    /// with the configured values taking precedence.
+    pub fn for_embedder(retrieval: &RetrievalConfig, embedder: &str) -> Self {
+        let known = Self::KNOWN
+            .iter()
+            .find(|(name, _, _)| embedder.eq_ignore_ascii_case(name));
+        let (_, min_score, abstain_below) = known.copied().unwrap_or(Self::KNOWN[0]);
+        Self {
+            min_score: retrieval.min_score.unwrap_or(min_score),
+            abstain_below: retrieval.abstain_below.unwrap_or(abstain_below),
+            calibrated: known.is_some()
+                || (retrieval.min_score.is_some() && retrieval.abstain_below.is_some()),
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Listing, reading and deleting stored documents.
+
+use ragd_core::DocumentInfo;
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::Pipeline;
+
+/// One page of `GET /documents`.
+#[derive(Debug, Serialize)]
+pub struct DocumentPage {
+    /// Documents in id order.
+    pub documents: Vec<DocumentInfo>,
+    /// The id to pass as `after` for the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// The answer to `DELETE /documents/{id}`.
+#[derive(Debug, Serialize)]
+pub struct Deleted {
+    /// Always true: a missing document is an error instead.
+    pub deleted: bool,
+    /// The document's id.
+    pub id: String,
+}
+
+impl Pipeline {
+    /// One page of documents, in id order, after `after`.
+    pub async fn list_documents(
+        &self,
+        after: Option<String>,
+        limit: Option<usize>,
+    ) -> Result<DocumentPage, Error> {
+        let limit = limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(Error::Invalid("limit: must be within 1..=1000".into()));
+        }
+        let documents = self.store.list(after.as_deref(), limit).await?;
+        let next = (documents.len() == limit)
+            .then(|| documents.last().map(|d| d.id.clone()))
+            .flatten();
+        Ok(DocumentPage { documents, next })
+    }
+
+    /// Document `id`'s record.
+    pub async fn get_document(&self, id: &str) -> Result<DocumentInfo, Error> {
+        self.store
+            .document(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no document with id {id:?}")))
+    }
+
+    /// Deletes document `id`; its chunks are hidden from search at once.
+    pub async fn delete_document(&self, id: &str) -> Result<Deleted, Error> {
+        if self.store.delete(id).await? {
+            Ok(Deleted {
+                deleted: true,
+                id: id.to_string(),
+            })
+        } else {
+            Err(Error::NotFound(format!("no document with id {id:?}")))
+        }
+    }
+}

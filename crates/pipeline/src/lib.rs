@@ -1,0 +1,213 @@
+//! ragd's request flow, as stages a reader can name.
+//!
+//! **Ingest** ([`ingest`]): validate → [`extract`] (files) → [`chunk`] → embed
+//! ([`ragd_core::Embed`]) → store ([`ragd_core::DocumentStore`]).
+//!
+//! **Ask** ([`ask`]): validate → [`retrieve`] → [`select`] (near-duplicates
+//! out, overlapping neighbours merged) → rerank ([`ragd_core::Rerank`]) →
+//! [`prompt`] → generate ([`ragd_core::Generate`]) → [`check`] the answer
+//! (citations, grounding, refusal, [`language`]) → [`content`] rules. The
+//! answer is one stream of events ([`answer`]) that every API encodes.
+//!
+//! Retrieval alone is [`search`]; listing and deleting, [`documents`].
+//!
+//! The pipeline knows no model framework, storage engine or web framework: the
+//! engines are behind `ragd-core`'s traits (implemented in `ragd-backends`),
+//! and the HTTP API (`ragd-server`) maps [`Error`] to statuses. Its unit tests
+//! run the whole flow on small in-memory implementations of those traits.
+
+#![deny(missing_docs)]
+
+pub mod answer;
+pub mod ask;
+pub mod check;
+pub mod chunk;
+pub mod config;
+pub mod content;
+pub mod documents;
+pub mod error;
+pub mod extract;
+pub mod ingest;
+pub mod language;
+pub mod prompt;
+pub mod retrieve;
+pub mod search;
+pub mod select;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use ragd_core::{DocumentStore, Embed, Generate, Rerank, SlotLoad, TextKind};
+use serde::Serialize;
+
+pub use answer::{Answer, AnswerEvent};
+pub use ask::{AskRequest, AskResponse};
+pub use config::{ConfigError, PipelineConfig, Thresholds};
+pub use error::Error;
+pub use ingest::{IngestRequest, IngestResponse, UploadedFile};
+pub use search::{SearchRequest, SearchResponse};
+
+use content::ContentRules;
+
+/// The loaded pipeline: its settings and the engines behind its seams.
+#[derive(Debug)]
+pub struct Pipeline {
+    config: PipelineConfig,
+    embedder: Arc<dyn Embed>,
+    /// `None` for ingest-only use (`ragd ingest` without a server).
+    generator: Option<Arc<dyn Generate>>,
+    reranker: Arc<dyn Rerank>,
+    store: Arc<dyn DocumentStore>,
+    /// Redaction and block list for answers and snippets.
+    content: Arc<ContentRules>,
+    /// The retrieval score thresholds for this embedder.
+    thresholds: Thresholds,
+}
+
+/// The engines a pipeline runs on.
+#[derive(Debug)]
+pub struct Engines {
+    /// Text to vectors.
+    pub embedder: Arc<dyn Embed>,
+    /// Prompts to answers; `None` to ingest and search only.
+    pub generator: Option<Arc<dyn Generate>>,
+    /// Orders retrieved passages ([`ragd_core::NoRerank`] keeps retrieval's order).
+    pub reranker: Arc<dyn Rerank>,
+    /// Documents, chunks and vectors.
+    pub store: Arc<dyn DocumentStore>,
+}
+
+/// What `/ready` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Chunks stored.
+    pub chunks: Option<usize>,
+    /// Documents stored.
+    pub documents: Option<usize>,
+    /// Generation slots and queue; absent without a generator.
+    pub generation: Option<SlotLoad>,
+    /// Where the vector index came from at start-up.
+    pub index_at_start: Option<&'static str>,
+    /// The models' names.
+    pub models: Models,
+    /// The retrieval thresholds in force.
+    pub thresholds: ThresholdsInForce,
+}
+
+/// The models' names.
+#[derive(Debug, Clone, Serialize)]
+pub struct Models {
+    /// The embedder.
+    pub embedder: String,
+    /// The generator, if one is loaded.
+    pub generator: Option<String>,
+}
+
+/// The retrieval thresholds in force.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ThresholdsInForce {
+    /// See [`Thresholds::abstain_below`].
+    pub abstain_below: f32,
+    /// See [`Thresholds::min_score`].
+    pub min_score: f32,
+}
+
+impl Pipeline {
+    /// Assembles the pipeline: checks the chunk sizes against the embedder's
+    /// window, compiles the content rules and settles the retrieval thresholds
+    /// for this embedder (logged; a warning when it has no calibrated ones).
+    pub fn new(config: PipelineConfig, engines: Engines) -> Result<Self, ConfigError> {
+        let info = engines.embedder.info();
+        let prefix_tokens = if info.passage_prefix.is_empty() {
+            0
+        } else {
+            engines.embedder.count_tokens(&info.passage_prefix)
+        };
+        config
+            .chunking
+            .validate(info.max_length.saturating_sub(prefix_tokens))?;
+        let content = Arc::new(ContentRules::new(
+            &config.answers.redact,
+            &config.answers.block_terms,
+        )?);
+        let thresholds = Thresholds::for_embedder(&config.retrieval, &info.name);
+        if thresholds.calibrated {
+            tracing::info!(
+                embedder = %info.name,
+                min_score = thresholds.min_score,
+                abstain_below = thresholds.abstain_below,
+                "retrieval thresholds"
+            );
+        } else {
+            tracing::warn!(
+                embedder = %info.name,
+                min_score = thresholds.min_score,
+                abstain_below = thresholds.abstain_below,
+                "no calibrated retrieval thresholds for this embedder: all-MiniLM-L6-v2's are used; \
+                 set retrieval.min_score and retrieval.abstain_below (measure with `ragd eval qa`)"
+            );
+        }
+        Ok(Self {
+            config,
+            embedder: engines.embedder,
+            generator: engines.generator,
+            reranker: engines.reranker,
+            store: engines.store,
+            content,
+            thresholds,
+        })
+    }
+
+    /// What `/ready` reports: the models, the thresholds, the documents, and
+    /// the generation slots.
+    pub async fn status(&self) -> Status {
+        let stats = self.store.stats().await.ok();
+        Status {
+            chunks: stats.as_ref().map(|s| s.chunks),
+            documents: stats.as_ref().map(|s| s.documents),
+            generation: self.generator.as_ref().map(|g| g.load()),
+            index_at_start: stats.and_then(|s| s.index_at_start),
+            models: Models {
+                embedder: self.embedder.info().name.clone(),
+                generator: self.generator.as_ref().map(|g| g.info().name.clone()),
+            },
+            thresholds: ThresholdsInForce {
+                abstain_below: self.thresholds.abstain_below,
+                min_score: self.thresholds.min_score,
+            },
+        }
+    }
+
+    /// The names of the generator (when one is loaded) and the embedder.
+    pub fn model_names(&self) -> (Option<String>, String) {
+        (
+            self.generator.as_ref().map(|g| g.info().name.clone()),
+            self.embedder.info().name.clone(),
+        )
+    }
+
+    /// Writes what the store keeps only in memory, so the next start is fast.
+    pub async fn flush(&self) -> Result<(), Error> {
+        Ok(self.store.flush().await?)
+    }
+
+    /// Embeds `texts` as passages: the vectors and the tokens read.
+    pub async fn embeddings(&self, texts: Vec<String>) -> Result<(Vec<Vec<f32>>, usize), Error> {
+        if texts.is_empty() || texts.len() > 256 {
+            return Err(Error::Invalid("input: 1 to 256 texts".into()));
+        }
+        if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+            return Err(Error::Invalid(format!("input[{i}]: empty text")));
+        }
+        // The model reads at most its window of each text.
+        let window = self.embedder.info().max_length;
+        let tokens = texts
+            .iter()
+            .map(|t| self.embedder.count_tokens(t).min(window))
+            .sum();
+        let vectors = self.embedder.embed(TextKind::Passage, texts).await?;
+        Ok((vectors, tokens))
+    }
+}

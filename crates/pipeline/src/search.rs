@@ -1,0 +1,102 @@
+//! Retrieval alone (`POST /search`): retrieve → select, no generation.
+
+use ragd_core::Filter;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::content::{self, Tally};
+use crate::error::Error;
+use crate::retrieve::Mode;
+use crate::Pipeline;
+
+/// Body of `POST /search`.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// The query text.
+    pub query: String,
+    /// Results to return (default 10).
+    pub top_k: Option<usize>,
+    /// Conditions on `document_id` / `metadata.<key>`.
+    pub filter: Option<Value>,
+    /// `dense`, `lexical` or `hybrid` (default: `retrieval.mode`).
+    pub mode: Option<String>,
+}
+
+/// One result of `POST /search`.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SearchResult {
+    /// The document.
+    pub document_id: String,
+    /// `{document_id}#{index}`.
+    pub chunk_id: String,
+    /// Neighbouring chunks that overlapped this one and were merged into it
+    /// (`start`, `end` and `text` then cover them all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub merged_with: Vec<String>,
+    /// The document's title.
+    pub title: Option<String>,
+    /// The section the chunk is in ("Heading > Subheading"), when the document has headings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
+    /// Position of the chunk in its document (0-based).
+    pub index: usize,
+    /// Byte offset of the chunk in the document text.
+    pub start: usize,
+    /// Byte offset just past the chunk.
+    pub end: usize,
+    /// The chunk's text.
+    pub text: String,
+    /// Cosine similarity with the query.
+    pub score: f32,
+}
+
+/// Response of `POST /search`.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SearchResponse {
+    /// Best first.
+    pub results: Vec<SearchResult>,
+    /// Content rules that changed the results' text, with counts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub content_rules: Vec<content::Applied>,
+}
+
+impl Pipeline {
+    /// Retrieval only: `POST /search`.
+    pub async fn search(&self, req: SearchRequest) -> Result<SearchResponse, Error> {
+        let query = crate::ask::query_text("query", &req.query)?;
+        let r = &self.config.retrieval;
+        let top_k = req.top_k.unwrap_or(10);
+        if !(1..=r.max_top_k.max(100)).contains(&top_k) {
+            return Err(Error::Invalid(format!(
+                "top_k: must be within 1..={}",
+                r.max_top_k.max(100)
+            )));
+        }
+        let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
+        let filter = Filter::parse(req.filter.as_ref())?;
+        let sources = self.passages(query, top_k, &filter, mode, -1.0).await?;
+        let mut tally = Tally::default();
+        Ok(SearchResponse {
+            results: sources
+                .into_iter()
+                .map(|s| SearchResult {
+                    document_id: s.document_id,
+                    chunk_id: s.chunk_id,
+                    title: s.title,
+                    merged_with: s.merged_with,
+                    section: s.section,
+                    index: s.index,
+                    start: s.start,
+                    end: s.end,
+                    text: self.content.apply(&s.text, &mut tally),
+                    score: s.score,
+                })
+                .collect(),
+            content_rules: tally.applied(),
+        })
+    }
+}

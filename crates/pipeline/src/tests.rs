@@ -1,0 +1,676 @@
+//! The whole pipeline on small in-memory engines: a bag-of-words embedder, a
+//! map of documents, a scripted generator. No model is loaded; what is tested
+//! is the flow — what is stored, what the model is shown, what the client
+//! receives.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ragd_core::{
+    async_trait, BackendError, DocumentInfo, DocumentStore, Embed, EmbedderInfo, FinishReason,
+    Filter, GenEvent, GenJob, Generate, Generation, GeneratorInfo, Hit, NewDocument, NoRerank,
+    Prompt, QueueFull, Rerank, SlotLoad, StoreStats, StoredChunk, TextKind, UpsertFailure,
+    UpsertStatus,
+};
+use serde_json::json;
+
+use crate::answer::AnswerEvent;
+use crate::ask::AskRequest;
+use crate::config::{AnswersConfig, ChunkerConfig, GenerationConfig, PipelineConfig, RetrievalConfig};
+use crate::ingest::{IngestRequest, IngestStatus};
+use crate::retrieve::{Fusion, Mode};
+use crate::{Engines, Error, Pipeline};
+
+const DIM: usize = 1024;
+
+/// Words as tokens; vectors are normalised bags of hashed words, so texts
+/// sharing words are close.
+#[derive(Debug, Default)]
+struct WordEmbedder {
+    fail: AtomicBool,
+    embedded: AtomicUsize,
+}
+
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+fn bag(text: &str) -> Vec<f32> {
+    let mut v = vec![0.0f32; DIM];
+    for w in words(text) {
+        let h = w.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        v[(h % DIM as u64) as usize] += 1.0;
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+    v.iter().map(|x| x / norm).collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+static WORD_EMBEDDER: std::sync::OnceLock<EmbedderInfo> = std::sync::OnceLock::new();
+
+#[async_trait]
+impl Embed for WordEmbedder {
+    fn info(&self) -> &EmbedderInfo {
+        WORD_EMBEDDER.get_or_init(|| EmbedderInfo {
+            name: "bag-of-words".into(),
+            dim: DIM,
+            max_length: 512,
+            query_prefix: String::new(),
+            passage_prefix: String::new(),
+        })
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        words(text).len()
+    }
+
+    async fn embed(&self, _: TextKind, texts: Vec<String>) -> Result<Vec<Vec<f32>>, BackendError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(BackendError::server("the embedder broke"));
+        }
+        self.embedded.fetch_add(texts.len(), Ordering::SeqCst);
+        Ok(texts.iter().map(|t| bag(t)).collect())
+    }
+}
+
+/// Documents and chunks in maps; search is exact.
+#[derive(Debug, Default)]
+struct MemoryStore {
+    data: Mutex<Memory>,
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    documents: BTreeMap<String, NewDocument>,
+    /// key → (document id, chunk index)
+    chunks: BTreeMap<usize, (String, usize)>,
+    next_key: usize,
+}
+
+impl Memory {
+    fn chunk(&self, key: usize) -> Option<StoredChunk> {
+        let (id, i) = self.chunks.get(&key)?;
+        let d = self.documents.get(id)?;
+        let c = d.chunks.get(*i)?;
+        Some(StoredChunk {
+            key,
+            document_id: id.clone(),
+            index: *i,
+            title: d.title.clone(),
+            section: c.section.clone(),
+            text: c.text.clone(),
+            start: c.start,
+            end: c.end,
+            vector: c.vector.clone(),
+        })
+    }
+
+    fn passing<'a>(&'a self, filter: &'a Filter) -> impl Iterator<Item = StoredChunk> + 'a {
+        self.chunks.keys().filter_map(move |&k| {
+            let c = self.chunk(k)?;
+            let d = self.documents.get(&c.document_id)?;
+            filter.matches(&d.id, Some(&d.metadata)).then_some(c)
+        })
+    }
+
+    fn info(&self, d: &NewDocument) -> DocumentInfo {
+        DocumentInfo {
+            id: d.id.clone(),
+            title: d.title.clone(),
+            metadata: d.metadata.clone(),
+            hash: d.hash.clone(),
+            chunks: d.chunks.len(),
+            text_bytes: d.text.len(),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+}
+
+fn ranked(mut hits: Vec<Hit>, k: usize) -> Vec<Hit> {
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+    hits.truncate(k);
+    hits
+}
+
+#[async_trait]
+impl DocumentStore for MemoryStore {
+    async fn prior_versions(
+        &self,
+        documents: &[(String, String)],
+    ) -> Result<Vec<Option<HashMap<String, Vec<f32>>>>, BackendError> {
+        let m = self.data.lock().unwrap();
+        Ok(documents
+            .iter()
+            .map(|(id, hash)| match m.documents.get(id) {
+                Some(d) if &d.hash == hash => None,
+                Some(d) => Some(
+                    d.chunks
+                        .iter()
+                        .map(|c| (c.embed_hash.clone(), c.vector.clone()))
+                        .collect(),
+                ),
+                None => Some(HashMap::new()),
+            })
+            .collect())
+    }
+
+    async fn upsert(
+        &self,
+        documents: Vec<NewDocument>,
+    ) -> Result<Vec<Result<UpsertStatus, UpsertFailure>>, BackendError> {
+        let mut m = self.data.lock().unwrap();
+        let mut out = Vec::new();
+        for d in documents {
+            if d.chunks.iter().any(|c| c.vector.len() != DIM) {
+                out.push(Err(UpsertFailure::Vector("wrong size".into())));
+                continue;
+            }
+            let status = match m.documents.get(&d.id) {
+                Some(old) if old.hash == d.hash => {
+                    out.push(Ok(UpsertStatus::Unchanged));
+                    continue;
+                }
+                Some(_) => UpsertStatus::Updated,
+                None => UpsertStatus::Created,
+            };
+            m.chunks.retain(|_, (id, _)| id != &d.id);
+            for i in 0..d.chunks.len() {
+                let key = m.next_key;
+                m.next_key += 1;
+                m.chunks.insert(key, (d.id.clone(), i));
+            }
+            m.documents.insert(d.id.clone(), d);
+            out.push(Ok(status));
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, BackendError> {
+        let mut m = self.data.lock().unwrap();
+        m.chunks.retain(|_, (d, _)| d != id);
+        Ok(m.documents.remove(id).is_some())
+    }
+
+    async fn document(&self, id: &str) -> Result<Option<DocumentInfo>, BackendError> {
+        let m = self.data.lock().unwrap();
+        Ok(m.documents.get(id).map(|d| m.info(d)))
+    }
+
+    async fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DocumentInfo>, BackendError> {
+        let m = self.data.lock().unwrap();
+        Ok(m.documents
+            .values()
+            .filter(|d| after.is_none_or(|a| d.id.as_str() > a))
+            .take(limit)
+            .map(|d| m.info(d))
+            .collect())
+    }
+
+    async fn dense_search(
+        &self,
+        vector: &[f32],
+        k: usize,
+        filter: &Filter,
+    ) -> Result<Vec<Hit>, BackendError> {
+        let m = self.data.lock().unwrap();
+        let hits = m
+            .passing(filter)
+            .map(|c| Hit {
+                id: c.key,
+                score: cosine(&c.vector, vector),
+            })
+            .collect();
+        Ok(ranked(hits, k))
+    }
+
+    async fn lexical_search(
+        &self,
+        query: &str,
+        k: usize,
+        filter: &Filter,
+    ) -> Result<Vec<Hit>, BackendError> {
+        let m = self.data.lock().unwrap();
+        let q = words(query);
+        let hits = m
+            .passing(filter)
+            .filter_map(|c| {
+                let w = words(&c.text);
+                let shared = q.iter().filter(|t| w.contains(t)).count();
+                (shared > 0).then_some(Hit {
+                    id: c.key,
+                    score: shared as f32,
+                })
+            })
+            .collect();
+        Ok(ranked(hits, k))
+    }
+
+    async fn chunks(&self, keys: &[usize]) -> Result<Vec<StoredChunk>, BackendError> {
+        let m = self.data.lock().unwrap();
+        Ok(keys.iter().filter_map(|&k| m.chunk(k)).collect())
+    }
+
+    async fn stats(&self) -> Result<StoreStats, BackendError> {
+        let m = self.data.lock().unwrap();
+        Ok(StoreStats {
+            documents: m.documents.len(),
+            chunks: m.chunks.len(),
+            index_at_start: None,
+        })
+    }
+
+    async fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// What the scripted generator does with a job.
+#[derive(Debug, Clone)]
+enum Script {
+    /// Streams these pieces, then finishes.
+    Answer(Vec<&'static str>),
+    /// Streams these pieces, then fails as the server's fault.
+    FailAfter(Vec<&'static str>),
+}
+
+/// Answers every job from a script, and keeps the prompts it was given.
+#[derive(Debug)]
+struct ScriptedGenerator {
+    script: Script,
+    prompts: Mutex<Vec<Prompt>>,
+    info: GeneratorInfo,
+}
+
+impl ScriptedGenerator {
+    fn new(script: Script) -> Self {
+        Self {
+            script,
+            prompts: Mutex::new(Vec::new()),
+            info: GeneratorInfo {
+                name: "scripted".into(),
+                context: 4096,
+                slots: 1,
+                fits_context: true,
+                steers: true,
+            },
+        }
+    }
+
+    fn prompts(&self) -> Vec<Prompt> {
+        self.prompts.lock().unwrap().clone()
+    }
+}
+
+impl Generate for ScriptedGenerator {
+    fn info(&self) -> &GeneratorInfo {
+        &self.info
+    }
+
+    fn load(&self) -> SlotLoad {
+        SlotLoad {
+            slots: 1,
+            busy: 0,
+            waiting: 0,
+        }
+    }
+
+    fn submit(&self, job: GenJob) -> Result<usize, QueueFull> {
+        self.prompts.lock().unwrap().push(job.prompt.clone());
+        let events = job.events;
+        let used = job.prompt.passages.len();
+        let _ = events.send(GenEvent::Prompt {
+            passages_used: used,
+            trimmed: false,
+            prompt_tokens: 100,
+            prompt_ms: 0.1,
+        });
+        let (pieces, fail) = match &self.script {
+            Script::Answer(p) => (p.clone(), false),
+            Script::FailAfter(p) => (p.clone(), true),
+        };
+        for p in &pieces {
+            let _ = events.send(GenEvent::Token(p.to_string()));
+        }
+        let _ = events.send(if fail {
+            GenEvent::Failed(BackendError::server("the model broke"))
+        } else {
+            GenEvent::Done(Generation {
+                text: pieces.concat(),
+                prompt_tokens: 100,
+                completion_tokens: pieces.len(),
+                finish_reason: FinishReason::Stop,
+                prefill_ms: 1.0,
+                decode_ms: 1.0,
+                cached_tokens: 0,
+            })
+        });
+        Ok(0)
+    }
+}
+
+/// Reverses retrieval's order: shows that the rerank stage decides what the
+/// model reads.
+#[derive(Debug)]
+struct Reverse;
+
+#[async_trait]
+impl Rerank for Reverse {
+    fn name(&self) -> &str {
+        "reverse"
+    }
+
+    async fn rerank(&self, _: &str, passages: &[&str]) -> Result<Vec<usize>, BackendError> {
+        Ok((0..passages.len()).rev().collect())
+    }
+}
+
+fn config(redact: &[&str]) -> PipelineConfig {
+    PipelineConfig {
+        retrieval: RetrievalConfig {
+            top_k: 2,
+            max_top_k: 20,
+            min_score: Some(0.1),
+            abstain_below: Some(0.3),
+            mode: Mode::Hybrid,
+            fusion: Fusion::Convex,
+            dense_weight: 0.5,
+            candidates: 20,
+        },
+        generation: GenerationConfig {
+            max_tokens: 64,
+            concise_max_tokens: 32,
+            max_tokens_limit: 256,
+            temperature: 0.0,
+            top_p: 0.9,
+            top_k: 0,
+            seed: 1,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            backend: "local".into(),
+            queue_size: 4,
+            slots: 1,
+            requantize: false,
+            max_context_tokens: 0,
+            timeout_s: 60.0,
+        },
+        answers: AnswersConfig {
+            min_support: 0.3,
+            redact: redact.iter().map(|s| s.to_string()).collect(),
+            block_terms: Vec::new(),
+        },
+        chunking: ChunkerConfig {
+            max_tokens: 40,
+            overlap: 0,
+        },
+        max_documents_per_request: 10,
+    }
+}
+
+struct Setup {
+    pipeline: Pipeline,
+    embedder: Arc<WordEmbedder>,
+    generator: Arc<ScriptedGenerator>,
+}
+
+fn setup(script: Script, redact: &[&str], reranker: Arc<dyn Rerank>) -> Setup {
+    let embedder = Arc::new(WordEmbedder::default());
+    let generator = Arc::new(ScriptedGenerator::new(script));
+    let pipeline = Pipeline::new(
+        config(redact),
+        Engines {
+            embedder: embedder.clone(),
+            generator: Some(generator.clone()),
+            reranker,
+            store: Arc::new(MemoryStore::default()),
+        },
+    )
+    .unwrap();
+    Setup {
+        pipeline,
+        embedder,
+        generator,
+    }
+}
+
+fn documents() -> IngestRequest {
+    serde_json::from_value(json!({ "documents": [
+        { "id": "cats", "title": "Cats", "text": "Cats sleep sixteen hours a day. Cats purr when content." },
+        { "id": "tea", "title": "Tea", "text": "Green tea is steeped at eighty degrees for two minutes." },
+        { "id": "rust", "title": "Rust", "text": "Rust checks borrowing at compile time without a garbage collector." }
+    ]}))
+    .unwrap()
+}
+
+fn ask(question: &str) -> AskRequest {
+    serde_json::from_value(json!({ "question": question })).unwrap()
+}
+
+async fn events(pipeline: &Pipeline, question: &str) -> Vec<AnswerEvent> {
+    let mut answer = pipeline.ask(&ask(question)).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(e) = answer.next().await {
+        out.push(e);
+    }
+    out
+}
+
+#[tokio::test]
+async fn ingest_creates_then_finds_unchanged_then_updates_only_what_changed() {
+    let s = setup(Script::Answer(vec![]), &[], Arc::new(NoRerank));
+    let first = s.pipeline.ingest(documents()).await.unwrap();
+    let statuses: Vec<_> = first.documents.iter().map(|d| d.status).collect();
+    assert_eq!(statuses, vec![IngestStatus::Created; 3]);
+    assert!(first.documents.iter().all(|d| d.chunks == 1 && d.embedded == 1));
+    let embedded = s.embedder.embedded.load(Ordering::SeqCst);
+
+    let again = s.pipeline.ingest(documents()).await.unwrap();
+    assert!(again
+        .documents
+        .iter()
+        .all(|d| d.status == IngestStatus::Unchanged && d.chunks == 1 && d.embedded == 0));
+    assert_eq!(
+        s.embedder.embedded.load(Ordering::SeqCst),
+        embedded,
+        "unchanged documents are not embedded again"
+    );
+
+    let mut changed = documents();
+    changed.documents[1].text = "Black tea is steeped in boiling water for four minutes.".into();
+    let updated = s.pipeline.ingest(changed).await.unwrap();
+    let statuses: Vec<_> = updated.documents.iter().map(|d| d.status).collect();
+    assert_eq!(
+        statuses,
+        vec![
+            IngestStatus::Unchanged,
+            IngestStatus::Updated,
+            IngestStatus::Unchanged
+        ]
+    );
+    assert_eq!(updated.documents[1].embedded, 1);
+    assert_eq!(s.embedder.embedded.load(Ordering::SeqCst), embedded + 1);
+    let tea = s.pipeline.get_document("tea").await.unwrap();
+    assert_eq!(tea.chunks, 1);
+}
+
+#[tokio::test]
+async fn a_failing_embedder_changes_nothing() {
+    let s = setup(Script::Answer(vec![]), &[], Arc::new(NoRerank));
+    s.embedder.fail.store(true, Ordering::SeqCst);
+    let e = s.pipeline.ingest(documents()).await.unwrap_err();
+    assert!(matches!(e, Error::Internal(_)), "{e:?}");
+    assert!(s
+        .pipeline
+        .list_documents(None, None)
+        .await
+        .unwrap()
+        .documents
+        .is_empty());
+    // Nor does a bad request: all documents are checked before any is stored.
+    s.embedder.fail.store(false, Ordering::SeqCst);
+    let mut bad = documents();
+    bad.documents[2].text = "  ".into();
+    assert!(matches!(
+        s.pipeline.ingest(bad).await,
+        Err(Error::Invalid(m)) if m.contains("documents[2].text")
+    ));
+    assert_eq!(s.pipeline.status().await.documents, Some(0));
+}
+
+#[tokio::test]
+async fn a_question_the_documents_do_not_answer_is_declined_without_the_model() {
+    let s = setup(Script::Answer(vec!["never"]), &[], Arc::new(NoRerank));
+    s.pipeline.ingest(documents()).await.unwrap();
+    let events = events(&s.pipeline, "珠穆朗玛峰有多高？").await;
+    assert!(matches!(&events[0], AnswerEvent::Sources(s) if s.is_empty()));
+    let AnswerEvent::Done(done) = &events[1] else {
+        panic!("{events:?}")
+    };
+    assert!(!done.answerable);
+    assert_eq!(done.finish_reason, "no_sources");
+    assert_eq!(done.language.question, crate::language::Lang::Zh);
+    assert_eq!(done.answer, crate::language::Lang::Zh.not_in_documents());
+    assert_eq!(events.len(), 2);
+    assert!(
+        s.generator.prompts().is_empty(),
+        "the model was not asked"
+    );
+}
+
+#[tokio::test]
+async fn the_model_is_shown_the_best_passages_numbered_and_cites_them() {
+    let s = setup(
+        Script::Answer(vec!["Cats sleep ", "sixteen hours a day [1]."]),
+        &[],
+        Arc::new(NoRerank),
+    );
+    s.pipeline.ingest(documents()).await.unwrap();
+    let events = events(&s.pipeline, "How many hours do cats sleep a day?").await;
+    let prompts = s.generator.prompts();
+    assert_eq!(prompts.len(), 1);
+    let p = &prompts[0];
+    assert!(!p.passages.is_empty() && p.passages.len() <= 2, "top_k = 2");
+    assert!(p.passages[0].heading.starts_with("[1] (Cats)"), "{p:?}");
+    assert!(p.passages[0].text.contains("sixteen hours"));
+    assert!(p.close.contains("Question: How many hours do cats sleep a day?"));
+    assert!(p.close.contains("in English"));
+    // The client sees the same passages, then the text, then the checked answer.
+    let AnswerEvent::Sources(sources) = &events[0] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(sources[0].document_id, "cats");
+    assert_eq!(sources.len(), p.passages.len());
+    let text: String = events
+        .iter()
+        .filter_map(|e| match e {
+            AnswerEvent::Token(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(text, "Cats sleep sixteen hours a day [1].");
+    let Some(AnswerEvent::Done(done)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert!(done.answerable);
+    assert_eq!(done.citations[0].document_id, "cats");
+    assert_eq!(done.finish_reason, "stop");
+    assert!(done.grounding.as_ref().is_some_and(|g| g.supported));
+}
+
+#[tokio::test]
+async fn the_rerank_stage_decides_the_order_the_model_reads() {
+    let question = "Do cats purr, and how is green tea steeped?";
+    let mut orders = Vec::new();
+    for reranker in [Arc::new(NoRerank) as Arc<dyn Rerank>, Arc::new(Reverse)] {
+        let s = setup(Script::Answer(vec!["Purring [2]."]), &[], reranker);
+        s.pipeline.ingest(documents()).await.unwrap();
+        let _ = events(&s.pipeline, question).await;
+        let p = &s.generator.prompts()[0];
+        assert_eq!(p.passages.len(), 2, "{p:?}");
+        // Numbered by the order the model reads them, whatever it is.
+        assert!(p.passages[0].heading.starts_with("[1]") && p.passages[1].heading.starts_with("[2]"));
+        orders.push(p.passages.iter().map(|x| x.text.clone()).collect::<Vec<_>>());
+    }
+    let mut reversed = orders[0].clone();
+    reversed.reverse();
+    assert_eq!(orders[1], reversed);
+}
+
+#[tokio::test]
+async fn content_rules_apply_to_the_stream_even_across_pieces() {
+    let s = setup(
+        Script::Answer(vec!["Write to cats", "@example", ".org about ", "naps [1]."]),
+        &["email"],
+        Arc::new(NoRerank),
+    );
+    s.pipeline.ingest(documents()).await.unwrap();
+    let events = events(&s.pipeline, "How long do cats sleep?").await;
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| match e {
+            AnswerEvent::Token(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(!streamed.contains("example.org"), "{streamed}");
+    assert!(streamed.contains("[email]"), "{streamed}");
+    let Some(AnswerEvent::Done(done)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert!(done.answer.contains("[email]"), "{}", done.answer);
+    assert!(done.content_rules.iter().any(|r| r.rule == "email"));
+}
+
+#[tokio::test]
+async fn a_generator_error_mid_stream_becomes_an_error_event() {
+    let s = setup(
+        Script::FailAfter(vec!["Cats sleep "]),
+        &[],
+        Arc::new(NoRerank),
+    );
+    s.pipeline.ingest(documents()).await.unwrap();
+    let events = events(&s.pipeline, "How long do cats sleep?").await;
+    assert!(matches!(events[0], AnswerEvent::Sources(_)), "{events:?}");
+    assert!(
+        events.iter().any(|e| matches!(e, AnswerEvent::Token(_))),
+        "{events:?}"
+    );
+    let Some(AnswerEvent::Failed(e)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert!(matches!(e, Error::Internal(_)), "{e:?}");
+    // The same answer read to its end without streaming is the error itself.
+    let answer = s.pipeline.ask(&ask("How long do cats sleep?")).await.unwrap();
+    assert!(matches!(answer.collect().await, Err(Error::Internal(_))));
+}
+
+#[tokio::test]
+async fn bad_questions_are_refused_before_anything_runs() {
+    let s = setup(Script::Answer(vec![]), &[], Arc::new(NoRerank));
+    for (body, needle) in [
+        (json!({ "question": "  " }), "question"),
+        (json!({ "question": "q", "top_k": 0 }), "top_k"),
+        (json!({ "question": "q", "style": "verbose" }), "style"),
+        (json!({ "question": "q", "filter": { "lang": "en" } }), "filter"),
+        (json!({ "question": "q", "mode": "fuzzy" }), "mode"),
+        (json!({ "question": "q", "temperature": 3.0 }), "temperature"),
+    ] {
+        let req: AskRequest = serde_json::from_value(body.clone()).unwrap();
+        match s.pipeline.ask(&req).await {
+            Err(Error::Invalid(m)) => assert!(m.contains(needle), "{body}: {m}"),
+            other => panic!("{body}: {:?}", other.map(|_| ())),
+        }
+    }
+    assert!(s.generator.prompts().is_empty());
+}

@@ -1,0 +1,616 @@
+//! `ragd bench ...`: figures for the models and the service on this machine.
+//!
+//! ```text
+//! ragd bench embed    [--corpus DIR] [--model DIR] [--texts N]
+//! ragd bench generate --model FILE [--prompt-tokens N] [--new-tokens N] [--runs N] [--json]
+//! ragd bench ingest   [--corpus DIR] [--batch N] [--limit N]
+//! ragd bench search   --data-dir DIR [--corpus DIR] [--config FILE] [--clients N]
+//! ragd bench ask      [--corpus DIR] [--model FILE] [--questions N]
+//! ```
+//! `--corpus` is a BEIR folder (`corpus.jsonl`, `queries.jsonl`), by default the
+//! Debian FAQ set in `../shared/data/debian-faq-en` (wiki-en-10k for ingest and
+//! search). Every command prints its figures; none asserts anything.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::eval_cmd::read_jsonl;
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use ragd_embedder::{Embedder, EmbedderConfig};
+use ragd_generator::Generator;
+use serde_json::{json, Value};
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Embedding throughput over corpus texts.
+    Embed {
+        #[arg(long, default_value = "../shared/data/debian-faq-en")]
+        corpus: PathBuf,
+        #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
+        model: PathBuf,
+        /// Texts to embed.
+        #[arg(long, default_value_t = 256)]
+        texts: usize,
+    },
+    /// Prefill and decode speed of a GGUF model.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "../shared/data/debian-faq-en")]
+        corpus: PathBuf,
+        /// Prompt length for the prefill measurement.
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// Tokens decoded one at a time after the prompt.
+        #[arg(long, alias = "decode-tokens", default_value_t = 64)]
+        new_tokens: usize,
+        /// Runs; the figures are the medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
+        /// Load the file's Q8_0 copy (made now if missing), as `ragd serve` does
+        /// with `generation.requantize = true`, instead of the file itself.
+        #[arg(long)]
+        requantize: bool,
+    },
+    /// Ingest throughput (cold, then unchanged) and restart time with and without
+    /// the index dump, on a fresh data directory.
+    Ingest {
+        #[arg(long, default_value = "../shared/data/wiki-en-10k")]
+        corpus: PathBuf,
+        /// Documents per ingest request.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Only the first N documents (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
+    /// `/search` over HTTP: queries/s and latency per retrieval mode, with several
+    /// concurrent clients, on a corpus ingested into `--data-dir` (ingested there
+    /// first when the directory holds no documents; kept for the next run).
+    Search {
+        #[arg(long, default_value = "../shared/data/wiki-en-10k")]
+        corpus: PathBuf,
+        /// Data directory; reused when it already holds the corpus.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Config file (for example to choose the embedder), as for `ragd serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Requests per mode.
+        #[arg(long, default_value_t = 400)]
+        requests: usize,
+        /// Results per query.
+        #[arg(long, default_value_t = 10)]
+        top_k: usize,
+    },
+    /// Time to first token of streamed /ask requests over an ingested corpus.
+    Ask {
+        #[arg(long, default_value = "../shared/data/debian-faq-en")]
+        corpus: PathBuf,
+        /// Generator model (default: the configured one).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Questions to ask (the first N of queries.jsonl).
+        #[arg(long, default_value_t = 3)]
+        questions: usize,
+        /// One JSON object per question, with the prompt's token ids (rebuilt
+        /// from the sources the answer reports) for a peer engine to prefill.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn corpus_texts(corpus: &Path) -> Result<Vec<Value>> {
+    read_jsonl(&corpus.join("corpus.jsonl"))
+}
+
+pub(crate) async fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Embed {
+            corpus,
+            model,
+            texts,
+        } => bench_embed(&corpus, &model, texts),
+        BenchCommand::Generate {
+            model,
+            corpus,
+            prompt_tokens,
+            new_tokens,
+            runs,
+            json,
+            requantize,
+        } => {
+            let model = if requantize {
+                ragd_generator::requant::fast_copy(&model)?.0
+            } else {
+                model
+            };
+            bench_generate(
+                &model,
+                &corpus,
+                prompt_tokens,
+                new_tokens,
+                runs.max(1),
+                json,
+            )
+        }
+        BenchCommand::Ingest {
+            corpus,
+            batch,
+            limit,
+        } => bench_ingest(&corpus, batch.max(1), limit).await,
+        BenchCommand::Search {
+            corpus,
+            data_dir,
+            config,
+            clients,
+            requests,
+            top_k,
+        } => {
+            bench_search(
+                &corpus,
+                &data_dir,
+                config.as_deref(),
+                clients,
+                requests,
+                top_k,
+            )
+            .await
+        }
+        BenchCommand::Ask {
+            corpus,
+            model,
+            questions,
+            json,
+        } => bench_ask(&corpus, model, questions, json).await,
+    }
+}
+
+fn bench_embed(corpus: &Path, model: &Path, n: usize) -> Result<()> {
+    let embedder = Embedder::load(model, &EmbedderConfig::default())?;
+    let docs = corpus_texts(corpus)?;
+    let texts: Vec<String> = docs
+        .iter()
+        .filter_map(|d| d["text"].as_str().map(str::to_string))
+        .cycle()
+        .take(n)
+        .collect();
+    if texts.is_empty() {
+        bail!("no texts in {}", corpus.display());
+    }
+    let tokens: usize = texts
+        .iter()
+        .map(|t| {
+            embedder
+                .tokenizer()
+                .encode(t.as_str(), true)
+                .map(|e| e.len())
+                .unwrap_or(0)
+        })
+        .sum();
+    embedder.embed(&texts[..texts.len().min(8)])?; // warm-up
+    let started = Instant::now();
+    embedder.embed(&texts)?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "embed: {} texts ({} tokens after truncation to {}) in {:.2} s = {:.1} texts/s, {:.0} tokens/s [{}]",
+        texts.len(),
+        tokens,
+        embedder.max_length(),
+        secs,
+        texts.len() as f64 / secs,
+        tokens as f64 / secs,
+        embedder.name()
+    );
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench_generate(
+    model: &Path,
+    corpus: &Path,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    runs: usize,
+    json_out: bool,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut g = Generator::load(model)?;
+    let load_s = started.elapsed().as_secs_f64();
+    // The prompt: the first N tokens of the corpus texts, the same ids llama.cpp
+    // gives (bench/compare-llamacpp feeds it the same text).
+    let text: String = corpus_texts(corpus)?
+        .iter()
+        .filter_map(|d| d["text"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    let mut ids = g.tokenizer().encode_plain(&text)?;
+    ids.truncate(prompt_tokens);
+    if ids.len() < prompt_tokens {
+        bail!("the corpus has only {} tokens", ids.len());
+    }
+    g.feed(&ids[..16.min(ids.len())], 0)?; // warm-up
+    let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let started = Instant::now();
+        let mut logits = g.feed(&ids, 0)?;
+        let prefill_s = started.elapsed().as_secs_f64();
+        let argmax = |l: &[f32]| {
+            l.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap_or(0)
+        };
+        let mut next = argmax(&logits);
+        ttft.push(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        for pos in ids.len()..ids.len() + new_tokens {
+            logits = g.feed(&[next], pos)?;
+            next = argmax(&logits);
+        }
+        let decode_s = started.elapsed().as_secs_f64();
+        prefill.push(ids.len() as f64 / prefill_s);
+        decode.push(new_tokens as f64 / decode_s);
+    }
+    let threads = rayon_threads();
+    let (prefill, decode, ttft) = (median(prefill), median(decode), median(ttft));
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "engine": "ragd (candle)", "model": g.name(), "file": model.display().to_string(),
+                "architecture": g.architecture(),
+                "threads": threads, "runs": runs, "prompt_tokens": ids.len(), "new_tokens": new_tokens,
+                "load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode, "ttft_s": ttft,
+            })
+        );
+    } else {
+        println!(
+            "generate: {} ({}), {threads} threads, loaded in {load_s:.2} s; prompt {} tokens: prefill {prefill:.1} tokens/s, \
+             time to first token {ttft:.2} s; decode {new_tokens} tokens: {decode:.1} tokens/s (medians of {runs} runs)",
+            g.name(),
+            g.architecture(),
+            ids.len(),
+        );
+    }
+    Ok(())
+}
+
+/// Threads candle's CPU kernels use (its rayon pool: RAYON_NUM_THREADS or the cores).
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+async fn bench_ingest(corpus: &Path, batch: usize, limit: usize) -> Result<()> {
+    let data = std::env::temp_dir().join(format!("ragd-bench-ingest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let mut config = ragd::Config::defaults();
+    config.server.data_dir = data.clone();
+    let mut docs = corpus_texts(corpus)?;
+    if limit > 0 {
+        docs.truncate(limit);
+    }
+    let requests: Vec<ragd_pipeline::IngestRequest> = docs
+        .chunks(batch)
+        .map(|c| {
+            let documents = c
+                .iter()
+                .map(|d| {
+                    serde_json::from_value(json!({
+                        "id": d["_id"], "title": d["title"], "text": d["text"],
+                        "metadata": d.get("metadata").cloned().unwrap_or(json!({}))
+                    }))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(ragd_pipeline::IngestRequest { documents })
+        })
+        .collect::<Result<_>>()?;
+
+    let engine = ragd::open_for_ingest(config.clone()).await?;
+    for (label, reqs) in [("cold", requests.clone()), ("unchanged", requests)] {
+        let started = Instant::now();
+        let (mut n_docs, mut n_chunks, mut statuses) =
+            (0usize, 0usize, std::collections::BTreeMap::new());
+        for req in reqs {
+            let res = engine
+                .ingest(req)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            for d in res.documents {
+                n_docs += 1;
+                n_chunks += d.chunks;
+                *statuses
+                    .entry(format!("{:?}", d.status).to_lowercase())
+                    .or_insert(0usize) += 1;
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "ingest ({label}): {n_docs} documents, {n_chunks} chunks in {secs:.1} s = {:.1} documents/s, {:.1} chunks/s {statuses:?}",
+            n_docs as f64 / secs,
+            n_chunks as f64 / secs
+        );
+    }
+    engine.flush().await?;
+    drop(engine);
+
+    for (label, remove_dump) in [
+        ("with the index dump", false),
+        ("without the dump (rebuild)", true),
+    ] {
+        if remove_dump {
+            std::fs::remove_dir_all(data.join("index"))?;
+        }
+        let started = Instant::now();
+        let engine = ragd::open_for_ingest(config.clone()).await?;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "restart {label}: ready in {secs:.2} s ({})",
+            engine.status().await.index_at_start.unwrap_or("?")
+        );
+    }
+    let _ = std::fs::remove_dir_all(data);
+    Ok(())
+}
+
+async fn bench_search(
+    corpus: &Path,
+    data_dir: &Path,
+    config_file: Option<&Path>,
+    clients: usize,
+    requests: usize,
+    top_k: usize,
+) -> Result<()> {
+    let mut config = match config_file {
+        Some(f) => ragd::Config::from_file(f).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => ragd::Config::defaults(),
+    };
+    config.server.port = 0;
+    config.server.data_dir = data_dir.to_path_buf();
+    {
+        let engine = ragd::open_for_ingest(config.clone()).await?;
+        if engine.status().await.documents.unwrap_or(0) == 0 {
+            let started = Instant::now();
+            let docs = corpus_texts(corpus)?;
+            for batch in docs.chunks(256) {
+                let documents = batch
+                    .iter()
+                    .map(|d| {
+                        serde_json::from_value(
+                            json!({ "id": d["_id"], "title": d["title"], "text": d["text"] }),
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                engine
+                    .ingest(ragd_pipeline::IngestRequest { documents })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            println!(
+                "ingested {} documents in {:.1} s",
+                docs.len(),
+                started.elapsed().as_secs_f64()
+            );
+            engine.flush().await?;
+        }
+    }
+    let mut server = ragd::start(config).await?;
+    server.wait_ready().await?;
+    let status = match server.state.pipeline.get() {
+        Some(pipeline) => serde_json::to_value(pipeline.status().await)?,
+        None => Value::Null,
+    };
+    println!(
+        "serving {} documents, {} chunks at {}",
+        status["documents"], status["chunks"], server.addr
+    );
+    let base = format!("http://{}", server.addr);
+    let queries: Vec<String> = read_jsonl(&corpus.join("queries.jsonl"))?
+        .iter()
+        .filter_map(|q| q["text"].as_str().map(str::to_string))
+        .collect();
+    anyhow::ensure!(!queries.is_empty(), "no queries in {}", corpus.display());
+    let client = reqwest::Client::new();
+    println!("{clients} clients, {requests} requests per mode, top_k {top_k}");
+    println!("mode      queries/s  p50 ms  p95 ms");
+    for mode in ["dense", "lexical", "hybrid"] {
+        // Warm-up: every query once, so caches are the same for each mode.
+        for q in queries.iter().take(20) {
+            client
+                .post(format!("{base}/search"))
+                .json(&json!({ "query": q, "mode": mode }))
+                .send()
+                .await?;
+        }
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..clients.max(1))
+            .map(|_| {
+                let (client, base, queries, next) = (client.clone(), base.clone(), queries.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= requests {
+                            break;
+                        }
+                        let t = Instant::now();
+                        let res = client
+                            .post(format!("{base}/search"))
+                            .json(&json!({ "query": queries[i % queries.len()], "mode": mode, "top_k": top_k }))
+                            .send()
+                            .await?;
+                        anyhow::ensure!(res.status().is_success(), "/search answered {}", res.status());
+                        res.bytes().await?;
+                        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    Ok::<_, anyhow::Error>(latencies)
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for t in tasks {
+            latencies.extend(t.await??);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        latencies.sort_by(f64::total_cmp);
+        let pct =
+            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        println!(
+            "{mode:<9} {:>9.1} {:>7.1} {:>7.1}",
+            latencies.len() as f64 / secs,
+            pct(0.5),
+            pct(0.95)
+        );
+    }
+    server.shutdown().await?;
+    Ok(())
+}
+
+async fn bench_ask(
+    corpus: &Path,
+    model: Option<PathBuf>,
+    questions: usize,
+    json_out: bool,
+) -> Result<()> {
+    let data = std::env::temp_dir().join(format!("ragd-bench-{}", std::process::id()));
+    let mut config = ragd::Config::defaults();
+    config.server.port = 0;
+    config.server.data_dir = data.clone();
+    if let Some(m) = model {
+        config.models.generator = m;
+    }
+    // The prompt's token ids are rebuilt with the model's own template and
+    // tokenizer (a second copy of the model, loaded only for that).
+    let tokenizer = if json_out {
+        let path = config.models.generator.clone();
+        Some(tokio::task::spawn_blocking(move || ragd_generator::Generator::load(&path)).await??)
+    } else {
+        None
+    };
+    let mut server = ragd::start(config).await?;
+    server.wait_ready().await?;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+
+    let documents: Vec<Value> = corpus_texts(corpus)?
+        .into_iter()
+        .map(|d| json!({ "id": d["_id"], "title": d["title"], "text": d["text"] }))
+        .collect();
+    let started = Instant::now();
+    let res: Value = client
+        .post(format!("{base}/ingest"))
+        .json(&json!({ "documents": documents }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let chunks: u64 = res["documents"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|x| x["chunks"].as_u64()).sum())
+        .unwrap_or(0);
+    eprintln!(
+        "ingest: {} documents, {} chunks in {:.2} s",
+        documents.len(),
+        chunks,
+        started.elapsed().as_secs_f64()
+    );
+
+    for q in read_jsonl(&corpus.join("queries.jsonl"))?
+        .iter()
+        .take(questions)
+    {
+        let question = q["text"].as_str().unwrap_or_default();
+        let started = Instant::now();
+        let mut res = client
+            .post(format!("{base}/ask"))
+            .header("accept", "text/event-stream")
+            .json(&json!({ "question": question }))
+            .send()
+            .await?;
+        let mut first_token = None;
+        let mut body = String::new();
+        while let Some(bytes) = res.chunk().await? {
+            body.push_str(&String::from_utf8_lossy(&bytes));
+            if first_token.is_none() && body.contains("event: token") {
+                first_token = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        let total = started.elapsed().as_secs_f64();
+        let done = body
+            .split("\n\n")
+            .find(|b| b.contains("event: done"))
+            .and_then(|b| b.lines().find_map(|l| l.strip_prefix("data: ")))
+            .and_then(|d| serde_json::from_str::<Value>(d).ok())
+            .unwrap_or(Value::Null);
+        if let Some(g) = &tokenizer {
+            // The prompt's passages are the answer's sources, in order.
+            let passages: Vec<ragd_pipeline::prompt::Passage> = done["sources"]
+                .as_array()
+                .map(|sources| {
+                    sources
+                        .iter()
+                        .map(|s| {
+                            ragd_pipeline::prompt::Passage::located(
+                                s["title"].as_str(),
+                                s["section"].as_str(),
+                                s["text"].as_str().unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let ids = g.encode_chat(&ragd_pipeline::prompt::messages(
+                question,
+                &passages,
+                ragd_pipeline::prompt::Style::default(),
+                ragd_pipeline::language::detect(question),
+                &[],
+            ))?;
+            anyhow::ensure!(
+                done["usage"]["prompt_tokens"].as_u64() == Some(ids.len() as u64),
+                "the rebuilt prompt has {} tokens, the answer reports {}",
+                ids.len(),
+                done["usage"]["prompt_tokens"]
+            );
+            println!(
+                "{}",
+                json!({ "question": question, "ttft_s": first_token, "total_s": total,
+                        "prompt_tokens": ids.len(), "cached_tokens": done["usage"]["cached_tokens"],
+                        "completion_tokens": done["usage"]["completion_tokens"], "prompt_ids": ids })
+            );
+            continue;
+        }
+        println!(
+            "ask: {question:?}: time to first token {:.2} s, total {:.2} s, prompt {} tokens, {} answer tokens, top source {}",
+            first_token.unwrap_or(f64::NAN),
+            total,
+            done["usage"]["prompt_tokens"],
+            done["usage"]["completion_tokens"],
+            done["sources"][0]["document_id"]
+        );
+    }
+    server.shutdown().await?;
+    let _ = std::fs::remove_dir_all(data);
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! `ragd ingest PATH...`: feed files and folders to ragd, through the same code
+//! path as `POST /ingest` with files — directly on the data directory, or
+//! against a running server with `--url`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use ragd::Config;
+use ragd_pipeline::{Pipeline, UploadedFile};
+use serde_json::Value;
+
+/// Files per request.
+const BATCH_FILES: usize = 16;
+/// Bytes per request, below the default body limit.
+const BATCH_BYTES: usize = 8 << 20;
+
+enum Target {
+    Direct(Arc<Pipeline>),
+    Server {
+        client: reqwest::Client,
+        url: String,
+    },
+}
+
+/// Every file under `paths`, hidden files and folders left out, in a stable order.
+fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for root in paths {
+        if !root.exists() {
+            anyhow::bail!("{} does not exist", root.display());
+        }
+        let walker = walkdir::WalkDir::new(root)
+            .sort_by_file_name()
+            .into_iter()
+            .filter_entry(|e| {
+                e.depth() == 0 || !e.file_name().to_str().is_some_and(|n| n.starts_with('.'))
+            });
+        for entry in walker {
+            let entry = entry.with_context(|| format!("walking {}", root.display()))?;
+            if entry.file_type().is_file() {
+                files.push(entry.into_path());
+            }
+        }
+    }
+    Ok(files)
+}
+
+fn id_of(path: &Path) -> String {
+    path.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Runs the command; returns whether every file went in.
+pub(crate) async fn run(paths: Vec<PathBuf>, url: Option<String>, config: Config) -> Result<bool> {
+    let files = collect(&paths)?;
+    if files.is_empty() {
+        anyhow::bail!(
+            "no files found under {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let target = match url {
+        Some(url) => Target::Server {
+            client: reqwest::Client::new(),
+            url: url.trim_end_matches('/').to_string(),
+        },
+        None => Target::Direct(
+            ragd::open_for_ingest(config).await?,
+        ),
+    };
+    let bar = ProgressBar::new(files.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let (mut created, mut updated, mut unchanged, mut failed) = (0, 0, 0, Vec::new());
+    let mut batch: Vec<UploadedFile> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut index = 0;
+    while index < files.len() || !batch.is_empty() {
+        let flush =
+            index == files.len() || batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES;
+        if !flush {
+            let path = &files[index];
+            index += 1;
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    batch_bytes += bytes.len();
+                    batch.push(UploadedFile {
+                        name: id_of(path),
+                        content_type: None,
+                        bytes,
+                    });
+                }
+                Err(e) => {
+                    failed.push((id_of(path), e.to_string()));
+                    bar.inc(1);
+                }
+            }
+            continue;
+        }
+        let sent: Vec<UploadedFile> = std::mem::take(&mut batch);
+        batch_bytes = 0;
+        let names: Vec<String> = sent.iter().map(|f| f.name.clone()).collect();
+        let n = sent.len() as u64;
+        match send(&target, sent).await {
+            Ok(docs) => {
+                for d in docs {
+                    match d["status"].as_str() {
+                        Some("created") => created += 1,
+                        Some("updated") => updated += 1,
+                        Some("unchanged") => unchanged += 1,
+                        _ => failed.push((
+                            d["id"].as_str().unwrap_or("?").to_string(),
+                            d["error"].as_str().unwrap_or("failed").to_string(),
+                        )),
+                    }
+                }
+            }
+            Err(e) => failed.extend(names.into_iter().map(|name| (name, format!("{e:#}")))),
+        }
+        bar.inc(n);
+        bar.set_message(format!(
+            "{created} created, {updated} updated, {unchanged} unchanged, {} failed",
+            failed.len()
+        ));
+    }
+    bar.finish_and_clear();
+    if let Target::Direct(engine) = &target {
+        if let Err(e) = engine.flush().await {
+            eprintln!("warning: cannot write the index dump: {e}");
+        }
+    }
+    for (id, why) in &failed {
+        eprintln!("failed: {id}: {why}");
+    }
+    println!(
+        "{} files in {:.1} s: {created} created, {updated} updated, {unchanged} unchanged, {} failed",
+        files.len(),
+        started.elapsed().as_secs_f64(),
+        failed.len()
+    );
+    Ok(failed.is_empty())
+}
+
+async fn send(target: &Target, files: Vec<UploadedFile>) -> Result<Vec<Value>> {
+    let body: Value = match target {
+        Target::Direct(engine) => serde_json::to_value(
+            engine
+                .ingest_files(files)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )?,
+        Target::Server { client, url } => {
+            let mut form = reqwest::multipart::Form::new();
+            for f in files {
+                form = form.part(
+                    "file",
+                    reqwest::multipart::Part::bytes(f.bytes).file_name(f.name),
+                );
+            }
+            let res = client
+                .post(format!("{url}/ingest"))
+                .multipart(form)
+                .send()
+                .await
+                .context("sending to the server")?;
+            let status = res.status();
+            let body: Value = res.json().await.context("reading the server's answer")?;
+            if !status.is_success() {
+                anyhow::bail!(
+                    "the server answered {status}: {}",
+                    body["error"].as_str().unwrap_or("")
+                );
+            }
+            body
+        }
+    };
+    Ok(body["documents"].as_array().cloned().unwrap_or_default())
+}

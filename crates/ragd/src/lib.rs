@@ -1,0 +1,199 @@
+//! The ragd program: its configuration, and the wiring that turns a
+//! configuration into a running service — the engines chosen from it
+//! (`ragd-backends`), the pipeline over them (`ragd-pipeline`), and the HTTP
+//! API in front (`ragd-server`). The `ragd` binary (`main.rs`) is the command
+//! line over this library; the end-to-end tests start servers through it.
+//!
+//! [`start`] binds the listener at once, so `/health` answers and `/ready`
+//! says 503 while the models load on their own threads; the pipeline is
+//! installed when they have loaded and the stored documents are back.
+
+#![deny(missing_docs)]
+
+pub mod config;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ragd_backends::{LocalEmbedder, LocalGenerator, LocalOptions, RemoteGenerator, SqliteStore};
+use ragd_core::{Embed, Generate, NoRerank};
+use ragd_pipeline::{Engines, Pipeline};
+use ragd_server::{AppState, Http};
+use tokio::sync::oneshot;
+
+pub use config::{Config, ConfigError};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A model, the database or the index could not be loaded.
+    #[error(transparent)]
+    Load(#[from] ragd_backends::LoadError),
+    /// The configuration does not fit the loaded models.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ragd_pipeline::ConfigError),
+    /// A loader thread or task ended without a result.
+    #[error("the {0} stopped while loading")]
+    Stopped(&'static str),
+}
+
+/// A running service.
+#[derive(Debug)]
+pub struct Server {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// What the handlers share (the pipeline appears once loaded).
+    pub state: AppState,
+    http: Http,
+    loaded: Option<oneshot::Receiver<Result<(), StartError>>>,
+}
+
+impl Server {
+    /// Waits until the models are loaded and the documents are back, or for
+    /// the error that prevented it.
+    pub async fn wait_ready(&mut self) -> Result<(), StartError> {
+        match self.loaded.take() {
+            Some(rx) => rx.await.unwrap_or(Err(StartError::Stopped("loader"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops accepting connections, waits for open requests to finish and
+    /// writes what the store keeps in memory (the index dump).
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        let pipeline = self.state.pipeline.get().cloned();
+        let served = self.http.shutdown().await;
+        if let Some(pipeline) = pipeline {
+            if let Err(e) = pipeline.flush().await {
+                tracing::warn!(error = %e, "cannot write the index dump");
+            }
+        }
+        served
+    }
+
+    /// Serves until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        signal.await;
+        self.shutdown().await
+    }
+}
+
+/// Binds `config.server.host:port`, starts serving and starts loading the models.
+pub async fn start(config: Config) -> std::io::Result<Server> {
+    let http = Http::bind(&config.server, &config.auth).await?;
+    let (loaded_tx, loaded_rx) = oneshot::channel();
+    let state = http.state.clone();
+    let slot = Arc::clone(&state.pipeline);
+    tokio::spawn(async move {
+        let result = load(&config).await.map(|pipeline| {
+            let _ = slot.set(Arc::new(pipeline));
+            tracing::info!("ready");
+        });
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "start-up failed");
+        }
+        let _ = loaded_tx.send(result);
+    });
+    Ok(Server {
+        addr: http.addr,
+        state,
+        http,
+        loaded: Some(loaded_rx),
+    })
+}
+
+/// The embedder, with its batch sizes counted in the metrics.
+fn spawn_embedder(
+    config: &Config,
+) -> oneshot::Receiver<Result<LocalEmbedder, ragd_backends::LoadError>> {
+    let observe: ragd_backends::BatchObserver =
+        Arc::new(|n| ragd_server::metrics::get().embedding_batch(n));
+    LocalEmbedder::spawn(
+        config.models.embedder.clone(),
+        config.embedder.clone(),
+        Some(observe),
+    )
+}
+
+/// Opens the store for `embedder`'s vectors (blocking work, off the runtime).
+async fn open_store(config: &Config, embedder: &dyn Embed) -> Result<SqliteStore, StartError> {
+    let info = embedder.info();
+    let (dir, identity, dim, index) = (
+        config.server.data_dir.clone(),
+        info.identity(),
+        info.dim,
+        config.index.clone(),
+    );
+    tokio::task::spawn_blocking(move || SqliteStore::open(&dir, &identity, dim, index))
+        .await
+        .map_err(|_| StartError::Stopped("store loader"))?
+        .map_err(StartError::from)
+}
+
+/// Loads the engines the configuration names and assembles the pipeline.
+async fn load(config: &Config) -> Result<Pipeline, StartError> {
+    let embedder = spawn_embedder(config);
+    let generator = if config.generation.backend == "openai" {
+        None
+    } else {
+        Some(LocalGenerator::spawn(LocalOptions {
+            path: config.models.generator.clone(),
+            queue_size: config.generation.queue_size,
+            slots: config.generation.slots,
+            requantize: config.generation.requantize,
+            prefix_samples: ragd_pipeline::prompt::prefix_samples(),
+        }))
+    };
+    let embedder: Arc<dyn Embed> = Arc::new(
+        embedder
+            .await
+            .map_err(|_| StartError::Stopped("embedder thread"))??,
+    );
+    let generator: Arc<dyn Generate> = match generator {
+        Some(local) => Arc::new(
+            local
+                .await
+                .map_err(|_| StartError::Stopped("generator thread"))??,
+        ),
+        None => Arc::new(RemoteGenerator::spawn(
+            config.remote.clone(),
+            config.generation.queue_size,
+            config.generation.slots,
+        )?),
+    };
+    let store = open_store(config, &*embedder).await?;
+    Ok(Pipeline::new(
+        config.pipeline(),
+        Engines {
+            embedder,
+            generator: Some(generator),
+            reranker: Arc::new(NoRerank),
+            store: Arc::new(store),
+        },
+    )?)
+}
+
+/// Opens the data directory with the embedder only, for ingesting without a
+/// server (`ragd ingest`, `ragd eval retrieval`). Do not run it on a data
+/// directory a server is using: the server would not see the new documents
+/// until it restarts.
+pub async fn open_for_ingest(config: Config) -> Result<Arc<Pipeline>, StartError> {
+    let embedder: Arc<dyn Embed> = Arc::new(
+        spawn_embedder(&config)
+            .await
+            .map_err(|_| StartError::Stopped("embedder thread"))??,
+    );
+    let store = open_store(&config, &*embedder).await?;
+    Ok(Arc::new(Pipeline::new(
+        config.pipeline(),
+        Engines {
+            embedder,
+            generator: None,
+            reranker: Arc::new(NoRerank),
+            store: Arc::new(store),
+        },
+    )?))
+}

@@ -1,0 +1,99 @@
+//! Answers: `POST /ask` — the answer as JSON, or as server-sent events
+//! (`queued`, `sources`, `token`…, then `done` or `error`) — and retrieval
+//! alone, `POST /search`. Both encoders read the pipeline's one answer stream.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use futures::StreamExt;
+use ragd_pipeline::{Answer, AnswerEvent, AskRequest};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::json::AppJson;
+use crate::AppState;
+
+/// `/ask`, `/search`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/ask", post(ask))
+        .route("/search", post(search))
+}
+
+#[utoipa::path(post, path = "/search", tag = "retrieval", request_body = ragd_pipeline::SearchRequest, responses((status = 200, description = "Passages, best first", body = ragd_pipeline::SearchResponse), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+pub(crate) async fn search(
+    State(state): State<AppState>,
+    AppJson(req): AppJson<ragd_pipeline::SearchRequest>,
+) -> Result<Json<ragd_pipeline::SearchResponse>, ApiError> {
+    Ok(Json(state.pipeline()?.search(req).await?))
+}
+
+fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {
+    req.stream.unwrap_or_else(|| {
+        headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().starts_with("text/event-stream"))
+            })
+    })
+}
+
+#[utoipa::path(post, path = "/ask", tag = "answers", request_body = ragd_pipeline::AskRequest, responses((status = 200, description = "The answer (JSON), or with `stream: true` / `Accept: text/event-stream` server-sent events: `queued`, `sources`, `token`..., then `done` with this object or `error`", body = ragd_pipeline::AskResponse), (status = 429, description = "Generation queue full (Retry-After)", body = crate::error::ErrorBody), (status = 502, description = "Remote generation server failed", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+pub(crate) async fn ask(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    AppJson(req): AppJson<AskRequest>,
+) -> Result<Response, ApiError> {
+    let pipeline = state.pipeline()?;
+    let stream = wants_stream(&headers, &req);
+    let answer = pipeline.ask(&req).await?;
+    if stream {
+        return Ok(sse_response(answer));
+    }
+    let response = answer.collect().await?;
+    crate::metrics::get().answered(&response);
+    Ok(Json(response).into_response())
+}
+
+/// An SSE event whose data is `data` as JSON (keys in order, as every event
+/// writes them); a value that cannot be written becomes an `error` event.
+fn event(name: &str, data: &impl Serialize) -> Event {
+    match serde_json::to_value(data) {
+        Ok(value) => Event::default().event(name).data(value.to_string()),
+        Err(e) => {
+            let body = ApiError::internal(format!("cannot encode the {name} event: {e}")).body();
+            Event::default().event("error").data(body.to_string())
+        }
+    }
+}
+
+/// The SSE encoding of an answer: `queued` (only while every generation slot
+/// is busy), `sources`, then `token` events, then `done` (or `error`).
+/// Everything that can be refused with a status was checked before this point.
+fn sse_response(answer: Answer) -> Response {
+    let events = answer.into_stream().map(|e| {
+        Ok::<_, Infallible>(match e {
+            AnswerEvent::Queued { position } => event("queued", &json!({ "position": position })),
+            AnswerEvent::Sources(sources) => event("sources", &json!({ "sources": sources })),
+            AnswerEvent::Token(text) => event("token", &json!({ "text": text })),
+            AnswerEvent::Done(response) => {
+                crate::metrics::get().answered(&response);
+                event("done", &response)
+            }
+            AnswerEvent::Failed(e) => event("error", &ApiError::from(e).body()),
+        })
+    });
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    crate::sse_headers(&mut response);
+    response
+}

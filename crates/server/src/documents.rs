@@ -1,0 +1,116 @@
+//! Documents: `POST /ingest` (a JSON body of documents, or files as
+//! `multipart/form-data`), `GET /documents`, `GET|DELETE /documents/{id}`.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ragd_pipeline::IngestRequest;
+
+use crate::error::ApiError;
+use crate::json::AppJson;
+use crate::AppState;
+
+/// `/ingest`, `/documents`, `/documents/{id}`.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/ingest", post(ingest))
+        .route("/documents", get(list_documents))
+        .route("/documents/{id}", get(get_document).delete(delete_document))
+}
+
+/// `POST /ingest`: a JSON body of documents, or `multipart/form-data` files.
+#[utoipa::path(post, path = "/ingest", tag = "documents", request_body(content((ragd_pipeline::IngestRequest = "application/json"), (Object = "multipart/form-data")), description = "Documents as JSON, or files as multipart/form-data"), responses((status = 200, description = "One status per document", body = ragd_pipeline::IngestResponse), (status = 413, description = "Body too large", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+pub(crate) async fn ingest(
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<Json<ragd_pipeline::IngestResponse>, ApiError> {
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("multipart/form-data")
+        });
+    if !multipart {
+        let AppJson(body) = AppJson::<IngestRequest>::from_request(req, &state).await?;
+        return Ok(Json(state.pipeline()?.ingest(body).await?));
+    }
+    let too_large_or_malformed = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge("the request body is larger than the configured limit".into())
+        } else {
+            ApiError::MalformedMultipart(format!(
+                "cannot read the multipart body: {}",
+                e.body_text()
+            ))
+        }
+    };
+    let mut form = Multipart::from_request(req, &state)
+        .await
+        .map_err(|e| ApiError::MalformedMultipart(e.body_text()))?;
+    let mut files = Vec::new();
+    while let Some(field) = form.next_field().await.map_err(too_large_or_malformed)? {
+        let Some(name) = field.file_name().map(str::to_string) else {
+            return Err(ApiError::Invalid(format!(
+                "multipart part {:?} is not a file: send files as parts with a filename",
+                field.name().unwrap_or("")
+            )));
+        };
+        let content_type = field.content_type().map(str::to_string);
+        let bytes = field.bytes().await.map_err(too_large_or_malformed)?;
+        files.push(ragd_pipeline::UploadedFile {
+            name,
+            content_type,
+            bytes: bytes.to_vec(),
+        });
+    }
+    if files.is_empty() {
+        return Err(ApiError::Invalid(
+            "the multipart body holds no files".into(),
+        ));
+    }
+    Ok(Json(state.pipeline()?.ingest_files(files).await?))
+}
+
+/// Query of `GET /documents`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    /// Return documents with ids after this one (the previous page's `next`).
+    after: Option<String>,
+    /// Page size, 1..=1000 (default 100).
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/documents", tag = "documents", params(("after" = Option<String>, Query, description = "List after this id"), ("limit" = Option<usize>, Query, description = "Most documents")), responses((status = 200, description = "Documents in id order", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+pub(crate) async fn list_documents(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let page = state.pipeline()?.list_documents(q.after, q.limit).await?;
+    Ok(Json(serde_json::to_value(page).map_err(ApiError::internal)?))
+}
+
+#[utoipa::path(get, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "The document's record", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+pub(crate) async fn get_document(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let document = state.pipeline()?.get_document(&id).await?;
+    Ok(Json(serde_json::to_value(document).map_err(ApiError::internal)?))
+}
+
+#[utoipa::path(delete, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "Deleted", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+pub(crate) async fn delete_document(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let deleted = state.pipeline()?.delete_document(&id).await?;
+    Ok(Json(serde_json::to_value(deleted).map_err(ApiError::internal)?))
+}
+

@@ -1,0 +1,43 @@
+//! A JSON body extractor that answers bad bodies in the API's error format.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// JSON body extractor whose rejections use the API's error format: syntax errors
+/// are 400, well-formed JSON of the wrong shape (missing or unknown fields, wrong
+/// types) is 422, an oversized body 413.
+#[derive(Debug)]
+pub struct AppJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for AppJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(AppJson(v)),
+            Err(rejection) => Err(match rejection {
+                JsonRejection::JsonSyntaxError(e) => ApiError::MalformedJson(e.body_text()),
+                JsonRejection::JsonDataError(e) => ApiError::Invalid(e.body_text()),
+                JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
+                    "expected a JSON body with the header Content-Type: application/json".into(),
+                ),
+                JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                    ApiError::PayloadTooLarge(
+                        "the request body is larger than the configured limit".into(),
+                    )
+                }
+                JsonRejection::BytesRejection(e) => ApiError::MalformedJson(e.body_text()),
+                other => ApiError::MalformedJson(other.body_text()),
+            }),
+        }
+    }
+}

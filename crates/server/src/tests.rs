@@ -1,0 +1,320 @@
+//! Tests of the router on a server whose models never load: everything that
+//! is decided before the pipeline is reached.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Router;
+
+use crate::{app, openapi::openapi, AppState};
+use axum::body::Body;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+/// A router whose models never load: enough for everything decided before
+/// the engine is reached.
+fn unloaded(limit: usize) -> Router {
+    app(AppState {
+        pipeline: Arc::new(OnceLock::new()),
+        body_limit: limit,
+        keys: Arc::new(crate::auth::Keys::default()),
+        cors_origins: Vec::new(),
+        request_timeout: std::time::Duration::from_secs(60),
+    })
+}
+
+const READ: &str = "read-key-0123456789";
+const WRITE: &str = "write-key-0123456789";
+
+fn guarded(cors: &[&str]) -> Router {
+    app(AppState {
+        pipeline: Arc::new(OnceLock::new()),
+        body_limit: 1 << 20,
+        keys: Arc::new(crate::auth::Keys::new(&crate::config::AuthConfig {
+            read_keys: vec![READ.into()],
+            write_keys: vec![WRITE.into()],
+            allow_unauthenticated: false,
+        })),
+        cors_origins: cors.iter().map(|s| s.to_string()).collect(),
+        request_timeout: std::time::Duration::from_secs(60),
+    })
+}
+
+async fn status_with(
+    router: Router,
+    method: &str,
+    uri: &str,
+    key: Option<&str>,
+) -> (StatusCode, HeaderMap) {
+    let mut req = axum::http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(k) = key {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    let res = router
+        .oneshot(req.body(Body::from("{}")).unwrap())
+        .await
+        .unwrap();
+    (res.status(), res.headers().clone())
+}
+
+/// No key and a wrong key are 401 (with `WWW-Authenticate`), a read key on a
+/// write route is 403, the right keys pass (to a server still loading: 503
+/// or a body error), and the probes need no key.
+/// Every route the router serves (read from this file's `.route(...)`
+/// calls, with their methods) is in the OpenAPI document with the same
+/// methods, and the document names no route the router lacks.
+#[tokio::test]
+async fn openapi_lists_every_route_the_router_serves() {
+    // Each module's `routes()` function, as written.
+    let mut routes_fns = String::new();
+    for source in [
+        include_str!("service.rs"),
+        include_str!("openapi.rs"),
+        include_str!("openai.rs"),
+        include_str!("documents.rs"),
+        include_str!("answers.rs"),
+    ] {
+        let start = source.find("pub(crate) fn routes()").unwrap();
+        let end = start + source[start..].find("\n}\n").unwrap();
+        routes_fns.push_str(&source[start..end]);
+    }
+    let mut served: Vec<(String, String)> = Vec::new();
+    for call in routes_fns.split(".route(\"").skip(1) {
+        let path = call.split('"').next().unwrap().to_string();
+        for (needle, method) in [("get(", "get"), ("post(", "post"), ("delete(", "delete")] {
+            if call.contains(needle) {
+                served.push((path.clone(), method.to_string()));
+            }
+        }
+    }
+    assert!(served.len() >= 14, "{served:?}");
+    let doc = serde_json::to_value(openapi()).unwrap();
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push((path.clone(), method.clone()));
+        }
+    }
+    served.sort();
+    documented.sort();
+    assert_eq!(served, documented);
+    // Every documented route answers on the router (not 404 or 405).
+    for (path, method) in &documented {
+        let uri = path.replace("{id}", "some-id");
+        let (status, _) =
+            status_with(unloaded(1 << 20), &method.to_uppercase(), &uri, None).await;
+        assert!(
+            status != StatusCode::NOT_FOUND || path.contains("{id}"),
+            "{method} {path}: {status}"
+        );
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+    }
+    // The schemas the bodies refer to are in the document.
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for name in [
+        "AskRequest",
+        "AskResponse",
+        "Source",
+        "Grounding",
+        "SearchResponse",
+        "IngestRequest",
+        "ErrorBody",
+        "ChatRequest",
+    ] {
+        assert!(schemas.contains_key(name), "{name} missing");
+    }
+}
+
+#[tokio::test]
+async fn the_auth_matrix() {
+    let r = guarded(&[]);
+    let (s, h) = status_with(r.clone(), "POST", "/search", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(h.get(header::WWW_AUTHENTICATE).unwrap(), "Bearer");
+    let (s, _) = status_with(r.clone(), "POST", "/search", Some("not-a-key-0123456789")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = status_with(r.clone(), "POST", "/ingest", Some(READ)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = status_with(r.clone(), "DELETE", "/documents/x", Some(READ)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    for (method, uri, key) in [
+        ("POST", "/search", READ),
+        ("GET", "/documents", READ),
+        ("POST", "/ingest", WRITE),
+        ("POST", "/search", WRITE),
+        ("DELETE", "/documents/x", WRITE),
+    ] {
+        let (s, _) = status_with(r.clone(), method, uri, Some(key)).await;
+        assert!(
+            s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN,
+            "{method} {uri}: {s}"
+        );
+    }
+    for uri in ["/health", "/ready"] {
+        let (s, _) = status_with(r.clone(), "GET", uri, None).await;
+        assert!(s != StatusCode::UNAUTHORIZED, "{uri}: {s}");
+    }
+    // Without keys nothing is asked for.
+    let (s, _) = status_with(unloaded(1 << 20), "POST", "/search", None).await;
+    assert_ne!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn cors_allows_only_configured_origins() {
+    let preflight = |router: Router, origin: &'static str| async move {
+        let req = axum::http::Request::builder()
+            .method("OPTIONS")
+            .uri("/ask")
+            .header(header::ORIGIN, origin)
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .body(Body::empty())
+            .unwrap();
+        router
+            .oneshot(req)
+            .await
+            .unwrap()
+            .headers()
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .cloned()
+    };
+    let r = guarded(&["https://intranet.example.org"]);
+    assert_eq!(
+        preflight(r.clone(), "https://intranet.example.org")
+            .await
+            .unwrap(),
+        "https://intranet.example.org"
+    );
+    assert!(preflight(r, "https://evil.example.com").await.is_none());
+    assert!(preflight(guarded(&[]), "https://intranet.example.org")
+        .await
+        .is_none());
+}
+
+async fn call(
+    router: Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+    json: bool,
+) -> (StatusCode, serde_json::Value) {
+    let mut req = axum::http::Request::builder().method(method).uri(uri);
+    if json {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    let res = router
+        .oneshot(req.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn health_is_up_and_ready_is_503_while_loading() {
+    let (s, body) = call(unloaded(1 << 20), "GET", "/health", "", false).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["status"], "ok");
+    let (s, body) = call(unloaded(1 << 20), "GET", "/ready", "", false).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["type"], "not_ready");
+    let (s, body) = call(
+        unloaded(1 << 20),
+        "POST",
+        "/ask",
+        r#"{"question":"x"}"#,
+        true,
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["type"], "not_ready");
+}
+
+#[tokio::test]
+async fn bad_bodies_get_json_errors_with_fitting_statuses() {
+    let cases: &[(&str, &str, bool, StatusCode, &str)] = &[
+        (
+            "/ingest",
+            "{not json",
+            true,
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "/ingest",
+            r#"{"documents":[{"title":"no text"}]}"#,
+            true,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "/ingest",
+            r#"{"documents":[{"text":"x","colour":"red"}]}"#,
+            true,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "/ingest",
+            r#"{"documents":[{"text":42}]}"#,
+            true,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "/ask",
+            r#"{}"#,
+            true,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "/ask",
+            r#"{"question":"q","top_k":-1}"#,
+            true,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "/ask",
+            r#"{"question":"q"}"#,
+            false,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+    ];
+    for (uri, body, json, status, kind) in cases {
+        let (s, b) = call(unloaded(1 << 20), "POST", uri, body, *json).await;
+        assert_eq!(
+            (s, b["type"].as_str()),
+            (*status, Some(*kind)),
+            "{uri} {body}: {b}"
+        );
+        assert!(b["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    let big = format!(r#"{{"documents":[{{"text":"{}"}}]}}"#, "a".repeat(5000));
+    let (s, b) = call(unloaded(2048), "POST", "/ingest", &big, true).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
+    assert_eq!(b["type"], "payload_too_large");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_json_errors() {
+    let (s, b) = call(unloaded(1 << 20), "GET", "/nope", "", false).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (s, b) = call(unloaded(1 << 20), "GET", "/ask", "", false).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
+}
+

@@ -1,0 +1,212 @@
+//! The database's layout: the tables, the `meta` table (which embedder made the
+//! vectors, the schema version, the generation counter), and bringing older
+//! databases up to date (the migration from schema 1, the full-text backfill).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::{db_error, lexical, StoreError};
+
+/// 2: chunks.section (the heading path of a chunk) and Porter stemming in the
+/// full-text index. Version 1 databases are migrated on open.
+const SCHEMA_VERSION: i64 = 2;
+
+/// The tables, each created when missing.
+const TABLES: &str = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS documents (
+                 id TEXT PRIMARY KEY,
+                 title TEXT,
+                 text TEXT NOT NULL,
+                 metadata TEXT NOT NULL,
+                 hash TEXT NOT NULL,
+                 created_at INTEGER NOT NULL,
+                 updated_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS chunks (
+                 key INTEGER PRIMARY KEY AUTOINCREMENT,
+                 document_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+                 idx INTEGER NOT NULL,
+                 text TEXT NOT NULL,
+                 start INTEGER NOT NULL,
+                 end INTEGER NOT NULL,
+                 embed_hash TEXT NOT NULL,
+                 vector BLOB NOT NULL,
+                 section TEXT NOT NULL DEFAULT '');
+             CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, idx);
+             CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');";
+
+/// Makes the database at `path` ready for vectors of model `embedder` with
+/// `dim` dimensions: creates missing tables, records the model in a new
+/// database and refuses one written with another, migrates an older schema.
+/// Returns the generation counter.
+pub(crate) fn prepare(
+    conn: &Connection,
+    path: &Path,
+    embedder: &str,
+    dim: usize,
+) -> Result<u64, StoreError> {
+    conn.execute_batch(TABLES).map_err(db_error(path))?;
+    check_embedder(conn, path, &format!("{embedder} ({dim} dims)"))?;
+    migrate(conn, path)?;
+    Ok(meta(conn, path, "generation")?
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0))
+}
+
+/// The `meta` value under `key`.
+fn meta(conn: &Connection, path: &Path, key: &str) -> Result<Option<String>, StoreError> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(db_error(path))
+}
+
+/// Records `expected` (model and dimensions) in a new database; refuses a
+/// database whose vectors another model made.
+fn check_embedder(conn: &Connection, path: &Path, expected: &str) -> Result<(), StoreError> {
+    match meta(conn, path, "embedder")? {
+        Some(found) if found != expected => Err(StoreError::ModelMismatch {
+            path: path.to_owned(),
+            found,
+            expected: expected.to_owned(),
+        }),
+        Some(_) => Ok(()),
+        None => conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('embedder', ?1), ('schema', ?2)",
+                params![expected, SCHEMA_VERSION.to_string()],
+            )
+            .map(|_| ())
+            .map_err(db_error(path)),
+    }
+}
+
+/// Brings a schema 1 database to the current schema; refuses an unknown version.
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    match meta(conn, path, "schema")?.as_deref() {
+        Some("1") => {
+            // The new full-text table starts empty: `backfill_lexical` refills
+            // it, sections included, once the store is open.
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE chunks ADD COLUMN section TEXT NOT NULL DEFAULT '';
+                 DROP TABLE chunks_fts;
+                 CREATE VIRTUAL TABLE chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');
+                 UPDATE meta SET value = '2' WHERE key = 'schema';
+                 COMMIT;",
+            )
+            .map_err(db_error(path))?;
+            tracing::info!(path = %path.display(), "database migrated to schema 2 (chunk sections)");
+            Ok(())
+        }
+        Some(v) if v != SCHEMA_VERSION.to_string() => Err(StoreError::Corrupt {
+            path: path.to_owned(),
+            message: format!("unknown schema version {v}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Records `generation` as the generation counter, within the write `tx` that
+/// makes it current.
+pub(crate) fn bump_generation(tx: &Transaction<'_>, generation: u64) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('generation', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [generation.to_string()],
+    )
+    .map(|_| ())
+}
+
+/// Fills the full-text index from the chunks when it is empty (a database
+/// written before it existed); `live_chunks` is how many chunks there are.
+pub(crate) fn backfill_lexical(
+    conn: &mut Connection,
+    path: &Path,
+    live_chunks: usize,
+) -> Result<(), StoreError> {
+    let db = db_error(path);
+    let indexed: i64 = conn
+        .query_row("SELECT count(*) FROM chunks_fts", [], |r| r.get(0))
+        .map_err(db)?;
+    if indexed > 0 || live_chunks == 0 {
+        return Ok(());
+    }
+    let tx = conn.transaction().map_err(db)?;
+    {
+        let mut select = tx
+            .prepare(
+                "SELECT c.key, d.title, c.section, c.text FROM chunks c JOIN documents d ON d.id = c.document_id",
+            )
+            .map_err(db)?;
+        let rows: Vec<(i64, Option<String>, String, String)> = select
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(db)?
+            .collect::<Result<_, _>>()
+            .map_err(db)?;
+        for (key, title, section, text) in rows {
+            lexical::index_chunk(&tx, key, title.as_deref(), &section, &text).map_err(db)?;
+        }
+    }
+    tx.commit().map_err(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::tests::doc;
+    use crate::{Store, StoreError, DB_FILE};
+    use rusqlite::Connection;
+
+    #[test]
+    fn another_embedder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), "m", 2).unwrap());
+        assert!(matches!(
+            Store::open(dir.path(), "other", 2),
+            Err(StoreError::ModelMismatch { .. })
+        ));
+        assert!(matches!(
+            Store::open(dir.path(), "m", 3),
+            Err(StoreError::ModelMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn schema_1_is_migrated_and_sections_are_searchable() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), "m", 2).unwrap();
+            s.upsert(&doc("a", &["alpha", "beta"])).unwrap();
+        }
+        // Turn the database back into a version 1 one.
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(
+                "ALTER TABLE chunks DROP COLUMN section; UPDATE meta SET value = '1' WHERE key = 'schema';",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        let keys: Vec<usize> = s.live().map(|(k, _, _)| k).collect();
+        let chunks = s.chunks(&keys).unwrap();
+        assert_eq!(chunks.len(), 2);
+        assert!(
+            chunks.iter().all(|c| c.section.is_empty()),
+            "migrated rows have no section"
+        );
+        s.upsert(&doc("b", &["gamma", "delta"])).unwrap();
+        let hits: Vec<usize> = s
+            .lexical_search("part", 10)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let found = s.chunks(&hits).unwrap();
+        assert!(
+            found.iter().any(
+                |c| (c.document_id.as_str(), c.section.as_str(), c.text.as_str())
+                    == ("b", "Part 1", "delta")
+            ),
+            "the section is in the full-text index: {found:?}"
+        );
+    }
+}
