@@ -1432,6 +1432,13 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
         "{answer}"
     );
     assert_eq!(answer["sources"][0]["document_id"], "everest", "{answer}");
+    // The remote backend cannot fit the prompt to a context or steer the
+    // answer, and the answer says so.
+    assert_eq!(
+        answer["not_applied"],
+        json!(["context_budget", "steering"]),
+        "{answer}"
+    );
 
     let res = client
         .post(format!("{base}/ask"))

@@ -193,6 +193,8 @@ impl Embed for LocalEmbedder {
             .send(EmbedJob { texts, reply })
             .await
             .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?.map_err(BackendError::server)
+        rx.await
+            .map_err(|_| stopped())?
+            .map_err(BackendError::server)
     }
 }

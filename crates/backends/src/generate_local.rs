@@ -16,14 +16,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ragd_core::{
-    BackendError, Fault, GenEvent, GenJob, Generate, GenerateParams, GeneratorInfo, Message,
-    QueueFull, SlotLoad,
-};
+use ragd_core::{BackendError, Fault, GenEvent, GenJob, GenerateParams, GeneratorInfo, Message};
 use ragd_generator::{GenerateError, Generator};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::queue::{Queue, SlotCounters};
+use crate::queue::{GenerationSlots, Queue, SlotCounters};
 use crate::LoadError;
 
 /// How to load the local model.
@@ -42,17 +39,14 @@ pub struct LocalOptions {
     pub prefix_samples: Vec<Vec<Message>>,
 }
 
-/// Handle to the generation slots.
-#[derive(Debug, Clone)]
-pub struct LocalGenerator {
-    queue: Queue,
-    info: GeneratorInfo,
-}
+/// Generation on a local GGUF model.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalGenerator;
 
 impl LocalGenerator {
     /// Loads the model on a new thread and starts the slots; the receiver
-    /// yields the handle once the model is loaded, or why it could not be.
-    pub fn spawn(options: LocalOptions) -> oneshot::Receiver<Result<LocalGenerator, LoadError>> {
+    /// yields the slots' handle once the model is loaded, or why it could not be.
+    pub fn spawn(options: LocalOptions) -> oneshot::Receiver<Result<GenerationSlots, LoadError>> {
         let slots = options.slots.max(1);
         let (ready_tx, ready_rx) = oneshot::channel();
         let spawned = std::thread::Builder::new()
@@ -91,7 +85,7 @@ impl LocalGenerator {
                     Err(e) => tracing::warn!(error = %e, "cannot cache the prompt prefix"),
                 }
                 let (queue, rx) = Queue::new(options.queue_size, slots);
-                let handle = LocalGenerator {
+                let handle = GenerationSlots {
                     queue,
                     info: GeneratorInfo {
                         name: generator.name().to_string(),
@@ -140,20 +134,6 @@ impl LocalGenerator {
     }
 }
 
-impl Generate for LocalGenerator {
-    fn info(&self) -> &GeneratorInfo {
-        &self.info
-    }
-
-    fn load(&self) -> SlotLoad {
-        self.queue.load()
-    }
-
-    fn submit(&self, job: GenJob) -> Result<usize, QueueFull> {
-        self.queue.submit(job)
-    }
-}
-
 /// One generation slot: takes jobs from the shared queue until it closes.
 fn serve_slot(
     generator: &mut Generator,
@@ -178,7 +158,10 @@ fn serve_slot(
 /// starts with them before it uses the cached state, so a sample that happens
 /// to share a token more than real prompts do costs a cache miss, never a
 /// wrong answer.
-fn common_prefix(generator: &Generator, samples: &[Vec<Message>]) -> Result<Vec<u32>, GenerateError> {
+fn common_prefix(
+    generator: &Generator,
+    samples: &[Vec<Message>],
+) -> Result<Vec<u32>, GenerateError> {
     let mut prefix: Option<Vec<u32>> = None;
     for messages in samples {
         let ids = generator.encode_chat(messages)?;

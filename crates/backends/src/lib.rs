@@ -5,7 +5,10 @@
 //! * [`LocalGenerator`] — [`ragd_core::Generate`] on a local GGUF model, in
 //!   slot threads sharing the weights;
 //! * [`RemoteGenerator`] — [`ragd_core::Generate`] on an OpenAI-compatible
-//!   server;
+//!   server, in async tasks;
+//!
+//!   both serve one bounded queue and hand out the same handle,
+//!   [`GenerationSlots`];
 //! * [`SqliteStore`] — [`ragd_core::DocumentStore`] on SQLite with an HNSW
 //!   graph over the vectors.
 //!
@@ -26,6 +29,7 @@ use std::path::PathBuf;
 
 pub use embed_local::{BatchObserver, LocalEmbedder};
 pub use generate_local::{LocalGenerator, LocalOptions};
+pub use queue::GenerationSlots;
 pub use remote::{RemoteConfig, RemoteGenerator};
 pub use sqlite::SqliteStore;
 

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use ragd_core::{GenJob, QueueFull, SlotLoad};
+use ragd_core::{GenJob, Generate, GeneratorInfo, QueueFull, SlotLoad};
 use tokio::sync::mpsc;
 
 /// Questions waiting in the queue and slots generating, shared by the
@@ -79,5 +79,27 @@ impl Queue {
             return Err(QueueFull);
         }
         Ok((ahead + 1).saturating_sub(free))
+    }
+}
+
+/// A generation backend as the pipeline sees it: its model's description and
+/// the queue its slots (local threads or remote tasks) serve.
+#[derive(Debug, Clone)]
+pub struct GenerationSlots {
+    pub(crate) queue: Queue,
+    pub(crate) info: GeneratorInfo,
+}
+
+impl Generate for GenerationSlots {
+    fn info(&self) -> &GeneratorInfo {
+        &self.info
+    }
+
+    fn load(&self) -> SlotLoad {
+        self.queue.load()
+    }
+
+    fn submit(&self, job: GenJob) -> Result<usize, QueueFull> {
+        self.queue.submit(job)
     }
 }

@@ -18,15 +18,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use ragd_core::{
-    BackendError, FinishReason, GenEvent, GenJob, Generate, Generation, GeneratorInfo, QueueFull,
-    SlotLoad,
-};
+use ragd_core::{BackendError, FinishReason, GenEvent, GenJob, Generation, GeneratorInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Mutex};
 
-use crate::queue::{Queue, SlotCounters};
+use crate::queue::{GenerationSlots, Queue, SlotCounters};
 
 /// `[remote]`: the OpenAI-compatible server used when `generation.backend = "openai"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,12 +50,9 @@ fn failed(events: &mpsc::UnboundedSender<GenEvent>, message: String, client_faul
     let _ = events.send(GenEvent::Failed(error));
 }
 
-/// Handle to the remote generation slots.
-#[derive(Debug, Clone)]
-pub struct RemoteGenerator {
-    queue: Queue,
-    info: GeneratorInfo,
-}
+/// Generation on an OpenAI-compatible server.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteGenerator;
 
 impl RemoteGenerator {
     /// Starts `slots` tasks (on the current runtime) answering from a queue
@@ -67,7 +61,7 @@ impl RemoteGenerator {
         config: RemoteConfig,
         queue_size: usize,
         slots: usize,
-    ) -> Result<RemoteGenerator, crate::LoadError> {
+    ) -> Result<GenerationSlots, crate::LoadError> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs_f64(config.connect_timeout_s))
             .build()
@@ -93,21 +87,7 @@ impl RemoteGenerator {
             );
             tokio::spawn(serve_slot(client, config, rx, counters));
         }
-        Ok(RemoteGenerator { queue, info })
-    }
-}
-
-impl Generate for RemoteGenerator {
-    fn info(&self) -> &GeneratorInfo {
-        &self.info
-    }
-
-    fn load(&self) -> SlotLoad {
-        self.queue.load()
-    }
-
-    fn submit(&self, job: GenJob) -> Result<usize, QueueFull> {
-        self.queue.submit(job)
+        Ok(GenerationSlots { queue, info })
     }
 }
 

@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ragd_core::{
-    async_trait, BackendError, DocumentInfo, DocumentStore, Filter, Hit, NewDocument,
-    StoreStats, StoredChunk, UpsertFailure, UpsertStatus,
+    async_trait, BackendError, DocumentInfo, DocumentStore, Filter, Hit, NewDocument, StoreStats,
+    StoredChunk, UpsertFailure, UpsertStatus,
 };
 use ragd_index::{exact_top_k, IndexConfig, VectorIndex};
 use ragd_store::Store;
@@ -62,7 +62,11 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 /// A new graph over the store's live chunks.
-fn build_graph(store: &Store, dim: usize, config: &IndexConfig) -> Result<VectorIndex, BackendError> {
+fn build_graph(
+    store: &Store,
+    dim: usize,
+    config: &IndexConfig,
+) -> Result<VectorIndex, BackendError> {
     let graph = VectorIndex::new(dim, config.clone()).map_err(BackendError::server)?;
     let items: Vec<(usize, &[f32])> = store.live().map(|(key, _, v)| (key, v)).collect();
     graph
@@ -123,7 +127,13 @@ impl Indexed {
         }
     }
 
-    fn dense(&self, query: &[f32], k: usize, filter: &Filter, ef_search: usize) -> Result<Vec<Hit>, BackendError> {
+    fn dense(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: &Filter,
+        ef_search: usize,
+    ) -> Result<Vec<Hit>, BackendError> {
         let store = &self.store;
         let allowed_count = if filter.is_empty() {
             store.live_count()
@@ -149,7 +159,9 @@ impl Indexed {
         }
         let hits = self
             .graph
-            .search_with_ef(query, k, ef_search.max(2 * k), &|key| self.allowed(key, filter))
+            .search_with_ef(query, k, ef_search.max(2 * k), &|key| {
+                self.allowed(key, filter)
+            })
             .map_err(BackendError::server)?;
         if hits.len() < k.min(allowed_count) {
             return exact();
@@ -260,7 +272,11 @@ impl DocumentStore for SqliteStore {
         self.with(move |data, _| {
             let mut out = Vec::with_capacity(documents.len());
             for (id, hash) in &documents {
-                let same = data.store.hash_of(id).map_err(BackendError::server)?.as_deref()
+                let same = data
+                    .store
+                    .hash_of(id)
+                    .map_err(BackendError::server)?
+                    .as_deref()
                     == Some(hash.as_str());
                 out.push(if same {
                     None
@@ -386,9 +402,7 @@ impl DocumentStore for SqliteStore {
     }
 
     async fn flush(&self) -> Result<(), BackendError> {
-        self.with(move |data, context| {
-            data.dump(&context.index_dir).map_err(BackendError::server)
-        })
-        .await
+        self.with(move |data, context| data.dump(&context.index_dir).map_err(BackendError::server))
+            .await
     }
 }

@@ -169,8 +169,11 @@ pub trait DocumentStore: Send + Sync + std::fmt::Debug {
     async fn document(&self, id: &str) -> Result<Option<DocumentInfo>, BackendError>;
 
     /// Up to `limit` documents with ids after `after`, in id order.
-    async fn list(&self, after: Option<&str>, limit: usize)
-        -> Result<Vec<DocumentInfo>, BackendError>;
+    async fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DocumentInfo>, BackendError>;
 
     /// The `k` live chunks nearest to `vector` that pass `filter`, best first,
     /// scored by cosine similarity.

@@ -227,8 +227,7 @@ pub fn import(image: &Path, out_dir: &Path) -> Result<ImportReport, EmbedError> 
     })?;
 
     // Tokenizer first: it is checked against the image's map before anything is written.
-    let (tokenizer, matched) =
-        build_tokenizer(&vocab, dims.max_positions).map_err(EmbedError::Tokenizer)?;
+    let (tokenizer, matched) = build_tokenizer(&vocab, dims.max_positions)?;
     let tok_json = tokenizer
         .to_string(false)
         .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
@@ -577,8 +576,8 @@ pub fn dequantize_q4_0(bytes: &[u8], count: usize) -> Vec<f32> {
 
 /// Builds the tokenizer and counts how many entries of the image's normalisation
 /// map its normaliser reproduces.
-fn build_tokenizer(v: &Vocab, max_length: usize) -> Result<(Tokenizer, usize), String> {
-    let err = |e: Box<dyn std::error::Error + Send + Sync>| e.to_string();
+fn build_tokenizer(v: &Vocab, max_length: usize) -> Result<(Tokenizer, usize), EmbedError> {
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| EmbedError::Tokenizer(e.to_string());
     let model = Unigram::from(v.pieces.clone(), Some(v.unk), false).map_err(err)?;
     let normalizer = normalizer(v).map_err(err)?;
     let matched = v
@@ -600,13 +599,13 @@ fn build_tokenizer(v: &Vocab, max_length: usize) -> Result<(Tokenizer, usize), S
     let processor = TemplateProcessing::builder()
         .try_single(format!("{bos} $A {eos}"))
         .and_then(|b| b.try_pair(format!("{bos} $A {eos} {eos} $B {eos}")))
-        .map_err(|e| e.to_string())?
+        .map_err(|e| EmbedError::Tokenizer(e.to_string()))?
         .special_tokens(vec![
             (bos.clone(), v.bos as u32),
             (eos.clone(), v.eos as u32),
         ])
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
     tokenizer.with_post_processor(Some(processor));
     tokenizer.with_decoder(Some(MetaspaceDecoder::new(
         '▁',
@@ -623,7 +622,7 @@ fn build_tokenizer(v: &Vocab, max_length: usize) -> Result<(Tokenizer, usize), S
             max_length,
             ..Default::default()
         }))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
     tokenizer.with_padding(Some(PaddingParams {
         pad_id: v.pad as u32,
         pad_token: v.pieces[v.pad].0.clone(),

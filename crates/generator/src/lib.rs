@@ -30,8 +30,8 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::models::qwen2 as quantized_qwen2;
 pub use chat::ChatTemplate;
-pub use ragd_core::{FinishReason, GenerateParams, Generation, Message, Steer};
 pub use gguf_tokenizer::GgufTokenizer;
+pub use ragd_core::{FinishReason, GenerateParams, Generation, Message, Steer};
 pub use stream::Utf8Stream;
 
 /// What went wrong loading a model or generating.

@@ -142,6 +142,10 @@ pub enum IndexError {
     /// A vector contains NaN or infinity (caller's fault).
     #[error("vector contains a non-finite value")]
     NonFinite,
+    /// A dump cannot be used (missing, stale, damaged): the graph is rebuilt
+    /// from the store instead.
+    #[error("{0}")]
+    DumpUnusable(String),
     /// Writing a dump failed (the disk's fault).
     #[error("index dump {path}: {message}")]
     Dump {
@@ -252,45 +256,52 @@ impl VectorIndex {
         config: IndexConfig,
         generation: u64,
         dim: usize,
-    ) -> Result<Self, String> {
-        config.validate().map_err(|e| e.to_string())?;
+    ) -> Result<Self, IndexError> {
+        let unusable = IndexError::DumpUnusable;
+        config.validate()?;
         let meta: DumpMeta = std::fs::read(dir.join(DUMP_META))
-            .map_err(|e| format!("no dump ({e})"))
+            .map_err(|e| unusable(format!("no dump ({e})")))
             .and_then(|b| {
-                serde_json::from_slice(&b).map_err(|e| format!("unreadable dump metadata ({e})"))
+                serde_json::from_slice(&b)
+                    .map_err(|e| unusable(format!("unreadable dump metadata ({e})")))
             })?;
         if meta.generation != generation {
-            return Err(format!(
+            return Err(unusable(format!(
                 "dump covers generation {}, the store is at {generation}",
                 meta.generation
-            ));
+            )));
         }
         if meta.dim != dim {
-            return Err(format!(
+            return Err(unusable(format!(
                 "dump holds {}-dimensional vectors, not {dim}",
                 meta.dim
-            ));
+            )));
         }
         let graph = dir.join(format!("{DUMP_BASENAME}.hnsw.graph"));
         let data = dir.join(format!("{DUMP_BASENAME}.hnsw.data"));
         for (file, want) in [(&graph, &meta.graph_sha256), (&data, &meta.data_sha256)] {
-            let got = sha256_file(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let got =
+                sha256_file(file).map_err(|e| unusable(format!("{}: {e}", file.display())))?;
             if &got != want {
-                return Err(format!("{} is damaged (checksum mismatch)", file.display()));
+                return Err(unusable(format!(
+                    "{} is damaged (checksum mismatch)",
+                    file.display()
+                )));
             }
         }
         // hnsw_rs' loaded graph borrows its `HnswIo` for its whole life. The loader
         // is leaked (a few hundred bytes, once per start) so the graph can be owned
         // with a 'static lifetime, without unsafe code.
         let io: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, DUMP_BASENAME)));
-        let hnsw: Hnsw<'static, f32, ClampedDot> =
-            io.load_hnsw().map_err(|e| format!("hnsw_rs: {e}"))?;
+        let hnsw: Hnsw<'static, f32, ClampedDot> = io
+            .load_hnsw()
+            .map_err(|e| unusable(format!("hnsw_rs: {e}")))?;
         if hnsw.get_nb_point() != meta.points {
-            return Err(format!(
+            return Err(unusable(format!(
                 "dump has {} points, its metadata says {}",
                 hnsw.get_nb_point(),
                 meta.points
-            ));
+            )));
         }
         Ok(Self { hnsw, dim, config })
     }
@@ -550,6 +561,7 @@ mod tests {
         }
         assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 8, 16)
             .unwrap_err()
+            .to_string()
             .contains("generation"));
         assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 7, 32).is_err());
         // Flip a byte of the graph: detected before hnsw_rs reads it.
@@ -560,6 +572,7 @@ mod tests {
         std::fs::write(&graph, bytes).unwrap();
         assert!(VectorIndex::load_dump(&dir, IndexConfig::default(), 7, 16)
             .unwrap_err()
+            .to_string()
             .contains("damaged"));
         assert!(
             VectorIndex::load_dump(&tmp.path().join("none"), IndexConfig::default(), 7, 16)

@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use futures::Stream;
 use ragd_core::{Embed, GenEvent, Generation, TextKind};
+use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::ask::{AskResponse, Grounding, LanguageCheck, Timings, Usage};
 use crate::check::{self, CitedBy};
-use crate::content::{ContentRules, StreamFilter, Tally};
+use crate::content::{self, ContentRules, StreamFilter, Tally};
 use crate::error::Error;
 use crate::language::{self, Lang};
 use crate::prompt::Style;
@@ -40,6 +40,114 @@ pub enum AnswerEvent {
     Done(Box<AskResponse>),
     /// Generation failed after the stream started.
     Failed(Error),
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Their sum.
+    pub total_tokens: usize,
+    /// Prompt tokens not read again: the fixed start of the prompt, read once
+    /// when the model loaded.
+    pub cached_tokens: usize,
+}
+
+/// Per-stage times in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Timings {
+    /// Embedding the question and searching.
+    pub retrieval_ms: f64,
+    /// Rendering and tokenizing the prompt (after waiting for the generator).
+    pub prompt_ms: f64,
+    /// Prefill and decoding.
+    pub generation_ms: f64,
+    /// From the request to the first answer token.
+    pub first_token_ms: Option<f64>,
+    /// The whole request.
+    pub total_ms: f64,
+}
+
+/// The languages of a question and its answer.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LanguageCheck {
+    /// The question's language (the one the answer is asked for).
+    pub question: Lang,
+    /// The answer's, when it was generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Lang>,
+    /// Whether they are the same.
+    pub matches: bool,
+}
+
+/// How well an answer is supported by its passages.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Grounding {
+    /// The sentences' best support, averaged by length (0–1).
+    pub score: f32,
+    /// Whether sentences making up at least half of the answer are supported by
+    /// some passage. False marks an answer the passages do not back.
+    pub supported: bool,
+    /// Each sentence, its best support and the passage giving it.
+    pub sentences: Vec<check::SentenceSupport>,
+}
+
+/// The answer to `POST /ask` (also the `done` event of a stream).
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AskResponse {
+    /// The answer text (after the citation check and the content rules).
+    pub answer: String,
+    /// False when ragd found nothing relevant enough and did not ask the model
+    /// (the answer then says so in the question's language), or when the
+    /// model's answer says the passages do not hold the answer.
+    pub answerable: bool,
+    /// The question's language and whether the answer is in it.
+    pub language: LanguageCheck,
+    /// The answer style asked for.
+    pub style: Style,
+    /// Passages the answer cites, in order of first citation.
+    pub citations: Vec<Source>,
+    /// Citations the check removed or pointed at another passage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub citation_changes: Vec<check::Change>,
+    /// How well the passages support each sentence of the answer; absent when
+    /// no answer was generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grounding: Option<Grounding>,
+    /// Content rules that changed the answer or the snippets, with counts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub content_rules: Vec<content::Applied>,
+    /// The passages the model was given, best first, numbered as in the prompt.
+    pub sources: Vec<Source>,
+    /// Retrieved passages left out of the prompt to fit the context budget
+    /// (chunk ids, lowest-ranked last); empty when all fitted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
+    /// The chunk id of the passage shortened to fit, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trimmed: Option<String>,
+    /// What the generation backend did not apply to this answer (only a
+    /// remote backend leaves anything out): `context_budget` (the prompt was
+    /// sent whole, not fitted to the context) and `steering` (the answer was
+    /// not kept from being citation markers alone).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_applied: Vec<String>,
+    /// Why generation ended: `stop`, `length`, `timeout`, `cancelled` or `no_sources`.
+    pub finish_reason: String,
+    /// The generator's model name.
+    pub model: String,
+    /// Token counts.
+    pub usage: Usage,
+    /// Stage times.
+    pub timings: Timings,
 }
 
 /// Where the loop is.
@@ -83,6 +191,8 @@ struct Progress {
     style: Style,
     /// Sentences addressed to the model taken out of the passages.
     defused: usize,
+    /// What the generation backend does not apply (see `AskResponse::not_applied`).
+    not_applied: Vec<String>,
 }
 
 impl Answer {
@@ -94,11 +204,15 @@ impl Answer {
         language: Lang,
         style: Style,
     ) -> Self {
-        let model = pipeline
-            .generator
-            .as_ref()
-            .map(|g| g.info().name.clone())
-            .unwrap_or_default();
+        let info = pipeline.generator.as_ref().map(|g| g.info());
+        let model = info.map(|i| i.name.clone()).unwrap_or_default();
+        let mut not_applied = Vec::new();
+        if info.is_some_and(|i| !i.fits_context) {
+            not_applied.push("context_budget".to_string());
+        }
+        if info.is_some_and(|i| !i.steers) {
+            not_applied.push("steering".to_string());
+        }
         Self {
             embedder: Arc::clone(&pipeline.embedder),
             content: Arc::clone(&pipeline.content),
@@ -117,6 +231,7 @@ impl Answer {
                 language,
                 style,
                 defused: 0,
+                not_applied,
             },
             state: State::Finished,
         }
@@ -154,7 +269,9 @@ impl Answer {
         loop {
             match std::mem::replace(&mut self.state, State::Finished) {
                 State::Finished => return None,
-                State::Declined { sources_sent: false } => {
+                State::Declined {
+                    sources_sent: false,
+                } => {
                     self.state = State::Declined { sources_sent: true };
                     return Some(AnswerEvent::Sources(Vec::new()));
                 }
@@ -167,9 +284,7 @@ impl Answer {
                     return Some(AnswerEvent::Done(Box::new(response)));
                 }
                 State::Running { started } => {
-                    let Some(events) = self.events.as_mut() else {
-                        return None;
-                    };
+                    let events = self.events.as_mut()?;
                     let Some(event) = events.recv().await else {
                         return Some(AnswerEvent::Failed(Error::internal(
                             "the generator stopped without an answer",
@@ -189,7 +304,8 @@ impl Answer {
                             ..
                         } => {
                             self.state = State::Running { started: true };
-                            self.progress.prompt_ready(passages_used, trimmed, prompt_ms);
+                            self.progress
+                                .prompt_ready(passages_used, trimmed, prompt_ms);
                             return Some(AnswerEvent::Sources(
                                 self.progress.sources_for_client(&self.content),
                             ));
@@ -263,12 +379,7 @@ impl Answer {
                     .map(|s| (s.text.as_str(), s.vector.as_slice()))
                     .collect();
                 let support = check::support_matrix(&sentences, &passages);
-                Some(check::check(
-                    &g.text,
-                    &segments,
-                    &support,
-                    self.min_support,
-                ))
+                Some(check::check(&g.text, &segments, &support, self.min_support))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "citation check skipped");
@@ -294,6 +405,7 @@ impl Progress {
             language: Lang::En,
             style: Style::Concise,
             defused: 0,
+            not_applied: Vec::new(),
         }
     }
 }
@@ -350,6 +462,7 @@ impl Progress {
             sources: Vec::new(),
             dropped: Vec::new(),
             trimmed: None,
+            not_applied: Vec::new(),
             finish_reason: "no_sources".into(),
             model: self.model,
             usage: Usage {
@@ -455,6 +568,7 @@ impl Progress {
                 None
             },
             sources,
+            not_applied: self.not_applied.clone(),
             finish_reason: g.finish_reason.as_str().to_string(),
             model: self.model.clone(),
             usage: Usage {
@@ -473,4 +587,3 @@ impl Progress {
         }
     }
 }
-

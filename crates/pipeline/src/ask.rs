@@ -10,17 +10,17 @@
 use std::time::{Duration, Instant};
 
 use ragd_core::{Filter, GenEvent, GenJob, Message};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::answer::Answer;
 use crate::check;
-use crate::content;
 use crate::error::Error;
-use crate::language::{self, Lang};
+use crate::language;
 use crate::prompt::{self, Passage, Style};
 use crate::retrieve::Mode;
+pub use crate::answer::{AskResponse, Grounding, LanguageCheck, Timings, Usage};
 pub use crate::select::Source;
 use crate::Pipeline;
 
@@ -76,108 +76,6 @@ pub struct ChatMessage {
     pub role: String,
     /// The text.
     pub content: String,
-}
-
-/// Token counts.
-#[derive(Debug, Clone, Serialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Usage {
-    /// Prompt tokens.
-    pub prompt_tokens: usize,
-    /// Generated tokens.
-    pub completion_tokens: usize,
-    /// Their sum.
-    pub total_tokens: usize,
-    /// Prompt tokens not read again: the fixed start of the prompt, read once
-    /// when the model loaded.
-    pub cached_tokens: usize,
-}
-
-/// Per-stage times in milliseconds.
-#[derive(Debug, Clone, Serialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Timings {
-    /// Embedding the question and searching.
-    pub retrieval_ms: f64,
-    /// Rendering and tokenizing the prompt (after waiting for the generator).
-    pub prompt_ms: f64,
-    /// Prefill and decoding.
-    pub generation_ms: f64,
-    /// From the request to the first answer token.
-    pub first_token_ms: Option<f64>,
-    /// The whole request.
-    pub total_ms: f64,
-}
-
-/// The languages of a question and its answer.
-#[derive(Debug, Clone, Serialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct LanguageCheck {
-    /// The question's language (the one the answer is asked for).
-    pub question: Lang,
-    /// The answer's, when it was generated.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub answer: Option<Lang>,
-    /// Whether they are the same.
-    pub matches: bool,
-}
-
-/// How well an answer is supported by its passages.
-#[derive(Debug, Clone, Serialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Grounding {
-    /// The sentences' best support, averaged by length (0–1).
-    pub score: f32,
-    /// Whether sentences making up at least half of the answer are supported by
-    /// some passage. False marks an answer the passages do not back.
-    pub supported: bool,
-    /// Each sentence, its best support and the passage giving it.
-    pub sentences: Vec<check::SentenceSupport>,
-}
-
-/// The answer to `POST /ask` (also the `done` event of a stream).
-#[derive(Debug, Clone, Serialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct AskResponse {
-    /// The answer text (after the citation check and the content rules).
-    pub answer: String,
-    /// False when ragd found nothing relevant enough and did not ask the model
-    /// (the answer then says so in the question's language), or when the
-    /// model's answer says the passages do not hold the answer.
-    pub answerable: bool,
-    /// The question's language and whether the answer is in it.
-    pub language: LanguageCheck,
-    /// The answer style asked for.
-    pub style: Style,
-    /// Passages the answer cites, in order of first citation.
-    pub citations: Vec<Source>,
-    /// Citations the check removed or pointed at another passage.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub citation_changes: Vec<check::Change>,
-    /// How well the passages support each sentence of the answer; absent when
-    /// no answer was generated.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grounding: Option<Grounding>,
-    /// Content rules that changed the answer or the snippets, with counts.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub content_rules: Vec<content::Applied>,
-    /// The passages the model was given, best first, numbered as in the prompt.
-    pub sources: Vec<Source>,
-    /// Retrieved passages left out of the prompt to fit the context budget
-    /// (chunk ids, lowest-ranked last); empty when all fitted.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub dropped: Vec<String>,
-    /// The chunk id of the passage shortened to fit, when one was.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trimmed: Option<String>,
-    /// Why generation ended: `stop`, `length`, `timeout`, `cancelled` or `no_sources`.
-    pub finish_reason: String,
-    /// The generator's model name.
-    pub model: String,
-    /// Token counts.
-    pub usage: Usage,
-    /// Stage times.
-    pub timings: Timings,
 }
 
 /// The trimmed text of a question or query, refused when empty or too long.

@@ -17,7 +17,7 @@
 use serde::{Deserialize, Serialize};
 use text_splitter::{ChunkConfig, ChunkSizer, MarkdownSplitter};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// Chunk sizes, in embedder tokens (special tokens not counted).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

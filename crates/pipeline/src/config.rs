@@ -7,12 +7,8 @@ use ragd_core::GenerateParams;
 use serde::{Deserialize, Serialize};
 
 pub use crate::chunk::ChunkerConfig;
+pub use crate::error::ConfigError;
 use crate::retrieve::{Fusion, Mode};
-
-/// A setting out of range; the message names it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
 
 /// What the pipeline is told: its sections and a limit of the ingest flow.
 #[derive(Debug, Clone, PartialEq)]

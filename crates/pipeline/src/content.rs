@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use regex::Regex;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use serde::Serialize;
 
 /// The redaction rules ragd knows.

@@ -64,3 +64,8 @@ impl From<ragd_core::InvalidFilter> for Error {
         Error::Invalid(e.to_string())
     }
 }
+
+/// A setting out of range; the message names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);

@@ -297,7 +297,10 @@ impl Pipeline {
                 continue;
             };
             let known = known(i);
-            let embedded = inputs.iter().filter(|(_, h)| !known.contains_key(h)).count();
+            let embedded = inputs
+                .iter()
+                .filter(|(_, h)| !known.contains_key(h))
+                .count();
             let mut metadata = d.metadata.unwrap_or_default();
             if let Some(source) = d.source {
                 metadata.insert("source".into(), Value::String(source));

@@ -44,7 +44,8 @@ use serde::Serialize;
 
 pub use answer::{Answer, AnswerEvent};
 pub use ask::{AskRequest, AskResponse};
-pub use config::{ConfigError, PipelineConfig, Thresholds};
+pub use config::{PipelineConfig, Thresholds};
+pub use error::ConfigError;
 pub use error::Error;
 pub use ingest::{IngestRequest, IngestResponse, UploadedFile};
 pub use search::{SearchRequest, SearchResponse};

@@ -7,7 +7,6 @@
 //! twice and the passage reads on). Then the reranker ([`ragd_core::Rerank`])
 //! orders what is left and the best `top_k` are numbered from 1.
 
-
 use ragd_core::{Filter, TextKind};
 use serde::Serialize;
 

@@ -8,16 +8,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ragd_core::{
-    async_trait, BackendError, DocumentInfo, DocumentStore, Embed, EmbedderInfo, FinishReason,
-    Filter, GenEvent, GenJob, Generate, Generation, GeneratorInfo, Hit, NewDocument, NoRerank,
-    Prompt, QueueFull, Rerank, SlotLoad, StoreStats, StoredChunk, TextKind, UpsertFailure,
-    UpsertStatus,
+    async_trait, BackendError, DocumentInfo, DocumentStore, Embed, EmbedderInfo, Filter,
+    FinishReason, GenEvent, GenJob, Generate, Generation, GeneratorInfo, Hit, NewDocument,
+    NoRerank, Prompt, QueueFull, Rerank, SlotLoad, StoreStats, StoredChunk, TextKind,
+    UpsertFailure, UpsertStatus,
 };
 use serde_json::json;
 
 use crate::answer::AnswerEvent;
 use crate::ask::AskRequest;
-use crate::config::{AnswersConfig, ChunkerConfig, GenerationConfig, PipelineConfig, RetrievalConfig};
+use crate::config::{
+    AnswersConfig, ChunkerConfig, GenerationConfig, PipelineConfig, RetrievalConfig,
+};
 use crate::ingest::{IngestRequest, IngestStatus};
 use crate::retrieve::{Fusion, Mode};
 use crate::{Engines, Error, Pipeline};
@@ -42,7 +44,9 @@ fn words(text: &str) -> Vec<String> {
 fn bag(text: &str) -> Vec<f32> {
     let mut v = vec![0.0f32; DIM];
     for w in words(text) {
-        let h = w.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let h = w
+            .bytes()
+            .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
         v[(h % DIM as u64) as usize] += 1.0;
     }
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
@@ -472,7 +476,10 @@ async fn ingest_creates_then_finds_unchanged_then_updates_only_what_changed() {
     let first = s.pipeline.ingest(documents()).await.unwrap();
     let statuses: Vec<_> = first.documents.iter().map(|d| d.status).collect();
     assert_eq!(statuses, vec![IngestStatus::Created; 3]);
-    assert!(first.documents.iter().all(|d| d.chunks == 1 && d.embedded == 1));
+    assert!(first
+        .documents
+        .iter()
+        .all(|d| d.chunks == 1 && d.embedded == 1));
     let embedded = s.embedder.embedded.load(Ordering::SeqCst);
 
     let again = s.pipeline.ingest(documents()).await.unwrap();
@@ -542,10 +549,7 @@ async fn a_question_the_documents_do_not_answer_is_declined_without_the_model() 
     assert_eq!(done.language.question, crate::language::Lang::Zh);
     assert_eq!(done.answer, crate::language::Lang::Zh.not_in_documents());
     assert_eq!(events.len(), 2);
-    assert!(
-        s.generator.prompts().is_empty(),
-        "the model was not asked"
-    );
+    assert!(s.generator.prompts().is_empty(), "the model was not asked");
 }
 
 #[tokio::test]
@@ -563,7 +567,9 @@ async fn the_model_is_shown_the_best_passages_numbered_and_cites_them() {
     assert!(!p.passages.is_empty() && p.passages.len() <= 2, "top_k = 2");
     assert!(p.passages[0].heading.starts_with("[1] (Cats)"), "{p:?}");
     assert!(p.passages[0].text.contains("sixteen hours"));
-    assert!(p.close.contains("Question: How many hours do cats sleep a day?"));
+    assert!(p
+        .close
+        .contains("Question: How many hours do cats sleep a day?"));
     assert!(p.close.contains("in English"));
     // The client sees the same passages, then the text, then the checked answer.
     let AnswerEvent::Sources(sources) = &events[0] else {
@@ -599,8 +605,15 @@ async fn the_rerank_stage_decides_the_order_the_model_reads() {
         let p = &s.generator.prompts()[0];
         assert_eq!(p.passages.len(), 2, "{p:?}");
         // Numbered by the order the model reads them, whatever it is.
-        assert!(p.passages[0].heading.starts_with("[1]") && p.passages[1].heading.starts_with("[2]"));
-        orders.push(p.passages.iter().map(|x| x.text.clone()).collect::<Vec<_>>());
+        assert!(
+            p.passages[0].heading.starts_with("[1]") && p.passages[1].heading.starts_with("[2]")
+        );
+        orders.push(
+            p.passages
+                .iter()
+                .map(|x| x.text.clone())
+                .collect::<Vec<_>>(),
+        );
     }
     let mut reversed = orders[0].clone();
     reversed.reverse();
@@ -610,7 +623,12 @@ async fn the_rerank_stage_decides_the_order_the_model_reads() {
 #[tokio::test]
 async fn content_rules_apply_to_the_stream_even_across_pieces() {
     let s = setup(
-        Script::Answer(vec!["Write to cats", "@example", ".org about ", "naps [1]."]),
+        Script::Answer(vec![
+            "Write to cats",
+            "@example",
+            ".org about ",
+            "naps [1].",
+        ]),
         &["email"],
         Arc::new(NoRerank),
     );
@@ -651,7 +669,11 @@ async fn a_generator_error_mid_stream_becomes_an_error_event() {
     };
     assert!(matches!(e, Error::Internal(_)), "{e:?}");
     // The same answer read to its end without streaming is the error itself.
-    let answer = s.pipeline.ask(&ask("How long do cats sleep?")).await.unwrap();
+    let answer = s
+        .pipeline
+        .ask(&ask("How long do cats sleep?"))
+        .await
+        .unwrap();
     assert!(matches!(answer.collect().await, Err(Error::Internal(_))));
 }
 
@@ -662,9 +684,15 @@ async fn bad_questions_are_refused_before_anything_runs() {
         (json!({ "question": "  " }), "question"),
         (json!({ "question": "q", "top_k": 0 }), "top_k"),
         (json!({ "question": "q", "style": "verbose" }), "style"),
-        (json!({ "question": "q", "filter": { "lang": "en" } }), "filter"),
+        (
+            json!({ "question": "q", "filter": { "lang": "en" } }),
+            "filter",
+        ),
         (json!({ "question": "q", "mode": "fuzzy" }), "mode"),
-        (json!({ "question": "q", "temperature": 3.0 }), "temperature"),
+        (
+            json!({ "question": "q", "temperature": 3.0 }),
+            "temperature",
+        ),
     ] {
         let req: AskRequest = serde_json::from_value(body.clone()).unwrap();
         match s.pipeline.ask(&req).await {

@@ -74,9 +74,7 @@ pub(crate) async fn run(paths: Vec<PathBuf>, url: Option<String>, config: Config
             client: reqwest::Client::new(),
             url: url.trim_end_matches('/').to_string(),
         },
-        None => Target::Direct(
-            ragd::open_for_ingest(config).await?,
-        ),
+        None => Target::Direct(ragd::open_for_ingest(config).await?),
     };
     let bar = ProgressBar::new(files.len() as u64);
     bar.set_style(

@@ -12,6 +12,14 @@ use crate::error::ApiError;
 use crate::json::AppJson;
 use crate::AppState;
 
+/// `value` as a JSON body, its keys in alphabetical order as these routes
+/// have always written them.
+fn json_value(value: impl serde::Serialize) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(
+        serde_json::to_value(value).map_err(ApiError::internal)?,
+    ))
+}
+
 /// `/ingest`, `/documents`, `/documents/{id}`.
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
@@ -92,8 +100,7 @@ pub(crate) async fn list_documents(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
-    let page = state.pipeline()?.list_documents(q.after, q.limit).await?;
-    Ok(Json(serde_json::to_value(page).map_err(ApiError::internal)?))
+    json_value(state.pipeline()?.list_documents(q.after, q.limit).await?)
 }
 
 #[utoipa::path(get, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "The document's record", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
@@ -101,8 +108,7 @@ pub(crate) async fn get_document(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let document = state.pipeline()?.get_document(&id).await?;
-    Ok(Json(serde_json::to_value(document).map_err(ApiError::internal)?))
+    json_value(state.pipeline()?.get_document(&id).await?)
 }
 
 #[utoipa::path(delete, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "Deleted", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
@@ -110,7 +116,5 @@ pub(crate) async fn delete_document(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let deleted = state.pipeline()?.delete_document(&id).await?;
-    Ok(Json(serde_json::to_value(deleted).map_err(ApiError::internal)?))
+    json_value(state.pipeline()?.delete_document(&id).await?)
 }
-

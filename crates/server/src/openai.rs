@@ -151,14 +151,18 @@ fn finish_reason(r: &str) -> &'static str {
 
 /// ragd's extension field: what the answer rests on.
 fn extension(a: &AskResponse) -> Value {
-    json!({
+    let mut ext = json!({
         "answerable": a.answerable,
         "citations": a.citations,
         "sources": a.sources,
         "grounding": a.grounding,
         "citation_changes": a.citation_changes,
         "finish_reason": a.finish_reason,
-    })
+    });
+    if !a.not_applied.is_empty() {
+        ext["not_applied"] = json!(a.not_applied);
+    }
+    ext
 }
 
 fn completion(id: &str, model: &str, a: &AskResponse) -> Value {
@@ -253,9 +257,13 @@ fn stream_response(answer: Answer, id: String, model: String) -> Response {
         };
         stream::iter(out)
     });
-    Sse::new(stream::once(async { first }).chain(events).map(Ok::<_, Infallible>))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    Sse::new(
+        stream::once(async { first })
+            .chain(events)
+            .map(Ok::<_, Infallible>),
+    )
+    .keep_alive(KeepAlive::default())
+    .into_response()
 }
 
 /// `POST /v1/embeddings`.

@@ -61,4 +61,3 @@ impl utoipa::Modify for BearerAuth {
         )]);
     }
 }
-

@@ -57,7 +57,9 @@ pub(crate) async fn health() -> Json<serde_json::Value> {
 }
 
 #[utoipa::path(get, path = "/ready", tag = "service", responses((status = 200, description = "Models loaded: documents, chunks, generation slots", body = Object), (status = 503, description = "Still loading", body = crate::error::ErrorBody)))]
-pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+pub(crate) async fn ready(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let status = state.pipeline()?.status().await;
     let mut status = serde_json::to_value(status).map_err(ApiError::internal)?;
     status["status"] = json!("ready");

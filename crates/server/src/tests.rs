@@ -104,8 +104,7 @@ async fn openapi_lists_every_route_the_router_serves() {
     // Every documented route answers on the router (not 404 or 405).
     for (path, method) in &documented {
         let uri = path.replace("{id}", "some-id");
-        let (status, _) =
-            status_with(unloaded(1 << 20), &method.to_uppercase(), &uri, None).await;
+        let (status, _) = status_with(unloaded(1 << 20), &method.to_uppercase(), &uri, None).await;
         assert!(
             status != StatusCode::NOT_FOUND || path.contains("{id}"),
             "{method} {path}: {status}"
@@ -317,4 +316,3 @@ async fn unknown_routes_and_methods_are_json_errors() {
         (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
     );
 }
-
