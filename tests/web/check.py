@@ -93,7 +93,17 @@ try:
     text = wait_for('(() => { const li = [...document.querySelectorAll("#sources li")].find(l => l.dataset.document === "cats"); return li.querySelector(".text").textContent; })()', 30, "the source text")
     if "purr" not in text:
         raise SystemExit("source text: " + text)
-    print(json.dumps({"answer": answer, "partial_updates": partial, "sources": sources}))
+    status = js('document.getElementById("status").textContent')
+    # A Chinese question gets the page's words in Chinese.
+    js('''document.body.dataset.state = "";
+          document.getElementById("question").value = "猫每天睡多少个小时？";
+          document.getElementById("ask").click(); true''')
+    wait_for('["done", "error"].includes(document.body.dataset.state)', 180, "the Chinese answer")
+    zh_status = js('document.getElementById("status").textContent')
+    if not any("\u4e00" <= c <= "\u9fff" for c in zh_status):
+        raise SystemExit("the status of a Chinese question is not in Chinese: %r" % zh_status)
+    print(json.dumps({"answer": answer, "partial_updates": partial, "sources": sources,
+                      "status": status, "zh_status": zh_status}, ensure_ascii=False))
 finally:
     proc.kill()
     shutil.rmtree(profile, ignore_errors=True)

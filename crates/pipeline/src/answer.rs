@@ -103,12 +103,22 @@ pub struct Grounding {
 #[derive(Debug, Clone, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AskResponse {
-    /// The answer text (after the citation check and the content rules).
+    /// The answer ragd delivers (after the citation check and the content
+    /// rules): the model's when its sentences are supported by the passages,
+    /// else a quote from the top passage, else a statement, in the question's
+    /// language, that the documents do not hold the answer (see `answer_kind`).
     pub answer: String,
-    /// False when ragd found nothing relevant enough and did not ask the model
-    /// (the answer then says so in the question's language), or when the
-    /// model's answer says the passages do not hold the answer.
+    /// True only when the delivered answer is supported by the passages (a
+    /// checked generated answer, or a quote); false when ragd declined.
     pub answerable: bool,
+    /// What the answer is: `generated` (the model's, checked and supported),
+    /// `extractive` (the model's was not supported: the best sentences of the
+    /// top passage, quoted with their citation) or `declined`.
+    pub answer_kind: AnswerKind,
+    /// The model's own answer (checked, content rules applied) when ragd
+    /// delivers something else; a streamed answer's tokens were this text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_answer: Option<String>,
     /// The question's language and whether the answer is in it.
     pub language: LanguageCheck,
     /// The answer style asked for.
@@ -150,6 +160,21 @@ pub struct AskResponse {
     pub timings: Timings,
 }
 
+/// What a delivered answer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerKind {
+    /// The model's answer, its sentences supported by the passages.
+    Generated,
+    /// Sentences quoted from the top passage, because the model's answer was
+    /// not supported.
+    Extractive,
+    /// No answer: nothing relevant enough was found, the model said the
+    /// passages do not answer, or neither its answer nor a quote holds up.
+    Declined,
+}
+
 /// Where the loop is.
 #[derive(Debug)]
 enum State {
@@ -170,6 +195,9 @@ pub struct Answer {
     embedder: Arc<dyn Embed>,
     content: Arc<ContentRules>,
     min_support: f32,
+    /// Below this cosine with the question a sentence is no answer to it
+    /// (the retrieval threshold for passages, `Thresholds::min_score`).
+    min_score: f32,
     events: Option<mpsc::UnboundedReceiver<GenEvent>>,
     filter: StreamFilter,
     progress: Progress,
@@ -193,6 +221,10 @@ struct Progress {
     defused: usize,
     /// What the generation backend does not apply (see `AskResponse::not_applied`).
     not_applied: Vec<String>,
+    /// The question's embedding, to find the sentences that answer it.
+    query_vector: Vec<f32>,
+    /// The question, for the words a quote must share with it.
+    question: String,
 }
 
 impl Answer {
@@ -217,6 +249,7 @@ impl Answer {
             embedder: Arc::clone(&pipeline.embedder),
             content: Arc::clone(&pipeline.content),
             min_support: pipeline.config.answers.min_support,
+            min_score: pipeline.thresholds.min_score,
             events: None,
             filter: pipeline.content.stream(),
             progress: Progress {
@@ -232,6 +265,8 @@ impl Answer {
                 style,
                 defused: 0,
                 not_applied,
+                query_vector: Vec::new(),
+                question: String::new(),
             },
             state: State::Finished,
         }
@@ -250,9 +285,13 @@ impl Answer {
     /// Generating from `sources`, the backend's events on `events`.
     pub(crate) fn generating(
         mut self,
+        question: &str,
         sources: Vec<Source>,
+        query_vector: Vec<f32>,
         events: mpsc::UnboundedReceiver<GenEvent>,
     ) -> Self {
+        self.progress.question = question.to_string();
+        self.progress.query_vector = query_vector;
         self.progress.defused = sources
             .iter()
             .map(|s| crate::prompt::defuse(&s.text).1)
@@ -361,9 +400,12 @@ impl Answer {
     /// Ask stage "check the answer": reads the answer's citation markers
     /// against what its sentences say, re-points or removes unsupported ones,
     /// attributes unmarked sentences, measures grounding (see [`check`]),
-    /// notes a refusal and the answer's language, and applies the content rules.
+    /// notes a refusal and the answer's language, applies the content rules,
+    /// and decides what is delivered ([`Answer::deliver`]).
     async fn check(&mut self, g: Generation) -> AskResponse {
-        let progress = std::mem::replace(&mut self.progress, Progress::empty());
+        let mut progress = std::mem::replace(&mut self.progress, Progress::empty());
+        let query_vector = std::mem::take(&mut progress.query_vector);
+        let question = std::mem::take(&mut progress.question);
         let sources = progress.sources();
         let segments = check::segments(&g.text, sources.len());
         let texts: Vec<String> = segments.iter().map(|s| s.text.clone()).collect();
@@ -386,8 +428,153 @@ impl Answer {
                 None
             }
         };
-        progress.finish(g, checked, &self.content)
+        let response = progress.finish(g, checked, &self.content);
+        self.deliver(response, &question, &query_vector).await
     }
+
+    /// Delivers the model's answer only when the check found its sentences
+    /// supported by the passages. A refusal is declined in the question's
+    /// language. An unsupported answer is replaced by the sentences of the top
+    /// passage that best match the question, quoted with their citation —
+    /// when one matches it at least as well as a passage must to be shown to
+    /// the model at all — and is declined otherwise. An answer the check could
+    /// not run on (the embedder failed) stays, its citations marked unverified.
+    async fn deliver(&self, response: AskResponse, question: &str, query: &[f32]) -> AskResponse {
+        if language::is_refusal(&response.answer) {
+            return declined(response);
+        }
+        match &response.grounding {
+            None => response,
+            Some(g) if g.supported => response,
+            Some(_) => match self.extract(&response, question, query).await {
+                Some(quoted) => quoted,
+                None => declined(response),
+            },
+        }
+    }
+
+    /// The extractive answer: the sentences of the top passage closest to the
+    /// question (one for a concise answer, two for a detailed one, in the
+    /// passage's order), quoted, with the passage's citation; `None` when no
+    /// sentence is close enough to the question to answer it.
+    async fn extract(
+        &self,
+        response: &AskResponse,
+        question: &str,
+        query: &[f32],
+    ) -> Option<AskResponse> {
+        let top = response.sources.first()?;
+        let sentences: Vec<String> = check::segments(&top.text, 0)
+            .into_iter()
+            .map(|s| s.text)
+            .collect();
+        if sentences.is_empty() || query.is_empty() {
+            return None;
+        }
+        // Each sentence is embedded with the passage's title in front, as
+        // chunks are: "Its summit is 8,849 metres high" says what "its" is.
+        let inputs: Vec<String> = sentences
+            .iter()
+            .map(|s| match top.title.as_deref().filter(|t| !t.trim().is_empty()) {
+                Some(title) => format!("{}\n{s}", title.trim()),
+                None => s.clone(),
+            })
+            .collect();
+        let vectors = match self.embedder.embed(TextKind::Passage, inputs).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "extractive answer skipped");
+                return None;
+            }
+        };
+        // A sentence that shares no content word with the question (the same
+        // words the support check counts) cannot be shown to address it,
+        // however close its embedding: on the Debian FAQ such quotes answered
+        // 5 of the 6 near-topic questions the corpus does not answer.
+        let asked: std::collections::HashSet<String> =
+            check::content_words(question).into_iter().collect();
+        let mut scored: Vec<(usize, f32)> = vectors
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                check::content_words(&sentences[*i])
+                    .iter()
+                    .any(|w| asked.contains(w))
+            })
+            .map(|(i, v)| (i, v.iter().zip(query).map(|(a, b)| a * b).sum()))
+            .collect();
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let keep = match response.style {
+            Style::Concise => 1,
+            Style::Detailed => 2,
+        };
+        let mut chosen: Vec<usize> = scored
+            .iter()
+            .take(keep)
+            .filter(|(_, score)| *score >= self.min_score)
+            .map(|(i, _)| *i)
+            .collect();
+        if chosen.is_empty() {
+            return None;
+        }
+        // A sentence ending in a colon announces what follows (a list, a
+        // command): quote the line after it too.
+        for i in chosen.clone() {
+            if sentences[i].trim_end().ends_with(':') && i + 1 < sentences.len() {
+                chosen.push(i + 1);
+            }
+        }
+        chosen.sort_unstable();
+        chosen.dedup();
+        let quote = chosen
+            .iter()
+            .map(|&i| sentences[i].as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let answer = format!("“{quote}” [{}]", top.n);
+        let answer_language = language::detect(&answer);
+        let mut quoted = response.clone();
+        quoted.model_answer = Some(response.answer.clone());
+        quoted.answer = answer;
+        quoted.answer_kind = AnswerKind::Extractive;
+        quoted.answerable = true;
+        quoted.language.answer = Some(answer_language);
+        quoted.language.matches = answer_language == quoted.language.question;
+        quoted.citations = vec![Source {
+            cited_by: Some(CitedBy::Quoted),
+            verified: Some(true),
+            ..top.clone()
+        }];
+        quoted.citation_changes = Vec::new();
+        quoted.grounding = Some(Grounding {
+            score: 1.0,
+            supported: true,
+            sentences: chosen
+                .iter()
+                .map(|&i| check::SentenceSupport {
+                    text: sentences[i].clone(),
+                    score: 1.0,
+                    passage: Some(top.n),
+                    supported: true,
+                })
+                .collect(),
+        });
+        Some(quoted)
+    }
+}
+
+/// `response` declined: the answer says, in the question's language, that the
+/// documents do not hold it; the model's text is kept aside.
+fn declined(mut response: AskResponse) -> AskResponse {
+    response.model_answer = Some(std::mem::replace(
+        &mut response.answer,
+        response.language.question.not_in_documents().to_string(),
+    ));
+    response.answer_kind = AnswerKind::Declined;
+    response.answerable = false;
+    response.citations = Vec::new();
+    response.citation_changes = Vec::new();
+    response
 }
 
 impl Progress {
@@ -406,6 +593,8 @@ impl Progress {
             style: Style::Concise,
             defused: 0,
             not_applied: Vec::new(),
+            query_vector: Vec::new(),
+            question: String::new(),
         }
     }
 }
@@ -449,6 +638,8 @@ impl Progress {
         AskResponse {
             answer: self.language.not_in_documents().into(),
             answerable: false,
+            answer_kind: AnswerKind::Declined,
+            model_answer: None,
             language: LanguageCheck {
                 question: self.language,
                 answer: None,
@@ -546,7 +737,9 @@ impl Progress {
         let answer_language = language::detect(&answer);
         let sources: Vec<Source> = sources.iter().map(|s| redacted(s, &mut tally)).collect();
         AskResponse {
-            answerable: !language::is_refusal(&answer),
+            answerable: true,
+            answer_kind: AnswerKind::Generated,
+            model_answer: None,
             language: LanguageCheck {
                 question: self.language,
                 answer: Some(answer_language),

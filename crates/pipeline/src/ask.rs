@@ -189,7 +189,7 @@ impl Pipeline {
             .ok_or_else(|| Error::internal("no generator is loaded"))?;
 
         // Retrieve, select and rerank.
-        let sources = self
+        let (sources, query_vector) = self
             .passages(question, top_k, &filter, mode, self.thresholds.min_score)
             .await?;
         let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -223,6 +223,6 @@ impl Pipeline {
         if ahead > 0 {
             let _ = queued.send(GenEvent::Queued { position: ahead });
         }
-        Ok(answer.generating(sources, rx))
+        Ok(answer.generating(question, sources, query_vector, rx))
     }
 }

@@ -33,6 +33,9 @@ pub enum CitedBy {
     /// The model's marker pointed at a passage that does not support the
     /// sentence; ragd pointed it at the one that does.
     Repointed,
+    /// The model's answer was not supported; ragd quoted this passage instead
+    /// (an extractive answer).
+    Quoted,
 }
 
 /// A marker is kept when its passage's support is within this much of the
@@ -420,7 +423,7 @@ pub fn lexical_support(sentence: &str, passages: &[std::collections::HashSet<Str
         .collect()
 }
 
-fn content_words(text: &str) -> Vec<String> {
+pub(crate) fn content_words(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut han: Vec<char> = Vec::new();
     let flush_han = |han: &mut Vec<char>, out: &mut Vec<String>| {

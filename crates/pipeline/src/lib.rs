@@ -42,7 +42,7 @@ use std::sync::Arc;
 use ragd_core::{DocumentStore, Embed, Generate, Rerank, SlotLoad, TextKind};
 use serde::Serialize;
 
-pub use answer::{Answer, AnswerEvent};
+pub use answer::{Answer, AnswerEvent, AnswerKind};
 pub use ask::{AskRequest, AskResponse};
 pub use config::{PipelineConfig, Thresholds};
 pub use error::ConfigError;

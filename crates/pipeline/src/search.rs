@@ -78,7 +78,7 @@ impl Pipeline {
         }
         let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
         let filter = Filter::parse(req.filter.as_ref())?;
-        let sources = self.passages(query, top_k, &filter, mode, -1.0).await?;
+        let (sources, _) = self.passages(query, top_k, &filter, mode, -1.0).await?;
         let mut tally = Tally::default();
         Ok(SearchResponse {
             results: sources

@@ -74,7 +74,7 @@ pub(crate) fn snippet(text: &str) -> String {
 impl Pipeline {
     /// Embeds `query`, retrieves, selects and reranks: the `top_k` best
     /// passages passing `filter` and scoring at least `min_score`, numbered
-    /// from 1.
+    /// from 1, and the query's vector.
     pub(crate) async fn passages(
         &self,
         query: &str,
@@ -82,7 +82,7 @@ impl Pipeline {
         filter: &Filter,
         mode: Mode,
         min_score: f32,
-    ) -> Result<Vec<Source>, Error> {
+    ) -> Result<(Vec<Source>, Vec<f32>), Error> {
         let r = &self.config.retrieval;
         let strategy = Strategy {
             mode,
@@ -154,13 +154,14 @@ impl Pipeline {
             self.reranker.rerank(query, &texts).await?
         };
         let mut slots: Vec<Option<Source>> = passages.drain(..).map(Some).collect();
-        Ok(order
+        let passages = order
             .into_iter()
             .filter_map(|i| slots.get_mut(i).and_then(Option::take))
             .take(top_k)
             .enumerate()
             .map(|(i, p)| Source { n: i + 1, ..p })
-            .collect())
+            .collect();
+        Ok((passages, vector))
     }
 }
 

@@ -589,9 +589,85 @@ async fn the_model_is_shown_the_best_passages_numbered_and_cites_them() {
         panic!("{events:?}")
     };
     assert!(done.answerable);
+    assert_eq!(done.answer_kind, crate::AnswerKind::Generated);
+    assert_eq!(done.answer, text, "a supported answer is delivered as written");
+    assert!(done.model_answer.is_none());
     assert_eq!(done.citations[0].document_id, "cats");
     assert_eq!(done.finish_reason, "stop");
     assert!(done.grounding.as_ref().is_some_and(|g| g.supported));
+}
+
+#[tokio::test]
+async fn an_unsupported_answer_is_replaced_by_a_quote_from_the_top_passage() {
+    let s = setup(
+        Script::Answer(vec!["Penguins live ", "at the south pole [1]."]),
+        &[],
+        Arc::new(NoRerank),
+    );
+    s.pipeline.ingest(documents()).await.unwrap();
+    let events = events(&s.pipeline, "How many hours do cats sleep a day?").await;
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| match e {
+            AnswerEvent::Token(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    let Some(AnswerEvent::Done(done)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(done.answer_kind, crate::AnswerKind::Extractive, "{done:?}");
+    assert_eq!(done.answer, "“Cats sleep sixteen hours a day.” [1]");
+    assert!(done.answerable);
+    // The client is told what the streamed text was replaced with (after the
+    // check took out the marker no passage supports).
+    assert_eq!(streamed, "Penguins live at the south pole [1].");
+    assert_eq!(
+        done.model_answer.as_deref(),
+        Some("Penguins live at the south pole.")
+    );
+    assert!(done.grounding.as_ref().is_some_and(|g| g.supported));
+    assert_eq!(done.citations.len(), 1);
+    assert_eq!(done.citations[0].document_id, "cats");
+    assert_eq!(done.citations[0].cited_by, Some(crate::check::CitedBy::Quoted));
+}
+
+#[tokio::test]
+async fn an_unsupported_answer_with_no_sentence_sharing_the_question_words_is_declined() {
+    let s = setup(
+        Script::Answer(vec!["Penguins live at the south pole [1]."]),
+        &[],
+        Arc::new(NoRerank),
+    );
+    // Found by its title; no sentence of its text shares a word with the question.
+    let docs = serde_json::from_value(json!({ "documents": [
+        { "id": "birds", "title": "Emperor penguin facts", "text": "They swim fast. They eat krill." }
+    ]}))
+    .unwrap();
+    s.pipeline.ingest(docs).await.unwrap();
+    let answer = s.pipeline.ask(&ask("emperor penguin facts")).await.unwrap();
+    let done = answer.collect().await.unwrap();
+    assert_eq!(s.generator.prompts().len(), 1, "the model was asked");
+    assert_eq!(done.answer_kind, crate::AnswerKind::Declined, "{done:?}");
+    assert!(!done.answerable);
+    assert_eq!(
+        done.model_answer.as_deref(),
+        Some("Penguins live at the south pole.")
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_is_declined_in_the_question_language() {
+    let s = setup(Script::Answer(vec!["I don't know."]), &[], Arc::new(NoRerank));
+    s.pipeline.ingest(documents()).await.unwrap();
+    let answer = s.pipeline.ask(&ask("How long do cats sleep?")).await.unwrap();
+    let done = answer.collect().await.unwrap();
+    assert_eq!(done.answer_kind, crate::AnswerKind::Declined);
+    assert!(!done.answerable);
+    assert_eq!(done.answer, crate::language::Lang::En.not_in_documents());
+    assert_eq!(done.model_answer.as_deref(), Some("I don't know."));
+    assert!(done.citations.is_empty());
+    assert_eq!(done.finish_reason, "stop", "the model was asked");
 }
 
 #[tokio::test]
@@ -646,7 +722,10 @@ async fn content_rules_apply_to_the_stream_even_across_pieces() {
     let Some(AnswerEvent::Done(done)) = events.last() else {
         panic!("{events:?}")
     };
-    assert!(done.answer.contains("[email]"), "{}", done.answer);
+    // Whether delivered or set aside, the model's text has the rules applied.
+    let written = done.model_answer.as_deref().unwrap_or(&done.answer);
+    assert!(written.contains("[email]"), "{written}");
+    assert!(!done.answer.contains("example.org"), "{}", done.answer);
     assert!(done.content_rules.iter().any(|r| r.rule == "email"));
 }
 

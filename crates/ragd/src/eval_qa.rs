@@ -3,9 +3,11 @@
 //! Starts ragd in-process on a fresh data directory (or `--data-dir`, kept),
 //! ingests the folder's `corpus.jsonl`, asks every question of `qa.jsonl`
 //! (`question`, reference `answers`, relevant `doc_ids`) through `POST /ask`
-//! with the default settings, then the questions of an unanswerable set (topics
-//! absent from the corpus; `eval/unanswerable.jsonl` unless `--unanswerable`),
-//! and prints per run:
+//! with the default settings, then the questions of one or more unanswerable
+//! sets (`eval/unanswerable.jsonl`, topics far from the corpus, and
+//! `eval/unanswerable-near.jsonl`, technology questions it does not answer,
+//! unless `--unanswerable` names others), and prints, overall and per
+//! question language:
 //!
 //! * answer token-F1 and ROUGE-L (F1 of the longest common subsequence) against
 //!   the best-matching reference, over answered answerable questions;
@@ -14,7 +16,10 @@
 //! * citation recall: answerable questions whose answer cites a relevant
 //!   document;
 //! * how many answerable questions were answered and how many unanswerable
-//!   ones were declined (`answerable: false`);
+//!   ones were declined (`answerable: false`), per unanswerable file too;
+//! * what was delivered (`answer_kind`: generated, extractive, declined) and
+//!   the share of delivered answers the passages do not support (grounding
+//!   not `supported`) — the answers given as fact without backing;
 //! * latency and time to first token, p50 and p95.
 
 use std::collections::HashSet;
@@ -120,10 +125,19 @@ struct Outcome {
     cited_docs: Vec<String>,
     latency_s: f64,
     first_token_s: Option<f64>,
+    /// `generated`, `extractive` or `declined`.
+    kind: String,
+    /// Whether the delivered answer's grounding says it is supported.
+    supported: bool,
+    /// The question's language, as ragd detected it.
+    language: String,
 }
 
 fn outcome(res: &Value, latency_s: f64) -> Outcome {
     Outcome {
+        kind: res["answer_kind"].as_str().unwrap_or("unknown").to_string(),
+        supported: res["grounding"]["supported"] == json!(true),
+        language: res["language"]["question"].as_str().unwrap_or("?").to_string(),
         declined: res["answerable"] == json!(false) || res["finish_reason"] == "no_sources",
         answer: res["answer"].as_str().unwrap_or_default().to_string(),
         cited_docs: res["citations"]
@@ -139,9 +153,22 @@ fn outcome(res: &Value, latency_s: f64) -> Outcome {
     }
 }
 
+/// One question's result, for the figures.
+struct Record {
+    /// `answerable`, or the unanswerable file it came from.
+    set: String,
+    outcome: Outcome,
+    /// Answerable questions: best token F1 and ROUGE-L when answered.
+    f1: Option<f64>,
+    rouge: Option<f64>,
+    /// Answerable questions: citations, and those of a relevant document.
+    cited: usize,
+    cited_relevant: usize,
+}
+
 pub(crate) struct Args {
     pub dataset: PathBuf,
-    pub unanswerable: Option<PathBuf>,
+    pub unanswerable: Vec<PathBuf>,
     pub limit: Option<usize>,
     pub json: bool,
     pub data_dir: Option<PathBuf>,
@@ -150,11 +177,10 @@ pub(crate) struct Args {
 
 pub(crate) async fn run(args: Args, mut config: Config) -> Result<()> {
     let qa = read_jsonl(&args.dataset.join("qa.jsonl"))?;
-    let unanswerable_path = args
-        .unanswerable
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("eval/unanswerable.jsonl"));
-    let unanswerable = read_jsonl(&unanswerable_path)?;
+    let mut unanswerable = Vec::new();
+    for path in &args.unanswerable {
+        unanswerable.push((path.display().to_string(), read_jsonl(path)?));
+    }
     let limit = args.limit.unwrap_or(usize::MAX);
     let corpus = read_jsonl(&args.dataset.join("corpus.jsonl"))?;
 
@@ -218,10 +244,9 @@ pub(crate) async fn run(args: Args, mut config: Config) -> Result<()> {
         }
     };
 
-    let (mut f1, mut rouge, mut answered, mut asked) = (Vec::new(), Vec::new(), 0usize, 0usize);
-    let (mut cited, mut cited_relevant, mut recall_hits) = (0usize, 0usize, 0usize);
-    let (mut latency, mut ttft) = (Vec::new(), Vec::new());
-    for q in qa.iter().take(limit) {
+    let mut records: Vec<Record> = Vec::new();
+    let total = qa.len().min(limit);
+    for (n, q) in qa.iter().take(limit).enumerate() {
         let question = q["question"].as_str().unwrap_or_default().to_string();
         let relevant: HashSet<String> = q["doc_ids"]
             .as_array()
@@ -233,33 +258,25 @@ pub(crate) async fn run(args: Args, mut config: Config) -> Result<()> {
             .unwrap_or_default();
         let (res, secs) = ask(question.clone()).await?;
         let o = outcome(&res, secs);
-        asked += 1;
-        latency.push(o.latency_s);
-        ttft.extend(o.first_token_s);
+        let (mut f1, mut rouge) = (None, None);
         if !o.declined {
-            answered += 1;
             let toks = tokens(&o.answer);
             let refs: Vec<Vec<String>> = q["answers"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|x| x.as_str()).map(tokens).collect())
                 .unwrap_or_default();
-            f1.push(refs.iter().map(|r| token_f1(&toks, r)).fold(0.0, f64::max));
-            rouge.push(refs.iter().map(|r| rouge_l(&toks, r)).fold(0.0, f64::max));
+            f1 = Some(refs.iter().map(|r| token_f1(&toks, r)).fold(0.0, f64::max));
+            rouge = Some(refs.iter().map(|r| rouge_l(&toks, r)).fold(0.0, f64::max));
         }
-        cited += o.cited_docs.len();
-        cited_relevant += o
+        let cited_relevant = o
             .cited_docs
             .iter()
             .filter(|d| relevant.contains(*d))
             .count();
-        if o.cited_docs.iter().any(|d| relevant.contains(d)) {
-            recall_hits += 1;
-        }
         eprintln!(
-            "{:>3}/{} {} {:.1} s {:?} cites {:?} (relevant {:?})",
-            asked,
-            qa.len().min(limit),
-            if o.declined { "declined" } else { "answered" },
+            "{:>3}/{total} {} {:.1} s {:?} cites {:?} (relevant {:?})",
+            n + 1,
+            o.kind,
             secs,
             question,
             o.cited_docs,
@@ -268,29 +285,40 @@ pub(crate) async fn run(args: Args, mut config: Config) -> Result<()> {
         answers_out.push(
             json!({ "id": q["id"], "question": question, "answerable": true, "response": res }),
         );
+        records.push(Record {
+            set: "answerable".into(),
+            cited: o.cited_docs.len(),
+            cited_relevant,
+            outcome: o,
+            f1,
+            rouge,
+        });
     }
-    let (mut declined, mut asked_un) = (0usize, 0usize);
-    for q in unanswerable.iter().take(limit) {
-        let question = q["question"].as_str().unwrap_or_default().to_string();
-        let (res, secs) = ask(question.clone()).await?;
-        let o = outcome(&res, secs);
-        asked_un += 1;
-        latency.push(o.latency_s);
-        ttft.extend(o.first_token_s);
-        if o.declined {
-            declined += 1;
+    for (file, questions) in &unanswerable {
+        let total = questions.len().min(limit);
+        for (n, q) in questions.iter().take(limit).enumerate() {
+            let question = q["question"].as_str().unwrap_or_default().to_string();
+            let (res, secs) = ask(question.clone()).await?;
+            let o = outcome(&res, secs);
+            eprintln!(
+                "{:>3}/{total} (unanswerable, {file}) {} {:.1} s {:?}",
+                n + 1,
+                o.kind,
+                secs,
+                question
+            );
+            answers_out.push(
+                json!({ "id": q["id"], "question": question, "answerable": false, "response": res }),
+            );
+            records.push(Record {
+                set: file.clone(),
+                outcome: o,
+                f1: None,
+                rouge: None,
+                cited: 0,
+                cited_relevant: 0,
+            });
         }
-        eprintln!(
-            "{:>3}/{} (unanswerable) {} {:.1} s {:?}",
-            asked_un,
-            unanswerable.len().min(limit),
-            if o.declined { "declined" } else { "answered" },
-            secs,
-            question
-        );
-        answers_out.push(
-            json!({ "id": q["id"], "question": question, "answerable": false, "response": res }),
-        );
     }
     server.shutdown().await?;
     if temporary {
@@ -301,7 +329,93 @@ pub(crate) async fn run(args: Args, mut config: Config) -> Result<()> {
         std::fs::write(path, lines.join("\n") + "\n")?;
     }
 
-    let mean = |v: &[f64]| {
+    let files: Vec<String> = unanswerable.iter().map(|(f, _)| f.clone()).collect();
+    let overall = figures(&records, &files, |_| true);
+    let mut languages: Vec<String> = records.iter().map(|r| r.outcome.language.clone()).collect();
+    languages.sort();
+    languages.dedup();
+    let by_language: serde_json::Map<String, Value> = languages
+        .iter()
+        .map(|l| {
+            (
+                l.clone(),
+                figures(&records, &files, |r| &r.outcome.language == l),
+            )
+        })
+        .collect();
+    let mut report = overall.clone();
+    report["dataset"] = json!(args.dataset.display().to_string());
+    report["by_language"] = Value::Object(by_language.clone());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} answerable questions, {} unanswerable ({})",
+        args.dataset.display(),
+        overall["answerable_questions"],
+        overall["unanswerable_questions"],
+        files.join(", ")
+    );
+    let mut columns = vec![("all".to_string(), overall)];
+    columns.extend(by_language.into_iter());
+    print!("{:<38}", "");
+    for (name, _) in &columns {
+        print!(" {name:>8}");
+    }
+    println!();
+    let mut rows: Vec<(String, String)> = vec![
+        ("answerable questions".into(), "answerable_questions".into()),
+        ("unanswerable questions".into(), "unanswerable_questions".into()),
+        ("answer token F1".into(), "token_f1".into()),
+        ("answer ROUGE-L".into(), "rouge_l".into()),
+        ("citation precision".into(), "citation_precision".into()),
+        ("citation recall".into(), "citation_recall".into()),
+        ("answerable questions answered".into(), "answered_rate".into()),
+        ("unanswerable questions declined".into(), "abstention_rate".into()),
+    ];
+    for f in &files {
+        rows.push((format!("  declined, {}", short(f)), format!("abstention_rate:{f}")));
+    }
+    rows.extend([
+        ("delivered answers unsupported".into(), "unsupported_delivered_rate".into()),
+        ("answers generated".into(), "kind:generated".into()),
+        ("answers extractive".into(), "kind:extractive".into()),
+        ("answers declined".into(), "kind:declined".into()),
+        ("latency p50 s".into(), "latency_p50_s".into()),
+        ("latency p95 s".into(), "latency_p95_s".into()),
+        ("time to first token p50 s".into(), "first_token_p50_s".into()),
+        ("time to first token p95 s".into(), "first_token_p95_s".into()),
+    ]);
+    for (label, key) in rows {
+        print!("{label:<38}");
+        for (_, c) in &columns {
+            let v = match key.split_once(':') {
+                Some((group, name)) => &c[if group == "kind" { "answer_kinds" } else { "abstention_by_file" }][name],
+                None => &c[key.as_str()],
+            };
+            match v.as_f64() {
+                Some(x) if v.is_u64() => print!(" {:>8}", x as u64),
+                Some(x) => print!(" {x:>8.3}"),
+                None => print!(" {:>8}", "-"),
+            }
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// The file name alone, for a row label.
+fn short(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// The figures over the records `keep` selects.
+fn figures(records: &[Record], files: &[String], keep: impl Fn(&Record) -> bool) -> Value {
+    let chosen: Vec<&Record> = records.iter().filter(|r| keep(r)).collect();
+    let answerable: Vec<&&Record> = chosen.iter().filter(|r| r.set == "answerable").collect();
+    let unanswerable: Vec<&&Record> = chosen.iter().filter(|r| r.set != "answerable").collect();
+    let mean = |v: Vec<f64>| {
         if v.is_empty() {
             f64::NAN
         } else {
@@ -315,48 +429,45 @@ pub(crate) async fn run(args: Args, mut config: Config) -> Result<()> {
             a as f64 / b as f64
         }
     };
-    let report = json!({
-        "dataset": args.dataset.display().to_string(),
-        "answerable_questions": asked,
-        "unanswerable_questions": asked_un,
-        "token_f1": mean(&f1),
-        "rouge_l": mean(&rouge),
+    let cited: usize = answerable.iter().map(|r| r.cited).sum();
+    let cited_relevant: usize = answerable.iter().map(|r| r.cited_relevant).sum();
+    let delivered: Vec<&&Record> = chosen.iter().filter(|r| !r.outcome.declined).collect();
+    let latency: Vec<f64> = chosen.iter().map(|r| r.outcome.latency_s).collect();
+    let ttft: Vec<f64> = chosen.iter().filter_map(|r| r.outcome.first_token_s).collect();
+    let mut kinds = serde_json::Map::new();
+    for r in &chosen {
+        let n = kinds.entry(r.outcome.kind.clone()).or_insert(json!(0));
+        *n = json!(n.as_u64().unwrap_or(0) + 1);
+    }
+    let by_file: serde_json::Map<String, Value> = files
+        .iter()
+        .map(|f| {
+            let asked = unanswerable.iter().filter(|r| &r.set == f).count();
+            let declined = unanswerable
+                .iter()
+                .filter(|r| &r.set == f && r.outcome.declined)
+                .count();
+            (f.clone(), json!(ratio(declined, asked)))
+        })
+        .collect();
+    json!({
+        "answerable_questions": answerable.len(),
+        "unanswerable_questions": unanswerable.len(),
+        "token_f1": mean(answerable.iter().filter_map(|r| r.f1).collect()),
+        "rouge_l": mean(answerable.iter().filter_map(|r| r.rouge).collect()),
         "citation_precision": ratio(cited_relevant, cited),
-        "citation_recall": ratio(recall_hits, asked),
-        "answered_rate": ratio(answered, asked),
-        "abstention_rate": ratio(declined, asked_un),
+        "citation_recall": ratio(answerable.iter().filter(|r| r.cited_relevant > 0).count(), answerable.len()),
+        "answered_rate": ratio(answerable.iter().filter(|r| !r.outcome.declined).count(), answerable.len()),
+        "abstention_rate": ratio(unanswerable.iter().filter(|r| r.outcome.declined).count(), unanswerable.len()),
+        "abstention_by_file": by_file,
+        "unsupported_delivered_rate": ratio(delivered.iter().filter(|r| !r.outcome.supported).count(), delivered.len()),
+        "delivered_answers": delivered.len(),
+        "answer_kinds": kinds,
         "latency_p50_s": percentile(&latency, 0.5),
         "latency_p95_s": percentile(&latency, 0.95),
         "first_token_p50_s": percentile(&ttft, 0.5),
         "first_token_p95_s": percentile(&ttft, 0.95),
-    });
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    println!(
-        "{}: {asked} answerable questions, {asked_un} unanswerable ({})",
-        args.dataset.display(),
-        unanswerable_path.display()
-    );
-    for (label, key) in [
-        ("answer token F1", "token_f1"),
-        ("answer ROUGE-L", "rouge_l"),
-        ("citation precision", "citation_precision"),
-        ("citation recall", "citation_recall"),
-        ("answerable questions answered", "answered_rate"),
-        ("unanswerable questions declined", "abstention_rate"),
-        ("latency p50 s", "latency_p50_s"),
-        ("latency p95 s", "latency_p95_s"),
-        ("time to first token p50 s", "first_token_p50_s"),
-        ("time to first token p95 s", "first_token_p95_s"),
-    ] {
-        println!(
-            "{label:<34} {:>8.3}",
-            report[key].as_f64().unwrap_or(f64::NAN)
-        );
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -152,9 +152,14 @@ enum EvalCommand {
         /// The folder (corpus.jsonl and qa.jsonl).
         #[arg(long)]
         dataset: PathBuf,
-        /// Questions about topics absent from the corpus (jsonl with `question`).
-        #[arg(long, default_value = "eval/unanswerable.jsonl")]
-        unanswerable: PathBuf,
+        /// Questions the corpus does not answer (jsonl with `question`);
+        /// repeat or separate with commas for several sets.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "eval/unanswerable.jsonl,eval/unanswerable-near.jsonl"
+        )]
+        unanswerable: Vec<PathBuf>,
         /// Ask only the first N questions of each set.
         #[arg(long)]
         limit: Option<usize>,
@@ -325,7 +330,7 @@ async fn main() -> anyhow::Result<()> {
         }) => {
             let args = eval_qa::Args {
                 dataset,
-                unanswerable: Some(unanswerable),
+                unanswerable,
                 limit,
                 json,
                 data_dir,

@@ -162,6 +162,13 @@ fn extension(a: &AskResponse) -> Value {
     if !a.not_applied.is_empty() {
         ext["not_applied"] = json!(a.not_applied);
     }
+    ext["answer_kind"] = json!(a.answer_kind);
+    // A streamed answer's chunks were the model's text: when ragd delivers
+    // something else, the last chunk says what.
+    if let Some(model_answer) = &a.model_answer {
+        ext["answer"] = json!(a.answer);
+        ext["model_answer"] = json!(model_answer);
+    }
     ext
 }
 
