@@ -475,10 +475,12 @@ impl Answer {
         // chunks are: "Its summit is 8,849 metres high" says what "its" is.
         let inputs: Vec<String> = sentences
             .iter()
-            .map(|s| match top.title.as_deref().filter(|t| !t.trim().is_empty()) {
-                Some(title) => format!("{}\n{s}", title.trim()),
-                None => s.clone(),
-            })
+            .map(
+                |s| match top.title.as_deref().filter(|t| !t.trim().is_empty()) {
+                    Some(title) => format!("{}\n{s}", title.trim()),
+                    None => s.clone(),
+                },
+            )
             .collect();
         let vectors = match self.embedder.embed(TextKind::Passage, inputs).await {
             Ok(v) => v,

@@ -15,12 +15,12 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::answer::Answer;
+pub use crate::answer::{AskResponse, Grounding, LanguageCheck, Timings, Usage};
 use crate::check;
 use crate::error::Error;
 use crate::language;
 use crate::prompt::{self, Passage, Style};
 use crate::retrieve::Mode;
-pub use crate::answer::{AskResponse, Grounding, LanguageCheck, Timings, Usage};
 pub use crate::select::Source;
 use crate::Pipeline;
 

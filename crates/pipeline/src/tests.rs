@@ -590,7 +590,10 @@ async fn the_model_is_shown_the_best_passages_numbered_and_cites_them() {
     };
     assert!(done.answerable);
     assert_eq!(done.answer_kind, crate::AnswerKind::Generated);
-    assert_eq!(done.answer, text, "a supported answer is delivered as written");
+    assert_eq!(
+        done.answer, text,
+        "a supported answer is delivered as written"
+    );
     assert!(done.model_answer.is_none());
     assert_eq!(done.citations[0].document_id, "cats");
     assert_eq!(done.finish_reason, "stop");
@@ -629,7 +632,10 @@ async fn an_unsupported_answer_is_replaced_by_a_quote_from_the_top_passage() {
     assert!(done.grounding.as_ref().is_some_and(|g| g.supported));
     assert_eq!(done.citations.len(), 1);
     assert_eq!(done.citations[0].document_id, "cats");
-    assert_eq!(done.citations[0].cited_by, Some(crate::check::CitedBy::Quoted));
+    assert_eq!(
+        done.citations[0].cited_by,
+        Some(crate::check::CitedBy::Quoted)
+    );
 }
 
 #[tokio::test]
@@ -658,9 +664,17 @@ async fn an_unsupported_answer_with_no_sentence_sharing_the_question_words_is_de
 
 #[tokio::test]
 async fn a_refusal_is_declined_in_the_question_language() {
-    let s = setup(Script::Answer(vec!["I don't know."]), &[], Arc::new(NoRerank));
+    let s = setup(
+        Script::Answer(vec!["I don't know."]),
+        &[],
+        Arc::new(NoRerank),
+    );
     s.pipeline.ingest(documents()).await.unwrap();
-    let answer = s.pipeline.ask(&ask("How long do cats sleep?")).await.unwrap();
+    let answer = s
+        .pipeline
+        .ask(&ask("How long do cats sleep?"))
+        .await
+        .unwrap();
     let done = answer.collect().await.unwrap();
     assert_eq!(done.answer_kind, crate::AnswerKind::Declined);
     assert!(!done.answerable);

@@ -137,7 +137,10 @@ fn outcome(res: &Value, latency_s: f64) -> Outcome {
     Outcome {
         kind: res["answer_kind"].as_str().unwrap_or("unknown").to_string(),
         supported: res["grounding"]["supported"] == json!(true),
-        language: res["language"]["question"].as_str().unwrap_or("?").to_string(),
+        language: res["language"]["question"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string(),
         declined: res["answerable"] == json!(false) || res["finish_reason"] == "no_sources",
         answer: res["answer"].as_str().unwrap_or_default().to_string(),
         cited_docs: res["citations"]
@@ -366,32 +369,59 @@ pub(crate) async fn run(args: Args, mut config: Config) -> Result<()> {
     println!();
     let mut rows: Vec<(String, String)> = vec![
         ("answerable questions".into(), "answerable_questions".into()),
-        ("unanswerable questions".into(), "unanswerable_questions".into()),
+        (
+            "unanswerable questions".into(),
+            "unanswerable_questions".into(),
+        ),
         ("answer token F1".into(), "token_f1".into()),
         ("answer ROUGE-L".into(), "rouge_l".into()),
         ("citation precision".into(), "citation_precision".into()),
         ("citation recall".into(), "citation_recall".into()),
-        ("answerable questions answered".into(), "answered_rate".into()),
-        ("unanswerable questions declined".into(), "abstention_rate".into()),
+        (
+            "answerable questions answered".into(),
+            "answered_rate".into(),
+        ),
+        (
+            "unanswerable questions declined".into(),
+            "abstention_rate".into(),
+        ),
     ];
     for f in &files {
-        rows.push((format!("  declined, {}", short(f)), format!("abstention_rate:{f}")));
+        rows.push((
+            format!("  declined, {}", short(f)),
+            format!("abstention_rate:{f}"),
+        ));
     }
     rows.extend([
-        ("delivered answers unsupported".into(), "unsupported_delivered_rate".into()),
+        (
+            "delivered answers unsupported".into(),
+            "unsupported_delivered_rate".into(),
+        ),
         ("answers generated".into(), "kind:generated".into()),
         ("answers extractive".into(), "kind:extractive".into()),
         ("answers declined".into(), "kind:declined".into()),
         ("latency p50 s".into(), "latency_p50_s".into()),
         ("latency p95 s".into(), "latency_p95_s".into()),
-        ("time to first token p50 s".into(), "first_token_p50_s".into()),
-        ("time to first token p95 s".into(), "first_token_p95_s".into()),
+        (
+            "time to first token p50 s".into(),
+            "first_token_p50_s".into(),
+        ),
+        (
+            "time to first token p95 s".into(),
+            "first_token_p95_s".into(),
+        ),
     ]);
     for (label, key) in rows {
         print!("{label:<38}");
         for (_, c) in &columns {
             let v = match key.split_once(':') {
-                Some((group, name)) => &c[if group == "kind" { "answer_kinds" } else { "abstention_by_file" }][name],
+                Some((group, name)) => {
+                    &c[if group == "kind" {
+                        "answer_kinds"
+                    } else {
+                        "abstention_by_file"
+                    }][name]
+                }
                 None => &c[key.as_str()],
             };
             match v.as_f64() {
@@ -433,7 +463,10 @@ fn figures(records: &[Record], files: &[String], keep: impl Fn(&Record) -> bool)
     let cited_relevant: usize = answerable.iter().map(|r| r.cited_relevant).sum();
     let delivered: Vec<&&Record> = chosen.iter().filter(|r| !r.outcome.declined).collect();
     let latency: Vec<f64> = chosen.iter().map(|r| r.outcome.latency_s).collect();
-    let ttft: Vec<f64> = chosen.iter().filter_map(|r| r.outcome.first_token_s).collect();
+    let ttft: Vec<f64> = chosen
+        .iter()
+        .filter_map(|r| r.outcome.first_token_s)
+        .collect();
     let mut kinds = serde_json::Map::new();
     for r in &chosen {
         let n = kinds.entry(r.outcome.kind.clone()).or_insert(json!(0));
