@@ -470,6 +470,25 @@ async fn events(pipeline: &Pipeline, question: &str) -> Vec<AnswerEvent> {
     out
 }
 
+/// The text of an answer's `Token` events.
+fn streamed(events: &[AnswerEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            AnswerEvent::Token(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The answer a stream ended with.
+fn done(events: &[AnswerEvent]) -> &crate::AskResponse {
+    match events.last() {
+        Some(AnswerEvent::Done(done)) => done,
+        _ => panic!("no done event: {events:?}"),
+    }
+}
+
 #[tokio::test]
 async fn ingest_creates_then_finds_unchanged_then_updates_only_what_changed() {
     let s = setup(Script::Answer(vec![]), &[], Arc::new(NoRerank));
@@ -577,17 +596,9 @@ async fn the_model_is_shown_the_best_passages_numbered_and_cites_them() {
     };
     assert_eq!(sources[0].document_id, "cats");
     assert_eq!(sources.len(), p.passages.len());
-    let text: String = events
-        .iter()
-        .filter_map(|e| match e {
-            AnswerEvent::Token(t) => Some(t.as_str()),
-            _ => None,
-        })
-        .collect();
+    let text = streamed(&events);
     assert_eq!(text, "Cats sleep sixteen hours a day [1].");
-    let Some(AnswerEvent::Done(done)) = events.last() else {
-        panic!("{events:?}")
-    };
+    let done = done(&events);
     assert!(done.answerable);
     assert_eq!(done.answer_kind, crate::AnswerKind::Generated);
     assert_eq!(
@@ -609,16 +620,8 @@ async fn an_unsupported_answer_is_replaced_by_a_quote_from_the_top_passage() {
     );
     s.pipeline.ingest(documents()).await.unwrap();
     let events = events(&s.pipeline, "How many hours do cats sleep a day?").await;
-    let streamed: String = events
-        .iter()
-        .filter_map(|e| match e {
-            AnswerEvent::Token(t) => Some(t.as_str()),
-            _ => None,
-        })
-        .collect();
-    let Some(AnswerEvent::Done(done)) = events.last() else {
-        panic!("{events:?}")
-    };
+    let streamed = streamed(&events);
+    let done = done(&events);
     assert_eq!(done.answer_kind, crate::AnswerKind::Extractive, "{done:?}");
     assert_eq!(done.answer, "“Cats sleep sixteen hours a day.” [1]");
     assert!(done.answerable);
@@ -724,18 +727,10 @@ async fn content_rules_apply_to_the_stream_even_across_pieces() {
     );
     s.pipeline.ingest(documents()).await.unwrap();
     let events = events(&s.pipeline, "How long do cats sleep?").await;
-    let streamed: String = events
-        .iter()
-        .filter_map(|e| match e {
-            AnswerEvent::Token(t) => Some(t.as_str()),
-            _ => None,
-        })
-        .collect();
+    let streamed = streamed(&events);
     assert!(!streamed.contains("example.org"), "{streamed}");
     assert!(streamed.contains("[email]"), "{streamed}");
-    let Some(AnswerEvent::Done(done)) = events.last() else {
-        panic!("{events:?}")
-    };
+    let done = done(&events);
     // Whether delivered or set aside, the model's text has the rules applied.
     let written = done.model_answer.as_deref().unwrap_or(&done.answer);
     assert!(written.contains("[email]"), "{written}");
