@@ -248,7 +248,7 @@ async fn smollm_ingest_ask_and_stream() {
         .map(|(_, d)| d["text"].as_str().unwrap())
         .collect();
     let done = &events.last().unwrap().1;
-    assert_streamed_text_is_delivered_or_replaced(&done, &streamed);
+    assert_streamed_text_is_delivered_or_replaced(done, &streamed);
     assert!(
         done["citations"].is_array() && done["usage"].is_object() && done["timings"].is_object()
     );
@@ -1485,7 +1485,7 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
         .filter(|(n, _)| n == "token")
         .map(|(_, d)| d["text"].as_str().unwrap())
         .collect();
-    assert_streamed_text_is_delivered_or_replaced(&done, &streamed);
+    assert_streamed_text_is_delivered_or_replaced(done, &streamed);
     server.shutdown().await.unwrap();
 
     // A generation server that cannot be reached is a 502, after the retries.

@@ -361,7 +361,7 @@ pub(crate) async fn run(args: Args, mut config: Config) -> Result<()> {
         files.join(", ")
     );
     let mut columns = vec![("all".to_string(), overall)];
-    columns.extend(by_language.into_iter());
+    columns.extend(by_language);
     print!("{:<38}", "");
     for (name, _) in &columns {
         print!(" {name:>8}");
