@@ -86,6 +86,9 @@ pub fn detect(text: &str) -> Lang {
     if han > 0 && han * 3 >= letters.len() - han {
         return Lang::Zh;
     }
+    if reads_as_english(text) {
+        return Lang::En;
+    }
     let Some(info) = whatlang::detect(text) else {
         return Lang::En;
     };
@@ -104,6 +107,33 @@ pub fn detect(text: &str) -> Lang {
         WLang::Jpn => Lang::Ja,
         _ => Lang::En,
     }
+}
+
+/// English function words that the other languages ragd answers in do not
+/// use as words of their own ("in", "an", "was", "will", "no", "a" and "on" are
+/// left out: German, French or Spanish have them too).
+const ENGLISH_MARKERS: &[&str] = &[
+    "the", "and", "is", "are", "what", "how", "which", "who", "why", "when", "where", "can",
+    "does", "do", "that", "this", "with", "i", "you", "it", "of", "to", "my", "should", "there",
+    "their", "these", "they", "would", "could", "from", "your",
+];
+
+/// Whether `text` is plainly English by its function words: at least two of
+/// them, and a fifth of its words. whatlang's trigrams read technical English
+/// full of names as German or French (2 of the Debian FAQ's 123 questions,
+/// "How can I check that I am using a Debian system…" among them), and the
+/// model was then asked to answer in that language.
+fn reads_as_english(text: &str) -> bool {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let english = words
+        .iter()
+        .filter(|w| ENGLISH_MARKERS.contains(&w.as_str()))
+        .count();
+    english >= 2 && english * 5 >= words.len()
 }
 
 fn is_han(c: char) -> bool {
@@ -162,6 +192,25 @@ mod tests {
             Lang::Ja
         );
         // Nothing to go on: English.
+        // Technical English that trigrams read as German or French.
+        assert_eq!(
+            detect("How can I check that I am using a Debian system, and what version it is?"),
+            Lang::En
+        );
+        assert_eq!(
+            detect("How can I find out what package produced a particular file?"),
+            Lang::En
+        );
+        assert_eq!(
+            detect("¿Cómo instalo un paquete en Debian sin conexión a Internet?"),
+            Lang::Es
+        );
+        assert_eq!(
+            detect(
+                "Was ist ein Paket, und wie installiere ich es auf meinem Rechner ohne Internet?"
+            ),
+            Lang::De
+        );
         assert_eq!(detect("42?"), Lang::En);
         assert_eq!(detect(""), Lang::En);
         // A Chinese sentence with an English product name is still Chinese.
