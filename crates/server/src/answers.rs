@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -94,6 +94,12 @@ fn sse_response(answer: Answer) -> Response {
     let mut response = Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response();
-    crate::sse_headers(&mut response);
+    // No proxy buffering, no caching: the events must arrive as they are sent.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }

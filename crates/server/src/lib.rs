@@ -192,13 +192,3 @@ impl Http {
         self.serving.await.map_err(std::io::Error::other)?
     }
 }
-
-/// `Sse` headers every event stream carries: no proxy buffering, no caching.
-pub(crate) fn sse_headers(response: &mut axum::response::Response) {
-    response
-        .headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-}
