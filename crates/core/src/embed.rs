@@ -24,6 +24,10 @@ pub struct EmbedderInfo {
     pub query_prefix: String,
     /// Put in front of passages (`passage: ` for E5 models, usually empty).
     pub passage_prefix: String,
+    /// Whether the model reads languages besides English (its vocabulary
+    /// covers them): an English-only model gives texts in other languages
+    /// vectors that carry no meaning.
+    pub multilingual: bool,
 }
 
 impl EmbedderInfo {

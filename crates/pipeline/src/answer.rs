@@ -246,10 +246,11 @@ impl Answer {
             not_applied.push("steering".to_string());
         }
         Self {
-            embedder: Arc::clone(&pipeline.embedder),
+            embedder: pipeline.embedder.clone(),
             content: Arc::clone(&pipeline.content),
             min_support: pipeline.config.answers.min_support,
-            min_score: pipeline.thresholds.min_score,
+            // Set with the passages (`generating`).
+            min_score: f32::MIN,
             events: None,
             filter: pipeline.content.stream(),
             progress: Progress {
@@ -288,8 +289,10 @@ impl Answer {
         question: &str,
         sources: Vec<Source>,
         query_vector: Vec<f32>,
+        min_score: f32,
         events: mpsc::UnboundedReceiver<GenEvent>,
     ) -> Self {
+        self.min_score = min_score;
         self.progress.question = question.to_string();
         self.progress.query_vector = query_vector;
         self.progress.defused = sources

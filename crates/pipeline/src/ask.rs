@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::language;
 use crate::prompt::{self, Passage, Style};
 use crate::retrieve::Mode;
+use crate::route::Side;
 pub use crate::select::Source;
 use crate::Pipeline;
 
@@ -189,18 +190,29 @@ impl Pipeline {
             .ok_or_else(|| Error::internal("no generator is loaded"))?;
 
         // Retrieve, select and rerank.
-        let (sources, query_vector) = self
-            .passages(question, top_k, &filter, mode, self.thresholds.min_score)
+        let (sources, queries) = self
+            .passages(question, language, top_k, &filter, mode, true)
             .await?;
+        // The top passage's scoring model decides (see retrieve::score_side);
+        // with no dense query (no model reads the language) no threshold does.
+        let top_side = sources.first().map(|s| s.side).unwrap_or(Side::Primary);
+        let query_vector = queries.vector(top_side);
+        let thresholds = if query_vector.is_empty() {
+            None
+        } else {
+            self.side_thresholds(top_side)
+        };
         let retrieval_ms = started.elapsed().as_secs_f64() * 1e3;
         let answer = Answer::new(self, started, retrieval_ms, language, style);
-        // Nothing relevant enough: decline without asking the model.
+        // Nothing relevant enough: decline without asking the model. (With no
+        // model reading the question's language, only an empty result says so.)
         if sources
             .first()
-            .is_none_or(|s| s.score < self.thresholds.abstain_below)
+            .is_none_or(|s| thresholds.is_some_and(|t| s.score < t.abstain_below))
         {
             return Ok(answer.declined());
         }
+        let sources = self.evidence(question, &queries, sources).await;
 
         // Assemble the prompt and hand it to the generation backend.
         let passages: Vec<Passage> = sources
@@ -223,6 +235,7 @@ impl Pipeline {
         if ahead > 0 {
             let _ = queued.send(GenEvent::Queued { position: ahead });
         }
-        Ok(answer.generating(question, sources, query_vector, rx))
+        let min_score = thresholds.map_or(f32::MIN, |t| t.min_score);
+        Ok(answer.generating(question, sources, query_vector, min_score, rx))
     }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::chunk::ChunkerConfig;
 pub use crate::error::ConfigError;
 use crate::retrieve::{Fusion, Mode};
+use crate::route::Side;
 
 /// What the pipeline is told: its sections and a limit of the ingest flow.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,14 +34,21 @@ pub struct RetrievalConfig {
     pub top_k: usize,
     /// Largest `top_k` a request may ask for.
     pub max_top_k: usize,
-    /// Passages scoring below this are left out. `None`: the embedder's
-    /// calibrated value ([`Thresholds::for_embedder`]).
+    /// Passages scoring below this (the cosine of `models.embedder`) are
+    /// left out. `None`: the model's calibrated value ([`Thresholds::for_model`]).
     #[serde(default)]
     pub min_score: Option<f32>,
     /// When the best passage scores below this, ragd declines to answer
-    /// without asking the model. `None`: the embedder's calibrated value.
+    /// without asking the model. `None`: the model's calibrated value.
     #[serde(default)]
     pub abstain_below: Option<f32>,
+    /// `min_score` for questions scored by `models.multilingual_embedder`
+    /// (those not in English).
+    #[serde(default)]
+    pub multilingual_min_score: Option<f32>,
+    /// `abstain_below` for questions scored by `models.multilingual_embedder`.
+    #[serde(default)]
+    pub multilingual_abstain_below: Option<f32>,
     /// Default retrieval mode.
     pub mode: Mode,
     /// Hybrid fusion method.
@@ -49,6 +57,14 @@ pub struct RetrievalConfig {
     pub dense_weight: f32,
     /// Hybrid: candidates per side.
     pub candidates: usize,
+    /// Also search with an English translation of a question in another
+    /// language, made by the answer model ([`crate::translate`]).
+    #[serde(default)]
+    pub translate_queries: bool,
+    /// Evidence selection: the model reads the passages' best strips up to
+    /// this many embedder tokens ([`crate::evidence`]); 0 = whole passages.
+    #[serde(default)]
+    pub evidence_tokens: usize,
 }
 
 impl RetrievalConfig {
@@ -73,13 +89,18 @@ impl RetrievalConfig {
                 self.candidates
             ));
         }
-        if let Some(a) = self.abstain_below.filter(|a| !(-1.0..=1.0).contains(a)) {
-            return invalid(format!(
-                "retrieval.abstain_below = {a} must be within -1..=1"
-            ));
-        }
-        if let Some(m) = self.min_score.filter(|m| !(-1.0..=1.0).contains(m)) {
-            return invalid(format!("retrieval.min_score = {m} must be within -1..=1"));
+        for (key, value) in [
+            ("abstain_below", self.abstain_below),
+            ("min_score", self.min_score),
+            (
+                "multilingual_abstain_below",
+                self.multilingual_abstain_below,
+            ),
+            ("multilingual_min_score", self.multilingual_min_score),
+        ] {
+            if let Some(v) = value.filter(|v| !(-1.0..=1.0).contains(v)) {
+                return invalid(format!("retrieval.{key} = {v} must be within -1..=1"));
+            }
         }
         Ok(())
     }
@@ -210,45 +231,65 @@ impl AnswersConfig {
     }
 }
 
-/// The retrieval score thresholds in force: the configured ones, else the
-/// embedder's calibrated ones. Cosine similarity means different things for
-/// different embedders (all-MiniLM-L6-v2 scores unrelated text around 0,
-/// multilingual-e5-small around 0.75), so one number cannot serve both.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The retrieval score thresholds in force for one embedding model: the
+/// configured ones, else the model's calibrated ones. Cosine similarity means
+/// different things for different models (all-MiniLM-L6-v2 scores unrelated
+/// text around 0, multilingual-e5-small around 0.75), so one number cannot
+/// serve both.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Thresholds {
     /// Passages below this are not given to the model.
     pub min_score: f32,
     /// Below this best score ragd declines without asking the model.
     pub abstain_below: f32,
-    /// Whether the embedder's values came from a calibration (false: an
-    /// unknown embedder fell back to all-MiniLM-L6-v2's).
+    /// Whether the values came from a calibration or the configuration
+    /// (false: an unknown model fell back to all-MiniLM-L6-v2's).
     pub calibrated: bool,
 }
 
 impl Thresholds {
-    /// Measured with the Debian FAQ's 123 questions and the 40 questions of
-    /// `eval/unanswerable.jsonl` (top passage cosine; hybrid retrieval):
-    /// all-MiniLM-L6-v2 scores the FAQ's questions 0.25-0.9 (all but one above
-    /// 0.33) and the others 0.24 at most; multilingual-e5-small scores them
-    /// 0.818-0.94 and 0.71-0.810 — a narrow gap, so calibrate on your own
-    /// questions with `ragd eval qa` where it matters.
-    const KNOWN: &[(&str, f32, f32)] = &[
-        ("all-MiniLM-L6-v2", 0.2, 0.3),
-        ("multilingual-e5-small", 0.8, 0.81),
+    /// Best-passage cosines under hybrid retrieval (`ragd eval thresholds`),
+    /// answerable questions against questions the documents do not answer
+    /// (far- and near-topic, `eval/unanswerable*.jsonl`), on the Debian FAQ:
+    /// - all-MiniLM-L6-v2, English passages (English questions and Chinese
+    ///   ones translated): answerable min 0.25, p10 0.44; unanswerable at most
+    ///   0.29 (English FAQ); on the English FAQ with translated Chinese
+    ///   questions, 0.33 at most.
+    /// - multilingual-e5-small alone, English questions and passages:
+    ///   answerable 0.818-0.94, unanswerable at most 0.810.
+    /// - multilingual-e5-small beside an English model, so scoring the
+    ///   passages that model does not read (the Chinese FAQ, Chinese and
+    ///   English questions): answerable min 0.864, p5 0.875; unanswerable p95
+    ///   0.862, at most 0.872. Cosines between Chinese texts run higher than
+    ///   between English ones, hence other values than alone.
+    const KNOWN: &[(&str, Side, f32, f32)] = &[
+        ("all-MiniLM-L6-v2", Side::Primary, 0.2, 0.3),
+        ("multilingual-e5-small", Side::Primary, 0.8, 0.81),
+        ("multilingual-e5-small", Side::Multilingual, 0.85, 0.87),
     ];
 
-    /// The thresholds for the embedder named `embedder` (its directory name),
-    /// with the configured values taking precedence.
-    pub fn for_embedder(retrieval: &RetrievalConfig, embedder: &str) -> Self {
+    /// The thresholds for the model named `model` (its directory name) in
+    /// the role `side`, with the configured values taking precedence.
+    pub fn for_model(
+        model: &str,
+        side: Side,
+        min_score: Option<f32>,
+        abstain_below: Option<f32>,
+    ) -> Self {
         let known = Self::KNOWN
             .iter()
-            .find(|(name, _, _)| embedder.eq_ignore_ascii_case(name));
-        let (_, min_score, abstain_below) = known.copied().unwrap_or(Self::KNOWN[0]);
+            .find(|(name, role, _, _)| model.eq_ignore_ascii_case(name) && *role == side)
+            .or_else(|| {
+                Self::KNOWN
+                    .iter()
+                    .find(|(name, _, _, _)| model.eq_ignore_ascii_case(name))
+            });
+        let (_, _, min, abstain) = known.copied().unwrap_or(Self::KNOWN[0]);
         Self {
-            min_score: retrieval.min_score.unwrap_or(min_score),
-            abstain_below: retrieval.abstain_below.unwrap_or(abstain_below),
-            calibrated: known.is_some()
-                || (retrieval.min_score.is_some() && retrieval.abstain_below.is_some()),
+            min_score: min_score.unwrap_or(min),
+            abstain_below: abstain_below.unwrap_or(abstain),
+            calibrated: known.is_some() || (min_score.is_some() && abstain_below.is_some()),
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use ragd_core::{NewChunk, NewDocument, TextKind, UpsertFailure, UpsertStatus};
+use ragd_core::{Embed, NewChunk, NewDocument, TextKind, UpsertFailure, UpsertStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};

@@ -1,9 +1,11 @@
 //! ragd's request flow, as stages a reader can name.
 //!
 //! **Ingest** ([`ingest`]): validate → [`extract`] (files) → [`chunk`] → embed
-//! ([`ragd_core::Embed`]) → store ([`ragd_core::DocumentStore`]).
+//! ([`route`]: one or two [`ragd_core::Embed`] models) → store
+//! ([`ragd_core::DocumentStore`]).
 //!
-//! **Ask** ([`ask`]): validate → [`retrieve`] → [`select`] (near-duplicates
+//! **Ask** ([`ask`]): validate → [`route`] (which model reads the question's
+//! language; [`translate`] for other languages) → [`retrieve`] → [`select`] (near-duplicates
 //! out, overlapping neighbours merged) → rerank ([`ragd_core::Rerank`]) →
 //! [`prompt`] → generate ([`ragd_core::Generate`]) → [`check`] the answer
 //! (citations, grounding, refusal, [`language`]) → [`content`] rules. The
@@ -26,13 +28,16 @@ pub mod config;
 pub mod content;
 pub mod documents;
 pub mod error;
+pub mod evidence;
 pub mod extract;
 pub mod ingest;
 pub mod language;
 pub mod prompt;
 pub mod retrieve;
+pub mod route;
 pub mod search;
 pub mod select;
+pub mod translate;
 
 #[cfg(test)]
 mod tests;
@@ -40,6 +45,8 @@ mod tests;
 use std::sync::Arc;
 
 use ragd_core::{DocumentStore, Embed, Generate, Rerank, SlotLoad, TextKind};
+
+use route::{RoutedEmbedder, Side};
 use serde::Serialize;
 
 pub use answer::{Answer, AnswerEvent, AnswerKind};
@@ -56,22 +63,24 @@ use content::ContentRules;
 #[derive(Debug)]
 pub struct Pipeline {
     config: PipelineConfig,
-    embedder: Arc<dyn Embed>,
+    embedder: Arc<RoutedEmbedder>,
     /// `None` for ingest-only use (`ragd ingest` without a server).
     generator: Option<Arc<dyn Generate>>,
     reranker: Arc<dyn Rerank>,
     store: Arc<dyn DocumentStore>,
     /// Redaction and block list for answers and snippets.
     content: Arc<ContentRules>,
-    /// The retrieval score thresholds for this embedder.
-    thresholds: Thresholds,
+    /// The retrieval score thresholds of the primary embedder.
+    primary_thresholds: Thresholds,
+    /// Those of the multilingual embedder, when there is one.
+    multilingual_thresholds: Option<Thresholds>,
 }
 
 /// The engines a pipeline runs on.
 #[derive(Debug)]
 pub struct Engines {
-    /// Text to vectors.
-    pub embedder: Arc<dyn Embed>,
+    /// Text to vectors: one model, or two routed by language.
+    pub embedder: Arc<RoutedEmbedder>,
     /// Prompts to answers; `None` to ingest and search only.
     pub generator: Option<Arc<dyn Generate>>,
     /// Orders retrieved passages ([`ragd_core::NoRerank`] keeps retrieval's order).
@@ -93,26 +102,29 @@ pub struct Status {
     pub index_at_start: Option<&'static str>,
     /// The models' names.
     pub models: Models,
-    /// The retrieval thresholds in force.
-    pub thresholds: ThresholdsInForce,
+    /// The retrieval thresholds in force, by the languages they apply to.
+    pub thresholds: Vec<ThresholdsInForce>,
 }
 
 /// The models' names.
 #[derive(Debug, Clone, Serialize)]
 pub struct Models {
-    /// The embedder.
+    /// The embedder (both, joined by " + ", when two are routed by language).
     pub embedder: String,
     /// The generator, if one is loaded.
     pub generator: Option<String>,
 }
 
-/// The retrieval thresholds in force.
-#[derive(Debug, Clone, Copy, Serialize)]
+/// The retrieval thresholds for questions in some languages.
+#[derive(Debug, Clone, Serialize)]
 pub struct ThresholdsInForce {
-    /// See [`Thresholds::abstain_below`].
-    pub abstain_below: f32,
-    /// See [`Thresholds::min_score`].
-    pub min_score: f32,
+    /// Which questions: `"en"`, `"all but en"` or `"all"`.
+    pub languages: &'static str,
+    /// The model whose cosine they bound.
+    pub embedder: String,
+    /// The thresholds.
+    #[serde(flatten)]
+    pub thresholds: Thresholds,
 }
 
 impl Pipeline {
@@ -133,22 +145,33 @@ impl Pipeline {
             &config.answers.redact,
             &config.answers.block_terms,
         )?);
-        let thresholds = Thresholds::for_embedder(&config.retrieval, &info.name);
-        if thresholds.calibrated {
-            tracing::info!(
-                embedder = %info.name,
-                min_score = thresholds.min_score,
-                abstain_below = thresholds.abstain_below,
-                "retrieval thresholds"
-            );
-        } else {
-            tracing::warn!(
-                embedder = %info.name,
-                min_score = thresholds.min_score,
-                abstain_below = thresholds.abstain_below,
-                "no calibrated retrieval thresholds for this embedder: all-MiniLM-L6-v2's are used; \
-                 set retrieval.min_score and retrieval.abstain_below (measure with `ragd eval qa`)"
-            );
+        let r = &config.retrieval;
+        let primary_thresholds = Thresholds::for_model(
+            &engines.embedder.model(Side::Primary).name,
+            Side::Primary,
+            r.min_score,
+            r.abstain_below,
+        );
+        let multilingual_thresholds = engines.embedder.is_paired().then(|| {
+            Thresholds::for_model(
+                &engines.embedder.model(Side::Multilingual).name,
+                Side::Multilingual,
+                r.multilingual_min_score,
+                r.multilingual_abstain_below,
+            )
+        });
+        for t in [Some(primary_thresholds), multilingual_thresholds]
+            .into_iter()
+            .flatten()
+        {
+            if !t.calibrated {
+                tracing::warn!(
+                    min_score = t.min_score,
+                    abstain_below = t.abstain_below,
+                    "no calibrated retrieval thresholds for an embedder: all-MiniLM-L6-v2's are used; \
+                     set them in [retrieval] (measure with `ragd eval qa`)"
+                );
+            }
         }
         Ok(Self {
             config,
@@ -157,8 +180,38 @@ impl Pipeline {
             reranker: engines.reranker,
             store: engines.store,
             content,
-            thresholds,
+            primary_thresholds,
+            multilingual_thresholds,
         })
+    }
+
+    /// The thresholds for scores given by `side`'s model.
+    pub(crate) fn side_thresholds(&self, side: Side) -> Option<Thresholds> {
+        match side {
+            Side::Multilingual => self.multilingual_thresholds,
+            Side::Primary => Some(self.primary_thresholds),
+        }
+    }
+
+    /// The thresholds by the languages they apply to, for `/ready`.
+    fn thresholds_in_force(&self) -> Vec<ThresholdsInForce> {
+        let e = &self.embedder;
+        let mut out = vec![ThresholdsInForce {
+            languages: match (e.is_paired(), e.model(Side::Primary).multilingual) {
+                (true, _) | (false, false) => "en",
+                (false, true) => "all",
+            },
+            embedder: e.model(Side::Primary).name.clone(),
+            thresholds: self.primary_thresholds,
+        }];
+        if let Some(t) = self.multilingual_thresholds {
+            out.push(ThresholdsInForce {
+                languages: "all but en",
+                embedder: e.model(Side::Multilingual).name.clone(),
+                thresholds: t,
+            });
+        }
+        out
     }
 
     /// What `/ready` reports: the models, the thresholds, the documents, and
@@ -174,10 +227,7 @@ impl Pipeline {
                 embedder: self.embedder.info().name.clone(),
                 generator: self.generator.as_ref().map(|g| g.info().name.clone()),
             },
-            thresholds: ThresholdsInForce {
-                abstain_below: self.thresholds.abstain_below,
-                min_score: self.thresholds.min_score,
-            },
+            thresholds: self.thresholds_in_force(),
         }
     }
 

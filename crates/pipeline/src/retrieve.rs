@@ -13,6 +13,7 @@ use ragd_core::{DocumentStore, Filter, Hit, StoredChunk};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::route::{QueryVector, Side};
 
 /// Which retriever ranks the chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,78 +65,155 @@ pub struct Strategy {
     pub candidates: usize,
 }
 
-/// The `k` best live chunks for a query (its text and its vector) that pass
-/// `filter`, best first, each with its cosine similarity to the query.
+/// The `k` best live chunks for a query (its texts for the lexical side,
+/// the question first and then any translation, and its dense searches, best
+/// side first; see [`crate::route`]) that pass `filter`, best first, each
+/// with its score and the side that gave it ([`score_side`]; 0 when there is
+/// no dense query).
+///
+/// Hybrid mode fuses every dense ranking with every lexical one, the dense
+/// weight shared among the dense rankings and the rest among the lexical
+/// ones. A chunk is judged only by the rankings that can read it: one whose
+/// stored vector has no part from a dense search's model (a Chinese passage
+/// and the English-only model) is scored by the others, their weights scaled
+/// up to the whole. With no dense search (no model reads the query's
+/// language) every mode is lexical: a dense score that carries no signal
+/// would only drown the lexical one.
 pub async fn retrieve(
     store: &dyn DocumentStore,
-    text: &str,
-    vector: &[f32],
+    texts: &[String],
+    dense: &[QueryVector],
     k: usize,
     filter: &Filter,
     strategy: &Strategy,
-) -> Result<Vec<(StoredChunk, f32)>, Error> {
-    let ranked: Vec<Hit> = match strategy.mode {
-        Mode::Dense => store.dense_search(vector, k, filter).await?,
-        Mode::Lexical => store.lexical_search(text, k, filter).await?,
-        Mode::Hybrid => {
-            let n = strategy.candidates.max(k);
-            let dense = store.dense_search(vector, n, filter).await?;
-            let lexical = store.lexical_search(text, n, filter).await?;
-            fuse(&dense, &lexical, strategy.fusion, strategy.dense_weight)
-                .into_iter()
-                .take(k)
-                .map(|id| Hit { id, score: 0.0 })
-                .collect()
-        }
+) -> Result<Vec<(StoredChunk, f32, Side)>, Error> {
+    let mode = if dense.is_empty() {
+        Mode::Lexical
+    } else {
+        strategy.mode
     };
-    let keys: Vec<usize> = ranked.iter().map(|h| h.id).collect();
-    let dense_score: HashMap<usize, f32> = ranked.iter().map(|h| (h.id, h.score)).collect();
-    let chunks = store.chunks(&keys).await?;
-    Ok(chunks
+    let n = strategy.candidates.max(k);
+    let dense_weight = match mode {
+        Mode::Dense => 1.0,
+        Mode::Lexical => 0.0,
+        Mode::Hybrid => strategy.dense_weight.clamp(0.0, 1.0),
+    };
+    // (hits, weight, the part of stored vectors its model wrote)
+    let mut lists: Vec<(Vec<Hit>, f32, Option<std::ops::Range<usize>>)> = Vec::new();
+    if mode != Mode::Lexical {
+        for q in dense {
+            let hits = store.dense_search(&q.vector, n, filter).await?;
+            lists.push((
+                hits,
+                dense_weight / dense.len() as f32,
+                Some(q.half.clone()),
+            ));
+        }
+    }
+    if mode != Mode::Dense {
+        for text in texts {
+            let hits = store.lexical_search(text, n, filter).await?;
+            lists.push((hits, (1.0 - dense_weight) / texts.len() as f32, None));
+        }
+    }
+    let mut keys: Vec<usize> = lists
+        .iter()
+        .flat_map(|(h, _, _)| h.iter().map(|h| h.id))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut chunks: HashMap<usize, StoredChunk> = store
+        .chunks(&keys)
+        .await?
         .into_iter()
+        .map(|c| (c.key, c))
+        .collect();
+    let reads = |list: usize, id: usize| match (&lists[list].2, chunks.get(&id)) {
+        (Some(half), Some(c)) => c
+            .vector
+            .get(half.clone())
+            .is_some_and(|v| v.iter().any(|x| *x != 0.0)),
+        _ => true,
+    };
+    let ranked: Vec<(&[Hit], f32)> = lists.iter().map(|(h, w, _)| (h.as_slice(), *w)).collect();
+    let order = fuse(&ranked, strategy.fusion, reads);
+    Ok(order
+        .into_iter()
+        .filter_map(|id| chunks.remove(&id))
+        .take(k)
         .map(|c| {
-            let score = match strategy.mode {
-                // The vector search's own score is the cosine.
-                Mode::Dense => dense_score.get(&c.key).copied().unwrap_or(0.0),
-                Mode::Lexical | Mode::Hybrid => {
-                    c.vector.iter().zip(vector).map(|(a, b)| a * b).sum()
-                }
-            };
-            (c, score)
+            let (score, side) = score_side(&c.vector, dense);
+            (c, score, side)
         })
         .collect())
 }
 
-/// Combines two best-first rankings into one list of ids, best first.
-pub fn fuse(dense: &[Hit], lexical: &[Hit], fusion: Fusion, dense_weight: f32) -> Vec<usize> {
-    let w = [
-        dense_weight.clamp(0.0, 1.0),
-        1.0 - dense_weight.clamp(0.0, 1.0),
-    ];
+/// A chunk's score: its cosine with the first dense query whose model reads
+/// it, English-reading queries first (the question, or its translation) —
+/// the English model separates answerable from unanswerable questions best —
+/// then the multilingual ones (the question first). The side says whose
+/// thresholds apply. With no dense query, 0 on the primary side.
+pub fn score_side(vector: &[f32], dense: &[QueryVector]) -> (f32, Side) {
+    let reads = |q: &QueryVector| {
+        vector
+            .get(q.half.clone())
+            .is_some_and(|v| v.iter().any(|x| *x != 0.0))
+    };
+    let by = dense
+        .iter()
+        .filter(|q| q.side == Side::Primary)
+        .chain(dense.iter().filter(|q| q.side == Side::Multilingual))
+        .find(|q| reads(q));
+    match by {
+        // The store's own dense score is the same number, up to rounding.
+        Some(q) => (
+            vector.iter().zip(&q.vector).map(|(a, b)| a * b).sum(),
+            q.side,
+        ),
+        None => (0.0, Side::Primary),
+    }
+}
+
+/// Combines best-first rankings, each with its weight, into one list of ids,
+/// best first. `reads(list, id)` says whether a ranking can judge a chunk: one
+/// that cannot neither counts for it nor against it, and the weights of those
+/// that can are scaled to sum as all do.
+pub fn fuse(
+    lists: &[(&[Hit], f32)],
+    fusion: Fusion,
+    reads: impl Fn(usize, usize) -> bool,
+) -> Vec<usize> {
+    let total: f32 = lists.iter().map(|(_, w)| w).sum();
     let mut fused: HashMap<usize, f32> = HashMap::new();
-    for (side, hits) in [dense, lexical].into_iter().enumerate() {
-        match fusion {
-            Fusion::Rrf => {
-                for (rank, h) in hits.iter().enumerate() {
-                    *fused.entry(h.id).or_default() += w[side] / (60.0 + rank as f32 + 1.0);
-                }
+    for (l, &(hits, weight)) in lists.iter().enumerate() {
+        let max = hits.iter().map(|h| h.score).fold(f32::MIN, f32::max);
+        let min = hits.iter().map(|h| h.score).fold(f32::MAX, f32::min);
+        let span = max - min;
+        for (rank, h) in hits.iter().enumerate() {
+            if !reads(l, h.id) {
+                continue;
             }
-            Fusion::Convex => {
-                let max = hits.iter().map(|h| h.score).fold(f32::MIN, f32::max);
-                let min = hits.iter().map(|h| h.score).fold(f32::MAX, f32::min);
-                let span = max - min;
-                for h in hits {
-                    let norm = if span > 1e-9 {
-                        (h.score - min) / span
-                    } else {
-                        1.0
-                    };
-                    *fused.entry(h.id).or_default() += w[side] * norm;
-                }
-            }
+            let part = match fusion {
+                Fusion::Rrf => 1.0 / (60.0 + rank as f32 + 1.0),
+                Fusion::Convex if span > 1e-9 => (h.score - min) / span,
+                Fusion::Convex => 1.0,
+            };
+            *fused.entry(h.id).or_default() += weight * part;
         }
     }
-    let mut out: Vec<(usize, f32)> = fused.into_iter().collect();
+    let mut out: Vec<(usize, f32)> = fused
+        .into_iter()
+        .map(|(id, score)| {
+            let readers: f32 = lists
+                .iter()
+                .enumerate()
+                .filter(|(l, _)| reads(*l, id))
+                .map(|(_, (_, w))| w)
+                .sum();
+            let scale = if readers > 0.0 { total / readers } else { 1.0 };
+            (id, score * scale)
+        })
+        .collect();
     out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     out.into_iter().map(|(id, _)| id).collect()
 }
@@ -143,6 +221,10 @@ pub fn fuse(dense: &[Hit], lexical: &[Hit], fusion: Fusion, dense_weight: f32) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn all(_: usize, _: usize) -> bool {
+        true
+    }
 
     fn hits(ids: &[(usize, f32)]) -> Vec<Hit> {
         ids.iter().map(|&(id, score)| Hit { id, score }).collect()
@@ -152,9 +234,10 @@ mod tests {
     fn rrf_rewards_agreement_and_weights_sides() {
         let dense = hits(&[(1, 0.9), (2, 0.8), (3, 0.7)]);
         let lexical = hits(&[(3, 12.0), (4, 9.0), (1, 5.0)]);
-        assert_eq!(fuse(&dense, &lexical, Fusion::Rrf, 0.5), vec![1, 3, 2, 4]);
-        assert_eq!(fuse(&dense, &lexical, Fusion::Rrf, 1.0)[..3], [1, 2, 3]);
-        assert_eq!(fuse(&dense, &lexical, Fusion::Rrf, 0.0)[..3], [3, 4, 1]);
+        let two = |w: f32| fuse(&[(&dense, w), (&lexical, 1.0 - w)], Fusion::Rrf, all);
+        assert_eq!(two(0.5), vec![1, 3, 2, 4]);
+        assert_eq!(two(1.0)[..3], [1, 2, 3]);
+        assert_eq!(two(0.0)[..3], [3, 4, 1]);
     }
 
     #[test]
@@ -162,9 +245,37 @@ mod tests {
         let dense = hits(&[(1, 0.90), (2, 0.89), (3, 0.10)]);
         let lexical = hits(&[(2, 10.0), (3, 9.0), (1, 1.0)]);
         // Dense barely separates 1 and 2; the lexical side decides.
-        assert_eq!(fuse(&dense, &lexical, Fusion::Convex, 0.5), vec![2, 1, 3]);
-        assert_eq!(fuse(&dense, &lexical, Fusion::Convex, 1.0)[0], 1);
-        assert_eq!(fuse(&[], &lexical, Fusion::Convex, 0.7), vec![2, 3, 1]);
+        let two = |w: f32| fuse(&[(&dense, w), (&lexical, 1.0 - w)], Fusion::Convex, all);
+        assert_eq!(two(0.5), vec![2, 1, 3]);
+        assert_eq!(two(1.0)[0], 1);
+        assert_eq!(
+            fuse(&[(&[], 0.7), (&lexical, 0.3)], Fusion::Convex, all),
+            vec![2, 3, 1]
+        );
+        // A third ranking that agrees with the first outvotes the second.
+        let other = hits(&[(1, 0.5), (3, 0.4), (2, 0.1)]);
+        assert_eq!(
+            fuse(
+                &[(&dense, 0.35), (&other, 0.35), (&lexical, 0.3)],
+                Fusion::Convex,
+                all
+            )[0],
+            1
+        );
+    }
+
+    #[test]
+    fn a_chunk_is_judged_only_by_the_rankings_that_read_it() {
+        // Ranking 0's model cannot read chunk 9 (it sits last there); the
+        // other ranking puts it first. Judged by that one alone, it wins.
+        let english = hits(&[(1, 0.6), (2, 0.5), (9, 0.0)]);
+        let multilingual = hits(&[(9, 0.9), (1, 0.7), (2, 0.6)]);
+        let lists = [(&english[..], 0.5), (&multilingual[..], 0.5)];
+        assert_eq!(fuse(&lists, Fusion::Convex, all)[0], 1, "without the rule");
+        assert_eq!(
+            fuse(&lists, Fusion::Convex, |l, id| !(l == 0 && id == 9))[0],
+            9
+        );
     }
 
     #[test]

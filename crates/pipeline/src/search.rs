@@ -49,8 +49,11 @@ pub struct SearchResult {
     pub end: usize,
     /// The chunk's text.
     pub text: String,
-    /// Cosine similarity with the query.
+    /// Cosine similarity with the query, by the model in `scored_by`.
     pub score: f32,
+    /// Whose cosine `score` is: `primary` (`models.embedder`) or
+    /// `multilingual` (`models.multilingual_embedder`); their thresholds differ.
+    pub scored_by: crate::route::Side,
 }
 
 /// Response of `POST /search`.
@@ -78,7 +81,10 @@ impl Pipeline {
         }
         let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
         let filter = Filter::parse(req.filter.as_ref())?;
-        let (sources, _) = self.passages(query, top_k, &filter, mode, -1.0).await?;
+        let lang = crate::language::detect(query);
+        let (sources, _) = self
+            .passages(query, lang, top_k, &filter, mode, false)
+            .await?;
         let mut tally = Tally::default();
         Ok(SearchResponse {
             results: sources
@@ -94,6 +100,7 @@ impl Pipeline {
                     end: s.end,
                     text: self.content.apply(&s.text, &mut tally),
                     score: s.score,
+                    scored_by: s.side,
                 })
                 .collect(),
             content_rules: tally.applied(),

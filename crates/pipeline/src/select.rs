@@ -7,12 +7,14 @@
 //! twice and the passage reads on). Then the reranker ([`ragd_core::Rerank`])
 //! orders what is left and the best `top_k` are numbered from 1.
 
-use ragd_core::{Filter, TextKind};
+use ragd_core::Filter;
 use serde::Serialize;
 
 use crate::check::CitedBy;
 use crate::error::Error;
+use crate::language::Lang;
 use crate::retrieve::{self, Mode, Strategy};
+use crate::route::{QueryVector, Side};
 use crate::Pipeline;
 
 /// Characters of a chunk shown as a citation's snippet.
@@ -58,6 +60,13 @@ pub struct Source {
     pub end: usize,
     /// The passage as the model read it (neighbours merged in).
     pub text: String,
+    /// The strips of the passage the model was given (evidence selection),
+    /// as byte ranges of the document; empty when it read the whole passage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<crate::evidence::Strip>,
+    /// The model whose cosine is `score` (its thresholds apply).
+    #[serde(skip)]
+    pub side: Side,
     /// The embedding of its best chunk, for the answer check.
     #[serde(skip)]
     pub vector: Vec<f32>,
@@ -72,17 +81,19 @@ pub(crate) fn snippet(text: &str) -> String {
 }
 
 impl Pipeline {
-    /// Embeds `query`, retrieves, selects and reranks: the `top_k` best
-    /// passages passing `filter` and scoring at least `min_score`, numbered
-    /// from 1, and the query's vector.
+    /// Embeds `query` (written in `lang`) by the models that read it,
+    /// retrieves, selects and reranks: the `top_k` best passages passing
+    /// `filter` (and, with `thresholds`, scoring at least the `min_score` of
+    /// the side that scored them), numbered from 1, and the query's vectors.
     pub(crate) async fn passages(
         &self,
         query: &str,
+        lang: Lang,
         top_k: usize,
         filter: &Filter,
         mode: Mode,
-        min_score: f32,
-    ) -> Result<(Vec<Source>, Vec<f32>), Error> {
+        thresholds: bool,
+    ) -> Result<(Vec<Source>, Queries), Error> {
         let r = &self.config.retrieval;
         let strategy = Strategy {
             mode,
@@ -90,24 +101,33 @@ impl Pipeline {
             dense_weight: r.dense_weight,
             candidates: r.candidates,
         };
-        let vector = self
-            .embedder
-            .embed(TextKind::Query, vec![query.to_string()])
-            .await?
-            .pop()
-            .ok_or_else(|| Error::internal("the embedder returned no vector"))?;
+        let mut dense = self.embedder.query(query, lang).await?;
+        let mut texts = vec![query.to_string()];
+        if let Some(english) = self.english_query(query, lang).await {
+            tracing::debug!(%english, "question translated for retrieval");
+            dense.extend(self.embedder.query(&english, Lang::En).await?);
+            texts.push(english);
+        }
         // Ask for more than top_k so that dropping near-duplicates still leaves top_k.
         let wanted = (top_k * 2).min(top_k + 20);
         let hits =
-            retrieve::retrieve(&*self.store, query, &vector, wanted, filter, &strategy).await?;
+            retrieve::retrieve(&*self.store, &texts, &dense, wanted, filter, &strategy).await?;
+        // With no dense query the scores say nothing: no threshold applies.
+        let thresholds = thresholds && !dense.is_empty();
         let chunks: Vec<_> = hits
             .into_iter()
-            .filter(|(_, score)| *score >= min_score)
+            .filter(|(_, score, side)| {
+                !thresholds
+                    || self
+                        .side_thresholds(*side)
+                        .is_none_or(|t| *score >= t.min_score)
+            })
             .collect();
+        let queries = Queries(dense);
         let keep = distinct(
             &chunks
                 .iter()
-                .map(|(c, _)| (c.text.as_str(), c.vector.as_slice()))
+                .map(|(c, _, _)| (c.text.as_str(), c.vector.as_slice()))
                 .collect::<Vec<_>>(),
         );
         let mut chunks: Vec<_> = chunks.into_iter().map(Some).collect();
@@ -115,17 +135,17 @@ impl Pipeline {
         let groups = merge_overlapping(
             &chunks
                 .iter()
-                .map(|(c, _)| (c.document_id.as_str(), c.start, c.end))
+                .map(|(c, _, _)| (c.document_id.as_str(), c.start, c.end))
                 .collect::<Vec<_>>(),
         );
         let mut passages: Vec<Source> = groups
             .into_iter()
             .map(|members| {
-                let (c, score) = &chunks[members[0]];
+                let (c, score, side) = &chunks[members[0]];
                 let (mut start, mut text) = (c.start, c.text.clone());
                 let mut merged_with = Vec::new();
                 for &m in &members[1..] {
-                    let (other, _) = &chunks[m];
+                    let (other, _, _) = &chunks[m];
                     (start, text) = union_text((start, &text), (other.start, &other.text));
                     merged_with.push(other.chunk_id());
                 }
@@ -144,6 +164,8 @@ impl Pipeline {
                     end: start + text.len(),
                     start,
                     text,
+                    evidence: Vec::new(),
+                    side: *side,
                     vector: c.vector.clone(),
                 }
             })
@@ -161,9 +183,43 @@ impl Pipeline {
             .enumerate()
             .map(|(i, p)| Source { n: i + 1, ..p })
             .collect();
-        Ok((passages, vector))
+        Ok((passages, queries))
     }
 }
+
+/// A question's dense queries (see [`crate::route`]), for the stages after
+/// retrieval that compare texts with it.
+#[derive(Debug, Clone, Default)]
+pub struct Queries(Vec<QueryVector>);
+
+impl Queries {
+    /// The query vector on `side` (the question's own, or on the English side
+    /// its translation); empty when there is none.
+    pub fn vector(&self, side: Side) -> Vec<f32> {
+        self.0
+            .iter()
+            .find(|q| q.side == side)
+            .map(|q| q.vector.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Pipeline {
+    /// `query` in English, for retrieval, when it is in another language,
+    /// `retrieval.translate_queries` is on and the answer model can do it
+    /// (see [`crate::translate`]).
+    async fn english_query(&self, query: &str, lang: Lang) -> Option<String> {
+        if lang == Lang::En || !self.config.retrieval.translate_queries {
+            return None;
+        }
+        let generator = self.generator.as_ref()?;
+        crate::translate::to_english(&**generator, query, TRANSLATE_WITHIN).await
+    }
+}
+
+/// Longest wait for a question's translation (queue included); after that it
+/// is searched as written.
+const TRANSLATE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Two chunks whose vectors are this close say the same thing (repeated
 /// boilerplate, copies of a passage); only the better-ranked one is returned.
@@ -182,14 +238,13 @@ pub fn distinct(items: &[(&str, &[f32])]) -> Vec<usize> {
     let mut kept: Vec<usize> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, (text, vector)) in items.iter().enumerate() {
+        // Cosine, not the dot product: stored vectors of passages that only
+        // one of two routed embedders reads are not unit vectors.
         let near = kept.iter().any(|&j| {
-            let dot: f32 = items[j]
-                .1
-                .iter()
-                .zip(vector.iter())
-                .map(|(a, b)| a * b)
-                .sum();
-            dot >= NEAR_DUPLICATE
+            let dot = |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+            let (a, b) = (items[j].1, *vector);
+            let norms = (dot(a, a) * dot(b, b)).sqrt();
+            norms > 0.0 && dot(a, b) / norms >= NEAR_DUPLICATE
         });
         if seen.insert(norm(text)) && !near {
             kept.push(i);

@@ -68,6 +68,7 @@ impl Embed for WordEmbedder {
             max_length: 512,
             query_prefix: String::new(),
             passage_prefix: String::new(),
+            multilingual: true,
         })
     }
 
@@ -387,10 +388,14 @@ fn config(redact: &[&str]) -> PipelineConfig {
             max_top_k: 20,
             min_score: Some(0.1),
             abstain_below: Some(0.3),
+            multilingual_min_score: Some(0.1),
+            multilingual_abstain_below: Some(0.3),
             mode: Mode::Hybrid,
             fusion: Fusion::Convex,
             dense_weight: 0.5,
             candidates: 20,
+            translate_queries: false,
+            evidence_tokens: 0,
         },
         generation: GenerationConfig {
             max_tokens: 64,
@@ -429,12 +434,16 @@ struct Setup {
 }
 
 fn setup(script: Script, redact: &[&str], reranker: Arc<dyn Rerank>) -> Setup {
+    setup_with(config(redact), script, reranker)
+}
+
+fn setup_with(config: PipelineConfig, script: Script, reranker: Arc<dyn Rerank>) -> Setup {
     let embedder = Arc::new(WordEmbedder::default());
     let generator = Arc::new(ScriptedGenerator::new(script));
     let pipeline = Pipeline::new(
-        config(redact),
+        config,
         Engines {
-            embedder: embedder.clone(),
+            embedder: Arc::new(crate::route::RoutedEmbedder::new(embedder.clone(), None)),
             generator: Some(generator.clone()),
             reranker,
             store: Arc::new(MemoryStore::default()),
@@ -609,6 +618,39 @@ async fn the_model_is_shown_the_best_passages_numbered_and_cites_them() {
     assert_eq!(done.citations[0].document_id, "cats");
     assert_eq!(done.finish_reason, "stop");
     assert!(done.grounding.as_ref().is_some_and(|g| g.supported));
+}
+
+#[tokio::test]
+async fn evidence_selection_shows_the_model_only_the_strips_that_bear_on_the_question() {
+    let mut c = config(&[]);
+    c.retrieval.evidence_tokens = 12;
+    c.chunking.max_tokens = 200;
+    let s = setup_with(
+        c,
+        Script::Answer(vec!["Cats sleep sixteen hours a day [1]."]),
+        Arc::new(NoRerank),
+    );
+    let text = "Cats are small carnivores that people keep as pets all over the world. \
+                Cats sleep sixteen hours a day, mostly in the warm afternoon. \
+                Their whiskers sense the slightest air currents around them.";
+    let docs = serde_json::from_value(json!({ "documents": [
+        { "id": "cats", "title": "Cats", "text": text }
+    ]}))
+    .unwrap();
+    s.pipeline.ingest(docs).await.unwrap();
+    let events = events(&s.pipeline, "How many hours do cats sleep a day?").await;
+    let p = &s.generator.prompts()[0];
+    let strip = "Cats sleep sixteen hours a day, mostly in the warm afternoon.";
+    assert_eq!(p.passages.len(), 1, "{p:?}");
+    assert_eq!(p.passages[0].text, strip);
+    let AnswerEvent::Sources(sources) = &events[0] else {
+        panic!("{events:?}")
+    };
+    // The response says which strip of the document the model read.
+    let e = &sources[0].evidence;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(&text[e[0].start..e[0].end], strip);
+    assert_eq!(done(&events).answer_kind, crate::AnswerKind::Generated);
 }
 
 #[tokio::test]

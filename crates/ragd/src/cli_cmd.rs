@@ -149,9 +149,13 @@ pub(crate) fn list(dir: &Path, config: &ragd::Config) -> Result<()> {
         } else {
             e.metadata()?.len()
         };
-        let used = [&config.models.embedder, &config.models.generator]
-            .iter()
-            .any(|p| p.file_name().is_some_and(|f| f.to_string_lossy() == name));
+        let used = [
+            &config.models.embedder,
+            &config.models.multilingual_embedder,
+            &config.models.generator,
+        ]
+        .iter()
+        .any(|p| p.file_name().is_some_and(|f| f.to_string_lossy() == name));
         rows.push((name, size, used));
     }
     rows.sort();
@@ -163,8 +167,9 @@ pub(crate) fn list(dir: &Path, config: &ragd::Config) -> Result<()> {
         );
     }
     println!(
-        "(* configured: models.embedder = {}, models.generator = {})",
+        "(* configured: models.embedder = {}, models.multilingual_embedder = {}, models.generator = {})",
         config.models.embedder.display(),
+        config.models.multilingual_embedder.display(),
         config.models.generator.display()
     );
     Ok(())

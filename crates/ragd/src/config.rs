@@ -51,6 +51,10 @@ pub struct Config {
 pub struct ModelsConfig {
     /// Embedding model directory.
     pub embedder: PathBuf,
+    /// A second, multilingual embedding model directory, routed to by
+    /// language (see `ragd_pipeline::route`); empty for none.
+    #[serde(default)]
+    pub multilingual_embedder: PathBuf,
     /// GGUF chat model file.
     pub generator: PathBuf,
 }
@@ -308,7 +312,14 @@ mod tests {
             (c.retrieval.min_score, c.retrieval.abstain_below),
             (None, None)
         );
-        let t = |c: &Config, name| ragd_pipeline::Thresholds::for_embedder(&c.retrieval, name);
+        let t = |c: &Config, name| {
+            ragd_pipeline::Thresholds::for_model(
+                name,
+                ragd_pipeline::route::Side::Primary,
+                c.retrieval.min_score,
+                c.retrieval.abstain_below,
+            )
+        };
         let minilm = t(&c, "all-MiniLM-L6-v2");
         assert_eq!(
             (minilm.min_score, minilm.abstain_below, minilm.calibrated),
@@ -334,6 +345,15 @@ mod tests {
         )
         .unwrap();
         assert!(t(&both, "bge-small-en").calibrated, "both set by the user");
+        // Beside an English model, e5 scores the other languages' passages,
+        // whose cosines run higher.
+        let beside = ragd_pipeline::Thresholds::for_model(
+            "multilingual-e5-small",
+            ragd_pipeline::route::Side::Multilingual,
+            None,
+            None,
+        );
+        assert_eq!((beside.min_score, beside.abstain_below), (0.85, 0.87));
         assert!(
             Config::from_toml_over_defaults("[retrieval]\nabstain_below = 1.5\n", "test").is_err()
         );

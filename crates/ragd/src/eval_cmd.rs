@@ -50,68 +50,135 @@ fn metrics(ranked: &[String], relevant: &HashSet<String>) -> [f64; 5] {
     ]
 }
 
+/// A BEIR folder's queries by id and relevant documents by query id.
+pub(crate) struct Dataset {
+    pub corpus: Vec<Value>,
+    pub queries: HashMap<String, String>,
+    pub qrels: HashMap<String, HashSet<String>>,
+}
+
+impl Dataset {
+    pub(crate) fn read(dataset: &Path) -> Result<Self> {
+        let corpus = read_jsonl(&dataset.join("corpus.jsonl"))?;
+        let queries: HashMap<String, String> = read_jsonl(&dataset.join("queries.jsonl"))?
+            .into_iter()
+            .filter_map(|q| {
+                Some((
+                    q["_id"].as_str()?.to_string(),
+                    q["text"].as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let qrels_text = std::fs::read_to_string(dataset.join("qrels/test.tsv"))
+            .context("reading qrels/test.tsv")?;
+        let mut qrels: HashMap<String, HashSet<String>> = HashMap::new();
+        for line in qrels_text.lines().skip(1) {
+            let cols: Vec<&str> = line.split('\t').collect();
+            if cols.len() >= 3 && cols[2].trim().parse::<f64>().unwrap_or(0.0) > 0.0 {
+                qrels
+                    .entry(cols[0].to_string())
+                    .or_default()
+                    .insert(cols[1].to_string());
+            }
+        }
+        Ok(Self {
+            corpus,
+            queries,
+            qrels,
+        })
+    }
+
+    /// The ids of the queries with relevant documents, sorted.
+    pub(crate) fn query_ids(&self) -> Vec<&String> {
+        let mut ids: Vec<&String> = self
+            .qrels
+            .keys()
+            .filter(|q| self.queries.contains_key(*q))
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// A pipeline over the corpus ingested into `data_dir` (or a temporary
+/// directory, removed by [`Ingested::finish`]).
+pub(crate) struct Ingested {
+    pub engine: std::sync::Arc<ragd_pipeline::Pipeline>,
+    data: PathBuf,
+    temporary: bool,
+}
+
+impl Ingested {
+    pub(crate) async fn open(
+        corpus: &[Value],
+        mut config: Config,
+        data_dir: Option<PathBuf>,
+    ) -> Result<Self> {
+        let temporary = data_dir.is_none();
+        let data = data_dir.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("ragd-eval-{}", std::process::id()))
+        });
+        if temporary {
+            let _ = std::fs::remove_dir_all(&data);
+        }
+        config.server.data_dir = data.clone();
+        // The answer model only when retrieval uses it.
+        let engine = if config.retrieval.translate_queries {
+            ragd::open_for_eval(config).await?
+        } else {
+            ragd::open_for_ingest(config).await?
+        };
+        let started = Instant::now();
+        for batch in corpus.chunks(256) {
+            let documents = batch
+                .iter()
+                .map(|d| {
+                    serde_json::from_value(
+                        json!({ "id": d["_id"], "title": d["title"], "text": d["text"],
+                        "metadata": d.get("metadata").cloned().unwrap_or(json!({})) }),
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            engine
+                .ingest(IngestRequest { documents })
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        eprintln!(
+            "ingested {} documents in {:.1} s",
+            corpus.len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Self {
+            engine,
+            data,
+            temporary,
+        })
+    }
+
+    /// Removes a temporary data directory; flushes a kept one.
+    pub(crate) async fn finish(self) -> Result<()> {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.data);
+        } else {
+            self.engine.flush().await?;
+        }
+        Ok(())
+    }
+}
+
 pub(crate) async fn run(
     dataset: &Path,
     modes: &[String],
     json_out: bool,
-    mut config: Config,
+    config: Config,
     data_dir: Option<PathBuf>,
 ) -> Result<()> {
-    let corpus = read_jsonl(&dataset.join("corpus.jsonl"))?;
-    let queries: HashMap<String, String> = read_jsonl(&dataset.join("queries.jsonl"))?
-        .into_iter()
-        .filter_map(|q| {
-            Some((
-                q["_id"].as_str()?.to_string(),
-                q["text"].as_str()?.to_string(),
-            ))
-        })
-        .collect();
-    let qrels_text = std::fs::read_to_string(dataset.join("qrels/test.tsv"))
-        .context("reading qrels/test.tsv")?;
-    let mut qrels: HashMap<String, HashSet<String>> = HashMap::new();
-    for line in qrels_text.lines().skip(1) {
-        let cols: Vec<&str> = line.split('\t').collect();
-        if cols.len() >= 3 && cols[2].trim().parse::<f64>().unwrap_or(0.0) > 0.0 {
-            qrels
-                .entry(cols[0].to_string())
-                .or_default()
-                .insert(cols[1].to_string());
-        }
-    }
-    let mut query_ids: Vec<&String> = qrels.keys().filter(|q| queries.contains_key(*q)).collect();
-    query_ids.sort();
-
-    let temporary = data_dir.is_none();
-    let data = data_dir
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("ragd-eval-{}", std::process::id())));
-    if temporary {
-        let _ = std::fs::remove_dir_all(&data);
-    }
-    config.server.data_dir = data.clone();
-    let engine = ragd::open_for_ingest(config).await?;
-    let started = Instant::now();
-    for batch in corpus.chunks(256) {
-        let documents = batch
-            .iter()
-            .map(|d| {
-                serde_json::from_value(
-                    json!({ "id": d["_id"], "title": d["title"], "text": d["text"],
-                    "metadata": d.get("metadata").cloned().unwrap_or(json!({})) }),
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        engine
-            .ingest(IngestRequest { documents })
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    eprintln!(
-        "ingested {} documents in {:.1} s",
-        corpus.len(),
-        started.elapsed().as_secs_f64()
-    );
-
+    let set = Dataset::read(dataset)?;
+    let (corpus, queries, qrels) = (&set.corpus, &set.queries, &set.qrels);
+    let query_ids = set.query_ids();
+    let ingested = Ingested::open(corpus, config, data_dir).await?;
+    let engine = &ingested.engine;
     let mut report = Vec::new();
     for mode in modes {
         let started = Instant::now();
@@ -134,7 +201,17 @@ pub(crate) async fn run(
                 .map(|r| r.document_id)
                 .filter(|d| seen.insert(d.clone()))
                 .collect();
-            for (s, m) in sums.iter_mut().zip(metrics(&ranked, &qrels[*qid])) {
+            let m = metrics(&ranked, &qrels[*qid]);
+            if std::env::var_os("RAGD_EVAL_MISSES").is_some() && m[2] < 1.0 {
+                // A development aid: which queries miss at 5, and what came first.
+                eprintln!(
+                    "miss@5 {mode} {qid}: {:?} → {:?} (want {:?})",
+                    queries[*qid],
+                    &ranked[..ranked.len().min(5)],
+                    qrels[*qid]
+                );
+            }
+            for (s, m) in sums.iter_mut().zip(m) {
                 *s += m;
             }
         }
@@ -146,11 +223,7 @@ pub(crate) async fn run(
             "recall@10": sums[3] / n, "mrr@10": sums[4] / n, "queries_per_s": n / secs,
         }));
     }
-    if temporary {
-        let _ = std::fs::remove_dir_all(&data);
-    } else {
-        engine.flush().await?;
-    }
+    ingested.finish().await?;
     if json_out {
         println!(
             "{}",

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use ragd_backends::{LocalEmbedder, LocalGenerator, LocalOptions, RemoteGenerator, SqliteStore};
 use ragd_core::{Embed, Generate, NoRerank};
+use ragd_pipeline::route::RoutedEmbedder;
 use ragd_pipeline::{Engines, Pipeline};
 use ragd_server::{AppState, Http};
 use tokio::sync::oneshot;
@@ -105,17 +106,45 @@ pub async fn start(config: Config) -> std::io::Result<Server> {
     })
 }
 
-/// The embedder, with its batch sizes counted in the metrics.
+/// The embedder, with its batch sizes counted in the metrics: the one in
+/// `dir`, configured by `[embedder]` (`primary`) or with the model's own
+/// window and prefixes.
 fn spawn_embedder(
     config: &Config,
+    dir: &std::path::Path,
+    primary: bool,
 ) -> oneshot::Receiver<Result<LocalEmbedder, ragd_backends::LoadError>> {
     let observe: ragd_backends::BatchObserver =
         Arc::new(|n| ragd_server::metrics::get().embedding_batch(n));
-    LocalEmbedder::spawn(
-        config.models.embedder.clone(),
-        config.embedder.clone(),
-        Some(observe),
-    )
+    let settings = if primary {
+        config.embedder.clone()
+    } else {
+        ragd_embedder::EmbedderConfig {
+            batch_size: config.embedder.batch_size,
+            ..Default::default()
+        }
+    };
+    LocalEmbedder::spawn(dir.to_path_buf(), settings, Some(observe))
+}
+
+/// The configured embedders, loaded side by side, behind one router.
+async fn load_embedders(config: &Config) -> Result<Arc<RoutedEmbedder>, StartError> {
+    let primary = spawn_embedder(config, &config.models.embedder, true);
+    let multilingual = (!config.models.multilingual_embedder.as_os_str().is_empty())
+        .then(|| spawn_embedder(config, &config.models.multilingual_embedder, false));
+    let primary: Arc<dyn Embed> = Arc::new(
+        primary
+            .await
+            .map_err(|_| StartError::Stopped("embedder thread"))??,
+    );
+    let multilingual: Option<Arc<dyn Embed>> = match multilingual {
+        Some(rx) => Some(Arc::new(
+            rx.await
+                .map_err(|_| StartError::Stopped("embedder thread"))??,
+        )),
+        None => None,
+    };
+    Ok(Arc::new(RoutedEmbedder::new(primary, multilingual)))
 }
 
 /// Opens the store for `embedder`'s vectors (blocking work, off the runtime).
@@ -135,7 +164,7 @@ async fn open_store(config: &Config, embedder: &dyn Embed) -> Result<SqliteStore
 
 /// Loads the engines the configuration names and assembles the pipeline.
 async fn load(config: &Config) -> Result<Pipeline, StartError> {
-    let embedder = spawn_embedder(config);
+    let embedder = load_embedders(config);
     let generator = if config.generation.backend == "openai" {
         None
     } else {
@@ -147,11 +176,7 @@ async fn load(config: &Config) -> Result<Pipeline, StartError> {
             prefix_samples: ragd_pipeline::prompt::prefix_samples(),
         }))
     };
-    let embedder: Arc<dyn Embed> = Arc::new(
-        embedder
-            .await
-            .map_err(|_| StartError::Stopped("embedder thread"))??,
-    );
+    let embedder = embedder.await?;
     let generator: Arc<dyn Generate> = match generator {
         Some(local) => Arc::new(
             local
@@ -176,16 +201,20 @@ async fn load(config: &Config) -> Result<Pipeline, StartError> {
     )?)
 }
 
+/// Opens the data directory with every engine the configuration names, for
+/// evaluation without a server (retrieval translates questions with the
+/// answer model when `retrieval.translate_queries` is on). The same caveat as
+/// [`open_for_ingest`] holds.
+pub async fn open_for_eval(config: Config) -> Result<Arc<Pipeline>, StartError> {
+    Ok(Arc::new(load(&config).await?))
+}
+
 /// Opens the data directory with the embedder only, for ingesting without a
 /// server (`ragd ingest`, `ragd eval retrieval`). Do not run it on a data
 /// directory a server is using: the server would not see the new documents
 /// until it restarts.
 pub async fn open_for_ingest(config: Config) -> Result<Arc<Pipeline>, StartError> {
-    let embedder: Arc<dyn Embed> = Arc::new(
-        spawn_embedder(&config)
-            .await
-            .map_err(|_| StartError::Stopped("embedder thread"))??,
-    );
+    let embedder = load_embedders(&config).await?;
     let store = open_store(&config, &*embedder).await?;
     Ok(Arc::new(Pipeline::new(
         config.pipeline(),

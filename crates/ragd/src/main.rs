@@ -17,6 +17,7 @@ mod bench_cmd;
 mod cli_cmd;
 mod eval_cmd;
 mod eval_qa;
+mod eval_thresholds;
 mod ingest_cmd;
 
 #[derive(Parser)]
@@ -144,6 +145,29 @@ enum EvalCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Where to put the abstention thresholds: per question language, the best
+    /// passage's score for a BEIR folder's queries (answerable) and for
+    /// questions the corpus does not answer, and the threshold that separates
+    /// them best.
+    Thresholds {
+        /// The BEIR folder.
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Questions the corpus does not answer (jsonl with `question`);
+        /// repeat or separate with commas for several sets.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "eval/unanswerable.jsonl,eval/unanswerable-near.jsonl"
+        )]
+        unanswerable: Vec<PathBuf>,
+        /// Config file, as for `serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Use and keep this data directory (see `eval retrieval`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Answer quality over a folder's qa.jsonl (question, answers, doc_ids) and
     /// a set of questions the corpus cannot answer: token F1, ROUGE-L, citation
     /// precision and recall, answered and declined rates, latency and time to
@@ -250,9 +274,10 @@ async fn main() -> anyhow::Result<()> {
             let local = cfg.generation.backend == "local";
             for (what, path) in [
                 ("embedder", &cfg.models.embedder),
+                ("multilingual_embedder", &cfg.models.multilingual_embedder),
                 ("generator", &cfg.models.generator),
             ] {
-                if what == "generator" && !local {
+                if (what == "generator" && !local) || path.as_os_str().is_empty() {
                     continue;
                 }
                 if !path.exists() {
@@ -284,11 +309,13 @@ async fn main() -> anyhow::Result<()> {
             if let Some(d) = data_dir {
                 cfg.server.data_dir = d;
             }
-            if url.is_none() && !cfg.models.embedder.exists() {
-                anyhow::bail!(
-                    "the embedder model {} does not exist: run scripts/fetch-models, or pass --url to use a server",
-                    cfg.models.embedder.display()
-                );
+            for path in [&cfg.models.embedder, &cfg.models.multilingual_embedder] {
+                if url.is_none() && !path.as_os_str().is_empty() && !path.exists() {
+                    anyhow::bail!(
+                        "the embedder model {} does not exist: run scripts/fetch-models, or pass --url to use a server",
+                        path.display()
+                    );
+                }
             }
             if !ingest_cmd::run(paths, url, cfg).await? {
                 std::process::exit(1);
@@ -303,6 +330,14 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
         }) => {
             eval_cmd::run(&dataset, &modes, json, load_config(config)?, data_dir).await?;
+        }
+        Command::Eval(EvalCommand::Thresholds {
+            dataset,
+            unanswerable,
+            config,
+            data_dir,
+        }) => {
+            eval_thresholds::run(&dataset, &unanswerable, load_config(config)?, data_dir).await?;
         }
         Command::Ask {
             question,
