@@ -187,6 +187,27 @@ async fn smollm_ingest_ask_and_stream() {
     println!("smollm answer: {answer:#}");
     assert_eq!(answer["sources"][0]["document_id"], "everest", "{answer}");
     assert!(!answer["answer"].as_str().unwrap().trim().is_empty());
+    // Evidence selection: the model read strips of the passage, and the
+    // response says which, as byte ranges of the document.
+    let everest = three_documents()["documents"][2]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let strips = answer["sources"][0]["evidence"].as_array().unwrap();
+    assert!(!strips.is_empty(), "{answer}");
+    let read: Vec<&str> = strips
+        .iter()
+        .map(|e| {
+            &everest[e["start"].as_u64().unwrap() as usize..e["end"].as_u64().unwrap() as usize]
+        })
+        .collect();
+    assert!(read.iter().any(|r| r.contains("8,849 metres")), "{read:?}");
+    for r in &read {
+        assert!(
+            answer["sources"][0]["text"].as_str().unwrap().contains(r),
+            "{answer}"
+        );
+    }
     assert!(
         cited_ids(&answer).contains(&"everest".to_string()),
         "{answer}"
@@ -1267,6 +1288,8 @@ async fn the_context_budget_is_never_exceeded() {
     let mut c = config(SMOLLM, data.path());
     c.generation.max_context_tokens = 220;
     c.generation.max_tokens = 48;
+    // Whole passages: evidence strips would fit without fitting.
+    c.retrieval.evidence_tokens = 0;
     let (server, base) = start_with(c).await;
     let client = reqwest::Client::new();
     let long = |topic: &str| {

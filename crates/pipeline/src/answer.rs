@@ -192,7 +192,10 @@ enum State {
 /// [`Answer::into_stream`], or to its end with [`Answer::collect`].
 #[derive(Debug)]
 pub struct Answer {
-    embedder: Arc<dyn Embed>,
+    embedder: Arc<crate::route::RoutedEmbedder>,
+    /// The cosine of unrelated texts for the primary and the multilingual
+    /// model (see [`check::support_matrix`]).
+    floors: [f32; 2],
     content: Arc<ContentRules>,
     min_support: f32,
     /// Below this cosine with the question a sentence is no answer to it
@@ -247,6 +250,11 @@ impl Answer {
         }
         Self {
             embedder: pipeline.embedder.clone(),
+            floors: [
+                crate::route::Side::Primary,
+                crate::route::Side::Multilingual,
+            ]
+            .map(|side| pipeline.side_thresholds(side).map_or(0.0, |t| t.unrelated)),
             content: Arc::clone(&pipeline.content),
             min_support: pipeline.config.answers.min_support,
             // Set with the passages (`generating`).
@@ -423,7 +431,20 @@ impl Answer {
                     .iter()
                     .map(|s| (s.text.as_str(), s.vector.as_slice()))
                     .collect();
-                let support = check::support_matrix(&sentences, &passages);
+                // Each sentence was embedded by its own language's model.
+                let floors: Vec<f32> = segments
+                    .iter()
+                    .map(|seg| {
+                        match self
+                            .embedder
+                            .scoring_side(crate::language::detect(&seg.text))
+                        {
+                            crate::route::Side::Primary => self.floors[0],
+                            crate::route::Side::Multilingual => self.floors[1],
+                        }
+                    })
+                    .collect();
+                let support = check::support_matrix(&sentences, &floors, &passages);
                 Some(check::check(&g.text, &segments, &support, self.min_support))
             }
             Err(e) => {

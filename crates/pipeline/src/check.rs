@@ -368,20 +368,31 @@ pub fn check(
 /// cosine and the weighted share of the sentence's content words the passage
 /// contains ([`lexical_support`]); the cosine alone for a sentence that shares
 /// no word with any passage (an answer in another language than the documents).
-pub fn support_matrix(sentences: &[(&str, &[f32])], passages: &[(&str, &[f32])]) -> Vec<Vec<f32>> {
+/// The cosine is first rescaled so that the cosine of unrelated texts for the
+/// model that embedded the sentence (`floors[s]`: about 0 for
+/// all-MiniLM-L6-v2, 0.75 for multilingual-e5-small) becomes 0 and 1 stays 1:
+/// otherwise any Chinese sentence would look supported by any passage.
+pub fn support_matrix(
+    sentences: &[(&str, &[f32])],
+    floors: &[f32],
+    passages: &[(&str, &[f32])],
+) -> Vec<Vec<f32>> {
     let passage_words: Vec<std::collections::HashSet<String>> = passages
         .iter()
         .map(|(t, _)| content_words(t).into_iter().collect())
         .collect();
     sentences
         .iter()
-        .map(|(text, v)| {
+        .enumerate()
+        .map(|(i, (text, v))| {
             let lexical = lexical_support(text, &passage_words);
+            let floor = floors.get(i).copied().unwrap_or(0.0).clamp(0.0, 0.99);
             passages
                 .iter()
                 .zip(&lexical)
                 .map(|((_, pv), &lex)| {
-                    let cosine: f32 = v.iter().zip(pv.iter()).map(|(a, b)| a * b).sum();
+                    let raw: f32 = v.iter().zip(pv.iter()).map(|(a, b)| a * b).sum();
+                    let cosine = (raw - floor) / (1.0 - floor);
                     if lexical.iter().all(|&l| l == 0.0) {
                         cosine
                     } else {
@@ -699,10 +710,13 @@ mod tests {
         let v = [1.0f32, 0.0];
         let w = [0.6f32, 0.8];
         let passages = [("Debian releases a new stable version.", &w[..])];
-        let s = support_matrix(&[("A new stable version.", &v[..])], &passages);
+        let s = support_matrix(&[("A new stable version.", &v[..])], &[0.0], &passages);
         assert!((s[0][0] - (0.5 * 0.6 + 0.5 * 1.0)).abs() < 1e-6, "{s:?}");
         // No shared word (another language): the cosine alone.
-        let s = support_matrix(&[("Eine neue Ausgabe.", &v[..])], &passages);
+        let s = support_matrix(&[("Eine neue Ausgabe.", &v[..])], &[0.0], &passages);
         assert!((s[0][0] - 0.6).abs() < 1e-6, "{s:?}");
+        // A model whose unrelated texts score 0.5: 0.6 is barely related.
+        let s = support_matrix(&[("Eine neue Ausgabe.", &v[..])], &[0.5], &passages);
+        assert!((s[0][0] - 0.2).abs() < 1e-6, "{s:?}");
     }
 }

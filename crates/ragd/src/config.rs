@@ -323,7 +323,7 @@ mod tests {
         let minilm = t(&c, "all-MiniLM-L6-v2");
         assert_eq!(
             (minilm.min_score, minilm.abstain_below, minilm.calibrated),
-            (0.2, 0.3, true)
+            (0.2, 0.33, true)
         );
         let e5 = t(&c, "multilingual-e5-small");
         assert_eq!(
@@ -333,7 +333,7 @@ mod tests {
         let other = t(&c, "bge-small-en");
         assert_eq!(
             (other.min_score, other.abstain_below, other.calibrated),
-            (0.2, 0.3, false)
+            (0.2, 0.33, false)
         );
         let set =
             Config::from_toml_over_defaults("[retrieval]\nabstain_below = 0.5\n", "test").unwrap();

@@ -189,9 +189,20 @@ mod tests {
             languages: BTreeMap::new(),
         };
         let (t, a, d) = best_threshold(&s).unwrap();
-        // 0.35 (between 0.2 and 0.5): all answered, 2 of 3 declined; 0.575:
-        // 3 of 4 answered, all declined. The sums tie; answering wins.
-        assert_eq!((t, a), (0.35, 1.0), "{d}");
+        // 0.35 (between 0.2 and 0.5): all answered, 2 of 3 declined (1.67);
+        // 0.575: 3 of 4 answered, all declined (1.75).
+        assert!(
+            (t - 0.575).abs() < 1e-6 && a == 0.75 && d == 1.0,
+            "{t} {a} {d}"
+        );
+        // On a tie, the threshold answering more wins.
+        let tie = Scores {
+            answerable: vec![0.5, 0.9],
+            unanswerable: vec![0.1, 0.6],
+            languages: BTreeMap::new(),
+        };
+        let (t, a, _) = best_threshold(&tie).unwrap();
+        assert_eq!((t, a), (0.3, 1.0));
         assert_eq!(rates(&s, 0.35), (1.0, 2.0 / 3.0));
         assert_eq!(quantile(&[1.0, 2.0, 3.0], 0.5), 2.0);
         assert!(best_threshold(&Scores::default()).is_none());
