@@ -142,33 +142,6 @@ fn blend(cosines: &[f32], words: &[f32], ranks: &[usize]) -> Vec<f32> {
         .collect()
 }
 
-/// The weighted share of `asked`'s words that `strip` contains, the weights
-/// favouring words few strips contain.
-fn word_scores(asked: &[String], strips: &[HashSet<String>]) -> Vec<f32> {
-    let n = strips.len() as f32;
-    let weight = |w: &String| {
-        let df = strips.iter().filter(|s| s.contains(w)).count() as f32;
-        (1.0 + (n + 1.0) / (df + 1.0)).ln()
-    };
-    let weights: Vec<f32> = asked.iter().map(weight).collect();
-    let total: f32 = weights.iter().sum();
-    strips
-        .iter()
-        .map(|s| {
-            if total == 0.0 {
-                return 0.0;
-            }
-            asked
-                .iter()
-                .zip(&weights)
-                .filter(|(w, _)| s.contains(*w))
-                .map(|(_, x)| x)
-                .sum::<f32>()
-                / total
-        })
-        .collect()
-}
-
 impl Pipeline {
     /// The evidence for `question` from `sources` (ranked, numbered from 1):
     /// the sources whose strips were kept, renumbered, each with the text of
@@ -234,8 +207,8 @@ impl Pipeline {
                 }
             }
         }
-        let asked = check::content_words(question);
-        let words = word_scores(&asked, &word_sets);
+        // The answer check's measure, with the question as the sentence.
+        let words = check::lexical_support(question, &word_sets);
         let ranks: Vec<usize> = candidates.iter().map(|c| c.passage).collect();
         for (c, score) in candidates.iter_mut().zip(blend(&cosines, &words, &ranks)) {
             c.score = score;
@@ -376,21 +349,6 @@ mod tests {
         // The top passage's strip beats an equal one further down.
         let v = blend(&[0.9, 0.9], &[0.5, 0.5], &[0, 2]);
         assert!(v[0] > v[1]);
-    }
-
-    #[test]
-    fn rare_question_words_count_more() {
-        let sets: Vec<HashSet<String>> = vec![
-            ["debian", "upgrade"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            ["debian"].iter().map(|s| s.to_string()).collect(),
-            ["debian", "kernel"].iter().map(|s| s.to_string()).collect(),
-        ];
-        let asked = vec!["debian".to_string(), "upgrade".to_string()];
-        let w = word_scores(&asked, &sets);
-        assert!(w[0] > 0.99 && w[1] < 0.5 && w[1] > 0.0, "{w:?}");
     }
 
     fn cand(passage: usize, score: f32, tokens: usize) -> Candidate {

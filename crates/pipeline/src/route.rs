@@ -224,12 +224,18 @@ impl Embed for RoutedEmbedder {
         &self.info
     }
 
-    /// The larger of the two models' counts: a chunk must fit both windows.
+    /// The count of the models that read `text`: for English the larger of
+    /// the two (a chunk must fit both windows), for another language the
+    /// multilingual model's (the English one does not embed it; its
+    /// tokenizer would count each Han character as a token and make Chinese
+    /// chunks needlessly small).
     fn count_tokens(&self, text: &str) -> usize {
-        let p = self.primary.count_tokens(text);
         match &self.multilingual {
-            Some(m) => p.max(m.count_tokens(text)),
-            None => p,
+            Some(m) if self.scoring_side(language::detect(text)) == Side::Multilingual => {
+                m.count_tokens(text)
+            }
+            Some(m) => self.primary.count_tokens(text).max(m.count_tokens(text)),
+            None => self.primary.count_tokens(text),
         }
     }
 
@@ -392,8 +398,8 @@ mod tests {
 
     fn paired() -> RoutedEmbedder {
         RoutedEmbedder::new(
-            fake("en", false, english, 1),
-            Some(fake("multi", true, multilingual, 2)),
+            fake("en", false, english, 2),
+            Some(fake("multi", true, multilingual, 1)),
         )
     }
 
@@ -404,7 +410,16 @@ mod tests {
         assert!(r.info().name.contains("en + multi"), "{}", r.info().name);
         // Both windows must hold a chunk: 256 for one, 512 less its prefix.
         assert_eq!(r.info().max_length, 256);
-        assert_eq!(r.count_tokens("abc"), 6);
+        assert_eq!(
+            r.count_tokens("The cat sat."),
+            24,
+            "English: the larger count"
+        );
+        assert_eq!(
+            r.count_tokens("猫在睡觉。"),
+            5,
+            "Chinese: the multilingual model's"
+        );
 
         let passages = r
             .embed(
