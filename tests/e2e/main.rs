@@ -609,7 +609,11 @@ async fn unanswerable_questions_are_declined_in_their_language_without_the_model
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_cannot_give_the_model_instructions() {
     let data = tempfile::tempdir().unwrap();
-    let (server, base) = start(QWEN, data.path()).await;
+    let mut c = config(QWEN, data.path());
+    // Whole passages, so that the injected one reaches the model (evidence
+    // selection would leave its sentences out: they do not bear on the question).
+    c.retrieval.evidence_tokens = 0;
+    let (server, base) = start_with(c).await;
     let client = reqwest::Client::new();
     ingest_three(&client, &base).await;
     let (status, body) = post(

@@ -12,7 +12,9 @@ pub fn models_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"))
 }
 
-/// A config file for the packaged test models, written into `dir`.
+/// A config file for the packaged test models, written into `dir`: one
+/// embedder (the second, multilingual one is tested end to end in
+/// `tests/e2e`).
 pub fn config_file(dir: &Path) -> PathBuf {
     let models = models_dir();
     assert!(
@@ -23,7 +25,7 @@ pub fn config_file(dir: &Path) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[models]\nembedder = {:?}\ngenerator = {:?}\n",
+            "[models]\nembedder = {:?}\nmultilingual_embedder = \"\"\ngenerator = {:?}\n",
             models.join("all-MiniLM-L6-v2"),
             models.join("SmolLM2-135M-Instruct.Q4_1.gguf")
         ),
