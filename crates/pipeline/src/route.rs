@@ -142,8 +142,8 @@ impl RoutedEmbedder {
     /// The dense searches for a query in `lang`: one vector per side that
     /// reads the language, best first (none: search lexically).
     pub async fn query(&self, text: &str, lang: Lang) -> Result<Vec<QueryVector>, BackendError> {
-        let mut out = Vec::new();
-        for side in self.sides(lang) {
+        // Each model runs on its own thread: embed with both at once.
+        let searches = self.sides(lang).into_iter().map(|side| async move {
             let v = self
                 .embed_side(side, TextKind::Query, vec![text.to_string()])
                 .await?;
@@ -151,13 +151,13 @@ impl RoutedEmbedder {
                 .into_iter()
                 .next()
                 .ok_or_else(|| BackendError::server("the embedder returned no vector"))?;
-            out.push(QueryVector {
+            Ok::<_, BackendError>(QueryVector {
                 side,
                 half: self.half(side),
                 vector,
-            });
-        }
-        Ok(out)
+            })
+        });
+        futures::future::try_join_all(searches).await
     }
 
     /// `texts` embedded by one side's model as `kind`, as full-width query

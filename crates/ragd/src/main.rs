@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use ragd::Config;
 
 /// mimalloc instead of glibc's allocator: a forward pass allocates and frees
@@ -122,6 +122,19 @@ enum ModelsCommand {
     },
 }
 
+/// The sets of questions a corpus does not answer (`eval qa`, `eval thresholds`).
+#[derive(Args)]
+struct Unanswerable {
+    /// Questions the corpus does not answer (jsonl with `question`);
+    /// repeat or separate with commas for several sets.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "eval/unanswerable.jsonl,eval/unanswerable-near.jsonl"
+    )]
+    unanswerable: Vec<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum EvalCommand {
     /// Retrieval quality on a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv):
@@ -145,7 +158,7 @@ enum EvalCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Where to put the abstention thresholds: per question language, the best
+    /// Where to put the abstention thresholds: per scoring model, the best
     /// passage's score for a BEIR folder's queries (answerable) and for
     /// questions the corpus does not answer, and the threshold that separates
     /// them best.
@@ -153,14 +166,8 @@ enum EvalCommand {
         /// The BEIR folder.
         #[arg(long)]
         dataset: PathBuf,
-        /// Questions the corpus does not answer (jsonl with `question`);
-        /// repeat or separate with commas for several sets.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "eval/unanswerable.jsonl,eval/unanswerable-near.jsonl"
-        )]
-        unanswerable: Vec<PathBuf>,
+        #[command(flatten)]
+        unanswerable: Unanswerable,
         /// Config file, as for `serve`.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -176,14 +183,8 @@ enum EvalCommand {
         /// The folder (corpus.jsonl and qa.jsonl).
         #[arg(long)]
         dataset: PathBuf,
-        /// Questions the corpus does not answer (jsonl with `question`);
-        /// repeat or separate with commas for several sets.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "eval/unanswerable.jsonl,eval/unanswerable-near.jsonl"
-        )]
-        unanswerable: Vec<PathBuf>,
+        #[command(flatten)]
+        unanswerable: Unanswerable,
         /// Ask only the first N questions of each set.
         #[arg(long)]
         limit: Option<usize>,
@@ -337,7 +338,13 @@ async fn main() -> anyhow::Result<()> {
             config,
             data_dir,
         }) => {
-            eval_thresholds::run(&dataset, &unanswerable, load_config(config)?, data_dir).await?;
+            eval_thresholds::run(
+                &dataset,
+                &unanswerable.unanswerable,
+                load_config(config)?,
+                data_dir,
+            )
+            .await?;
         }
         Command::Ask {
             question,
@@ -365,7 +372,7 @@ async fn main() -> anyhow::Result<()> {
         }) => {
             let args = eval_qa::Args {
                 dataset,
-                unanswerable,
+                unanswerable: unanswerable.unanswerable,
                 limit,
                 json,
                 data_dir,
