@@ -9,12 +9,14 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::Extension;
 use axum::{Json, Router};
 use futures::StreamExt;
 use ragd_pipeline::{Answer, AnswerEvent, AskRequest};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::deadline::Streaming;
 use crate::error::ApiError;
 use crate::json::AppJson;
 use crate::AppState;
@@ -50,10 +52,14 @@ fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {
 pub(crate) async fn ask(
     State(state): State<AppState>,
     headers: HeaderMap,
+    streaming: Option<Extension<Streaming>>,
     AppJson(req): AppJson<AskRequest>,
 ) -> Result<Response, ApiError> {
     let pipeline = state.pipeline()?;
     let stream = wants_stream(&headers, &req);
+    if let (true, Some(Extension(s))) = (stream, streaming) {
+        s.exempt();
+    }
     let answer = pipeline.ask(&req).await?;
     if stream {
         return Ok(sse_response(answer));

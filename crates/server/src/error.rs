@@ -49,6 +49,9 @@ pub enum ApiError {
     /// A valid key without the scope the route needs.
     #[error("{0}")]
     Forbidden(String),
+    /// No response within `server.request_timeout_s` (seconds).
+    #[error("no response within server.request_timeout_s = {0} s; ask with \"stream\": true to watch a long answer arrive")]
+    Timeout(f64),
     /// The models are still loading.
     #[error("the service is starting: models are still loading")]
     NotReady,
@@ -81,6 +84,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
             ApiError::Pipeline(e) => match e {

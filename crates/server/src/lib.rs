@@ -24,6 +24,7 @@
 pub mod answers;
 pub mod auth;
 pub mod config;
+pub mod deadline;
 pub mod documents;
 pub mod error;
 pub mod json;
@@ -40,7 +41,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::Router;
 use ragd_pipeline::Pipeline;
 use tokio::net::TcpListener;
@@ -101,10 +102,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(keys, auth::check))
         .route_layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ))
+        .layer(axum::middleware::from_fn_with_state(timeout, deadline::limit))
         .layer(cors)
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req

@@ -316,3 +316,43 @@ async fn unknown_routes_and_methods_are_json_errors() {
         (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
     );
 }
+
+/// The deadline middleware: a handler slower than the deadline is 408 with a
+/// JSON error, unless it marked its request as a stream, which then finishes.
+#[tokio::test]
+async fn a_late_response_is_408_unless_the_handler_streams() {
+    use crate::deadline::{limit, Streaming};
+    use axum::routing::get;
+    use axum::Extension;
+    use std::time::Duration;
+
+    async fn slow(Extension(s): Extension<Streaming>, uri: axum::http::Uri) -> &'static str {
+        if uri.path() == "/stream" {
+            s.exempt();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        "finished"
+    }
+    let router = Router::new()
+        .route("/json", get(slow))
+        .route("/stream", get(slow))
+        .layer(axum::middleware::from_fn_with_state(
+            Duration::from_millis(50),
+            limit,
+        ));
+    let get = |uri: &str| {
+        axum::http::Request::builder()
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let res = router.clone().oneshot(get("/json")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["type"], "timeout", "{body}");
+    let res = router.oneshot(get("/stream")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"finished");
+}
