@@ -38,8 +38,9 @@ pub enum CitedBy {
     Quoted,
 }
 
-/// A marker is kept when its passage's support is within this much of the
-/// best-supporting passage's (and at least `min_support`).
+/// Passages whose support of a sentence is within this much of the best
+/// passage's (and at least `min_support`) support it about equally; the
+/// sentence is cited to the highest-ranked of them.
 const MARKER_MARGIN: f32 = 0.1;
 /// A sentence without a marker is attributed to its best passage only when that
 /// passage leads the next one by this much: a sentence two passages support
@@ -279,6 +280,15 @@ pub fn check(
             .map(|(p, &v)| (p + 1, v));
         let supported_by = best.filter(|&(_, v)| v >= min_support).map(|(p, _)| p);
         let best_score = best.map_or(0.0, |(_, v)| v);
+        // Between passages that support the sentence about equally, retrieval's
+        // order decides, not the model's marker: on the Debian FAQ the model's
+        // citations of the first passage were of a relevant document 73 % of
+        // the time, of passages 2-4 only 28 %.
+        let preferred = supported_by.and_then(|_| {
+            sup.iter()
+                .position(|&v| v >= min_support && v >= best_score - MARKER_MARGIN)
+                .map(|p| p + 1)
+        });
         sentences.push(SentenceSupport {
             text: seg.text.clone(),
             score: best_score,
@@ -289,15 +299,11 @@ pub fn check(
         for (range, numbers) in &seg.groups {
             let mut kept = Vec::new();
             for &n in numbers {
-                let ok = n >= 1
-                    && sup
-                        .get(n - 1)
-                        .is_some_and(|&v| v >= min_support && v >= best_score - MARKER_MARGIN);
-                let to = if ok {
+                let to = if Some(n) == preferred {
                     add(n, CitedBy::Model, &mut citations);
                     Some(n)
                 } else {
-                    let to = supported_by;
+                    let to = preferred;
                     if let Some(p) = to {
                         add(p, CitedBy::Repointed, &mut citations);
                     }
@@ -665,10 +671,12 @@ mod tests {
     }
 
     #[test]
-    fn unmarked_sentences_are_attributed_and_close_seconds_kept() {
+    fn unmarked_sentences_are_attributed_and_close_seconds_give_way() {
+        // Passages 1 and 2 support the second sentence about equally: the
+        // higher-ranked one is its citation, whatever the model marked.
         let c = check_of(
-            "Testing gets packages first. Unstable is sid [1][2].",
-            &[vec![0.1, 0.7], vec![0.75, 0.7]],
+            "Testing gets packages first. Unstable is sid [1][2]. Sid is unstable [2].",
+            &[vec![0.1, 0.7], vec![0.75, 0.7], vec![0.7, 0.78]],
         );
         assert_eq!(
             c.citations,
@@ -676,8 +684,12 @@ mod tests {
         );
         assert_eq!(
             c.text,
-            "Testing gets packages first. Unstable is sid [1][2]."
+            "Testing gets packages first. Unstable is sid [1]. Sid is unstable [1]."
         );
+        // A lower passage that supports the sentence clearly better keeps it.
+        let c = check_of("Sid is unstable [2].", &[vec![0.6, 0.9]]);
+        assert_eq!(c.text, "Sid is unstable [2].");
+        assert_eq!(c.citations, vec![(2, CitedBy::Model)]);
     }
 
     fn words(t: &str) -> std::collections::HashSet<String> {
