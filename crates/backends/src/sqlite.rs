@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ragd_core::{
-    async_trait, BackendError, DocumentInfo, DocumentStore, Filter, Hit, NewDocument, StoreStats,
-    StoredChunk, UpsertFailure, UpsertStatus,
+    async_trait, BackendError, DocumentInfo, DocumentStore, Embedded, Filter, Hit, NewDocument,
+    StoreStats, StoredChunk, UpsertFailure, UpsertStatus,
 };
 use ragd_index::{exact_top_k, IndexConfig, VectorIndex};
 use ragd_store::Store;
@@ -267,7 +267,7 @@ impl DocumentStore for SqliteStore {
     async fn prior_versions(
         &self,
         documents: &[(String, String)],
-    ) -> Result<Vec<Option<HashMap<String, Vec<f32>>>>, BackendError> {
+    ) -> Result<Vec<Option<HashMap<String, Embedded>>>, BackendError> {
         let documents = documents.to_vec();
         self.with(move |data, _| {
             let mut out = Vec::with_capacity(documents.len());

@@ -24,6 +24,20 @@ pub struct NewChunk {
     pub embed_hash: String,
     /// The embedding.
     pub vector: Vec<f32>,
+    /// Questions the answer model wrote that the passage answers
+    /// (`ingest.generate_questions`; empty when off): searched with the
+    /// passage, never shown to the model as document text.
+    pub questions: Vec<String>,
+}
+
+/// What a stored chunk's embedding step produced, kept for reuse when its
+/// document changes elsewhere.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Embedded {
+    /// The embedding.
+    pub vector: Vec<f32>,
+    /// The generated questions embedded and indexed with it.
+    pub questions: Vec<String>,
 }
 
 /// A document to store.
@@ -153,7 +167,7 @@ pub trait DocumentStore: Send + Sync + std::fmt::Debug {
     async fn prior_versions(
         &self,
         documents: &[(String, String)],
-    ) -> Result<Vec<Option<HashMap<String, Vec<f32>>>>, BackendError>;
+    ) -> Result<Vec<Option<HashMap<String, Embedded>>>, BackendError>;
 
     /// Stores the documents, each in its own transaction, replacing older
     /// versions; one failing does not undo the others.

@@ -34,7 +34,7 @@ pub mod text;
 pub use async_trait::async_trait;
 pub use chat::Message;
 pub use documents::{
-    DocumentInfo, DocumentStore, Hit, NewChunk, NewDocument, StoreStats, StoredChunk,
+    DocumentInfo, DocumentStore, Embedded, Hit, NewChunk, NewDocument, StoreStats, StoredChunk,
     UpsertFailure, UpsertStatus,
 };
 pub use embed::{Embed, EmbedderInfo, TextKind};

@@ -24,6 +24,9 @@ pub struct PipelineConfig {
     pub chunking: ChunkerConfig,
     /// Most documents (or files) in one ingest.
     pub max_documents_per_request: usize,
+    /// `[ingest] generate_questions`: questions the answer model writes for
+    /// each new chunk ([`crate::enrich`]); 0 = none.
+    pub generate_questions: usize,
 }
 
 /// `[retrieval]`
@@ -202,6 +205,15 @@ impl GenerationConfig {
             deadline: None,
         }
     }
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Questions the answer model writes for each new chunk, searched with it
+    /// ([`crate::enrich`]); 0 = none, at most [`crate::enrich::MAX_QUESTIONS`].
+    pub generate_questions: usize,
 }
 
 /// `[answers]`

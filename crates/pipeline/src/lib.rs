@@ -1,7 +1,8 @@
 //! ragd's request flow, as stages a reader can name.
 //!
-//! **Ingest** ([`ingest`]): validate → [`extract`] (files) → [`chunk`] → embed
-//! ([`route`]: one or two [`ragd_core::Embed`] models) → store
+//! **Ingest** ([`ingest`]): validate → [`extract`] (files) → [`chunk`] →
+//! optionally [`enrich`] (questions each chunk answers, by the answer model) →
+//! embed ([`route`]: one or two [`ragd_core::Embed`] models) → store
 //! ([`ragd_core::DocumentStore`]).
 //!
 //! **Ask** ([`ask`]): validate → [`route`] (which model reads the question's
@@ -27,6 +28,7 @@ pub mod chunk;
 pub mod config;
 pub mod content;
 pub mod documents;
+pub mod enrich;
 pub mod error;
 pub mod evidence;
 pub mod extract;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ragd_core::{
-    async_trait, BackendError, DocumentInfo, DocumentStore, Embed, EmbedderInfo, Filter,
+    async_trait, BackendError, DocumentInfo, DocumentStore, Embed, Embedded, EmbedderInfo, Filter,
     FinishReason, GenEvent, GenJob, Generate, Generation, GeneratorInfo, Hit, NewDocument,
     NoRerank, Prompt, QueueFull, Rerank, SlotLoad, StoreStats, StoredChunk, TextKind,
     UpsertFailure, UpsertStatus,
@@ -150,7 +150,7 @@ impl DocumentStore for MemoryStore {
     async fn prior_versions(
         &self,
         documents: &[(String, String)],
-    ) -> Result<Vec<Option<HashMap<String, Vec<f32>>>>, BackendError> {
+    ) -> Result<Vec<Option<HashMap<String, Embedded>>>, BackendError> {
         let m = self.data.lock().unwrap();
         Ok(documents
             .iter()
@@ -159,7 +159,13 @@ impl DocumentStore for MemoryStore {
                 Some(d) => Some(
                     d.chunks
                         .iter()
-                        .map(|c| (c.embed_hash.clone(), c.vector.clone()))
+                        .map(|c| {
+                            let e = Embedded {
+                                vector: c.vector.clone(),
+                                questions: c.questions.clone(),
+                            };
+                            (c.embed_hash.clone(), e)
+                        })
                         .collect(),
                 ),
                 None => Some(HashMap::new()),
@@ -251,7 +257,10 @@ impl DocumentStore for MemoryStore {
         let hits = m
             .passing(filter)
             .filter_map(|c| {
-                let w = words(&c.text);
+                // As the real store: generated questions are indexed with the text.
+                let (id, i) = &m.chunks[&c.key];
+                let questions = m.documents[id].chunks[*i].questions.join(" ");
+                let w = words(&format!("{} {questions}", c.text));
                 let shared = q.iter().filter(|t| w.contains(t)).count();
                 (shared > 0).then_some(Hit {
                     id: c.key,
@@ -424,6 +433,7 @@ fn config(redact: &[&str]) -> PipelineConfig {
             overlap: 0,
         },
         max_documents_per_request: 10,
+        generate_questions: 0,
     }
 }
 
@@ -537,6 +547,52 @@ async fn ingest_creates_then_finds_unchanged_then_updates_only_what_changed() {
     assert_eq!(s.embedder.embedded.load(Ordering::SeqCst), embedded + 1);
     let tea = s.pipeline.get_document("tea").await.unwrap();
     assert_eq!(tea.chunks, 1);
+}
+
+/// With `generate_questions`, the model's questions for each new chunk are
+/// stored, found by lexical search, reused while the chunk's text is
+/// unchanged, and never put in front of the model as passage text.
+#[tokio::test]
+async fn generated_questions_find_their_chunk_and_are_reused() {
+    let mut c = config(&[]);
+    c.generate_questions = 2;
+    let reply = "1. Which zebra naps longest?\n2. Why?\n3. How long do felines doze?\n4. Extra?";
+    let s = setup_with(c, Script::Answer(vec![reply]), Arc::new(NoRerank));
+    s.pipeline.ingest(documents()).await.unwrap();
+    assert_eq!(s.generator.prompts().len(), 3, "one generation per chunk");
+    let search = |mode: &str| {
+        let req: crate::search::SearchRequest =
+            serde_json::from_value(json!({ "query": "zebra", "mode": mode, "top_k": 3 })).unwrap();
+        s.pipeline.search(req)
+    };
+    let found = search("lexical").await.unwrap();
+    assert_eq!(found.results.len(), 3, "a question's word finds the chunks");
+    assert!(
+        found.results.iter().all(|r| !r.text.contains("zebra")),
+        "the questions are not passage text"
+    );
+    // Nor are they embedded with it: no vector knows the word.
+    let found = search("dense").await.unwrap();
+    assert!(
+        found.results.iter().all(|r| r.score.abs() < 1e-3),
+        "{:?}",
+        found.results
+    );
+    // A metadata change keeps every chunk's text: nothing is generated again.
+    let mut changed = documents();
+    changed.documents[0].metadata = Some(serde_json::Map::from_iter([("k".into(), json!(1))]));
+    let updated = s.pipeline.ingest(changed).await.unwrap();
+    assert_eq!(updated.documents[0].status, IngestStatus::Updated);
+    assert_eq!(updated.documents[0].embedded, 0);
+    assert_eq!(s.generator.prompts().len(), 3, "questions are reused");
+    assert_eq!(search("lexical").await.unwrap().results.len(), 3);
+    // The answer's prompt holds passages, not questions.
+    let e = events(&s.pipeline, "How long do cats sleep?").await;
+    let prompt = s.generator.prompts().pop().unwrap();
+    assert!(
+        prompt.passages.iter().all(|p| !p.text.contains("zebra")),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]

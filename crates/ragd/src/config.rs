@@ -11,7 +11,7 @@ use ragd_backends::RemoteConfig;
 use ragd_embedder::EmbedderConfig;
 use ragd_index::IndexConfig;
 use ragd_pipeline::config::{
-    AnswersConfig, ChunkerConfig, GenerationConfig, PipelineConfig, RetrievalConfig,
+    AnswersConfig, ChunkerConfig, GenerationConfig, IngestConfig, PipelineConfig, RetrievalConfig,
 };
 use ragd_server::config::{AuthConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,8 @@ pub struct Config {
     pub embedder: EmbedderConfig,
     /// Document chunking.
     pub chunking: ChunkerConfig,
+    /// Optional ingest enrichment.
+    pub ingest: IngestConfig,
     /// HNSW parameters.
     pub index: IndexConfig,
     /// Retrieval defaults and limits.
@@ -252,6 +254,13 @@ impl Config {
         if self.embedder.batch_size == 0 {
             return invalid("embedder.batch_size must be at least 1".into());
         }
+        let most = ragd_pipeline::enrich::MAX_QUESTIONS;
+        if self.ingest.generate_questions > most {
+            return invalid(format!(
+                "ingest.generate_questions = {} must be within 0..={most}",
+                self.ingest.generate_questions
+            ));
+        }
         self.retrieval.validate()?;
         self.answers.validate()?;
         self.generation.validate()?;
@@ -289,6 +298,7 @@ impl Config {
             answers: self.answers.clone(),
             chunking: self.chunking.clone(),
             max_documents_per_request: self.server.max_documents_per_request,
+            generate_questions: self.ingest.generate_questions,
         }
     }
 }

@@ -122,7 +122,8 @@ impl Ingested {
             let _ = std::fs::remove_dir_all(&data);
         }
         config.server.data_dir = data.clone();
-        // The answer model only when retrieval uses it.
+        // The answer model only when retrieval uses it (open_for_ingest
+        // loads it for ingest.generate_questions).
         let engine = if config.retrieval.translate_queries {
             ragd::open_for_eval(config).await?
         } else {

@@ -212,8 +212,12 @@ pub async fn open_for_eval(config: Config) -> Result<Arc<Pipeline>, StartError> 
 /// Opens the data directory with the embedder only, for ingesting without a
 /// server (`ragd ingest`, `ragd eval retrieval`). Do not run it on a data
 /// directory a server is using: the server would not see the new documents
-/// until it restarts.
+/// until it restarts. With `ingest.generate_questions` the answer model is
+/// loaded too: it writes the questions.
 pub async fn open_for_ingest(config: Config) -> Result<Arc<Pipeline>, StartError> {
+    if config.ingest.generate_questions > 0 {
+        return open_for_eval(config).await;
+    }
     let embedder = load_embedders(&config).await?;
     let store = open_store(&config, &*embedder).await?;
     Ok(Arc::new(Pipeline::new(

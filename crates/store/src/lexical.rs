@@ -48,10 +48,14 @@ pub fn lexical_text(text: &str) -> String {
     out
 }
 
-/// What the full-text index holds for a chunk: its title, section and text.
-fn lexical_body(title: Option<&str>, section: &str, text: &str) -> String {
+/// What the full-text index holds for a chunk: its title, section, generated
+/// questions and text.
+fn lexical_body(title: Option<&str>, section: &str, text: &str, questions: &[String]) -> String {
     let mut body = String::with_capacity(text.len() + section.len() + 64);
-    for part in [title.unwrap_or(""), section] {
+    let parts = [title.unwrap_or(""), section]
+        .into_iter()
+        .chain(questions.iter().map(String::as_str));
+    for part in parts {
         if !part.is_empty() {
             body.push_str(part);
             body.push('\n');
@@ -100,10 +104,11 @@ pub(crate) fn index_chunk(
     title: Option<&str>,
     section: &str,
     text: &str,
+    questions: &[String],
 ) -> rusqlite::Result<()> {
     // Cached: an upsert and the backfill run it once a chunk.
     conn.prepare_cached("INSERT INTO chunks_fts (rowid, body) VALUES (?1, ?2)")?
-        .execute(params![key, lexical_body(title, section, text)])
+        .execute(params![key, lexical_body(title, section, text, questions)])
         .map(|_| ())
 }
 

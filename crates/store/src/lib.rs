@@ -35,7 +35,7 @@ use serde_json::{Map, Value};
 use live::LiveSet;
 
 pub use lexical::{lexical_text, STOP_WORDS};
-pub use ragd_core::{DocumentInfo, NewChunk, NewDocument, StoredChunk, UpsertStatus};
+pub use ragd_core::{DocumentInfo, Embedded, NewChunk, NewDocument, StoredChunk, UpsertStatus};
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "ragd.sqlite3";
@@ -200,23 +200,28 @@ impl Store {
             .map_err(self.db())
     }
 
-    /// The vectors of document `id`'s current chunks by what was embedded, so an
-    /// update re-embeds only chunks that changed.
-    pub fn vectors_by_embed_hash(&self, id: &str) -> Result<HashMap<String, Vec<f32>>, StoreError> {
+    /// The vectors (and generated questions) of document `id`'s current chunks
+    /// by what was embedded, so an update re-embeds only chunks that changed.
+    pub fn vectors_by_embed_hash(&self, id: &str) -> Result<HashMap<String, Embedded>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT embed_hash, vector FROM chunks WHERE document_id = ?1")
+            .prepare("SELECT embed_hash, vector, questions FROM chunks WHERE document_id = ?1")
             .map_err(self.db())?;
         let rows = stmt
             .query_map([id], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
             })
             .map_err(self.db())?;
         let mut out = HashMap::new();
         for row in rows {
-            let (h, blob) = row.map_err(self.db())?;
-            if let Some(v) = blob_to_vector(&blob) {
-                out.insert(h, v);
+            let (h, blob, questions) = row.map_err(self.db())?;
+            if let Some(vector) = blob_to_vector(&blob) {
+                let questions = questions.lines().map(String::from).collect();
+                out.insert(h, Embedded { vector, questions });
             }
         }
         Ok(out)
@@ -264,8 +269,8 @@ impl Store {
         {
             let mut insert = tx
                 .prepare(
-                    "INSERT INTO chunks (document_id, idx, text, start, end, embed_hash, vector, section)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO chunks (document_id, idx, text, start, end, embed_hash, vector, section, questions)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(db)?;
             for (i, c) in doc.chunks.iter().enumerate() {
@@ -278,12 +283,20 @@ impl Store {
                         c.end as i64,
                         c.embed_hash,
                         vector_to_blob(&c.vector),
-                        c.section
+                        c.section,
+                        c.questions.join("\n")
                     ])
                     .map_err(db)?;
                 let key = tx.last_insert_rowid();
-                lexical::index_chunk(&tx, key, doc.title.as_deref(), &c.section, &c.text)
-                    .map_err(db)?;
+                lexical::index_chunk(
+                    &tx,
+                    key,
+                    doc.title.as_deref(),
+                    &c.section,
+                    &c.text,
+                    &c.questions,
+                )
+                .map_err(db)?;
                 new.push((key as usize, c.vector.clone()));
             }
         }
@@ -462,6 +475,7 @@ mod tests {
                     end: i + 1,
                     embed_hash: format!("e-{t}"),
                     vector: vec![i as f32, 1.0],
+                    questions: Vec::new(),
                 })
                 .collect(),
         }

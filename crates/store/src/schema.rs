@@ -9,8 +9,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use crate::{db_error, lexical, StoreError};
 
 /// 2: chunks.section (the heading path of a chunk) and Porter stemming in the
-/// full-text index. Version 1 databases are migrated on open.
-const SCHEMA_VERSION: i64 = 2;
+/// full-text index. 3: chunks.questions (generated questions, one per line).
+/// Older databases are migrated on open.
+const SCHEMA_VERSION: i64 = 3;
 
 /// The tables, each created when missing.
 const TABLES: &str = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -31,7 +32,8 @@ const TABLES: &str = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, val
                  end INTEGER NOT NULL,
                  embed_hash TEXT NOT NULL,
                  vector BLOB NOT NULL,
-                 section TEXT NOT NULL DEFAULT '');
+                 section TEXT NOT NULL DEFAULT '',
+                 questions TEXT NOT NULL DEFAULT '');
              CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, idx);
              CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');";
 
@@ -80,10 +82,11 @@ fn check_embedder(conn: &Connection, path: &Path, expected: &str) -> Result<(), 
     }
 }
 
-/// Brings a schema 1 database to the current schema; refuses an unknown version.
+/// Brings a schema 1 or 2 database to the current schema; refuses an unknown
+/// version.
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    match meta(conn, path, "schema")?.as_deref() {
-        Some("1") => {
+    if meta(conn, path, "schema")?.as_deref() == Some("1") {
+        {
             // The new full-text table starts empty: `backfill_lexical` refills
             // it, sections included, once the store is open.
             conn.execute_batch(
@@ -96,6 +99,18 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             )
             .map_err(db_error(path))?;
             tracing::info!(path = %path.display(), "database migrated to schema 2 (chunk sections)");
+        }
+    }
+    match meta(conn, path, "schema")?.as_deref() {
+        Some("2") => {
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE chunks ADD COLUMN questions TEXT NOT NULL DEFAULT '';
+                 UPDATE meta SET value = '3' WHERE key = 'schema';
+                 COMMIT;",
+            )
+            .map_err(db_error(path))?;
+            tracing::info!(path = %path.display(), "database migrated to schema 3 (generated questions)");
             Ok(())
         }
         Some(v) if v != SCHEMA_VERSION.to_string() => Err(StoreError::Corrupt {
@@ -135,16 +150,20 @@ pub(crate) fn backfill_lexical(
     {
         let mut select = tx
             .prepare(
-                "SELECT c.key, d.title, c.section, c.text FROM chunks c JOIN documents d ON d.id = c.document_id",
+                "SELECT c.key, d.title, c.section, c.text, c.questions FROM chunks c JOIN documents d ON d.id = c.document_id",
             )
             .map_err(db)?;
-        let rows: Vec<(i64, Option<String>, String, String)> = select
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        let rows: Vec<(i64, Option<String>, String, String, String)> = select
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
             .map_err(db)?
             .collect::<Result<_, _>>()
             .map_err(db)?;
-        for (key, title, section, text) in rows {
-            lexical::index_chunk(&tx, key, title.as_deref(), &section, &text).map_err(db)?;
+        for (key, title, section, text, questions) in rows {
+            let questions: Vec<String> = questions.lines().map(String::from).collect();
+            lexical::index_chunk(&tx, key, title.as_deref(), &section, &text, &questions)
+                .map_err(db)?;
         }
     }
     tx.commit().map_err(db)
@@ -181,7 +200,8 @@ mod tests {
         {
             let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
             conn.execute_batch(
-                "ALTER TABLE chunks DROP COLUMN section; UPDATE meta SET value = '1' WHERE key = 'schema';",
+                "ALTER TABLE chunks DROP COLUMN section; ALTER TABLE chunks DROP COLUMN questions;
+                 UPDATE meta SET value = '1' WHERE key = 'schema';",
             )
             .unwrap();
         }
@@ -208,5 +228,41 @@ mod tests {
             ),
             "the section is in the full-text index: {found:?}"
         );
+    }
+
+    /// A schema 2 database gains the questions column; questions stored after
+    /// that are searchable and come back for reuse.
+    #[test]
+    fn schema_2_is_migrated_and_questions_are_searchable_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), "m", 2).unwrap();
+            s.upsert(&doc("a", &["alpha"])).unwrap();
+        }
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(
+                "ALTER TABLE chunks DROP COLUMN questions; UPDATE meta SET value = '2' WHERE key = 'schema';",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        let mut b = doc("b", &["gamma"]);
+        b.chunks[0].questions = vec!["Which zebra crosses?".into(), "Why so?".into()];
+        s.upsert(&b).unwrap();
+        let hits = s.lexical_search("zebra", 10).unwrap();
+        let found = s
+            .chunks(&hits.iter().map(|(k, _)| *k).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(
+            found.iter().map(|c| c.text.as_str()).collect::<Vec<_>>(),
+            vec!["gamma"],
+            "a generated question finds its chunk"
+        );
+        let prior = s.vectors_by_embed_hash("b").unwrap();
+        assert_eq!(prior["e-gamma"].questions, b.chunks[0].questions);
+        assert!(s.vectors_by_embed_hash("a").unwrap()["e-alpha"]
+            .questions
+            .is_empty());
     }
 }
