@@ -1764,3 +1764,72 @@ async fn a_slow_json_answer_is_408_and_a_stream_is_not() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// `ingest.generate_questions` with the packaged answer model: each chunk gets
+/// questions (stored with it, ending as questions), a question's own words
+/// find its document by BM25, and the answer is still written from passages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_questions_are_stored_and_searched() {
+    let data = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut c = config(QWEN, data.path());
+    c.ingest.generate_questions = 2;
+    let (server, base) = start_with(c).await;
+    ingest_three(&client, &base).await;
+    let (status, answer) = post(
+        &client,
+        &format!("{base}/ask"),
+        &json!({ "question": "How long does an adult cat sleep each day?" }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    server.shutdown().await.unwrap();
+
+    let db = rusqlite::Connection::open(data.path().join("ragd.sqlite3")).unwrap();
+    let mut stmt = db
+        .prepare("SELECT document_id, questions FROM chunks ORDER BY document_id")
+        .unwrap();
+    let rows: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let with: Vec<&(String, String)> = rows.iter().filter(|(_, q)| !q.is_empty()).collect();
+    assert!(with.len() >= 2, "most chunks got questions: {rows:?}");
+    for (_, q) in &with {
+        assert!(q.lines().count() <= 2, "at most the number asked for: {q}");
+        assert!(q.lines().all(|l| l.ends_with('?')), "{q}");
+    }
+    assert!(
+        answer["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| with.iter().all(|(_, q)| !s["text"]
+                .as_str()
+                .unwrap()
+                .contains(q.lines().next().unwrap()))),
+        "the questions are not passage text: {answer}"
+    );
+
+    // Reopened, a stored question's words find its document lexically.
+    let (server, base) = start(QWEN, data.path()).await;
+    let (id, questions) = with[0];
+    let query = questions.lines().next().unwrap();
+    let (status, found) = post(
+        &client,
+        &format!("{base}/search"),
+        &json!({ "query": query, "mode": "lexical", "top_k": 3 }),
+    )
+    .await;
+    assert_eq!(status, 200, "{found}");
+    assert!(
+        found["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["document_id"] == id.as_str()),
+        "{query:?} finds {id}: {found}"
+    );
+    server.shutdown().await.unwrap();
+}
