@@ -1766,23 +1766,33 @@ async fn a_slow_json_answer_is_408_and_a_stream_is_not() {
 }
 
 /// `ingest.generate_questions` with the packaged answer model: each chunk gets
-/// questions (stored with it, ending as questions), a question's own words
-/// find its document by BM25, and the answer is still written from passages.
+/// questions (stored with it, ending as questions), the ingest is not cut off
+/// by `server.request_timeout_s`, a question's own words find its document by
+/// BM25, and the answer is still written from passages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_questions_are_stored_and_searched() {
     let data = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
     let mut c = config(QWEN, data.path());
     c.ingest.generate_questions = 2;
+    // Three generations take longer than this.
+    c.server.request_timeout_s = 0.5;
     let (server, base) = start_with(c).await;
     ingest_three(&client, &base).await;
-    let (status, answer) = post(
-        &client,
-        &format!("{base}/ask"),
-        &json!({ "question": "How long does an adult cat sleep each day?" }),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
+    let res = client
+        .post(format!("{base}/ask"))
+        .json(&json!({ "question": "How long does an adult cat sleep each day?", "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let events = sse_events(&res.text().await.unwrap());
+    let answer = events
+        .iter()
+        .find(|(n, _)| n == "done")
+        .expect("the answer finished")
+        .1
+        .clone();
     server.shutdown().await.unwrap();
 
     let db = rusqlite::Connection::open(data.path().join("ragd.sqlite3")).unwrap();

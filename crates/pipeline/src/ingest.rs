@@ -267,13 +267,13 @@ impl Pipeline {
 
         // Stage 3: for the chunks with no stored vector, questions (when
         // enabled and a model is loaded), then their embeddings.
-        let n_questions = match (&self.generator, self.config.generate_questions) {
-            (Some(_), n) => n,
-            (None, 0) => 0,
-            (None, _) => {
+        let n_questions = if self.writes_questions() {
+            self.config.generate_questions
+        } else {
+            if self.config.generate_questions > 0 {
                 tracing::warn!("ingest.generate_questions is set but no answer model is loaded: no questions are generated");
-                0
             }
+            0
         };
         let inputs: Vec<Vec<EmbedInput>> = req
             .documents

@@ -233,6 +233,12 @@ impl Pipeline {
         }
     }
 
+    /// Whether ingest has the answer model write questions per chunk
+    /// (`ingest.generate_questions`, with a model loaded).
+    pub fn writes_questions(&self) -> bool {
+        self.generator.is_some() && self.config.generate_questions > 0
+    }
+
     /// The names of the generator (when one is loaded) and the embedder.
     pub fn model_names(&self) -> (Option<String>, String) {
         (

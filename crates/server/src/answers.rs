@@ -16,7 +16,7 @@ use ragd_pipeline::{Answer, AnswerEvent, AskRequest};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::deadline::Streaming;
+use crate::deadline::Deadline;
 use crate::error::ApiError;
 use crate::json::AppJson;
 use crate::AppState;
@@ -52,13 +52,13 @@ fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {
 pub(crate) async fn ask(
     State(state): State<AppState>,
     headers: HeaderMap,
-    streaming: Option<Extension<Streaming>>,
+    deadline: Option<Extension<Deadline>>,
     AppJson(req): AppJson<AskRequest>,
 ) -> Result<Response, ApiError> {
     let pipeline = state.pipeline()?;
     let stream = wants_stream(&headers, &req);
-    if let (true, Some(Extension(s))) = (stream, streaming) {
-        s.exempt();
+    if let (true, Some(Extension(s))) = (stream, deadline) {
+        s.lift();
     }
     let answer = pipeline.ask(&req).await?;
     if stream {

@@ -34,6 +34,13 @@ pub(crate) async fn ingest(
     State(state): State<AppState>,
     req: Request,
 ) -> Result<Json<ragd_pipeline::IngestResponse>, ApiError> {
+    // Writing questions per chunk takes seconds each: the client waits for
+    // the ingest to finish rather than get a 408 that would throw it away.
+    if state.pipeline.get().is_some_and(|p| p.writes_questions()) {
+        if let Some(d) = req.extensions().get::<crate::deadline::Deadline>() {
+            d.lift();
+        }
+    }
     let multipart = req
         .headers()
         .get(header::CONTENT_TYPE)

@@ -25,7 +25,7 @@ use ragd_pipeline::{Answer, AnswerEvent, AskRequest, AskResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::deadline::Streaming;
+use crate::deadline::Deadline;
 use crate::error::ApiError;
 use crate::json::AppJson;
 use crate::AppState;
@@ -199,12 +199,12 @@ fn completion(id: &str, model: &str, a: &AskResponse) -> Value {
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatRequest, responses((status = 200, description = "A chat.completion (with the extension field `ragd`: citations, sources, grounding), or with `stream: true` chat.completion.chunk events and `data: [DONE]`", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
-    streaming: Option<Extension<Streaming>>,
+    deadline: Option<Extension<Deadline>>,
     AppJson(req): AppJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let pipeline = state.pipeline()?;
-    if let (Some(true), Some(Extension(s))) = (req.stream, streaming) {
-        s.exempt();
+    if let (Some(true), Some(Extension(s))) = (req.stream, deadline) {
+        s.lift();
     }
     let ask = to_ask(&req)?;
     let model = pipeline.model_names().0.unwrap_or_else(|| "ragd".into());

@@ -321,14 +321,14 @@ async fn unknown_routes_and_methods_are_json_errors() {
 /// JSON error, unless it marked its request as a stream, which then finishes.
 #[tokio::test]
 async fn a_late_response_is_408_unless_the_handler_streams() {
-    use crate::deadline::{limit, Streaming};
+    use crate::deadline::{limit, Deadline};
     use axum::routing::get;
     use axum::Extension;
     use std::time::Duration;
 
-    async fn slow(Extension(s): Extension<Streaming>, uri: axum::http::Uri) -> &'static str {
+    async fn slow(Extension(s): Extension<Deadline>, uri: axum::http::Uri) -> &'static str {
         if uri.path() == "/stream" {
-            s.exempt();
+            s.lift();
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         "finished"
