@@ -11,9 +11,9 @@
 
 use std::time::{Duration, Instant};
 
-use ragd_core::{GenEvent, GenJob, Generate, GenerateParams, Prompt};
-use tokio::sync::mpsc;
+use ragd_core::{Generate, GenerateParams, Prompt};
 
+use crate::complete::{complete, Completion};
 use crate::language::{self, Lang};
 
 /// Most questions per chunk a configuration may ask for.
@@ -59,45 +59,35 @@ pub async fn questions(
     passage.push_str(text.trim());
     let ask = instruction(n, language::detect(text));
     loop {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let job = GenJob {
-            prompt: Prompt {
-                preamble: Vec::new(),
-                open: String::new(),
-                passages: Vec::new(),
-                close: format!("{passage}\n\n{ask}"),
-            },
-            params: GenerateParams {
-                max_tokens: TOKENS_PER_QUESTION * n,
-                temperature: 0.0,
-                repeat_penalty: 1.1,
-                deadline: Some(deadline),
-                ..GenerateParams::default()
-            },
-            context_budget: 0,
-            events: tx,
+        let prompt = Prompt {
+            preamble: Vec::new(),
+            open: String::new(),
+            passages: Vec::new(),
+            close: format!("{passage}\n\n{ask}"),
         };
-        if generator.submit(job).is_err() {
+        let params = GenerateParams {
+            max_tokens: TOKENS_PER_QUESTION * n,
+            temperature: 0.0,
+            repeat_penalty: 1.1,
+            deadline: Some(deadline),
+            ..GenerateParams::default()
+        };
+        match complete(generator, prompt, params).await {
+            Completion::Text(reply) => {
+                tracing::debug!(%reply, "questions written");
+                return parse(&reply, n);
+            }
             // The queue is full of answers: ingest waits its turn.
-            if Instant::now() + Duration::from_secs(1) >= deadline {
+            Completion::Busy if Instant::now() + Duration::from_secs(1) < deadline => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Completion::Busy => {
                 tracing::warn!("no questions generated for a chunk: the model stayed busy");
                 return Vec::new();
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        loop {
-            match rx.recv().await {
-                Some(GenEvent::Done(g)) => {
-                    tracing::debug!(reply = %g.text, "questions written");
-                    return parse(&g.text, n);
-                }
-                Some(GenEvent::Failed(e)) => {
-                    tracing::warn!(error = %e, "no questions generated for a chunk");
-                    return Vec::new();
-                }
-                Some(_) => continue,
-                None => return Vec::new(),
+            Completion::Failed(e) => {
+                tracing::warn!(error = ?e, "no questions generated for a chunk");
+                return Vec::new();
             }
         }
     }

@@ -14,9 +14,9 @@
 
 use std::time::{Duration, Instant};
 
-use ragd_core::{GenEvent, GenJob, Generate, GenerateParams, Message, Prompt};
-use tokio::sync::mpsc;
+use ragd_core::{Generate, GenerateParams, Message, Prompt};
 
+use crate::complete::{complete, Completion};
 use crate::language::{self, Lang};
 
 /// What the model is told.
@@ -33,7 +33,6 @@ pub async fn to_english(
     question: &str,
     within: Duration,
 ) -> Option<String> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
     let params = GenerateParams {
         max_tokens: MAX_TOKENS,
         temperature: 0.0,
@@ -42,30 +41,22 @@ pub async fn to_english(
         deadline: Some(Instant::now() + within),
         ..GenerateParams::default()
     };
-    let job = GenJob {
-        prompt: Prompt {
-            preamble: vec![Message::new("system", INSTRUCTION)],
-            open: String::new(),
-            passages: Vec::new(),
-            close: question.trim().to_string(),
-        },
-        params,
-        context_budget: 0,
-        events: tx,
+    let prompt = Prompt {
+        preamble: vec![Message::new("system", INSTRUCTION)],
+        open: String::new(),
+        passages: Vec::new(),
+        close: question.trim().to_string(),
     };
-    generator.submit(job).ok()?;
-    let text = loop {
-        match tokio::time::timeout(within, rx.recv()).await {
-            Ok(Some(GenEvent::Done(g))) => break g.text,
-            Ok(Some(GenEvent::Failed(e))) => {
+    match complete(generator, prompt, params).await {
+        Completion::Text(text) => usable(&text),
+        Completion::Busy => None,
+        Completion::Failed(e) => {
+            if let Some(e) = e {
                 tracing::warn!(error = %e, "question not translated");
-                return None;
             }
-            Ok(Some(_)) => continue,
-            Ok(None) | Err(_) => return None,
+            None
         }
-    };
-    usable(&text)
+    }
 }
 
 /// The model's reply as a query: one line, quotes and labels off, and only

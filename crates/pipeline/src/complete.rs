@@ -1,0 +1,52 @@
+//! One short job for the answer model outside an answer — a question's
+//! translation ([`crate::translate`]), a chunk's questions ([`crate::enrich`]):
+//! submit it, wait for its whole text.
+
+use ragd_core::{BackendError, GenEvent, GenJob, Generate, GenerateParams, Prompt};
+use tokio::sync::mpsc;
+
+/// How a short job ended.
+#[derive(Debug)]
+pub(crate) enum Completion {
+    /// The model's whole reply.
+    Text(String),
+    /// The generation queue is full; nothing was started.
+    Busy,
+    /// The backend failed, or no reply came by `params.deadline`.
+    Failed(Option<BackendError>),
+}
+
+/// Runs `prompt` with `params` (whose `deadline` also bounds the wait) and
+/// returns the reply.
+pub(crate) async fn complete(
+    generator: &dyn Generate,
+    prompt: Prompt,
+    params: GenerateParams,
+) -> Completion {
+    let deadline = params.deadline;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let job = GenJob {
+        prompt,
+        params,
+        context_budget: 0,
+        events: tx,
+    };
+    if generator.submit(job).is_err() {
+        return Completion::Busy;
+    }
+    loop {
+        let event = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), rx.recv()).await {
+                Ok(e) => e,
+                Err(_) => return Completion::Failed(None),
+            },
+            None => rx.recv().await,
+        };
+        match event {
+            Some(GenEvent::Done(g)) => return Completion::Text(g.text),
+            Some(GenEvent::Failed(e)) => return Completion::Failed(Some(e)),
+            Some(_) => continue,
+            None => return Completion::Failed(None),
+        }
+    }
+}
