@@ -258,17 +258,23 @@ pub fn fuse(
     out.into_iter().map(|(id, _)| id).collect()
 }
 
+/// Rankings with fewer candidates than this count as average ones in
+/// [`fuse`] (on the public sets no ranking with fewer changed an order).
+const MIN_CANDIDATES: usize = 5;
+
 /// How far a ranking's best score stands out from its candidates' scores
 /// (best first), in standard deviations: about 0 when all score alike, large
-/// when one is much better than the rest. `None` for fewer than two
-/// candidates. A query-performance predictor in the manner of Cronen-Townsend
+/// when one is much better than the rest. `None` for fewer than
+/// [`MIN_CANDIDATES`] candidates. A query-performance predictor in the manner of Cronen-Townsend
 /// et al. and of score-distribution fusion, chosen because it needs nothing
 /// but the scores at hand (no training data, no second model).
 fn confidence(scores: &[f32]) -> Option<f32> {
-    let (&top, rest) = scores.split_first()?;
-    if rest.is_empty() {
+    // The largest z-score n scores can reach is √(n−1): over a handful of
+    // candidates it measures their count more than their spread.
+    if scores.len() < MIN_CANDIDATES {
         return None;
     }
+    let top = scores[0];
     let n = scores.len() as f32;
     let mean = scores.iter().sum::<f32>() / n;
     let sd = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f32>() / n).sqrt();
@@ -328,8 +334,15 @@ mod tests {
         // as given, chunk 4 would win: 0.55 against 0.45 in either fusion).
         // The first ranking's best is far ahead of its other candidates; the
         // second's scores are all alike, so the first decides.
-        let peaked = hits(&[(1, 20.0), (2, 3.0), (3, 2.9), (4, 2.8)]);
-        let flat = hits(&[(4, 0.52), (2, 0.519), (3, 0.518), (1, 0.5)]);
+        let peaked = hits(&[(1, 20.0), (2, 3.0), (3, 2.9), (4, 2.8), (5, 2.7), (6, 2.6)]);
+        let flat = hits(&[
+            (4, 0.52),
+            (3, 0.519),
+            (5, 0.518),
+            (6, 0.517),
+            (2, 0.516),
+            (1, 0.5),
+        ]);
         for fusion in [Fusion::Convex, Fusion::Rrf] {
             let order = fuse(&[(&peaked, 0.45), (&flat, 0.55)], fusion, all);
             assert_eq!(order[0], 1, "{fusion:?}: {order:?}");
@@ -337,13 +350,20 @@ mod tests {
             assert_eq!(order[0], 1, "{fusion:?}, lists swapped: {order:?}");
         }
         // Two equally confident rankings keep their weights.
-        let other = hits(&[(4, 40.0), (3, 6.0), (2, 5.8), (1, 5.6)]);
+        let other = hits(&[(4, 40.0), (3, 6.0), (2, 5.8), (5, 5.6), (6, 5.4), (1, 5.2)]);
         assert_eq!(
             fuse(&[(&peaked, 0.45), (&other, 0.55)], Fusion::Convex, all)[0],
             4
         );
-        assert_eq!(confidence(&[1.0]), None);
-        assert_eq!(confidence(&[0.5, 0.5, 0.5]), Some(0.0));
+        // Too few candidates to judge: the weights as given.
+        let short = hits(&[(1, 20.0), (2, 1.0)]);
+        let few = hits(&[(2, 0.6), (1, 0.5)]);
+        assert_eq!(
+            fuse(&[(&short, 0.45), (&few, 0.55)], Fusion::Convex, all)[0],
+            2
+        );
+        assert_eq!(confidence(&[1.0, 0.5, 0.2]), None);
+        assert_eq!(confidence(&[0.5; 6]), Some(0.0));
     }
 
     #[test]
