@@ -7,8 +7,11 @@ pub enum Fault {
     Client,
     /// This server's (a model or the disk failed): 5xx, detail only in the log.
     Server,
-    /// A remote server's (generation, embeddings, a database): 502.
+    /// A remote server's (generation, embeddings): 502.
     Upstream,
+    /// A service ragd depends on cannot be reached for now (the database is
+    /// restarting): 503, retry shortly.
+    Unavailable,
 }
 
 /// A failure of an engine behind one of the traits.
@@ -35,6 +38,14 @@ impl BackendError {
     pub fn server(message: impl std::fmt::Display) -> Self {
         Self {
             fault: Fault::Server,
+            message: message.to_string(),
+        }
+    }
+
+    /// A service that cannot be reached for now.
+    pub fn unavailable(message: impl std::fmt::Display) -> Self {
+        Self {
+            fault: Fault::Unavailable,
             message: message.to_string(),
         }
     }

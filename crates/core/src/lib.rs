@@ -46,4 +46,4 @@ pub use generate::{
 };
 pub use prompt::{Fitted, Prompt, PromptPassage};
 pub use rerank::{NoRerank, Rerank};
-pub use text::STOP_WORDS;
+pub use text::{is_cjk, lexical_body, lexical_text, query_words, STOP_WORDS};

@@ -23,6 +23,10 @@ pub enum Error {
     /// is logged, not returned.
     #[error("the generation server failed or cannot be reached")]
     Upstream(String),
+    /// A service ragd depends on (the database) cannot be reached for now;
+    /// the client should retry shortly. The detail is logged, not returned.
+    #[error("the database cannot be reached at the moment; retry shortly")]
+    Unavailable(String),
     /// A failure on our side; the detail is logged, not returned.
     #[error("internal error")]
     Internal(String),
@@ -41,6 +45,7 @@ impl Error {
         match self {
             Error::Invalid(_) | Error::NotFound(_) | Error::Busy { .. } => Fault::Client,
             Error::Upstream(_) => Fault::Upstream,
+            Error::Unavailable(_) => Fault::Unavailable,
             Error::Internal(_) => Fault::Server,
         }
     }
@@ -54,6 +59,10 @@ impl From<BackendError> for Error {
             Fault::Upstream => {
                 tracing::warn!(detail = %e.message, "a remote server failed");
                 Error::Upstream(e.message)
+            }
+            Fault::Unavailable => {
+                tracing::warn!(detail = %e.message, "a service ragd depends on is unavailable");
+                Error::Unavailable(e.message)
             }
         }
     }

@@ -92,6 +92,7 @@ impl ApiError {
                 Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 Error::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
                 Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error"),
+                Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                 Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
             },
         }
@@ -113,7 +114,7 @@ impl IntoResponse for ApiError {
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            ApiError::NotReady => {
+            ApiError::NotReady | ApiError::Pipeline(Error::Unavailable(_)) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(5u64));

@@ -6,88 +6,17 @@ use rusqlite::{params, Connection};
 
 use crate::{Store, StoreError};
 
-/// Whether `c` is written without spaces between words (Chinese, Japanese,
-/// Korean), so that FTS5's unicode61 tokenizer would see a whole run as one token.
-fn is_cjk(c: char) -> bool {
-    matches!(c as u32,
-        0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF | 0xAC00..=0xD7AF | 0x20000..=0x2FFFF)
-}
-
-/// Text as the full-text index sees it: CJK runs become overlapping character
-/// bigrams (the usual segmentation-free indexing for Chinese), the rest is kept
-/// for FTS5's unicode61 tokenizer.
-pub fn lexical_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() * 2);
-    let mut run: Vec<char> = Vec::new();
-    let flush = |run: &mut Vec<char>, out: &mut String| {
-        if run.is_empty() {
-            return;
-        }
-        out.push(' ');
-        if run.len() == 1 {
-            out.push(run[0]);
-        } else {
-            for pair in run.windows(2) {
-                out.push(pair[0]);
-                out.push(pair[1]);
-                out.push(' ');
-            }
-        }
-        out.push(' ');
-        run.clear();
-    };
-    for c in text.chars() {
-        if is_cjk(c) {
-            run.push(c);
-        } else {
-            flush(&mut run, &mut out);
-            out.push(c);
-        }
-    }
-    flush(&mut run, &mut out);
-    out
-}
-
-/// What the full-text index holds for a chunk: its title, section, generated
-/// questions and text.
-fn lexical_body(title: Option<&str>, section: &str, text: &str, questions: &[String]) -> String {
-    let mut body = String::with_capacity(text.len() + section.len() + 64);
-    let parts = [title.unwrap_or(""), section]
-        .into_iter()
-        .chain(questions.iter().map(String::as_str));
-    for part in parts {
-        if !part.is_empty() {
-            body.push_str(part);
-            body.push('\n');
-        }
-    }
-    body.push_str(text);
-    lexical_text(&body)
-}
+use ragd_core::lexical_body;
+pub use ragd_core::lexical_text;
 
 /// The English stop words, shared with the answer check.
 pub use ragd_core::STOP_WORDS;
 
 /// An FTS5 query matching any term of `query` (BM25 ranks by how many and how
 /// rare; the index stems English words, so "packages" finds "package"); `None`
-/// when the query has no terms. Stop words are dropped unless nothing else is left.
+/// when the query has no terms.
 fn match_expression(query: &str) -> Option<String> {
-    let mut all: Vec<String> = lexical_text(query)
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|t| !t.is_empty())
-        .map(str::to_lowercase)
-        .collect();
-    all.sort();
-    all.dedup();
-    let content: Vec<&String> = all
-        .iter()
-        .filter(|t| !STOP_WORDS.contains(&t.as_str()))
-        .collect();
-    let terms: Vec<&String> = if content.is_empty() {
-        all.iter().collect()
-    } else {
-        content
-    };
+    let terms = ragd_core::query_words(query);
     (!terms.is_empty()).then(|| {
         terms
             .iter()
