@@ -10,7 +10,9 @@
 //!   both serve one bounded queue and hand out the same handle,
 //!   [`GenerationSlots`];
 //! * [`SqliteStore`] — [`ragd_core::DocumentStore`] on SQLite with an HNSW
-//!   graph over the vectors.
+//!   graph over the vectors (one process);
+//! * [`PgStore`] — [`ragd_core::DocumentStore`] on PostgreSQL with pgvector
+//!   (crate `ragd-pgstore`; any number of processes).
 //!
 //! Each says in its module what it does with the context budget and steering
 //! (the generators) or how it searches (the store). The pipeline never names
@@ -30,6 +32,7 @@ use std::path::PathBuf;
 pub use embed_local::{BatchObserver, LocalEmbedder};
 pub use generate_local::{LocalGenerator, LocalOptions};
 pub use queue::GenerationSlots;
+pub use ragd_pgstore::{redact_url, PgConfig, PgError, PgStore};
 pub use remote::{RemoteConfig, RemoteGenerator};
 pub use sqlite::SqliteStore;
 
@@ -57,6 +60,9 @@ pub enum LoadError {
     /// The database cannot be opened (or was written with another embedder).
     #[error("{0}")]
     Store(#[from] ragd_store::StoreError),
+    /// The PostgreSQL store cannot be opened.
+    #[error("{0}")]
+    Postgres(#[from] ragd_pgstore::PgError),
     /// The vector index cannot be built from the stored vectors.
     #[error("{0}")]
     Index(String),

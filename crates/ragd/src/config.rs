@@ -33,6 +33,8 @@ pub struct Config {
     pub chunking: ChunkerConfig,
     /// Optional ingest enrichment.
     pub ingest: IngestConfig,
+    /// Where documents are kept.
+    pub store: StoreConfig,
     /// HNSW parameters.
     pub index: IndexConfig,
     /// Retrieval defaults and limits.
@@ -59,6 +61,20 @@ pub struct ModelsConfig {
     pub multilingual_embedder: PathBuf,
     /// GGUF chat model file.
     pub generator: PathBuf,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `"sqlite"` or `"postgres"`.
+    pub backend: String,
+    /// The PostgreSQL URL for `"postgres"`.
+    pub url: String,
+    /// Pool size for `"postgres"`.
+    pub max_connections: u32,
+    /// Longest wait for a PostgreSQL connection, seconds.
+    pub connect_timeout_s: u64,
 }
 
 /// A configuration that cannot be used.
@@ -198,6 +214,11 @@ impl Config {
         {
             *k = "***".into();
         }
+        if let Some(url) = v.pointer_mut("/store/url") {
+            if let Some(s) = url.as_str() {
+                *url = ragd_backends::redact_url(s).into();
+            }
+        }
         for list in ["/auth/read_keys", "/auth/write_keys"] {
             if let Some(serde_json::Value::Array(keys)) = v.pointer_mut(list) {
                 for k in keys.iter_mut() {
@@ -260,6 +281,29 @@ impl Config {
                 "ingest.generate_questions = {} must be within 0..={most}",
                 self.ingest.generate_questions
             ));
+        }
+        match self.store.backend.as_str() {
+            "sqlite" => {}
+            "postgres" => {
+                let url = &self.store.url;
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return invalid(format!(
+                        "store.url = {:?} must be postgres://USER:PASSWORD@HOST:PORT/DATABASE for store.backend = \"postgres\"",
+                        ragd_backends::redact_url(url)
+                    ));
+                }
+                if self.store.max_connections == 0 {
+                    return invalid("store.max_connections must be at least 1".into());
+                }
+                if !(1..=600).contains(&self.store.connect_timeout_s) {
+                    return invalid("store.connect_timeout_s must be within 1..=600".into());
+                }
+            }
+            other => {
+                return invalid(format!(
+                    "store.backend = {other:?} must be \"sqlite\" or \"postgres\""
+                ))
+            }
         }
         self.retrieval.validate()?;
         self.answers.validate()?;

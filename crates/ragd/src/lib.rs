@@ -15,8 +15,10 @@ pub mod config;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ragd_backends::{LocalEmbedder, LocalGenerator, LocalOptions, RemoteGenerator, SqliteStore};
-use ragd_core::{Embed, Generate, NoRerank};
+use ragd_backends::{
+    LocalEmbedder, LocalGenerator, LocalOptions, PgConfig, PgStore, RemoteGenerator, SqliteStore,
+};
+use ragd_core::{DocumentStore, Embed, Generate, NoRerank};
 use ragd_pipeline::route::RoutedEmbedder;
 use ragd_pipeline::{Engines, Pipeline};
 use ragd_server::{AppState, Http};
@@ -147,19 +149,37 @@ async fn load_embedders(config: &Config) -> Result<Arc<RoutedEmbedder>, StartErr
     Ok(Arc::new(RoutedEmbedder::new(primary, multilingual)))
 }
 
-/// Opens the store for `embedder`'s vectors (blocking work, off the runtime).
-async fn open_store(config: &Config, embedder: &dyn Embed) -> Result<SqliteStore, StartError> {
+/// Opens the configured store for `embedder`'s vectors: PostgreSQL, or the
+/// SQLite database in the data directory (blocking work, off the runtime).
+async fn open_store(
+    config: &Config,
+    embedder: &dyn Embed,
+) -> Result<Arc<dyn DocumentStore>, StartError> {
     let info = embedder.info();
+    if config.store.backend == "postgres" {
+        let pg = PgConfig {
+            url: config.store.url.clone(),
+            max_connections: config.store.max_connections,
+            connect_timeout_s: config.store.connect_timeout_s,
+            hnsw_m: config.index.max_connections,
+            hnsw_ef_construction: config.index.ef_construction,
+            hnsw_ef_search: config.index.ef_search,
+        };
+        let store = PgStore::open(&pg, &info.identity(), info.dim)
+            .await
+            .map_err(ragd_backends::LoadError::from)?;
+        return Ok(Arc::new(store));
+    }
     let (dir, identity, dim, index) = (
         config.server.data_dir.clone(),
         info.identity(),
         info.dim,
         config.index.clone(),
     );
-    tokio::task::spawn_blocking(move || SqliteStore::open(&dir, &identity, dim, index))
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir, &identity, dim, index))
         .await
-        .map_err(|_| StartError::Stopped("store loader"))?
-        .map_err(StartError::from)
+        .map_err(|_| StartError::Stopped("store loader"))??;
+    Ok(Arc::new(store))
 }
 
 /// Loads the engines the configuration names and assembles the pipeline.
@@ -196,7 +216,7 @@ async fn load(config: &Config) -> Result<Pipeline, StartError> {
             embedder,
             generator: Some(generator),
             reranker: Arc::new(NoRerank),
-            store: Arc::new(store),
+            store,
         },
     )?)
 }
@@ -226,7 +246,7 @@ pub async fn open_for_ingest(config: Config) -> Result<Arc<Pipeline>, StartError
             embedder,
             generator: None,
             reranker: Arc::new(NoRerank),
-            store: Arc::new(store),
+            store,
         },
     )?))
 }
