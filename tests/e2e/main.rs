@@ -15,11 +15,68 @@ fn models_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"))
 }
 
+/// The PostgreSQL server the suite runs on when `RAGD_TEST_STORE=postgres`
+/// (its URL in `RAGD_TEST_POSTGRES_URL`, as `scripts/with-postgres` sets it);
+/// `None`: the default SQLite store.
+fn postgres() -> Option<String> {
+    match std::env::var("RAGD_TEST_STORE").as_deref() {
+        Ok("postgres") => Some(std::env::var("RAGD_TEST_POSTGRES_URL").expect(
+            "RAGD_TEST_STORE=postgres needs RAGD_TEST_POSTGRES_URL (scripts/with-postgres)",
+        )),
+        Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("RAGD_TEST_STORE={other}: expected sqlite or postgres"),
+    }
+}
+
+/// On PostgreSQL, the database that stands for `data_dir`: one per data
+/// directory (so a test that restarts its server on the same directory finds
+/// its documents), created when missing. Its URL.
+fn database_for(server: &str, data_dir: &std::path::Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut h);
+    let name = format!("ragd_e2e_{:016x}", h.finish());
+    let admin = server.to_string();
+    let create = name.clone();
+    // Outside the test's runtime: config() is synchronous.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .expect("the test PostgreSQL accepts connections");
+            tokio::spawn(connection);
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&create])
+                .await
+                .unwrap()
+                .is_some();
+            if !exists {
+                client
+                    .batch_execute(&format!("CREATE DATABASE {create}"))
+                    .await
+                    .unwrap();
+            }
+        })
+    })
+    .join()
+    .unwrap();
+    let (base, _) = server.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
 fn config(generator: &str, data_dir: &std::path::Path) -> Config {
     let mut c = Config::defaults();
     c.server.host = "127.0.0.1".into();
     c.server.port = 0;
     c.server.data_dir = data_dir.to_path_buf();
+    if let Some(server) = postgres() {
+        c.store.backend = "postgres".into();
+        c.store.url = database_for(&server, data_dir);
+    }
     c.server.body_limit_bytes = 256 * 1024;
     c.models.embedder = models_dir().join("all-MiniLM-L6-v2");
     // One embedder keeps most tests fast; the language routing between two
@@ -420,9 +477,21 @@ async fn restart_gives_the_same_results_from_the_dump_or_a_rebuild() {
         let client = client.clone();
         async move { get_json(&client, &format!("{base}/ready")).await }
     };
+    // The SQLite store keeps an HNSW graph in memory and dumps it; on
+    // PostgreSQL the index is the database's.
+    let sqlite = postgres().is_none();
     let (before_search, before_answer) = {
         let (server, base) = start(SMOLLM, data.path()).await;
-        assert_eq!(ready(base.clone()).await["index_at_start"], "rebuilt");
+        let r = ready(base.clone()).await;
+        assert_eq!(
+            r["index_at_start"],
+            if sqlite {
+                json!("rebuilt")
+            } else {
+                Value::Null
+            },
+            "{r}"
+        );
         ingest_three(&client, &base).await;
         let (_, s) = post(&client, &format!("{base}/search"), &search).await;
         let (_, a) = post(&client, &format!("{base}/ask"), &ask).await;
@@ -445,7 +514,7 @@ async fn restart_gives_the_same_results_from_the_dump_or_a_rebuild() {
         let r = ready(base.clone()).await;
         assert_eq!(
             (r["index_at_start"].as_str(), r["documents"].as_u64()),
-            (Some("dump"), Some(3)),
+            (sqlite.then_some("dump"), Some(3)),
             "{r}"
         );
         let (_, b) = post(&client, &format!("{base}/ingest"), &three_documents()).await;
@@ -463,6 +532,9 @@ async fn restart_gives_the_same_results_from_the_dump_or_a_rebuild() {
         server.shutdown().await.unwrap();
     }
 
+    if !sqlite {
+        return;
+    }
     // A damaged dump is detected and the index rebuilt from the store.
     let graph = data.path().join("index/ragd.hnsw.graph");
     let mut bytes = std::fs::read(&graph).unwrap();
@@ -1820,15 +1892,37 @@ async fn generated_questions_are_stored_and_searched() {
         .clone();
     server.shutdown().await.unwrap();
 
-    let db = rusqlite::Connection::open(data.path().join("ragd.sqlite3")).unwrap();
-    let mut stmt = db
-        .prepare("SELECT document_id, questions FROM chunks ORDER BY document_id")
-        .unwrap();
-    let rows: Vec<(String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let rows: Vec<(String, String)> = match postgres() {
+        None => {
+            let db = rusqlite::Connection::open(data.path().join("ragd.sqlite3")).unwrap();
+            let mut stmt = db
+                .prepare("SELECT document_id, questions FROM chunks ORDER BY document_id")
+                .unwrap();
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            rows
+        }
+        Some(server) => {
+            let url = database_for(&server, data.path());
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            client
+                .query(
+                    "SELECT document_id, questions FROM ragd_chunks ORDER BY document_id",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()
+        }
+    };
     let with: Vec<&(String, String)> = rows.iter().filter(|(_, q)| !q.is_empty()).collect();
     assert!(with.len() >= 2, "most chunks got questions: {rows:?}");
     for (_, q) in &with {
@@ -1865,6 +1959,237 @@ async fn generated_questions_are_stored_and_searched() {
             .iter()
             .any(|r| r["document_id"] == id.as_str()),
         "{query:?} finds {id}: {found}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+/// A PostgreSQL server of the test's own (from `scripts/test-postgres`), for
+/// tests that stop and start it; stopped when dropped.
+struct OwnPostgres {
+    script: PathBuf,
+    data: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnPostgres {
+    fn run(&self, args: &[&str]) {
+        let status = std::process::Command::new(&self.script)
+            .args(args)
+            .status()
+            .expect("scripts/test-postgres runs");
+        assert!(status.success(), "scripts/test-postgres {args:?}");
+    }
+
+    fn start() -> Self {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-postgres");
+        let out = std::process::Command::new(&script)
+            .arg("root")
+            .output()
+            .expect("scripts/test-postgres runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let root = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        let dir = tempfile::tempdir_in(root.join("var/tmp")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let me = Self {
+            script,
+            data: dir.path().join("data"),
+            port,
+            _dir: dir,
+        };
+        me.run(&["start", me.data.to_str().unwrap(), &port.to_string()]);
+        me
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://ragd:ragd@127.0.0.1:{}/ragd", self.port)
+    }
+
+    /// Stops it at once, as a crash would.
+    fn kill(&self) {
+        self.run(&["kill", self.data.to_str().unwrap()]);
+    }
+
+    fn restart(&self) {
+        self.run(&["start", self.data.to_str().unwrap(), &self.port.to_string()]);
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.script)
+            .args(["stop", self.data.to_str().unwrap()])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_database_serve_the_same_documents_at_once() {
+    if postgres().is_none() {
+        eprintln!("SKIPPED: replicas need the PostgreSQL store (RAGD_TEST_STORE=postgres)");
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let (one, a) = start(SMOLLM, data.path()).await;
+    let (two, b) = start(SMOLLM, data.path()).await;
+    ingest_three(&client, &a).await;
+    let search = json!({ "query": "What does Rust's borrow checker enforce?", "top_k": 2 });
+    let (status, found) = post(&client, &format!("{b}/search"), &search).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["results"][0]["document_id"], "rust", "{found}");
+    let answer = ask_json(&client, &b, "What does Rust's borrow checker enforce?").await;
+    assert!(cited_ids(&answer).contains(&"rust".to_string()), "{answer}");
+
+    // An update through the second is what the first finds.
+    let (status, body) = post(
+        &client,
+        &format!("{b}/ingest"),
+        &json!({ "documents": [{ "id": "cats", "title": "Domestic cats",
+            "text": "Cats are obligate carnivores; a house cat weighs about four kilograms." }] }),
+    )
+    .await;
+    assert_eq!(
+        (status, body["documents"][0]["status"].as_str()),
+        (200, Some("updated")),
+        "{body}"
+    );
+    let (_, found) = post(
+        &client,
+        &format!("{a}/search"),
+        &json!({ "query": "How much does a house cat weigh?", "top_k": 1 }),
+    )
+    .await;
+    assert!(
+        found["results"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("four kilograms"),
+        "{found}"
+    );
+
+    // A delete through the second is gone from the first.
+    let res = client
+        .delete(format!("{b}/documents/rust"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let (_, found) = post(&client, &format!("{a}/search"), &search).await;
+    assert!(
+        found["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["document_id"] != "rust"),
+        "{found}"
+    );
+    let res = client
+        .get(format!("{a}/documents/rust"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 404);
+    let r = get_json(&client, &format!("{a}/ready")).await;
+    assert_eq!(r["documents"], 2, "{r}");
+    one.shutdown().await.unwrap();
+    two.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_under_load_is_503_meanwhile_and_heals_by_itself() {
+    if postgres().is_none() {
+        eprintln!("SKIPPED: needs the PostgreSQL store (RAGD_TEST_STORE=postgres)");
+        return;
+    }
+    let pg = OwnPostgres::start();
+    let data = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut c = config(SMOLLM, data.path());
+    c.store.url = pg.url();
+    c.store.connect_timeout_s = 1;
+    let (server, base) = start_with(c).await;
+    ingest_three(&client, &base).await;
+
+    // Searches keep coming while the database goes away and comes back.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, base, stop) = (client.clone(), base.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+            for _ in 0..2000 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let (status, _) = post(
+                    &client,
+                    &format!("{base}/search"),
+                    &json!({ "query": "Mount Everest", "top_k": 1 }),
+                )
+                .await;
+                *statuses.entry(status).or_default() += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    pg.kill();
+    for (path, body) in [
+        ("search", json!({ "query": "Mount Everest" })),
+        (
+            "ingest",
+            json!({ "documents": [{ "id": "new", "text": "Written while the database is down." }] }),
+        ),
+    ] {
+        let (status, body) = post(&client, &format!("{base}/{path}"), &body).await;
+        assert_eq!(
+            (status, body["type"].as_str()),
+            (503, Some("unavailable")),
+            "{path}: {body}"
+        );
+        assert!(
+            body["error"].as_str().unwrap().contains("database"),
+            "{body}"
+        );
+    }
+    let health = client.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200, "the process is alive");
+    pg.restart();
+    // The pool reconnects on its own.
+    let mut healed = false;
+    for _ in 0..100 {
+        let (status, found) = post(
+            &client,
+            &format!("{base}/search"),
+            &json!({ "query": "Mount Everest", "top_k": 1 }),
+        )
+        .await;
+        if status == 200 {
+            assert_eq!(found["results"][0]["document_id"], "everest", "{found}");
+            healed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(healed, "searches succeed again after the restart");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses = load.await.unwrap();
+    assert!(
+        statuses.keys().all(|s| *s == 200 || *s == 503),
+        "only answers or 503 meanwhile: {statuses:?}"
+    );
+    assert!(
+        statuses.contains_key(&503) && statuses.contains_key(&200),
+        "{statuses:?}"
     );
     server.shutdown().await.unwrap();
 }

@@ -2,7 +2,7 @@
 //! PostgreSQL's text search configurations, so that both store backends index
 //! and query the same terms: CJK runs as character bigrams
 //! ([`ragd_core::lexical_text`]), other text split into runs of letters and
-//! digits, lowercased, diacritics removed, English words stemmed — what
+//! digits, lowercased, diacritics removed, English words stemmed with Porter's algorithm — what
 //! SQLite's FTS5 tokenizer `porter unicode61 remove_diacritics 2` does for the
 //! SQLite backend. (PostgreSQL's `to_tsvector('english', …)` would drop stop
 //! words from documents and segment Chinese not at all, and `ts_rank` is not
@@ -10,30 +10,30 @@
 
 use std::collections::HashMap;
 
-use rust_stemmers::{Algorithm, Stemmer};
 use unicode_normalization::{char::is_combining_mark, UnicodeNormalization};
 
-/// A word as indexed: lowercased, without diacritics, stemmed when it is
-/// made of ASCII letters only (as FTS5's porter tokenizer does).
-fn normalise(stemmer: &Stemmer, word: &str) -> String {
+/// A word as indexed: lowercased, without diacritics, and stemmed when it is
+/// made of three or more ASCII letters (FTS5's porter tokenizer leaves
+/// shorter words, and words with other characters, as they are).
+fn normalise(word: &str) -> String {
     let plain: String = word
         .nfd()
         .filter(|c| !is_combining_mark(*c))
         .flat_map(char::to_lowercase)
         .collect();
-    if plain.bytes().all(|b| b.is_ascii_alphabetic()) {
-        stemmer.stem(&plain).into_owned()
+    if plain.len() >= 3 && plain.bytes().all(|b| b.is_ascii_alphabetic()) {
+        porter_stemmer::stem(&plain)
     } else {
         plain
     }
 }
 
 /// The indexed words of `text`, in order (with repeats).
-fn words(stemmer: &Stemmer, text: &str) -> Vec<String> {
+fn words(text: &str) -> Vec<String> {
     ragd_core::lexical_text(text)
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
-        .map(|w| normalise(stemmer, w))
+        .map(normalise)
         .collect()
 }
 
@@ -45,11 +45,7 @@ pub(crate) fn chunk_terms(
     text: &str,
     questions: &[String],
 ) -> (HashMap<String, i32>, i32) {
-    let stemmer = Stemmer::create(Algorithm::English);
-    let all = words(
-        &stemmer,
-        &ragd_core::lexical_body(title, section, text, questions),
-    );
+    let all = words(&ragd_core::lexical_body(title, section, text, questions));
     let len = i32::try_from(all.len()).unwrap_or(i32::MAX);
     let mut counts = HashMap::new();
     for w in all {
@@ -61,10 +57,9 @@ pub(crate) fn chunk_terms(
 /// The distinct terms a query searches for: [`ragd_core::query_words`]
 /// (stop words out unless nothing else is left), normalised like the index.
 pub(crate) fn query_terms(query: &str) -> Vec<String> {
-    let stemmer = Stemmer::create(Algorithm::English);
     let mut terms: Vec<String> = ragd_core::query_words(query)
         .iter()
-        .map(|w| normalise(&stemmer, w))
+        .map(|w| normalise(w))
         .collect();
     terms.sort();
     terms.dedup();

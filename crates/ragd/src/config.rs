@@ -511,4 +511,34 @@ mod tests {
         let e = Config::from_toml_over_defaults("[retrieval]\ntop_k = 50\n", "test").unwrap_err();
         assert!(e.to_string().contains("top_k"), "{e}");
     }
+
+    #[test]
+    fn the_store_backend_and_its_url_are_checked_and_the_password_never_logged() {
+        let e =
+            Config::from_toml_over_defaults("[store]\nbackend = \"mysql\"\n", "test").unwrap_err();
+        assert!(e.to_string().contains("store.backend"), "{e}");
+        let e = Config::from_toml_over_defaults("[store]\nbackend = \"postgres\"\n", "test")
+            .unwrap_err();
+        assert!(e.to_string().contains("store.url"), "{e}");
+        let e = Config::from_toml_over_defaults(
+            "[store]\nbackend = \"postgres\"\nurl = \"mysql://u:hunter2@db/x\"\n",
+            "test",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("store.url"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let env = [(
+            "RAGD__STORE__URL".to_string(),
+            "postgres://ragd:hunter2@db:5432/ragd".to_string(),
+        )];
+        let c = Config::from_layers("[store]\nbackend = \"postgres\"\n", "test", &env).unwrap();
+        assert_eq!(c.store.url, "postgres://ragd:hunter2@db:5432/ragd");
+        let logged = c.redacted().to_string();
+        assert!(!logged.contains("hunter2"), "{logged}");
+        assert!(
+            logged.contains("postgres://ragd:***@db:5432/ragd"),
+            "{logged}"
+        );
+        assert_eq!(Config::defaults().store.backend, "sqlite");
+    }
 }

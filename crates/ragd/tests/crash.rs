@@ -1,7 +1,10 @@
 //! Crash safety: a `ragd serve` child process ingests in a loop and is killed
 //! with SIGKILL at a random moment, again and again. After every restart each
 //! document whose ingest was acknowledged must be fully present, and no
-//! document may be partly present. Needs `scripts/fetch-models`.
+//! document may be partly present. Needs `scripts/fetch-models`. With
+//! `RAGD_TEST_STORE=postgres` the server keeps its documents in PostgreSQL
+//! (`RAGD_TEST_POSTGRES_URL`, as `scripts/with-postgres` sets it), in a
+//! database of the test's own: a replica killed mid-ingest.
 
 mod common;
 
@@ -9,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{models_dir, spawn, wait_ready};
+use common::{models_dir, spawn_with_env, wait_ready};
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -81,6 +84,34 @@ async fn check(
     stored.len()
 }
 
+/// The settings that put the server's documents in a fresh PostgreSQL
+/// database when `RAGD_TEST_STORE=postgres`; none for the SQLite store.
+async fn store_settings() -> Vec<(String, String)> {
+    if std::env::var("RAGD_TEST_STORE").as_deref() != Ok("postgres") {
+        return Vec::new();
+    }
+    let server = std::env::var("RAGD_TEST_POSTGRES_URL")
+        .expect("RAGD_TEST_STORE=postgres needs RAGD_TEST_POSTGRES_URL (scripts/with-postgres)");
+    let name = format!("ragd_crash_{}", std::process::id());
+    let (client, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+        .await
+        .expect("the test PostgreSQL accepts connections");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (base, _) = server.rsplit_once('/').unwrap();
+    vec![
+        ("RAGD__STORE__BACKEND".into(), "postgres".into()),
+        ("RAGD__STORE__URL".into(), format!("{base}/{name}")),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_ingests_survive_sigkill() {
     assert!(
@@ -90,6 +121,7 @@ async fn acknowledged_ingests_survive_sigkill() {
         "run scripts/fetch-models"
     );
     let data = tempfile::tempdir().unwrap();
+    let store = store_settings().await;
     let client = reqwest::Client::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(
         std::time::SystemTime::now()
@@ -102,7 +134,7 @@ async fn acknowledged_ingests_survive_sigkill() {
     let mut next_id = 0usize;
     let mut kills = 0;
     for round in 0..ROUNDS {
-        let (mut child, base) = spawn(data.path());
+        let (mut child, base) = spawn_with_env(data.path(), &store);
         wait_ready(&client, &base).await;
         let acked_now = acked.lock().unwrap().clone();
         let stored = check(&client, &base, &acked_now, &sent).await;
@@ -160,7 +192,7 @@ async fn acknowledged_ingests_survive_sigkill() {
         kills += 1;
         let _ = ingest_loop.await;
     }
-    let (mut child, base) = spawn(data.path());
+    let (mut child, base) = spawn_with_env(data.path(), &store);
     wait_ready(&client, &base).await;
     let acked_now = acked.lock().unwrap().clone();
     let stored = check(&client, &base, &acked_now, &sent).await;

@@ -55,12 +55,18 @@ impl Drop for Running {
 /// Starts `ragd serve` on a free port with its data in `data/db`; returns the
 /// child and its base URL.
 pub fn spawn(data: &Path) -> (Running, String) {
+    spawn_with_env(data, &[])
+}
+
+/// [`spawn`] with more environment variables (`RAGD__SECTION__KEY` settings).
+pub fn spawn_with_env(data: &Path, env: &[(String, String)]) -> (Running, String) {
     let config = config_file(data);
     let mut child = Command::new(env!("CARGO_BIN_EXE_ragd"))
         .args(["serve", "--port", "0", "--host", "127.0.0.1", "--config"])
         .arg(&config)
         .arg("--data-dir")
         .arg(data.join("db"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RAGD_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
