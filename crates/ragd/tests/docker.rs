@@ -1,9 +1,16 @@
-//! The Docker files, checked without a Docker engine: `compose.yaml` is valid
-//! for `docker-compose` (Debian's package; `scripts/test-setup` installs it),
-//! and the Dockerfile's steps are the ones the README lists.
+//! The Docker files: the Dockerfile's steps are the ones the README lists,
+//! `compose.yaml` is valid, and `docker compose up` is run for real — the
+//! image built (from the binary the tests were built with, over a base image
+//! made with debootstrap: no registry here), the models fetched on first
+//! start, documents ingested and answered, kept across a restart and a
+//! `down`/`up`, removed by `down -v`. `scripts/test-setup` installs and starts
+//! the Docker engine and Compose v2.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -63,22 +70,272 @@ fn the_readme_lists_the_dockerfiles_steps() {
 
 #[test]
 fn compose_file_is_valid_with_volumes_for_models_and_data() {
-    let out = Command::new("docker-compose")
-        .args(["-f", "compose.yaml", "config"])
+    let out = Command::new("docker")
+        .args([
+            "compose",
+            "-f",
+            "compose.yaml",
+            "config",
+            "--format",
+            "json",
+        ])
         .current_dir(root())
         .output()
-        .expect("docker-compose is installed (run scripts/test-setup)");
-    let text = String::from_utf8_lossy(&out.stdout);
+        .expect("docker is installed (run scripts/test-setup)");
     assert!(
         out.status.success(),
-        "docker-compose config failed: {}",
+        "docker compose config failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for needle in [
-        "ragd-models:/var/lib/ragd/models",
-        "ragd-data:/var/lib/ragd/data",
-        "docker/Dockerfile",
+    let config: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ragd = &config["services"]["ragd"];
+    assert_eq!(ragd["build"]["dockerfile"], "docker/Dockerfile", "{ragd}");
+    for (volume, target) in [
+        ("ragd-models", "/var/lib/ragd/models"),
+        ("ragd-data", "/var/lib/ragd/data"),
     ] {
-        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        assert!(
+            ragd["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["type"] == "volume" && v["source"] == volume && v["target"] == target),
+            "{volume}:{target} missing from {ragd}"
+        );
+        assert!(config["volumes"].get(volume).is_some(), "{config}");
     }
+    assert_eq!(
+        ragd["ports"][0]["host_ip"], "127.0.0.1",
+        "loopback only without keys: {ragd}"
+    );
+}
+
+/// A Compose project of the test's own, taken down with its volumes when
+/// dropped (also when the test fails).
+struct Project {
+    name: String,
+    env: Vec<(String, String)>,
+}
+
+impl Project {
+    fn run(&self, args: &[&str]) -> Output {
+        let mut command = Command::new("docker");
+        command
+            .args([
+                "compose",
+                "-p",
+                &self.name,
+                "-f",
+                "compose.yaml",
+                "-f",
+                "docker/compose.test.yaml",
+            ])
+            .args(args)
+            .current_dir(root())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        command.output().expect("docker runs")
+    }
+
+    /// Runs `args` and fails the test, with Compose's output, if it fails.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "docker compose {args:?}:\n{text}");
+        text
+    }
+
+    fn volumes(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args([
+                "volume",
+                "ls",
+                "-q",
+                "--filter",
+                &format!("name={}_", self.name),
+            ])
+            .output()
+            .expect("docker runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "-v", "--timeout", "5"]);
+    }
+}
+
+/// Waits until `base/ready` says 200 (at most `limit`); the time it took.
+async fn wait_ready(client: &reqwest::Client, base: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
+            if r.status().is_success() {
+                return start.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("{base}/ready did not answer 200 within {limit:?}");
+}
+
+async fn document_count(client: &reqwest::Client, base: &str) -> u64 {
+    let ready: Value = client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    ready["documents"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
+    // The image takes the binary from target/release: the one this test was
+    // built with when the suite runs in release, as the README's command does.
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_ragd"));
+    assert_eq!(
+        binary.canonicalize().unwrap(),
+        root().join("target/release/ragd").canonicalize().unwrap(),
+        "run the tests with --release: the image is built from target/release/ragd"
+    );
+    let started = Instant::now();
+    let out = Command::new(root().join("scripts/docker-base-images"))
+        .output()
+        .expect("scripts/docker-base-images runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let base_image = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let base_s = started.elapsed();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let project = Project {
+        name: format!("ragdtest{}", std::process::id()),
+        env: vec![
+            ("RAGD_TEST_BASE_IMAGE".into(), base_image),
+            ("RAGD_TEST_PORT".into(), port.to_string()),
+        ],
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+
+    // The README's `docker compose up` (detached), image built first.
+    let t = Instant::now();
+    project.ok(&["build"]);
+    let build_s = t.elapsed();
+    project.ok(&["up", "-d"]);
+    let first_ready = wait_ready(&client, &base, Duration::from_secs(900)).await;
+    let logs = project.ok(&["logs", "ragd"]);
+    assert!(
+        logs.contains("fetching the models"),
+        "the first start fetches the models:\n{logs}"
+    );
+
+    let ingest: Value = client
+        .post(format!("{base}/ingest"))
+        .json(&json!({ "documents": [
+            { "id": "everest", "title": "Mount Everest",
+              "text": "Mount Everest is Earth's highest mountain above sea level. Its summit is 8,849 metres high." },
+            { "id": "cats", "title": "Domestic cats",
+              "text": "Cats purr when they are content, and an adult cat sleeps twelve to sixteen hours a day." },
+            { "id": "rust", "title": "Rust",
+              "text": "Rust's borrow checker enforces ownership and borrowing rules at compile time." }
+        ]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        ingest["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["status"] == "created"),
+        "{ingest}"
+    );
+    let answer: Value = client
+        .post(format!("{base}/ask"))
+        .json(&json!({ "question": "How high is Mount Everest?", "max_tokens": 40 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["sources"][0]["document_id"], "everest", "{answer}");
+    assert!(
+        answer["answer"].as_str().unwrap().contains("8,849")
+            || answer["answer_kind"] != "generated",
+        "{answer}"
+    );
+    let stream = client
+        .post(format!("{base}/ask"))
+        .header("Accept", "text/event-stream")
+        .json(
+            &json!({ "question": "How long does a cat sleep?", "stream": true, "max_tokens": 40 }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    let body = stream.text().await.unwrap();
+    assert!(
+        body.contains("event: token") && body.contains("event: done"),
+        "{body}"
+    );
+
+    // A restart keeps the documents (the named data volume).
+    project.ok(&["restart"]);
+    wait_ready(&client, &base, Duration::from_secs(300)).await;
+    assert_eq!(document_count(&client, &base).await, 3);
+
+    // down + up: new containers, same volumes; the models are not fetched again.
+    project.ok(&["down"]);
+    project.ok(&["up", "-d"]);
+    let second_ready = wait_ready(&client, &base, Duration::from_secs(300)).await;
+    assert_eq!(document_count(&client, &base).await, 3);
+    let logs = project.ok(&["logs", "ragd"]);
+    assert!(
+        !logs.contains("fetching the models"),
+        "the models volume is kept:\n{logs}"
+    );
+    let search: Value = client
+        .post(format!("{base}/search"))
+        .json(&json!({ "query": "borrow checker", "top_k": 1 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(search["results"][0]["document_id"], "rust", "{search}");
+
+    // down -v removes the volumes, and with them the documents.
+    assert_eq!(project.volumes().len(), 2, "{:?}", project.volumes());
+    project.ok(&["down", "-v"]);
+    assert!(project.volumes().is_empty(), "{:?}", project.volumes());
+    println!(
+        "docker compose: base image {:.1} s (cached after the first run), image build {:.1} s, first start with the model fetch {:.1} s, start with the models in their volume {:.1} s",
+        base_s.as_secs_f64(),
+        build_s.as_secs_f64(),
+        first_ready.as_secs_f64(),
+        second_ready.as_secs_f64()
+    );
 }
