@@ -1648,6 +1648,171 @@ async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
     server.shutdown().await.unwrap();
 }
 
+/// The interpreter of bench/compare-llamacpp's llama-cpp-python environment
+/// (installed from PyPI on first use).
+fn llama_python() -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("python3")
+        .arg(root.join("bench/compare-llamacpp"))
+        .arg("--print-python")
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Waits until the OpenAI-compatible server at `url` lists its models.
+async fn wait_for_models(client: &reqwest::Client, url: &str) {
+    for _ in 0..600 {
+        if client
+            .get(format!("{url}/v1/models"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no OpenAI-compatible server came up on {url}");
+}
+
+async fn embeddings(client: &reqwest::Client, base: &str, input: &[&str]) -> Vec<Vec<f64>> {
+    let (status, body) = post(
+        client,
+        &format!("{base}/v1/embeddings"),
+        &json!({ "model": "ragd", "input": input }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// `embedder.backend = "openai"` against llama.cpp's server (llama-cpp-python)
+/// serving a GGUF made from the packaged all-MiniLM-L6-v2 with llama.cpp's own
+/// converter (scripts/embedding-gguf): its vectors agree with the local
+/// model's, documents ingested with them are found, a data directory written
+/// with them reads with the local model, and a server that cannot be reached
+/// is a start-up error naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_embeddings_from_llama_cpp_server_agree_with_the_local_model() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let minilm = models_dir().join("all-MiniLM-L6-v2");
+    let out = std::process::Command::new(root.join("scripts/embedding-gguf"))
+        .arg(&minilm)
+        .output()
+        .expect("scripts/embedding-gguf runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gguf = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _llama = LlamaServer(
+        std::process::Command::new(llama_python())
+            .args([
+                "-m",
+                "llama_cpp.server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .args(["--embedding", "true", "--n_ctx", "512", "--n_threads", "1"])
+            .args(["--model_alias", "all-MiniLM-L6-v2", "--model", &gguf])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("llama_cpp.server starts"),
+    );
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for_models(&client, &url).await;
+
+    let data = tempfile::tempdir().unwrap();
+    let remote_config = |data: &std::path::Path| {
+        let mut c = config(SMOLLM, data);
+        c.embedder.backend = "openai".into();
+        c.embedder.url = url.clone();
+        c.embedder.model = "all-MiniLM-L6-v2".into();
+        c
+    };
+    let (remote, r) = start_with(remote_config(data.path())).await;
+    let local_data = tempfile::tempdir().unwrap();
+    let (local, l) = start(SMOLLM, local_data.path()).await;
+    let texts = [
+        "Mount Everest is Earth's highest mountain above sea level.",
+        "Cats purr when they are content.",
+        "How does Rust's borrow checker work?",
+        // Longer than the model's window (256 tokens): cut alike on both sides.
+        &"The quick brown fox jumps over the lazy dog. ".repeat(60),
+    ];
+    let (a, b) = (
+        embeddings(&client, &r, &texts).await,
+        embeddings(&client, &l, &texts).await,
+    );
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x.len(), 384);
+        let cos: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+        println!("text {i}: cosine {cos:.5} between llama.cpp's and ragd's vectors");
+        assert!(
+            cos >= 0.99,
+            "text {i}: cosine {cos:.4} between remote and local"
+        );
+    }
+    local.shutdown().await.unwrap();
+
+    ingest_three(&client, &r).await;
+    let search =
+        json!({ "query": "What does Rust's borrow checker enforce?", "top_k": 1, "mode": "dense" });
+    let (_, found) = post(&client, &format!("{r}/search"), &search).await;
+    assert_eq!(found["results"][0]["document_id"], "rust", "{found}");
+    let ready = get_json(&client, &format!("{r}/ready")).await;
+    assert_eq!(ready["models"]["embedder"], "all-MiniLM-L6-v2", "{ready}");
+    remote.shutdown().await.unwrap();
+
+    // The same data directory with the local model: same identity, same vectors.
+    let (local, l) = start(SMOLLM, data.path()).await;
+    let (_, found) = post(&client, &format!("{l}/search"), &search).await;
+    assert_eq!(found["results"][0]["document_id"], "rust", "{found}");
+    local.shutdown().await.unwrap();
+
+    // No server: a start-up error that names the setting.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut c = remote_config(elsewhere.path());
+    c.embedder.url = format!("http://127.0.0.1:{closed}");
+    c.embedder.retries = 0;
+    let mut server = ragd::start(c).await.unwrap();
+    let e = server.wait_ready().await.unwrap_err().to_string();
+    assert!(e.contains("embedder.url"), "{e}");
+}
+
 /// Python packages the client tests use, pinned, installed from PyPI into a
 /// cached virtual environment on first use: the official `openai` client and
 /// `websocket-client` (to drive Chromium over the DevTools protocol) and

@@ -48,6 +48,39 @@ impl std::fmt::Debug for LocalEmbedder {
     }
 }
 
+/// What the pipeline needs to know of a model.
+fn describe(
+    name: &str,
+    dim: usize,
+    max_length: usize,
+    query_prefix: &str,
+    passage_prefix: &str,
+    tokenizer: &tokenizers::Tokenizer,
+) -> EmbedderInfo {
+    EmbedderInfo {
+        name: name.to_string(),
+        dim,
+        max_length,
+        query_prefix: query_prefix.to_string(),
+        passage_prefix: passage_prefix.to_string(),
+        // English BERT vocabularies hold ~30k word pieces; multilingual ones
+        // (mBERT 119k, XLM-R 250k) far more.
+        multilingual: tokenizer.get_vocab_size(true) >= MULTILINGUAL_VOCAB,
+    }
+}
+
+/// [`describe`] for a model directory's card (the remote embedder's model).
+pub(crate) fn info_of(card: &ragd_embedder::ModelCard) -> EmbedderInfo {
+    describe(
+        &card.name,
+        card.dim,
+        card.max_length,
+        &card.query_prefix,
+        &card.passage_prefix,
+        &card.tokenizer,
+    )
+}
+
 impl LocalEmbedder {
     /// Starts the embedder thread; the receiver yields the handle once the
     /// model is loaded, or why it could not be.
@@ -85,17 +118,14 @@ impl LocalEmbedder {
                 let handle = LocalEmbedder {
                     tx,
                     counter,
-                    info: EmbedderInfo {
-                        name: embedder.name().to_string(),
-                        dim: embedder.dim(),
-                        max_length: embedder.max_length(),
-                        query_prefix: embedder.prefix(TextKind::Query).to_string(),
-                        passage_prefix: embedder.prefix(TextKind::Passage).to_string(),
-                        // English BERT vocabularies hold ~30k word pieces;
-                        // multilingual ones (mBERT 119k, XLM-R 250k) far more.
-                        multilingual: embedder.tokenizer().get_vocab_size(true)
-                            >= MULTILINGUAL_VOCAB,
-                    },
+                    info: describe(
+                        embedder.name(),
+                        embedder.dim(),
+                        embedder.max_length(),
+                        embedder.prefix(TextKind::Query),
+                        embedder.prefix(TextKind::Passage),
+                        embedder.tokenizer(),
+                    ),
                 };
                 tracing::info!(model = %handle.info.name, dim = handle.info.dim, "embedder loaded");
                 if ready_tx.send(Ok(handle)).is_err() {

@@ -2,6 +2,8 @@
 //!
 //! * [`LocalEmbedder`] — [`ragd_core::Embed`] on the local BERT model, on its
 //!   own thread with dynamic batching;
+//! * [`RemoteEmbedder`] — [`ragd_core::Embed`] on an OpenAI-compatible
+//!   `/v1/embeddings` server;
 //! * [`LocalGenerator`] — [`ragd_core::Generate`] on a local GGUF model, in
 //!   slot threads sharing the weights;
 //! * [`RemoteGenerator`] — [`ragd_core::Generate`] on an OpenAI-compatible
@@ -22,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod embed_local;
+pub mod embed_remote;
 pub mod generate_local;
 mod queue;
 pub mod remote;
@@ -30,6 +33,7 @@ pub mod sqlite;
 use std::path::PathBuf;
 
 pub use embed_local::{BatchObserver, LocalEmbedder};
+pub use embed_remote::{RemoteEmbedConfig, RemoteEmbedder};
 pub use generate_local::{LocalGenerator, LocalOptions};
 pub use queue::GenerationSlots;
 pub use ragd_pgstore::{redact_url, PgConfig, PgError, PgStore};

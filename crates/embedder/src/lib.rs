@@ -210,12 +210,35 @@ fn read_pipeline(dir: &Path) -> Result<(Pooling, bool), EmbedError> {
     Ok((pooling, normalize))
 }
 
-impl Embedder {
-    /// Loads a sentence-transformers BERT model from `dir`.
-    pub fn load(dir: &Path, config: &EmbedderConfig) -> Result<Self, EmbedError> {
-        let device = Device::Cpu;
+/// What a model directory says about its model, without loading its
+/// weights: name, vector size, window, tokenizer, prefixes, pooling. Enough to
+/// count tokens and prepare texts for the same model served elsewhere.
+#[derive(Debug, Clone)]
+pub struct ModelCard {
+    /// The directory's name.
+    pub name: String,
+    /// Vector dimension (`hidden_size`).
+    pub dim: usize,
+    /// Longest text in tokens, special tokens included.
+    pub max_length: usize,
+    /// The tokenizer, truncating to `max_length` and padding to the longest in
+    /// a batch.
+    pub tokenizer: Tokenizer,
+    /// Put in front of queries.
+    pub query_prefix: String,
+    /// Put in front of passages.
+    pub passage_prefix: String,
+    /// How token vectors become one.
+    pub pooling: Pooling,
+    /// Whether the pipeline ends by L2-normalising.
+    pub normalize: bool,
+}
+
+impl ModelCard {
+    /// Reads the card of the sentence-transformers model in `dir`, with
+    /// `config`'s overrides.
+    pub fn read(dir: &Path, config: &EmbedderConfig) -> Result<Self, EmbedError> {
         e5s1::import_if_needed(dir)?;
-        let bert_config: BertConfig = parse(&dir.join("config.json"))?;
         #[derive(Deserialize)]
         struct Dims {
             hidden_size: usize,
@@ -254,16 +277,6 @@ impl Embedder {
             pad_token,
             ..Default::default()
         }));
-
-        let weights = dir.join("model.safetensors");
-        if !weights.exists() {
-            return Err(EmbedError::Io {
-                path: weights,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            });
-        }
-        let vb = load_safetensors(&weights, &device)?;
-        let model = BertModel::load(vb, &bert_config)?;
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -290,17 +303,45 @@ impl Embedder {
             })
             .unwrap_or_default();
         Ok(Self {
+            name,
+            dim: dims.hidden_size,
+            max_length,
+            tokenizer,
             query_prefix,
             passage_prefix,
-            model,
-            tokenizer,
             pooling,
             normalize,
-            max_length,
-            dim: dims.hidden_size,
+        })
+    }
+}
+
+impl Embedder {
+    /// Loads a sentence-transformers BERT model from `dir`.
+    pub fn load(dir: &Path, config: &EmbedderConfig) -> Result<Self, EmbedError> {
+        let device = Device::Cpu;
+        let card = ModelCard::read(dir, config)?;
+        let bert_config: BertConfig = parse(&dir.join("config.json"))?;
+        let weights = dir.join("model.safetensors");
+        if !weights.exists() {
+            return Err(EmbedError::Io {
+                path: weights,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let vb = load_safetensors(&weights, &device)?;
+        let model = BertModel::load(vb, &bert_config)?;
+        Ok(Self {
+            query_prefix: card.query_prefix,
+            passage_prefix: card.passage_prefix,
+            model,
+            tokenizer: card.tokenizer,
+            pooling: card.pooling,
+            normalize: card.normalize,
+            max_length: card.max_length,
+            dim: card.dim,
             batch_size: config.batch_size.max(1),
             device,
-            name,
+            name: card.name,
         })
     }
 

@@ -27,8 +27,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Which model files to load.
     pub models: ModelsConfig,
-    /// Embedder batching.
-    pub embedder: EmbedderConfig,
+    /// The embedder: local batching and window, or a remote server.
+    pub embedder: EmbedderSection,
     /// Document chunking.
     pub chunking: ChunkerConfig,
     /// Optional ingest enrichment.
@@ -61,6 +61,61 @@ pub struct ModelsConfig {
     pub multilingual_embedder: PathBuf,
     /// GGUF chat model file.
     pub generator: PathBuf,
+}
+
+/// `[embedder]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedderSection {
+    /// `"local"` (the model in `models.embedder`, on this machine) or
+    /// `"openai"` (an OpenAI-compatible `/v1/embeddings` server).
+    pub backend: String,
+    /// Texts per forward pass (local) or per request (remote).
+    pub batch_size: usize,
+    /// Longest text in tokens; default: the model's own.
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    /// Put in front of queries; default: the model's own prompt.
+    #[serde(default)]
+    pub query_prefix: Option<String>,
+    /// Put in front of passages; default: the model's own prompt.
+    #[serde(default)]
+    pub passage_prefix: Option<String>,
+    /// For `"openai"`: the server's base URL.
+    pub url: String,
+    /// For `"openai"`: the model to request (also the stored vectors' identity).
+    pub model: String,
+    /// For `"openai"`: bearer token (empty: none).
+    pub api_key: String,
+    /// For `"openai"`: longest wait for one request, seconds.
+    pub timeout_s: f64,
+    /// For `"openai"`: attempts after the first for a failed request.
+    pub retries: usize,
+}
+
+impl EmbedderSection {
+    /// The local model's settings (also what the remote model's directory is
+    /// read with).
+    pub fn local(&self) -> EmbedderConfig {
+        EmbedderConfig {
+            batch_size: self.batch_size,
+            max_length: self.max_length,
+            query_prefix: self.query_prefix.clone(),
+            passage_prefix: self.passage_prefix.clone(),
+        }
+    }
+
+    /// The remote server's settings.
+    pub fn remote(&self) -> ragd_backends::RemoteEmbedConfig {
+        ragd_backends::RemoteEmbedConfig {
+            url: self.url.clone(),
+            model: self.model.clone(),
+            api_key: self.api_key.clone(),
+            timeout_s: self.timeout_s,
+            retries: self.retries,
+            batch_size: self.batch_size,
+        }
+    }
 }
 
 /// `[store]`
@@ -208,11 +263,13 @@ impl Config {
         // serialises; should that ever change, the log says so instead.
         let mut v = serde_json::to_value(self)
             .unwrap_or_else(|e| serde_json::json!({ "unprintable": e.to_string() }));
-        if let Some(k) = v
-            .pointer_mut("/remote/api_key")
-            .filter(|k| k.as_str().is_some_and(|s| !s.is_empty()))
-        {
-            *k = "***".into();
+        for key in ["/remote/api_key", "/embedder/api_key"] {
+            if let Some(k) = v
+                .pointer_mut(key)
+                .filter(|k| k.as_str().is_some_and(|s| !s.is_empty()))
+            {
+                *k = "***".into();
+            }
         }
         if let Some(url) = v.pointer_mut("/store/url") {
             if let Some(s) = url.as_str() {
@@ -274,6 +331,28 @@ impl Config {
         self.server.validate(&self.auth)?;
         if self.embedder.batch_size == 0 {
             return invalid("embedder.batch_size must be at least 1".into());
+        }
+        match self.embedder.backend.as_str() {
+            "local" => {}
+            "openai" => {
+                let url = &self.embedder.url;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return invalid(format!(
+                        "embedder.url = {url:?} must start with http:// or https:// for embedder.backend = \"openai\""
+                    ));
+                }
+                if self.embedder.model.trim().is_empty() {
+                    return invalid("embedder.model must name the model to request".into());
+                }
+                if !(self.embedder.timeout_s > 0.0 && self.embedder.timeout_s <= 600.0) {
+                    return invalid("embedder.timeout_s must be within (0, 600]".into());
+                }
+            }
+            other => {
+                return invalid(format!(
+                    "embedder.backend = {other:?} must be \"local\" or \"openai\""
+                ))
+            }
         }
         let most = ragd_pipeline::enrich::MAX_QUESTIONS;
         if self.ingest.generate_questions > most {

@@ -119,7 +119,7 @@ fn spawn_embedder(
     let observe: ragd_backends::BatchObserver =
         Arc::new(|n| ragd_server::metrics::get().embedding_batch(n));
     let settings = if primary {
-        config.embedder.clone()
+        config.embedder.local()
     } else {
         ragd_embedder::EmbedderConfig {
             batch_size: config.embedder.batch_size,
@@ -131,14 +131,25 @@ fn spawn_embedder(
 
 /// The configured embedders, loaded side by side, behind one router.
 async fn load_embedders(config: &Config) -> Result<Arc<RoutedEmbedder>, StartError> {
-    let primary = spawn_embedder(config, &config.models.embedder, true);
+    let remote = config.embedder.backend == "openai";
+    let primary = (!remote).then(|| spawn_embedder(config, &config.models.embedder, true));
     let multilingual = (!config.models.multilingual_embedder.as_os_str().is_empty())
         .then(|| spawn_embedder(config, &config.models.multilingual_embedder, false));
-    let primary: Arc<dyn Embed> = Arc::new(
-        primary
-            .await
-            .map_err(|_| StartError::Stopped("embedder thread"))??,
-    );
+    let primary: Arc<dyn Embed> = match primary {
+        Some(local) => Arc::new(
+            local
+                .await
+                .map_err(|_| StartError::Stopped("embedder thread"))??,
+        ),
+        None => Arc::new(
+            ragd_backends::RemoteEmbedder::connect(
+                &config.models.embedder,
+                &config.embedder.local(),
+                config.embedder.remote(),
+            )
+            .await?,
+        ),
+    };
     let multilingual: Option<Arc<dyn Embed>> = match multilingual {
         Some(rx) => Some(Arc::new(
             rx.await
