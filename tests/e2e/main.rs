@@ -2328,6 +2328,12 @@ async fn a_database_restart_under_load_is_503_meanwhile_and_heals_by_itself() {
     }
     let health = client.get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200, "the process is alive");
+    let ready = client.get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(
+        ready.status().as_u16(),
+        503,
+        "not ready without its database"
+    );
     pg.restart();
     // The pool reconnects on its own.
     let mut healed = false;

@@ -3,8 +3,8 @@
 //! ```text
 //! ragd bench embed    [--corpus DIR] [--model DIR] [--texts N]
 //! ragd bench generate --model FILE [--prompt-tokens N] [--new-tokens N] [--runs N] [--json]
-//! ragd bench ingest   [--corpus DIR] [--batch N] [--limit N]
-//! ragd bench search   --data-dir DIR [--corpus DIR] [--config FILE] [--clients N]
+//! ragd bench ingest   [--corpus DIR] [--batch N] [--limit N] [--config FILE]
+//! ragd bench search   --data-dir DIR [--corpus DIR] [--config FILE] [--clients N] [--replicas N]
 //! ragd bench ask      [--corpus DIR] [--model FILE] [--questions N]
 //! ```
 //! `--corpus` is a BEIR folder (`corpus.jsonl`, `queries.jsonl`), by default the
@@ -67,6 +67,10 @@ pub(crate) enum BenchCommand {
         /// Only the first N documents (0 = all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Config file (the store, the embedder), as for `ragd serve`; with
+        /// store.backend = "postgres" the database must hold no documents.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// `/search` over HTTP: queries/s and latency per retrieval mode, with several
     /// concurrent clients, on a corpus ingested into `--data-dir` (ingested there
@@ -89,6 +93,10 @@ pub(crate) enum BenchCommand {
         /// Results per query.
         #[arg(long, default_value_t = 10)]
         top_k: usize,
+        /// Servers started on the same store (store.backend = "postgres"),
+        /// the clients spread over them.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
     },
     /// Time to first token of streamed /ask requests over an ingested corpus.
     Ask {
@@ -145,7 +153,8 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
             corpus,
             batch,
             limit,
-        } => bench_ingest(&corpus, batch.max(1), limit).await,
+            config,
+        } => bench_ingest(&corpus, batch.max(1), limit, config.as_deref()).await,
         BenchCommand::Search {
             corpus,
             data_dir,
@@ -153,11 +162,13 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
             clients,
             requests,
             top_k,
+            replicas,
         } => {
             bench_search(
                 &corpus,
                 &data_dir,
                 config.as_deref(),
+                replicas,
                 clients,
                 requests,
                 top_k,
@@ -301,11 +312,34 @@ fn rayon_threads() -> usize {
         })
 }
 
-async fn bench_ingest(corpus: &Path, batch: usize, limit: usize) -> Result<()> {
+/// The configuration in `file` (merged over the defaults), or the defaults.
+fn config_from(file: Option<&Path>) -> Result<ragd::Config> {
+    match file {
+        Some(f) => ragd::Config::from_file(f).map_err(|e| anyhow::anyhow!("{e}")),
+        None => Ok(ragd::Config::defaults()),
+    }
+}
+
+async fn bench_ingest(
+    corpus: &Path,
+    batch: usize,
+    limit: usize,
+    config_file: Option<&Path>,
+) -> Result<()> {
     let data = std::env::temp_dir().join(format!("ragd-bench-ingest-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
-    let mut config = ragd::Config::defaults();
+    let mut config = config_from(config_file)?;
     config.server.data_dir = data.clone();
+    println!(
+        "store {}, embedder {} ({})",
+        config.store.backend,
+        config.embedder.backend,
+        if config.embedder.backend == "openai" {
+            config.embedder.url.clone()
+        } else {
+            config.models.embedder.display().to_string()
+        }
+    );
     let mut docs = corpus_texts(corpus)?;
     if limit > 0 {
         docs.truncate(limit);
@@ -353,6 +387,10 @@ async fn bench_ingest(corpus: &Path, batch: usize, limit: usize) -> Result<()> {
     }
     engine.flush().await?;
     drop(engine);
+    if config.store.backend != "sqlite" {
+        // No index dump to time: the index is the database's.
+        return Ok(());
+    }
 
     for (label, remove_dump) in [
         ("with the index dump", false),
@@ -377,14 +415,16 @@ async fn bench_search(
     corpus: &Path,
     data_dir: &Path,
     config_file: Option<&Path>,
+    replicas: usize,
     clients: usize,
     requests: usize,
     top_k: usize,
 ) -> Result<()> {
-    let mut config = match config_file {
-        Some(f) => ragd::Config::from_file(f).map_err(|e| anyhow::anyhow!("{e}"))?,
-        None => ragd::Config::defaults(),
-    };
+    let mut config = config_from(config_file)?;
+    anyhow::ensure!(
+        replicas <= 1 || config.store.backend == "postgres",
+        "--replicas {replicas} needs store.backend = \"postgres\" (replicas share its database)"
+    );
     config.server.port = 0;
     config.server.data_dir = data_dir.to_path_buf();
     {
@@ -414,30 +454,43 @@ async fn bench_search(
             engine.flush().await?;
         }
     }
-    let mut server = ragd::start(config).await?;
-    server.wait_ready().await?;
-    let status = match server.state.pipeline.get() {
+    let mut servers = Vec::new();
+    for _ in 0..replicas.max(1) {
+        let mut server = ragd::start(config.clone()).await?;
+        server.wait_ready().await?;
+        servers.push(server);
+    }
+    let status = match servers[0].state.pipeline.get() {
         Some(pipeline) => serde_json::to_value(pipeline.status().await)?,
         None => Value::Null,
     };
+    let bases: Vec<String> = servers
+        .iter()
+        .map(|s| format!("http://{}", s.addr))
+        .collect();
     println!(
-        "serving {} documents, {} chunks at {}",
-        status["documents"], status["chunks"], server.addr
+        "serving {} documents, {} chunks from the {} store at {}",
+        status["documents"],
+        status["chunks"],
+        config.store.backend,
+        bases.join(", ")
     );
-    let base = format!("http://{}", server.addr);
     let queries: Vec<String> = read_jsonl(&corpus.join("queries.jsonl"))?
         .iter()
         .filter_map(|q| q["text"].as_str().map(str::to_string))
         .collect();
     anyhow::ensure!(!queries.is_empty(), "no queries in {}", corpus.display());
     let client = reqwest::Client::new();
-    println!("{clients} clients, {requests} requests per mode, top_k {top_k}");
+    println!(
+        "{clients} clients over {} server(s), {requests} requests per mode, top_k {top_k}",
+        bases.len()
+    );
     println!("mode      queries/s  p50 ms  p95 ms");
     for mode in ["dense", "lexical", "hybrid"] {
         // Warm-up: every query once, so caches are the same for each mode.
-        for q in queries.iter().take(20) {
+        for (i, q) in queries.iter().take(20).enumerate() {
             client
-                .post(format!("{base}/search"))
+                .post(format!("{}/search", bases[i % bases.len()]))
                 .json(&json!({ "query": q, "mode": mode }))
                 .send()
                 .await?;
@@ -445,8 +498,9 @@ async fn bench_search(
         let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let started = Instant::now();
         let tasks: Vec<_> = (0..clients.max(1))
-            .map(|_| {
-                let (client, base, queries, next) = (client.clone(), base.clone(), queries.clone(), next.clone());
+            .map(|c| {
+                let base = bases[c % bases.len()].clone();
+                let (client, queries, next) = (client.clone(), queries.clone(), next.clone());
                 tokio::spawn(async move {
                     let mut latencies = Vec::new();
                     loop {
@@ -483,7 +537,9 @@ async fn bench_search(
             pct(0.95)
         );
     }
-    server.shutdown().await?;
+    for server in servers {
+        server.shutdown().await?;
+    }
     Ok(())
 }
 

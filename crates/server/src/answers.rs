@@ -28,7 +28,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/search", post(search))
 }
 
-#[utoipa::path(post, path = "/search", tag = "retrieval", request_body = ragd_pipeline::SearchRequest, responses((status = 200, description = "Passages, best first", body = ragd_pipeline::SearchResponse), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/search", tag = "retrieval", request_body = ragd_pipeline::SearchRequest, responses((status = 200, description = "Passages, best first", body = ragd_pipeline::SearchResponse), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn search(
     State(state): State<AppState>,
     AppJson(req): AppJson<ragd_pipeline::SearchRequest>,
@@ -48,7 +48,7 @@ fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {
     })
 }
 
-#[utoipa::path(post, path = "/ask", tag = "answers", request_body = ragd_pipeline::AskRequest, responses((status = 200, description = "The answer (JSON), or with `stream: true` / `Accept: text/event-stream` server-sent events: `queued`, `sources`, `token`..., then `done` with this object or `error`", body = ragd_pipeline::AskResponse), (status = 429, description = "Generation queue full (Retry-After)", body = crate::error::ErrorBody), (status = 502, description = "Remote generation server failed", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/ask", tag = "answers", request_body = ragd_pipeline::AskRequest, responses((status = 200, description = "The answer (JSON), or with `stream: true` / `Accept: text/event-stream` server-sent events: `queued`, `sources`, `token`..., then `done` with this object or `error`", body = ragd_pipeline::AskResponse), (status = 429, description = "Generation queue full (Retry-After)", body = crate::error::ErrorBody), (status = 502, description = "Remote generation server failed", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn ask(
     State(state): State<AppState>,
     headers: HeaderMap,

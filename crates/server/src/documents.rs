@@ -29,7 +29,7 @@ pub(crate) fn routes() -> Router<AppState> {
 }
 
 /// `POST /ingest`: a JSON body of documents, or `multipart/form-data` files.
-#[utoipa::path(post, path = "/ingest", tag = "documents", request_body(content((ragd_pipeline::IngestRequest = "application/json"), (Object = "multipart/form-data")), description = "Documents as JSON, or files as multipart/form-data"), responses((status = 200, description = "One status per document", body = ragd_pipeline::IngestResponse), (status = 413, description = "Body too large", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/ingest", tag = "documents", request_body(content((ragd_pipeline::IngestRequest = "application/json"), (Object = "multipart/form-data")), description = "Documents as JSON, or files as multipart/form-data"), responses((status = 200, description = "One status per document", body = ragd_pipeline::IngestResponse), (status = 413, description = "Body too large", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn ingest(
     State(state): State<AppState>,
     req: Request,
@@ -101,7 +101,7 @@ pub(crate) struct ListQuery {
     limit: Option<usize>,
 }
 
-#[utoipa::path(get, path = "/documents", tag = "documents", params(("after" = Option<String>, Query, description = "List after this id"), ("limit" = Option<usize>, Query, description = "Most documents")), responses((status = 200, description = "Documents in id order", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/documents", tag = "documents", params(("after" = Option<String>, Query, description = "List after this id"), ("limit" = Option<usize>, Query, description = "Most documents")), responses((status = 200, description = "Documents in id order", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn list_documents(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -110,7 +110,7 @@ pub(crate) async fn list_documents(
     json_value(state.pipeline()?.list_documents(q.after, q.limit).await?)
 }
 
-#[utoipa::path(get, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "The document's record", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "The document's record", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn get_document(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -118,7 +118,7 @@ pub(crate) async fn get_document(
     json_value(state.pipeline()?.get_document(&id).await?)
 }
 
-#[utoipa::path(delete, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "Deleted", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "Deleted", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn delete_document(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -56,11 +56,18 @@ pub(crate) async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-#[utoipa::path(get, path = "/ready", tag = "service", responses((status = 200, description = "Models loaded: documents, chunks, generation slots", body = Object), (status = 503, description = "Still loading", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/ready", tag = "service", responses((status = 200, description = "Models loaded: documents, chunks, generation slots", body = Object), (status = 503, description = "Still loading, or the document store cannot be reached", body = crate::error::ErrorBody)))]
 pub(crate) async fn ready(
     State(state): State<AppState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let status = state.pipeline()?.status().await;
+    if status.documents.is_none() {
+        // The store did not answer (a database that cannot be reached): a
+        // load balancer should send requests elsewhere meanwhile.
+        return Err(ApiError::Pipeline(ragd_pipeline::Error::Unavailable(
+            "the document store did not answer".into(),
+        )));
+    }
     let mut status = serde_json::to_value(status).map_err(ApiError::internal)?;
     status["status"] = json!("ready");
     Ok(Json(status))
