@@ -75,10 +75,10 @@ pub enum PgError {
         message: String,
     },
     /// pgvector is missing, too old, or may not be created by this role.
-    #[error("PostgreSQL's vector extension (pgvector) is not usable: {0}. Install pgvector 0.5 or later on the server (Debian: postgresql-NN-pgvector) or have a superuser run CREATE EXTENSION vector in the database")]
+    #[error("store.url: PostgreSQL's vector extension (pgvector) is not usable in this database: {0}. Install pgvector 0.5 or later on the server (Debian: postgresql-NN-pgvector) or have a superuser run CREATE EXTENSION vector in the database")]
     Extension(String),
     /// The database holds vectors of another model.
-    #[error("the database holds vectors of {found}; this server embeds with {expected}: use another database or the same model")]
+    #[error("store.url: the database holds vectors of {found}; this server embeds with {expected} (models.embedder): use another database or the same model")]
     ModelMismatch {
         /// The model recorded in the database.
         found: String,
@@ -291,8 +291,7 @@ impl PgStore {
         }
         let t = now();
         let created_at = existing.as_ref().map(|(_, c)| *c).unwrap_or(t);
-        tx.execute("DELETE FROM ragd_chunks WHERE document_id = $1", &[&doc.id])
-            .await?;
+        forget_chunks(&tx, &doc.id).await?;
         let metadata = Value::Object(doc.metadata.clone());
         tx.execute(
             "INSERT INTO ragd_documents (id, title, text, metadata, hash, created_at, updated_at)
@@ -310,6 +309,7 @@ impl PgStore {
             )
             .await?;
         let (mut terms, mut keys, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+        let mut total_length = 0i64;
         for (i, c) in doc.chunks.iter().enumerate() {
             let (chunk_terms, length) =
                 terms::chunk_terms(doc.title.as_deref(), &c.section, &c.text, &c.questions);
@@ -331,12 +331,18 @@ impl PgStore {
                 )
                 .await?
                 .get(0);
+            total_length += i64::from(length);
             for (term, tf) in chunk_terms {
                 terms.push(term);
                 keys.push(key);
                 counts.push(tf);
             }
         }
+        tx.execute(
+            "UPDATE ragd_lexical_totals SET chunks = chunks + $1, length = length + $2",
+            &[&(doc.chunks.len() as i64), &total_length],
+        )
+        .await?;
         if !terms.is_empty() {
             tx.execute(
                 "INSERT INTO ragd_postings (term, chunk_key, tf)
@@ -394,6 +400,23 @@ impl PgStore {
     const INFO_COLUMNS: &'static str =
         "d.id, d.title, d.metadata, d.hash, d.created_at, d.updated_at, octet_length(d.text),
          (SELECT count(*) FROM ragd_chunks c WHERE c.document_id = d.id)";
+}
+
+/// Deletes document `id`'s chunks (their postings go with them) in `tx`,
+/// and takes them out of the lexical totals.
+async fn forget_chunks(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: &str,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "WITH gone AS (DELETE FROM ragd_chunks WHERE document_id = $1 RETURNING lexical_length)
+         UPDATE ragd_lexical_totals SET
+             chunks = chunks - (SELECT count(*) FROM gone),
+             length = length - (SELECT coalesce(sum(lexical_length), 0) FROM gone)",
+        &[&id],
+    )
+    .await
+    .map(|_| ())
 }
 
 fn now() -> i64 {
@@ -485,6 +508,7 @@ impl DocumentStore for PgStore {
         )
         .await
         .map_err(backend)?;
+        forget_chunks(&tx, id).await.map_err(backend)?;
         let n = tx
             .execute("DELETE FROM ragd_documents WHERE id = $1", &[&id])
             .await
@@ -562,20 +586,25 @@ impl DocumentStore for PgStore {
             return Ok(Vec::new());
         }
         // BM25 as SQLite FTS5 computes it: IDF ln((N - n + 0.5) / (n + 0.5)),
-        // at least 1e-6; N and the average length over all chunks.
+        // at least 1e-6; N and the average length over all chunks, kept in
+        // ragd_lexical_totals by every write. The postings of the query's
+        // terms are read once (the CTE is used twice, so it is materialised:
+        // one index scan), then their chunks by key.
         let mut sql = Sql::new(
-            "WITH stats AS (
-                 SELECT count(*)::float8 AS n, GREATEST(avg(lexical_length), 1)::float8 AS avgdl
-                 FROM ragd_chunks),
-             df AS (
-                 SELECT term, count(*)::float8 AS n FROM ragd_postings WHERE term = ANY(",
+            "WITH q AS (
+                 SELECT term, chunk_key, tf FROM ragd_postings WHERE term = ANY(",
         );
         sql.bind(terms).push(&format!(
-            ") GROUP BY term)
+            ")),
+             df AS (SELECT term, count(*)::float8 AS n FROM q GROUP BY term),
+             stats AS (
+                 SELECT chunks::float8 AS n,
+                        GREATEST(length::float8 / GREATEST(chunks, 1), 1) AS avgdl
+                 FROM ragd_lexical_totals)
              SELECT c.key, sum(GREATEST(ln((s.n - df.n + 0.5) / (df.n + 0.5)), 1e-6)
-                     * p.tf * {k1p1:.3} / (p.tf + {k1:.3} * ({one_b:.3} + {b:.3} * c.lexical_length / s.avgdl)))::float4 AS score
-             FROM ragd_postings p JOIN df ON df.term = p.term
-             JOIN ragd_chunks c ON c.key = p.chunk_key CROSS JOIN stats s
+                     * q.tf * {k1p1:.3} / (q.tf + {k1:.3} * ({one_b:.3} + {b:.3} * c.lexical_length / s.avgdl)))::float4 AS score
+             FROM q JOIN df ON df.term = q.term
+             JOIN ragd_chunks c ON c.key = q.chunk_key CROSS JOIN stats s
              WHERE TRUE",
             k1p1 = BM25_K1 + 1.0,
             k1 = BM25_K1,

@@ -234,6 +234,75 @@ async fn documents_are_created_unchanged_updated_listed_and_deleted() {
         ids(reopened.list(None, 10).await.unwrap()),
         ["Z", "b", "c", "ä"]
     );
+    assert_lexical_totals_are_exact(&url).await;
+}
+
+/// BM25's kept totals equal the chunks' own count and length.
+async fn assert_lexical_totals_are_exact(url: &str) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let kept = client
+        .query_one("SELECT chunks, length FROM ragd_lexical_totals", &[])
+        .await
+        .unwrap();
+    let actual = client
+        .query_one(
+            "SELECT count(*), coalesce(sum(lexical_length), 0)::bigint FROM ragd_chunks",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (kept.get::<_, i64>(0), kept.get::<_, i64>(1)),
+        (actual.get::<_, i64>(0), actual.get::<_, i64>(1))
+    );
+}
+
+#[tokio::test]
+async fn a_schema_1_database_is_migrated_on_open() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let store = open(&url).await;
+    store
+        .upsert(vec![doc(
+            "old",
+            &["an older lighthouse", "two chunks"],
+            &[unit([1.0, 0.0, 0.0]); 2],
+            json!({}),
+        )])
+        .await
+        .unwrap();
+    drop(store);
+    // What schema 1 was: no kept totals.
+    admin(
+        &url,
+        &[
+            "DROP TABLE ragd_lexical_totals",
+            "UPDATE ragd_meta SET value = '1' WHERE key = 'schema_version'",
+        ],
+    )
+    .await;
+    let store = open(&url).await;
+    assert_lexical_totals_are_exact(&url).await;
+    let hits = store
+        .lexical_search("lighthouse", 5, &Filter::default())
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 1);
+    // A schema newer than this ragd's is refused, not misread.
+    drop(store);
+    admin(
+        &url,
+        &["UPDATE ragd_meta SET value = '99' WHERE key = 'schema_version'"],
+    )
+    .await;
+    let e = PgStore::open(&config(&url), "test-model", 3)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("schema 99"), "{e}");
 }
 
 #[tokio::test]
@@ -446,6 +515,7 @@ async fn two_stores_on_one_database_see_each_others_writes_at_once() {
     for t in tasks {
         assert!(t.await.unwrap().unwrap()[0].is_ok());
     }
+    assert_lexical_totals_are_exact(&url).await;
     let info = one.document("same").await.unwrap().unwrap();
     let hits = two
         .dense_search(

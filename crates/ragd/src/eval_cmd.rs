@@ -150,6 +150,18 @@ impl Ingested {
             corpus.len(),
             started.elapsed().as_secs_f64()
         );
+        // A store shared with other documents (a PostgreSQL database, a kept
+        // data directory) would rank them too: the figures would not be this
+        // set's.
+        let ids: std::collections::HashSet<&str> =
+            corpus.iter().filter_map(|d| d["_id"].as_str()).collect();
+        let stored = engine.status().await.documents.unwrap_or(0);
+        anyhow::ensure!(
+            stored <= ids.len(),
+            "the store holds {stored} documents, the set {}: evaluate on an empty store (a new \
+             data directory, or for store.backend = \"postgres\" an empty database)",
+            ids.len()
+        );
         Ok(Self {
             engine,
             data,
