@@ -1513,64 +1513,19 @@ impl Drop for LlamaServer {
 /// PyPI into its own environment by bench/compare-llamacpp on first use).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_remote_backend_streams_an_answer_from_llama_cpp_server() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::process::Command::new("python3")
-        .arg(root.join("bench/compare-llamacpp"))
-        .arg("--print-python")
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let python = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _llama = LlamaServer(
-        std::process::Command::new(&python)
-            .args([
-                "-m",
-                "llama_cpp.server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .args([
-                "--n_ctx",
-                "2048",
-                "--n_threads",
-                "2",
-                "--model_alias",
-                "smollm2",
-                "--model",
-            ])
-            .arg(models_dir().join(SMOLLM))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("llama_cpp.server starts"),
-    );
+    let smollm = models_dir().join(SMOLLM);
+    let (_llama, url) = llama_server(&[
+        "--n_ctx",
+        "2048",
+        "--n_threads",
+        "2",
+        "--model_alias",
+        "smollm2",
+        "--model",
+        smollm.to_str().unwrap(),
+    ])
+    .await;
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..600 {
-        if client
-            .get(format!("{url}/v1/models"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(up, "llama_cpp.server did not come up on {url}");
 
     let data = tempfile::tempdir().unwrap();
     let mut c = config(SMOLLM, data.path());
@@ -1665,8 +1620,32 @@ fn llama_python() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// Waits until the OpenAI-compatible server at `url` lists its models.
-async fn wait_for_models(client: &reqwest::Client, url: &str) {
+/// llama-cpp-python's server on a free loopback port with `args`, once it
+/// lists its models; its URL.
+async fn llama_server(args: &[&str]) -> (LlamaServer, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = LlamaServer(
+        std::process::Command::new(llama_python())
+            .args([
+                "-m",
+                "llama_cpp.server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("llama_cpp.server starts"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
     for _ in 0..600 {
         if client
             .get(format!("{url}/v1/models"))
@@ -1674,11 +1653,11 @@ async fn wait_for_models(client: &reqwest::Client, url: &str) {
             .await
             .is_ok_and(|r| r.status().is_success())
         {
-            return;
+            return (server, url);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    panic!("no OpenAI-compatible server came up on {url}");
+    panic!("llama_cpp.server did not come up on {url}");
 }
 
 async fn embeddings(client: &reqwest::Client, base: &str, input: &[&str]) -> Vec<Vec<f64>> {
@@ -1724,31 +1703,20 @@ async fn remote_embeddings_from_llama_cpp_server_agree_with_the_local_model() {
         String::from_utf8_lossy(&out.stderr)
     );
     let gguf = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _llama = LlamaServer(
-        std::process::Command::new(llama_python())
-            .args([
-                "-m",
-                "llama_cpp.server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .args(["--embedding", "true", "--n_ctx", "512", "--n_threads", "1"])
-            .args(["--model_alias", "all-MiniLM-L6-v2", "--model", &gguf])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("llama_cpp.server starts"),
-    );
+    let (_llama, url) = llama_server(&[
+        "--embedding",
+        "true",
+        "--n_ctx",
+        "512",
+        "--n_threads",
+        "1",
+        "--model_alias",
+        "all-MiniLM-L6-v2",
+        "--model",
+        &gguf,
+    ])
+    .await;
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for_models(&client, &url).await;
 
     let data = tempfile::tempdir().unwrap();
     let remote_config = |data: &std::path::Path| {

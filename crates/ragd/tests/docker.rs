@@ -186,6 +186,18 @@ async fn wait_ready(client: &reqwest::Client, base: &str, limit: Duration) -> Du
     panic!("{base}/ready did not answer 200 within {limit:?}");
 }
 
+async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> Value {
+    client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn document_count(client: &reqwest::Client, base: &str) -> u64 {
     let ready: Value = client
         .get(format!("{base}/ready"))
@@ -246,22 +258,14 @@ async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
         "the first start fetches the models:\n{logs}"
     );
 
-    let ingest: Value = client
-        .post(format!("{base}/ingest"))
-        .json(&json!({ "documents": [
+    let ingest: Value = post_json(&client, &format!("{base}/ingest"), &json!({ "documents": [
             { "id": "everest", "title": "Mount Everest",
               "text": "Mount Everest is Earth's highest mountain above sea level. Its summit is 8,849 metres high." },
             { "id": "cats", "title": "Domestic cats",
               "text": "Cats purr when they are content, and an adult cat sleeps twelve to sixteen hours a day." },
             { "id": "rust", "title": "Rust",
               "text": "Rust's borrow checker enforces ownership and borrowing rules at compile time." }
-        ]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ]})).await;
     assert!(
         ingest["documents"]
             .as_array()
@@ -270,15 +274,12 @@ async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
             .all(|d| d["status"] == "created"),
         "{ingest}"
     );
-    let answer: Value = client
-        .post(format!("{base}/ask"))
-        .json(&json!({ "question": "How high is Mount Everest?", "max_tokens": 40 }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = post_json(
+        &client,
+        &format!("{base}/ask"),
+        &json!({ "question": "How high is Mount Everest?", "max_tokens": 40 }),
+    )
+    .await;
     assert_eq!(answer["sources"][0]["document_id"], "everest", "{answer}");
     assert!(
         answer["answer"].as_str().unwrap().contains("8,849")
@@ -316,15 +317,12 @@ async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
         !logs.contains("fetching the models"),
         "the models volume is kept:\n{logs}"
     );
-    let search: Value = client
-        .post(format!("{base}/search"))
-        .json(&json!({ "query": "borrow checker", "top_k": 1 }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let search: Value = post_json(
+        &client,
+        &format!("{base}/search"),
+        &json!({ "query": "borrow checker", "top_k": 1 }),
+    )
+    .await;
     assert_eq!(search["results"][0]["document_id"], "rust", "{search}");
 
     // down -v removes the volumes, and with them the documents.
