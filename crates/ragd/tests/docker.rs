@@ -110,8 +110,8 @@ fn compose_file_is_valid_with_volumes_for_models_and_data() {
     );
 }
 
-/// A Compose project of the test's own, taken down with its volumes when
-/// dropped (also when the test fails).
+/// A Compose project of the test's own, taken down with its volumes and the
+/// image it built when dropped (also when the test fails).
 struct Project {
     name: String,
     env: Vec<(String, String)>,
@@ -168,7 +168,7 @@ impl Project {
 
 impl Drop for Project {
     fn drop(&mut self) {
-        let _ = self.run(&["down", "-v", "--timeout", "5"]);
+        let _ = self.run(&["down", "-v", "--rmi", "local", "--timeout", "5"]);
     }
 }
 
@@ -325,9 +325,10 @@ async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
     .await;
     assert_eq!(search["results"][0]["document_id"], "rust", "{search}");
 
-    // down -v removes the volumes, and with them the documents.
+    // down -v removes the volumes, and with them the documents (and the
+    // image this test built goes too).
     assert_eq!(project.volumes().len(), 2, "{:?}", project.volumes());
-    project.ok(&["down", "-v"]);
+    project.ok(&["down", "-v", "--rmi", "local"]);
     assert!(project.volumes().is_empty(), "{:?}", project.volumes());
     println!(
         "docker compose: base image {:.1} s (cached after the first run), image build {:.1} s, first start with the model fetch {:.1} s, start with the models in their volume {:.1} s",
