@@ -35,7 +35,7 @@ struct EmbedJob {
 pub struct LocalEmbedder {
     tx: mpsc::Sender<EmbedJob>,
     /// The model's tokenizer without truncation or padding, for counting.
-    counter: Tokenizer,
+    counter: TokenCounter,
     info: EmbedderInfo,
 }
 
@@ -45,6 +45,32 @@ impl std::fmt::Debug for LocalEmbedder {
             .field("name", &self.info.name)
             .field("dim", &self.info.dim)
             .finish()
+    }
+}
+
+/// A model's tokenizer without cutting or padding, for
+/// [`Embed::count_tokens`] (shared by the local and the remote embedder).
+#[derive(Debug, Clone)]
+pub(crate) struct TokenCounter(Tokenizer);
+
+impl TokenCounter {
+    pub(crate) fn of(tokenizer: &Tokenizer) -> Result<Self, String> {
+        let mut counter = tokenizer.clone();
+        counter
+            .with_truncation(None)
+            .map_err(|e| format!("tokenizer: {e}"))?;
+        counter.with_padding(None);
+        Ok(Self(counter))
+    }
+
+    pub(crate) fn count(&self, text: &str) -> usize {
+        // Encoding plain text does not fail with the tokenizers ragd loads; if
+        // one ever did, the byte length is an upper bound on the token count,
+        // so a chunk sized with it still fits the window.
+        self.0
+            .encode_fast(text, false)
+            .map(|e| e.len())
+            .unwrap_or(text.len())
     }
 }
 
@@ -104,16 +130,17 @@ impl LocalEmbedder {
                         return;
                     }
                 };
-                let mut counter = embedder.tokenizer().clone();
-                if let Err(e) = counter.with_truncation(None) {
-                    let _ = ready_tx.send(Err(LoadError::Model {
-                        what: "embedder",
-                        path: dir,
-                        message: format!("tokenizer: {e}"),
-                    }));
-                    return;
-                }
-                counter.with_padding(None);
+                let counter = match TokenCounter::of(embedder.tokenizer()) {
+                    Ok(c) => c,
+                    Err(message) => {
+                        let _ = ready_tx.send(Err(LoadError::Model {
+                            what: "embedder",
+                            path: dir,
+                            message,
+                        }));
+                        return;
+                    }
+                };
                 let (tx, rx) = mpsc::channel::<EmbedJob>(1024);
                 let handle = LocalEmbedder {
                     tx,
@@ -198,13 +225,7 @@ impl Embed for LocalEmbedder {
     }
 
     fn count_tokens(&self, text: &str) -> usize {
-        // Encoding plain text does not fail with the tokenizers ragd loads; if
-        // one ever did, the byte length is an upper bound on the token count,
-        // so a chunk sized with it still fits the window.
-        self.counter
-            .encode_fast(text, false)
-            .map(|e| e.len())
-            .unwrap_or(text.len())
+        self.counter.count(text)
     }
 
     async fn embed(

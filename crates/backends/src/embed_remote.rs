@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokenizers::Tokenizer;
 
+use crate::embed_local::TokenCounter;
 use crate::LoadError;
 
 /// The server and how to talk to it.
@@ -54,7 +55,7 @@ pub struct RemoteEmbedder {
     /// The model's tokenizer, cutting at its window (for what is sent).
     window: Tokenizer,
     /// The same without cutting or padding (for counting).
-    counter: Tokenizer,
+    counter: TokenCounter,
     info: EmbedderInfo,
 }
 
@@ -97,15 +98,11 @@ impl RemoteEmbedder {
         })?;
         let mut info = crate::embed_local::info_of(&card);
         info.name = config.model.clone();
-        let mut counter = card.tokenizer.clone();
-        counter.with_padding(None);
-        counter
-            .with_truncation(None)
-            .map_err(|e| LoadError::Model {
-                what: "embedder",
-                path: dir.clone(),
-                message: format!("tokenizer: {e}"),
-            })?;
+        let counter = TokenCounter::of(&card.tokenizer).map_err(|message| LoadError::Model {
+            what: "embedder",
+            path: dir.clone(),
+            message,
+        })?;
         let mut window = card.tokenizer.clone();
         window.with_padding(None);
         let client = reqwest::Client::builder()
@@ -229,10 +226,7 @@ impl Embed for RemoteEmbedder {
     }
 
     fn count_tokens(&self, text: &str) -> usize {
-        self.counter
-            .encode(text, false)
-            .map(|e| e.get_ids().len())
-            .unwrap_or(text.len())
+        self.counter.count(text)
     }
 
     async fn embed(

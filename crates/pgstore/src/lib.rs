@@ -388,18 +388,22 @@ impl PgStore {
             .bind(k as i64);
         let rows = tx.query(&sql.text, &sql.params()).await.map_err(backend)?;
         tx.commit().await.map_err(backend)?;
-        Ok(rows
-            .iter()
-            .map(|r| Hit {
-                id: r.get::<_, i64>(0) as usize,
-                score: r.get(1),
-            })
-            .collect())
+        Ok(hits(&rows))
     }
 
     const INFO_COLUMNS: &'static str =
         "d.id, d.title, d.metadata, d.hash, d.created_at, d.updated_at, octet_length(d.text),
          (SELECT count(*) FROM ragd_chunks c WHERE c.document_id = d.id)";
+}
+
+/// Search hits from rows of (chunk key, score).
+fn hits(rows: &[Row]) -> Vec<Hit> {
+    rows.iter()
+        .map(|r| Hit {
+            id: r.get::<_, i64>(0) as usize,
+            score: r.get(1),
+        })
+        .collect()
 }
 
 /// Deletes document `id`'s chunks (their postings go with them) in `tx`,
@@ -619,13 +623,7 @@ impl DocumentStore for PgStore {
             .query(&sql.text, &sql.params())
             .await
             .map_err(backend)?;
-        Ok(rows
-            .iter()
-            .map(|r| Hit {
-                id: r.get::<_, i64>(0) as usize,
-                score: r.get(1),
-            })
-            .collect())
+        Ok(hits(&rows))
     }
 
     async fn chunks(&self, keys: &[usize]) -> Result<Vec<StoredChunk>, BackendError> {
