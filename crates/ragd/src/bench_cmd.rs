@@ -3,8 +3,8 @@
 //! ```text
 //! ragd bench embed    [--corpus DIR] [--model DIR] [--texts N]
 //! ragd bench generate --model FILE [--prompt-tokens N] [--new-tokens N] [--runs N] [--json]
-//! ragd bench ingest   [--corpus DIR] [--batch N] [--limit N] [--config FILE]
-//! ragd bench search   --data-dir DIR [--corpus DIR] [--config FILE] [--clients N] [--replicas N]
+//! ragd bench ingest   [--corpus DIR] [--batch N] [--limit N] [--config FILE | --url URL]
+//! ragd bench search   (--data-dir DIR [--config FILE] [--replicas N] | --url URL...) [--corpus DIR] [--clients N]
 //! ragd bench ask      [--corpus DIR] [--model FILE] [--questions N]
 //! ```
 //! `--corpus` is a BEIR folder (`corpus.jsonl`, `queries.jsonl`), by default the
@@ -57,7 +57,8 @@ pub(crate) enum BenchCommand {
         requantize: bool,
     },
     /// Ingest throughput (cold, then unchanged) and restart time with and without
-    /// the index dump, on a fresh data directory.
+    /// the index dump, on a fresh data directory; or, with --url, through a
+    /// running server's POST /ingest (e.g. the scale profile's balancer).
     Ingest {
         #[arg(long, default_value = "../shared/data/wiki-en-10k")]
         corpus: PathBuf,
@@ -69,20 +70,36 @@ pub(crate) enum BenchCommand {
         limit: usize,
         /// Config file (the store, the embedder), as for `ragd serve`; with
         /// store.backend = "postgres" the database must hold no documents.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "url")]
         config: Option<PathBuf>,
+        /// A running server to send the documents to (it should hold none of
+        /// them for the cold figure).
+        #[arg(long)]
+        url: Option<String>,
+        /// API key for --url (a write key), if the server has keys.
+        #[arg(long, env = "RAGD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
     },
     /// `/search` over HTTP: queries/s and latency per retrieval mode, with several
     /// concurrent clients, on a corpus ingested into `--data-dir` (ingested there
-    /// first when the directory holds no documents; kept for the next run).
+    /// first when the directory holds no documents; kept for the next run), or
+    /// on running servers given with --url (the corpus is ingested through the
+    /// first when it holds no documents).
     Search {
         #[arg(long, default_value = "../shared/data/wiki-en-10k")]
         corpus: PathBuf,
         /// Data directory; reused when it already holds the corpus.
+        #[arg(long, required_unless_present = "url", conflicts_with = "url")]
+        data_dir: Option<PathBuf>,
+        /// Running servers (repeat the option for several); the clients spread
+        /// over them.
         #[arg(long)]
-        data_dir: PathBuf,
+        url: Vec<String>,
+        /// API key for --url, if the servers have keys.
+        #[arg(long, env = "RAGD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
         /// Config file (for example to choose the embedder), as for `ragd serve`.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "url")]
         config: Option<PathBuf>,
         /// Concurrent clients.
         #[arg(long, default_value_t = 4)]
@@ -95,7 +112,7 @@ pub(crate) enum BenchCommand {
         top_k: usize,
         /// Servers started on the same store (store.backend = "postgres"),
         /// the clients spread over them.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, conflicts_with = "url")]
         replicas: usize,
     },
     /// Time to first token of streamed /ask requests over an ingested corpus.
@@ -153,27 +170,45 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
             corpus,
             batch,
             limit,
+            url: Some(url),
+            api_key,
+            ..
+        } => bench_ingest_http(&corpus, batch.max(1), limit, &Http::new(url, api_key)).await,
+        BenchCommand::Ingest {
+            corpus,
+            batch,
+            limit,
             config,
+            ..
         } => bench_ingest(&corpus, batch.max(1), limit, config.as_deref()).await,
         BenchCommand::Search {
             corpus,
             data_dir,
+            url,
+            api_key,
             config,
             clients,
             requests,
             top_k,
             replicas,
         } => {
-            bench_search(
-                &corpus,
-                &data_dir,
-                config.as_deref(),
-                replicas,
+            let load = Load {
                 clients,
                 requests,
                 top_k,
-            )
-            .await
+            };
+            match data_dir {
+                Some(dir) if url.is_empty() => {
+                    bench_search(&corpus, &dir, config.as_deref(), replicas, load).await
+                }
+                _ => {
+                    let servers: Vec<Http> = url
+                        .into_iter()
+                        .map(|u| Http::new(u, api_key.clone()))
+                        .collect();
+                    bench_search_http(&corpus, &servers, load).await
+                }
+            }
         }
         BenchCommand::Ask {
             corpus,
@@ -320,6 +355,112 @@ fn config_from(file: Option<&Path>) -> Result<ragd::Config> {
     }
 }
 
+/// A running server, for the benchmarks that go through its HTTP API.
+#[derive(Clone)]
+struct Http {
+    base: String,
+    api_key: Option<String>,
+    client: reqwest::Client,
+}
+
+impl Http {
+    fn new(base: String, api_key: Option<String>) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            api_key,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let r = self.client.post(format!("{}{path}", self.base));
+        match &self.api_key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+
+    /// The server's document count (GET /ready).
+    async fn documents(&self) -> Result<u64> {
+        let ready: Value = self
+            .client
+            .get(format!("{}/ready", self.base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(ready["documents"].as_u64().unwrap_or(0))
+    }
+
+    /// POST /ingest of one batch: (documents, chunks, statuses).
+    async fn ingest(&self, documents: &[Value]) -> Result<Vec<(String, usize)>> {
+        let res = self
+            .post("/ingest")
+            .json(&json!({ "documents": documents }))
+            .send()
+            .await?;
+        let status = res.status();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        anyhow::ensure!(
+            status.is_success(),
+            "{}/ingest answered {status}: {body}",
+            self.base
+        );
+        Ok(body["documents"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|d| {
+                        (
+                            d["status"].as_str().unwrap_or("?").to_string(),
+                            d["chunks"].as_u64().unwrap_or(0) as usize,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+/// A corpus document as an ingest request's document.
+fn document_json(d: &Value) -> Value {
+    json!({
+        "id": d["_id"], "title": d["title"], "text": d["text"],
+        "metadata": d.get("metadata").cloned().unwrap_or(json!({}))
+    })
+}
+
+async fn bench_ingest_http(corpus: &Path, batch: usize, limit: usize, server: &Http) -> Result<()> {
+    let mut docs: Vec<Value> = corpus_texts(corpus)?.iter().map(document_json).collect();
+    if limit > 0 {
+        docs.truncate(limit);
+    }
+    println!(
+        "POST {}/ingest, {} documents in batches of {batch}",
+        server.base,
+        docs.len()
+    );
+    for label in ["cold", "unchanged"] {
+        let started = Instant::now();
+        let (mut n_docs, mut n_chunks, mut statuses) =
+            (0usize, 0usize, std::collections::BTreeMap::new());
+        for b in docs.chunks(batch) {
+            for (status, chunks) in server.ingest(b).await? {
+                n_docs += 1;
+                n_chunks += chunks;
+                *statuses.entry(status).or_insert(0usize) += 1;
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "ingest ({label}): {n_docs} documents, {n_chunks} chunks in {secs:.1} s = {:.1} documents/s, {:.1} chunks/s {statuses:?}",
+            n_docs as f64 / secs,
+            n_chunks as f64 / secs
+        );
+    }
+    Ok(())
+}
+
 async fn bench_ingest(
     corpus: &Path,
     batch: usize,
@@ -349,12 +490,7 @@ async fn bench_ingest(
         .map(|c| {
             let documents = c
                 .iter()
-                .map(|d| {
-                    serde_json::from_value(json!({
-                        "id": d["_id"], "title": d["title"], "text": d["text"],
-                        "metadata": d.get("metadata").cloned().unwrap_or(json!({}))
-                    }))
-                })
+                .map(|d| serde_json::from_value(document_json(d)))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(ragd_pipeline::IngestRequest { documents })
         })
@@ -411,14 +547,20 @@ async fn bench_ingest(
     Ok(())
 }
 
+/// The load `bench search` puts on the servers.
+#[derive(Clone, Copy)]
+struct Load {
+    clients: usize,
+    requests: usize,
+    top_k: usize,
+}
+
 async fn bench_search(
     corpus: &Path,
     data_dir: &Path,
     config_file: Option<&Path>,
     replicas: usize,
-    clients: usize,
-    requests: usize,
-    top_k: usize,
+    load: Load,
 ) -> Result<()> {
     let mut config = config_from(config_file)?;
     anyhow::ensure!(
@@ -464,33 +606,67 @@ async fn bench_search(
         Some(pipeline) => serde_json::to_value(pipeline.status().await)?,
         None => Value::Null,
     };
-    let bases: Vec<String> = servers
+    let bases: Vec<Http> = servers
         .iter()
-        .map(|s| format!("http://{}", s.addr))
+        .map(|s| Http::new(format!("http://{}", s.addr), None))
         .collect();
     println!(
-        "serving {} documents, {} chunks from the {} store at {}",
-        status["documents"],
-        status["chunks"],
-        config.store.backend,
-        bases.join(", ")
+        "serving {} documents, {} chunks from the {} store",
+        status["documents"], status["chunks"], config.store.backend,
     );
+    search_load(corpus, &bases, load).await?;
+    for server in servers {
+        server.shutdown().await?;
+    }
+    Ok(())
+}
+
+async fn bench_search_http(corpus: &Path, servers: &[Http], load: Load) -> Result<()> {
+    anyhow::ensure!(!servers.is_empty(), "give --data-dir or --url");
+    if servers[0].documents().await? == 0 {
+        let started = Instant::now();
+        let docs: Vec<Value> = corpus_texts(corpus)?.iter().map(document_json).collect();
+        for b in docs.chunks(256) {
+            servers[0].ingest(b).await?;
+        }
+        println!(
+            "ingested {} documents through {} in {:.1} s",
+            docs.len(),
+            servers[0].base,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    println!("serving {} documents", servers[0].documents().await?);
+    search_load(corpus, servers, load).await
+}
+
+/// `load.clients` concurrent clients spread over `servers`, `load.requests`
+/// `/search` requests per mode: queries/s and latency percentiles.
+async fn search_load(corpus: &Path, servers: &[Http], load: Load) -> Result<()> {
+    let Load {
+        clients,
+        requests,
+        top_k,
+    } = load;
     let queries: Vec<String> = read_jsonl(&corpus.join("queries.jsonl"))?
         .iter()
         .filter_map(|q| q["text"].as_str().map(str::to_string))
         .collect();
     anyhow::ensure!(!queries.is_empty(), "no queries in {}", corpus.display());
-    let client = reqwest::Client::new();
     println!(
-        "{clients} clients over {} server(s), {requests} requests per mode, top_k {top_k}",
-        bases.len()
+        "{clients} clients over {}, {requests} requests per mode, top_k {top_k}",
+        servers
+            .iter()
+            .map(|s| s.base.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!("mode      queries/s  p50 ms  p95 ms");
     for mode in ["dense", "lexical", "hybrid"] {
         // Warm-up: every query once, so caches are the same for each mode.
         for (i, q) in queries.iter().take(20).enumerate() {
-            client
-                .post(format!("{}/search", bases[i % bases.len()]))
+            servers[i % servers.len()]
+                .post("/search")
                 .json(&json!({ "query": q, "mode": mode }))
                 .send()
                 .await?;
@@ -499,8 +675,8 @@ async fn bench_search(
         let started = Instant::now();
         let tasks: Vec<_> = (0..clients.max(1))
             .map(|c| {
-                let base = bases[c % bases.len()].clone();
-                let (client, queries, next) = (client.clone(), queries.clone(), next.clone());
+                let server = servers[c % servers.len()].clone();
+                let (queries, next) = (queries.clone(), next.clone());
                 tokio::spawn(async move {
                     let mut latencies = Vec::new();
                     loop {
@@ -509,8 +685,8 @@ async fn bench_search(
                             break;
                         }
                         let t = Instant::now();
-                        let res = client
-                            .post(format!("{base}/search"))
+                        let res = server
+                            .post("/search")
                             .json(&json!({ "query": queries[i % queries.len()], "mode": mode, "top_k": top_k }))
                             .send()
                             .await?;
@@ -528,6 +704,7 @@ async fn bench_search(
         }
         let secs = started.elapsed().as_secs_f64();
         latencies.sort_by(f64::total_cmp);
+        anyhow::ensure!(!latencies.is_empty(), "no requests made (--requests 0)");
         let pct =
             |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
         println!(
@@ -536,9 +713,6 @@ async fn bench_search(
             pct(0.5),
             pct(0.95)
         );
-    }
-    for server in servers {
-        server.shutdown().await?;
     }
     Ok(())
 }

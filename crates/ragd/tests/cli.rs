@@ -126,6 +126,80 @@ async fn ingest_against_a_running_server() {
         text.contains("sources:") && text.contains("docs/d.txt"),
         "{text}"
     );
+    // `ragd bench ingest|search --url` measure through a running server (the
+    // scale profile's balancer, say): documents go through POST /ingest.
+    let corpus = tmp.path().join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    std::fs::write(
+        corpus.join("corpus.jsonl"),
+        [
+            r#"{"_id":"owl","title":"Owls","text":"Owls hunt at night and see well in the dark."}"#,
+            r#"{"_id":"fig","title":"Figs","text":"Fig trees are pollinated by fig wasps."}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        corpus.join("queries.jsonl"),
+        r#"{"_id":"q1","text":"When do owls hunt?"}"#,
+    )
+    .unwrap();
+    let bench = |args: Vec<String>| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ragd"))
+            .arg("bench")
+            .args(args)
+            .env("RAGD_LOG", "warn")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let args = |cmd: &str, more: &[&str]| {
+        let mut a = vec![
+            cmd.to_string(),
+            "--url".into(),
+            base.clone(),
+            "--corpus".into(),
+            corpus.to_str().unwrap().into(),
+        ];
+        a.extend(more.iter().map(|s| s.to_string()));
+        a
+    };
+    let (ingest_args, search_args) = (
+        args("ingest", &[]),
+        args("search", &["--requests", "6", "--clients", "2"]),
+    );
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        let i = bench(ingest_args);
+        let s = bench(search_args);
+        (i.0 && s.0, format!("{}\n{}", i.1, s.1))
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(r#"ingest (cold): 2 documents"#) && out.contains(r#"{"created": 2}"#),
+        "{out}"
+    );
+    assert!(out.contains(r#"{"unchanged": 2}"#), "{out}");
+    for mode in ["dense ", "lexical ", "hybrid "] {
+        assert!(out.lines().any(|l| l.starts_with(mode)), "{mode}: {out}");
+    }
+    let found: serde_json::Value = client
+        .post(format!("{base}/search"))
+        .json(&serde_json::json!({ "query": "When do owls hunt?", "top_k": 1 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["results"][0]["document_id"], "owl", "{found}");
+
     // A server that is not there is a clear error, not a panic.
     let out = Command::new(env!("CARGO_BIN_EXE_ragd"))
         .args(["ask", "anything", "--url", "http://127.0.0.1:9"])

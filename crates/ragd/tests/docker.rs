@@ -108,28 +108,77 @@ fn compose_file_is_valid_with_volumes_for_models_and_data() {
         ragd["ports"][0]["host_ip"], "127.0.0.1",
         "loopback only without keys: {ragd}"
     );
+    assert!(
+        config["services"].get("balancer").is_none(),
+        "without --profile only the one-machine service runs: {config}"
+    );
+
+    // The scale profile: PostgreSQL, two replicas on it behind HAProxy, llama.cpp's
+    // server for the answers and the embeddings; and not the one-machine service.
+    let out = Command::new("docker")
+        .args([
+            "compose",
+            "-f",
+            "compose.yaml",
+            "--profile",
+            "scale",
+            "config",
+            "--format",
+            "json",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let services = &config["services"];
+    assert!(services.get("ragd").is_none(), "{services}");
+    let replica = &services["ragd-replica"];
+    assert_eq!(replica["deploy"]["replicas"], 2, "{replica}");
+    let env = &replica["environment"];
+    assert_eq!(env["RAGD__STORE__BACKEND"], "postgres", "{env}");
+    assert_eq!(env["RAGD__EMBEDDER__BACKEND"], "openai", "{env}");
+    assert_eq!(env["RAGD__GENERATION__BACKEND"], "openai", "{env}");
+    assert!(
+        replica.get("ports").is_none(),
+        "replicas are reached through the balancer"
+    );
+    assert_eq!(
+        services["balancer"]["ports"][0]["host_ip"], "127.0.0.1",
+        "{services}"
+    );
+    for s in ["postgres", "llm", "embed", "balancer"] {
+        assert!(services.get(s).is_some(), "{s} missing: {services}");
+    }
 }
 
 /// A Compose project of the test's own, taken down with its volumes and the
-/// image it built when dropped (also when the test fails).
+/// images it built (those without a fixed tag) when dropped (also when the
+/// test fails).
 struct Project {
     name: String,
     env: Vec<(String, String)>,
+    /// Compose files, the README's first.
+    files: &'static [&'static str],
+    /// `--profile`; none: the default of `.env`.
+    profile: Option<&'static str>,
 }
 
 impl Project {
     fn run(&self, args: &[&str]) -> Output {
         let mut command = Command::new("docker");
+        command.args(["compose", "-p", &self.name]);
+        for f in self.files {
+            command.args(["-f", f]);
+        }
+        if let Some(p) = self.profile {
+            command.args(["--profile", p]);
+        }
         command
-            .args([
-                "compose",
-                "-p",
-                &self.name,
-                "-f",
-                "compose.yaml",
-                "-f",
-                "docker/compose.test.yaml",
-            ])
             .args(args)
             .current_dir(root())
             .envs(self.env.iter().map(|(k, v)| (k, v)));
@@ -170,6 +219,40 @@ impl Drop for Project {
     fn drop(&mut self) {
         let _ = self.run(&["down", "-v", "--rmi", "local", "--timeout", "5"]);
     }
+}
+
+fn three_documents() -> Value {
+    json!({ "documents": [
+        { "id": "everest", "title": "Mount Everest",
+          "text": "Mount Everest is Earth's highest mountain above sea level. Its summit is 8,849 metres high." },
+        { "id": "cats", "title": "Domestic cats",
+          "text": "Cats purr when they are content, and an adult cat sleeps twelve to sixteen hours a day." },
+        { "id": "rust", "title": "Rust",
+          "text": "Rust's borrow checker enforces ownership and borrowing rules at compile time." }
+    ]})
+}
+
+/// The base image of a Debian suite (scripts/docker-base-images: made with
+/// debootstrap once, then kept under its tag).
+fn base_image(suite: &str) -> String {
+    let out = Command::new(root().join("scripts/docker-base-images"))
+        .arg(suite)
+        .output()
+        .expect("scripts/docker-base-images runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Waits until `base/ready` says 200 (at most `limit`); the time it took.
@@ -221,27 +304,17 @@ async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
         "run the tests with --release: the image is built from target/release/ragd"
     );
     let started = Instant::now();
-    let out = Command::new(root().join("scripts/docker-base-images"))
-        .output()
-        .expect("scripts/docker-base-images runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let base_image = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let base_image = base_image("bookworm");
     let base_s = started.elapsed();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let project = Project {
         name: format!("ragdtest{}", std::process::id()),
         env: vec![
             ("RAGD_TEST_BASE_IMAGE".into(), base_image),
             ("RAGD_TEST_PORT".into(), port.to_string()),
         ],
+        files: &["compose.yaml", "docker/compose.test.yaml"],
+        profile: None,
     };
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
@@ -258,14 +331,7 @@ async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
         "the first start fetches the models:\n{logs}"
     );
 
-    let ingest: Value = post_json(&client, &format!("{base}/ingest"), &json!({ "documents": [
-            { "id": "everest", "title": "Mount Everest",
-              "text": "Mount Everest is Earth's highest mountain above sea level. Its summit is 8,849 metres high." },
-            { "id": "cats", "title": "Domestic cats",
-              "text": "Cats purr when they are content, and an adult cat sleeps twelve to sixteen hours a day." },
-            { "id": "rust", "title": "Rust",
-              "text": "Rust's borrow checker enforces ownership and borrowing rules at compile time." }
-        ]})).await;
+    let ingest: Value = post_json(&client, &format!("{base}/ingest"), &three_documents()).await;
     assert!(
         ingest["documents"]
             .as_array()
@@ -332,6 +398,191 @@ async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
     assert!(project.volumes().is_empty(), "{:?}", project.volumes());
     println!(
         "docker compose: base image {:.1} s (cached after the first run), image build {:.1} s, first start with the model fetch {:.1} s, start with the models in their volume {:.1} s",
+        base_s.as_secs_f64(),
+        build_s.as_secs_f64(),
+        first_ready.as_secs_f64(),
+        second_ready.as_secs_f64()
+    );
+}
+
+/// `docker compose --profile scale up` for real: PostgreSQL + pgvector, two ragd
+/// replicas behind HAProxy, llama.cpp's server (Debian's) generating the answers
+/// and, from a GGUF its own converter made of all-MiniLM-L6-v2, the embeddings.
+/// Documents ingested through the balancer are found and answered by both
+/// replicas; a delete through one is seen by the other; `down` + `up` keeps the
+/// documents (the PostgreSQL volume) and `down -v` removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_scale_profile_answers_from_both_replicas_behind_the_balancer() {
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_ragd"));
+    assert_eq!(
+        binary.canonicalize().unwrap(),
+        root().join("target/release/ragd").canonicalize().unwrap(),
+        "run the tests with --release: the image is built from target/release/ragd"
+    );
+    let started = Instant::now();
+    let bases = ["bookworm", "trixie", "sid"].map(base_image);
+    let base_s = started.elapsed();
+    let port = free_port();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let project = Project {
+        name: format!("ragdscale{}", std::process::id()),
+        env: vec![
+            ("RAGD_TEST_BASE_IMAGE".into(), bases[0].clone()),
+            ("RAGD_TEST_TRIXIE_IMAGE".into(), bases[1].clone()),
+            ("RAGD_TEST_SID_IMAGE".into(), bases[2].clone()),
+            ("RAGD_TEST_PORT".into(), port.to_string()),
+            (
+                "RAGD_POSTGRES_PASSWORD".into(),
+                format!("pw-{nanos:x}-{}", std::process::id()),
+            ),
+        ],
+        files: &["compose.yaml", "docker/compose.scale-test.yaml"],
+        profile: Some("scale"),
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+
+    let t = Instant::now();
+    project.ok(&["build"]);
+    let build_s = t.elapsed();
+    let t = Instant::now();
+    project.ok(&["up", "-d"]);
+    wait_ready(&client, &base, Duration::from_secs(900)).await;
+    // Both replicas ready: the balancer sends /ready to each in turn.
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(900),
+            "only {seen:?} became ready"
+        );
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
+            if r.status().is_success() {
+                if let Some(h) = r.headers().get("x-ragd-replica") {
+                    seen.insert(h.to_str().unwrap().to_string());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let first_ready = t.elapsed();
+    let logs = project.ok(&["logs", "models", "embedding-gguf"]);
+    assert!(logs.contains("fetching the models"), "{logs}");
+    assert!(
+        logs.contains("converting /models/all-MiniLM-L6-v2"),
+        "{logs}"
+    );
+
+    let ingest: Value = post_json(&client, &format!("{base}/ingest"), &three_documents()).await;
+    assert!(
+        ingest["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["status"] == "created"),
+        "{ingest}"
+    );
+
+    // Every replica finds them at once (embeddings from llama.cpp's server).
+    let mut searched = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let r = client
+            .post(format!("{base}/search"))
+            .json(&json!({ "query": "What does the borrow checker enforce?", "top_k": 1, "mode": "dense" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        searched.insert(r.headers()["x-ragd-replica"].to_str().unwrap().to_string());
+        let found: Value = r.json().await.unwrap();
+        assert_eq!(found["results"][0]["document_id"], "rust", "{found}");
+    }
+    assert_eq!(searched.len(), 2, "searched through {searched:?}");
+
+    // Answers (written by llama.cpp's server) from both replicas.
+    let mut answered = std::collections::BTreeSet::new();
+    for (question, id) in [
+        ("How high is Mount Everest?", "everest"),
+        ("How long does an adult cat sleep?", "cats"),
+        ("How high is the summit of Everest?", "everest"),
+        ("Why do cats purr?", "cats"),
+    ] {
+        let r = client
+            .post(format!("{base}/ask"))
+            .json(&json!({ "question": question, "max_tokens": 40 }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        answered.insert(r.headers()["x-ragd-replica"].to_str().unwrap().to_string());
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(answer["sources"][0]["document_id"], id, "{answer}");
+        assert_eq!(answer["model"], "Qwen2.5-Coder-0.5B-Instruct", "{answer}");
+    }
+    assert_eq!(answered.len(), 2, "answered by {answered:?}");
+    let r = client
+        .post(format!("{base}/ask"))
+        .header("Accept", "text/event-stream")
+        .json(
+            &json!({ "question": "How long does a cat sleep?", "stream": true, "max_tokens": 40 }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("event: token") && body.contains("event: done"),
+        "{body}"
+    );
+
+    // A delete through one replica is seen by every replica.
+    let r = client
+        .delete(format!("{base}/documents/cats"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    for _ in 0..2 {
+        let r = client
+            .get(format!("{base}/documents/cats"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404);
+        assert_eq!(document_count(&client, &base).await, 2);
+    }
+
+    // down + up: the documents stay in the PostgreSQL volume.
+    project.ok(&["down"]);
+    let t = Instant::now();
+    project.ok(&["up", "-d"]);
+    wait_ready(&client, &base, Duration::from_secs(300)).await;
+    let second_ready = t.elapsed();
+    assert_eq!(document_count(&client, &base).await, 2);
+    let found: Value = post_json(
+        &client,
+        &format!("{base}/search"),
+        &json!({ "query": "highest mountain", "top_k": 1 }),
+    )
+    .await;
+    assert_eq!(found["results"][0]["document_id"], "everest", "{found}");
+
+    // down -v removes the volumes (documents, models, the GGUF).
+    assert!(
+        project
+            .volumes()
+            .iter()
+            .any(|v| v.ends_with("_ragd-postgres")),
+        "{:?}",
+        project.volumes()
+    );
+    project.ok(&["down", "-v", "--rmi", "local"]);
+    assert!(project.volumes().is_empty(), "{:?}", project.volumes());
+    println!(
+        "docker compose --profile scale: base images {:.1} s (cached after the first run), images {:.1} s, first start (model fetch, GGUF conversion, PostgreSQL created, both replicas ready) {:.1} s, start with the volumes in place {:.1} s",
         base_s.as_secs_f64(),
         build_s.as_secs_f64(),
         first_ready.as_secs_f64(),
