@@ -20,6 +20,7 @@
 
 #![deny(missing_docs)]
 
+mod bert;
 pub mod e5s1;
 
 use std::collections::HashMap;
@@ -100,9 +101,16 @@ impl Default for EmbedderConfig {
     }
 }
 
+/// The encoder that runs: ragd's packed forward (the default), or candle's
+/// padded `BertModel`, kept as the reference the tests compare against.
+enum Model {
+    Packed(bert::Bert),
+    Padded(BertModel),
+}
+
 /// A loaded sentence-embedding model.
 pub struct Embedder {
-    model: BertModel,
+    model: Model,
     tokenizer: Tokenizer,
     pooling: Pooling,
     normalize: bool,
@@ -318,6 +326,17 @@ impl ModelCard {
 impl Embedder {
     /// Loads a sentence-transformers BERT model from `dir`.
     pub fn load(dir: &Path, config: &EmbedderConfig) -> Result<Self, EmbedError> {
+        Self::load_with(dir, config, false)
+    }
+
+    /// Loads the model with candle-transformers' `BertModel` (texts padded to
+    /// the longest of a batch) instead of ragd's packed forward: the reference
+    /// the packed forward is tested against. Same vectors, slower.
+    pub fn load_reference(dir: &Path, config: &EmbedderConfig) -> Result<Self, EmbedError> {
+        Self::load_with(dir, config, true)
+    }
+
+    fn load_with(dir: &Path, config: &EmbedderConfig, padded: bool) -> Result<Self, EmbedError> {
         let device = Device::Cpu;
         let card = ModelCard::read(dir, config)?;
         let bert_config: BertConfig = parse(&dir.join("config.json"))?;
@@ -329,7 +348,11 @@ impl Embedder {
             });
         }
         let vb = load_safetensors(&weights, &device)?;
-        let model = BertModel::load(vb, &bert_config)?;
+        let model = if padded {
+            Model::Padded(BertModel::load(vb, &bert_config)?)
+        } else {
+            Model::Packed(bert::Bert::load(vb, &bert_config)?)
+        };
         Ok(Self {
             query_prefix: card.query_prefix,
             passage_prefix: card.passage_prefix,
@@ -418,19 +441,37 @@ impl Embedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
-        let n = encodings.len();
-        let len = encodings.first().map(|e| e.len()).unwrap_or(0);
-        let flat = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Vec<u32> {
-            encodings
-                .iter()
-                .flat_map(|e| f(e).iter().copied())
-                .collect()
+        let pooled = match &self.model {
+            Model::Packed(bert) => {
+                // Each text at its own length: the tokenizer padded them to the
+                // longest, the mask says how long each really is.
+                let inputs: Vec<(&[u32], &[u32])> = encodings
+                    .iter()
+                    .map(|e| {
+                        let len = e.get_attention_mask().iter().filter(|&&m| m != 0).count();
+                        (&e.get_ids()[..len], &e.get_type_ids()[..len])
+                    })
+                    .collect();
+                bert.embed(&inputs, self.pooling)?
+            }
+            Model::Padded(model) => {
+                let n = encodings.len();
+                let len = encodings.first().map(|e| e.len()).unwrap_or(0);
+                let flat = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Vec<u32> {
+                    encodings
+                        .iter()
+                        .flat_map(|e| f(e).iter().copied())
+                        .collect()
+                };
+                let ids = Tensor::from_vec(flat(&|e| e.get_ids()), (n, len), &self.device)?;
+                let type_ids =
+                    Tensor::from_vec(flat(&|e| e.get_type_ids()), (n, len), &self.device)?;
+                let mask =
+                    Tensor::from_vec(flat(&|e| e.get_attention_mask()), (n, len), &self.device)?;
+                let hidden = model.forward(&ids, &type_ids, Some(&mask))?; // (n, len, dim)
+                pool(&hidden, &mask, self.pooling)?
+            }
         };
-        let ids = Tensor::from_vec(flat(&|e| e.get_ids()), (n, len), &self.device)?;
-        let type_ids = Tensor::from_vec(flat(&|e| e.get_type_ids()), (n, len), &self.device)?;
-        let mask = Tensor::from_vec(flat(&|e| e.get_attention_mask()), (n, len), &self.device)?;
-        let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?; // (n, len, dim)
-        let pooled = pool(&hidden, &mask, self.pooling)?;
         let pooled = if self.normalize {
             l2_normalize(&pooled)?
         } else {

@@ -11,7 +11,7 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn minilm() -> Embedder {
+fn minilm_dir() -> PathBuf {
     let dir = std::env::var_os("RAGD_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("models"));
@@ -21,8 +21,12 @@ fn minilm() -> Embedder {
         "{} is missing: run scripts/fetch-models",
         path.display()
     );
+    path
+}
+
+fn minilm() -> Embedder {
     Embedder::load(
-        &path,
+        &minilm_dir(),
         &EmbedderConfig {
             batch_size: 7,
             ..Default::default()
@@ -82,6 +86,34 @@ fn minilm_matches_sentence_transformers() {
     // One at a time gives the same vectors as batched.
     let single = e.embed(&texts[..1]).unwrap();
     assert!(cosine(&single[0], &got[0]) > 0.99999);
+
+    // The packed forward (texts at their own lengths, attention per text) gives
+    // the vectors of candle's padded BertModel, on the same texts plus one past
+    // the window (truncated) and a one-word one in the same batch.
+    let reference = Embedder::load_reference(
+        &minilm_dir(),
+        &EmbedderConfig {
+            batch_size: 7,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let long = "Padding-free batches must not change a vector. ".repeat(40);
+    let mut mixed = texts.clone();
+    mixed.extend([long.as_str(), "word"]);
+    let (packed, padded) = (e.embed(&mixed).unwrap(), reference.embed(&mixed).unwrap());
+    for (i, (a, b)) in packed.iter().zip(&padded).enumerate() {
+        let c = cosine(a, b);
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            c > 0.99999 && diff < 1e-4,
+            "text {i}: cosine {c}, largest difference {diff}"
+        );
+    }
 }
 
 #[test]

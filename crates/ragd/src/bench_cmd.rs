@@ -1,7 +1,7 @@
 //! `ragd bench ...`: figures for the models and the service on this machine.
 //!
 //! ```text
-//! ragd bench embed    [--corpus DIR] [--model DIR] [--texts N]
+//! ragd bench embed    [--corpus DIR] [--model DIR] [--texts N] [--texts-file F] [--runs N] [--json] [--vectors F]
 //! ragd bench generate --model FILE [--prompt-tokens N] [--new-tokens N] [--runs N] [--json]
 //! ragd bench ingest   [--corpus DIR] [--batch N] [--limit N] [--config FILE | --url URL]
 //! ragd bench search   (--data-dir DIR [--config FILE] [--replicas N] | --url URL...) [--corpus DIR] [--clients N]
@@ -32,6 +32,22 @@ pub(crate) enum BenchCommand {
         /// Texts to embed.
         #[arg(long, default_value_t = 256)]
         texts: usize,
+        /// Embed these texts instead (a JSON array of strings), as a peer
+        /// benchmark does (bench/compare-embeddings).
+        #[arg(long)]
+        texts_file: Option<PathBuf>,
+        /// Texts per forward pass.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// Timed runs; the figure is the median.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
+        /// Write the vectors here (a JSON array of arrays, in the texts' order).
+        #[arg(long)]
+        vectors: Option<PathBuf>,
     },
     /// Prefill and decode speed of a GGUF model.
     Generate {
@@ -142,7 +158,32 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
             corpus,
             model,
             texts,
-        } => bench_embed(&corpus, &model, texts),
+            texts_file,
+            batch_size,
+            runs,
+            json,
+            vectors,
+        } => {
+            let texts: Vec<String> = match texts_file {
+                Some(f) => serde_json::from_slice(&std::fs::read(&f)?).map_err(|e| {
+                    anyhow::anyhow!("{}: not a JSON array of strings: {e}", f.display())
+                })?,
+                None => corpus_texts(&corpus)?
+                    .iter()
+                    .filter_map(|d| d["text"].as_str().map(str::to_string))
+                    .cycle()
+                    .take(texts)
+                    .collect(),
+            };
+            bench_embed(
+                &texts,
+                &model,
+                batch_size,
+                runs.max(1),
+                json,
+                vectors.as_deref(),
+            )
+        }
         BenchCommand::Generate {
             model,
             corpus,
@@ -219,17 +260,25 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
     }
 }
 
-fn bench_embed(corpus: &Path, model: &Path, n: usize) -> Result<()> {
-    let embedder = Embedder::load(model, &EmbedderConfig::default())?;
-    let docs = corpus_texts(corpus)?;
-    let texts: Vec<String> = docs
-        .iter()
-        .filter_map(|d| d["text"].as_str().map(str::to_string))
-        .cycle()
-        .take(n)
-        .collect();
+fn bench_embed(
+    texts: &[String],
+    model: &Path,
+    batch_size: usize,
+    runs: usize,
+    json: bool,
+    vectors_out: Option<&Path>,
+) -> Result<()> {
+    let started = Instant::now();
+    let embedder = Embedder::load(
+        model,
+        &EmbedderConfig {
+            batch_size: batch_size.max(1),
+            ..EmbedderConfig::default()
+        },
+    )?;
+    let load_s = started.elapsed().as_secs_f64();
     if texts.is_empty() {
-        bail!("no texts in {}", corpus.display());
+        bail!("no texts to embed");
     }
     let tokens: usize = texts
         .iter()
@@ -242,19 +291,47 @@ fn bench_embed(corpus: &Path, model: &Path, n: usize) -> Result<()> {
         })
         .sum();
     embedder.embed(&texts[..texts.len().min(8)])?; // warm-up
-    let started = Instant::now();
-    embedder.embed(&texts)?;
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "embed: {} texts ({} tokens after truncation to {}) in {:.2} s = {:.1} texts/s, {:.0} tokens/s [{}]",
-        texts.len(),
-        tokens,
-        embedder.max_length(),
-        secs,
-        texts.len() as f64 / secs,
-        tokens as f64 / secs,
-        embedder.name()
-    );
+    let mut times = Vec::new();
+    let mut vectors = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        vectors = embedder.embed(texts)?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    let secs = median(times);
+    if let Some(path) = vectors_out {
+        std::fs::write(path, serde_json::to_vec(&vectors)?)?;
+    }
+    if json {
+        println!(
+            "{}",
+            json!({
+                "engine": "ragd",
+                "model": embedder.name(),
+                "texts": texts.len(),
+                "tokens": tokens,
+                "max_length": embedder.max_length(),
+                "batch_size": batch_size,
+                "threads": rayon_threads(),
+                "runs": runs,
+                "load_s": load_s,
+                "seconds": secs,
+                "texts_per_s": texts.len() as f64 / secs,
+                "tokens_per_s": tokens as f64 / secs,
+            })
+        );
+    } else {
+        println!(
+            "embed: {} texts ({} tokens after truncation to {}) in {:.2} s = {:.1} texts/s, {:.0} tokens/s [{}]",
+            texts.len(),
+            tokens,
+            embedder.max_length(),
+            secs,
+            texts.len() as f64 / secs,
+            tokens as f64 / secs,
+            embedder.name()
+        );
+    }
     Ok(())
 }
 

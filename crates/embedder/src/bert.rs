@@ -1,0 +1,314 @@
+//! ragd's BERT encoder forward: the same weights and arithmetic (fp32) as
+//! candle-transformers' `BertModel`, arranged for embedding batches on a CPU.
+//!
+//! Why not candle's model as it is (profiled with `perf` on 64 texts of 256
+//! tokens, all-MiniLM-L6-v2, 2 threads): it pads every text of a batch to the
+//! longest and computes attention for the whole batch at once, so one layer's
+//! scores are a (32, 12, 256, 256) tensor — 100 MB — made four times over
+//! (scores, scaled, masked, softmax). Buffers that large come fresh from the
+//! kernel each time: 18 % of the run was the kernel zeroing pages. Here:
+//! - texts are packed without padding: the token-wise parts (embeddings, every
+//!   linear layer, layer norms, GELU) run on a (tokens, hidden) matrix holding
+//!   only real tokens, so a short text costs its own length, not the longest's;
+//! - attention runs per text on its own length (no mask needed, buffers of
+//!   12 × L × L);
+//! - Q, K and V are one matrix product (their weights concatenated at load) and
+//!   the 1/√d scale is folded into Q's weights;
+//! - softmax and layer norm are candle's fused kernels;
+//! - GELU is computed here (`gelu_erf`): candle's calls libm's scalar `erff` and
+//!   `expf` per element on one thread, which was a fifth of the run once the
+//!   page zeroing was gone.
+//!
+//! The reference (candle's `BertModel`, padded) is kept for the tests, which
+//! check that both give the same vectors.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::bert::{Config, HiddenAct};
+
+use crate::Pooling;
+
+struct Layer {
+    /// Q, K, V in one: hidden → 3 × hidden, Q pre-scaled by 1/√head_dim.
+    qkv: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    up: Linear,
+    down: Linear,
+    output_norm: LayerNorm,
+}
+
+pub(crate) struct Bert {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    embedding_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    head_dim: usize,
+    act: HiddenAct,
+}
+
+fn linear(vb: &VarBuilder, inp: usize, out: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((out, inp), "weight")?,
+        Some(vb.get(out, "bias")?),
+    ))
+}
+
+fn norm(vb: &VarBuilder, size: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        vb.get(size, "weight")?,
+        vb.get(size, "bias")?,
+        eps,
+    ))
+}
+
+impl Bert {
+    /// Loads the weights as candle's `BertModel::load` finds them (with or
+    /// without a `bert.` / model-type prefix).
+    pub(crate) fn load(vb: VarBuilder, c: &Config) -> Result<Self> {
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else if let Some(t) = c
+            .model_type
+            .as_ref()
+            .filter(|t| vb.contains_tensor(&format!("{t}.embeddings.word_embeddings.weight")))
+        {
+            vb.pp(t)
+        } else {
+            vb
+        };
+        let h = c.hidden_size;
+        let heads = c.num_attention_heads;
+        if heads == 0 || h % heads != 0 {
+            candle_core::bail!("hidden_size {h} is not a multiple of num_attention_heads {heads}");
+        }
+        let head_dim = h / heads;
+        let e = vb.pp("embeddings");
+        let word = e.get((c.vocab_size, h), "word_embeddings.weight")?;
+        let position = e.get((c.max_position_embeddings, h), "position_embeddings.weight")?;
+        let token_type = e.get((c.type_vocab_size, h), "token_type_embeddings.weight")?;
+        let embedding_norm = norm(&e.pp("LayerNorm"), h, c.layer_norm_eps)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = vb.pp(format!("encoder.layer.{i}"));
+            let s = l.pp("attention.self");
+            let (q, k, v) = (
+                linear(&s.pp("query"), h, h)?,
+                linear(&s.pp("key"), h, h)?,
+                linear(&s.pp("value"), h, h)?,
+            );
+            let bias = |l: &Linear| l.bias().cloned().expect("loaded with a bias");
+            let w = Tensor::cat(
+                &[
+                    (q.weight() * scale)?,
+                    k.weight().clone(),
+                    v.weight().clone(),
+                ],
+                0,
+            )?;
+            let b = Tensor::cat(&[(bias(&q) * scale)?, bias(&k), bias(&v)], 0)?;
+            layers.push(Layer {
+                qkv: Linear::new(w, Some(b)),
+                attention_out: linear(&l.pp("attention.output.dense"), h, h)?,
+                attention_norm: norm(&l.pp("attention.output.LayerNorm"), h, c.layer_norm_eps)?,
+                up: linear(&l.pp("intermediate.dense"), h, c.intermediate_size)?,
+                down: linear(&l.pp("output.dense"), c.intermediate_size, h)?,
+                output_norm: norm(&l.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
+            });
+        }
+        Ok(Self {
+            word,
+            position,
+            token_type,
+            embedding_norm,
+            layers,
+            heads,
+            head_dim,
+            act: c.hidden_act,
+        })
+    }
+
+    /// One pooled vector per text (not normalised): `texts` are (token ids,
+    /// token type ids) of equal lengths, each at most the position table long.
+    pub(crate) fn embed(&self, texts: &[(&[u32], &[u32])], pooling: Pooling) -> Result<Tensor> {
+        let device = self.word.device();
+        let lens: Vec<usize> = texts.iter().map(|(ids, _)| ids.len()).collect();
+        let total: usize = lens.iter().sum();
+        if texts.is_empty() || total == 0 {
+            candle_core::bail!("nothing to embed");
+        }
+        let ids: Vec<u32> = texts.iter().flat_map(|(i, _)| i.iter().copied()).collect();
+        let types: Vec<u32> = texts.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+        let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        let ids = Tensor::from_vec(ids, total, device)?;
+        let types = Tensor::from_vec(types, total, device)?;
+        let positions = Tensor::from_vec(positions, total, device)?;
+        let x = (self.word.index_select(&ids, 0)? + self.token_type.index_select(&types, 0)?)?;
+        let x = (x + self.position.index_select(&positions, 0)?)?;
+        let mut x = self.embedding_norm.forward(&x)?;
+        for layer in &self.layers {
+            x = self.layer(layer, &x, &lens)?;
+        }
+        // Pooling per text over its own rows.
+        let mut pooled = Vec::with_capacity(texts.len());
+        let mut offset = 0;
+        for &len in &lens {
+            let rows = x.narrow(0, offset, len)?;
+            offset += len;
+            pooled.push(match pooling {
+                Pooling::Cls => rows.get(0)?,
+                Pooling::Mean => rows.mean(0)?,
+                Pooling::MeanSqrtLen => (rows.sum(0)? / (len as f64).sqrt())?,
+                Pooling::Max => rows.max(0)?,
+            });
+        }
+        Tensor::stack(&pooled, 0)
+    }
+
+    fn layer(&self, l: &Layer, x: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let h = self.heads * self.head_dim;
+        let qkv = l.qkv.forward(x)?; // (tokens, 3h)
+        let mut contexts = Vec::with_capacity(lens.len());
+        let mut offset = 0;
+        for &len in lens {
+            let t = qkv.narrow(0, offset, len)?;
+            offset += len;
+            // (len, h) → (heads, len, head_dim)
+            let split = |i: usize| -> Result<Tensor> {
+                t.narrow(1, i * h, h)?
+                    .reshape((len, self.heads, self.head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let scores = q.matmul(&k.t()?)?; // (heads, len, len), already scaled
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let context = probs.matmul(&v)?; // (heads, len, head_dim)
+            contexts.push(context.transpose(0, 1)?.reshape((len, h))?);
+        }
+        let context = Tensor::cat(&contexts, 0)?;
+        let x = l
+            .attention_norm
+            .forward(&(l.attention_out.forward(&context)? + x)?)?;
+        let up = l.up.forward(&x)?;
+        let up = match self.act {
+            HiddenAct::Gelu => gelu_erf(&up)?,
+            HiddenAct::GeluApproximate => up.gelu()?,
+            HiddenAct::Relu => up.relu()?,
+        };
+        l.output_norm.forward(&(l.down.forward(&up)? + x)?)
+    }
+}
+
+/// GELU with the exact (erf) form, as BERT models use: `0.5 x (1 + erf(x/√2))`,
+/// in parallel over the cores, in a loop the compiler vectorises.
+pub(crate) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() != candle_core::DType::F32 {
+        return x.gelu_erf();
+    }
+    x.apply_op1_no_bwd(&GeluErf)
+}
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "ragd-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = storage.as_slice::<f32>()?;
+        let data = match layout.contiguous_offsets() {
+            Some((start, end)) => &data[start..end],
+            None => candle_core::bail!("ragd-gelu-erf needs a contiguous tensor"),
+        };
+        let mut out = vec![0f32; data.len()];
+        let threads = candle_core::utils::get_num_threads().max(1);
+        // At least 64 Ki elements per thread: below that a thread costs more than it saves.
+        let chunk = data.len().div_ceil(threads).max(1 << 16);
+        std::thread::scope(|s| {
+            for (src, dst) in data.chunks(chunk).zip(out.chunks_mut(chunk)) {
+                s.spawn(move || gelu_slice(src, dst));
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+fn gelu_slice(src: &[f32], dst: &mut [f32]) {
+    for (y, &x) in dst.iter_mut().zip(src) {
+        *y = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+/// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, under
+/// f32's resolution of the 1 it is added to), branch-free so that it
+/// vectorises.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
+    let poly = t * 1.061_405_4f32
+        .mul_add(t, -1.453_152_1)
+        .mul_add(t, 1.421_413_8)
+        .mul_add(t, -0.284_496_74)
+        .mul_add(t, 0.254_829_6);
+    let y = 1.0 - poly * exp_neg(-a * a);
+    y.copysign(x)
+}
+
+/// e^x for x ≤ 0 (Cephes' expf: range reduction by ln 2, a degree-5
+/// polynomial; relative error about 1e-7), branch-free. Below -87 it returns
+/// about 1.6e-38 instead of 0, which erf's use cannot tell apart.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let p = 1.987_569_1e-4f32
+        .mul_add(r, 1.398_199_9e-3)
+        .mul_add(r, 8.333_452e-3)
+        .mul_add(r, 4.166_579_6e-2)
+        .mul_add(r, 1.666_666_5e-1)
+        .mul_add(r, 5.000_000_1e-1);
+    let e = p.mul_add(r * r, r) + 1.0;
+    f32::from_bits(((n as i32 + 127) << 23) as u32) * e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_candles_exact_gelu() {
+        let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 400.0).collect();
+        let t = Tensor::new(xs.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let ours = gelu_erf(&t).unwrap().to_vec1::<f32>().unwrap();
+        let theirs = t.gelu_erf().unwrap().to_vec1::<f32>().unwrap();
+        for ((x, a), b) in xs.iter().zip(&ours).zip(&theirs) {
+            assert!(
+                (a - b).abs() <= 2e-6 * b.abs().max(1.0),
+                "gelu({x}) = {a}, candle {b}"
+            );
+        }
+        // Large inputs: gelu(x) = x, gelu(-x) = 0.
+        let big = Tensor::new(&[100f32, -100.0, 1e30, -1e30], &candle_core::Device::Cpu).unwrap();
+        assert_eq!(
+            gelu_erf(&big).unwrap().to_vec1::<f32>().unwrap(),
+            vec![100.0, -0.0, 1e30, -0.0]
+        );
+    }
+
+    #[test]
+    fn exp_neg_is_expf() {
+        for i in 0..=8700 {
+            let x = -(i as f32) / 100.0;
+            let (a, b) = (exp_neg(x), x.exp());
+            assert!((a - b).abs() <= 3e-7 * b, "exp({x}) = {a}, expf {b}");
+        }
+    }
+}
