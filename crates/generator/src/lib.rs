@@ -202,7 +202,11 @@ impl Generator {
             path: path.to_owned(),
             source,
         };
-        let mut file = std::fs::File::open(path).map_err(io)?;
+        // Buffered: the metadata is read a few bytes at a time (a tokenizer's
+        // 150,000 tokens and merges are one small read each), which unbuffered
+        // was hundreds of thousands of system calls at every start.
+        let mut file =
+            std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(io)?);
         let ct = gguf_file::Content::read(&mut file).map_err(|e| {
             GenerateError::Unsupported(format!(
                 "{} is not a readable GGUF file: {e}",

@@ -41,7 +41,8 @@ pub fn slow_tensors(path: &Path) -> Result<Conversions, GenerateError> {
         path: path.to_owned(),
         source,
     };
-    let mut file = fs::File::open(path).map_err(io)?;
+    // Buffered: GGUF metadata is read a few bytes at a time (see Generator::load).
+    let mut file = std::io::BufReader::with_capacity(1 << 20, fs::File::open(path).map_err(io)?);
     let ct = gguf_file::Content::read(&mut file).map_err(|e| {
         GenerateError::Unsupported(format!(
             "{} is not a readable GGUF file: {e}",
@@ -97,7 +98,8 @@ pub fn requantize(src: &Path, dst: &Path) -> Result<Conversions, GenerateError> 
         move |source| GenerateError::Io { path, source }
     };
     let started = std::time::Instant::now();
-    let mut file = fs::File::open(src).map_err(io(src))?;
+    let mut file =
+        std::io::BufReader::with_capacity(1 << 20, fs::File::open(src).map_err(io(src))?);
     let ct = gguf_file::Content::read(&mut file).map_err(|e| {
         GenerateError::Unsupported(format!(
             "{} is not a readable GGUF file: {e}",
