@@ -240,11 +240,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let data = storage.as_slice::<f32>()?;
-        let data = match layout.contiguous_offsets() {
-            Some((start, end)) => &data[start..end],
-            None => candle_core::bail!("ragd-gelu-erf needs a contiguous tensor"),
-        };
+        let data = contiguous_f32(storage, layout, self.name())?;
         let mut out = vec![0f32; data.len()];
         let threads = candle_core::utils::get_num_threads().max(1);
         // At least 64 Ki elements per thread: below that a thread costs more than it saves.
@@ -274,11 +270,7 @@ impl CustomOp1 for SoftmaxRows {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let data = storage.as_slice::<f32>()?;
-        let data = match layout.contiguous_offsets() {
-            Some((start, end)) => &data[start..end],
-            None => candle_core::bail!("ragd-softmax-rows needs a contiguous tensor"),
-        };
+        let data = contiguous_f32(storage, layout, self.name())?;
         let row = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; data.len()];
         let threads = candle_core::utils::get_num_threads().max(1);
@@ -306,6 +298,15 @@ impl CustomOp1 for SoftmaxRows {
             }
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// The elements of a contiguous f32 tensor, for the custom ops here.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op} needs a contiguous tensor"),
     }
 }
 

@@ -232,6 +232,36 @@ fn three_documents() -> Value {
     ]})
 }
 
+/// The images take the binary from target/release: the one these tests were
+/// built with when the suite runs in release, as the README's command does.
+fn assert_release_binary() {
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_ragd"));
+    assert_eq!(
+        binary.canonicalize().unwrap(),
+        root().join("target/release/ragd").canonicalize().unwrap(),
+        "run the tests with --release: the image is built from target/release/ragd"
+    );
+}
+
+/// A streamed answer: tokens, then `done`.
+async fn assert_streams_an_answer(client: &reqwest::Client, base: &str) {
+    let r = client
+        .post(format!("{base}/ask"))
+        .header("Accept", "text/event-stream")
+        .json(
+            &json!({ "question": "How long does a cat sleep?", "stream": true, "max_tokens": 40 }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("event: token") && body.contains("event: done"),
+        "{body}"
+    );
+}
+
 /// The base image of a Debian suite (scripts/docker-base-images: made with
 /// debootstrap once, then kept under its tag).
 fn base_image(suite: &str) -> String {
@@ -295,14 +325,7 @@ async fn document_count(client: &reqwest::Client, base: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
-    // The image takes the binary from target/release: the one this test was
-    // built with when the suite runs in release, as the README's command does.
-    let binary = PathBuf::from(env!("CARGO_BIN_EXE_ragd"));
-    assert_eq!(
-        binary.canonicalize().unwrap(),
-        root().join("target/release/ragd").canonicalize().unwrap(),
-        "run the tests with --release: the image is built from target/release/ragd"
-    );
+    assert_release_binary();
     let started = Instant::now();
     let base_image = base_image("bookworm");
     let base_s = started.elapsed();
@@ -352,21 +375,7 @@ async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
             || answer["answer_kind"] != "generated",
         "{answer}"
     );
-    let stream = client
-        .post(format!("{base}/ask"))
-        .header("Accept", "text/event-stream")
-        .json(
-            &json!({ "question": "How long does a cat sleep?", "stream": true, "max_tokens": 40 }),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status().as_u16(), 200);
-    let body = stream.text().await.unwrap();
-    assert!(
-        body.contains("event: token") && body.contains("event: done"),
-        "{body}"
-    );
+    assert_streams_an_answer(&client, &base).await;
 
     // A restart keeps the documents (the named data volume).
     project.ok(&["restart"]);
@@ -413,12 +422,7 @@ async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
 /// documents (the PostgreSQL volume) and `down -v` removes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_scale_profile_answers_from_both_replicas_behind_the_balancer() {
-    let binary = PathBuf::from(env!("CARGO_BIN_EXE_ragd"));
-    assert_eq!(
-        binary.canonicalize().unwrap(),
-        root().join("target/release/ragd").canonicalize().unwrap(),
-        "run the tests with --release: the image is built from target/release/ragd"
-    );
+    assert_release_binary();
     let started = Instant::now();
     let bases = ["bookworm", "trixie", "sid"].map(base_image);
     let base_s = started.elapsed();
@@ -522,21 +526,7 @@ async fn compose_scale_profile_answers_from_both_replicas_behind_the_balancer() 
         assert_eq!(answer["model"], "Qwen2.5-Coder-0.5B-Instruct", "{answer}");
     }
     assert_eq!(answered.len(), 2, "answered by {answered:?}");
-    let r = client
-        .post(format!("{base}/ask"))
-        .header("Accept", "text/event-stream")
-        .json(
-            &json!({ "question": "How long does a cat sleep?", "stream": true, "max_tokens": 40 }),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let body = r.text().await.unwrap();
-    assert!(
-        body.contains("event: token") && body.contains("event: done"),
-        "{body}"
-    );
+    assert_streams_an_answer(&client, &base).await;
 
     // A delete through one replica is seen by every replica.
     let r = client
