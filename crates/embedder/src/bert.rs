@@ -273,30 +273,18 @@ impl CustomOp1 for SoftmaxRows {
         let data = contiguous_f32(storage, layout, self.name())?;
         let row = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; data.len()];
-        let threads = candle_core::utils::get_num_threads().max(1);
-        let rows_per_thread = (data.len() / row)
-            .div_ceil(threads)
-            .max((1 << 16) / row)
-            .max(1);
-        std::thread::scope(|s| {
-            for (src, dst) in data
-                .chunks(rows_per_thread * row)
-                .zip(out.chunks_mut(rows_per_thread * row))
-            {
-                s.spawn(move || {
-                    for (x, y) in src.chunks(row).zip(dst.chunks_mut(row)) {
-                        let max = lanes(x, f32::NEG_INFINITY, f32::max);
-                        // Separate passes without a carried dependency, so that
-                        // each one vectorises.
-                        for (y, &x) in y.iter_mut().zip(x) {
-                            *y = exp_neg(x - max);
-                        }
-                        let inv = 1.0 / lanes(y, 0.0, |a, b| a + b);
-                        y.iter_mut().for_each(|v| *v *= inv);
-                    }
-                });
+        // One thread: it is called per text from `Bert::layer`, whose texts
+        // already attend in parallel over the cores.
+        for (x, y) in data.chunks(row).zip(out.chunks_mut(row)) {
+            let max = lanes(x, f32::NEG_INFINITY, f32::max);
+            // Separate passes without a carried dependency, so that each one
+            // vectorises.
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = exp_neg(x - max);
             }
-        });
+            let inv = 1.0 / lanes(y, 0.0, |a, b| a + b);
+            y.iter_mut().for_each(|v| *v *= inv);
+        }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }

@@ -654,11 +654,7 @@ async fn bench_search(
             for batch in docs.chunks(256) {
                 let documents = batch
                     .iter()
-                    .map(|d| {
-                        serde_json::from_value(
-                            json!({ "id": d["_id"], "title": d["title"], "text": d["text"] }),
-                        )
-                    })
+                    .map(|d| serde_json::from_value(document_json(d)))
                     .collect::<Result<Vec<_>, _>>()?;
                 engine
                     .ingest(ragd_pipeline::IngestRequest { documents })

@@ -8,12 +8,10 @@ use std::process::Command;
 
 use common::{config_file, spawn, wait_ready};
 
-fn ragd_ingest(args: &[&str], config: &Path, cwd: &Path) -> (bool, String) {
+/// Runs `ragd ARGS` in `cwd`: whether it succeeded, and its stdout and stderr.
+fn ragd<S: AsRef<std::ffi::OsStr>>(args: &[S], cwd: &Path) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_ragd"))
-        .arg("ingest")
         .args(args)
-        .arg("--config")
-        .arg(config)
         .current_dir(cwd)
         .env("RAGD_LOG", "warn")
         .output()
@@ -24,6 +22,12 @@ fn ragd_ingest(args: &[&str], config: &Path, cwd: &Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+fn ragd_ingest(args: &[&str], config: &Path, cwd: &Path) -> (bool, String) {
+    let mut all = vec!["ingest".as_ref(), "--config".as_ref(), config.as_os_str()];
+    all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+    ragd(&all, cwd)
 }
 
 #[test]
@@ -144,22 +148,11 @@ async fn ingest_against_a_running_server() {
         r#"{"_id":"q1","text":"When do owls hunt?"}"#,
     )
     .unwrap();
-    let bench = |args: Vec<String>| {
-        let out = Command::new(env!("CARGO_BIN_EXE_ragd"))
-            .arg("bench")
-            .args(args)
-            .env("RAGD_LOG", "warn")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    };
+    let cwd = tmp.path().to_path_buf();
+    let bench = move |args: Vec<String>| ragd(&args, &cwd);
     let args = |cmd: &str, more: &[&str]| {
         let mut a = vec![
+            "bench".to_string(),
             cmd.to_string(),
             "--url".into(),
             base.clone(),

@@ -221,15 +221,25 @@ impl Drop for Project {
     }
 }
 
-fn three_documents() -> Value {
-    json!({ "documents": [
+/// Ingests three short documents; each is new.
+async fn ingest_three_documents(client: &reqwest::Client, base: &str) {
+    let documents = json!({ "documents": [
         { "id": "everest", "title": "Mount Everest",
           "text": "Mount Everest is Earth's highest mountain above sea level. Its summit is 8,849 metres high." },
         { "id": "cats", "title": "Domestic cats",
           "text": "Cats purr when they are content, and an adult cat sleeps twelve to sixteen hours a day." },
         { "id": "rust", "title": "Rust",
           "text": "Rust's borrow checker enforces ownership and borrowing rules at compile time." }
-    ]})
+    ]});
+    let ingest = post_json(client, &format!("{base}/ingest"), &documents).await;
+    assert!(
+        ingest["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["status"] == "created"),
+        "{ingest}"
+    );
 }
 
 /// The images take the binary from target/release: the one these tests were
@@ -354,15 +364,7 @@ async fn compose_up_serves_answers_keeps_documents_and_down_v_removes_them() {
         "the first start fetches the models:\n{logs}"
     );
 
-    let ingest: Value = post_json(&client, &format!("{base}/ingest"), &three_documents()).await;
-    assert!(
-        ingest["documents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["status"] == "created"),
-        "{ingest}"
-    );
+    ingest_three_documents(&client, &base).await;
     let answer: Value = post_json(
         &client,
         &format!("{base}/ask"),
@@ -479,15 +481,7 @@ async fn compose_scale_profile_answers_from_both_replicas_behind_the_balancer() 
         "{logs}"
     );
 
-    let ingest: Value = post_json(&client, &format!("{base}/ingest"), &three_documents()).await;
-    assert!(
-        ingest["documents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["status"] == "created"),
-        "{ingest}"
-    );
+    ingest_three_documents(&client, &base).await;
 
     // Every replica finds them at once (embeddings from llama.cpp's server).
     let mut searched = std::collections::BTreeSet::new();
