@@ -34,6 +34,8 @@ pub struct LocalOptions {
     pub slots: usize,
     /// Run from a copy with Q4_1/Q5_0/Q5_1 tensors re-quantized to Q8_0.
     pub requantize: bool,
+    /// Most tokens drafted per forward pass (see `ragd_generator::draft`).
+    pub draft_tokens: usize,
     /// Prompts for unlike questions: the tokens they all start with are read
     /// once at load and reused by every answer.
     pub prefix_samples: Vec<Vec<Message>>,
@@ -65,7 +67,10 @@ impl LocalGenerator {
                     path.clone()
                 };
                 let mut generator = match Generator::load(&file) {
-                    Ok(g) => g,
+                    Ok(mut g) => {
+                        g.set_draft_tokens(options.draft_tokens);
+                        g
+                    }
                     Err(e) => {
                         let _ = ready_tx.send(Err(LoadError::Model {
                             what: "generator",

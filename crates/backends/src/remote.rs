@@ -278,5 +278,7 @@ async fn run(client: &reqwest::Client, config: &RemoteConfig, job: GenJob) {
         prefill_ms: (first - started).as_secs_f64() * 1e3,
         decode_ms: first.elapsed().as_secs_f64() * 1e3,
         cached_tokens: 0,
+        drafted_tokens: 0,
+        accepted_tokens: 0,
     }));
 }

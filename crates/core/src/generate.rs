@@ -149,6 +149,12 @@ pub struct Generation {
     pub decode_ms: f64,
     /// Prompt tokens taken from the cached prefix instead of being read again.
     pub cached_tokens: usize,
+    /// Tokens guessed ahead (copied from earlier in the prompt or answer) and
+    /// checked in the same forward pass as a generated one; 0 without drafting.
+    pub drafted_tokens: usize,
+    /// Of those, how many were the tokens the model then chose (each one a
+    /// forward pass saved).
+    pub accepted_tokens: usize,
 }
 
 /// What a generation backend reports about one job, in order: `Prompt`, any

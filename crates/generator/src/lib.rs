@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod chat;
+pub mod draft;
 pub mod gguf_tokenizer;
 mod models;
 pub mod q8_0;
@@ -83,6 +84,13 @@ impl Weights {
         match self {
             Weights::Qwen2(m) => m.forward(x, pos),
             Weights::Llama(m) => m.forward(x, pos),
+        }
+    }
+
+    fn forward_rows(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Qwen2(m) => m.forward_rows(x, pos),
+            Weights::Llama(m) => m.forward_rows(x, pos),
         }
     }
 
@@ -158,6 +166,10 @@ impl<'a> StopStrings<'a> {
 /// attention matrices' memory for long prompts.
 const PREFILL_CHUNK: usize = 512;
 
+/// Tokens drafted per forward pass unless [`Generator::set_draft_tokens`] says
+/// otherwise.
+pub const DEFAULT_DRAFT_TOKENS: usize = 8;
+
 /// A loaded GGUF chat model with one KV cache.
 #[derive(Clone)]
 pub struct Generator {
@@ -171,6 +183,8 @@ pub struct Generator {
     architecture: String,
     name: String,
     device: Device,
+    /// Most tokens drafted per forward pass ([`draft`]); 0 = none.
+    draft_tokens: usize,
 }
 
 impl std::fmt::Debug for Generator {
@@ -297,7 +311,14 @@ impl Generator {
             architecture,
             name,
             device,
+            draft_tokens: DEFAULT_DRAFT_TOKENS,
         })
+    }
+
+    /// Most tokens to draft per forward pass (0 turns drafting off). Drafting
+    /// never changes the output; it pays where answers repeat their prompt.
+    pub fn set_draft_tokens(&mut self, n: usize) {
+        self.draft_tokens = n;
     }
 
     /// The model's context window, in tokens.
@@ -538,8 +559,12 @@ impl Generator {
         let mut completion = 0usize;
         let mut finish = FinishReason::Length;
         let mut first_token_at = None;
-        let mut pos = prompt.len();
         let mut history: Vec<u32> = prompt.to_vec();
+        // Logits computed ahead for drafted tokens, in order: each is valid
+        // when the token before it is the one drafted.
+        let mut ahead: std::collections::VecDeque<(u32, Tensor)> = Default::default();
+        let (mut drafted, mut accepted) = (0usize, 0usize);
+        let mut draft_len = draft::START_LEN;
         loop {
             let mut step = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
             if params.repeat_penalty != 1.0 {
@@ -586,9 +611,46 @@ impl Generator {
                 finish = FinishReason::Timeout;
                 break;
             }
-            let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
-            logits = self.weights.forward(&input, pos)?;
-            pos += 1;
+            // The logits after `next`, which goes at position `pos`.
+            let pos = history.len() - 1;
+            match ahead.pop_front() {
+                Some((token, row)) if token == next => {
+                    accepted += 1;
+                    logits = row;
+                    if ahead.is_empty() {
+                        draft_len = (draft_len * 2).min(self.draft_tokens.max(1));
+                    }
+                }
+                missed => {
+                    if missed.is_some() {
+                        draft_len = (draft_len / 2).max(1);
+                    }
+                    ahead.clear();
+                    // Draft no further than the answer may go (the logits
+                    // after `next` give its next token, each drafted one's the
+                    // one after), within the context.
+                    let room = (max_new - completion - 1)
+                        .min(self.context.saturating_sub(pos + 2))
+                        .min(self.draft_tokens)
+                        .min(draft_len);
+                    let guess = draft::lookup(&history, room);
+                    if guess.is_empty() {
+                        let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
+                        logits = self.weights.forward(&input, pos)?;
+                    } else {
+                        let mut ids = Vec::with_capacity(guess.len() + 1);
+                        ids.push(next);
+                        ids.extend_from_slice(guess);
+                        let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+                        let rows = self.weights.forward_rows(&input, pos)?.squeeze(0)?;
+                        logits = rows.narrow(0, 0, 1)?;
+                        for (i, &token) in guess.iter().enumerate() {
+                            ahead.push_back((token, rows.narrow(0, i + 1, 1)?));
+                        }
+                        drafted += guess.len();
+                    }
+                }
+            }
         }
         if finish != FinishReason::Stop || !stops.stopped {
             let mut rest = utf8.finish().map(|p| stops.push(&p).0).unwrap_or_default();
@@ -612,6 +674,8 @@ impl Generator {
             prefill_ms: (first - started).as_secs_f64() * 1e3,
             decode_ms: first.elapsed().as_secs_f64() * 1e3,
             cached_tokens: cached,
+            drafted_tokens: drafted,
+            accepted_tokens: accepted,
         })
     }
 }

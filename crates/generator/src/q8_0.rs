@@ -65,7 +65,29 @@ impl Module for Linear {
                 let xs = xs.contiguous()?;
                 xs.apply_op1_no_bwd(&**m)
             }
-            Self::Candle(m) => m.forward(xs),
+            Self::Candle(m) => {
+                // candle's kernels take another path for one row than for
+                // several (Q6_K: compact dot products for one row, repacked
+                // tiles for more), so a row's result would depend on the rows
+                // beside it. A few rows (drafted tokens being checked) go one
+                // at a time so that each is exactly what decoding it alone
+                // gives; prompts go whole.
+                let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?.max(1);
+                if rows > 1 && rows <= FEW_ROWS {
+                    let dims = xs.dims().to_vec();
+                    let flat = xs.flatten_to(candle_core::D::Minus2)?;
+                    let flat = flat.reshape((rows, 1, dims[dims.len() - 1]))?;
+                    let outs = (0..rows)
+                        .map(|i| m.forward(&flat.get(i)?))
+                        .collect::<Result<Vec<_>>>()?;
+                    let out = Tensor::cat(&outs, 0)?;
+                    let mut shape = dims;
+                    *shape.last_mut().expect("at least one dim") = out.dim(1)?;
+                    out.reshape(shape)
+                } else {
+                    m.forward(xs)
+                }
+            }
         }
     }
 }
@@ -335,6 +357,10 @@ use std::arch::x86_64::*;
 const RN: usize = 4;
 /// Prompt rows per tile.
 const RM: usize = 3;
+/// Up to this many rows, a panel walks its weights once and all rows per
+/// weight group; beyond, all weights per row tile (prompt rows share a panel
+/// of weights that stays in cache). The tiles compute the same sums either way.
+const FEW_ROWS: usize = 16;
 
 /// The quantized prompt rows.
 #[derive(Clone, Copy)]
@@ -372,19 +398,30 @@ macro_rules! kernel {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $panel(a: &Operand, w: &Weights, groups: std::ops::Range<usize>, out: *mut f32) {
-            let mut i = 0;
-            while i < a.rows {
-                let rm = RM.min(a.rows - i);
-                for g in groups.clone() {
-                    unsafe {
-                        match rm {
-                            3 => $tile::<3>(a, w, i, g, out),
-                            2 => $tile::<2>(a, w, i, g, out),
-                            _ => $tile::<1>(a, w, i, g, out),
-                        }
+            let tile = |i: usize, g: usize| {
+                // SAFETY: as for the panel (the caller checked the features).
+                unsafe {
+                    match RM.min(a.rows - i) {
+                        3 => $tile::<3>(a, w, i, g, out),
+                        2 => $tile::<2>(a, w, i, g, out),
+                        _ => $tile::<1>(a, w, i, g, out),
                     }
                 }
-                i += rm;
+            };
+            if a.rows <= FEW_ROWS {
+                // A few rows (decode, drafted tokens): each weight group is
+                // read once, for all rows, while their activations stay in L1.
+                for g in groups {
+                    for i in (0..a.rows).step_by(RM) {
+                        tile(i, g);
+                    }
+                }
+            } else {
+                for i in (0..a.rows).step_by(RM) {
+                    for g in groups.clone() {
+                        tile(i, g);
+                    }
+                }
             }
         }
 
@@ -405,22 +442,21 @@ macro_rules! kernel {
                 let group = w.groups.add(g * kb);
                 for l in 0..kb {
                     let block = &*group.add(l);
-                    let mut wq = [_mm256_setzero_si256(); RN];
-                    let mut wabs = [_mm256_setzero_si256(); RN];
-                    let mut wd = [_mm256_setzero_ps(); RN];
+                    // One weight row at a time against the tile's prompt rows:
+                    // M·RN accumulators plus five temporaries fit AVX2's
+                    // sixteen registers (holding all RN weight rows and their
+                    // absolute values as well did not: the accumulators were
+                    // spilled to the stack on every step).
                     for j in 0..RN {
-                        wq[j] = _mm256_loadu_si256(block.qs[j].as_ptr() as *const __m256i);
-                        wabs[j] = _mm256_sign_epi8(wq[j], wq[j]);
-                        wd[j] = _mm256_set1_ps(block.d[j]);
-                    }
-                    for i in 0..M {
-                        let idx = (i0 + i) * kb + l;
-                        let aq = _mm256_loadu_si256(a.qs.add(idx) as *const __m256i);
-                        let ad = _mm256_set1_ps(*a.d.add(idx));
-                        for j in 0..RN {
+                        let wq = _mm256_loadu_si256(block.qs[j].as_ptr() as *const __m256i);
+                        let wabs = _mm256_sign_epi8(wq, wq);
+                        let wd = block.d[j];
+                        for i in 0..M {
+                            let idx = (i0 + i) * kb + l;
+                            let aq = _mm256_loadu_si256(a.qs.add(idx) as *const __m256i);
                             // |w| · (a with w's sign) = w · a (neither side is ever -128).
-                            let sum = $dot(wabs[j], _mm256_sign_epi8(aq, wq[j]));
-                            let scale = _mm256_mul_ps(ad, wd[j]);
+                            let sum = $dot(wabs, _mm256_sign_epi8(aq, wq));
+                            let scale = _mm256_set1_ps(*a.d.add(idx) * wd);
                             acc[i][j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[i][j]);
                         }
                     }

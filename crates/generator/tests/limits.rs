@@ -236,3 +236,94 @@ fn the_answer_cannot_end_before_steer_allows() {
         "{free:?} {held:?}"
     );
 }
+
+/// Drafting (checking guessed tokens in one pass) gives the same answer token
+/// for token as generating one token per pass, greedy and sampled, with the
+/// repetition penalty and steering on, on the file as shipped (candle's
+/// kernels for its Q4_1/Q5_0 tensors) and on its Q8_0 copy (this crate's).
+fn check_drafting(file: &str, copies: bool) {
+    let shipped = load(file);
+    let dir = std::env::var_os("RAGD_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let (copy, _) = ragd_generator::requant::fast_copy(&dir.join(file)).unwrap();
+    let copy = Generator::load(&copy).unwrap();
+    let passage = "The Debian project maintains three releases: stable, testing and unstable. \
+        The stable release is recommended for servers; the testing release receives packages \
+        from unstable after they have been tested for some days. Unstable, also called sid, \
+        is where new packages arrive first.";
+    let messages: Vec<Message> = serde_json::from_value(serde_json::json!([
+        { "role": "system", "content": "Answer from the passage, repeating its words." },
+        { "role": "user", "content": format!("Passage: {passage}\n\nQuestion: What are the three releases and what is each for?") }
+    ]))
+    .unwrap();
+    fn words_first(text: &str) -> Steer {
+        if text.trim().is_empty() {
+            Steer {
+                may_end: false,
+                avoid: &["("],
+            }
+        } else {
+            Steer::FREE
+        }
+    }
+    for mut g in [shipped, copy] {
+        let p = g.encode_chat(&messages).unwrap();
+        for params in [
+            GenerateParams {
+                max_tokens: 60,
+                repeat_penalty: 1.1,
+                steer: Some(words_first),
+                ..Default::default()
+            },
+            GenerateParams {
+                max_tokens: 60,
+                temperature: 0.7,
+                top_p: 0.9,
+                seed: 3,
+                ..Default::default()
+            },
+        ] {
+            g.set_draft_tokens(0);
+            let plain = g.generate(&p, &params, |_| true).unwrap();
+            assert_eq!(plain.drafted_tokens, 0);
+            g.set_draft_tokens(ragd_generator::DEFAULT_DRAFT_TOKENS);
+            let mut pieces = String::new();
+            let drafted = g
+                .generate(&p, &params, |t| {
+                    pieces.push_str(t);
+                    true
+                })
+                .unwrap();
+            eprintln!(
+                "{file}: {} tokens, {} drafted, {} accepted: {:?}",
+                drafted.completion_tokens,
+                drafted.drafted_tokens,
+                drafted.accepted_tokens,
+                drafted.text
+            );
+            assert_eq!(drafted.text, plain.text, "{file}: {params:?}");
+            assert_eq!(pieces, plain.text, "streamed the same");
+            assert_eq!(drafted.completion_tokens, plain.completion_tokens);
+            assert_eq!(drafted.finish_reason, plain.finish_reason);
+            assert!(drafted.accepted_tokens <= drafted.drafted_tokens);
+            if copies && params.temperature == 0.0 {
+                assert!(
+                    drafted.accepted_tokens > 0,
+                    "{file}: an answer that repeats its passage accepts drafted tokens"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn drafting_gives_the_same_answers_llama() {
+    // SmolLM2 writes its own words rather than the passage's: nothing to accept.
+    check_drafting("SmolLM2-135M-Instruct.Q4_1.gguf", false);
+}
+
+#[test]
+fn drafting_gives_the_same_answers_qwen2() {
+    check_drafting("Qwen2.5-Coder-0.5B-Instruct.gguf", true);
+}

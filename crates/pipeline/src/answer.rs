@@ -55,6 +55,11 @@ pub struct Usage {
     /// Prompt tokens not read again: the fixed start of the prompt, read once
     /// when the model loaded.
     pub cached_tokens: usize,
+    /// Tokens guessed ahead from the prompt and checked with a generated one
+    /// in the same forward pass (`generation.draft_tokens`; 0 when off or remote).
+    pub drafted_tokens: usize,
+    /// Of those, the tokens the model chose too (forward passes saved).
+    pub accepted_tokens: usize,
 }
 
 /// Per-stage times in milliseconds.
@@ -687,6 +692,8 @@ impl Progress {
                 completion_tokens: 0,
                 total_tokens: 0,
                 cached_tokens: 0,
+                drafted_tokens: 0,
+                accepted_tokens: 0,
             },
             timings: Timings {
                 retrieval_ms: self.retrieval_ms,
@@ -795,6 +802,8 @@ impl Progress {
                 completion_tokens: g.completion_tokens,
                 total_tokens: g.prompt_tokens + g.completion_tokens,
                 cached_tokens: g.cached_tokens,
+                drafted_tokens: g.drafted_tokens,
+                accepted_tokens: g.accepted_tokens,
             },
             timings: Timings {
                 retrieval_ms: self.retrieval_ms,

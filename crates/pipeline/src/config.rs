@@ -141,6 +141,9 @@ pub struct GenerationConfig {
     /// Run the model from a copy whose Q4_1/Q5_0/Q5_1 tensors are re-quantized
     /// to Q8_0, which candle has fast CPU kernels for (made beside the file once).
     pub requantize: bool,
+    /// Most tokens drafted per forward pass of the local model (prompt
+    /// lookup; 0 = off). Never changes the answer.
+    pub draft_tokens: usize,
     /// Most tokens for prompt and answer together; 0 = the model's context window.
     pub max_context_tokens: usize,
     /// Seconds a request may take from arrival to its last token; an answer
@@ -166,6 +169,12 @@ impl GenerationConfig {
         }
         if self.queue_size == 0 {
             return invalid("generation.queue_size must be at least 1".into());
+        }
+        if self.draft_tokens > 32 {
+            return invalid(format!(
+                "generation.draft_tokens = {} must be within 0..=32",
+                self.draft_tokens
+            ));
         }
         if !(1..=64).contains(&self.slots) {
             return invalid(format!(

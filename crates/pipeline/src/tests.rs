@@ -368,6 +368,8 @@ impl Generate for ScriptedGenerator {
                 prefill_ms: 1.0,
                 decode_ms: 1.0,
                 cached_tokens: 0,
+                drafted_tokens: 0,
+                accepted_tokens: 0,
             })
         });
         Ok(0)
@@ -421,6 +423,7 @@ fn config(redact: &[&str]) -> PipelineConfig {
             slots: 1,
             requantize: false,
             max_context_tokens: 0,
+            draft_tokens: 8,
             timeout_s: 60.0,
         },
         answers: AnswersConfig {

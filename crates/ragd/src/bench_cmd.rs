@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::eval_cmd::read_jsonl;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use ragd_embedder::{Embedder, EmbedderConfig};
 use ragd_generator::Generator;
@@ -71,6 +71,16 @@ pub(crate) enum BenchCommand {
         /// with `generation.requantize = true`, instead of the file itself.
         #[arg(long)]
         requantize: bool,
+        /// Answer prompts instead: a JSON-lines file of `{"prompt_ids": [...]}`
+        /// (`ragd bench ask --json` writes them), each answered as `/ask` does
+        /// (default settings, concise length, steering) twice: one token per
+        /// forward pass, then with drafting. Prints decode speed of both, the
+        /// drafted and accepted tokens, and checks the answers are the same.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// Most tokens drafted per forward pass, with --prompts.
+        #[arg(long, default_value_t = ragd_generator::DEFAULT_DRAFT_TOKENS)]
+        draft_tokens: usize,
     },
     /// Ingest throughput (cold, then unchanged) and restart time with and without
     /// the index dump, on a fresh data directory; or, with --url, through a
@@ -192,12 +202,17 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
             runs,
             json,
             requantize,
+            prompts,
+            draft_tokens,
         } => {
             let model = if requantize {
                 ragd_generator::requant::fast_copy(&model)?.0
             } else {
                 model
             };
+            if let Some(prompts) = prompts {
+                return bench_answers(&model, &prompts, draft_tokens, json);
+            }
             bench_generate(
                 &model,
                 &corpus,
@@ -406,6 +421,83 @@ fn bench_generate(
             g.name(),
             g.architecture(),
             ids.len(),
+        );
+    }
+    Ok(())
+}
+
+/// Answers each prompt of `prompts` as `/ask` does, without and with
+/// drafting; see `BenchCommand::Generate::prompts`.
+fn bench_answers(model: &Path, prompts: &Path, draft_tokens: usize, json_out: bool) -> Result<()> {
+    let mut g = Generator::load(model)?;
+    let config = ragd::Config::defaults();
+    let mut params = config.generation.defaults();
+    params.max_tokens = config.generation.concise_max_tokens;
+    params.steer = Some(ragd_pipeline::check::steer_answer);
+    let prompts: Vec<Vec<u32>> = read_jsonl(prompts)?
+        .iter()
+        .map(|p| serde_json::from_value(p["prompt_ids"].clone()))
+        .collect::<Result<_, _>>()
+        .context("each line needs prompt_ids: an array of token ids")?;
+    anyhow::ensure!(!prompts.is_empty(), "no prompts");
+    g.feed(&prompts[0][..16.min(prompts[0].len())], 0)?; // warm-up
+    let (mut tokens, mut plain_s, mut draft_s, mut drafted, mut accepted) = (0, 0.0, 0.0, 0, 0);
+    for (i, prompt) in prompts.iter().enumerate() {
+        g.set_draft_tokens(0);
+        let plain = g.generate(prompt, &params, |_| true)?;
+        g.set_draft_tokens(draft_tokens);
+        let fast = g.generate(prompt, &params, |_| true)?;
+        anyhow::ensure!(
+            fast.text == plain.text,
+            "prompt {i}: drafting changed the answer:\n{:?}\n{:?}",
+            plain.text,
+            fast.text
+        );
+        // Decode time covers the tokens after the first (which prefill yields).
+        let decoded = plain.completion_tokens.saturating_sub(1);
+        tokens += decoded;
+        plain_s += plain.decode_ms / 1e3;
+        draft_s += fast.decode_ms / 1e3;
+        drafted += fast.drafted_tokens;
+        accepted += fast.accepted_tokens;
+        if json_out {
+            println!(
+                "{}",
+                json!({ "prompt_tokens": prompt.len(), "completion_tokens": plain.completion_tokens,
+                        "decoded_tokens": decoded,
+                        "plain_decode_s": plain.decode_ms / 1e3, "draft_decode_s": fast.decode_ms / 1e3,
+                        "drafted_tokens": fast.drafted_tokens, "accepted_tokens": fast.accepted_tokens })
+            );
+        } else {
+            println!(
+                "answer {i}: {} tokens; decode {:.1} tokens/s one by one, {:.1} with drafting \
+                 ({} drafted, {} accepted)",
+                plain.completion_tokens,
+                decoded as f64 / (plain.decode_ms / 1e3),
+                decoded as f64 / (fast.decode_ms / 1e3),
+                fast.drafted_tokens,
+                fast.accepted_tokens
+            );
+        }
+    }
+    let summary = json!({
+        "engine": "ragd (candle)", "model": g.name(), "threads": rayon_threads(),
+        "answers": prompts.len(), "decoded_tokens": tokens, "draft_tokens": draft_tokens,
+        "plain_decode_tok_s": tokens as f64 / plain_s, "draft_decode_tok_s": tokens as f64 / draft_s,
+        "drafted_tokens": drafted, "accepted_tokens": accepted,
+        "acceptance": accepted as f64 / drafted.max(1) as f64,
+    });
+    if json_out {
+        println!("{summary}");
+    } else {
+        println!(
+            "{} answers, {tokens} tokens decoded: {:.1} tokens/s one by one, {:.1} with drafting ({:.2}x); \
+             {drafted} tokens drafted, {accepted} accepted ({:.0} %); the same answers",
+            prompts.len(),
+            summary["plain_decode_tok_s"].as_f64().unwrap_or(0.0),
+            summary["draft_decode_tok_s"].as_f64().unwrap_or(0.0),
+            plain_s / draft_s,
+            100.0 * summary["acceptance"].as_f64().unwrap_or(0.0),
         );
     }
     Ok(())
@@ -867,6 +959,11 @@ async fn bench_ask(
             .and_then(|d| serde_json::from_str::<Value>(d).ok())
             .unwrap_or(Value::Null);
         if let Some(g) = &tokenizer {
+            if done["usage"]["prompt_tokens"].as_u64() == Some(0) {
+                // Declined before the model was asked (no passage close enough).
+                eprintln!("ask: {question:?}: answered without the model, left out");
+                continue;
+            }
             // The prompt's passages are the answer's sources, in order.
             let passages: Vec<ragd_pipeline::prompt::Passage> = done["sources"]
                 .as_array()

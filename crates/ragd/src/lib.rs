@@ -204,6 +204,7 @@ async fn load(config: &Config) -> Result<Pipeline, StartError> {
             queue_size: config.generation.queue_size,
             slots: config.generation.slots,
             requantize: config.generation.requantize,
+            draft_tokens: config.generation.draft_tokens,
             prefix_samples: ragd_pipeline::prompt::prefix_samples(),
         }))
     };

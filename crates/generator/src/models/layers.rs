@@ -256,7 +256,18 @@ impl Attention {
         self.rope.apply(x, index_pos)
     }
 
-    fn forward(&mut self, x: &Tensor, mask: Option<&Tensor>, index_pos: usize) -> Result<Tensor> {
+    /// With `rows`, each query row attends as it would in a one-token step at
+    /// its position (the cache narrowed to the keys it may see, no mask): the
+    /// same operations on the same shapes, so the same bits as decoding the
+    /// tokens one by one. [`Model::forward_rows`] verifies drafted tokens so;
+    /// prompts take the masked product over all rows at once.
+    fn forward(
+        &mut self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        index_pos: usize,
+        rows: bool,
+    ) -> Result<Tensor> {
         let _enter = self.span_attn.enter();
         let (b_sz, seq_len, n_embd) = x.dims3()?;
         let q = self.wq.forward(x)?;
@@ -291,7 +302,22 @@ impl Attention {
         let k = self.rotate(&k, index_pos)?;
 
         let (k, v) = self.kv_cache.append(index_pos, &k, &v)?;
-        let y = grouped_attention(&q, &k, &v, mask, &self.neg_inf)?;
+        let y = if rows && seq_len > 1 {
+            let mut ys = Vec::with_capacity(seq_len);
+            for i in 0..seq_len {
+                let seen = index_pos + i + 1;
+                ys.push(grouped_attention(
+                    &q.narrow(2, i, 1)?,
+                    &k.narrow(2, 0, seen)?,
+                    &v.narrow(2, 0, seen)?,
+                    None,
+                    &self.neg_inf,
+                )?);
+            }
+            Tensor::cat(&ys, 2)?
+        } else {
+            grouped_attention(&q, &k, &v, mask, &self.neg_inf)?
+        };
 
         let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
         self.wo.forward(&y)
@@ -362,10 +388,16 @@ impl<F: Module> Block<F> {
         }
     }
 
-    fn forward(&mut self, x: &Tensor, mask: Option<&Tensor>, index_pos: usize) -> Result<Tensor> {
+    fn forward(
+        &mut self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        index_pos: usize,
+        rows: bool,
+    ) -> Result<Tensor> {
         let residual = x;
         let x = self.attention_norm.forward(x)?;
-        let attn = self.attention.forward(&x, mask, index_pos)?;
+        let attn = self.attention.forward(&x, mask, index_pos, rows)?;
         let x = (attn + residual)?;
 
         // MLP
@@ -491,15 +523,40 @@ impl<F: Module> Model<F> {
         } else {
             Some(self.mask(seq_len, index_pos, x.device())?)
         };
-        let _enter = self.span.enter();
-        let mut layer_in = self.tok_embeddings.forward(x)?;
-        for layer in self.layers.iter_mut() {
-            layer_in = layer.forward(&layer_in, mask.as_ref(), index_pos)?;
-        }
-        let x = self.norm.forward(&layer_in)?;
+        let hidden = self.hidden(x, mask.as_ref(), index_pos, false)?;
+        let x = self.norm.forward(&hidden)?;
         let x = x.i((.., seq_len - 1, ..))?;
         let _enter = self.span_output.enter();
         self.output.forward(&x)
+    }
+
+    /// Logits after each of the tokens `x` `(batch, seq)` at positions
+    /// `index_pos..`, `(batch, seq, vocabulary)`, each row bit for bit what
+    /// [`Model::forward`] gives when the tokens are fed one at a time (every
+    /// other operation works row by row; attention is done per row). This is
+    /// how drafted tokens are checked: several positions for one pass over
+    /// the weights.
+    pub(crate) fn forward_rows(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
+        let hidden = self.hidden(x, None, index_pos, true)?;
+        let x = self.norm.forward(&hidden)?;
+        let _enter = self.span_output.enter();
+        self.output.forward(&x)
+    }
+
+    /// The last block's output for the tokens `x`.
+    fn hidden(
+        &mut self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        index_pos: usize,
+        rows: bool,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let mut layer_in = self.tok_embeddings.forward(x)?;
+        for layer in self.layers.iter_mut() {
+            layer_in = layer.forward(&layer_in, mask, index_pos, rows)?;
+        }
+        Ok(layer_in)
     }
 }
 
