@@ -27,6 +27,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
+use crate::mapped::{MappedTable, Table};
 use crate::Pooling;
 
 struct Layer {
@@ -40,7 +41,9 @@ struct Layer {
 }
 
 pub(crate) struct Bert {
-    word: Tensor,
+    /// The word embeddings, read from the mapped weights file where they are
+    /// plain f32 ([`crate::mapped`]: most of a multilingual model's memory).
+    word: Table,
     position: Tensor,
     token_type: Tensor,
     embedding_norm: LayerNorm,
@@ -67,8 +70,9 @@ fn norm(vb: &VarBuilder, size: usize, eps: f64) -> Result<LayerNorm> {
 
 impl Bert {
     /// Loads the weights as candle's `BertModel::load` finds them (with or
-    /// without a `bert.` / model-type prefix).
-    pub(crate) fn load(vb: VarBuilder, c: &Config) -> Result<Self> {
+    /// without a `bert.` / model-type prefix); the word embeddings are `word`
+    /// when given.
+    pub(crate) fn load(vb: VarBuilder, c: &Config, word: Option<MappedTable>) -> Result<Self> {
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
             vb.pp("bert")
         } else if let Some(t) = c
@@ -87,7 +91,10 @@ impl Bert {
         }
         let head_dim = h / heads;
         let e = vb.pp("embeddings");
-        let word = e.get((c.vocab_size, h), "word_embeddings.weight")?;
+        let word = match word {
+            Some(table) => Table::Mapped(table),
+            None => Table::Loaded(e.get((c.vocab_size, h), "word_embeddings.weight")?),
+        };
         let position = e.get((c.max_position_embeddings, h), "position_embeddings.weight")?;
         let token_type = e.get((c.type_vocab_size, h), "token_type_embeddings.weight")?;
         let embedding_norm = norm(&e.pp("LayerNorm"), h, c.layer_norm_eps)?;
@@ -135,19 +142,19 @@ impl Bert {
     /// One pooled vector per text (not normalised): `texts` are (token ids,
     /// token type ids) of equal lengths, each at most the position table long.
     pub(crate) fn embed(&self, texts: &[(&[u32], &[u32])], pooling: Pooling) -> Result<Tensor> {
-        let device = self.word.device();
+        let device = self.position.device();
         let lens: Vec<usize> = texts.iter().map(|(ids, _)| ids.len()).collect();
         let total: usize = lens.iter().sum();
         if texts.is_empty() || total == 0 {
             candle_core::bail!("nothing to embed");
         }
         let ids: Vec<u32> = texts.iter().flat_map(|(i, _)| i.iter().copied()).collect();
+        let words = self.word.lookup(&ids, device)?;
         let types: Vec<u32> = texts.iter().flat_map(|(_, t)| t.iter().copied()).collect();
         let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
-        let ids = Tensor::from_vec(ids, total, device)?;
         let types = Tensor::from_vec(types, total, device)?;
         let positions = Tensor::from_vec(positions, total, device)?;
-        let x = (self.word.index_select(&ids, 0)? + self.token_type.index_select(&types, 0)?)?;
+        let x = (words + self.token_type.index_select(&types, 0)?)?;
         let x = (x + self.position.index_select(&positions, 0)?)?;
         let mut x = self.embedding_norm.forward(&x)?;
         for layer in &self.layers {

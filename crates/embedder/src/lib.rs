@@ -22,12 +22,12 @@
 
 mod bert;
 pub mod e5s1;
+mod mapped;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
@@ -347,11 +347,21 @@ impl Embedder {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             });
         }
-        let vb = load_safetensors(&weights, &device)?;
+        let vb = mapped::var_builder(&weights, &device)?;
         let model = if padded {
             Model::Padded(BertModel::load(vb, &bert_config)?)
         } else {
-            Model::Packed(bert::Bert::load(vb, &bert_config)?)
+            let word = mapped::MappedTable::open(
+                &weights,
+                "embeddings.word_embeddings.weight",
+                bert_config.vocab_size,
+                bert_config.hidden_size,
+            )
+            .map_err(|source| EmbedError::Io {
+                path: weights.clone(),
+                source,
+            })?;
+            Model::Packed(bert::Bert::load(vb, &bert_config, word)?)
         };
         Ok(Self {
             query_prefix: card.query_prefix,
@@ -479,18 +489,6 @@ impl Embedder {
         };
         Ok(pooled.to_vec2::<f32>()?)
     }
-}
-
-fn load_safetensors(path: &Path, device: &Device) -> Result<VarBuilder<'static>, EmbedError> {
-    let data = std::fs::read(path).map_err(|source| EmbedError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(VarBuilder::from_buffered_safetensors(
-        data,
-        DType::F32,
-        device,
-    )?)
 }
 
 /// Pools token vectors `(n, len, dim)` into text vectors `(n, dim)` under `mask` `(n, len)`.
