@@ -75,8 +75,7 @@ impl Module for Linear {
                 let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?.max(1);
                 if rows > 1 && rows <= FEW_ROWS {
                     let dims = xs.dims().to_vec();
-                    let flat = xs.flatten_to(candle_core::D::Minus2)?;
-                    let flat = flat.reshape((rows, 1, dims[dims.len() - 1]))?;
+                    let flat = xs.reshape((rows, 1, dims[dims.len() - 1]))?;
                     let outs = (0..rows)
                         .map(|i| m.forward(&flat.get(i)?))
                         .collect::<Result<Vec<_>>>()?;

@@ -171,6 +171,18 @@ impl Rope {
     }
 }
 
+/// How a forward pass's query rows see the keys (causally either way).
+#[derive(Clone, Copy)]
+pub(crate) enum Causal<'a> {
+    /// All rows at once, under this mask (none for a single row).
+    Masked(Option<&'a Tensor>),
+    /// Each row as it would attend in a one-token step at its position: the
+    /// cache narrowed to the keys it may see, no mask — the same operations
+    /// on the same shapes, so the same bits as decoding the tokens one by
+    /// one. [`Model::forward_rows`] checks drafted tokens so.
+    PerRow,
+}
+
 /// Self-attention: q/k/v projections (with biases for qwen2), rotary
 /// embeddings, the layer's KV cache, grouped attention, output projection.
 #[derive(Debug, Clone)]
@@ -256,18 +268,7 @@ impl Attention {
         self.rope.apply(x, index_pos)
     }
 
-    /// With `rows`, each query row attends as it would in a one-token step at
-    /// its position (the cache narrowed to the keys it may see, no mask): the
-    /// same operations on the same shapes, so the same bits as decoding the
-    /// tokens one by one. [`Model::forward_rows`] verifies drafted tokens so;
-    /// prompts take the masked product over all rows at once.
-    fn forward(
-        &mut self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        index_pos: usize,
-        rows: bool,
-    ) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, causal: Causal<'_>, index_pos: usize) -> Result<Tensor> {
         let _enter = self.span_attn.enter();
         let (b_sz, seq_len, n_embd) = x.dims3()?;
         let q = self.wq.forward(x)?;
@@ -302,7 +303,7 @@ impl Attention {
         let k = self.rotate(&k, index_pos)?;
 
         let (k, v) = self.kv_cache.append(index_pos, &k, &v)?;
-        let y = if rows && seq_len > 1 {
+        let y = if let (Causal::PerRow, 2..) = (causal, seq_len) {
             let mut ys = Vec::with_capacity(seq_len);
             for i in 0..seq_len {
                 let seen = index_pos + i + 1;
@@ -316,6 +317,10 @@ impl Attention {
             }
             Tensor::cat(&ys, 2)?
         } else {
+            let mask = match causal {
+                Causal::Masked(mask) => mask,
+                Causal::PerRow => None,
+            };
             grouped_attention(&q, &k, &v, mask, &self.neg_inf)?
         };
 
@@ -388,16 +393,10 @@ impl<F: Module> Block<F> {
         }
     }
 
-    fn forward(
-        &mut self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        index_pos: usize,
-        rows: bool,
-    ) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, causal: Causal<'_>, index_pos: usize) -> Result<Tensor> {
         let residual = x;
         let x = self.attention_norm.forward(x)?;
-        let attn = self.attention.forward(&x, mask, index_pos, rows)?;
+        let attn = self.attention.forward(&x, causal, index_pos)?;
         let x = (attn + residual)?;
 
         // MLP
@@ -523,7 +522,7 @@ impl<F: Module> Model<F> {
         } else {
             Some(self.mask(seq_len, index_pos, x.device())?)
         };
-        let hidden = self.hidden(x, mask.as_ref(), index_pos, false)?;
+        let hidden = self.hidden(x, Causal::Masked(mask.as_ref()), index_pos)?;
         let x = self.norm.forward(&hidden)?;
         let x = x.i((.., seq_len - 1, ..))?;
         let _enter = self.span_output.enter();
@@ -537,24 +536,18 @@ impl<F: Module> Model<F> {
     /// how drafted tokens are checked: several positions for one pass over
     /// the weights.
     pub(crate) fn forward_rows(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
-        let hidden = self.hidden(x, None, index_pos, true)?;
+        let hidden = self.hidden(x, Causal::PerRow, index_pos)?;
         let x = self.norm.forward(&hidden)?;
         let _enter = self.span_output.enter();
         self.output.forward(&x)
     }
 
     /// The last block's output for the tokens `x`.
-    fn hidden(
-        &mut self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        index_pos: usize,
-        rows: bool,
-    ) -> Result<Tensor> {
+    fn hidden(&mut self, x: &Tensor, causal: Causal<'_>, index_pos: usize) -> Result<Tensor> {
         let _enter = self.span.enter();
         let mut layer_in = self.tok_embeddings.forward(x)?;
         for layer in self.layers.iter_mut() {
-            layer_in = layer.forward(&layer_in, mask, index_pos, rows)?;
+            layer_in = layer.forward(&layer_in, causal, index_pos)?;
         }
         Ok(layer_in)
     }
