@@ -16,6 +16,7 @@
 pub mod chat;
 pub mod draft;
 pub mod gguf_tokenizer;
+pub mod kquant;
 mod models;
 pub mod q8_0;
 pub mod requant;

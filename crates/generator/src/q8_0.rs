@@ -33,6 +33,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use std::sync::Arc;
 
+use crate::kquant::KMatrix;
+
 const QK: usize = 32;
 /// Bytes of one Q8_0 block in a GGUF file: an f16 scale and 32 signed bytes.
 const BLOCK_BYTES: usize = 2 + QK;
@@ -42,6 +44,11 @@ const BLOCK_BYTES: usize = 2 + QK;
 pub enum Linear {
     /// Q8_0 weights through this module's kernel.
     Q8(Arc<Q8Matrix>),
+    /// Q4_K and Q6_K weights: up to [`FEW_ROWS`] rows (decoding, drafted
+    /// tokens) through [`crate::kquant`], which reads the weights as compact
+    /// as they are in the file; prompts through candle, whose repacked tiles
+    /// are faster there (`crates/generator/examples/matmul_speed.rs`).
+    K(Arc<KMatrix>, QMatMul),
     /// Anything else through candle.
     Candle(QMatMul),
 }
@@ -54,7 +61,13 @@ impl Linear {
                 return Ok(Self::Q8(Arc::new(m)));
             }
         }
-        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
+        let t = Arc::new(t);
+        if kernel_available() && kquant_enabled() {
+            if let Some(m) = KMatrix::from_qtensor(&t)? {
+                return Ok(Self::K(Arc::new(m), QMatMul::from_arc(t)?));
+            }
+        }
+        Ok(Self::Candle(QMatMul::from_arc(t)?))
     }
 }
 
@@ -64,6 +77,14 @@ impl Module for Linear {
             Self::Q8(m) => {
                 let xs = xs.contiguous()?;
                 xs.apply_op1_no_bwd(&**m)
+            }
+            Self::K(m, prompts) => {
+                let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?.max(1);
+                if rows <= FEW_ROWS {
+                    xs.contiguous()?.apply_op1_no_bwd(&**m)
+                } else {
+                    prompts.forward(xs)
+                }
             }
             Self::Candle(m) => {
                 // candle's kernels take another path for one row than for
@@ -99,6 +120,9 @@ impl Module for Linear {
 pub enum TokenEmbedding {
     /// Kept quantized.
     Q8(Arc<Q8Matrix>),
+    /// Q4_K or Q6_K, kept quantized (for Qwen2.5-1.5B's Q4_K table, 131 MB
+    /// instead of 933 MB of f32).
+    K(Arc<KMatrix>),
     /// Dequantized.
     Dense(candle_nn::Embedding),
 }
@@ -110,6 +134,10 @@ impl TokenEmbedding {
             if let Some(m) = Q8Matrix::from_qtensor(&t)? {
                 return Ok(Self::Q8(Arc::new(m)));
             }
+        }
+        let t = Arc::new(t);
+        if let Some(m) = KMatrix::from_qtensor(&t)? {
+            return Ok(Self::K(Arc::new(m)));
         }
         let hidden = t.shape().dims2()?.1;
         Ok(Self::Dense(candle_nn::Embedding::new(
@@ -123,6 +151,10 @@ impl TokenEmbedding {
     pub fn as_linear(&self) -> Option<Linear> {
         match self {
             Self::Q8(m) if kernel_available() => Some(Linear::Q8(Arc::clone(m))),
+            Self::K(m) if kernel_available() && kquant_enabled() => Some(Linear::K(
+                Arc::clone(m),
+                QMatMul::from_arc(Arc::clone(m.tensor())).ok()?,
+            )),
             _ => None,
         }
     }
@@ -132,22 +164,34 @@ impl Module for TokenEmbedding {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(e) => e.forward(ids),
-            Self::Q8(m) => {
-                let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-                let mut out = vec![0f32; flat.len() * m.k];
-                for (&id, row) in flat.iter().zip(out.chunks_exact_mut(m.k)) {
-                    let id = id as usize;
-                    if id >= m.n {
-                        candle_core::bail!("token id {id} is outside the vocabulary of {}", m.n)
-                    }
-                    m.dequantize_row(id, row);
-                }
-                let mut dims = ids.dims().to_vec();
-                dims.push(m.k);
-                Tensor::from_vec(out, dims, ids.device())
-            }
+            Self::Q8(m) => lookup(ids, m.n, m.k, |id, row| {
+                m.dequantize_row(id, row);
+                Ok(())
+            }),
+            Self::K(m) => lookup(ids, m.rows(), m.cols(), |id, row| m.dequantize_row(id, row)),
         }
     }
+}
+
+/// The rows of a `vocabulary × hidden` table for `ids`, each dequantized by `row`.
+fn lookup(
+    ids: &Tensor,
+    vocabulary: usize,
+    hidden: usize,
+    row: impl Fn(usize, &mut [f32]) -> Result<()>,
+) -> Result<Tensor> {
+    let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f32; flat.len() * hidden];
+    for (&id, dst) in flat.iter().zip(out.chunks_exact_mut(hidden)) {
+        let id = id as usize;
+        if id >= vocabulary {
+            candle_core::bail!("token id {id} is outside the vocabulary of {vocabulary}")
+        }
+        row(id, dst)?;
+    }
+    let mut dims = ids.dims().to_vec();
+    dims.push(hidden);
+    Tensor::from_vec(out, dims, ids.device())
 }
 
 /// Whether this CPU runs the kernel (AVX2, FMA and F16C, checked at run time).
@@ -162,6 +206,13 @@ pub fn kernel_available() -> bool {
     {
         false
     }
+}
+
+/// Whether Q4_K and Q6_K weights take [`crate::kquant`]'s kernels
+/// (`RAGD_NO_KQUANT=1` leaves them to candle, to compare the two).
+fn kquant_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RAGD_NO_KQUANT").map_or(true, |v| v.is_empty() || v == "0"))
 }
 
 /// Whether the CPU has AVX-512 VNNI with 256-bit forms (checked once;
