@@ -6,6 +6,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use ragd_generator::kquant::KMatrix;
+use ragd_generator::q5_0::Q5Matrix;
 use ragd_generator::q8_0::Q8Matrix;
 use std::time::Instant;
 
@@ -44,11 +45,20 @@ fn main() -> candle_core::Result<()> {
     // (out, in): Qwen2.5-1.5B's feed-forward, then Qwen2.5-0.5B's down projection.
     for (n, k) in [(8960usize, 1536usize), (1536, 8960), (896, 4864)] {
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q8_0,
+            GgmlDType::Q5_0,
+        ] {
             let qt = std::sync::Arc::new(QTensor::quantize(&w, dtype)?);
             let ours: Kernel = match dtype {
                 GgmlDType::Q8_0 => {
                     let m = Q8Matrix::from_qtensor(&qt)?.expect("Q8_0");
+                    Box::new(move |x, r, d| m.matmul(x, r, d))
+                }
+                GgmlDType::Q5_0 => {
+                    let m = Q5Matrix::from_qtensor(&qt)?.expect("Q5_0");
                     Box::new(move |x, r, d| m.matmul(x, r, d))
                 }
                 _ => {

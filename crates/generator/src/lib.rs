@@ -18,6 +18,7 @@ pub mod draft;
 pub mod gguf_tokenizer;
 pub mod kquant;
 mod models;
+pub mod q5_0;
 pub mod q8_0;
 pub mod requant;
 pub mod stream;

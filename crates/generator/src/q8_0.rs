@@ -41,8 +41,9 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use std::sync::Arc;
 
 use crate::kquant::KMatrix;
+use crate::q5_0::Q5Matrix;
 
-const QK: usize = 32;
+pub(crate) const QK: usize = 32;
 /// Bytes of one Q8_0 block in a GGUF file: an f16 scale and 32 signed bytes.
 const BLOCK_BYTES: usize = 2 + QK;
 
@@ -51,6 +52,8 @@ const BLOCK_BYTES: usize = 2 + QK;
 pub enum Linear {
     /// Q8_0 weights through this module's kernel.
     Q8(Arc<Q8Matrix>),
+    /// Q5_0 weights through [`crate::q5_0`].
+    Q5(Arc<Q5Matrix>),
     /// Q4_K and Q6_K weights: up to [`FEW_ROWS`] rows (decoding, drafted
     /// tokens) through [`crate::kquant`], which reads the weights as compact
     /// as they are in the file; prompts through candle, whose repacked tiles
@@ -68,6 +71,11 @@ impl Linear {
                 return Ok(Self::Q8(Arc::new(m)));
             }
         }
+        if t.dtype() == GgmlDType::Q5_0 && kernel_available() {
+            if let Some(m) = Q5Matrix::from_qtensor(&t)? {
+                return Ok(Self::Q5(Arc::new(m)));
+            }
+        }
         let t = Arc::new(t);
         if kernel_available() && kquant_enabled() {
             if let Some(m) = KMatrix::from_qtensor(&t)? {
@@ -82,6 +90,10 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Q8(m) => {
+                let xs = xs.contiguous()?;
+                xs.apply_op1_no_bwd(&**m)
+            }
+            Self::Q5(m) => {
                 let xs = xs.contiguous()?;
                 xs.apply_op1_no_bwd(&**m)
             }
@@ -127,6 +139,8 @@ impl Module for Linear {
 pub enum TokenEmbedding {
     /// Kept quantized.
     Q8(Arc<Q8Matrix>),
+    /// Q5_0, kept quantized.
+    Q5(Arc<Q5Matrix>),
     /// Q4_K or Q6_K, kept quantized (for Qwen2.5-1.5B's Q4_K table, 131 MB
     /// instead of 933 MB of f32).
     K(Arc<KMatrix>),
@@ -141,6 +155,9 @@ impl TokenEmbedding {
             if let Some(m) = Q8Matrix::from_qtensor(&t)? {
                 return Ok(Self::Q8(Arc::new(m)));
             }
+        }
+        if let Some(m) = Q5Matrix::from_qtensor(&t)? {
+            return Ok(Self::Q5(Arc::new(m)));
         }
         let t = Arc::new(t);
         if let Some(m) = KMatrix::from_qtensor(&t)? {
@@ -158,6 +175,7 @@ impl TokenEmbedding {
     pub fn as_linear(&self) -> Option<Linear> {
         match self {
             Self::Q8(m) if kernel_available() => Some(Linear::Q8(Arc::clone(m))),
+            Self::Q5(m) if kernel_available() => Some(Linear::Q5(Arc::clone(m))),
             Self::K(m) if kernel_available() && kquant_enabled() => Some(Linear::K(
                 Arc::clone(m),
                 QMatMul::from_arc(Arc::clone(m.tensor())).ok()?,
@@ -172,6 +190,10 @@ impl Module for TokenEmbedding {
         match self {
             Self::Dense(e) => e.forward(ids),
             Self::Q8(m) => lookup(ids, m.n, m.k, |id, row| {
+                m.dequantize_row(id, row);
+                Ok(())
+            }),
+            Self::Q5(m) => lookup(ids, m.rows(), m.cols(), |id, row| {
                 m.dequantize_row(id, row);
                 Ok(())
             }),
@@ -224,7 +246,7 @@ fn kquant_enabled() -> bool {
 
 /// Whether the CPU has AVX-512 VNNI with 256-bit forms (checked once;
 /// `RAGD_NO_VNNI=1` turns them off, to measure what an AVX2-only CPU gets).
-fn vnni_available() -> bool {
+pub(crate) fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -400,7 +422,7 @@ impl CustomOp1 for Q8Matrix {
 }
 
 /// Quantizes rows of 32-value blocks the way ggml's `quantize_row_q8_0` does.
-fn quantize_rows(xs: &[f32], qs: &mut [[i8; QK]], d: &mut [f32]) {
+pub(crate) fn quantize_rows(xs: &[f32], qs: &mut [[i8; QK]], d: &mut [f32]) {
     for ((x, q), d) in xs.chunks_exact(QK).zip(qs.iter_mut()).zip(d.iter_mut()) {
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = amax / 127.0;
@@ -416,16 +438,16 @@ fn quantize_rows(xs: &[f32], qs: &mut [[i8; QK]], d: &mut [f32]) {
 use std::arch::x86_64::*;
 
 /// Rows of weights per tile: one per lane of a vector of eight i32 or f32.
-const RN: usize = 8;
+pub(crate) const RN: usize = 8;
 /// Prompt rows per tile.
-const RM: usize = 4;
+pub(crate) const RM: usize = 4;
 /// Up to this many rows (decode, drafted tokens), a panel walks its weights
 /// once, all rows per weight group; beyond, [`ROW_BLOCK`] rows at a time. The
 /// tiles compute the same sums either way.
-const FEW_ROWS: usize = 16;
+pub(crate) const FEW_ROWS: usize = 16;
 /// Prompt rows per block (a multiple of [`RM`]): 48 rows of the widest input
 /// (Qwen's 4,864) are 233 KB of activations, within L2.
-const ROW_BLOCK: usize = 48;
+pub(crate) const ROW_BLOCK: usize = 48;
 
 /// The quantized prompt rows.
 #[derive(Clone, Copy)]

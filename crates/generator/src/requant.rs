@@ -1,12 +1,14 @@
 //! Re-quantization of GGUF tensors into types candle runs fast on this CPU.
 //!
 //! candle 0.11 has AVX2 kernels for Q4_0, Q8_0 and the K-quants but runs Q4_1,
-//! Q5_0 and Q5_1 with scalar code. The packaged Qwen2.5-Coder-0.5B file is mostly
-//! Q5_0 and SmolLM2-135M is Q4_1, so both spend their time in the slow path. A
-//! copy of the file with those tensors converted to Q8_0 (dequantize, then
-//! quantize with 32-element blocks) runs on the AVX2 path. Q8_0 keeps 8 bits per
-//! weight, more than the 5 or 4 of the source, so the conversion loses almost
-//! nothing; the copy is larger on disk and in memory.
+//! Q5_0 and Q5_1 with scalar code. ragd's own kernels cover Q8_0, Q5_0 (the
+//! packaged Qwen2.5-Coder-0.5B file is mostly Q5_0, served as it is since
+//! [`crate::q5_0`]) and the K-quants; SmolLM2-135M is Q4_1, which would spend
+//! its time in the slow path. A copy of the file with such tensors converted
+//! to Q8_0 (dequantize, then quantize with 32-element blocks) runs on the
+//! Q8_0 kernel. Q8_0 keeps 8 bits per weight, more than the 4 or 5 of the
+//! source, so the conversion loses almost nothing; the copy is larger on disk
+//! and in memory.
 //!
 //! The copy is written next to the original under a temporary name and renamed
 //! into place; the original is kept, and the copy's metadata records what was
@@ -20,8 +22,15 @@ use candle_core::Device;
 
 use crate::GenerateError;
 
-/// Tensor types candle 0.11 runs without SIMD on x86-64.
-const SLOW: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
+/// Tensor types that run without SIMD on x86-64: neither candle 0.11 nor ragd
+/// has a vector kernel for them (Q5_0 has ragd's where the CPU has AVX2).
+fn slow(t: GgmlDType) -> bool {
+    match t {
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 => true,
+        GgmlDType::Q5_0 => !crate::q8_0::kernel_available(),
+        _ => false,
+    }
+}
 
 /// What a conversion did: (tensor type before, after, how many tensors).
 pub type Conversions = Vec<(String, String, usize)>;
@@ -53,7 +62,7 @@ pub fn slow_tensors(path: &Path) -> Result<Conversions, GenerateError> {
         ct.tensor_infos
             .values()
             .map(|t| t.ggml_dtype)
-            .filter(|d| SLOW.contains(d)),
+            .filter(|&d| slow(d)),
     ))
 }
 
@@ -112,13 +121,12 @@ pub fn requantize(src: &Path, dst: &Path) -> Result<Conversions, GenerateError> 
     let mut converted = Vec::new();
     for name in names {
         let t = ct.tensor(&mut file, name, &Device::Cpu)?;
-        let t =
-            if SLOW.contains(&t.dtype()) && t.shape().dims().last().is_some_and(|&d| d % 32 == 0) {
-                converted.push(t.dtype());
-                QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
-            } else {
-                t
-            };
+        let t = if slow(t.dtype()) && t.shape().dims().last().is_some_and(|&d| d % 32 == 0) {
+            converted.push(t.dtype());
+            QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
+        } else {
+            t
+        };
         tensors.push((name.clone(), t));
     }
     let conversions = count(converted.into_iter());
