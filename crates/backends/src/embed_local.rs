@@ -10,8 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ragd_core::{async_trait, BackendError, Embed, EmbedderInfo, TextKind};
-use ragd_embedder::{Embedder, EmbedderConfig};
-use tokenizers::Tokenizer;
+use ragd_embedder::{Embedder, EmbedderConfig, TextTokenizer};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::LoadError;
@@ -48,29 +47,21 @@ impl std::fmt::Debug for LocalEmbedder {
     }
 }
 
-/// A model's tokenizer without cutting or padding, for
-/// [`Embed::count_tokens`] (shared by the local and the remote embedder).
+/// A model's tokenizer, shared with the embedder, for [`Embed::count_tokens`]
+/// (by the local and the remote embedder).
 #[derive(Debug, Clone)]
-pub(crate) struct TokenCounter(Tokenizer);
+pub(crate) struct TokenCounter(TextTokenizer);
 
 impl TokenCounter {
-    pub(crate) fn of(tokenizer: &Tokenizer) -> Result<Self, String> {
-        let mut counter = tokenizer.clone();
-        counter
-            .with_truncation(None)
-            .map_err(|e| format!("tokenizer: {e}"))?;
-        counter.with_padding(None);
-        Ok(Self(counter))
+    pub(crate) fn of(tokenizer: &TextTokenizer) -> Self {
+        Self(tokenizer.clone())
     }
 
     pub(crate) fn count(&self, text: &str) -> usize {
         // Encoding plain text does not fail with the tokenizers ragd loads; if
         // one ever did, the byte length is an upper bound on the token count,
         // so a chunk sized with it still fits the window.
-        self.0
-            .encode_fast(text, false)
-            .map(|e| e.len())
-            .unwrap_or(text.len())
+        self.0.count(text).unwrap_or(text.len())
     }
 }
 
@@ -81,7 +72,7 @@ fn describe(
     max_length: usize,
     query_prefix: &str,
     passage_prefix: &str,
-    tokenizer: &tokenizers::Tokenizer,
+    tokenizer: &TextTokenizer,
 ) -> EmbedderInfo {
     EmbedderInfo {
         name: name.to_string(),
@@ -91,7 +82,7 @@ fn describe(
         passage_prefix: passage_prefix.to_string(),
         // English BERT vocabularies hold ~30k word pieces; multilingual ones
         // (mBERT 119k, XLM-R 250k) far more.
-        multilingual: tokenizer.get_vocab_size(true) >= MULTILINGUAL_VOCAB,
+        multilingual: tokenizer.vocab_size() >= MULTILINGUAL_VOCAB,
     }
 }
 
@@ -130,17 +121,7 @@ impl LocalEmbedder {
                         return;
                     }
                 };
-                let counter = match TokenCounter::of(embedder.tokenizer()) {
-                    Ok(c) => c,
-                    Err(message) => {
-                        let _ = ready_tx.send(Err(LoadError::Model {
-                            what: "embedder",
-                            path: dir,
-                            message,
-                        }));
-                        return;
-                    }
-                };
+                let counter = TokenCounter::of(embedder.tokenizer());
                 let (tx, rx) = mpsc::channel::<EmbedJob>(1024);
                 let handle = LocalEmbedder {
                     tx,

@@ -22,10 +22,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use ragd_core::{async_trait, BackendError, Embed, EmbedderInfo, TextKind};
-use ragd_embedder::{EmbedderConfig, ModelCard};
+use ragd_embedder::{EmbedderConfig, ModelCard, TextTokenizer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokenizers::Tokenizer;
 
 use crate::embed_local::TokenCounter;
 use crate::LoadError;
@@ -53,7 +52,7 @@ pub struct RemoteEmbedder {
     client: reqwest::Client,
     config: RemoteEmbedConfig,
     /// The model's tokenizer, cutting at its window (for what is sent).
-    window: Tokenizer,
+    window: TextTokenizer,
     /// The same without cutting or padding (for counting).
     counter: TokenCounter,
     info: EmbedderInfo,
@@ -98,13 +97,8 @@ impl RemoteEmbedder {
         })?;
         let mut info = crate::embed_local::info_of(&card);
         info.name = config.model.clone();
-        let counter = TokenCounter::of(&card.tokenizer).map_err(|message| LoadError::Model {
-            what: "embedder",
-            path: dir.clone(),
-            message,
-        })?;
-        let mut window = card.tokenizer.clone();
-        window.with_padding(None);
+        let counter = TokenCounter::of(&card.tokenizer);
+        let window = card.tokenizer.clone();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs_f64(config.timeout_s))
             .build()
@@ -135,7 +129,7 @@ impl RemoteEmbedder {
 
     /// `text` cut to the model's window (at a token boundary).
     fn fit(&self, text: String) -> String {
-        match self.window.encode(text.as_str(), true) {
+        match self.window.encode(text.as_str()) {
             Ok(enc) if enc.get_overflowing().is_empty() => text,
             Ok(enc) => {
                 let end = enc

@@ -30,7 +30,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use std::sync::Arc;
+
+use tokenizers::{
+    Encoding, PaddingParams, PaddingStrategy, PostProcessor, Tokenizer, TruncationDirection,
+};
 
 pub use ragd_core::TextKind;
 
@@ -108,10 +112,108 @@ enum Model {
     Padded(BertModel),
 }
 
+/// A model's tokenizer, loaded once and shared by whoever needs it (the
+/// embedder, and the pipeline counting tokens to size chunks): cloning it
+/// shares it. A multilingual vocabulary's tokenizer is large (multilingual-e5-
+/// small's 250,000 pieces take about 280 MB in memory), and cloning a
+/// `tokenizers::Tokenizer` copies all of it, which a second copy for counting
+/// used to do; so the shared one has no truncation or padding, and
+/// [`TextTokenizer::encode`] cuts a text to the window the way the
+/// `tokenizers` crate's own truncation does (before the special tokens are
+/// added, leaving room for them).
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Arc<Tokenizer>,
+    max_length: usize,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocabulary", &self.inner.get_vocab_size(true))
+            .field("max_length", &self.max_length)
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// Wraps `tokenizer` (its truncation and padding are turned off) for a
+    /// window of `max_length` tokens, special tokens included.
+    pub fn new(mut tokenizer: Tokenizer, max_length: usize) -> Result<Self, EmbedError> {
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        tokenizer.with_padding(None);
+        Ok(Self {
+            inner: Arc::new(tokenizer),
+            max_length,
+        })
+    }
+
+    /// Tokens in `text` without special tokens and without cutting.
+    pub fn count(&self, text: &str) -> Result<usize, EmbedError> {
+        self.inner
+            .encode_fast(text, false)
+            .map(|e| e.len())
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))
+    }
+
+    /// `text` as the model reads it: cut to the window (what was cut is in
+    /// the encoding's overflowing part), special tokens added; offsets are
+    /// byte offsets into `text`.
+    pub fn encode(&self, text: &str) -> Result<Encoding, EmbedError> {
+        let raw = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        self.finish(raw)
+    }
+
+    /// [`Self::encode`] for several texts (tokenized in parallel, without
+    /// offsets).
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Encoding>, EmbedError> {
+        self.inner
+            .encode_batch_fast(texts.to_vec(), false)
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?
+            .into_iter()
+            .map(|raw| self.finish(raw))
+            .collect()
+    }
+
+    fn finish(&self, mut raw: Encoding) -> Result<Encoding, EmbedError> {
+        let added = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        let room = self.max_length.saturating_sub(added);
+        if raw.len() > room {
+            raw.truncate(room, 0, TruncationDirection::Right);
+        }
+        self.inner
+            .post_process(raw, None, true)
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The window in tokens, special tokens included.
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// The underlying tokenizer (no truncation, no padding).
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+}
+
 /// A loaded sentence-embedding model.
 pub struct Embedder {
     model: Model,
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     pooling: Pooling,
     normalize: bool,
     max_length: usize,
@@ -229,9 +331,8 @@ pub struct ModelCard {
     pub dim: usize,
     /// Longest text in tokens, special tokens included.
     pub max_length: usize,
-    /// The tokenizer, truncating to `max_length` and padding to the longest in
-    /// a batch.
-    pub tokenizer: Tokenizer,
+    /// The tokenizer, cutting to `max_length`.
+    pub tokenizer: TextTokenizer,
     /// Put in front of queries.
     pub query_prefix: String,
     /// Put in front of passages.
@@ -266,25 +367,9 @@ impl ModelCard {
             .min(dims.max_position_embeddings);
 
         let tok_path = dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&tok_path)
+        let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| EmbedError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
-            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
-        let pad_id = tokenizer.get_padding().map(|p| p.pad_id).unwrap_or(0);
-        let pad_token = tokenizer
-            .get_padding()
-            .map(|p| p.pad_token.clone())
-            .unwrap_or_else(|| "[PAD]".into());
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            pad_id,
-            pad_token,
-            ..Default::default()
-        }));
+        let tokenizer = TextTokenizer::new(tokenizer, max_length)?;
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -398,8 +483,9 @@ impl Embedder {
         self.pooling
     }
 
-    /// The model's tokenizer (truncation and padding configured).
-    pub fn tokenizer(&self) -> &Tokenizer {
+    /// The model's tokenizer (shared; [`TextTokenizer::encode`] cuts to the
+    /// window).
+    pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
     }
 
@@ -447,24 +533,30 @@ impl Embedder {
     }
 
     fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        let mut encodings = self.tokenizer.encode_batch(texts)?;
         let pooled = match &self.model {
             Model::Packed(bert) => {
-                // Each text at its own length: the tokenizer padded them to the
-                // longest, the mask says how long each really is.
+                // Each text at its own length, no padding.
                 let inputs: Vec<(&[u32], &[u32])> = encodings
                     .iter()
-                    .map(|e| {
-                        let len = e.get_attention_mask().iter().filter(|&&m| m != 0).count();
-                        (&e.get_ids()[..len], &e.get_type_ids()[..len])
-                    })
+                    .map(|e| (e.get_ids(), e.get_type_ids()))
                     .collect();
                 bert.embed(&inputs, self.pooling)?
             }
             Model::Padded(model) => {
+                // The reference model takes a padded batch and its mask.
+                let inner = self.tokenizer.inner();
+                let padding = PaddingParams {
+                    strategy: PaddingStrategy::BatchLongest,
+                    pad_id: inner
+                        .token_to_id("[PAD]")
+                        .or_else(|| inner.token_to_id("<pad>"))
+                        .unwrap_or(0),
+                    pad_token: "[PAD]".into(),
+                    ..Default::default()
+                };
+                tokenizers::pad_encodings(&mut encodings, &padding)
+                    .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
                 let n = encodings.len();
                 let len = encodings.first().map(|e| e.len()).unwrap_or(0);
                 let flat = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Vec<u32> {

@@ -130,15 +130,14 @@ fn chunks_fit_the_model_window_and_cover_the_text() {
         overlap: 16,
     };
     // Chunks are sized in the model's own tokens, without its truncation.
-    let mut counter = e.tokenizer().clone();
-    counter.with_truncation(None).unwrap();
-    let count = |t: &str| counter.encode_fast(t, false).unwrap().len();
+    let counter = e.tokenizer().clone();
+    let count = |t: &str| counter.count(t).unwrap();
     let chunks = chunk_text(count, long, &cfg).unwrap();
     assert!(chunks.len() > 2, "a long text gives several chunks");
     for c in &chunks {
         assert!(c.tokens <= 64);
         assert_eq!(&long[c.start..c.end], c.text);
-        let n = e.tokenizer().encode(c.text.as_str(), false).unwrap().len();
+        let n = e.tokenizer().count(c.text.as_str()).unwrap();
         assert!(n <= 64 + 2, "chunk re-tokenizes to {n} tokens");
     }
     assert_eq!(chunks[0].start, 0);
@@ -151,5 +150,57 @@ fn chunks_fit_the_model_window_and_cover_the_text() {
             w[1].start <= w[0].end || long[w[0].end..w[1].start].trim().is_empty(),
             "gap between chunks"
         );
+    }
+}
+
+/// The shared tokenizer cuts texts to the window exactly as the `tokenizers`
+/// crate's own truncation does (the ids the model reads), for texts shorter
+/// and longer than the window, for both packaged vocabularies (WordPiece and
+/// SentencePiece Unigram).
+#[test]
+fn shared_tokenizer_cuts_as_the_tokenizers_crate_does() {
+    let models = minilm_dir().parent().unwrap().to_path_buf();
+    let long = "The Debian project maintains three releases: stable, testing and unstable. \
+        Debian 的稳定版本适合服务器使用。 "
+        .repeat(40);
+    for name in ["all-MiniLM-L6-v2", "multilingual-e5-small"] {
+        let dir = models.join(name);
+        if !dir.join("tokenizer.json").exists() {
+            panic!("{} is missing: run scripts/fetch-models", dir.display());
+        }
+        let card = ragd_embedder::ModelCard::read(&dir, &EmbedderConfig::default()).unwrap();
+        let window = card.max_length;
+        let mut theirs = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        theirs
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: window,
+                ..Default::default()
+            }))
+            .unwrap();
+        theirs.with_padding(None);
+        for text in ["", "short text", long.as_str()] {
+            let want = theirs.encode(text, true).unwrap();
+            let got = card.tokenizer.encode(text).unwrap();
+            assert_eq!(got.get_ids(), want.get_ids(), "{name}: {:.40}", text);
+            assert_eq!(got.get_type_ids(), want.get_type_ids(), "{name}");
+            assert!(got.len() <= window);
+        }
+        let batch = card
+            .tokenizer
+            .encode_batch(&["short text", long.as_str()])
+            .unwrap();
+        assert_eq!(
+            batch[1].get_ids(),
+            theirs.encode(long.as_str(), true).unwrap().get_ids()
+        );
+        let mut whole = theirs.clone();
+        whole.with_truncation(None).unwrap();
+        let count = card.tokenizer.count(long.as_str()).unwrap();
+        assert_eq!(
+            count,
+            whole.encode(long.as_str(), false).unwrap().len(),
+            "{name}: counting does not cut"
+        );
+        assert!(count > window);
     }
 }

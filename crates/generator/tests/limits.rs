@@ -139,7 +139,10 @@ fn check_prefix_cache(file: &str, same_text: bool) {
             .iter()
             .zip(split)
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(moved < 1.0, "{file}: reading in pieces moved a logit by {moved}");
+        assert!(
+            moved < 1.0,
+            "{file}: reading in pieces moved a logit by {moved}"
+        );
     }
     g.cache_prefix(&a[..fixed]).unwrap();
     assert_eq!(g.cached_prefix_len(), fixed);

@@ -300,7 +300,7 @@ fn bench_embed(
         .map(|t| {
             embedder
                 .tokenizer()
-                .encode(t.as_str(), true)
+                .encode(t.as_str())
                 .map(|e| e.len())
                 .unwrap_or(0)
         })
