@@ -153,6 +153,49 @@ fn chunks_fit_the_model_window_and_cover_the_text() {
     }
 }
 
+/// Int8 linear layers (`embedder.int8`) stay within cosine 0.99 of
+/// sentence-transformers' fp32 vectors, and rank texts for a query as fp32
+/// does where fp32's scores are not near-ties.
+#[test]
+fn minilm_int8_stays_close_to_sentence_transformers() {
+    let e = Embedder::load(
+        &minilm_dir(),
+        &EmbedderConfig {
+            batch_size: 7,
+            int8: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cases = reference();
+    let texts: Vec<&str> = cases.iter().map(|(t, _)| t.as_str()).collect();
+    let got = e.embed(&texts).unwrap();
+    let mut worst = 1.0f32;
+    for ((text, want), v) in cases.iter().zip(&got) {
+        let c = cosine(want, v);
+        worst = worst.min(c);
+        assert!(c >= 0.99, "cosine {c} for {text:?}");
+    }
+    println!("int8: worst cosine against sentence-transformers: {worst:.6}");
+    if ragd_kernels::q8_0::kernel_available() {
+        // It really is another computation, not the fp32 path.
+        let fp32 = minilm().embed(&texts).unwrap();
+        assert!(got.iter().zip(&fp32).any(|(a, b)| a != b));
+    }
+    // Scores of every text against the first as query: same order as fp32's
+    // wherever fp32's scores are 0.01 apart.
+    let q = &cases[0].1;
+    for (i, (_, a)) in cases.iter().enumerate() {
+        for (j, (_, b)) in cases.iter().enumerate() {
+            let (fa, fb) = (cosine(q, a), cosine(q, b));
+            if fa > fb + 0.01 {
+                let (ia, ib) = (cosine(&got[0], &got[i]), cosine(&got[0], &got[j]));
+                assert!(ia > ib, "texts {i} and {j} swap places: {fa} {fb} vs {ia} {ib}");
+            }
+        }
+    }
+}
+
 /// The shared tokenizer cuts texts to the window exactly as the `tokenizers`
 /// crate's own truncation does (the ids the model reads), for texts shorter
 /// and longer than the window, for both packaged vocabularies (WordPiece and

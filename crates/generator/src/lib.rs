@@ -16,10 +16,8 @@
 pub mod chat;
 pub mod draft;
 pub mod gguf_tokenizer;
-pub mod kquant;
 mod models;
-pub mod q5_0;
-pub mod q8_0;
+pub use ragd_kernels::{kquant, q5_0, q8_0};
 pub mod requant;
 pub mod stream;
 

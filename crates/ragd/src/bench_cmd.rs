@@ -48,6 +48,9 @@ pub(crate) enum BenchCommand {
         /// Write the vectors here (a JSON array of arrays, in the texts' order).
         #[arg(long)]
         vectors: Option<PathBuf>,
+        /// Int8 linear layers (`embedder.int8`).
+        #[arg(long)]
+        int8: bool,
     },
     /// Prefill and decode speed of a GGUF model.
     Generate {
@@ -173,6 +176,7 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
             runs,
             json,
             vectors,
+            int8,
         } => {
             let texts: Vec<String> = match texts_file {
                 Some(f) => serde_json::from_slice(&std::fs::read(&f)?).map_err(|e| {
@@ -189,6 +193,7 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
                 &texts,
                 &model,
                 batch_size,
+                int8,
                 runs.max(1),
                 json,
                 vectors.as_deref(),
@@ -279,6 +284,7 @@ fn bench_embed(
     texts: &[String],
     model: &Path,
     batch_size: usize,
+    int8: bool,
     runs: usize,
     json: bool,
     vectors_out: Option<&Path>,
@@ -288,6 +294,7 @@ fn bench_embed(
         model,
         &EmbedderConfig {
             batch_size: batch_size.max(1),
+            int8,
             ..EmbedderConfig::default()
         },
     )?;
@@ -321,7 +328,7 @@ fn bench_embed(
         println!(
             "{}",
             json!({
-                "engine": "ragd",
+                "engine": if int8 { "ragd int8" } else { "ragd" },
                 "model": embedder.name(),
                 "texts": texts.len(),
                 "tokens": tokens,

@@ -123,6 +123,7 @@ fn spawn_embedder(
     } else {
         ragd_embedder::EmbedderConfig {
             batch_size: config.embedder.batch_size,
+            int8: config.embedder.int8,
             ..Default::default()
         }
     };

@@ -5,9 +5,9 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use ragd_generator::kquant::KMatrix;
-use ragd_generator::q5_0::Q5Matrix;
-use ragd_generator::q8_0::Q8Matrix;
+use ragd_kernels::kquant::KMatrix;
+use ragd_kernels::q5_0::Q5Matrix;
+use ragd_kernels::q8_0::Q8Matrix;
 use std::time::Instant;
 
 /// `(lhs, rows, dst)`: one of ragd's kernels.
