@@ -190,7 +190,10 @@ fn minilm_int8_stays_close_to_sentence_transformers() {
             let (fa, fb) = (cosine(q, a), cosine(q, b));
             if fa > fb + 0.01 {
                 let (ia, ib) = (cosine(&got[0], &got[i]), cosine(&got[0], &got[j]));
-                assert!(ia > ib, "texts {i} and {j} swap places: {fa} {fb} vs {ia} {ib}");
+                assert!(
+                    ia > ib,
+                    "texts {i} and {j} swap places: {fa} {fb} vs {ia} {ib}"
+                );
             }
         }
     }

@@ -29,7 +29,7 @@
 //!   number of rows, so a drafted token checked among others gets exactly the
 //!   logits it gets alone.
 //!
-//! The only `unsafe`: SIMD intrinsics behind a run-time CPU check, and raw
+//! The `unsafe` code here: SIMD intrinsics behind a run-time CPU check, and raw
 //! pointers so the pool's threads write disjoint parts of one output.
 #![allow(unsafe_code)]
 

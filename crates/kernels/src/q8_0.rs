@@ -31,7 +31,7 @@
 //! [`Linear`] uses it for Q8_0 weights when the CPU has AVX2 and FMA and falls
 //! back to candle's `QMatMul` for everything else.
 //!
-//! The only `unsafe` code in the workspace: SIMD intrinsics behind a run-time
+//! The `unsafe` code here: SIMD intrinsics behind a run-time
 //! CPU check, and raw pointers so the pool's threads can write disjoint parts
 //! of one output buffer.
 #![allow(unsafe_code)]
