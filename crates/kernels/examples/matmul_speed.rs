@@ -1,5 +1,5 @@
 //! Times the quantized matrix products on prompt- and decode-sized inputs:
-//! `cargo run --release -p ragd-generator --example matmul_speed [ROWS...]`.
+//! `cargo run --release -p ragd-kernels --example matmul_speed [ROWS...]`.
 //! Prints milliseconds per product and billions of multiply-adds per second for
 //! ragd's kernels and candle's on the same weights (medians of 21 runs).
 
