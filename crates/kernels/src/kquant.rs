@@ -22,7 +22,7 @@
 //!   the offset of 32 (Q6_K) taken off through the activation sums — one
 //!   conversion to float per block;
 //! * a weight row's block is unpacked once and multiplied with up to [`RM`]
-//!   prompt rows; prompt rows go in blocks of [`ROW_BLOCK`] so a thread's
+//!   prompt rows; prompt rows go in blocks of 48 (`q8_0::ROW_BLOCK`) so a thread's
 //!   weights are read once per block, from L1, while the block's activations
 //!   stay in L2 (as the Q8_0 kernel);
 //! * each output is computed by the same sequence of operations whatever the
@@ -37,12 +37,12 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use std::sync::Arc;
 
+#[cfg(target_arch = "x86_64")]
+use crate::q8_0::walk_panel;
+use crate::q8_0::{matmul_op, SendPtr, RM};
+
 /// Values per block (ggml's `QK_K`).
 const QK: usize = 256;
-/// Prompt rows per tile.
-const RM: usize = 4;
-/// Prompt rows per block (a multiple of [`RM`]).
-const ROW_BLOCK: usize = 48;
 
 /// The K-quant types this module runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,29 +237,9 @@ impl CustomOp1 for KMatrix {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(xs) = storage else {
-            candle_core::bail!(
-                "k-quant-matmul: input must be f32, got {:?}",
-                candle_core::backend::BackendStorage::dtype(storage)
-            )
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("k-quant-matmul: input must be contiguous")
-        };
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&self.k) {
-            candle_core::bail!(
-                "k-quant-matmul: input {:?} does not end in {}",
-                dims,
-                self.k
-            )
-        }
-        let m = layout.shape().elem_count() / self.k;
-        let mut dst = vec![0f32; m * self.n];
-        self.matmul(&xs[start..end], m, &mut dst)?;
-        let mut out = dims.to_vec();
-        *out.last_mut().expect("checked above") = self.n;
-        Ok((CpuStorage::F32(dst), Shape::from(out)))
+        matmul_op(self.name(), self.k, self.n, storage, layout, |x, m, dst| {
+            self.matmul(x, m, dst)
+        })
     }
 }
 
@@ -327,45 +307,33 @@ struct View<'a> {
 unsafe impl Send for View<'_> {}
 unsafe impl Sync for View<'_> {}
 
-struct SendPtr(*mut f32);
-// SAFETY: threads write disjoint elements (see `matmul`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// All prompt rows against the weight rows `rows`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn panel(v: &View, rows: std::ops::Range<usize>, out: *mut f32) {
     let m = v.a.d.len() / v.a.kb;
-    let block = if m <= 16 { m } else { ROW_BLOCK };
-    for r0 in (0..m).step_by(block) {
-        let r1 = (r0 + block).min(m);
-        for j in rows.clone() {
-            let mut i = r0;
-            while i < r1 {
-                // SAFETY: as for the panel.
-                unsafe {
-                    i += match (v.kind, r1 - i) {
-                        (Kind::Q4K, 4..) => tile_q4k::<4>(v, i, j, out),
-                        (Kind::Q4K, 3) => tile_q4k::<3>(v, i, j, out),
-                        (Kind::Q4K, 2) => tile_q4k::<2>(v, i, j, out),
-                        (Kind::Q4K, _) => tile_q4k::<1>(v, i, j, out),
-                        (Kind::Q6K, 4..) => tile_q6k::<4>(v, i, j, out),
-                        (Kind::Q6K, 3) => tile_q6k::<3>(v, i, j, out),
-                        (Kind::Q6K, 2) => tile_q6k::<2>(v, i, j, out),
-                        (Kind::Q6K, _) => tile_q6k::<1>(v, i, j, out),
-                    };
-                }
+    walk_panel(m, rows, |i, j| {
+        // SAFETY: as for the panel.
+        unsafe {
+            match (v.kind, m - i) {
+                (Kind::Q4K, 4..) => tile_q4k::<4>(v, i, j, out),
+                (Kind::Q4K, 3) => tile_q4k::<3>(v, i, j, out),
+                (Kind::Q4K, 2) => tile_q4k::<2>(v, i, j, out),
+                (Kind::Q4K, _) => tile_q4k::<1>(v, i, j, out),
+                (Kind::Q6K, 4..) => tile_q6k::<4>(v, i, j, out),
+                (Kind::Q6K, 3) => tile_q6k::<3>(v, i, j, out),
+                (Kind::Q6K, 2) => tile_q6k::<2>(v, i, j, out),
+                (Kind::Q6K, _) => tile_q6k::<1>(v, i, j, out),
             }
         }
-    }
+    });
 }
 
-/// `M` prompt rows from `i0` against Q4_K weight row `j`; returns `M`.
+/// `M` prompt rows from `i0` against Q4_K weight row `j`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile_q4k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32) -> usize {
+unsafe fn tile_q4k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32) {
     debug_assert!(M <= RM);
     let (a, kb) = (v.a, v.a.kb);
     unsafe {
@@ -415,14 +383,13 @@ unsafe fn tile_q4k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32)
             *out.add((i0 + i) * v.n + j) = hsum(acc);
         }
     }
-    M
 }
 
-/// `M` prompt rows from `i0` against Q6_K weight row `j`; returns `M`.
+/// `M` prompt rows from `i0` against Q6_K weight row `j`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile_q6k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32) -> usize {
+unsafe fn tile_q6k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32) {
     debug_assert!(M <= RM);
     let (a, kb) = (v.a, v.a.kb);
     unsafe {
@@ -502,7 +469,6 @@ unsafe fn tile_q6k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32)
             *out.add((i0 + i) * v.n + j) = hsum(acc);
         }
     }
-    M
 }
 
 #[cfg(target_arch = "x86_64")]

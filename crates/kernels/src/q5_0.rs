@@ -24,9 +24,9 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 
-use crate::q8_0::{
-    kernel_available, quantize_rows, vnni_available, FEW_ROWS, QK, RM, RN, ROW_BLOCK,
-};
+use crate::q8_0::{kernel_available, matmul_op, quantize_rows, vnni_available, QK, RM, RN};
+#[cfg(target_arch = "x86_64")]
+use crate::q8_0::{store_lanes, walk_panel, SendPtr};
 
 /// Bytes of one Q5_0 block in a GGUF file: an f16 scale, 32 fifth bits and
 /// 16 bytes of low nibbles.
@@ -208,25 +208,10 @@ impl CustomOp1 for Q5Matrix {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(xs) = storage else {
-            candle_core::bail!(
-                "q5_0-matmul: input must be f32, got {:?}",
-                candle_core::backend::BackendStorage::dtype(storage)
-            )
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("q5_0-matmul: input must be contiguous")
-        };
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&self.k) {
-            candle_core::bail!("q5_0-matmul: input {:?} does not end in {}", dims, self.k)
-        }
-        let m = layout.shape().elem_count() / self.k;
-        let mut dst = vec![0f32; m * self.n];
-        self.matmul(&xs[start..end], m, &mut dst);
-        let mut out = dims.to_vec();
-        *out.last_mut().expect("checked above") = self.n;
-        Ok((CpuStorage::F32(dst), Shape::from(out)))
+        matmul_op(self.name(), self.k, self.n, storage, layout, |x, m, dst| {
+            self.matmul(x, m, dst);
+            Ok(())
+        })
     }
 }
 
@@ -257,11 +242,6 @@ unsafe impl Sync for Operand {}
 unsafe impl Send for Weights {}
 unsafe impl Sync for Weights {}
 
-struct SendPtr(*mut f32);
-// SAFETY: threads write disjoint elements (see `matmul`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// Generates a panel and a tile function for one instruction set; `$dot` adds
 /// to eight i32 sums the products of unsigned weights and signed activations,
 /// four per lane.
@@ -282,20 +262,7 @@ macro_rules! kernel {
                     }
                 }
             };
-            // As the Q8_0 kernel: few rows all at once, prompts in blocks.
-            let block = if a.rows <= FEW_ROWS {
-                a.rows
-            } else {
-                ROW_BLOCK
-            };
-            for r0 in (0..a.rows).step_by(block) {
-                let r1 = (r0 + block).min(a.rows);
-                for g in groups.clone() {
-                    for i in (r0..r1).step_by(RM) {
-                        tile(i, g);
-                    }
-                }
-            }
+            walk_panel(a.rows, groups, tile);
         }
 
         /// `M` prompt rows from `i0` against the [`RN`] weight rows of group `g`.
@@ -358,15 +325,8 @@ macro_rules! kernel {
                     }
                 }
                 let cols = RN.min(w.n - g * RN);
-                for (i, acc) in acc.iter().enumerate() {
-                    let dst = out.add((i0 + i) * w.n + g * RN);
-                    if cols == RN {
-                        _mm256_storeu_ps(dst, *acc);
-                    } else {
-                        let mut lanes = [0f32; RN];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
-                        std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, cols);
-                    }
+                for (i, &acc) in acc.iter().enumerate() {
+                    store_lanes(acc, out.add((i0 + i) * w.n + g * RN), cols);
                 }
             }
         }

@@ -399,25 +399,64 @@ impl CustomOp1 for Q8Matrix {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(xs) = storage else {
-            candle_core::bail!(
-                "q8_0-matmul: input must be f32, got {:?}",
-                candle_core::backend::BackendStorage::dtype(storage)
-            )
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("q8_0-matmul: input must be contiguous")
-        };
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&self.k) {
-            candle_core::bail!("q8_0-matmul: input {:?} does not end in {}", dims, self.k)
+        matmul_op(self.name(), self.k, self.n, storage, layout, |x, m, dst| {
+            self.matmul(x, m, dst);
+            Ok(())
+        })
+    }
+}
+
+/// The body of every kernel's `CustomOp1::cpu_fwd`: checks that the input is
+/// contiguous f32 ending in `k`, runs `matmul` (rows, `m`, output) on it and
+/// returns the output with its last dimension `n`.
+pub(crate) fn matmul_op(
+    name: &str,
+    k: usize,
+    n: usize,
+    storage: &CpuStorage,
+    layout: &Layout,
+    matmul: impl FnOnce(&[f32], usize, &mut [f32]) -> Result<()>,
+) -> Result<(CpuStorage, Shape)> {
+    let CpuStorage::F32(xs) = storage else {
+        candle_core::bail!(
+            "{name}: input must be f32, got {:?}",
+            candle_core::backend::BackendStorage::dtype(storage)
+        )
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{name}: input must be contiguous")
+    };
+    let dims = layout.shape().dims();
+    if dims.last() != Some(&k) {
+        candle_core::bail!("{name}: input {:?} does not end in {}", dims, k)
+    }
+    let m = layout.shape().elem_count() / k;
+    let mut dst = vec![0f32; m * n];
+    matmul(&xs[start..end], m, &mut dst)?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("checked above") = n;
+    Ok((CpuStorage::F32(dst), Shape::from(out)))
+}
+
+/// Walks a panel of weight-row groups over all `rows` prompt rows: few rows
+/// (decoding, drafted tokens) all at once per group, more in blocks of
+/// [`ROW_BLOCK`], so each group's weights are read once per block from L1
+/// while the block's activations stay in L2. `tile(i, g)` computes up to
+/// [`RM`] rows from `i` against group `g`.
+#[inline(always)]
+pub(crate) fn walk_panel(
+    rows: usize,
+    groups: std::ops::Range<usize>,
+    mut tile: impl FnMut(usize, usize),
+) {
+    let block = if rows <= FEW_ROWS { rows } else { ROW_BLOCK };
+    for r0 in (0..rows).step_by(block.max(1)) {
+        let r1 = (r0 + block).min(rows);
+        for g in groups.clone() {
+            for i in (r0..r1).step_by(RM) {
+                tile(i, g);
+            }
         }
-        let m = layout.shape().elem_count() / self.k;
-        let mut dst = vec![0f32; m * self.n];
-        self.matmul(&xs[start..end], m, &mut dst);
-        let mut out = dims.to_vec();
-        *out.last_mut().expect("checked above") = self.n;
-        Ok((CpuStorage::F32(dst), Shape::from(out)))
     }
 }
 
@@ -558,10 +597,28 @@ unsafe impl Sync for Operand {}
 unsafe impl Send for Weights {}
 unsafe impl Sync for Weights {}
 
-struct SendPtr(*mut f32);
-// SAFETY: threads write disjoint elements (see `matmul`).
+/// The output buffer, shared by the pool's threads.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: the kernels' threads write disjoint elements.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+/// Stores an accumulator's lanes (outputs `g·RN ..`) to `dst`, only the first
+/// `cols` where the group is the padded last one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn store_lanes(acc: __m256, dst: *mut f32, cols: usize) {
+    unsafe {
+        if cols == RN {
+            _mm256_storeu_ps(dst, acc);
+        } else {
+            let mut lanes = [0f32; RN];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, cols);
+        }
+    }
+}
 
 /// Generates a panel function (all prompt rows against a range of weight row
 /// groups) and its tile function for one instruction set; `$dot` adds to eight
@@ -584,21 +641,7 @@ macro_rules! kernel {
                     }
                 }
             };
-            // Rows in blocks: each weight group is read once per block, from
-            // L1, for all the block's rows, whose activations stay in L2.
-            let block = if a.rows <= FEW_ROWS {
-                a.rows
-            } else {
-                ROW_BLOCK
-            };
-            for r0 in (0..a.rows).step_by(block) {
-                let r1 = (r0 + block).min(a.rows);
-                for g in groups.clone() {
-                    for i in (r0..r1).step_by(RM) {
-                        tile(i, g);
-                    }
-                }
-            }
+            walk_panel(a.rows, groups, tile);
         }
 
         /// `M` prompt rows from `i0` against the [`RN`] weight rows of group `g`.
@@ -644,15 +687,8 @@ macro_rules! kernel {
                     }
                 }
                 let cols = RN.min(w.n - g * RN);
-                for (i, acc) in acc.iter().enumerate() {
-                    let dst = out.add((i0 + i) * w.n + g * RN);
-                    if cols == RN {
-                        _mm256_storeu_ps(dst, *acc);
-                    } else {
-                        let mut lanes = [0f32; RN];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
-                        std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, cols);
-                    }
+                for (i, &acc) in acc.iter().enumerate() {
+                    store_lanes(acc, out.add((i0 + i) * w.n + g * RN), cols);
                 }
             }
         }
