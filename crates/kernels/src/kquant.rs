@@ -486,20 +486,9 @@ unsafe fn hsum(v: __m256) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::pseudo_random;
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module, Tensor};
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect()
-    }
 
     fn matrices(n: usize, k: usize, seed: u64) -> Result<Vec<(Arc<QTensor>, KMatrix)>> {
         let w = Tensor::from_vec(pseudo_random(n * k, seed), (n, k), &Device::Cpu)?;

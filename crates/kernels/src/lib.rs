@@ -13,3 +13,33 @@
 pub mod kquant;
 pub mod q5_0;
 pub mod q8_0;
+
+/// What the kernels' tests share.
+#[cfg(test)]
+pub(crate) mod tests {
+    /// `n` values in -0.5..0.5, the same for the same seed.
+    pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// (rows, inputs, outputs) that exercise every tile edge of the 32-value
+    /// block kernels: one row and column, partial groups of 8, partial tiles
+    /// of 4, several row blocks of 48.
+    pub(crate) const EDGE_SHAPES: &[(usize, usize, usize)] = &[
+        (1, 32, 1),
+        (1, 64, 7),
+        (2, 96, 5),
+        (3, 128, 8),
+        (5, 64, 13),
+        (17, 896, 130),
+        (64, 256, 33),
+    ];
+}

@@ -713,19 +713,8 @@ kernel!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::pseudo_random;
     use candle_core::{Device, Tensor};
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect()
-    }
 
     /// The kernel against candle's own Q8_0 matmul on the same weights, for
     /// shapes that exercise every tile edge.
@@ -736,15 +725,7 @@ mod tests {
             return Ok(());
         }
         let dev = Device::Cpu;
-        for &(m, k, n) in &[
-            (1, 32, 1),
-            (1, 64, 7),
-            (2, 96, 5),
-            (3, 128, 8),
-            (5, 64, 13),
-            (17, 896, 130),
-            (64, 256, 33),
-        ] {
+        for &(m, k, n) in crate::tests::EDGE_SHAPES {
             let w = Tensor::from_vec(pseudo_random(n * k, (n * k) as u64), (n, k), &dev)?;
             let qt = QTensor::quantize(&w, GgmlDType::Q8_0)?;
             let ours = Q8Matrix::from_qtensor(&qt)?.expect("a Q8_0 matrix");
