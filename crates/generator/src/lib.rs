@@ -2,7 +2,7 @@
 //!
 //! A GGUF file holds everything a chat model needs: quantized weights, the
 //! tokenizer ([`gguf_tokenizer`]) and the prompt format ([`chat`]). This crate
-//! loads the weights into candle-transformers' quantized qwen2/llama models
+//! loads the weights into quantized qwen2/llama/gemma3 models
 //! (copies with a faster Q8_0 kernel, [`q8_0`], and an in-place KV cache),
 //! picked from `general.architecture`, renders a conversation with the model's own template,
 //! and generates with greedy or temperature/top-p sampling, reporting text as it
@@ -77,6 +77,7 @@ pub enum GenerateError {
 enum Weights {
     Qwen2(quantized_qwen2::ModelWeights),
     Llama(quantized_llama::ModelWeights),
+    Gemma3(models::gemma3::ModelWeights),
 }
 
 impl Weights {
@@ -84,6 +85,7 @@ impl Weights {
         match self {
             Weights::Qwen2(m) => m.forward(x, pos),
             Weights::Llama(m) => m.forward(x, pos),
+            Weights::Gemma3(m) => m.forward(x, pos),
         }
     }
 
@@ -91,6 +93,7 @@ impl Weights {
         match self {
             Weights::Qwen2(m) => m.forward_rows(x, pos),
             Weights::Llama(m) => m.forward_rows(x, pos),
+            Weights::Gemma3(m) => m.forward_rows(x, pos),
         }
     }
 
@@ -98,6 +101,7 @@ impl Weights {
         match self {
             Weights::Qwen2(m) => m.clear_kv_cache(),
             Weights::Llama(m) => m.clear_kv_cache(),
+            Weights::Gemma3(m) => m.clear_kv_cache(),
         }
     }
 }
@@ -197,6 +201,10 @@ impl std::fmt::Debug for Generator {
     }
 }
 
+/// The template for files without one (base models): BOS where the file asks
+/// for it, then the messages' texts, a blank line between them, nothing after.
+const PLAIN_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if not loop.first %}{{ \"\\n\\n\" }}{% endif %}{{ m.content }}{% endfor %}";
+
 /// Texts of end-of-turn tokens across common chat formats; llama.cpp treats the
 /// same set as "end of generation".
 const EOG_TEXTS: &[&str] = &[
@@ -251,13 +259,28 @@ impl Generator {
             .unwrap_or(2048) as usize;
 
         let tokenizer = GgufTokenizer::from_gguf(&ct)?;
-        let template_src = ct
+        let template_src = match ct
             .metadata
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok().cloned())
-            .ok_or_else(|| {
-                GenerateError::Unsupported("GGUF metadata has no tokenizer.chat_template".into())
-            })?;
+        {
+            Some(src) => src,
+            None => {
+                // A base model (no chat tuning): the messages as plain text.
+                tracing::warn!(
+                    model = %path.display(),
+                    "the file has no chat template (a base model?): messages are given to it as plain text"
+                );
+                PLAIN_TEMPLATE.replace(
+                    "{{ bos_token }}",
+                    if tokenizer.add_bos {
+                        "{{ bos_token }}"
+                    } else {
+                        ""
+                    },
+                )
+            }
+        };
         let tok_text = |id: Option<u32>| {
             id.and_then(|i| tokenizer.tokens.get(i as usize).cloned())
                 .unwrap_or_default()
@@ -295,9 +318,13 @@ impl Generator {
                 // candle's quantized llama precomputes rotary tables for this many positions.
                 file_context.min(quantized_llama::MAX_SEQ_LEN),
             ),
+            "gemma3" => (
+                Weights::Gemma3(models::gemma3::from_gguf(ct, &mut file, &device)?),
+                file_context,
+            ),
             other => {
                 return Err(GenerateError::Unsupported(format!(
-                    "general.architecture = {other:?}; supported: qwen2, llama"
+                    "general.architecture = {other:?}; supported: qwen2, llama, gemma3"
                 )))
             }
         };

@@ -368,3 +368,59 @@ fn drafting_gives_the_same_answers_llama() {
 fn drafting_gives_the_same_answers_qwen2() {
     check_drafting("Qwen2.5-Coder-0.5B-Instruct.gguf", true);
 }
+
+/// The same on gemma3 with a prompt longer than its 512-token sliding window:
+/// the windowed layers narrow their keys per checked row as a one-token step
+/// does, so drafting stays token for token the same past the window too.
+#[test]
+fn drafting_gives_the_same_answers_gemma3_past_its_window() {
+    let mut g = load("gemma-3-270m-q4_k_m.gguf");
+    let reference = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gemma3-270m-greedy.jsonl"),
+    )
+    .unwrap();
+    let long = reference
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .max_by_key(|case| case["prompt_tokens"].as_u64().unwrap())
+        .unwrap();
+    let messages = vec![Message {
+        role: "user".into(),
+        content: long["prompt"].as_str().unwrap().into(),
+    }];
+    let p = g.encode_chat(&messages).unwrap();
+    assert!(p.len() > 600, "{} prompt tokens", p.len());
+    for params in [
+        GenerateParams {
+            max_tokens: 48,
+            ..Default::default()
+        },
+        GenerateParams {
+            max_tokens: 48,
+            temperature: 0.7,
+            top_p: 0.9,
+            seed: 3,
+            ..Default::default()
+        },
+    ] {
+        g.set_draft_tokens(0);
+        let plain = g.generate(&p, &params, |_| true).unwrap();
+        g.set_draft_tokens(ragd_generator::DEFAULT_DRAFT_TOKENS);
+        let drafted = g.generate(&p, &params, |_| true).unwrap();
+        eprintln!(
+            "gemma3: {} tokens, {} drafted, {} accepted: {:?}",
+            drafted.completion_tokens,
+            drafted.drafted_tokens,
+            drafted.accepted_tokens,
+            drafted.text
+        );
+        assert_eq!(drafted.text, plain.text, "{params:?}");
+        assert_eq!(drafted.completion_tokens, plain.completion_tokens);
+        if params.temperature == 0.0 {
+            assert!(
+                drafted.accepted_tokens > 0,
+                "the answer repeats itself: drafts are accepted"
+            );
+        }
+    }
+}

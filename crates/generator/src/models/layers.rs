@@ -70,7 +70,10 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
     /// `token_embd.weight`, `output_norm.weight` and the output head:
     /// `output.weight`, or with tied embeddings the embedding table again
     /// (the same weights, shared when they stay quantized).
-    fn embeddings_and_head(&mut self, eps: f64) -> Result<(TokenEmbedding, RmsNorm, Linear)> {
+    pub(crate) fn embeddings_and_head(
+        &mut self,
+        eps: f64,
+    ) -> Result<(TokenEmbedding, RmsNorm, Linear)> {
         let tok_embeddings = TokenEmbedding::from_qtensor(self.tensor("token_embd.weight")?)?;
         let norm = self.rms_norm("output_norm.weight", eps)?;
         let output = match self.linear("output.weight") {
@@ -94,6 +97,9 @@ pub(crate) struct Hparams {
     pub(crate) rms_norm_eps: f64,
     /// `{arch}.rope.freq_base`, 10000 when absent.
     pub(crate) rope_freq_base: f32,
+    /// `{arch}.attention.key_length` where the file says (gemma3: 256 with a
+    /// 640-wide model of 4 heads); else `embedding_length / head_count`.
+    pub(crate) key_length: Option<usize>,
 }
 
 impl Hparams {
@@ -113,11 +119,17 @@ impl Hparams {
                 .metadata(&format!("{arch}.rope.freq_base"))
                 .and_then(|m| m.to_f32())
                 .unwrap_or(10000f32),
+            key_length: gg
+                .metadata(&format!("{arch}.attention.key_length"))
+                .and_then(|m| m.to_u32())
+                .ok()
+                .map(|k| k as usize),
         })
     }
 
     pub(crate) fn head_dim(&self) -> usize {
-        self.embedding_length / self.head_count
+        self.key_length
+            .unwrap_or(self.embedding_length / self.head_count)
     }
 }
 
@@ -143,9 +155,22 @@ impl Rope {
         neox: bool,
         device: &Device,
     ) -> Result<Self> {
+        Self::scaled(dim, freq_base, 1.0, positions, neox, device)
+    }
+
+    /// With linear position scaling (`rope.scaling.type = linear`): position
+    /// `p` turns as `p · freq_scale` would (llama.cpp's `freq_scale`).
+    pub(crate) fn scaled(
+        dim: usize,
+        freq_base: f32,
+        freq_scale: f32,
+        positions: usize,
+        neox: bool,
+        device: &Device,
+    ) -> Result<Self> {
         let theta: Vec<_> = (0..dim)
             .step_by(2)
-            .map(|i| 1f32 / freq_base.powf(i as f32 / dim as f32))
+            .map(|i| freq_scale / freq_base.powf(i as f32 / dim as f32))
             .collect();
         let theta = Tensor::new(theta.as_slice(), device)?;
         let idx_theta = Tensor::arange(0, positions as u32, device)?
@@ -193,6 +218,14 @@ pub(crate) struct Attention {
     wo: Linear,
     /// q, k, v biases (qwen2).
     biases: Option<[Tensor; 3]>,
+    /// RMS norms of each query and key head before rotation (gemma3).
+    qk_norms: Option<[RmsNorm; 2]>,
+    /// Sliding window: a query sees only the keys less than this many
+    /// positions before it (gemma3's local layers), masked as llama.cpp's
+    /// `LLAMA_SWA_TYPE_STANDARD`.
+    window: Option<usize>,
+    /// The attention scale where it is not `1/√head_dim` (gemma3 27B).
+    scale: Option<f64>,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
@@ -218,6 +251,9 @@ impl Attention {
             wv,
             wo,
             biases: None,
+            qk_norms: None,
+            window: None,
+            scale: None,
             n_head,
             n_kv_head,
             head_dim,
@@ -263,6 +299,27 @@ impl Attention {
         Ok(attention)
     }
 
+    /// Gemma3's extras: per-head q/k norms, a sliding window, its own scale.
+    pub(crate) fn with_gemma(
+        mut self,
+        qk_norms: [RmsNorm; 2],
+        window: Option<usize>,
+        scale: Option<f64>,
+    ) -> Self {
+        self.qk_norms = Some(qk_norms);
+        self.window = window;
+        self.scale = scale;
+        self
+    }
+
+    /// The first key a query at `pos` sees.
+    fn first_key(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+
     fn rotate(&self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
         let _enter = self.span_rot.enter();
         self.rope.apply(x, index_pos)
@@ -270,7 +327,7 @@ impl Attention {
 
     fn forward(&mut self, x: &Tensor, causal: Causal<'_>, index_pos: usize) -> Result<Tensor> {
         let _enter = self.span_attn.enter();
-        let (b_sz, seq_len, n_embd) = x.dims3()?;
+        let (b_sz, seq_len, _) = x.dims3()?;
         let q = self.wq.forward(x)?;
         let k = self.wk.forward(x)?;
         let v = self.wv.forward(x)?;
@@ -283,12 +340,14 @@ impl Attention {
             ),
         };
 
-        let q = q
-            .reshape((b_sz, seq_len, self.n_head, self.head_dim))?
-            .transpose(1, 2)?;
-        let k = k
-            .reshape((b_sz, seq_len, self.n_kv_head, self.head_dim))?
-            .transpose(1, 2)?;
+        let q = q.reshape((b_sz, seq_len, self.n_head, self.head_dim))?;
+        let k = k.reshape((b_sz, seq_len, self.n_kv_head, self.head_dim))?;
+        let (q, k) = match &self.qk_norms {
+            None => (q, k),
+            Some([q_norm, k_norm]) => (q_norm.forward(&q)?, k_norm.forward(&k)?),
+        };
+        let q = q.transpose(1, 2)?;
+        let k = k.transpose(1, 2)?;
         let v = v
             .reshape((b_sz, seq_len, self.n_kv_head, self.head_dim))?
             .transpose(1, 2)?
@@ -301,21 +360,44 @@ impl Attention {
         // earlier; the values are the same).
         let q = self.rotate(&q, index_pos)?;
         let k = self.rotate(&k, index_pos)?;
+        let q = match self.scale {
+            // grouped_attention divides by √head_dim; this makes it `scale`.
+            Some(scale) => (q * (scale * (self.head_dim as f64).sqrt()))?,
+            None => q,
+        };
 
         let (k, v) = self.kv_cache.append(index_pos, &k, &v)?;
+        let kv_len = index_pos + seq_len;
         let y = if let (Causal::PerRow, 2..) = (causal, seq_len) {
             let mut ys = Vec::with_capacity(seq_len);
             for i in 0..seq_len {
                 let seen = index_pos + i + 1;
+                let from = self.first_key(seen - 1);
                 ys.push(grouped_attention(
                     &q.narrow(2, i, 1)?,
-                    &k.narrow(2, 0, seen)?,
-                    &v.narrow(2, 0, seen)?,
+                    &k.narrow(2, from, seen - from)?,
+                    &v.narrow(2, from, seen - from)?,
                     None,
                     &self.neg_inf,
                 )?);
             }
             Tensor::cat(&ys, 2)?
+        } else if let Some(w) = self.window.filter(|&w| kv_len > w) {
+            // Some query here is a window or more past a key: keys from the
+            // first one the first query sees, the rest masked per row (one
+            // row needs no mask: it sees exactly those, which is also how
+            // `PerRow` narrows, so decoding and checking drafts agree).
+            let from = self.first_key(index_pos);
+            let mask = (seq_len > 1)
+                .then(|| window_mask(seq_len, index_pos, from, w, q.device()))
+                .transpose()?;
+            grouped_attention(
+                &q,
+                &k.narrow(2, from, kv_len - from)?,
+                &v.narrow(2, from, kv_len - from)?,
+                mask.as_ref(),
+                &self.neg_inf,
+            )?
         } else {
             let mask = match causal {
                 Causal::Masked(mask) => mask,
@@ -324,17 +406,44 @@ impl Attention {
             grouped_attention(&q, &k, &v, mask, &self.neg_inf)?
         };
 
-        let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b_sz, seq_len, self.n_head * self.head_dim))?;
         self.wo.forward(&y)
     }
 }
 
-/// The feed-forward: `down(silu(gate(x)) · up(x))`.
+/// The mask for queries at `index_pos..index_pos + seq_len` over keys at
+/// `from..index_pos + seq_len` with a sliding window of `w`: 1 where the key
+/// is after the query or `w` or more positions before it.
+fn window_mask(
+    seq_len: usize,
+    index_pos: usize,
+    from: usize,
+    w: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let keys = index_pos + seq_len - from;
+    let mask: Vec<u8> = (0..seq_len)
+        .flat_map(|i| {
+            let q = index_pos + i;
+            (0..keys).map(move |j| {
+                let k = from + j;
+                u8::from(k > q || q - k >= w)
+            })
+        })
+        .collect();
+    Tensor::from_slice(&mask, (seq_len, keys), device)
+}
+
+/// The feed-forward: `down(act(gate(x)) · up(x))`, `act` SiLU (llama, qwen2)
+/// or GELU with the tanh approximation (gemma3; ggml's `gelu`).
 #[derive(Debug, Clone)]
 pub(crate) struct Mlp {
     gate: Linear,
     down: Linear,
     up: Linear,
+    gelu: bool,
 }
 
 impl Mlp {
@@ -350,11 +459,23 @@ impl Mlp {
             gate: weight("ffn_gate")?,
             down: weight("ffn_down")?,
             up: weight("ffn_up")?,
+            gelu: false,
         })
     }
 
     pub(crate) fn new(gate: Linear, down: Linear, up: Linear) -> Self {
-        Self { gate, down, up }
+        Self {
+            gate,
+            down,
+            up,
+            gelu: false,
+        }
+    }
+
+    /// The same with GELU (tanh approximation) in place of SiLU.
+    pub(crate) fn with_gelu(mut self) -> Self {
+        self.gelu = true;
+        self
     }
 }
 
@@ -362,7 +483,12 @@ impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let w1 = self.gate.forward(xs)?;
         let w3 = self.up.forward(xs)?;
-        self.down.forward(&(candle_nn::ops::silu(&w1)? * w3)?)
+        let act = if self.gelu {
+            w1.gelu()?
+        } else {
+            candle_nn::ops::silu(&w1)?
+        };
+        self.down.forward(&(act * w3)?)
     }
 }
 
@@ -374,6 +500,9 @@ pub(crate) struct Block<F> {
     attention: Attention,
     ffn_norm: RmsNorm,
     ffn: F,
+    /// Norms of the attention's and the feed-forward's outputs before each
+    /// is added to the residual (gemma3's `post_attention_norm`, `post_ffw_norm`).
+    post_norms: Option<[RmsNorm; 2]>,
     span_mlp: tracing::Span,
 }
 
@@ -389,21 +518,33 @@ impl<F: Module> Block<F> {
             attention,
             ffn_norm,
             ffn,
+            post_norms: None,
             span_mlp: tracing::span!(tracing::Level::TRACE, "attn-mlp"),
         }
+    }
+
+    pub(crate) fn with_post_norms(mut self, post_norms: [RmsNorm; 2]) -> Self {
+        self.post_norms = Some(post_norms);
+        self
     }
 
     fn forward(&mut self, x: &Tensor, causal: Causal<'_>, index_pos: usize) -> Result<Tensor> {
         let residual = x;
         let x = self.attention_norm.forward(x)?;
-        let attn = self.attention.forward(&x, causal, index_pos)?;
+        let mut attn = self.attention.forward(&x, causal, index_pos)?;
+        if let Some([post, _]) = &self.post_norms {
+            attn = post.forward(&attn)?;
+        }
         let x = (attn + residual)?;
 
         // MLP
         let _enter = self.span_mlp.enter();
         let residual = &x;
         let x = self.ffn_norm.forward(&x)?;
-        let x = self.ffn.forward(&x)?;
+        let mut x = self.ffn.forward(&x)?;
+        if let Some([_, post]) = &self.post_norms {
+            x = post.forward(&x)?;
+        }
         x + residual
     }
 }
@@ -420,6 +561,10 @@ pub(crate) struct Model<F> {
     /// kv_len = index_pos + seq_len, so the mask is rectangular when prefix
     /// KV cache entries exist (index_pos > 0).
     masks: HashMap<(usize, usize), Tensor>,
+    /// Token embeddings are multiplied by this (gemma3: √embedding_length).
+    embed_scale: Option<f64>,
+    /// Final logit soft-capping: `c · tanh(logits / c)` (gemma2-style files).
+    softcap: Option<f64>,
     span: tracing::Span,
     span_output: tracing::Span,
 }
@@ -437,8 +582,25 @@ impl<F: Module> Model<F> {
             norm,
             output,
             masks: HashMap::new(),
+            embed_scale: None,
+            softcap: None,
             span: tracing::span!(tracing::Level::TRACE, "model"),
             span_output: tracing::span!(tracing::Level::TRACE, "output"),
+        }
+    }
+
+    pub(crate) fn with_embed_scale(mut self, scale: f64, softcap: Option<f64>) -> Self {
+        self.embed_scale = Some(scale);
+        self.softcap = softcap;
+        self
+    }
+
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let _enter = self.span_output.enter();
+        let logits = self.output.forward(x)?;
+        match self.softcap {
+            Some(c) => (logits / c)?.tanh()? * c,
+            None => Ok(logits),
         }
     }
 
@@ -525,8 +687,7 @@ impl<F: Module> Model<F> {
         let hidden = self.hidden(x, Causal::Masked(mask.as_ref()), index_pos)?;
         let x = self.norm.forward(&hidden)?;
         let x = x.i((.., seq_len - 1, ..))?;
-        let _enter = self.span_output.enter();
-        self.output.forward(&x)
+        self.head(&x)
     }
 
     /// Logits after each of the tokens `x` `(batch, seq)` at positions
@@ -538,14 +699,16 @@ impl<F: Module> Model<F> {
     pub(crate) fn forward_rows(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
         let hidden = self.hidden(x, Causal::PerRow, index_pos)?;
         let x = self.norm.forward(&hidden)?;
-        let _enter = self.span_output.enter();
-        self.output.forward(&x)
+        self.head(&x)
     }
 
     /// The last block's output for the tokens `x`.
     fn hidden(&mut self, x: &Tensor, causal: Causal<'_>, index_pos: usize) -> Result<Tensor> {
         let _enter = self.span.enter();
         let mut layer_in = self.tok_embeddings.forward(x)?;
+        if let Some(scale) = self.embed_scale {
+            layer_in = (layer_in * scale)?;
+        }
         for layer in self.layers.iter_mut() {
             layer_in = layer.forward(&layer_in, causal, index_pos)?;
         }
