@@ -37,7 +37,7 @@ use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 use ragd_kernels::q8_0::{kernel_available, Q8Matrix};
 
-use crate::mapped::{MappedTable, Table};
+use crate::mapped::{FileTable, Table};
 use crate::Pooling;
 
 /// A linear layer: fp32 through candle, or int8 weights through the Q8_0
@@ -112,7 +112,7 @@ impl Bert {
     pub(crate) fn load(
         vb: VarBuilder,
         c: &Config,
-        word: Option<MappedTable>,
+        word: Option<FileTable>,
         int8: bool,
     ) -> Result<Self> {
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
@@ -134,7 +134,7 @@ impl Bert {
         let head_dim = h / heads;
         let e = vb.pp("embeddings");
         let word = match word {
-            Some(table) => Table::Mapped(table),
+            Some(table) => Table::File(table),
             None => Table::Loaded(e.get((c.vocab_size, h), "word_embeddings.weight")?),
         };
         let position = e.get((c.max_position_embeddings, h), "position_embeddings.weight")?;

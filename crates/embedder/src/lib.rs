@@ -23,6 +23,7 @@
 mod bert;
 pub mod e5s1;
 mod mapped;
+pub mod unigram;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,9 +33,25 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
 use std::sync::Arc;
 
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{
-    Encoding, PaddingParams, PaddingStrategy, PostProcessor, Tokenizer, TruncationDirection,
+    AddedToken, Encoding, PaddingParams, PaddingStrategy, PostProcessor, TokenizerImpl,
+    TruncationDirection,
 };
+
+use unigram::{CompactUnigram, TextModel};
+
+/// `tokenizers`' pipeline around [`TextModel`].
+pub type TextTokenizerImpl = TokenizerImpl<
+    TextModel,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 
 pub use ragd_core::TextKind;
 
@@ -119,16 +136,15 @@ enum Model {
 
 /// A model's tokenizer, loaded once and shared by whoever needs it (the
 /// embedder, and the pipeline counting tokens to size chunks): cloning it
-/// shares it. A multilingual vocabulary's tokenizer is large (multilingual-e5-
-/// small's 250,000 pieces take about 280 MB in memory), and cloning a
-/// `tokenizers::Tokenizer` copies all of it, which a second copy for counting
-/// used to do; so the shared one has no truncation or padding, and
-/// [`TextTokenizer::encode`] cuts a text to the window the way the
-/// `tokenizers` crate's own truncation does (before the special tokens are
-/// added, leaving room for them).
+/// shares it. It has no truncation or padding; [`TextTokenizer::encode`] cuts
+/// a text to the window the way the `tokenizers` crate's own truncation does
+/// (before the special tokens are added, leaving room for them). A Unigram
+/// vocabulary (multilingual-e5-small's 250,000 pieces) is held by
+/// [`unigram::CompactUnigram`]: a few MB instead of the ~270 MB of
+/// `tokenizers`' own Unigram model, same ids.
 #[derive(Clone)]
 pub struct TextTokenizer {
-    inner: Arc<Tokenizer>,
+    inner: Arc<TextTokenizerImpl>,
     max_length: usize,
 }
 
@@ -141,14 +157,128 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
+/// What [`TextTokenizer::from_file`] reads from `tokenizer.json` besides the
+/// model (truncation and padding are left out on purpose).
+#[derive(Deserialize)]
+struct TokenizerFile<M> {
+    #[serde(default)]
+    added_tokens: Vec<AddedTokenEntry>,
+    normalizer: Option<NormalizerWrapper>,
+    pre_tokenizer: Option<PreTokenizerWrapper>,
+    post_processor: Option<PostProcessorWrapper>,
+    decoder: Option<DecoderWrapper>,
+    model: M,
+}
+
+#[derive(Deserialize)]
+struct AddedTokenEntry {
+    content: String,
+    #[serde(default)]
+    single_word: bool,
+    #[serde(default)]
+    lstrip: bool,
+    #[serde(default)]
+    rstrip: bool,
+    #[serde(default)]
+    normalized: bool,
+    #[serde(default)]
+    special: bool,
+}
+
+#[derive(Deserialize)]
+struct ModelKind {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UnigramFile {
+    vocab: Vec<(String, f64)>,
+    unk_id: Option<usize>,
+    #[serde(default)]
+    byte_fallback: bool,
+}
+
 impl TextTokenizer {
-    /// Wraps `tokenizer` (its truncation and padding are turned off) for a
-    /// window of `max_length` tokens, special tokens included.
-    pub fn new(mut tokenizer: Tokenizer, max_length: usize) -> Result<Self, EmbedError> {
+    /// Reads `tokenizer.json` for a window of `max_length` tokens, special
+    /// tokens included. The file is parsed into typed parts directly (a
+    /// generic JSON tree of 250,000 pieces would be ~100 MB more at the peak).
+    pub fn from_file(path: &Path, max_length: usize) -> Result<Self, EmbedError> {
+        let bad =
+            |e: &dyn std::fmt::Display| EmbedError::Tokenizer(format!("{}: {e}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|source| EmbedError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let head: TokenizerFile<ModelKind> = serde_json::from_str(&text).map_err(|e| bad(&e))?;
+        let (model, parts) = if head.model.kind.as_deref() == Some("Unigram") {
+            drop(head);
+            let file: TokenizerFile<UnigramFile> =
+                serde_json::from_str(&text).map_err(|e| bad(&e))?;
+            let TokenizerFile {
+                added_tokens,
+                normalizer,
+                pre_tokenizer,
+                post_processor,
+                decoder,
+                model,
+            } = file;
+            let compact = CompactUnigram::new(model.vocab, model.unk_id, model.byte_fallback)
+                .map_err(|e| bad(&e))?;
+            (
+                TextModel::Unigram(Box::new(compact)),
+                (
+                    added_tokens,
+                    normalizer,
+                    pre_tokenizer,
+                    post_processor,
+                    decoder,
+                ),
+            )
+        } else {
+            drop(head);
+            let file: TokenizerFile<tokenizers::models::ModelWrapper> =
+                serde_json::from_str(&text).map_err(|e| bad(&e))?;
+            let TokenizerFile {
+                added_tokens,
+                normalizer,
+                pre_tokenizer,
+                post_processor,
+                decoder,
+                model,
+            } = file;
+            (
+                TextModel::Other(Box::new(model)),
+                (
+                    added_tokens,
+                    normalizer,
+                    pre_tokenizer,
+                    post_processor,
+                    decoder,
+                ),
+            )
+        };
+        drop(text);
+        let (added_tokens, normalizer, pre_tokenizer, post_processor, decoder) = parts;
+        let mut tokenizer = TokenizerImpl::new(model);
         tokenizer
-            .with_truncation(None)
-            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
-        tokenizer.with_padding(None);
+            .with_normalizer(normalizer)
+            .with_pre_tokenizer(pre_tokenizer)
+            .with_post_processor(post_processor)
+            .with_decoder(decoder);
+        // After the normalizer, as `tokenizers` does when it reads the file
+        // (a normalized added token is matched in normalized text).
+        let added: Vec<AddedToken> = added_tokens
+            .into_iter()
+            .map(|t| {
+                AddedToken::from(t.content, t.special)
+                    .single_word(t.single_word)
+                    .lstrip(t.lstrip)
+                    .rstrip(t.rstrip)
+                    .normalized(t.normalized)
+            })
+            .collect();
+        tokenizer.add_tokens(&added);
         Ok(Self {
             inner: Arc::new(tokenizer),
             max_length,
@@ -210,7 +340,7 @@ impl TextTokenizer {
     }
 
     /// The underlying tokenizer (no truncation, no padding).
-    pub fn inner(&self) -> &Tokenizer {
+    pub fn inner(&self) -> &TextTokenizerImpl {
         &self.inner
     }
 }
@@ -372,9 +502,7 @@ impl ModelCard {
             .min(dims.max_position_embeddings);
 
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tok_path)
-            .map_err(|e| EmbedError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
-        let tokenizer = TextTokenizer::new(tokenizer, max_length)?;
+        let tokenizer = TextTokenizer::from_file(&tok_path, max_length)?;
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -441,7 +569,7 @@ impl Embedder {
         let model = if padded {
             Model::Padded(BertModel::load(vb, &bert_config)?)
         } else {
-            let word = mapped::MappedTable::open(
+            let word = mapped::FileTable::open(
                 &weights,
                 "embeddings.word_embeddings.weight",
                 bert_config.vocab_size,

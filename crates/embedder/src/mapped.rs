@@ -1,17 +1,15 @@
-//! Weights read in place from the memory-mapped `model.safetensors`.
+//! Weights read from `model.safetensors` without copying the whole file.
 //!
 //! Why: a multilingual vocabulary makes the word-embedding table most of a
 //! small encoder (multilingual-e5-small: 250,037 × 384 f32 = 384 MB of its
 //! 470 MB). Copied into the heap, as candle's `VarBuilder` does with every
 //! tensor it is asked for, all of it stays resident whether or not its rows are
-//! used — and a text uses a few hundred rows. Read from the mapped file, only
-//! the pages of rows looked up are ever read, and they are the kernel's page
-//! cache (shared with other processes mapping the file, dropped under memory
-//! pressure and read again), not the process's heap. The values are the file's
-//! own: the fp32 path stays exact.
+//! used — and a text uses a few hundred rows. [`FileTable`] reads only the
+//! rows looked up, from the file (the kernel's page cache, not the process's
+//! memory). The values are the file's own: the fp32 path stays exact.
 //!
 //! The other weights are still copied (they are read on every text), but from
-//! the mapped file rather than from a 470 MB buffer read first.
+//! the memory-mapped file rather than from a 470 MB buffer read first.
 //!
 //! `unsafe` here, as in every memory map: the map is only sound while no one
 //! changes the file under it. ragd never writes a model file in place (an
@@ -33,16 +31,34 @@ pub(crate) fn var_builder(path: &Path, device: &Device) -> Result<VarBuilder<'st
     unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
 }
 
-/// A 2-D f32 table (rows × cols) in a mapped safetensors file, looked up by row.
-pub(crate) struct MappedTable {
-    map: memmap2::Mmap,
-    /// Byte offset of row 0 in the map.
-    offset: usize,
+/// A 2-D f32 table (rows × cols) in a safetensors file, its rows read from
+/// the file as they are looked up.
+///
+/// Not mapped: a mapped file's pages count in the process's resident memory
+/// once touched, and the kernel maps the cached pages around each faulting one
+/// (fault-around, 64 KB) whatever `madvise` says — multilingual-e5-small's
+/// table grew `ragd serve`'s file-backed resident memory from 0.02 to 0.13 GB
+/// over 2,000 ingested Wikipedia summaries (`bench/serve-memory --docs 2000`).
+/// Positioned reads copy just the rows (a system call per token, about a
+/// microsecond next to the encoder's milliseconds) and leave the file to the
+/// page cache, which is not the process's.
+pub(crate) struct FileTable {
+    file: std::fs::File,
+    /// Byte offset of row 0 in the file.
+    offset: u64,
     rows: usize,
     cols: usize,
 }
 
-impl MappedTable {
+/// A tensor's entry in a safetensors header.
+#[derive(serde::Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
+
+impl FileTable {
     /// The tensor whose name ends with `suffix` in `path`, when it is stored as
     /// little-endian f32 with shape `(rows, cols)`; `None` otherwise (the caller
     /// then loads it the usual way).
@@ -52,27 +68,39 @@ impl MappedTable {
         rows: usize,
         cols: usize,
     ) -> std::io::Result<Option<Self>> {
-        let file = std::fs::File::open(path)?;
-        // SAFETY: see the module documentation.
-        let map = unsafe { memmap2::Mmap::map(&file)? };
-        let offset = {
-            let Ok(tensors) = safetensors::SafeTensors::deserialize(&map) else {
-                return Ok(None);
-            };
-            let found = tensors.tensors().into_iter().find(|(name, view)| {
-                name.ends_with(suffix)
-                    && view.dtype() == safetensors::Dtype::F32
-                    && view.shape() == [rows, cols]
-            });
-            match found {
-                Some((_, view)) => view.data().as_ptr() as usize - map.as_ptr() as usize,
-                None => return Ok(None),
-            }
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > 100 << 20 {
+            return Ok(None);
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header)?;
+        let Ok(entries) =
+            serde_json::from_slice::<std::collections::HashMap<String, serde_json::Value>>(&header)
+        else {
+            return Ok(None);
         };
-        // Rows are read at random: no read-ahead of neighbouring pages.
-        let _ = map.advise(memmap2::Advice::Random);
+        let found = entries.into_iter().find_map(|(name, value)| {
+            let entry: HeaderEntry = serde_json::from_value(value).ok()?;
+            (name.ends_with(suffix)
+                && entry.dtype == "F32"
+                && entry.shape == [rows, cols]
+                && entry.data_offsets.1.checked_sub(entry.data_offsets.0)
+                    == Some((rows * cols * 4) as u64))
+            .then_some(entry.data_offsets.0)
+        });
+        let Some(start) = found else {
+            return Ok(None);
+        };
+        let offset = 8 + header_len + start;
+        if file.metadata()?.len() < offset + (rows * cols * 4) as u64 {
+            return Ok(None);
+        }
         Ok(Some(Self {
-            map,
+            file,
             offset,
             rows,
             cols,
@@ -81,15 +109,17 @@ impl MappedTable {
 
     /// The rows `ids`, `(ids.len(), cols)`; an id outside the table is an error.
     pub(crate) fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        use std::os::unix::fs::FileExt;
         let row_bytes = self.cols * 4;
         let mut out = Vec::with_capacity(ids.len() * self.cols);
+        let mut row = vec![0u8; row_bytes];
         for &id in ids {
             let id = id as usize;
             if id >= self.rows {
                 candle_core::bail!("token id {id} is outside the vocabulary of {}", self.rows)
             }
-            let start = self.offset + id * row_bytes;
-            let row = &self.map[start..start + row_bytes];
+            self.file
+                .read_exact_at(&mut row, self.offset + (id * row_bytes) as u64)?;
             out.extend(
                 row.chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
@@ -99,12 +129,12 @@ impl MappedTable {
     }
 }
 
-/// A table kept in memory or read from the mapped file.
+/// A table kept in memory or read from the file.
 pub(crate) enum Table {
     /// Copied into memory (a file whose table is not plain f32).
     Loaded(Tensor),
-    /// Read in place.
-    Mapped(MappedTable),
+    /// Read from the file as rows are looked up.
+    File(FileTable),
 }
 
 impl Table {
@@ -112,7 +142,7 @@ impl Table {
     pub(crate) fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {
             Self::Loaded(t) => t.index_select(&Tensor::new(ids, device)?, 0),
-            Self::Mapped(m) => m.lookup(ids, device),
+            Self::File(m) => m.lookup(ids, device),
         }
     }
 }
@@ -141,7 +171,7 @@ mod tests {
         ]);
         candle_core::safetensors::save(&tensors, &path)?;
 
-        let mapped = MappedTable::open(&path, "embeddings.word_embeddings.weight", 50, 12)?
+        let mapped = FileTable::open(&path, "embeddings.word_embeddings.weight", 50, 12)?
             .expect("an f32 table of that shape");
         let ids = [0u32, 49, 7, 7];
         let got: Vec<Vec<f32>> = mapped.lookup(&ids, &dev)?.to_vec2()?;
@@ -151,8 +181,8 @@ mod tests {
         assert_eq!(got, want);
         assert!(mapped.lookup(&[50], &dev).is_err(), "outside the table");
         // Another shape, or a table that is not f32, is left to the usual loader.
-        assert!(MappedTable::open(&path, "embeddings.word_embeddings.weight", 51, 12)?.is_none());
-        assert!(MappedTable::open(&path, "position_embeddings.weight", 50, 12)?.is_none());
+        assert!(FileTable::open(&path, "embeddings.word_embeddings.weight", 51, 12)?.is_none());
+        assert!(FileTable::open(&path, "position_embeddings.weight", 50, 12)?.is_none());
         Ok(())
     }
 }
