@@ -154,6 +154,10 @@ fn serve_slot(
         let _busy = counters.take();
         if !job.events.is_closed() {
             run_job(generator, job); // else the caller left while queued
+                                     // Idle until the next job: its keys and values and the scratch
+                                     // memory go back to the system.
+            generator.release_cache();
+            crate::memory::release_free_memory();
         }
     }
 }

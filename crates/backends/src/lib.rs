@@ -26,6 +26,7 @@
 pub mod embed_local;
 pub mod embed_remote;
 pub mod generate_local;
+pub mod memory;
 mod queue;
 pub mod remote;
 pub mod sqlite;

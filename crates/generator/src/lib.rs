@@ -502,6 +502,13 @@ impl Generator {
         g
     }
 
+    /// Drops the KV cache of the last generation (the cached prefix stays):
+    /// the next generation starts from the prefix or from nothing anyway, so
+    /// an idle generator need not hold a long prompt's keys and values.
+    pub fn release_cache(&mut self) {
+        self.weights.clear();
+    }
+
     /// Length of the cached prefix (0 when none).
     pub fn cached_prefix_len(&self) -> usize {
         self.prefix.as_ref().map_or(0, |(ids, _)| ids.len())
