@@ -26,7 +26,6 @@
 pub mod embed_local;
 pub mod embed_remote;
 pub mod generate_local;
-pub mod memory;
 mod queue;
 pub mod remote;
 pub mod sqlite;
