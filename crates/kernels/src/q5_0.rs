@@ -24,7 +24,9 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 
-use crate::q8_0::{kernel_available, matmul_op, quantize_rows, vnni_available, QK, RM, RN};
+use crate::q8_0::{
+    fill_row_groups, kernel_available, matmul_op, quantize_rows, vnni_available, QK, RM, RN,
+};
 #[cfg(target_arch = "x86_64")]
 use crate::q8_0::{store_lanes, walk_panel, SendPtr};
 
@@ -101,23 +103,27 @@ impl Q5Matrix {
             d: [0; RN],
         };
         let mut groups = vec![zero; n.div_ceil(RN) * kb];
-        for (b, block) in data.chunks_exact(BLOCK_BYTES).enumerate() {
-            let (row, l) = (b / kb, b % kb);
-            let g = &mut groups[(row / RN) * kb + l];
-            let r = row % RN;
-            let (q, d) = block_values(block);
-            g.d[r] = d;
-            for t in 0..4 {
-                for b in 0..4 {
-                    g.lo[t][4 * r + b] = (q[4 * t + b] & 0xF) | ((q[16 + 4 * t + b] & 0xF) << 4);
+        fill_row_groups(&mut groups, kb, |rg, groups| {
+            for row in rg * RN..(rg * RN + RN).min(n) {
+                let r = row % RN;
+                let blocks = &data[row * kb * BLOCK_BYTES..(row + 1) * kb * BLOCK_BYTES];
+                for (g, block) in groups.iter_mut().zip(blocks.chunks_exact(BLOCK_BYTES)) {
+                    let (q, d) = block_values(block);
+                    g.d[r] = d;
+                    for t in 0..4 {
+                        for b in 0..4 {
+                            g.lo[t][4 * r + b] =
+                                (q[4 * t + b] & 0xF) | ((q[16 + 4 * t + b] & 0xF) << 4);
+                        }
+                    }
+                    for t in 0..8 {
+                        for b in 0..4 {
+                            g.hi[4 * r + b] |= ((q[4 * t + b] >> 4) & 1) << t;
+                        }
+                    }
                 }
             }
-            for t in 0..8 {
-                for b in 0..4 {
-                    g.hi[4 * r + b] |= ((q[4 * t + b] >> 4) & 1) << t;
-                }
-            }
-        }
+        });
         Ok(Some(Self { n, k, groups }))
     }
 
