@@ -201,6 +201,18 @@ impl std::fmt::Debug for Generator {
     }
 }
 
+/// The model file mapped into memory while it is loaded, so the weights the
+/// kernels re-lay out are read in place (`None` if it cannot be mapped: they
+/// are then read through the file).
+#[allow(unsafe_code)]
+fn map_file(file: &std::fs::File) -> Option<memmap2::Mmap> {
+    // SAFETY: the map lives only while the model loads and is only read;
+    // ragd never writes a model file in place (a re-quantized copy is written
+    // beside it and renamed). Someone truncating the file during those
+    // seconds would make the load fault, as llama.cpp's mapped loads would.
+    unsafe { memmap2::Mmap::map(file) }.ok()
+}
+
 /// The template for files without one (base models): BOS where the file asks
 /// for it, then the messages' texts, a blank line between them, nothing after.
 const PLAIN_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if not loop.first %}{{ \"\\n\\n\" }}{% endif %}{{ m.content }}{% endfor %}";
@@ -304,22 +316,24 @@ impl Generator {
         }
 
         let device = Device::Cpu;
+        let mapped = map_file(file.get_ref());
+        let map = mapped.as_deref();
         let (weights, context) = match architecture.as_str() {
             "qwen2" => (
                 Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
-                    ct, &mut file, &device,
+                    ct, &mut file, &device, map,
                 )?),
                 file_context,
             ),
             "llama" => (
                 Weights::Llama(quantized_llama::ModelWeights::from_gguf(
-                    ct, &mut file, &device,
+                    ct, &mut file, &device, map,
                 )?),
                 // candle's quantized llama precomputes rotary tables for this many positions.
                 file_context.min(quantized_llama::MAX_SEQ_LEN),
             ),
             "gemma3" => (
-                Weights::Gemma3(models::gemma3::from_gguf(ct, &mut file, &device)?),
+                Weights::Gemma3(models::gemma3::from_gguf(ct, &mut file, &device, map)?),
                 file_context,
             ),
             other => {

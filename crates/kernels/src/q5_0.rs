@@ -87,7 +87,15 @@ impl Q5Matrix {
         if t.dtype() != GgmlDType::Q5_0 || k % QK != 0 || n == 0 || !t.device().is_cpu() {
             return Ok(None);
         }
-        let data = t.data()?;
+        Self::from_bytes(n, k, &t.data()?).map(Some)
+    }
+
+    /// From the bytes of a Q5_0 tensor of shape `(n, k)` as GGUF stores it
+    /// (read in place from a mapped file, without a copy in a `QTensor`).
+    pub fn from_bytes(n: usize, k: usize, data: &[u8]) -> Result<Self> {
+        if k % QK != 0 || n == 0 {
+            candle_core::bail!("a Q5_0 matrix of {n}x{k}: columns must be a multiple of {QK}");
+        }
         let blocks = n * k / QK;
         if data.len() != blocks * BLOCK_BYTES {
             candle_core::bail!(
@@ -124,7 +132,7 @@ impl Q5Matrix {
                 }
             }
         });
-        Ok(Some(Self { n, k, groups }))
+        Ok(Self { n, k, groups })
     }
 
     /// Output features.

@@ -86,6 +86,22 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The fast path for a tensor's bytes as GGUF stores them, `(n, k)` of
+    /// `dtype`: `Some` for Q8_0 and Q5_0 where the kernels run, `None` for
+    /// the caller to read the tensor into a `QTensor` instead.
+    pub fn from_raw(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Result<Option<Self>> {
+        if !kernel_available() || k % QK != 0 || n == 0 {
+            return Ok(None);
+        }
+        Ok(match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8(Arc::new(Q8Matrix::from_bytes(n, k, data)?))),
+            GgmlDType::Q5_0 => Some(Self::Q5(Arc::new(Q5Matrix::from_bytes(n, k, data)?))),
+            _ => None,
+        })
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
@@ -168,6 +184,19 @@ impl TokenEmbedding {
             t.dequantize(&t.device())?,
             hidden,
         )))
+    }
+
+    /// [`TokenEmbedding::from_qtensor`] for a Q8_0 or Q5_0 table's bytes as
+    /// GGUF stores them; `None` for other types.
+    pub fn from_raw(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Result<Option<Self>> {
+        if k % QK != 0 || n == 0 {
+            return Ok(None);
+        }
+        Ok(match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8(Arc::new(Q8Matrix::from_bytes(n, k, data)?))),
+            GgmlDType::Q5_0 => Some(Self::Q5(Arc::new(Q5Matrix::from_bytes(n, k, data)?))),
+            _ => None,
+        })
     }
 
     /// The same weights as an output layer, where they are kept quantized
@@ -300,7 +329,15 @@ impl Q8Matrix {
         if t.dtype() != GgmlDType::Q8_0 || k % QK != 0 || n == 0 {
             return Ok(None);
         }
-        let data = t.data()?;
+        Self::from_bytes(n, k, &t.data()?).map(Some)
+    }
+
+    /// From the bytes of a Q8_0 tensor of shape `(n, k)` as GGUF stores it
+    /// (read in place from a mapped file, without a copy in a `QTensor`).
+    pub fn from_bytes(n: usize, k: usize, data: &[u8]) -> Result<Self> {
+        if k % QK != 0 || n == 0 {
+            candle_core::bail!("a Q8_0 matrix of {n}x{k}: columns must be a multiple of {QK}");
+        }
         let blocks = n * k / QK;
         if data.len() != blocks * BLOCK_BYTES {
             candle_core::bail!(
@@ -327,7 +364,7 @@ impl Q8Matrix {
                 }
             }
         });
-        Ok(Some(Self { n, k, groups }))
+        Ok(Self { n, k, groups })
     }
 
     /// Output features.

@@ -43,8 +43,9 @@ pub(crate) fn from_gguf<R: std::io::Seek + std::io::Read>(
     ct: gguf_file::Content,
     reader: &mut R,
     device: &Device,
+    map: Option<&[u8]>,
 ) -> Result<ModelWeights> {
-    let mut gg = Gguf::new(ct, reader, device);
+    let mut gg = Gguf::new(ct, reader, device, map);
     let hp = Hparams::read(&gg, ARCH)?;
     let f32_of = |gg: &Gguf<'_, R>, key: &str| {
         gg.metadata(&format!("{ARCH}.{key}"))

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek};
 
-use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use candle_nn::Module;
 use candle_transformers::quantized_nn::RmsNorm;
@@ -31,16 +31,41 @@ use candle_transformers::quantized_nn::RmsNorm;
 use super::attention::{grouped_attention, KvCache};
 use crate::q8_0::{Linear, TokenEmbedding};
 
-/// A GGUF file being read into a model: its header, the file and the device.
+/// A GGUF file being read into a model: its header, the file, the device,
+/// and the file's bytes where it is memory-mapped.
 pub(crate) struct Gguf<'a, R> {
     ct: gguf_file::Content,
     reader: &'a mut R,
     device: &'a Device,
+    map: Option<&'a [u8]>,
 }
 
 impl<'a, R: Read + Seek> Gguf<'a, R> {
-    pub(crate) fn new(ct: gguf_file::Content, reader: &'a mut R, device: &'a Device) -> Self {
-        Self { ct, reader, device }
+    pub(crate) fn new(
+        ct: gguf_file::Content,
+        reader: &'a mut R,
+        device: &'a Device,
+        map: Option<&'a [u8]>,
+    ) -> Self {
+        Self {
+            ct,
+            reader,
+            device,
+            map,
+        }
+    }
+
+    /// A tensor's type, shape `(rows, cols)` and bytes in the mapped file,
+    /// for a 2-D tensor inside it (`None`: read it the usual way).
+    fn raw(&self, name: &str) -> Option<(GgmlDType, usize, usize, &'a [u8])> {
+        let map = self.map?;
+        let info = self.ct.tensor_infos.get(name)?;
+        let (n, k) = info.shape.dims2().ok()?;
+        let dtype = info.ggml_dtype;
+        let bytes = n * k / dtype.block_size() * dtype.type_size();
+        let start = usize::try_from(self.ct.tensor_data_offset + info.offset).ok()?;
+        map.get(start..start.checked_add(bytes)?)
+            .map(|data| (dtype, n, k, data))
     }
 
     pub(crate) fn device(&self) -> &'a Device {
@@ -59,7 +84,16 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
         self.ct.tensor(self.reader, name, self.device)
     }
 
+    /// A linear layer. Q8_0 and Q5_0 weights are re-laid out straight from
+    /// the mapped file: reading them into a `QTensor` first allocated and
+    /// copied the whole model once more, a quarter of the load time in page
+    /// faults alone.
     pub(crate) fn linear(&mut self, name: &str) -> Result<Linear> {
+        if let Some((dtype, n, k, data)) = self.raw(name) {
+            if let Some(linear) = Linear::from_raw(dtype, n, k, data)? {
+                return Ok(linear);
+            }
+        }
         Linear::from_qtensor(self.tensor(name)?)
     }
 
@@ -74,7 +108,14 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
         &mut self,
         eps: f64,
     ) -> Result<(TokenEmbedding, RmsNorm, Linear)> {
-        let tok_embeddings = TokenEmbedding::from_qtensor(self.tensor("token_embd.weight")?)?;
+        let raw = match self.raw("token_embd.weight") {
+            Some((dtype, n, k, data)) => TokenEmbedding::from_raw(dtype, n, k, data)?,
+            None => None,
+        };
+        let tok_embeddings = match raw {
+            Some(table) => table,
+            None => TokenEmbedding::from_qtensor(self.tensor("token_embd.weight")?)?,
+        };
         let norm = self.rms_norm("output_norm.weight", eps)?;
         let output = match self.linear("output.weight") {
             Ok(output) => output,

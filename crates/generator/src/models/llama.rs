@@ -158,8 +158,9 @@ impl ModelWeights {
         ct: gguf_file::Content,
         reader: &mut R,
         device: &Device,
+        map: Option<&[u8]>,
     ) -> Result<Self> {
-        let mut gg = Gguf::new(ct, reader, device);
+        let mut gg = Gguf::new(ct, reader, device, map);
 
         // Parameter extraction from metadata.
         let n_expert = gg

@@ -28,8 +28,9 @@ impl ModelWeights {
         ct: gguf_file::Content,
         reader: &mut R,
         device: &Device,
+        map: Option<&[u8]>,
     ) -> Result<Self> {
-        let mut gg = Gguf::new(ct, reader, device);
+        let mut gg = Gguf::new(ct, reader, device, map);
         let hp = Hparams::read(&gg, "qwen2")?;
         let context_length = gg.metadata("qwen2.context_length")?.to_u32()? as usize;
         let rope = Rope::new(
