@@ -93,7 +93,7 @@ impl Q5Matrix {
     /// From the bytes of a Q5_0 tensor of shape `(n, k)` as GGUF stores it
     /// (read in place from a mapped file, without a copy in a `QTensor`).
     pub fn from_bytes(n: usize, k: usize, data: &[u8]) -> Result<Self> {
-        if k % QK != 0 || n == 0 {
+        if !k.is_multiple_of(QK) || n == 0 {
             candle_core::bail!("a Q5_0 matrix of {n}x{k}: columns must be a multiple of {QK}");
         }
         let blocks = n * k / QK;

@@ -91,7 +91,7 @@ impl Linear {
     /// `dtype`: `Some` for Q8_0 and Q5_0 where the kernels run, `None` for
     /// the caller to read the tensor into a `QTensor` instead.
     pub fn from_raw(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Result<Option<Self>> {
-        if !kernel_available() || k % QK != 0 || n == 0 {
+        if !kernel_available() || !k.is_multiple_of(QK) || n == 0 {
             return Ok(None);
         }
         Ok(match dtype {
@@ -189,7 +189,7 @@ impl TokenEmbedding {
     /// [`TokenEmbedding::from_qtensor`] for a Q8_0 or Q5_0 table's bytes as
     /// GGUF stores them; `None` for other types.
     pub fn from_raw(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Result<Option<Self>> {
-        if k % QK != 0 || n == 0 {
+        if !k.is_multiple_of(QK) || n == 0 {
             return Ok(None);
         }
         Ok(match dtype {
@@ -335,7 +335,7 @@ impl Q8Matrix {
     /// From the bytes of a Q8_0 tensor of shape `(n, k)` as GGUF stores it
     /// (read in place from a mapped file, without a copy in a `QTensor`).
     pub fn from_bytes(n: usize, k: usize, data: &[u8]) -> Result<Self> {
-        if k % QK != 0 || n == 0 {
+        if !k.is_multiple_of(QK) || n == 0 {
             candle_core::bail!("a Q8_0 matrix of {n}x{k}: columns must be a multiple of {QK}");
         }
         let blocks = n * k / QK;
