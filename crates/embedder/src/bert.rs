@@ -15,7 +15,8 @@
 //! - Q, K and V are one matrix product (their weights concatenated at load) and
 //!   the 1/√d scale is folded into Q's weights;
 //! - layer norm is candle's fused kernel;
-//! - GELU and softmax are computed here (`gelu_erf`, `softmax_rows`) with a
+//! - GELU and softmax are computed here (`gelu_erf`; softmax is
+//!   `ragd_kernels::softmax::softmax_rows`) with a
 //!   branch-free exp the compiler vectorises: candle's call libm's scalar
 //!   `erff` and `expf` per element (GELU on one thread), which was a fifth of
 //!   the run once the page zeroing was gone, and softmax's `expf` another 7 %.
@@ -36,6 +37,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 use ragd_kernels::q8_0::{kernel_available, Q8Matrix};
+use ragd_kernels::softmax::{exp_neg, softmax_rows};
 
 use crate::mapped::{FileTable, Table};
 use crate::Pooling;
@@ -306,41 +308,6 @@ impl CustomOp1 for GeluErf {
     }
 }
 
-/// Softmax over the last dimension of a contiguous f32 tensor.
-pub(crate) fn softmax_rows(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != candle_core::DType::F32 {
-        return candle_nn::ops::softmax_last_dim(x);
-    }
-    x.apply_op1_no_bwd(&SoftmaxRows)
-}
-
-struct SoftmaxRows;
-
-impl CustomOp1 for SoftmaxRows {
-    fn name(&self) -> &'static str {
-        "ragd-softmax-rows"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let data = contiguous_f32(storage, layout, self.name())?;
-        let row = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; data.len()];
-        // One thread: it is called per text from `Bert::layer`, whose texts
-        // already attend in parallel over the cores.
-        for (x, y) in data.chunks(row).zip(out.chunks_mut(row)) {
-            let max = lanes(x, f32::NEG_INFINITY, f32::max);
-            // Separate passes without a carried dependency, so that each one
-            // vectorises.
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = exp_neg(x - max);
-            }
-            let inv = 1.0 / lanes(y, 0.0, |a, b| a + b);
-            y.iter_mut().for_each(|v| *v *= inv);
-        }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
 /// The elements of a contiguous f32 tensor, for the custom ops here.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
@@ -348,23 +315,6 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op} needs a contiguous tensor"),
     }
-}
-
-/// Reduces `x` with `f` over 16 independent lanes (vectorisable), then the lanes.
-#[inline(always)]
-fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a = f(*a, v);
-        }
-    }
-    let mut r = acc.into_iter().fold(init, &f);
-    for &v in chunks.remainder() {
-        r = f(r, v);
-    }
-    r
 }
 
 fn gelu_slice(src: &[f32], dst: &mut [f32]) {
@@ -389,25 +339,6 @@ fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
-/// e^x for x ≤ 0 (Cephes' expf: range reduction by ln 2, a degree-5
-/// polynomial; relative error about 1e-7), branch-free. Below -87 it returns
-/// about 1.6e-38 instead of 0, which erf's use cannot tell apart.
-#[inline(always)]
-fn exp_neg(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    let r = n.mul_add(-0.693_359_4, x);
-    let r = n.mul_add(2.121_944_4e-4, r);
-    let p = 1.987_569_1e-4f32
-        .mul_add(r, 1.398_199_9e-3)
-        .mul_add(r, 8.333_452e-3)
-        .mul_add(r, 4.166_579_6e-2)
-        .mul_add(r, 1.666_666_5e-1)
-        .mul_add(r, 0.5);
-    let e = p.mul_add(r * r, r) + 1.0;
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * e
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,37 +361,5 @@ mod tests {
             gelu_erf(&big).unwrap().to_vec1::<f32>().unwrap(),
             vec![100.0, -0.0, 1e30, -0.0]
         );
-    }
-
-    #[test]
-    fn softmax_matches_candles() {
-        let xs: Vec<f32> = (0..3 * 5 * 37)
-            .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
-            .collect();
-        let t = Tensor::from_vec(xs, (3, 5, 37), &candle_core::Device::Cpu).unwrap();
-        let ours = softmax_rows(&t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let theirs = candle_nn::ops::softmax_last_dim(&t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for (a, b) in ours.iter().zip(&theirs) {
-            assert!((a - b).abs() <= 1e-6 * b.max(1e-3), "{a} vs {b}");
-        }
-    }
-
-    #[test]
-    fn exp_neg_is_expf() {
-        for i in 0..=8700 {
-            let x = -(i as f32) / 100.0;
-            let (a, b) = (exp_neg(x), x.exp());
-            assert!((a - b).abs() <= 3e-7 * b, "exp({x}) = {a}, expf {b}");
-        }
     }
 }

@@ -5,7 +5,9 @@
 //!   the layers the generator's models are built from, which pick a kernel per
 //!   weight type;
 //! * [`q5_0`]: Q5_0 weights at the file's 5.5 bits per weight;
-//! * [`kquant`]: Q4_K and Q6_K on the file's own blocks.
+//! * [`kquant`]: Q4_K and Q6_K on the file's own blocks;
+//! * [`softmax`]: attention's softmax with a vectorisable exp (and, for the
+//!   generator, the scale and the causal mask in the same pass).
 //!
 //! The generator runs GGUF models on them; the embedder's int8 mode runs its
 //! linear layers through [`q8_0::Q8Matrix`].
@@ -13,6 +15,7 @@
 pub mod kquant;
 pub mod q5_0;
 pub mod q8_0;
+pub mod softmax;
 
 /// What the kernels' tests share.
 #[cfg(test)]

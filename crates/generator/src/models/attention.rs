@@ -116,22 +116,60 @@ pub(crate) fn grouped_attention(
     let rep = n_head / n_kv;
     // (b, n_kv, rep·s, d): the query heads of one group stacked as rows.
     let q = q.contiguous()?.reshape((b, n_kv, rep * s, d))?;
-    let att = (q.matmul(&k.contiguous()?.t()?)? / (d as f64).sqrt())?;
-    let att = match mask {
-        None => att,
-        Some(mask) => {
-            let att = att.reshape((b, n_kv, rep, s, l))?;
-            let mask = mask.broadcast_as(att.shape())?;
-            let att = mask.where_cond(
-                &neg_inf.to_dtype(att.dtype())?.broadcast_as(att.shape())?,
-                &att,
-            )?;
-            att.reshape((b, n_kv, rep * s, l))?
+    let att = q.matmul(&k.contiguous()?.t()?)?;
+    // Scale, mask and softmax in one pass (`ragd_kernels::softmax`), where
+    // the mask gives each query a range of keys (causal, sliding window) and
+    // the scores are f32; else candle's passes.
+    let visible = match mask {
+        None => Some(None),
+        Some(mask) => visible_ranges(mask, s, l)?.map(Some),
+    };
+    let att = match visible {
+        Some(visible) if att.dtype() == candle_core::DType::F32 => {
+            ragd_kernels::softmax::scaled_masked_softmax(&att, 1.0 / (d as f32).sqrt(), s, visible)?
+        }
+        _ => {
+            let att = (att / (d as f64).sqrt())?;
+            let att = match mask {
+                None => att,
+                Some(mask) => {
+                    let att = att.reshape((b, n_kv, rep, s, l))?;
+                    let mask = mask.broadcast_as(att.shape())?;
+                    let att = mask.where_cond(
+                        &neg_inf.to_dtype(att.dtype())?.broadcast_as(att.shape())?,
+                        &att,
+                    )?;
+                    att.reshape((b, n_kv, rep * s, l))?
+                }
+            };
+            candle_nn::ops::softmax_last_dim(&att)?
         }
     };
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
     let y = att.matmul(&v.contiguous()?)?;
     y.reshape((b, n_head, s, d))
+}
+
+/// Each query's visible keys as one range `lo..hi`, from a `(queries, keys)`
+/// mask (1 = hidden); `None` when some row's visible keys are not one range.
+fn visible_ranges(
+    mask: &Tensor,
+    queries: usize,
+    keys: usize,
+) -> Result<Option<std::sync::Arc<[(u32, u32)]>>> {
+    if mask.dims() != [queries, keys] {
+        return Ok(None);
+    }
+    let rows = mask.to_dtype(candle_core::DType::U8)?.to_vec2::<u8>()?;
+    let mut ranges = Vec::with_capacity(queries);
+    for row in &rows {
+        let lo = row.iter().position(|&m| m == 0).unwrap_or(keys);
+        let hi = row.iter().rposition(|&m| m == 0).map_or(lo, |i| i + 1);
+        if row[lo..hi].iter().any(|&m| m != 0) {
+            return Ok(None);
+        }
+        ranges.push((lo as u32, hi as u32));
+    }
+    Ok(Some(ranges.into()))
 }
 
 #[cfg(test)]

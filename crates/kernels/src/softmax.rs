@@ -1,0 +1,295 @@
+//! Softmax over the last dimension with a vectorisable exp, for the
+//! embedder's attention (plain rows) and the generator's (scaled, each query
+//! row limited to the keys it may see).
+//!
+//! candle's `softmax_last_dim` calls libm's scalar `expf` per element, and
+//! the generator's attention before it made three more passes over the
+//! scores, each into a fresh buffer (divide by √d, broadcast −∞ for the
+//! mask, select): for Qwen2.5-0.5B reading a 512-token prompt that is 14
+//! heads × 512 × 512 scores, 15 MB per layer per pass. Here the scale, the
+//! mask (as each row's range of visible keys) and the softmax are one pass,
+//! and a row's result depends only on its own visible keys: a query row in a
+//! masked prompt and the same query decoded alone (its keys narrowed to the
+//! visible ones) get the same bits.
+#![allow(unsafe_code)] // the pool's threads write disjoint rows of one buffer
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+/// e^x for x ≤ 0 (Cephes' expf: range reduction by ln 2, a degree-5
+/// polynomial; relative error about 1e-7), branch-free so that it
+/// vectorises. Below -87 it returns about 1.6e-38 instead of 0.
+#[inline(always)]
+pub fn exp_neg(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let p = 1.987_569_1e-4f32
+        .mul_add(r, 1.398_199_9e-3)
+        .mul_add(r, 8.333_452e-3)
+        .mul_add(r, 4.166_579_6e-2)
+        .mul_add(r, 1.666_666_5e-1)
+        .mul_add(r, 0.5);
+    let e = p.mul_add(r * r, r) + 1.0;
+    f32::from_bits(((n as i32 + 127) << 23) as u32) * e
+}
+
+/// Reduces `x` with `f` over 16 independent lanes (vectorisable), then the lanes.
+#[inline(always)]
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = f(*a, v);
+        }
+    }
+    let mut r = acc.into_iter().fold(init, &f);
+    for &v in chunks.remainder() {
+        r = f(r, v);
+    }
+    r
+}
+
+/// One row: `y = softmax(scale · x)` over `x`'s elements (separate passes
+/// without a carried dependency, so that each one vectorises).
+#[inline(always)]
+fn softmax_row(x: &[f32], y: &mut [f32], scale: f32) {
+    if x.is_empty() {
+        return;
+    }
+    let max = lanes(x, f32::NEG_INFINITY, f32::max) * scale;
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = exp_neg(x * scale - max);
+    }
+    let inv = 1.0 / lanes(y, 0.0, |a, b| a + b);
+    y.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// The elements of a contiguous f32 tensor.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op} needs a contiguous tensor"),
+    }
+}
+
+/// Softmax over the last dimension of a contiguous f32 tensor, on the calling
+/// thread (the embedder calls it per text from threads of its own).
+pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() != candle_core::DType::F32 {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    x.apply_op1_no_bwd(&SoftmaxRows)
+}
+
+struct SoftmaxRows;
+
+impl CustomOp1 for SoftmaxRows {
+    fn name(&self) -> &'static str {
+        "ragd-softmax-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = contiguous_f32(storage, layout, self.name())?;
+        let row = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; data.len()];
+        for (x, y) in data.chunks(row).zip(out.chunks_mut(row)) {
+            softmax_row(x, y, 1.0);
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// `softmax(scale · scores)` over the last dimension of attention scores
+/// `(…, rows, keys)`, where row `r` is query `r % queries` and, with
+/// `visible`, sees only keys `visible[query].0 .. visible[query].1` (the rest
+/// get 0). Rows are spread over the pool's threads.
+pub fn scaled_masked_softmax(
+    scores: &Tensor,
+    scale: f32,
+    queries: usize,
+    visible: Option<Arc<[(u32, u32)]>>,
+) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1_no_bwd(&ScaledMaskedSoftmax {
+        scale,
+        queries: queries.max(1),
+        visible,
+    })
+}
+
+struct ScaledMaskedSoftmax {
+    scale: f32,
+    queries: usize,
+    visible: Option<Arc<[(u32, u32)]>>,
+}
+
+impl CustomOp1 for ScaledMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "ragd-scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = contiguous_f32(storage, layout, self.name())?;
+        let keys = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let rows = data.len() / keys;
+        if let Some(v) = &self.visible {
+            if v.len() != self.queries || v.iter().any(|&(lo, hi)| lo > hi || hi as usize > keys) {
+                candle_core::bail!(
+                    "{}: visible ranges do not fit {rows} rows of {keys} keys",
+                    self.name()
+                );
+            }
+        }
+        let mut out = vec![0f32; data.len()];
+        let row = |r: usize, y: &mut [f32]| {
+            let x = &data[r * keys..(r + 1) * keys];
+            match &self.visible {
+                None => softmax_row(x, y, self.scale),
+                Some(v) => {
+                    let (lo, hi) = v[r % self.queries];
+                    let (lo, hi) = (lo as usize, hi as usize);
+                    softmax_row(&x[lo..hi], &mut y[lo..hi], self.scale);
+                }
+            }
+        };
+        // A few rows (decoding) on this thread; a prompt's over the pool.
+        if rows * keys < 1 << 15 {
+            for (r, y) in out.chunks_mut(keys).enumerate() {
+                row(r, y);
+            }
+        } else {
+            struct Out(*mut f32);
+            // SAFETY: each row is written by one thread only.
+            unsafe impl Send for Out {}
+            unsafe impl Sync for Out {}
+            let dst = Out(out.as_mut_ptr());
+            candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+                let dst = &dst;
+                for r in range {
+                    // SAFETY: row r belongs to this range alone, and `out`
+                    // outlives the pool call.
+                    let y = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * keys), keys) };
+                    row(r, y);
+                }
+            });
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn exp_neg_is_expf() {
+        for i in 0..=8700 {
+            let x = -(i as f32) / 100.0;
+            let (a, b) = (exp_neg(x), x.exp());
+            assert!((a - b).abs() <= 3e-7 * b, "exp({x}) = {a}, expf {b}");
+        }
+    }
+
+    #[test]
+    fn softmax_matches_candles() {
+        let xs: Vec<f32> = (0..3 * 5 * 37)
+            .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
+            .collect();
+        let t = Tensor::from_vec(xs, (3, 5, 37), &Device::Cpu).unwrap();
+        let theirs: Vec<f32> = candle_nn::ops::softmax_last_dim(&t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let ours: Vec<f32> = softmax_rows(&t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() <= 1e-6 * b.max(1e-3), "{a} vs {b}");
+        }
+        let scaled: Vec<f32> = scaled_masked_softmax(&(t.clone() * 4.0).unwrap(), 0.25, 5, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in scaled.iter().zip(&theirs) {
+            assert!((a - b).abs() <= 1e-6 * b.max(1e-3), "{a} vs {b}");
+        }
+    }
+
+    /// Masked rows equal candle's softmax over −∞-masked scores, and a row
+    /// equals the same query computed alone over its visible keys, bit for
+    /// bit, whatever the rows beside it (big enough to run on the pool).
+    #[test]
+    fn a_masked_row_is_its_visible_keys_alone() {
+        let (heads, queries, keys) = (6, 40, 300);
+        let xs = crate::tests::pseudo_random(heads * queries * keys, 7);
+        let xs: Vec<f32> = xs.iter().map(|v| v * 20.0).collect();
+        let t = Tensor::from_vec(xs.clone(), (heads, queries, keys), &Device::Cpu).unwrap();
+        let visible: Arc<[(u32, u32)]> = (0..queries)
+            .map(|i| ((i as u32 * 3).saturating_sub(50), 260 + i as u32))
+            .collect();
+        let scale = 0.125f32;
+        let got: Vec<f32> = scaled_masked_softmax(&t, scale, queries, Some(visible.clone()))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let masked: Vec<f32> = (0..heads * queries * keys)
+            .map(|e| {
+                let (r, j) = (e / keys, e % keys);
+                let (lo, hi) = visible[r % queries];
+                if (lo as usize..hi as usize).contains(&j) {
+                    xs[e] * scale
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let want: Vec<f32> = candle_nn::ops::softmax_last_dim(
+            &Tensor::from_vec(masked, (heads, queries, keys), &Device::Cpu).unwrap(),
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-6 * b.max(1e-3), "{a} vs {b}");
+        }
+        for r in [0, 17, heads * queries - 1] {
+            let (lo, hi) = visible[r % queries];
+            let (lo, hi) = (lo as usize, hi as usize);
+            let alone = Tensor::from_vec(
+                xs[r * keys + lo..r * keys + hi].to_vec(),
+                (1, hi - lo),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let alone: Vec<f32> = scaled_masked_softmax(&alone, scale, 1, None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(
+                &got[r * keys + lo..r * keys + hi],
+                alone.as_slice(),
+                "row {r}"
+            );
+            assert!(got[r * keys..r * keys + lo].iter().all(|&v| v == 0.0));
+            assert!(got[r * keys + hi..(r + 1) * keys].iter().all(|&v| v == 0.0));
+        }
+    }
+}
