@@ -104,6 +104,9 @@ impl CustomOp1 for SoftmaxRows {
     }
 }
 
+/// Each query's visible keys, `lo..hi`.
+pub type VisibleKeys = Arc<[(u32, u32)]>;
+
 /// `softmax(scale · scores)` over the last dimension of attention scores
 /// `(…, rows, keys)`, where row `r` is query `r % queries` and, with
 /// `visible`, sees only keys `visible[query].0 .. visible[query].1` (the rest
@@ -112,7 +115,7 @@ pub fn scaled_masked_softmax(
     scores: &Tensor,
     scale: f32,
     queries: usize,
-    visible: Option<Arc<[(u32, u32)]>>,
+    visible: Option<VisibleKeys>,
 ) -> Result<Tensor> {
     scores.contiguous()?.apply_op1_no_bwd(&ScaledMaskedSoftmax {
         scale,
@@ -124,7 +127,7 @@ pub fn scaled_masked_softmax(
 struct ScaledMaskedSoftmax {
     scale: f32,
     queries: usize,
-    visible: Option<Arc<[(u32, u32)]>>,
+    visible: Option<VisibleKeys>,
 }
 
 impl CustomOp1 for ScaledMaskedSoftmax {

@@ -155,7 +155,7 @@ fn visible_ranges(
     mask: &Tensor,
     queries: usize,
     keys: usize,
-) -> Result<Option<std::sync::Arc<[(u32, u32)]>>> {
+) -> Result<Option<ragd_kernels::softmax::VisibleKeys>> {
     if mask.dims() != [queries, keys] {
         return Ok(None);
     }
