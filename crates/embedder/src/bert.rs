@@ -36,6 +36,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
+use ragd_kernels::contiguous_f32;
 use ragd_kernels::q8_0::{kernel_available, Q8Matrix};
 use ragd_kernels::softmax::{exp_neg, softmax_rows};
 
@@ -305,15 +306,6 @@ impl CustomOp1 for GeluErf {
             }
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
-/// The elements of a contiguous f32 tensor, for the custom ops here.
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op} needs a contiguous tensor"),
     }
 }
 

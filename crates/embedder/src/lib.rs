@@ -170,6 +170,20 @@ struct TokenizerFile<M> {
     model: M,
 }
 
+impl<M> TokenizerFile<M> {
+    /// The same file with its model turned into another type.
+    fn try_map_model<N, E>(self, f: impl FnOnce(M) -> Result<N, E>) -> Result<TokenizerFile<N>, E> {
+        Ok(TokenizerFile {
+            added_tokens: self.added_tokens,
+            normalizer: self.normalizer,
+            pre_tokenizer: self.pre_tokenizer,
+            post_processor: self.post_processor,
+            decoder: self.decoder,
+            model: f(self.model)?,
+        })
+    }
+}
+
 #[derive(Deserialize)]
 struct AddedTokenEntry {
     content: String,
@@ -211,55 +225,30 @@ impl TextTokenizer {
             source,
         })?;
         let head: TokenizerFile<ModelKind> = serde_json::from_str(&text).map_err(|e| bad(&e))?;
-        let (model, parts) = if head.model.kind.as_deref() == Some("Unigram") {
-            drop(head);
+        let unigram = head.model.kind.as_deref() == Some("Unigram");
+        drop(head);
+        let file: TokenizerFile<TextModel> = if unigram {
             let file: TokenizerFile<UnigramFile> =
                 serde_json::from_str(&text).map_err(|e| bad(&e))?;
-            let TokenizerFile {
-                added_tokens,
-                normalizer,
-                pre_tokenizer,
-                post_processor,
-                decoder,
-                model,
-            } = file;
-            let compact = CompactUnigram::new(model.vocab, model.unk_id, model.byte_fallback)
-                .map_err(|e| bad(&e))?;
-            (
-                TextModel::Unigram(Box::new(compact)),
-                (
-                    added_tokens,
-                    normalizer,
-                    pre_tokenizer,
-                    post_processor,
-                    decoder,
-                ),
-            )
+            file.try_map_model(|m| {
+                CompactUnigram::new(m.vocab, m.unk_id, m.byte_fallback)
+                    .map(|c| TextModel::Unigram(Box::new(c)))
+                    .map_err(|e| bad(&e))
+            })?
         } else {
-            drop(head);
             let file: TokenizerFile<tokenizers::models::ModelWrapper> =
                 serde_json::from_str(&text).map_err(|e| bad(&e))?;
-            let TokenizerFile {
-                added_tokens,
-                normalizer,
-                pre_tokenizer,
-                post_processor,
-                decoder,
-                model,
-            } = file;
-            (
-                TextModel::Other(Box::new(model)),
-                (
-                    added_tokens,
-                    normalizer,
-                    pre_tokenizer,
-                    post_processor,
-                    decoder,
-                ),
-            )
+            file.try_map_model(|m| Ok::<_, EmbedError>(TextModel::Other(Box::new(m))))?
         };
         drop(text);
-        let (added_tokens, normalizer, pre_tokenizer, post_processor, decoder) = parts;
+        let TokenizerFile {
+            added_tokens,
+            normalizer,
+            pre_tokenizer,
+            post_processor,
+            decoder,
+            model,
+        } = file;
         let mut tokenizer = TokenizerImpl::new(model);
         tokenizer
             .with_normalizer(normalizer)

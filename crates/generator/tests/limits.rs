@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ragd_generator::{FinishReason, GenerateParams, Generator, Message, Steer};
+use ragd_generator::{FinishReason, GenerateParams, Generation, Generator, Message, Steer};
 
 fn load(file: &str) -> Generator {
     let dir = std::env::var_os("RAGD_MODELS_DIR")
@@ -278,6 +278,37 @@ fn the_answer_cannot_end_before_steer_allows() {
     );
 }
 
+/// Generates `prompt` one token per pass and then with drafting, checks that
+/// both give the same answer (streamed as returned), and returns the drafted run.
+fn same_with_drafting(
+    g: &mut Generator,
+    label: &str,
+    prompt: &[u32],
+    params: &GenerateParams,
+) -> Generation {
+    g.set_draft_tokens(0);
+    let plain = g.generate(prompt, params, |_| true).unwrap();
+    assert_eq!(plain.drafted_tokens, 0);
+    g.set_draft_tokens(ragd_generator::DEFAULT_DRAFT_TOKENS);
+    let mut pieces = String::new();
+    let drafted = g
+        .generate(prompt, params, |t| {
+            pieces.push_str(t);
+            true
+        })
+        .unwrap();
+    eprintln!(
+        "{label}: {} tokens, {} drafted, {} accepted: {:?}",
+        drafted.completion_tokens, drafted.drafted_tokens, drafted.accepted_tokens, drafted.text
+    );
+    assert_eq!(drafted.text, plain.text, "{label}: {params:?}");
+    assert_eq!(pieces, plain.text, "streamed the same");
+    assert_eq!(drafted.completion_tokens, plain.completion_tokens);
+    assert_eq!(drafted.finish_reason, plain.finish_reason);
+    assert!(drafted.accepted_tokens <= drafted.drafted_tokens);
+    drafted
+}
+
 /// Drafting (checking guessed tokens in one pass) gives the same answer token
 /// for token as generating one token per pass, greedy and sampled, with the
 /// repetition penalty and steering on, on the file as shipped and on its copy
@@ -326,29 +357,7 @@ fn check_drafting(file: &str, copies: bool) {
                 ..Default::default()
             },
         ] {
-            g.set_draft_tokens(0);
-            let plain = g.generate(&p, &params, |_| true).unwrap();
-            assert_eq!(plain.drafted_tokens, 0);
-            g.set_draft_tokens(ragd_generator::DEFAULT_DRAFT_TOKENS);
-            let mut pieces = String::new();
-            let drafted = g
-                .generate(&p, &params, |t| {
-                    pieces.push_str(t);
-                    true
-                })
-                .unwrap();
-            eprintln!(
-                "{file}: {} tokens, {} drafted, {} accepted: {:?}",
-                drafted.completion_tokens,
-                drafted.drafted_tokens,
-                drafted.accepted_tokens,
-                drafted.text
-            );
-            assert_eq!(drafted.text, plain.text, "{file}: {params:?}");
-            assert_eq!(pieces, plain.text, "streamed the same");
-            assert_eq!(drafted.completion_tokens, plain.completion_tokens);
-            assert_eq!(drafted.finish_reason, plain.finish_reason);
-            assert!(drafted.accepted_tokens <= drafted.drafted_tokens);
+            let drafted = same_with_drafting(&mut g, file, &p, &params);
             if copies && params.temperature == 0.0 {
                 assert!(
                     drafted.accepted_tokens > 0,
@@ -404,19 +413,7 @@ fn drafting_gives_the_same_answers_gemma3_past_its_window() {
             ..Default::default()
         },
     ] {
-        g.set_draft_tokens(0);
-        let plain = g.generate(&p, &params, |_| true).unwrap();
-        g.set_draft_tokens(ragd_generator::DEFAULT_DRAFT_TOKENS);
-        let drafted = g.generate(&p, &params, |_| true).unwrap();
-        eprintln!(
-            "gemma3: {} tokens, {} drafted, {} accepted: {:?}",
-            drafted.completion_tokens,
-            drafted.drafted_tokens,
-            drafted.accepted_tokens,
-            drafted.text
-        );
-        assert_eq!(drafted.text, plain.text, "{params:?}");
-        assert_eq!(drafted.completion_tokens, plain.completion_tokens);
+        let drafted = same_with_drafting(&mut g, "gemma3", &p, &params);
         if params.temperature == 0.0 {
             assert!(
                 drafted.accepted_tokens > 0,

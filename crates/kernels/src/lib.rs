@@ -17,6 +17,46 @@ pub mod q5_0;
 pub mod q8_0;
 pub mod softmax;
 
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The elements of a contiguous f32 tensor, for custom ops' `cpu_fwd`.
+pub fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op} needs a contiguous tensor"),
+    }
+}
+
+/// Calls `fill(i, chunk)` for each `chunk`-long piece `i` of `buf` (a
+/// matrix's row groups, a tensor's rows), the pieces spread over candle's
+/// pool of threads.
+#[allow(unsafe_code)] // the pool's threads write disjoint pieces of one buffer
+pub(crate) fn par_chunks_mut<T: Send>(
+    buf: &mut [T],
+    chunk: usize,
+    fill: impl Fn(usize, &mut [T]) + Sync,
+) {
+    if chunk == 0 {
+        return;
+    }
+    let pieces = buf.len() / chunk;
+    struct Out<T>(*mut T);
+    // SAFETY: each piece is written by one thread only.
+    unsafe impl<T> Send for Out<T> {}
+    unsafe impl<T> Sync for Out<T> {}
+    let out = Out(buf.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(pieces, |range| {
+        let out = &out;
+        for i in range {
+            // SAFETY: piece `i` belongs to this range alone, and the buffer
+            // outlives the pool call.
+            let mine = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * chunk), chunk) };
+            fill(i, mine);
+        }
+    });
+}
+
 /// What the kernels' tests share.
 #[cfg(test)]
 pub(crate) mod tests {

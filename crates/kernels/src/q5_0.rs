@@ -24,9 +24,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 
-use crate::q8_0::{
-    fill_row_groups, kernel_available, matmul_op, quantize_rows, vnni_available, QK, RM, RN,
-};
+use crate::q8_0::{kernel_available, matmul_op, quantize_rows, vnni_available, QK, RM, RN};
 #[cfg(target_arch = "x86_64")]
 use crate::q8_0::{store_lanes, walk_panel, SendPtr};
 
@@ -111,7 +109,7 @@ impl Q5Matrix {
             d: [0; RN],
         };
         let mut groups = vec![zero; n.div_ceil(RN) * kb];
-        fill_row_groups(&mut groups, kb, |rg, groups| {
+        crate::par_chunks_mut(&mut groups, kb, |rg, groups| {
             for row in rg * RN..(rg * RN + RN).min(n) {
                 let r = row % RN;
                 let blocks = &data[row * kb * BLOCK_BYTES..(row + 1) * kb * BLOCK_BYTES];

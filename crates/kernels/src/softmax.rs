@@ -11,11 +11,11 @@
 //! and a row's result depends only on its own visible keys: a query row in a
 //! masked prompt and the same query decoded alone (its keys narrowed to the
 //! visible ones) get the same bits.
-#![allow(unsafe_code)] // the pool's threads write disjoint rows of one buffer
-
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use crate::contiguous_f32;
 
 /// e^x for x ≤ 0 (Cephes' expf: range reduction by ln 2, a degree-5
 /// polynomial; relative error about 1e-7), branch-free so that it
@@ -68,40 +68,18 @@ fn softmax_row(x: &[f32], y: &mut [f32], scale: f32) {
     y.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// The elements of a contiguous f32 tensor.
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op} needs a contiguous tensor"),
-    }
-}
-
 /// Softmax over the last dimension of a contiguous f32 tensor, on the calling
 /// thread (the embedder calls it per text from threads of its own).
 pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
     if x.dtype() != candle_core::DType::F32 {
         return candle_nn::ops::softmax_last_dim(x);
     }
-    x.apply_op1_no_bwd(&SoftmaxRows)
-}
-
-struct SoftmaxRows;
-
-impl CustomOp1 for SoftmaxRows {
-    fn name(&self) -> &'static str {
-        "ragd-softmax-rows"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let data = contiguous_f32(storage, layout, self.name())?;
-        let row = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; data.len()];
-        for (x, y) in data.chunks(row).zip(out.chunks_mut(row)) {
-            softmax_row(x, y, 1.0);
-        }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
+    x.apply_op1_no_bwd(&ScaledMaskedSoftmax {
+        scale: 1.0,
+        queries: 1,
+        visible: None,
+        pool: false,
+    })
 }
 
 /// Each query's visible keys, `lo..hi`.
@@ -121,6 +99,7 @@ pub fn scaled_masked_softmax(
         scale,
         queries: queries.max(1),
         visible,
+        pool: true,
     })
 }
 
@@ -128,6 +107,8 @@ struct ScaledMaskedSoftmax {
     scale: f32,
     queries: usize,
     visible: Option<VisibleKeys>,
+    /// Whether a big tensor's rows may go over the pool.
+    pool: bool,
 }
 
 impl CustomOp1 for ScaledMaskedSoftmax {
@@ -160,25 +141,12 @@ impl CustomOp1 for ScaledMaskedSoftmax {
             }
         };
         // A few rows (decoding) on this thread; a prompt's over the pool.
-        if rows * keys < 1 << 15 {
+        if !self.pool || rows * keys < 1 << 15 {
             for (r, y) in out.chunks_mut(keys).enumerate() {
                 row(r, y);
             }
         } else {
-            struct Out(*mut f32);
-            // SAFETY: each row is written by one thread only.
-            unsafe impl Send for Out {}
-            unsafe impl Sync for Out {}
-            let dst = Out(out.as_mut_ptr());
-            candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
-                let dst = &dst;
-                for r in range {
-                    // SAFETY: row r belongs to this range alone, and `out`
-                    // outlives the pool call.
-                    let y = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * keys), keys) };
-                    row(r, y);
-                }
-            });
+            crate::par_chunks_mut(&mut out, keys, row);
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
