@@ -23,6 +23,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use ragd_kernels::rows::FileRows;
 
 /// Maps `path` (a safetensors file) for candle's `VarBuilder`, which copies
 /// each tensor it is asked for out of the map.
@@ -32,21 +33,12 @@ pub(crate) fn var_builder(path: &Path, device: &Device) -> Result<VarBuilder<'st
 }
 
 /// A 2-D f32 table (rows × cols) in a safetensors file, its rows read from
-/// the file as they are looked up.
-///
-/// Not mapped: a mapped file's pages count in the process's resident memory
-/// once touched, and the kernel maps the cached pages around each faulting one
-/// (fault-around, 64 KB) whatever `madvise` says — multilingual-e5-small's
-/// table grew `ragd serve`'s file-backed resident memory from 0.02 to 0.13 GB
-/// over 2,000 ingested Wikipedia summaries (`bench/serve-memory --docs 2000`).
-/// Positioned reads copy just the rows (a system call per token, about a
-/// microsecond next to the encoder's milliseconds) and leave the file to the
-/// page cache, which is not the process's.
+/// the file as they are looked up ([`FileRows`]: positioned reads, not the
+/// map, whose touched pages grew `ragd serve`'s file-backed resident memory
+/// from 0.02 to 0.13 GB over 2,000 ingested Wikipedia summaries,
+/// `bench/serve-memory --docs 2000`).
 pub(crate) struct FileTable {
-    file: std::fs::File,
-    /// Byte offset of row 0 in the file.
-    offset: u64,
-    rows: usize,
+    rows: FileRows,
     cols: usize,
 }
 
@@ -96,30 +88,17 @@ impl FileTable {
             return Ok(None);
         };
         let offset = 8 + header_len + start;
-        if file.metadata()?.len() < offset + (rows * cols * 4) as u64 {
-            return Ok(None);
-        }
-        Ok(Some(Self {
-            file,
-            offset,
-            rows,
-            cols,
-        }))
+        Ok(FileRows::new(file, offset, rows, cols * 4)
+            .ok()
+            .map(|rows| Self { rows, cols }))
     }
 
     /// The rows `ids`, `(ids.len(), cols)`; an id outside the table is an error.
     pub(crate) fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
-        use std::os::unix::fs::FileExt;
-        let row_bytes = self.cols * 4;
         let mut out = Vec::with_capacity(ids.len() * self.cols);
-        let mut row = vec![0u8; row_bytes];
+        let mut row = vec![0u8; self.rows.row_bytes()];
         for &id in ids {
-            let id = id as usize;
-            if id >= self.rows {
-                candle_core::bail!("token id {id} is outside the vocabulary of {}", self.rows)
-            }
-            self.file
-                .read_exact_at(&mut row, self.offset + (id * row_bytes) as u64)?;
+            self.rows.read(id as usize, &mut row)?;
             out.extend(
                 row.chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),

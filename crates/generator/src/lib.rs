@@ -317,7 +317,11 @@ impl Generator {
 
         let device = Device::Cpu;
         let mapped = map_file(file.get_ref());
-        let map = mapped.as_deref();
+        let handle = file.get_ref().try_clone().map_err(io)?;
+        let map = mapped.as_deref().map(|bytes| models::layers::Mapped {
+            bytes,
+            file: &handle,
+        });
         let (weights, context) = match architecture.as_str() {
             "qwen2" => (
                 Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(

@@ -7,7 +7,8 @@
 //! * [`q5_0`]: Q5_0 weights at the file's 5.5 bits per weight;
 //! * [`kquant`]: Q4_K and Q6_K on the file's own blocks;
 //! * [`softmax`]: attention's softmax with a vectorisable exp (and, for the
-//!   generator, the scale and the causal mask in the same pass).
+//!   generator, the scale and the causal mask in the same pass);
+//! * [`rows`]: token-embedding tables read from the model file row by row.
 //!
 //! The generator runs GGUF models on them; the embedder's int8 mode runs its
 //! linear layers through [`q8_0::Q8Matrix`].
@@ -15,6 +16,7 @@
 pub mod kquant;
 pub mod q5_0;
 pub mod q8_0;
+pub mod rows;
 pub mod softmax;
 
 use candle_core::{CpuStorage, Layout, Result};

@@ -42,6 +42,7 @@ use std::sync::Arc;
 
 use crate::kquant::KMatrix;
 use crate::q5_0::Q5Matrix;
+use crate::rows::FileRows;
 
 pub(crate) const QK: usize = 32;
 /// Bytes of one Q8_0 block in a GGUF file: an f16 scale and 32 signed bytes.
@@ -162,6 +163,55 @@ pub enum TokenEmbedding {
     K(Arc<KMatrix>),
     /// Dequantized.
     Dense(candle_nn::Embedding),
+    /// Read from the model file as rows are looked up, in any type candle
+    /// reads: for a model with an output head of its own, the table is only
+    /// looked up (Qwen2.5-0.5B's Q5_0 table: 94 MB not held; see
+    /// [`crate::rows`]).
+    File(Arc<FileTable>),
+}
+
+/// A GGUF table's rows in the file: `(rows, k)` of `dtype`.
+#[derive(Debug)]
+pub struct FileTable {
+    rows: FileRows,
+    dtype: GgmlDType,
+    k: usize,
+}
+
+impl FileTable {
+    /// The table of `n` rows of `k` values of `dtype` at byte `offset` of `file`.
+    pub fn new(
+        file: std::fs::File,
+        offset: u64,
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+    ) -> Result<Self> {
+        if n == 0 || !k.is_multiple_of(dtype.block_size()) {
+            candle_core::bail!("a table of {n} rows of {k} values of {dtype:?}")
+        }
+        let row_bytes = k / dtype.block_size() * dtype.type_size();
+        Ok(Self {
+            rows: FileRows::new(file, offset, n, row_bytes)?,
+            dtype,
+            k,
+        })
+    }
+
+    /// Row `id`, dequantized into `out` by candle's own code for the type.
+    fn dequantize_row(&self, id: usize, bytes: &mut [u8], out: &mut [f32]) -> Result<()> {
+        self.rows.read(id, bytes)?;
+        let cpu = candle_core::Device::Cpu;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            self.dtype,
+            bytes,
+            vec![self.k],
+            &cpu,
+        )?;
+        let row: Vec<f32> = q.dequantize(&cpu)?.to_vec1()?;
+        out.copy_from_slice(&row);
+        Ok(())
+    }
 }
 
 impl TokenEmbedding {
@@ -227,6 +277,12 @@ impl Module for TokenEmbedding {
                 Ok(())
             }),
             Self::K(m) => lookup(ids, m.rows(), m.cols(), |id, row| m.dequantize_row(id, row)),
+            Self::File(t) => {
+                let mut bytes = vec![0u8; t.rows.row_bytes()];
+                lookup(ids, t.rows.rows(), t.k, |id, row| {
+                    t.dequantize_row(id, &mut bytes, row)
+                })
+            }
         }
     }
 }
@@ -236,7 +292,7 @@ fn lookup(
     ids: &Tensor,
     vocabulary: usize,
     hidden: usize,
-    row: impl Fn(usize, &mut [f32]) -> Result<()>,
+    mut row: impl FnMut(usize, &mut [f32]) -> Result<()>,
 ) -> Result<Tensor> {
     let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
     let mut out = vec![0f32; flat.len() * hidden];
@@ -888,6 +944,49 @@ mod tests {
         assert_eq!(ours.forward(&ids)?.dims(), &[2, 3, 64]);
         assert_eq!(a, b);
         assert!(ours.forward(&Tensor::new(&[[10u32]], &dev)?).is_err());
+        Ok(())
+    }
+
+    /// A table read from the file row by row gives the rows the table held
+    /// in memory gives, for the types the files hold (after bytes before it,
+    /// as in a GGUF file), and refuses ids outside it.
+    #[test]
+    fn a_table_read_from_the_file_equals_the_table_in_memory() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(pseudo_random(12 * 256, 5), (12, 256), &dev)?;
+        for dtype in [
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let qt = QTensor::quantize(&w, dtype)?;
+            let bytes = qt.data()?;
+            let path = std::env::temp_dir().join(format!(
+                "ragd-kernels-file-table-{}-{dtype:?}",
+                std::process::id()
+            ));
+            let mut file = vec![7u8; 100];
+            file.extend_from_slice(&bytes);
+            std::fs::write(&path, &file)?;
+            let table = FileTable::new(std::fs::File::open(&path)?, 100, dtype, 12, 256)?;
+            std::fs::remove_file(&path)?;
+            let ours = TokenEmbedding::File(Arc::new(table));
+            let dense = candle_nn::Embedding::new(qt.dequantize(&dev)?, 256);
+            let ids = Tensor::new(&[[0u32, 11, 4], [5, 5, 1]], &dev)?;
+            assert_eq!(ours.forward(&ids)?.dims(), &[2, 3, 256]);
+            let a: Vec<f32> = ours.forward(&ids)?.flatten_all()?.to_vec1()?;
+            let b: Vec<f32> = dense.forward(&ids)?.flatten_all()?.to_vec1()?;
+            assert_eq!(a, b, "{dtype:?}");
+            assert!(ours.forward(&Tensor::new(&[[12u32]], &dev)?).is_err());
+            assert!(ours.as_linear().is_none());
+        }
+        // A file shorter than the table it should hold is refused.
+        let path = std::env::temp_dir().join(format!("ragd-kernels-short-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 64])?;
+        let short = FileTable::new(std::fs::File::open(&path)?, 0, GgmlDType::Q8_0, 2, 32);
+        std::fs::remove_file(&path)?;
+        assert!(short.is_err());
         Ok(())
     }
 }

@@ -17,7 +17,7 @@
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::{Device, Result};
 
-use super::layers::{Attention, Block, Gguf, Hparams, Mlp, Model, Rope};
+use super::layers::{Attention, Block, Gguf, Hparams, Mapped, Mlp, Model, Rope};
 
 /// A gemma3 model: the shared [`Model`] with a GELU feed-forward.
 pub(crate) type ModelWeights = Model<Mlp>;
@@ -43,7 +43,7 @@ pub(crate) fn from_gguf<R: std::io::Seek + std::io::Read>(
     ct: gguf_file::Content,
     reader: &mut R,
     device: &Device,
-    map: Option<&[u8]>,
+    map: Option<Mapped<'_>>,
 ) -> Result<ModelWeights> {
     let mut gg = Gguf::new(ct, reader, device, map);
     let hp = Hparams::read(&gg, ARCH)?;

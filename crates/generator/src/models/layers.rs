@@ -29,7 +29,14 @@ use candle_nn::Module;
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::attention::{grouped_attention, KvCache};
-use crate::q8_0::{Linear, TokenEmbedding};
+use crate::q8_0::{FileTable, Linear, TokenEmbedding};
+
+/// A model file's bytes, memory-mapped while it loads, and the file.
+#[derive(Clone, Copy)]
+pub(crate) struct Mapped<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) file: &'a std::fs::File,
+}
 
 /// A GGUF file being read into a model: its header, the file, the device,
 /// and the file's bytes where it is memory-mapped.
@@ -37,7 +44,7 @@ pub(crate) struct Gguf<'a, R> {
     ct: gguf_file::Content,
     reader: &'a mut R,
     device: &'a Device,
-    map: Option<&'a [u8]>,
+    map: Option<Mapped<'a>>,
 }
 
 impl<'a, R: Read + Seek> Gguf<'a, R> {
@@ -45,7 +52,7 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
         ct: gguf_file::Content,
         reader: &'a mut R,
         device: &'a Device,
-        map: Option<&'a [u8]>,
+        map: Option<Mapped<'a>>,
     ) -> Self {
         Self {
             ct,
@@ -58,7 +65,7 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
     /// A tensor's type, shape `(rows, cols)` and bytes in the mapped file,
     /// for a 2-D tensor inside it (`None`: read it the usual way).
     fn raw(&self, name: &str) -> Option<(GgmlDType, usize, usize, &'a [u8])> {
-        let map = self.map?;
+        let map = self.map?.bytes;
         let info = self.ct.tensor_infos.get(name)?;
         let (n, k) = info.shape.dims2().ok()?;
         let dtype = info.ggml_dtype;
@@ -108,9 +115,18 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
         &mut self,
         eps: f64,
     ) -> Result<(TokenEmbedding, RmsNorm, Linear)> {
-        let raw = match self.raw("token_embd.weight") {
-            Some((dtype, n, k, data)) => TokenEmbedding::from_raw(dtype, n, k, data)?,
-            None => None,
+        // With an output head of its own the table is only looked up: its
+        // rows are read from the file as tokens need them.
+        let raw = match (self.map, self.raw("token_embd.weight")) {
+            (Some(map), Some((dtype, n, k, data)))
+                if self.ct.tensor_infos.contains_key("output.weight") =>
+            {
+                let offset = data.as_ptr() as usize - map.bytes.as_ptr() as usize;
+                let table = FileTable::new(map.file.try_clone()?, offset as u64, dtype, n, k)?;
+                Some(TokenEmbedding::File(std::sync::Arc::new(table)))
+            }
+            (_, Some((dtype, n, k, data))) => TokenEmbedding::from_raw(dtype, n, k, data)?,
+            (_, None) => None,
         };
         let tok_embeddings = match raw {
             Some(table) => table,

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Embedding, Module};
 use candle_transformers::quantized_nn::RmsNorm;
 
-use super::layers::{Attention, Block, Gguf, Hparams, Mlp, Model, Rope};
+use super::layers::{Attention, Block, Gguf, Hparams, Mapped, Mlp, Model, Rope};
 use crate::q8_0::{Linear, TokenEmbedding};
 
 /// Positions the rotary tables cover (candle's constant; the generator caps
@@ -158,7 +158,7 @@ impl ModelWeights {
         ct: gguf_file::Content,
         reader: &mut R,
         device: &Device,
-        map: Option<&[u8]>,
+        map: Option<Mapped<'_>>,
     ) -> Result<Self> {
         let mut gg = Gguf::new(ct, reader, device, map);
 

@@ -18,7 +18,7 @@
 
 use candle_core::{quantized::gguf_file, Device, Result};
 
-use super::layers::{Gguf, Hparams, Mlp, Model, Rope};
+use super::layers::{Gguf, Hparams, Mapped, Mlp, Model, Rope};
 
 /// A qwen2 model: the shared [`Model`] with a plain feed-forward.
 pub(crate) type ModelWeights = Model<Mlp>;
@@ -28,7 +28,7 @@ impl ModelWeights {
         ct: gguf_file::Content,
         reader: &mut R,
         device: &Device,
-        map: Option<&[u8]>,
+        map: Option<Mapped<'_>>,
     ) -> Result<Self> {
         let mut gg = Gguf::new(ct, reader, device, map);
         let hp = Hparams::read(&gg, "qwen2")?;
