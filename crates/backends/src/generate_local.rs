@@ -36,9 +36,10 @@ pub struct LocalOptions {
     pub requantize: bool,
     /// Most tokens drafted per forward pass (see `ragd_generator::draft`).
     pub draft_tokens: usize,
-    /// Prompts for unlike questions: the tokens they all start with are read
-    /// once at load and reused by every answer.
-    pub prefix_samples: Vec<Vec<Message>>,
+    /// Sets of prompts of one kind for unlike questions (answers, question
+    /// translations): the tokens each set's prompts all start with are read
+    /// once at load and reused by every prompt of that kind.
+    pub prefix_samples: Vec<Vec<Vec<Message>>>,
 }
 
 /// Generation on a local GGUF model.
@@ -82,12 +83,15 @@ impl LocalGenerator {
                 };
                 // The start every prompt shares (chat markup, system instruction) is
                 // read once now; each question then reads only what follows it.
-                match common_prefix(&generator, &options.prefix_samples) {
-                    Ok(prefix) => match generator.cache_prefix(&prefix) {
-                        Ok(()) => tracing::info!(tokens = prefix.len(), "prompt prefix cached"),
-                        Err(e) => tracing::warn!(error = %e, "cannot cache the prompt prefix"),
-                    },
-                    Err(e) => tracing::warn!(error = %e, "cannot cache the prompt prefix"),
+                for samples in &options.prefix_samples {
+                    match common_prefix(&generator, samples) {
+                        Ok(prefix) if prefix.is_empty() => {}
+                        Ok(prefix) => match generator.cache_prefix(&prefix) {
+                            Ok(()) => tracing::info!(tokens = prefix.len(), "prompt prefix cached"),
+                            Err(e) => tracing::warn!(error = %e, "cannot cache a prompt prefix"),
+                        },
+                        Err(e) => tracing::warn!(error = %e, "cannot cache a prompt prefix"),
+                    }
                 }
                 let (queue, rx) = Queue::new(options.queue_size, slots);
                 let handle = GenerationSlots {

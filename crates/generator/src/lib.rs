@@ -178,8 +178,9 @@ pub const DEFAULT_DRAFT_TOKENS: usize = 8;
 #[derive(Clone)]
 pub struct Generator {
     weights: Weights,
-    /// A prompt prefix and the model state after reading it (see [`Generator::cache_prefix`]).
-    prefix: Option<(Vec<u32>, Weights)>,
+    /// Prompt prefixes and the model state after reading each (see
+    /// [`Generator::cache_prefix`]), at most [`MAX_PREFIXES`].
+    prefixes: Vec<(Vec<u32>, Weights)>,
     tokenizer: GgufTokenizer,
     template: ChatTemplate,
     stop_ids: Vec<u32>,
@@ -212,6 +213,11 @@ fn map_file(file: &std::fs::File) -> Option<memmap2::Mmap> {
     // seconds would make the load fault, as llama.cpp's mapped loads would.
     unsafe { memmap2::Mmap::map(file) }.ok()
 }
+
+/// Most prompt prefixes a generator keeps read (the answers' and the
+/// question translations' starts, with room to spare): each holds its
+/// tokens' keys and values, a few MB.
+pub const MAX_PREFIXES: usize = 4;
 
 /// The template for files without one (base models): BOS where the file asks
 /// for it, then the messages' texts, a blank line between them, nothing after.
@@ -348,7 +354,7 @@ impl Generator {
         };
         Ok(Self {
             weights,
-            prefix: None,
+            prefixes: Vec::new(),
             tokenizer,
             template,
             stop_ids,
@@ -456,10 +462,13 @@ impl Generator {
     /// Reads `ids` once and keeps the model state after them: a later
     /// [`Generator::generate`] whose prompt starts with `ids` starts from that
     /// state and reads only the rest. Meant for the fixed start of every prompt
-    /// (chat markup, system instruction). An empty `ids` drops the cache.
+    /// of a kind (chat markup, system instruction): each call adds one prefix
+    /// (the same ids again replace theirs; past [`MAX_PREFIXES`] the oldest
+    /// goes), and a prompt starts from the longest that it begins with. An
+    /// empty `ids` drops them all.
     pub fn cache_prefix(&mut self, ids: &[u32]) -> Result<(), GenerateError> {
-        self.prefix = None;
         if ids.is_empty() {
+            self.prefixes.clear();
             return Ok(());
         }
         if ids.len() + 1 >= self.context {
@@ -468,9 +477,13 @@ impl Generator {
                 context: self.context,
             });
         }
+        self.prefixes.retain(|(p, _)| p != ids);
         self.weights.clear();
         self.prefill(ids, 0)?;
-        self.prefix = Some((ids.to_vec(), self.weights.clone()));
+        if self.prefixes.len() >= MAX_PREFIXES {
+            self.prefixes.remove(0);
+        }
+        self.prefixes.push((ids.to_vec(), self.weights.clone()));
         self.weights.clear();
         Ok(())
     }
@@ -485,12 +498,17 @@ impl Generator {
                 context: self.context,
             });
         }
-        let cached = match &self.prefix {
-            Some((ids, state)) if ids.len() < prompt.len() && prompt.starts_with(ids) => {
+        let best = self
+            .prefixes
+            .iter()
+            .filter(|(ids, _)| ids.len() < prompt.len() && prompt.starts_with(ids))
+            .max_by_key(|(ids, _)| ids.len());
+        let cached = match best {
+            Some((ids, state)) => {
                 self.weights = state.clone();
                 ids.len()
             }
-            _ => {
+            None => {
                 self.weights.clear();
                 0
             }
@@ -527,9 +545,9 @@ impl Generator {
         self.weights.clear();
     }
 
-    /// Length of the cached prefix (0 when none).
-    pub fn cached_prefix_len(&self) -> usize {
-        self.prefix.as_ref().map_or(0, |(ids, _)| ids.len())
+    /// Lengths of the cached prefixes, oldest first.
+    pub fn cached_prefix_lens(&self) -> Vec<usize> {
+        self.prefixes.iter().map(|(ids, _)| ids.len()).collect()
     }
 
     fn prefill(&mut self, ids: &[u32], start: usize) -> Result<Tensor, GenerateError> {

@@ -145,7 +145,7 @@ fn check_prefix_cache(file: &str, same_text: bool) {
         );
     }
     g.cache_prefix(&a[..fixed]).unwrap();
-    assert_eq!(g.cached_prefix_len(), fixed);
+    assert_eq!(g.cached_prefix_lens(), [fixed]);
     for (i, p) in [&a, &b, &a].iter().enumerate() {
         let (logits, cached) = g.read_prompt(p).unwrap();
         assert_eq!(cached, fixed);
@@ -172,6 +172,31 @@ fn check_prefix_cache(file: &str, same_text: bool) {
         g.generate(&other, &params, |_| true).unwrap().cached_tokens,
         0
     );
+    // A second prefix serves the prompts that start with it; the first still
+    // serves its own, and each gives what reading the prompt whole gives.
+    let plain = g.generate(&other, &params, |_| true).unwrap();
+    g.cache_prefix(&other[..4]).unwrap();
+    g.cache_prefix(&a[..2]).unwrap();
+    assert_eq!(g.cached_prefix_lens(), [fixed, 4, 2]);
+    let again = g.generate(&other, &params, |_| true).unwrap();
+    assert_eq!(again.cached_tokens, 4);
+    if same_text {
+        assert_eq!(
+            again.text, plain.text,
+            "{file}: the second prefix changes the answer"
+        );
+    }
+    let (_, cached) = g.read_prompt(&a).unwrap();
+    assert_eq!(cached, fixed, "the longest prefix a prompt starts with");
+    // Past the most kept, the oldest goes; the same ids again replace theirs.
+    g.cache_prefix(&other[..4]).unwrap();
+    assert_eq!(g.cached_prefix_lens(), [fixed, 2, 4]);
+    for n in [3, 5] {
+        g.cache_prefix(&other[..n]).unwrap();
+    }
+    assert_eq!(g.cached_prefix_lens(), [2, 4, 3, 5]);
+    g.cache_prefix(&[]).unwrap();
+    assert!(g.cached_prefix_lens().is_empty());
 }
 
 /// SmolLM2's greedy answers hit near-ties that reading in pieces can flip, so

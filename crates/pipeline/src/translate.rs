@@ -41,13 +41,7 @@ pub async fn to_english(
         deadline: Some(Instant::now() + within),
         ..GenerateParams::default()
     };
-    let prompt = Prompt {
-        preamble: vec![Message::new("system", INSTRUCTION)],
-        open: String::new(),
-        passages: Vec::new(),
-        close: question.trim().to_string(),
-    };
-    match complete(generator, prompt, params).await {
+    match complete(generator, prompt(question), params).await {
         Completion::Text(text) => usable(&text),
         Completion::Busy => None,
         Completion::Failed(e) => {
@@ -57,6 +51,27 @@ pub async fn to_english(
             None
         }
     }
+}
+
+/// What the model reads to translate `question`.
+fn prompt(question: &str) -> Prompt {
+    Prompt {
+        preamble: vec![Message::new("system", INSTRUCTION)],
+        open: String::new(),
+        passages: Vec::new(),
+        close: question.trim().to_string(),
+    }
+}
+
+/// Translation prompts for unlike questions: the tokens they all start with
+/// (chat markup, the instruction) can be read once at load, as the answers'
+/// are ([`crate::prompt::prefix_samples`]), so that a question's translation
+/// reads only the question.
+pub fn prefix_samples() -> Vec<Vec<Message>> {
+    ["天空为什么是蓝色的？", "¿Qué es Debian?"]
+        .into_iter()
+        .map(|q| prompt(q).messages(0))
+        .collect()
 }
 
 /// The model's reply as a query: one line, quotes and labels off, and only
@@ -76,6 +91,19 @@ fn usable(reply: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The samples differ only in the question, so the tokens they share
+    /// are the chat markup and the instruction every translation reads.
+    #[test]
+    fn translation_prompts_differ_only_in_the_question() {
+        let samples = prefix_samples();
+        assert!(samples.len() >= 2);
+        for s in &samples {
+            assert_eq!(s[..s.len() - 1], samples[0][..s.len() - 1]);
+            assert!(s.iter().any(|m| m.content == INSTRUCTION));
+        }
+        assert_ne!(samples[0].last(), samples[1].last());
+    }
 
     #[test]
     fn only_an_english_line_is_used() {

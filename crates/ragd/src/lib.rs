@@ -206,7 +206,10 @@ async fn load(config: &Config) -> Result<Pipeline, StartError> {
             slots: config.generation.slots,
             requantize: config.generation.requantize,
             draft_tokens: config.generation.draft_tokens,
-            prefix_samples: ragd_pipeline::prompt::prefix_samples(),
+            prefix_samples: vec![
+                ragd_pipeline::prompt::prefix_samples(),
+                ragd_pipeline::translate::prefix_samples(),
+            ],
         }))
     };
     let embedder = embedder.await?;
