@@ -103,6 +103,26 @@ fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
+/// [`q4k_scales`] without branches, on three 32-bit words (ggml's
+/// `utmp` form): the eight scales in bytes 0–7, the minimums in 8–15.
+#[inline(always)]
+fn q4k_scales_packed(s: &[u8; 12]) -> [u8; 16] {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (u0, u1, u2) = (w(0), w(1), w(2));
+    let sc_lo = u0 & KMASK1;
+    let sc_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let mn_lo = u1 & KMASK1;
+    let mn_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let mut out = [0u8; 16];
+    for (i, word) in [sc_lo, sc_hi, mn_lo, mn_hi].into_iter().enumerate() {
+        out[4 * i..4 * i + 4].copy_from_slice(&word.to_le_bytes());
+    }
+    out
+}
+
 fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
@@ -342,18 +362,25 @@ unsafe fn tile_q4k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32)
         let row = v.w.add(j * v.row_bytes);
         for l in 0..kb {
             let b = std::slice::from_raw_parts(row.add(l * 144), 144);
-            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-            let (sc, mn) = q4k_scales(&b[4..16]);
+            // d and dmin by F16C, and the 6-bit scales by word operations:
+            // per block this was scalar code (half's conversion checks the
+            // CPU per call), worth most of a one-row product.
+            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                (b.as_ptr() as *const i32).read_unaligned(),
+            ));
+            let vd = _mm256_broadcastss_ps(dd);
+            let vdmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
+            let scm = q4k_scales_packed(&*(b.as_ptr().add(4) as *const [u8; 12]));
+            let sc = &scm[..8];
             // The minimums, one per 32 values, times dmin: against the
             // activations' scaled sums they are the part each value's
             // minimum takes off.
             let mins = _mm256_mul_ps(
                 _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                    mn.as_ptr() as *const __m128i
+                    scm.as_ptr().add(8) as *const __m128i
                 ))),
-                _mm256_set1_ps(dmin),
+                vdmin,
             );
-            let vd = _mm256_set1_ps(d);
             let mut isum = [_mm256_setzero_si256(); M];
             for c in 0..4 {
                 let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
@@ -400,7 +427,9 @@ unsafe fn tile_q6k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32)
         for l in 0..kb {
             let b = row.add(l * 210);
             let scales = b.add(192) as *const i8;
-            let d = f16_at(std::slice::from_raw_parts(b, 210), 208);
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                (b.add(208) as *const u16).read_unaligned() as i32,
+            )));
             // The offset of 32: Σ d·sc·(q-32)·a = Σ d·sc·q·a - Σ 32·d·sc·(a's
             // scaled sums of 16).
             let off = _mm256_set1_ps(32.0 * d);
@@ -500,6 +529,23 @@ mod tests {
                 Ok((qt, ours))
             })
             .collect()
+    }
+
+    /// The branch-free scale unpacking gives ggml's scales and minimums for
+    /// every bit pattern of each byte position.
+    #[test]
+    fn packed_scales_are_ggmls() {
+        let mut s = [0u8; 12];
+        for seed in 0..4096u32 {
+            for (i, b) in s.iter_mut().enumerate() {
+                *b = (seed.wrapping_mul(2654435761).rotate_left(i as u32 * 5) >> (i % 8)) as u8
+                    ^ (seed >> (i % 12)) as u8;
+            }
+            let (sc, mn) = q4k_scales(&s);
+            let packed = q4k_scales_packed(&s);
+            assert_eq!(&packed[..8], &sc, "{s:?}");
+            assert_eq!(&packed[8..], &mn, "{s:?}");
+        }
     }
 
     #[test]
