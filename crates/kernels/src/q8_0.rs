@@ -873,6 +873,31 @@ mod tests {
         }
     }
 
+    /// A K-quant layer gives each of up to [`FEW_ROWS`] rows (decoding,
+    /// drafted tokens) exactly what that row gives alone, whichever kernel
+    /// this CPU takes for it.
+    #[test]
+    fn k_quant_rows_are_what_they_are_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k) = (48, 512);
+        let w = Tensor::from_vec(pseudo_random(n * k, 9), (n, k), &dev)?;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let layer = Linear::from_qtensor(QTensor::quantize(&w, dtype)?)?;
+            for m in [2, 3, 8, FEW_ROWS] {
+                let x = Tensor::from_vec(pseudo_random(m * k, m as u64), (m, k), &dev)?;
+                let all: Vec<Vec<f32>> = layer.forward(&x)?.to_vec2()?;
+                for (i, row) in all.iter().enumerate() {
+                    let alone: Vec<f32> = layer
+                        .forward(&x.narrow(0, i, 1)?)?
+                        .flatten_all()?
+                        .to_vec1()?;
+                    assert_eq!(row, &alone, "{dtype:?}: row {i} of {m}");
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn batched_input_keeps_its_leading_dims() -> Result<()> {
         if !kernel_available() {
