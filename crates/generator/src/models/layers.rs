@@ -87,7 +87,32 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
         }
     }
 
+    /// A tensor as candle's `QTensor`: from the mapped file's bytes where it
+    /// is mapped (one copy), else read from the file. Reading through the
+    /// file copied every byte twice, into a fresh buffer and from there into
+    /// the tensor, and the kernel zeroed both: Qwen2.5-Coder-1.5B (K-quants,
+    /// 1.1 GB) loaded in 0.49-2.80 s, now 0.40-0.44 s (`ragd bench generate`,
+    /// the two builds alternating).
     pub(crate) fn tensor(&mut self, name: &str) -> Result<QTensor> {
+        if let (Some(map), Some(info)) = (self.map, self.ct.tensor_infos.get(name)) {
+            let dtype = info.ggml_dtype;
+            let elems = info.shape.elem_count();
+            if elems.is_multiple_of(dtype.block_size()) {
+                let bytes = elems / dtype.block_size() * dtype.type_size();
+                let start = usize::try_from(self.ct.tensor_data_offset + info.offset).ok();
+                let data = start
+                    .and_then(|start| Some((start, start.checked_add(bytes)?)))
+                    .and_then(|(start, end)| map.bytes.get(start..end));
+                if let Some(data) = data {
+                    return candle_core::quantized::ggml_file::qtensor_from_ggml(
+                        dtype,
+                        data,
+                        info.shape.dims().to_vec(),
+                        self.device,
+                    );
+                }
+            }
+        }
         self.ct.tensor(self.reader, name, self.device)
     }
 
