@@ -62,17 +62,28 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
         }
     }
 
+    /// A tensor's header entry and its bytes in the mapped file (`None`: not
+    /// mapped, unknown, or not inside the file).
+    fn mapped(&self, name: &str) -> Option<(&gguf_file::TensorInfo, &'a [u8])> {
+        let map = self.map?.bytes;
+        let info = self.ct.tensor_infos.get(name)?;
+        let dtype = info.ggml_dtype;
+        let elems = info.shape.elem_count();
+        if !elems.is_multiple_of(dtype.block_size()) {
+            return None;
+        }
+        let bytes = elems / dtype.block_size() * dtype.type_size();
+        let start = usize::try_from(self.ct.tensor_data_offset.checked_add(info.offset)?).ok()?;
+        map.get(start..start.checked_add(bytes)?)
+            .map(|data| (info, data))
+    }
+
     /// A tensor's type, shape `(rows, cols)` and bytes in the mapped file,
     /// for a 2-D tensor inside it (`None`: read it the usual way).
     fn raw(&self, name: &str) -> Option<(GgmlDType, usize, usize, &'a [u8])> {
-        let map = self.map?.bytes;
-        let info = self.ct.tensor_infos.get(name)?;
+        let (info, data) = self.mapped(name)?;
         let (n, k) = info.shape.dims2().ok()?;
-        let dtype = info.ggml_dtype;
-        let bytes = n * k / dtype.block_size() * dtype.type_size();
-        let start = usize::try_from(self.ct.tensor_data_offset + info.offset).ok()?;
-        map.get(start..start.checked_add(bytes)?)
-            .map(|data| (dtype, n, k, data))
+        Some((info.ggml_dtype, n, k, data))
     }
 
     pub(crate) fn device(&self) -> &'a Device {
@@ -94,24 +105,13 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
     /// 1.1 GB) loaded in 0.49-2.80 s, now 0.40-0.44 s (`ragd bench generate`,
     /// the two builds alternating).
     pub(crate) fn tensor(&mut self, name: &str) -> Result<QTensor> {
-        if let (Some(map), Some(info)) = (self.map, self.ct.tensor_infos.get(name)) {
-            let dtype = info.ggml_dtype;
-            let elems = info.shape.elem_count();
-            if elems.is_multiple_of(dtype.block_size()) {
-                let bytes = elems / dtype.block_size() * dtype.type_size();
-                let start = usize::try_from(self.ct.tensor_data_offset + info.offset).ok();
-                let data = start
-                    .and_then(|start| Some((start, start.checked_add(bytes)?)))
-                    .and_then(|(start, end)| map.bytes.get(start..end));
-                if let Some(data) = data {
-                    return candle_core::quantized::ggml_file::qtensor_from_ggml(
-                        dtype,
-                        data,
-                        info.shape.dims().to_vec(),
-                        self.device,
-                    );
-                }
-            }
+        if let Some((info, data)) = self.mapped(name) {
+            return candle_core::quantized::ggml_file::qtensor_from_ggml(
+                info.ggml_dtype,
+                data,
+                info.shape.dims().to_vec(),
+                self.device,
+            );
         }
         self.ct.tensor(self.reader, name, self.device)
     }
