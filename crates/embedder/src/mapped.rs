@@ -21,9 +21,10 @@
 
 use std::path::Path;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use ragd_kernels::rows::FileRows;
+use ragd_kernels::rows;
 
 /// Maps `path` (a safetensors file) for candle's `VarBuilder`, which copies
 /// each tensor it is asked for out of the map.
@@ -33,14 +34,11 @@ pub(crate) fn var_builder(path: &Path, device: &Device) -> Result<VarBuilder<'st
 }
 
 /// A 2-D f32 table (rows × cols) in a safetensors file, its rows read from
-/// the file as they are looked up ([`FileRows`]: positioned reads, not the
+/// the file as they are looked up ([`rows::FileTable`]: positioned reads, not the
 /// map, whose touched pages grew `ragd serve`'s file-backed resident memory
 /// from 0.02 to 0.13 GB over 2,000 ingested Wikipedia summaries,
 /// `bench/serve-memory --docs 2000`).
-pub(crate) struct FileTable {
-    rows: FileRows,
-    cols: usize,
-}
+pub(crate) struct FileTable(rows::FileTable);
 
 /// A tensor's entry in a safetensors header.
 #[derive(serde::Deserialize)]
@@ -88,23 +86,16 @@ impl FileTable {
             return Ok(None);
         };
         let offset = 8 + header_len + start;
-        Ok(FileRows::new(file, offset, rows, cols * 4)
-            .ok()
-            .map(|rows| Self { rows, cols }))
+        Ok(
+            rows::FileTable::new(file, offset, GgmlDType::F32, rows, cols)
+                .ok()
+                .map(Self),
+        )
     }
 
     /// The rows `ids`, `(ids.len(), cols)`; an id outside the table is an error.
     pub(crate) fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
-        let mut out = Vec::with_capacity(ids.len() * self.cols);
-        let mut row = vec![0u8; self.rows.row_bytes()];
-        for &id in ids {
-            self.rows.read(id as usize, &mut row)?;
-            out.extend(
-                row.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-        }
-        Tensor::from_vec(out, (ids.len(), self.cols), device)
+        self.0.lookup(ids)?.to_device(device)
     }
 }
 

@@ -88,7 +88,9 @@ impl std::fmt::Debug for KMatrix {
     }
 }
 
-/// Unpacks Q4_K's eight 6-bit scales and minimums (ggml's `get_scale_min_k4`).
+/// Unpacks Q4_K's eight 6-bit scales and minimums (ggml's `get_scale_min_k4`),
+/// byte by byte: the reference [`q4k_scales_packed`] is checked against.
+#[cfg(test)]
 fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
     for j in 0..8 {
@@ -103,10 +105,11 @@ fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
-/// [`q4k_scales`] without branches, on three 32-bit words (ggml's
-/// `utmp` form): the eight scales in bytes 0–7, the minimums in 8–15.
+/// Q4_K's eight 6-bit scales and minimums (ggml's `get_scale_min_k4`)
+/// without branches, on three 32-bit words (ggml's `utmp` form): the scales
+/// in bytes 0–7, the minimums in 8–15.
 #[inline(always)]
-fn q4k_scales_packed(s: &[u8; 12]) -> [u8; 16] {
+fn q4k_scales_packed(s: &[u8]) -> [u8; 16] {
     const KMASK1: u32 = 0x3f3f_3f3f;
     const KMASK2: u32 = 0x0f0f_0f0f;
     const KMASK3: u32 = 0x0303_0303;
@@ -177,7 +180,8 @@ impl KMatrix {
             match self.kind {
                 Kind::Q4K => {
                     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                    let (sc, mn) = q4k_scales(&b[4..16]);
+                    let scm = q4k_scales_packed(&b[4..16]);
+                    let (sc, mn) = (&scm[..8], &scm[8..]);
                     let qs = &b[16..144];
                     for c in 0..4 {
                         let q = &qs[32 * c..32 * c + 32];
@@ -370,7 +374,7 @@ unsafe fn tile_q4k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32)
             ));
             let vd = _mm256_broadcastss_ps(dd);
             let vdmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
-            let scm = q4k_scales_packed(&*(b.as_ptr().add(4) as *const [u8; 12]));
+            let scm = q4k_scales_packed(&b[4..16]);
             let sc = &scm[..8];
             // The minimums, one per 32 values, times dmin: against the
             // activations' scaled sums they are the part each value's

@@ -42,7 +42,7 @@ use std::sync::Arc;
 
 use crate::kquant::KMatrix;
 use crate::q5_0::Q5Matrix;
-use crate::rows::FileRows;
+use crate::rows::FileTable;
 
 pub(crate) const QK: usize = 32;
 /// Bytes of one Q8_0 block in a GGUF file: an f16 scale and 32 signed bytes.
@@ -170,50 +170,6 @@ pub enum TokenEmbedding {
     File(Arc<FileTable>),
 }
 
-/// A GGUF table's rows in the file: `(rows, k)` of `dtype`.
-#[derive(Debug)]
-pub struct FileTable {
-    rows: FileRows,
-    dtype: GgmlDType,
-    k: usize,
-}
-
-impl FileTable {
-    /// The table of `n` rows of `k` values of `dtype` at byte `offset` of `file`.
-    pub fn new(
-        file: std::fs::File,
-        offset: u64,
-        dtype: GgmlDType,
-        n: usize,
-        k: usize,
-    ) -> Result<Self> {
-        if n == 0 || !k.is_multiple_of(dtype.block_size()) {
-            candle_core::bail!("a table of {n} rows of {k} values of {dtype:?}")
-        }
-        let row_bytes = k / dtype.block_size() * dtype.type_size();
-        Ok(Self {
-            rows: FileRows::new(file, offset, n, row_bytes)?,
-            dtype,
-            k,
-        })
-    }
-
-    /// Row `id`, dequantized into `out` by candle's own code for the type.
-    fn dequantize_row(&self, id: usize, bytes: &mut [u8], out: &mut [f32]) -> Result<()> {
-        self.rows.read(id, bytes)?;
-        let cpu = candle_core::Device::Cpu;
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            self.dtype,
-            bytes,
-            vec![self.k],
-            &cpu,
-        )?;
-        let row: Vec<f32> = q.dequantize(&cpu)?.to_vec1()?;
-        out.copy_from_slice(&row);
-        Ok(())
-    }
-}
-
 impl TokenEmbedding {
     /// The table from its quantized tensor `(vocabulary, hidden)`.
     pub fn from_qtensor(t: QTensor) -> Result<Self> {
@@ -278,10 +234,10 @@ impl Module for TokenEmbedding {
             }),
             Self::K(m) => lookup(ids, m.rows(), m.cols(), |id, row| m.dequantize_row(id, row)),
             Self::File(t) => {
-                let mut bytes = vec![0u8; t.rows.row_bytes()];
-                lookup(ids, t.rows.rows(), t.k, |id, row| {
-                    t.dequantize_row(id, &mut bytes, row)
-                })
+                let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let mut dims = ids.dims().to_vec();
+                dims.push(t.cols());
+                t.lookup(&flat)?.to_device(ids.device())?.reshape(dims)
             }
         }
     }
@@ -292,7 +248,7 @@ fn lookup(
     ids: &Tensor,
     vocabulary: usize,
     hidden: usize,
-    mut row: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    row: impl Fn(usize, &mut [f32]) -> Result<()>,
 ) -> Result<Tensor> {
     let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
     let mut out = vec![0f32; flat.len() * hidden];

@@ -11,20 +11,35 @@
 
 use std::os::unix::fs::FileExt;
 
-use candle_core::Result;
+use candle_core::quantized::{ggml_file, GgmlDType};
+use candle_core::{Device, Result, Tensor};
 
-/// `rows` rows of `row_bytes` bytes each, row 0 at byte `offset` of `file`.
+/// `rows × cols` values of `dtype` (f32 or any GGUF block type candle reads),
+/// stored row after row from byte `offset` of `file`.
 #[derive(Debug)]
-pub struct FileRows {
+pub struct FileTable {
     file: std::fs::File,
     offset: u64,
+    dtype: GgmlDType,
     rows: usize,
+    cols: usize,
     row_bytes: usize,
 }
 
-impl FileRows {
-    /// The table, after checking that the file holds all of it.
-    pub fn new(file: std::fs::File, offset: u64, rows: usize, row_bytes: usize) -> Result<Self> {
+impl FileTable {
+    /// The table, after checking that its rows are whole blocks and that the
+    /// file holds all of it.
+    pub fn new(
+        file: std::fs::File,
+        offset: u64,
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        if rows == 0 || !cols.is_multiple_of(dtype.block_size()) {
+            candle_core::bail!("a table of {rows} rows of {cols} values of {dtype:?}")
+        }
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
         let end = (rows as u64)
             .checked_mul(row_bytes as u64)
             .and_then(|b| b.checked_add(offset));
@@ -32,7 +47,9 @@ impl FileRows {
             Some(end) if file.metadata()?.len() >= end => Ok(Self {
                 file,
                 offset,
+                dtype,
                 rows,
+                cols,
                 row_bytes,
             }),
             _ => candle_core::bail!(
@@ -41,25 +58,29 @@ impl FileRows {
         }
     }
 
-    /// Number of rows.
-    pub fn rows(&self) -> usize {
-        self.rows
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.cols
     }
 
-    /// Bytes of one row.
-    pub fn row_bytes(&self) -> usize {
-        self.row_bytes
-    }
-
-    /// Reads row `id` into `buf` (`row_bytes` long); an id outside the table
-    /// is an error.
-    pub fn read(&self, id: usize, buf: &mut [u8]) -> Result<()> {
-        if id >= self.rows {
-            candle_core::bail!("token id {id} is outside the vocabulary of {}", self.rows)
+    /// Rows `ids` as f32, `(ids.len(), cols)` on the CPU, dequantized by
+    /// candle's own code for the type (f32 rows are the file's values); an id
+    /// outside the table is an error.
+    pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        let cpu = Device::Cpu;
+        if ids.is_empty() {
+            return Tensor::zeros((0, self.cols), candle_core::DType::F32, &cpu);
         }
-        debug_assert_eq!(buf.len(), self.row_bytes);
-        self.file
-            .read_exact_at(buf, self.offset + (id * self.row_bytes) as u64)?;
-        Ok(())
+        let mut bytes = vec![0u8; ids.len() * self.row_bytes];
+        for (&id, row) in ids.iter().zip(bytes.chunks_exact_mut(self.row_bytes)) {
+            let id = id as usize;
+            if id >= self.rows {
+                candle_core::bail!("token id {id} is outside the vocabulary of {}", self.rows)
+            }
+            self.file
+                .read_exact_at(row, self.offset + (id * self.row_bytes) as u64)?;
+        }
+        ggml_file::qtensor_from_ggml(self.dtype, &bytes, vec![ids.len(), self.cols], &cpu)?
+            .dequantize(&cpu)
     }
 }

@@ -29,7 +29,8 @@ use candle_nn::Module;
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::attention::{grouped_attention, KvCache};
-use crate::q8_0::{FileTable, Linear, TokenEmbedding};
+use crate::q8_0::{Linear, TokenEmbedding};
+use ragd_kernels::rows::FileTable;
 
 /// A model file's bytes, memory-mapped while it loads, and the file.
 #[derive(Clone, Copy)]
