@@ -14,6 +14,9 @@
 //!   12 × L × L);
 //! - Q, K and V are one matrix product (their weights concatenated at load) and
 //!   the 1/√d scale is folded into Q's weights;
+//! - each linear layer adds its bias, and the residual after it, in its own
+//!   output buffer (`ragd_kernels::dense`): no separate passes or buffers
+//!   for them;
 //! - layer norm is candle's fused kernel;
 //! - GELU and softmax are computed here (`gelu_erf`; softmax is
 //!   `ragd_kernels::softmax::softmax_rows`) with a
@@ -30,45 +33,15 @@
 //! products, AVX2 or AVX-512 VNNI. The rest (embeddings, layer norms,
 //! attention, GELU) stays fp32.
 
-use std::sync::Arc;
-
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 use ragd_kernels::contiguous_f32;
-use ragd_kernels::q8_0::{kernel_available, Q8Matrix};
+use ragd_kernels::dense::Dense;
 use ragd_kernels::softmax::{exp_neg, softmax_rows};
 
 use crate::mapped::{FileTable, Table};
 use crate::Pooling;
-
-/// A linear layer: fp32 through candle, or int8 weights through the Q8_0
-/// kernel plus an fp32 bias.
-enum Dense {
-    F32(Linear),
-    Int8(Arc<Q8Matrix>, Tensor),
-}
-
-impl Dense {
-    fn new(linear: Linear, int8: bool) -> Result<Self> {
-        if int8 && kernel_available() {
-            let q = QTensor::quantize(linear.weight(), GgmlDType::Q8_0)?;
-            if let Some(m) = Q8Matrix::from_qtensor(&q)? {
-                let bias = linear.bias().cloned().expect("loaded with a bias");
-                return Ok(Self::Int8(Arc::new(m), bias));
-            }
-        }
-        Ok(Self::F32(linear))
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::F32(l) => l.forward(x),
-            Self::Int8(m, bias) => x.contiguous()?.apply_op1_no_bwd(&**m)?.broadcast_add(bias),
-        }
-    }
-}
 
 struct Layer {
     /// Q, K, V in one: hidden → 3 × hidden, Q pre-scaled by 1/√head_dim.
@@ -154,6 +127,7 @@ impl Bert {
                 linear(&s.pp("value"), h, h)?,
             );
             let bias = |l: &Linear| l.bias().cloned().expect("loaded with a bias");
+            let dense = |l: Linear| Dense::new(l.weight(), &bias(&l), int8);
             let w = Tensor::cat(
                 &[
                     (q.weight() * scale)?,
@@ -164,14 +138,11 @@ impl Bert {
             )?;
             let b = Tensor::cat(&[(bias(&q) * scale)?, bias(&k), bias(&v)], 0)?;
             layers.push(Layer {
-                qkv: Dense::new(Linear::new(w, Some(b)), int8)?,
-                attention_out: Dense::new(linear(&l.pp("attention.output.dense"), h, h)?, int8)?,
+                qkv: Dense::new(&w, &b, int8)?,
+                attention_out: dense(linear(&l.pp("attention.output.dense"), h, h)?)?,
                 attention_norm: norm(&l.pp("attention.output.LayerNorm"), h, c.layer_norm_eps)?,
-                up: Dense::new(
-                    linear(&l.pp("intermediate.dense"), h, c.intermediate_size)?,
-                    int8,
-                )?,
-                down: Dense::new(linear(&l.pp("output.dense"), c.intermediate_size, h)?, int8)?,
+                up: dense(linear(&l.pp("intermediate.dense"), h, c.intermediate_size)?)?,
+                down: dense(linear(&l.pp("output.dense"), c.intermediate_size, h)?)?,
                 output_norm: norm(&l.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
             });
         }
@@ -267,14 +238,14 @@ impl Bert {
         let context = Tensor::cat(&contexts, 0)?;
         let x = l
             .attention_norm
-            .forward(&(l.attention_out.forward(&context)? + x)?)?;
+            .forward(&l.attention_out.forward_residual(&context, x)?)?;
         let up = l.up.forward(&x)?;
         let up = match self.act {
             HiddenAct::Gelu => gelu_erf(&up)?,
             HiddenAct::GeluApproximate => up.gelu()?,
             HiddenAct::Relu => up.relu()?,
         };
-        l.output_norm.forward(&(l.down.forward(&up)? + x)?)
+        l.output_norm.forward(&l.down.forward_residual(&up, &x)?)
     }
 }
 

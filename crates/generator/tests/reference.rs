@@ -142,7 +142,7 @@ fn check_greedy_of(path: &std::path::Path, reference_file: &str, tie: f32) {
         if want.len() < params.max_tokens {
             steps.push((g.stop_ids().to_vec(), true));
         }
-        let mut ties = 0;
+        let (mut ties, mut widest) = (0, 0f32);
         for (i, (accepted, is_stop)) in steps.iter().enumerate() {
             let top = logits.iter().copied().fold(f32::MIN, f32::max);
             let best_ok = accepted
@@ -151,6 +151,7 @@ fn check_greedy_of(path: &std::path::Path, reference_file: &str, tie: f32) {
                 .fold(f32::MIN, f32::max);
             if best_ok < top {
                 ties += 1;
+                widest = widest.max(top - best_ok);
             }
             if top - best_ok > tie {
                 failures.push(format!(
@@ -185,7 +186,7 @@ fn check_greedy_of(path: &std::path::Path, reference_file: &str, tie: f32) {
         let got = g.tokenizer().encode_plain(&out.text).unwrap();
         let same = want.iter().zip(&got).take_while(|(a, b)| a == b).count();
         println!(
-            "{model_file}: free greedy matches {same}/{} reference tokens{}; teacher-forced, {ties} step(s) were near-ties; got {:?}, want {expected:?}",
+            "{model_file}: free greedy matches {same}/{} reference tokens{}; teacher-forced, {ties} step(s) were near-ties (widest {widest:.3} logits); got {:?}, want {expected:?}",
             want.len(),
             if same == want.len() && got.len() == want.len() { " (identical)" } else { "" },
             out.text

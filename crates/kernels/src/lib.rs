@@ -8,11 +8,14 @@
 //! * [`kquant`]: Q4_K and Q6_K on the file's own blocks;
 //! * [`softmax`]: attention's softmax with a vectorisable exp (and, for the
 //!   generator, the scale and the causal mask in the same pass);
-//! * [`rows`]: token-embedding tables read from the model file row by row.
+//! * [`rows`]: token-embedding tables read from the model file row by row;
+//! * [`dense`]: a linear layer with its bias and residual added in the
+//!   product's own output (f32 by `gemm`, or int8 by [`q8_0::Q8Matrix`]).
 //!
-//! The generator runs GGUF models on them; the embedder's int8 mode runs its
-//! linear layers through [`q8_0::Q8Matrix`].
+//! The generator runs GGUF models on them; the embedder's layers are
+//! [`dense::Dense`].
 
+pub mod dense;
 pub mod kquant;
 pub mod q5_0;
 pub mod q8_0;

@@ -401,12 +401,19 @@ impl Q8Matrix {
 
     /// `dst[i][j] = Σ_l lhs[i][l] · W[j][l]` for `m` rows of `lhs` (`m × k`).
     pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) {
-        self.matmul_with(lhs, m, dst, vnni_available())
+        self.matmul_with(lhs, m, dst, vnni_available(), false)
+    }
+
+    /// `dst[i][j] += Σ_l lhs[i][l] · W[j][l]`: [`Self::matmul`] added to what
+    /// `dst` holds (a bias, a residual) by the kernel's own stores.
+    pub fn matmul_add(&self, lhs: &[f32], m: usize, dst: &mut [f32]) {
+        self.matmul_with(lhs, m, dst, vnni_available(), true)
     }
 
     /// [`Self::matmul`] with the AVX-512 VNNI instructions on or off (`vnni`
-    /// is only honoured where the CPU has them).
-    fn matmul_with(&self, lhs: &[f32], m: usize, dst: &mut [f32], vnni: bool) {
+    /// is only honoured where the CPU has them), overwriting `dst` or adding
+    /// to it.
+    fn matmul_with(&self, lhs: &[f32], m: usize, dst: &mut [f32], vnni: bool, add: bool) {
         let vnni = vnni && vnni_available();
         assert_eq!(lhs.len(), m * self.k, "lhs is not {m}x{}", self.k);
         assert_eq!(dst.len(), m * self.n, "dst is not {m}x{}", self.n);
@@ -425,6 +432,7 @@ impl Q8Matrix {
                 d: a_d.as_ptr(),
                 rows: m,
                 kb,
+                add,
             };
             let w = Weights {
                 groups: self.groups.as_ptr(),
@@ -636,6 +644,8 @@ struct Operand {
     d: *const f32,
     rows: usize,
     kb: usize,
+    /// Whether the products are added to the output instead of stored.
+    add: bool,
 }
 
 /// The interleaved weights.
@@ -670,6 +680,24 @@ pub(crate) unsafe fn store_lanes(acc: __m256, dst: *mut f32, cols: usize) {
             let mut lanes = [0f32; RN];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
             std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, cols);
+        }
+    }
+}
+
+/// Adds an accumulator's lanes to `dst`, as [`store_lanes`] stores them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn add_lanes(acc: __m256, dst: *mut f32, cols: usize) {
+    unsafe {
+        if cols == RN {
+            _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), acc));
+        } else {
+            let mut lanes = [0f32; RN];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            for (c, lane) in lanes.iter().take(cols).enumerate() {
+                *dst.add(c) += lane;
+            }
         }
     }
 }
@@ -742,7 +770,12 @@ macro_rules! kernel {
                 }
                 let cols = RN.min(w.n - g * RN);
                 for (i, &acc) in acc.iter().enumerate() {
-                    store_lanes(acc, out.add((i0 + i) * w.n + g * RN), cols);
+                    let dst = out.add((i0 + i) * w.n + g * RN);
+                    if a.add {
+                        add_lanes(acc, dst, cols);
+                    } else {
+                        store_lanes(acc, dst, cols);
+                    }
                 }
             }
         }
@@ -799,10 +832,19 @@ mod tests {
             // same sums as the VNNI one: both are exact in integers.
             let lhs: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let (mut avx2, mut vnni) = (vec![0f32; m * n], vec![0f32; m * n]);
-            ours.matmul_with(&lhs, m, &mut avx2, false);
-            ours.matmul_with(&lhs, m, &mut vnni, true);
+            ours.matmul_with(&lhs, m, &mut avx2, false, false);
+            ours.matmul_with(&lhs, m, &mut vnni, true, false);
             assert_eq!(avx2, vnni, "({m},{k},{n})");
             assert_eq!(avx2, got, "({m},{k},{n})");
+            // Adding into a prepared output gives that output plus the
+            // product, to the bit, on both paths.
+            let init = pseudo_random(m * n, 11);
+            let want: Vec<f32> = init.iter().zip(&got).map(|(a, b)| a + b).collect();
+            for vnni in [false, true] {
+                let mut sum = init.clone();
+                ours.matmul_with(&lhs, m, &mut sum, vnni, true);
+                assert_eq!(sum, want, "({m},{k},{n}) added, vnni {vnni}");
+            }
         }
         Ok(())
     }
