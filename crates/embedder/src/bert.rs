@@ -18,8 +18,9 @@
 //!   output buffer (`ragd_kernels::dense`): no separate passes or buffers
 //!   for them;
 //! - layer norm is candle's fused kernel;
-//! - GELU and softmax are computed here (`gelu_erf`; softmax is
-//!   `ragd_kernels::softmax::softmax_rows`) with a
+//! - GELU (applied in place to the up projection's output,
+//!   `ragd_kernels::dense::gelu_erf`) and softmax
+//!   (`ragd_kernels::softmax::softmax_rows`) use a
 //!   branch-free exp the compiler vectorises: candle's call libm's scalar
 //!   `erff` and `expf` per element (GELU on one thread), which was a fifth of
 //!   the run once the page zeroing was gone, and softmax's `expf` another 7 %.
@@ -33,12 +34,11 @@
 //! products, AVX2 or AVX-512 VNNI. The rest (embeddings, layer norms,
 //! attention, GELU) stays fp32.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
-use ragd_kernels::contiguous_f32;
 use ragd_kernels::dense::Dense;
-use ragd_kernels::softmax::{exp_neg, softmax_rows};
+use ragd_kernels::softmax::softmax_rows;
 
 use crate::mapped::{FileTable, Table};
 use crate::Pooling;
@@ -141,7 +141,8 @@ impl Bert {
                 qkv: Dense::new(&w, &b, int8)?,
                 attention_out: dense(linear(&l.pp("attention.output.dense"), h, h)?)?,
                 attention_norm: norm(&l.pp("attention.output.LayerNorm"), h, c.layer_norm_eps)?,
-                up: dense(linear(&l.pp("intermediate.dense"), h, c.intermediate_size)?)?,
+                up: dense(linear(&l.pp("intermediate.dense"), h, c.intermediate_size)?)?
+                    .with_gelu(matches!(c.hidden_act, HiddenAct::Gelu)),
                 down: dense(linear(&l.pp("output.dense"), c.intermediate_size, h)?)?,
                 output_norm: norm(&l.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
             });
@@ -241,88 +242,11 @@ impl Bert {
             .forward(&l.attention_out.forward_residual(&context, x)?)?;
         let up = l.up.forward(&x)?;
         let up = match self.act {
-            HiddenAct::Gelu => gelu_erf(&up)?,
+            // Applied to the up projection's output in place (`with_gelu`).
+            HiddenAct::Gelu => up,
             HiddenAct::GeluApproximate => up.gelu()?,
             HiddenAct::Relu => up.relu()?,
         };
         l.output_norm.forward(&l.down.forward_residual(&up, &x)?)
-    }
-}
-
-/// GELU with the exact (erf) form, as BERT models use: `0.5 x (1 + erf(x/√2))`,
-/// in parallel over the cores, in a loop the compiler vectorises.
-pub(crate) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != candle_core::DType::F32 {
-        return x.gelu_erf();
-    }
-    x.apply_op1_no_bwd(&GeluErf)
-}
-
-struct GeluErf;
-
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "ragd-gelu-erf"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let data = contiguous_f32(storage, layout, self.name())?;
-        let mut out = vec![0f32; data.len()];
-        let threads = candle_core::utils::get_num_threads().max(1);
-        // At least 64 Ki elements per thread: below that a thread costs more than it saves.
-        let chunk = data.len().div_ceil(threads).max(1 << 16);
-        std::thread::scope(|s| {
-            for (src, dst) in data.chunks(chunk).zip(out.chunks_mut(chunk)) {
-                s.spawn(move || gelu_slice(src, dst));
-            }
-        });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
-fn gelu_slice(src: &[f32], dst: &mut [f32]) {
-    for (y, &x) in dst.iter_mut().zip(src) {
-        *y = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-    }
-}
-
-/// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, under
-/// f32's resolution of the 1 it is added to), branch-free so that it
-/// vectorises.
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
-    let poly = t * 1.061_405_4f32
-        .mul_add(t, -1.453_152_1)
-        .mul_add(t, 1.421_413_8)
-        .mul_add(t, -0.284_496_74)
-        .mul_add(t, 0.254_829_6);
-    let y = 1.0 - poly * exp_neg(-a * a);
-    y.copysign(x)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gelu_matches_candles_exact_gelu() {
-        let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 400.0).collect();
-        let t = Tensor::new(xs.as_slice(), &candle_core::Device::Cpu).unwrap();
-        let ours = gelu_erf(&t).unwrap().to_vec1::<f32>().unwrap();
-        let theirs = t.gelu_erf().unwrap().to_vec1::<f32>().unwrap();
-        for ((x, a), b) in xs.iter().zip(&ours).zip(&theirs) {
-            assert!(
-                (a - b).abs() <= 2e-6 * b.abs().max(1.0),
-                "gelu({x}) = {a}, candle {b}"
-            );
-        }
-        // Large inputs: gelu(x) = x, gelu(-x) = 0.
-        let big = Tensor::new(&[100f32, -100.0, 1e30, -1e30], &candle_core::Device::Cpu).unwrap();
-        assert_eq!(
-            gelu_erf(&big).unwrap().to_vec1::<f32>().unwrap(),
-            vec![100.0, -0.0, 1e30, -0.0]
-        );
     }
 }
