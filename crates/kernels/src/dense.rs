@@ -95,15 +95,30 @@ impl Dense {
     /// product added to them.
     fn run(&self, x: &[f32], m: usize, r: Option<&[f32]>) -> Vec<f32> {
         let (k, n) = (self.k, self.n);
-        let mut y = Vec::with_capacity(m * n);
-        match r {
-            None => (0..m).for_each(|_| y.extend_from_slice(&self.bias)),
-            Some(r) => {
-                for row in r.chunks_exact(n) {
-                    y.extend(row.iter().zip(&self.bias).map(|(r, b)| r + b));
+        // Rows filled over the pool's threads: a fresh output's pages are
+        // faulted in (zeroed by the kernel) as they are first written, which
+        // on one thread left the other core idle.
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        crate::par_chunks_mut(&mut y.spare_capacity_mut()[..m * n], n, |i, row| {
+            match r {
+                None => {
+                    for (y, &b) in row.iter_mut().zip(&self.bias) {
+                        y.write(b);
+                    }
+                }
+                Some(r) => {
+                    let r = &r[i * n..(i + 1) * n];
+                    for ((y, &b), &r) in row.iter_mut().zip(&self.bias).zip(r) {
+                        y.write(r + b);
+                    }
                 }
             }
-        }
+        });
+        // SAFETY: every one of the m rows of n values was written above.
+        #[allow(unsafe_code)]
+        unsafe {
+            y.set_len(m * n)
+        };
         match &self.weights {
             Weights::Int8(w) => w.matmul_add(x, m, &mut y),
             Weights::F32(w) => {
