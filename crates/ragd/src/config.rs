@@ -82,7 +82,7 @@ pub struct EmbedderSection {
     #[serde(default)]
     pub passage_prefix: Option<String>,
     /// Local embedders' linear layers in int8 (faster; vectors within cosine
-    /// 0.99 of fp32).
+    /// 0.999 of fp32). On in the built-in defaults.
     #[serde(default)]
     pub int8: bool,
     /// For `"openai"`: the server's base URL.
