@@ -20,7 +20,7 @@
 //! - layer norm is candle's fused kernel;
 //! - GELU (applied in place to the up projection's output,
 //!   `ragd_kernels::dense::gelu_erf`) and softmax
-//!   (`ragd_kernels::softmax::softmax_rows`) use a
+//!   (`ragd_kernels::softmax::softmax_rows_in_place`) use a
 //!   branch-free exp the compiler vectorises: candle's call libm's scalar
 //!   `erff` and `expf` per element (GELU on one thread), which was a fifth of
 //!   the run once the page zeroing was gone, and softmax's `expf` another 7 %.
@@ -38,7 +38,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 use ragd_kernels::dense::Dense;
-use ragd_kernels::softmax::softmax_rows;
+use ragd_kernels::softmax::softmax_rows_in_place;
 
 use crate::mapped::{FileTable, Table};
 use crate::Pooling;
@@ -216,8 +216,8 @@ impl Bert {
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let scores = q.matmul(&k.t()?)?; // (heads, len, len), already scaled
-            let probs = softmax_rows(&scores)?;
-            let context = probs.matmul(&v)?; // (heads, len, head_dim)
+            softmax_rows_in_place(&scores)?;
+            let context = scores.matmul(&v)?; // (heads, len, head_dim)
             context.transpose(0, 1)?.reshape((len, h))
         };
         // Texts attend in parallel, a share of them per core: one text's

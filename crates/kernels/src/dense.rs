@@ -99,18 +99,16 @@ impl Dense {
         // faulted in (zeroed by the kernel) as they are first written, which
         // on one thread left the other core idle.
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
-        crate::par_chunks_mut(&mut y.spare_capacity_mut()[..m * n], n, |i, row| {
-            match r {
-                None => {
-                    for (y, &b) in row.iter_mut().zip(&self.bias) {
-                        y.write(b);
-                    }
+        crate::par_chunks_mut(&mut y.spare_capacity_mut()[..m * n], n, |i, row| match r {
+            None => {
+                for (y, &b) in row.iter_mut().zip(&self.bias) {
+                    y.write(b);
                 }
-                Some(r) => {
-                    let r = &r[i * n..(i + 1) * n];
-                    for ((y, &b), &r) in row.iter_mut().zip(&self.bias).zip(r) {
-                        y.write(r + b);
-                    }
+            }
+            Some(r) => {
+                let r = &r[i * n..(i + 1) * n];
+                for ((y, &b), &r) in row.iter_mut().zip(&self.bias).zip(r) {
+                    y.write(r + b);
                 }
             }
         });
