@@ -724,6 +724,56 @@ unsafe fn add_lanes(acc: __m256, dst: *mut f32, cols: usize) {
     }
 }
 
+/// Adds each row's integer block sums (block `l` against `block`), times
+/// the weights' and the row's block scales, to the row's accumulator.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn scale_block<const M: usize>(
+    acc: &mut [__m256; M],
+    isum: &[__m256i; M],
+    block: &Group,
+    a: &Operand,
+    i0: usize,
+    l: usize,
+) {
+    unsafe {
+        let wd = _mm256_loadu_ps(block.d.as_ptr());
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let ad = _mm256_broadcast_ss(&*a.d.add((i0 + i) * a.kb + l));
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(wd, ad), *acc);
+        }
+    }
+}
+
+/// Stores (or adds, for [`Q8Matrix::matmul_add`]) a tile's accumulators:
+/// rows `i0..i0 + M`, the outputs of group `g`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store_tile<const M: usize>(
+    acc: &[__m256; M],
+    a: &Operand,
+    w: &Weights,
+    i0: usize,
+    g: usize,
+    out: *mut f32,
+) {
+    let cols = RN.min(w.n - g * RN);
+    for (i, &acc) in acc.iter().enumerate() {
+        // SAFETY: row i0 + i < rows and the group's first output g·RN < n,
+        // as the panel walks them; `cols` stops at the matrix's last output.
+        unsafe {
+            let dst = out.add((i0 + i) * w.n + g * RN);
+            if a.add {
+                add_lanes(acc, dst, cols);
+            } else {
+                store_lanes(acc, dst, cols);
+            }
+        }
+    }
+}
+
 /// Generates a panel function (all prompt rows against a range of weight row
 /// groups) and its tile function for one instruction set; `$dot` adds to eight
 /// i32 sums the products of |w| and the sign-adjusted activations, four per
@@ -780,25 +830,9 @@ macro_rules! kernel {
                             *isum = $dot(*isum, wabs, _mm256_sign_epi8(aq, wq));
                         }
                     }
-                    let wd = _mm256_loadu_ps(block.d.as_ptr());
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let ad = _mm256_broadcast_ss(&*a.d.add((i0 + i) * kb + l));
-                        *acc = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(isum[i]),
-                            _mm256_mul_ps(wd, ad),
-                            *acc,
-                        );
-                    }
+                    scale_block(&mut acc, &isum, block, a, i0, l);
                 }
-                let cols = RN.min(w.n - g * RN);
-                for (i, &acc) in acc.iter().enumerate() {
-                    let dst = out.add((i0 + i) * w.n + g * RN);
-                    if a.add {
-                        add_lanes(acc, dst, cols);
-                    } else {
-                        store_lanes(acc, dst, cols);
-                    }
-                }
+                store_tile(&acc, a, w, i0, g, out);
             }
         }
     };
@@ -873,21 +907,9 @@ unsafe fn tile_vnni<const M: usize>(a: &Operand, w: &Weights, i0: usize, g: usiz
                     *isum = _mm256_dpbusd_epi32(*isum, wu, aq);
                 }
             }
-            let wd = _mm256_loadu_ps(block.d.as_ptr());
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let ad = _mm256_broadcast_ss(&*a.d.add((i0 + i) * kb + l));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(wd, ad), *acc);
-            }
+            scale_block(&mut acc, &isum, block, a, i0, l);
         }
-        let cols = RN.min(w.n - g * RN);
-        for (i, &acc) in acc.iter().enumerate() {
-            let dst = out.add((i0 + i) * w.n + g * RN);
-            if a.add {
-                add_lanes(acc, dst, cols);
-            } else {
-                store_lanes(acc, dst, cols);
-            }
-        }
+        store_tile(&acc, a, w, i0, g, out);
     }
 }
 
