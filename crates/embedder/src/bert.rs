@@ -11,7 +11,8 @@
 //!   linear layer, layer norms, GELU) run on a (tokens, hidden) matrix holding
 //!   only real tokens, so a short text costs its own length, not the longest's;
 //! - attention runs per text on its own length (no mask needed, buffers of
-//!   12 × L × L);
+//!   L × L), each head read from and written to the batch's matrices in
+//!   place (`ragd_kernels::attention`);
 //! - Q, K and V are one matrix product (their weights concatenated at load) and
 //!   the 1/√d scale is folded into Q's weights;
 //! - each linear layer adds its bias, and the residual after it, in its own
@@ -20,7 +21,7 @@
 //! - layer norm is candle's fused kernel;
 //! - GELU (applied in place to the up projection's output,
 //!   `ragd_kernels::dense::gelu_erf`) and softmax
-//!   (`ragd_kernels::softmax::softmax_rows_in_place`) use a
+//!   (`ragd_kernels::softmax`) use a
 //!   branch-free exp the compiler vectorises: candle's call libm's scalar
 //!   `erff` and `expf` per element (GELU on one thread), which was a fifth of
 //!   the run once the page zeroing was gone, and softmax's `expf` another 7 %.
@@ -37,8 +38,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
+use ragd_kernels::attention::packed_attention;
 use ragd_kernels::dense::Dense;
-use ragd_kernels::softmax::softmax_rows_in_place;
 
 use crate::mapped::{FileTable, Table};
 use crate::Pooling;
@@ -197,46 +198,9 @@ impl Bert {
     }
 
     fn layer(&self, l: &Layer, x: &Tensor, lens: &[usize]) -> Result<Tensor> {
-        let h = self.heads * self.head_dim;
         let qkv = l.qkv.forward(x)?; // (tokens, 3h)
-        let mut offsets = Vec::with_capacity(lens.len());
-        let mut offset = 0;
-        for &len in lens {
-            offsets.push((offset, len));
-            offset += len;
-        }
-        let attend = |&(offset, len): &(usize, usize)| -> Result<Tensor> {
-            let t = qkv.narrow(0, offset, len)?;
-            // (len, h) → (heads, len, head_dim)
-            let split = |i: usize| -> Result<Tensor> {
-                t.narrow(1, i * h, h)?
-                    .reshape((len, self.heads, self.head_dim))?
-                    .transpose(0, 1)?
-                    .contiguous()
-            };
-            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let scores = q.matmul(&k.t()?)?; // (heads, len, len), already scaled
-            softmax_rows_in_place(&scores)?;
-            let context = scores.matmul(&v)?; // (heads, len, head_dim)
-            context.transpose(0, 1)?.reshape((len, h))
-        };
-        // Texts attend in parallel, a share of them per core: one text's
-        // products are too small to split over the cores.
-        let threads = candle_core::utils::get_num_threads().max(1);
-        let share = offsets.len().div_ceil(threads).max(1);
-        let contexts: Vec<Tensor> = std::thread::scope(|s| {
-            let jobs: Vec<_> = offsets
-                .chunks(share)
-                .map(|part| s.spawn(move || part.iter().map(attend).collect::<Result<Vec<_>>>()))
-                .collect();
-            jobs.into_iter()
-                .map(|j| j.join().expect("an attention thread panicked"))
-                .collect::<Result<Vec<Vec<Tensor>>>>()
-        })?
-        .into_iter()
-        .flatten()
-        .collect();
-        let context = Tensor::cat(&contexts, 0)?;
+                                     // Each text over its own rows, the texts' heads spread over the cores.
+        let context = packed_attention(&qkv, lens, self.heads, self.head_dim)?;
         let x = l
             .attention_norm
             .forward(&l.attention_out.forward_residual(&context, x)?)?;

@@ -9,12 +9,15 @@
 //! * [`softmax`]: attention's softmax with a vectorisable exp (and, for the
 //!   generator, the scale and the causal mask in the same pass);
 //! * [`rows`]: token-embedding tables read from the model file row by row;
+//! * [`attention`]: the embedder's attention over texts packed without
+//!   padding, each head read and written in place;
 //! * [`dense`]: a linear layer with its bias and residual added in the
 //!   product's own output (f32 by `gemm`, or int8 by [`q8_0::Q8Matrix`]).
 //!
 //! The generator runs GGUF models on them; the embedder's layers are
 //! [`dense::Dense`].
 
+pub mod attention;
 pub mod dense;
 pub mod kquant;
 pub mod q5_0;
