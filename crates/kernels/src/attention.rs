@@ -81,6 +81,7 @@ impl CustomOp1 for PackedAttention {
                 let k = qkv[t0 * 3 * h + h + head * hd..].as_ptr();
                 let v = qkv[t0 * 3 * h + 2 * h + head * hd..].as_ptr();
                 let s = &mut scores[..len * len];
+                let (h3, len_s) = (3 * h as isize, len as isize);
                 // SAFETY: Q, K and V of this text and head are `len` rows
                 // 3h apart of `hd` values within qkv (its shape checked
                 // above); the scores are len × len; the context goes to
@@ -88,55 +89,86 @@ impl CustomOp1 for PackedAttention {
                 // output, which no other job writes.
                 #[allow(unsafe_code)]
                 unsafe {
-                    // scores = Q · Kᵀ: (len × hd) · (hd × len).
-                    gemm::gemm(
+                    // scores = Q · Kᵀ: (len × hd) · (hd × len), K read by columns.
+                    let scores = Strided::new(s.as_mut_ptr(), len_s, 1);
+                    product(
                         len,
                         len,
                         hd,
-                        s.as_mut_ptr(),
-                        1,
-                        len as isize,
-                        false,
-                        q,
-                        1,
-                        3 * h as isize,
-                        k,
-                        3 * h as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        scores,
+                        Strided::new(q, h3, 1),
+                        Strided::new(k, 1, h3),
                     );
                     s.chunks_mut(len).for_each(softmax_row_in_place);
-                    // context = P · V: (len × len) · (len × hd).
-                    gemm::gemm(
+                    // context = P · V: (len × len) · (len × hd), into its columns of the output.
+                    let context = Strided::new(dst.0.add(t0 * h + head * hd), h as isize, 1);
+                    product(
                         len,
                         hd,
                         len,
-                        dst.0.add(t0 * h + head * hd),
-                        1,
-                        h as isize,
-                        false,
-                        s.as_ptr(),
-                        1,
-                        len as isize,
-                        v,
-                        1,
-                        3 * h as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        context,
+                        Strided::new(s.as_ptr(), len_s, 1),
+                        Strided::new(v, h3, 1),
                     );
                 }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((tokens, h))))
+    }
+}
+
+/// A matrix by its first element and its row and column strides.
+#[derive(Clone, Copy)]
+struct Strided<P> {
+    at: P,
+    row: isize,
+    col: isize,
+}
+
+impl<P> Strided<P> {
+    fn new(at: P, row: isize, col: isize) -> Self {
+        Self { at, row, col }
+    }
+}
+
+/// `dst = lhs · rhs` for an (m × k) `lhs` and a (k × n) `rhs`, on this
+/// thread (the caller spreads its jobs over the cores).
+///
+/// # Safety
+/// Every element the strides reach, m × k of `lhs`, k × n of `rhs` and m × n
+/// of `dst`, must be in bounds, and `dst` written by no one else meanwhile.
+#[allow(unsafe_code)]
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.at,
+            dst.col,
+            dst.row,
+            false,
+            lhs.at,
+            lhs.col,
+            lhs.row,
+            rhs.at,
+            rhs.col,
+            rhs.row,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
 }
 
