@@ -36,7 +36,7 @@
 //! attention, GELU) stays fp32.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 use ragd_kernels::attention::packed_attention;
 use ragd_kernels::dense::Dense;
@@ -67,11 +67,14 @@ pub(crate) struct Bert {
     act: HiddenAct,
 }
 
-fn linear(vb: &VarBuilder, inp: usize, out: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        vb.get((out, inp), "weight")?,
-        Some(vb.get(out, "bias")?),
-    ))
+/// A linear layer's (outputs × inputs) weight and its bias.
+fn linear(vb: &VarBuilder, inp: usize, out: usize) -> Result<(Tensor, Tensor)> {
+    Ok((vb.get((out, inp), "weight")?, vb.get(out, "bias")?))
+}
+
+fn dense(vb: &VarBuilder, inp: usize, out: usize, int8: bool) -> Result<Dense> {
+    let (w, b) = linear(vb, inp, out)?;
+    Dense::new(&w, &b, int8)
 }
 
 fn norm(vb: &VarBuilder, size: usize, eps: f64) -> Result<LayerNorm> {
@@ -122,29 +125,20 @@ impl Bert {
         for i in 0..c.num_hidden_layers {
             let l = vb.pp(format!("encoder.layer.{i}"));
             let s = l.pp("attention.self");
-            let (q, k, v) = (
+            let ((qw, q_bias), (kw, k_bias), (vw, v_bias)) = (
                 linear(&s.pp("query"), h, h)?,
                 linear(&s.pp("key"), h, h)?,
                 linear(&s.pp("value"), h, h)?,
             );
-            let bias = |l: &Linear| l.bias().cloned().expect("loaded with a bias");
-            let dense = |l: Linear| Dense::new(l.weight(), &bias(&l), int8);
-            let w = Tensor::cat(
-                &[
-                    (q.weight() * scale)?,
-                    k.weight().clone(),
-                    v.weight().clone(),
-                ],
-                0,
-            )?;
-            let b = Tensor::cat(&[(bias(&q) * scale)?, bias(&k), bias(&v)], 0)?;
+            let w = Tensor::cat(&[(qw * scale)?, kw, vw], 0)?;
+            let b = Tensor::cat(&[(q_bias * scale)?, k_bias, v_bias], 0)?;
             layers.push(Layer {
                 qkv: Dense::new(&w, &b, int8)?,
-                attention_out: dense(linear(&l.pp("attention.output.dense"), h, h)?)?,
+                attention_out: dense(&l.pp("attention.output.dense"), h, h, int8)?,
                 attention_norm: norm(&l.pp("attention.output.LayerNorm"), h, c.layer_norm_eps)?,
-                up: dense(linear(&l.pp("intermediate.dense"), h, c.intermediate_size)?)?
+                up: dense(&l.pp("intermediate.dense"), h, c.intermediate_size, int8)?
                     .with_gelu(matches!(c.hidden_act, HiddenAct::Gelu)),
-                down: dense(linear(&l.pp("output.dense"), c.intermediate_size, h)?)?,
+                down: dense(&l.pp("output.dense"), c.intermediate_size, h, int8)?,
                 output_norm: norm(&l.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
             });
         }
@@ -198,8 +192,9 @@ impl Bert {
     }
 
     fn layer(&self, l: &Layer, x: &Tensor, lens: &[usize]) -> Result<Tensor> {
-        let qkv = l.qkv.forward(x)?; // (tokens, 3h)
-                                     // Each text over its own rows, the texts' heads spread over the cores.
+        // (tokens, 3h); then each text over its own rows, the texts' heads
+        // spread over the cores.
+        let qkv = l.qkv.forward(x)?;
         let context = packed_attention(&qkv, lens, self.heads, self.head_dim)?;
         let x = l
             .attention_norm

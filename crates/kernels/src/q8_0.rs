@@ -774,77 +774,64 @@ unsafe fn store_tile<const M: usize>(
     }
 }
 
-/// Generates a panel function (all prompt rows against a range of weight row
-/// groups) and its tile function for one instruction set; `$dot` adds to eight
-/// i32 sums the products of |w| and the sign-adjusted activations, four per
-/// lane.
-macro_rules! kernel {
-    ($panel:ident, $tile:ident, $features:literal, $dot:expr) => {
-        /// All prompt rows against the weight row groups `groups`.
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $panel(a: &Operand, w: &Weights, groups: std::ops::Range<usize>, out: *mut f32) {
-            let tile = |i: usize, g: usize| {
-                // SAFETY: as for the panel (the caller checked the features).
-                unsafe {
-                    match RM.min(a.rows - i) {
-                        4 => $tile::<4>(a, w, i, g, out),
-                        3 => $tile::<3>(a, w, i, g, out),
-                        2 => $tile::<2>(a, w, i, g, out),
-                        _ => $tile::<1>(a, w, i, g, out),
-                    }
-                }
-            };
-            walk_panel(a.rows, groups, tile);
-        }
-
-        /// `M` prompt rows from `i0` against the [`RN`] weight rows of group `g`.
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn $tile<const M: usize>(
-            a: &Operand,
-            w: &Weights,
-            i0: usize,
-            g: usize,
-            out: *mut f32,
-        ) {
-            let kb = a.kb;
-            unsafe {
-                // M f32 accumulators and M block sums (lane r: weight row r)
-                // plus the weights, their absolute values and two temporaries
-                // fit AVX2's sixteen registers.
-                let mut acc = [_mm256_setzero_ps(); M];
-                let group = w.groups.add(g * kb);
-                for l in 0..kb {
-                    let block = &*group.add(l);
-                    let mut isum = [_mm256_setzero_si256(); M];
-                    for t in 0..QK / 4 {
-                        let wq = _mm256_loadu_si256(block.qs[t].as_ptr() as *const __m256i);
-                        let wabs = _mm256_sign_epi8(wq, wq);
-                        for (i, isum) in isum.iter_mut().enumerate() {
-                            // Values 4t..4t+4 of prompt row i0+i, in every lane.
-                            let aq = (a.qs.add((i0 + i) * kb + l) as *const i8).add(4 * t);
-                            let aq = _mm256_set1_epi32(std::ptr::read_unaligned(aq as *const i32));
-                            // |w| · (a with w's sign) = w · a (neither side is ever -128).
-                            *isum = $dot(*isum, wabs, _mm256_sign_epi8(aq, wq));
-                        }
-                    }
-                    scale_block(&mut acc, &isum, block, a, i0, l);
-                }
-                store_tile(&acc, a, w, i0, g, out);
+/// All prompt rows against the weight row groups `groups`, with AVX2:
+/// |w| times the activations with w's sign, by `maddubs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn panel_avx2(a: &Operand, w: &Weights, groups: std::ops::Range<usize>, out: *mut f32) {
+    let tile = |i: usize, g: usize| {
+        // SAFETY: as for the panel (the caller checked the features).
+        unsafe {
+            match RM.min(a.rows - i) {
+                4 => tile_avx2::<4>(a, w, i, g, out),
+                3 => tile_avx2::<3>(a, w, i, g, out),
+                2 => tile_avx2::<2>(a, w, i, g, out),
+                _ => tile_avx2::<1>(a, w, i, g, out),
             }
         }
     };
+    walk_panel(a.rows, groups, tile);
 }
 
-// AVX2: u8·i8 pairs to i16 (cannot saturate: at most 2·128·127), then to i32.
-kernel!(panel_avx2, tile_avx2, "avx2,fma", |acc, u, s| {
-    _mm256_add_epi32(
-        acc,
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
-    )
-});
+/// `M` prompt rows from `i0` against the [`RN`] weight rows of group `g`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile_avx2<const M: usize>(a: &Operand, w: &Weights, i0: usize, g: usize, out: *mut f32) {
+    let kb = a.kb;
+    unsafe {
+        // M f32 accumulators and M block sums (lane r: weight row r)
+        // plus the weights, their absolute values and two temporaries
+        // fit AVX2's sixteen registers.
+        let mut acc = [_mm256_setzero_ps(); M];
+        let group = w.groups.add(g * kb);
+        for l in 0..kb {
+            let block = &*group.add(l);
+            let mut isum = [_mm256_setzero_si256(); M];
+            for t in 0..QK / 4 {
+                let wq = _mm256_loadu_si256(block.qs[t].as_ptr() as *const __m256i);
+                let wabs = _mm256_sign_epi8(wq, wq);
+                for (i, isum) in isum.iter_mut().enumerate() {
+                    // Values 4t..4t+4 of prompt row i0+i, in every lane.
+                    let aq = (a.qs.add((i0 + i) * kb + l) as *const i8).add(4 * t);
+                    let aq = _mm256_set1_epi32(std::ptr::read_unaligned(aq as *const i32));
+                    // |w| · (a with w's sign) = w · a (neither side is ever -128).
+                    // u8·i8 pairs to i16 (cannot saturate: at most 2·128·127), then to i32.
+                    *isum = _mm256_add_epi32(
+                        *isum,
+                        _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(aq, wq)),
+                            _mm256_set1_epi16(1),
+                        ),
+                    );
+                }
+            }
+            scale_block(&mut acc, &isum, block, a, i0, l);
+        }
+        store_tile(&acc, a, w, i0, g, out);
+    }
+}
+
 /// Prompt rows per VNNI tile: AVX-512VL's 32 vector registers hold eight
 /// f32 accumulators, eight block sums and the weights.
 const RM_VNNI: usize = 8;
