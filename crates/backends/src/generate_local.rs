@@ -34,6 +34,9 @@ pub struct LocalOptions {
     pub slots: usize,
     /// Run from a copy with Q4_1/Q5_0/Q5_1 tensors re-quantized to Q8_0.
     pub requantize: bool,
+    /// Map the prepared weights beside the model (see
+    /// `ragd_generator::prepared`).
+    pub prepared_weights: bool,
     /// Most tokens drafted per forward pass (see `ragd_generator::draft`).
     pub draft_tokens: usize,
     /// Sets of prompts of one kind for unlike questions (answers, question
@@ -67,7 +70,10 @@ impl LocalGenerator {
                 } else {
                     path.clone()
                 };
-                let mut generator = match Generator::load(&file) {
+                let load = ragd_generator::LoadOptions {
+                    prepared_weights: options.prepared_weights,
+                };
+                let mut generator = match Generator::load_with(&file, &load) {
                     Ok(mut g) => {
                         g.set_draft_tokens(options.draft_tokens);
                         g

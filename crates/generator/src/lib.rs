@@ -18,6 +18,7 @@ pub mod draft;
 pub mod gguf_tokenizer;
 mod models;
 pub use ragd_kernels::{kquant, q5_0, q8_0};
+pub mod prepared;
 pub mod requant;
 pub mod stream;
 
@@ -190,6 +191,8 @@ pub struct Generator {
     device: Device,
     /// Most tokens drafted per forward pass ([`draft`]); 0 = none.
     draft_tokens: usize,
+    /// See [`Generator::prepared_weights_mapped`].
+    prepared_mapped: bool,
 }
 
 impl std::fmt::Debug for Generator {
@@ -214,6 +217,23 @@ fn map_file(file: &std::fs::File) -> Option<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(file) }.ok()
 }
 
+/// How [`Generator::load_with`] loads a model.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Map the weights from the prepared file beside the model
+    /// (`NAME.ragd-prepared`), writing it at the first load, instead of laying
+    /// them out in fresh memory at every start. Default: on.
+    pub prepared_weights: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            prepared_weights: true,
+        }
+    }
+}
+
 /// Most prompt prefixes a generator keeps read (the answers' and the
 /// question translations' starts, with room to spare): each holds its
 /// tokens' keys and values, a few MB.
@@ -236,8 +256,14 @@ const EOG_TEXTS: &[&str] = &[
 ];
 
 impl Generator {
-    /// Loads a GGUF model file.
+    /// Loads a GGUF model file, with its prepared weights beside it (read
+    /// where valid, else written: see [`prepared`]).
     pub fn load(path: &Path) -> Result<Self, GenerateError> {
+        Self::load_with(path, &LoadOptions::default())
+    }
+
+    /// Loads a GGUF model file as `options` say.
+    pub fn load_with(path: &Path, options: &LoadOptions) -> Result<Self, GenerateError> {
         let io = |source| GenerateError::Io {
             path: path.to_owned(),
             source,
@@ -324,9 +350,15 @@ impl Generator {
         let device = Device::Cpu;
         let mapped = map_file(file.get_ref());
         let handle = file.get_ref().try_clone().map_err(io)?;
+        let preparation = if options.prepared_weights && mapped.is_some() {
+            prepared::Preparation::open(path)
+        } else {
+            prepared::Preparation::none()
+        };
         let map = mapped.as_deref().map(|bytes| models::layers::Mapped {
             bytes,
             file: &handle,
+            prepared: &preparation,
         });
         let (weights, context) = match architecture.as_str() {
             "qwen2" => (
@@ -352,6 +384,11 @@ impl Generator {
                 )))
             }
         };
+        if options.prepared_weights {
+            preparation.write(path);
+        }
+        let prepared_mapped = preparation.mapped();
+        tracing::debug!(model = %path.display(), prepared = prepared_mapped, "weights loaded");
         Ok(Self {
             weights,
             prefixes: Vec::new(),
@@ -363,6 +400,7 @@ impl Generator {
             name,
             device,
             draft_tokens: DEFAULT_DRAFT_TOKENS,
+            prepared_mapped,
         })
     }
 
@@ -370,6 +408,12 @@ impl Generator {
     /// never changes the output; it pays where answers repeat their prompt.
     pub fn set_draft_tokens(&mut self, n: usize) {
         self.draft_tokens = n;
+    }
+
+    /// Whether this load mapped its weights from a valid prepared file
+    /// (`false`: laid out now, and the file written where it could be).
+    pub fn prepared_weights_mapped(&self) -> bool {
+        self.prepared_mapped
     }
 
     /// The model's context window, in tokens.

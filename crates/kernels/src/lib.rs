@@ -8,6 +8,8 @@
 //! * [`kquant`]: Q4_K and Q6_K on the file's own blocks;
 //! * [`softmax`]: attention's softmax with a vectorisable exp (and, for the
 //!   generator, the scale and the causal mask in the same pass);
+//! * [`prepared`]: the Q8_0 and Q5_0 layouts read in place from a file an
+//!   earlier load wrote, instead of laid out again at every start;
 //! * [`rows`]: token-embedding tables read from the model file row by row;
 //! * [`attention`]: the embedder's attention over texts packed without
 //!   padding, each head read and written in place;
@@ -20,6 +22,7 @@
 pub mod attention;
 pub mod dense;
 pub mod kquant;
+pub mod prepared;
 pub mod q5_0;
 pub mod q8_0;
 pub mod rows;

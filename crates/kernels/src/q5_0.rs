@@ -24,6 +24,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 
+use crate::prepared::{Groups, SharedBytes};
 use crate::q8_0::{kernel_available, matmul_op, quantize_rows, vnni_available, QK, RM, RN};
 #[cfg(target_arch = "x86_64")]
 use crate::q8_0::{store_lanes, walk_panel, SendPtr};
@@ -38,7 +39,7 @@ pub struct Q5Matrix {
     n: usize,
     k: usize,
     /// `ceil(n/RN) · k/32` groups, group-major.
-    groups: Vec<Group>,
+    groups: Groups<Group>,
 }
 
 /// Block `l` of [`RN`] consecutive weight rows. For row `r` and value `v`
@@ -47,7 +48,7 @@ pub struct Q5Matrix {
 ///   `16 + 4t + b` (bits 4–7), `t` in 0..4;
 /// * bit `t` of `hi[4r + b]` is the fifth bit of value `4t + b`, `t` in 0..8;
 /// * `d[r]` is the row's block scale (f16 bits).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C)]
 struct Group {
     lo: [[u8; 4 * RN]; 4],
@@ -130,7 +131,27 @@ impl Q5Matrix {
                 }
             }
         });
+        Ok(Self {
+            n,
+            k,
+            groups: Groups::Owned(groups),
+        })
+    }
+
+    /// The matrix as an earlier load laid it out, read in place from a
+    /// prepared file: its groups at `offset` of `bytes` (see
+    /// [`crate::prepared`]).
+    pub fn from_prepared(n: usize, k: usize, bytes: SharedBytes, offset: usize) -> Result<Self> {
+        if !k.is_multiple_of(QK) || n == 0 {
+            candle_core::bail!("a Q5_0 matrix of {n}x{k}: columns must be a multiple of {QK}");
+        }
+        let groups = Groups::mapped(bytes, offset, n.div_ceil(RN) * (k / QK))?;
         Ok(Self { n, k, groups })
+    }
+
+    /// The laid-out groups' bytes, which a prepared file keeps.
+    pub fn prepared_bytes(&self) -> &[u8] {
+        self.groups.as_bytes()
     }
 
     /// Output features.

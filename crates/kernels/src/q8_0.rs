@@ -41,6 +41,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use std::sync::Arc;
 
 use crate::kquant::KMatrix;
+use crate::prepared::{Groups, SharedBytes};
 use crate::q5_0::Q5Matrix;
 use crate::rows::FileTable;
 
@@ -100,6 +101,43 @@ impl Linear {
             GgmlDType::Q5_0 => Some(Self::Q5(Arc::new(Q5Matrix::from_bytes(n, k, data)?))),
             _ => None,
         })
+    }
+}
+
+impl Linear {
+    /// A layer read in place from a prepared file: `dtype`'s groups for an
+    /// `(n, k)` matrix at `offset` of `bytes`; `None` where this CPU does not
+    /// run the kernel that layout is for.
+    pub fn from_prepared(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        bytes: SharedBytes,
+        offset: usize,
+    ) -> Result<Option<Self>> {
+        if !kernel_available() {
+            return Ok(None);
+        }
+        Ok(match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8(Arc::new(Q8Matrix::from_prepared(
+                n, k, bytes, offset,
+            )?))),
+            GgmlDType::Q5_0 => Some(Self::Q5(Arc::new(Q5Matrix::from_prepared(
+                n, k, bytes, offset,
+            )?))),
+            _ => None,
+        })
+    }
+
+    /// What a prepared file keeps of this layer: its type and laid-out
+    /// bytes (`None`: nothing was laid out, the file's blocks are used as
+    /// they are).
+    pub fn prepared(&self) -> Option<(GgmlDType, &[u8])> {
+        match self {
+            Self::Q8(m) => Some((GgmlDType::Q8_0, m.prepared_bytes())),
+            Self::Q5(m) => Some((GgmlDType::Q5_0, m.prepared_bytes())),
+            Self::K(..) | Self::Candle(_) => None,
+        }
     }
 }
 
@@ -203,6 +241,34 @@ impl TokenEmbedding {
             GgmlDType::Q5_0 => Some(Self::Q5(Arc::new(Q5Matrix::from_bytes(n, k, data)?))),
             _ => None,
         })
+    }
+
+    /// [`Linear::from_prepared`] for a table.
+    pub fn from_prepared(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        bytes: SharedBytes,
+        offset: usize,
+    ) -> Result<Option<Self>> {
+        Ok(match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8(Arc::new(Q8Matrix::from_prepared(
+                n, k, bytes, offset,
+            )?))),
+            GgmlDType::Q5_0 => Some(Self::Q5(Arc::new(Q5Matrix::from_prepared(
+                n, k, bytes, offset,
+            )?))),
+            _ => None,
+        })
+    }
+
+    /// [`Linear::prepared`] for a table.
+    pub fn prepared(&self) -> Option<(GgmlDType, &[u8])> {
+        match self {
+            Self::Q8(m) => Some((GgmlDType::Q8_0, m.prepared_bytes())),
+            Self::Q5(m) => Some((GgmlDType::Q5_0, m.prepared_bytes())),
+            Self::K(_) | Self::Dense(_) | Self::File(_) => None,
+        }
     }
 
     /// The same weights as an output layer, where they are kept quantized
@@ -314,12 +380,12 @@ pub struct Q8Matrix {
     n: usize,
     k: usize,
     /// `ceil(n/RN) · k/32` interleaved blocks, group-major.
-    groups: Vec<Group>,
+    groups: Groups<Group>,
 }
 
 /// Block `l` of [`RN`] consecutive weight rows: `qs[t][4r + b]` is value
 /// `4t + b` of the block of row `r`.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C)]
 struct Group {
     qs: [[i8; 4 * RN]; QK / 4],
@@ -378,7 +444,27 @@ impl Q8Matrix {
                 }
             }
         });
+        Ok(Self {
+            n,
+            k,
+            groups: Groups::Owned(groups),
+        })
+    }
+
+    /// The matrix as an earlier load laid it out, read in place from a
+    /// prepared file: its groups at `offset` of `bytes` (see
+    /// [`crate::prepared`]).
+    pub fn from_prepared(n: usize, k: usize, bytes: SharedBytes, offset: usize) -> Result<Self> {
+        if !k.is_multiple_of(QK) || n == 0 {
+            candle_core::bail!("a Q8_0 matrix of {n}x{k}: columns must be a multiple of {QK}");
+        }
+        let groups = Groups::mapped(bytes, offset, n.div_ceil(RN) * (k / QK))?;
         Ok(Self { n, k, groups })
+    }
+
+    /// The laid-out groups' bytes, which a prepared file keeps.
+    pub fn prepared_bytes(&self) -> &[u8] {
+        self.groups.as_bytes()
     }
 
     /// Output features.

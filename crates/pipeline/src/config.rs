@@ -141,6 +141,10 @@ pub struct GenerationConfig {
     /// Run the model from a copy whose Q4_1/Q5_0/Q5_1 tensors are re-quantized
     /// to Q8_0, which candle has fast CPU kernels for (made beside the file once).
     pub requantize: bool,
+    /// Map the weights, laid out for the kernels, from a file written beside
+    /// the model at the first start (`NAME.ragd-prepared`), instead of laying
+    /// them out in fresh memory at every start.
+    pub prepared_weights: bool,
     /// Most tokens drafted per forward pass of the local model (prompt
     /// lookup; 0 = off). Never changes the answer.
     pub draft_tokens: usize,

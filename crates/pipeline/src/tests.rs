@@ -422,6 +422,7 @@ fn config(redact: &[&str]) -> PipelineConfig {
             queue_size: 4,
             slots: 1,
             requantize: false,
+            prepared_weights: true,
             max_context_tokens: 0,
             draft_tokens: 8,
             timeout_s: 60.0,

@@ -74,6 +74,11 @@ pub(crate) enum BenchCommand {
         /// with `generation.requantize = true`, instead of the file itself.
         #[arg(long)]
         requantize: bool,
+        /// Lay the weights out in fresh memory, as with
+        /// `generation.prepared_weights = false`, instead of mapping the
+        /// prepared file beside the model.
+        #[arg(long)]
+        no_prepared: bool,
         /// Answer prompts instead: a JSON-lines file of `{"prompt_ids": [...]}`
         /// (`ragd bench ask --json` writes them), each answered as `/ask` does
         /// (default settings, concise length, steering) twice: one token per
@@ -207,19 +212,24 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
             runs,
             json,
             requantize,
+            no_prepared,
             prompts,
             draft_tokens,
         } => {
+            let load = ragd_generator::LoadOptions {
+                prepared_weights: !no_prepared,
+            };
             let model = if requantize {
                 ragd_generator::requant::fast_copy(&model)?.0
             } else {
                 model
             };
             if let Some(prompts) = prompts {
-                return bench_answers(&model, &prompts, draft_tokens, json);
+                return bench_answers(&model, &load, &prompts, draft_tokens, json);
             }
             bench_generate(
                 &model,
+                &load,
                 &corpus,
                 prompt_tokens,
                 new_tokens,
@@ -364,6 +374,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn bench_generate(
     model: &Path,
+    load: &ragd_generator::LoadOptions,
     corpus: &Path,
     prompt_tokens: usize,
     new_tokens: usize,
@@ -371,7 +382,7 @@ fn bench_generate(
     json_out: bool,
 ) -> Result<()> {
     let started = Instant::now();
-    let mut g = Generator::load(model)?;
+    let mut g = Generator::load_with(model, load)?;
     let load_s = started.elapsed().as_secs_f64();
     // The prompt: the first N tokens of the corpus texts, the same ids llama.cpp
     // gives (bench/compare-llamacpp feeds it the same text).
@@ -435,8 +446,14 @@ fn bench_generate(
 
 /// Answers each prompt of `prompts` as `/ask` does, without and with
 /// drafting; see `BenchCommand::Generate::prompts`.
-fn bench_answers(model: &Path, prompts: &Path, draft_tokens: usize, json_out: bool) -> Result<()> {
-    let mut g = Generator::load(model)?;
+fn bench_answers(
+    model: &Path,
+    load: &ragd_generator::LoadOptions,
+    prompts: &Path,
+    draft_tokens: usize,
+    json_out: bool,
+) -> Result<()> {
+    let mut g = Generator::load_with(model, load)?;
     let config = ragd::Config::defaults();
     let mut params = config.generation.defaults();
     params.max_tokens = config.generation.concise_max_tokens;

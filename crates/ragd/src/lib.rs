@@ -205,6 +205,7 @@ async fn load(config: &Config) -> Result<Pipeline, StartError> {
             queue_size: config.generation.queue_size,
             slots: config.generation.slots,
             requantize: config.generation.requantize,
+            prepared_weights: config.generation.prepared_weights,
             draft_tokens: config.generation.draft_tokens,
             prefix_samples: vec![
                 ragd_pipeline::prompt::prefix_samples(),

@@ -29,14 +29,17 @@ use candle_nn::Module;
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::attention::{grouped_attention, KvCache};
+use crate::prepared::{Laid, Preparation};
 use crate::q8_0::{Linear, TokenEmbedding};
 use ragd_kernels::rows::FileTable;
 
-/// A model file's bytes, memory-mapped while it loads, and the file.
+/// A model file's bytes, memory-mapped while it loads, the file, and its
+/// prepared weights (read from them where valid, else recorded to write them).
 #[derive(Clone, Copy)]
 pub(crate) struct Mapped<'a> {
     pub(crate) bytes: &'a [u8],
     pub(crate) file: &'a std::fs::File,
+    pub(crate) prepared: &'a Preparation,
 }
 
 /// A GGUF file being read into a model: its header, the file, the device,
@@ -117,13 +120,19 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
         self.ct.tensor(self.reader, name, self.device)
     }
 
-    /// A linear layer. Q8_0 and Q5_0 weights are re-laid out straight from
-    /// the mapped file: reading them into a `QTensor` first allocated and
+    /// A linear layer. Q8_0 and Q5_0 weights are read in place from the
+    /// prepared file where there is one, else re-laid out straight from the
+    /// mapped model file (reading them into a `QTensor` first allocated and
     /// copied the whole model once more, a quarter of the load time in page
-    /// faults alone.
+    /// faults alone) and recorded for the prepared file.
     pub(crate) fn linear(&mut self, name: &str) -> Result<Linear> {
-        if let Some((dtype, n, k, data)) = self.raw(name) {
+        if let (Some(map), Some((dtype, n, k, data))) = (self.map, self.raw(name)) {
+            if let Some(linear) = map.prepared.linear(name, dtype, n, k) {
+                return Ok(linear);
+            }
             if let Some(linear) = Linear::from_raw(dtype, n, k, data)? {
+                map.prepared
+                    .record(name, n, k, Laid::Linear(linear.clone()));
                 return Ok(linear);
             }
         }
@@ -151,8 +160,20 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
                 let table = FileTable::new(map.file.try_clone()?, offset as u64, dtype, n, k)?;
                 Some(TokenEmbedding::File(std::sync::Arc::new(table)))
             }
-            (_, Some((dtype, n, k, data))) => TokenEmbedding::from_raw(dtype, n, k, data)?,
-            (_, None) => None,
+            (Some(map), Some((dtype, n, k, data))) => {
+                match map.prepared.table("token_embd.weight", dtype, n, k) {
+                    Some(table) => Some(table),
+                    None => {
+                        let table = TokenEmbedding::from_raw(dtype, n, k, data)?;
+                        if let Some(t) = &table {
+                            map.prepared
+                                .record("token_embd.weight", n, k, Laid::Table(t.clone()));
+                        }
+                        table
+                    }
+                }
+            }
+            _ => None,
         };
         let tok_embeddings = match raw {
             Some(table) => table,
