@@ -11,6 +11,8 @@
 //! * [`prepared`]: the Q8_0 and Q5_0 layouts read in place from a file an
 //!   earlier load wrote, instead of laid out again at every start;
 //! * [`rows`]: token-embedding tables read from the model file row by row;
+//! * [`cached_attention`]: one decoded position's attention over the KV
+//!   cache, reading each key/value head in place;
 //! * [`attention`]: the embedder's attention over texts packed without
 //!   padding, each head read and written in place;
 //! * [`dense`]: a linear layer with its bias and residual added in the
@@ -20,6 +22,7 @@
 //! [`dense::Dense`].
 
 pub mod attention;
+pub mod cached_attention;
 pub mod dense;
 pub mod kquant;
 pub mod prepared;

@@ -8,6 +8,7 @@
 //! 512-token prompt that was ~25 MB of copying per decoded token.
 
 use candle_core::{Result, Tensor};
+use ragd_kernels::cached_attention::CachedAttention;
 
 /// Positions added when the cache grows (at least; it grows by half its size).
 const GROW: usize = 256;
@@ -114,6 +115,19 @@ pub(crate) fn grouped_attention(
     let (b, n_head, s, d) = q.dims4()?;
     let (_, n_kv, l, _) = k.dims4()?;
     let rep = n_head / n_kv;
+    // One position (decoding, a drafted token checked alone) with no mask:
+    // over the cache in place (`ragd_kernels::cached_attention`).
+    if s == 1
+        && mask.is_none()
+        && q.dtype() == candle_core::DType::F32
+        && d.is_multiple_of(16)
+        && CachedAttention::available()
+    {
+        let op = CachedAttention {
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
+    }
     // Scale, mask and softmax in one pass (`ragd_kernels::softmax`), where
     // the mask gives each query a range of keys (causal, sliding window) and
     // the scores are f32; else candle's passes.
@@ -128,7 +142,7 @@ pub(crate) fn grouped_attention(
     }
     // (b, n_kv, rep·s, d): the query heads of one group stacked as rows.
     let q = q.contiguous()?.reshape((b, n_kv, rep * s, d))?;
-    let att = q.matmul(&k.contiguous()?.t()?)?;
+    let att = q.matmul(&k.t()?)?;
     let att = match visible {
         Some(visible) if att.dtype() == candle_core::DType::F32 => {
             ragd_kernels::softmax::scaled_masked_softmax(&att, 1.0 / (d as f32).sqrt(), s, visible)?
@@ -150,7 +164,7 @@ pub(crate) fn grouped_attention(
             candle_nn::ops::softmax_last_dim(&att)?
         }
     };
-    let y = att.matmul(&v.contiguous()?)?;
+    let y = att.matmul(v)?;
     y.reshape((b, n_head, s, d))
 }
 
