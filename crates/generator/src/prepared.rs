@@ -23,13 +23,13 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::GgmlDType;
 use ragd_kernels::prepared::{SharedBytes, LAYOUT};
-use ragd_kernels::q8_0::{Linear, TokenEmbedding};
+use ragd_kernels::q8_0::Laid;
 use serde::{Deserialize, Serialize};
 
 const MAGIC: &[u8; 8] = b"RAGDPREP";
@@ -38,11 +38,7 @@ const ALIGN: u64 = 64;
 
 /// The path of `model`'s prepared file.
 pub fn path_for(model: &Path) -> PathBuf {
-    let stem = model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    model.with_file_name(format!("{stem}.ragd-prepared"))
+    crate::requant::beside(model, ".ragd-prepared")
 }
 
 /// What the file was made from and how.
@@ -96,22 +92,6 @@ fn dtype_name(t: GgmlDType) -> Option<&'static str> {
     }
 }
 
-/// A weight laid out during this load: a layer or a token table.
-#[derive(Clone)]
-pub(crate) enum Laid {
-    Linear(Linear),
-    Table(TokenEmbedding),
-}
-
-impl Laid {
-    fn bytes(&self) -> Option<(GgmlDType, &[u8])> {
-        match self {
-            Self::Linear(l) => l.prepared(),
-            Self::Table(t) => t.prepared(),
-        }
-    }
-}
-
 /// One load's use of the prepared file: the file where a valid one was
 /// found, else the weights laid out now, to write it afterwards.
 pub(crate) struct Preparation {
@@ -157,51 +137,22 @@ impl Preparation {
         self.file.is_some()
     }
 
-    /// `name`, an `(n, k)` matrix of `dtype`, from the prepared file.
-    fn entry(
-        &self,
-        name: &str,
-        dtype: GgmlDType,
-        n: usize,
-        k: usize,
-    ) -> Option<(SharedBytes, usize)> {
+    /// `name`, an `(n, k)` matrix of `dtype`, read in place from the
+    /// prepared file (`None`: lay it out).
+    pub(crate) fn laid(&self, name: &str, dtype: GgmlDType, n: usize, k: usize) -> Option<Laid> {
         let file = self.file.as_ref()?;
         let e = file.tensors.get(name)?;
-        (Some(e.dtype.as_str()) == dtype_name(dtype) && e.rows == n && e.cols == k)
-            .then(|| (Arc::clone(&file.bytes), e.offset as usize))
-    }
-
-    /// A layer from the prepared file (`None`: lay it out).
-    pub(crate) fn linear(
-        &self,
-        name: &str,
-        dtype: GgmlDType,
-        n: usize,
-        k: usize,
-    ) -> Option<Linear> {
-        let (bytes, offset) = self.entry(name, dtype, n, k)?;
-        Linear::from_prepared(dtype, n, k, bytes, offset)
-            .ok()
-            .flatten()
-    }
-
-    /// A token table from the prepared file (`None`: lay it out).
-    pub(crate) fn table(
-        &self,
-        name: &str,
-        dtype: GgmlDType,
-        n: usize,
-        k: usize,
-    ) -> Option<TokenEmbedding> {
-        let (bytes, offset) = self.entry(name, dtype, n, k)?;
-        TokenEmbedding::from_prepared(dtype, n, k, bytes, offset)
+        if Some(e.dtype.as_str()) != dtype_name(dtype) || e.rows != n || e.cols != k {
+            return None;
+        }
+        Laid::read(dtype, n, k, Arc::clone(&file.bytes), e.offset as usize)
             .ok()
             .flatten()
     }
 
     /// Notes a weight laid out now, for [`Preparation::write`].
     pub(crate) fn record(&self, name: &str, n: usize, k: usize, laid: Laid) {
-        if self.file.is_none() && laid.bytes().is_some() {
+        if self.file.is_none() {
             if let Ok(mut v) = self.laid.lock() {
                 if !v.iter().any(|(seen, ..)| seen == name) {
                     v.push((name.to_string(), n, k, laid));
@@ -335,12 +286,10 @@ fn write_file(
     // digits: lay the tensors out after a header size that is then checked.
     let mut tensors = Vec::with_capacity(laid.len());
     for (name, n, k, l) in laid {
-        let Some((dtype, bytes)) = l.bytes() else {
+        let Some(dtype) = dtype_name(l.dtype()) else {
             continue;
         };
-        let Some(dtype) = dtype_name(dtype) else {
-            continue;
-        };
+        let bytes = l.bytes();
         tensors.push(Entry {
             name: name.clone(),
             dtype: dtype.to_string(),
@@ -370,36 +319,21 @@ fn write_file(
         reserved = json.len() as u64 + 4096;
     };
 
-    static WRITERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(format!(
-        ".partial-{}-{}",
-        std::process::id(),
-        WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let partial = PathBuf::from(partial);
-    let result = (|| {
-        let mut out = BufWriter::with_capacity(1 << 20, fs::File::create(&partial)?);
+    let by_name: HashMap<&str, &[u8]> = laid
+        .iter()
+        .map(|(name, _, _, l)| (name.as_str(), l.bytes()))
+        .collect();
+    let mut at = 16 + json.len() as u64;
+    crate::requant::replace_file(path, |out| {
         out.write_all(MAGIC)?;
         out.write_all(&(json.len() as u64).to_le_bytes())?;
         out.write_all(&json)?;
-        let mut at = 16 + json.len() as u64;
-        let by_name: HashMap<&str, &[u8]> = laid
-            .iter()
-            .filter_map(|(name, _, _, l)| Some((name.as_str(), l.bytes()?.1)))
-            .collect();
         for e in &header.tensors {
             out.write_all(&vec![0u8; (e.offset - at) as usize])?;
             out.write_all(by_name[e.name.as_str()])?;
             at = e.offset + e.bytes;
         }
-        let f = out.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        fs::rename(&partial, path)?;
-        Ok(at)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&partial);
-    }
-    result
+        Ok(())
+    })?;
+    Ok(at)
 }

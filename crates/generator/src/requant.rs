@@ -37,11 +37,16 @@ pub type Conversions = Vec<(String, String, usize)>;
 
 /// The path of the re-quantized copy of `original`.
 pub fn copy_path(original: &Path) -> PathBuf {
-    let stem = original
+    beside(original, ".ragd-q8_0.gguf")
+}
+
+/// A file beside `model` named after its stem with `suffix`.
+pub(crate) fn beside(model: &Path, suffix: &str) -> PathBuf {
+    let stem = model
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    original.with_file_name(format!("{stem}.ragd-q8_0.gguf"))
+    model.with_file_name(format!("{stem}{suffix}"))
 }
 
 /// How many tensors of `path` have a slow type, by type.
@@ -100,6 +105,35 @@ pub fn fast_copy(original: &Path) -> Result<(PathBuf, Conversions), GenerateErro
     Ok((copy, slow))
 }
 
+/// Writes `dst` by `write` under a name of its own beside it, synced, then
+/// renamed into place: a reader sees the old file or the whole new one, and
+/// two processes (or tests) making the same file at once each rename a
+/// complete one. The partial file is removed when anything fails.
+pub(crate) fn replace_file(
+    dst: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    static WRITERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let mut partial = dst.as_os_str().to_owned();
+    partial.push(format!(
+        ".partial-{}-{}",
+        std::process::id(),
+        WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let partial = PathBuf::from(partial);
+    let result = (|| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&partial)?);
+        write(&mut out)?;
+        let f = out.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        fs::rename(&partial, dst)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&partial);
+    }
+    result
+}
+
 /// Writes `dst`: `src` with every slow tensor converted to Q8_0.
 pub fn requantize(src: &Path, dst: &Path) -> Result<Conversions, GenerateError> {
     let io = |path: &Path| {
@@ -151,30 +185,13 @@ pub fn requantize(src: &Path, dst: &Path) -> Result<Conversions, GenerateError> 
     metadata.push(("ragd.requantized", &note));
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
 
-    // A name of its own per writer: two processes (or tests) making the same copy
-    // at once each rename a complete file into place.
-    static WRITERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let mut partial = dst.as_os_str().to_owned();
-    partial.push(format!(
-        ".partial-{}-{}",
-        std::process::id(),
-        WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let partial = PathBuf::from(partial);
-    let result = (|| {
-        let mut out = std::io::BufWriter::new(fs::File::create(&partial).map_err(io(&partial))?);
-        gguf_file::write(&mut out, &metadata, &refs)?;
-        let f = out.into_inner().map_err(|e| GenerateError::Io {
-            path: partial.clone(),
-            source: e.into_error(),
-        })?;
-        f.sync_all().map_err(io(&partial))?;
-        fs::rename(&partial, dst).map_err(io(dst))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&partial);
-    }
-    result?;
+    replace_file(dst, |out| {
+        gguf_file::write(out, &metadata, &refs).map_err(std::io::Error::other)
+    })
+    .map_err(|source| GenerateError::Io {
+        path: dst.to_owned(),
+        source,
+    })?;
     tracing::info!(
         src = %src.display(),
         dst = %dst.display(),

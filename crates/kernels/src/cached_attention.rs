@@ -25,6 +25,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 
+#[cfg(target_arch = "x86_64")]
+use crate::kquant::hsum;
 use crate::q8_0::{kernel_available, SendPtr};
 use crate::softmax::softmax_row_in_place;
 
@@ -229,18 +231,6 @@ unsafe fn weigh_avx2(
             }
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn hsum(v: __m256) -> f32 {
-    let lo = _mm256_castps256_ps128(v);
-    let hi = _mm256_extractf128_ps(v, 1);
-    let s = _mm_add_ps(lo, hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
 }
 
 #[cfg(test)]

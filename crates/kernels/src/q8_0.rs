@@ -104,20 +104,26 @@ impl Linear {
     }
 }
 
-impl Linear {
-    /// A layer read in place from a prepared file: `dtype`'s groups for an
-    /// `(n, k)` matrix at `offset` of `bytes`; `None` where this CPU does not
-    /// run the kernel that layout is for.
-    pub fn from_prepared(
+/// A Q8_0 or Q5_0 matrix in the kernels' layout: what a prepared file keeps
+/// ([`crate::prepared`]).
+#[derive(Clone, Debug)]
+pub enum Laid {
+    /// Q8_0 groups.
+    Q8(Arc<Q8Matrix>),
+    /// Q5_0 groups.
+    Q5(Arc<Q5Matrix>),
+}
+
+impl Laid {
+    /// `dtype`'s groups for an `(n, k)` matrix at `offset` of a prepared
+    /// file's `bytes`, read in place (`None` for other types).
+    pub fn read(
         dtype: GgmlDType,
         n: usize,
         k: usize,
         bytes: SharedBytes,
         offset: usize,
     ) -> Result<Option<Self>> {
-        if !kernel_available() {
-            return Ok(None);
-        }
         Ok(match dtype {
             GgmlDType::Q8_0 => Some(Self::Q8(Arc::new(Q8Matrix::from_prepared(
                 n, k, bytes, offset,
@@ -129,13 +135,38 @@ impl Linear {
         })
     }
 
-    /// What a prepared file keeps of this layer: its type and laid-out
-    /// bytes (`None`: nothing was laid out, the file's blocks are used as
-    /// they are).
-    pub fn prepared(&self) -> Option<(GgmlDType, &[u8])> {
+    /// The GGUF type the groups were laid out from.
+    pub fn dtype(&self) -> GgmlDType {
         match self {
-            Self::Q8(m) => Some((GgmlDType::Q8_0, m.prepared_bytes())),
-            Self::Q5(m) => Some((GgmlDType::Q5_0, m.prepared_bytes())),
+            Self::Q8(_) => GgmlDType::Q8_0,
+            Self::Q5(_) => GgmlDType::Q5_0,
+        }
+    }
+
+    /// The groups' bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Q8(m) => m.prepared_bytes(),
+            Self::Q5(m) => m.prepared_bytes(),
+        }
+    }
+}
+
+impl Linear {
+    /// The layer over laid-out weights; `None` where this CPU does not run
+    /// the kernels.
+    pub fn from_laid(m: Laid) -> Option<Self> {
+        kernel_available().then_some(match m {
+            Laid::Q8(m) => Self::Q8(m),
+            Laid::Q5(m) => Self::Q5(m),
+        })
+    }
+
+    /// The laid-out weights (`None`: the file's blocks are used as they are).
+    pub fn laid(&self) -> Option<Laid> {
+        match self {
+            Self::Q8(m) => Some(Laid::Q8(Arc::clone(m))),
+            Self::Q5(m) => Some(Laid::Q5(Arc::clone(m))),
             Self::K(..) | Self::Candle(_) => None,
         }
     }
@@ -243,30 +274,19 @@ impl TokenEmbedding {
         })
     }
 
-    /// [`Linear::from_prepared`] for a table.
-    pub fn from_prepared(
-        dtype: GgmlDType,
-        n: usize,
-        k: usize,
-        bytes: SharedBytes,
-        offset: usize,
-    ) -> Result<Option<Self>> {
-        Ok(match dtype {
-            GgmlDType::Q8_0 => Some(Self::Q8(Arc::new(Q8Matrix::from_prepared(
-                n, k, bytes, offset,
-            )?))),
-            GgmlDType::Q5_0 => Some(Self::Q5(Arc::new(Q5Matrix::from_prepared(
-                n, k, bytes, offset,
-            )?))),
-            _ => None,
-        })
+    /// The table over laid-out weights.
+    pub fn from_laid(m: Laid) -> Self {
+        match m {
+            Laid::Q8(m) => Self::Q8(m),
+            Laid::Q5(m) => Self::Q5(m),
+        }
     }
 
-    /// [`Linear::prepared`] for a table.
-    pub fn prepared(&self) -> Option<(GgmlDType, &[u8])> {
+    /// The laid-out weights (`None`: kept otherwise).
+    pub fn laid(&self) -> Option<Laid> {
         match self {
-            Self::Q8(m) => Some((GgmlDType::Q8_0, m.prepared_bytes())),
-            Self::Q5(m) => Some((GgmlDType::Q5_0, m.prepared_bytes())),
+            Self::Q8(m) => Some(Laid::Q8(Arc::clone(m))),
+            Self::Q5(m) => Some(Laid::Q5(Arc::clone(m))),
             Self::K(_) | Self::Dense(_) | Self::File(_) => None,
         }
     }

@@ -29,7 +29,7 @@ use candle_nn::Module;
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::attention::{grouped_attention, KvCache};
-use crate::prepared::{Laid, Preparation};
+use crate::prepared::Preparation;
 use crate::q8_0::{Linear, TokenEmbedding};
 use ragd_kernels::rows::FileTable;
 
@@ -127,12 +127,14 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
     /// faults alone) and recorded for the prepared file.
     pub(crate) fn linear(&mut self, name: &str) -> Result<Linear> {
         if let (Some(map), Some((dtype, n, k, data))) = (self.map, self.raw(name)) {
-            if let Some(linear) = map.prepared.linear(name, dtype, n, k) {
+            let prepared = map.prepared.laid(name, dtype, n, k);
+            if let Some(linear) = prepared.and_then(Linear::from_laid) {
                 return Ok(linear);
             }
             if let Some(linear) = Linear::from_raw(dtype, n, k, data)? {
-                map.prepared
-                    .record(name, n, k, Laid::Linear(linear.clone()));
+                if let Some(laid) = linear.laid() {
+                    map.prepared.record(name, n, k, laid);
+                }
                 return Ok(linear);
             }
         }
@@ -161,13 +163,12 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
                 Some(TokenEmbedding::File(std::sync::Arc::new(table)))
             }
             (Some(map), Some((dtype, n, k, data))) => {
-                match map.prepared.table("token_embd.weight", dtype, n, k) {
-                    Some(table) => Some(table),
+                match map.prepared.laid("token_embd.weight", dtype, n, k) {
+                    Some(laid) => Some(TokenEmbedding::from_laid(laid)),
                     None => {
                         let table = TokenEmbedding::from_raw(dtype, n, k, data)?;
-                        if let Some(t) = &table {
-                            map.prepared
-                                .record("token_embd.weight", n, k, Laid::Table(t.clone()));
+                        if let Some(laid) = table.as_ref().and_then(TokenEmbedding::laid) {
+                            map.prepared.record("token_embd.weight", n, k, laid);
                         }
                         table
                     }
