@@ -202,6 +202,75 @@ fn gelu_in_place(xs: &mut [f32]) {
     xs.iter_mut().for_each(|x| *x = gelu_erf(*x));
 }
 
+/// `x · sigmoid(x)`, with [`exp_neg`] on `-|x|` (so it never overflows)
+/// and a select instead of a branch, so that a loop over it vectorises.
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    let e = exp_neg(-x.abs());
+    let r = 1.0 / (1.0 + e);
+    x * if x >= 0.0 { r } else { e * r }
+}
+
+/// `silu(gate) · up`, element by element: the gated feed-forward of
+/// llama-style models, in one pass over the pool's threads. candle's `silu`
+/// calls libm's scalar `expf` per element into a fresh tensor, then the
+/// product makes another: 2.6 % and 1.5 % of a 512-token Qwen2.5-0.5B prefill
+/// (`perf`), besides zeroing their pages.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?
+        .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g_s: &CpuStorage,
+        g_l: &Layout,
+        u_s: &CpuStorage,
+        u_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if g_l.shape() != u_l.shape() {
+            candle_core::bail!("silu-mul: {:?} and {:?}", g_l.shape(), u_l.shape())
+        }
+        let gate = contiguous_f32(g_s, g_l, self.name())?;
+        let up = contiguous_f32(u_s, u_l, self.name())?;
+        let mut out = Vec::with_capacity(gate.len());
+        // Pieces of 4,096 values over the pool, the last, shorter one on
+        // this thread; a decoded token's few thousand values all on this
+        // thread (a pool call costs more than they do).
+        const PIECE: usize = 4096;
+        let whole = if gate.len() >= 8 * PIECE {
+            gate.len() / PIECE * PIECE
+        } else {
+            0
+        };
+        out.resize(gate.len(), 0f32);
+        crate::par_chunks_mut(&mut out[..whole], PIECE, |i, out| {
+            let (g, u) = (
+                &gate[i * PIECE..(i + 1) * PIECE],
+                &up[i * PIECE..(i + 1) * PIECE],
+            );
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = silu(g) * u;
+            }
+        });
+        for ((o, &g), &u) in out[whole..]
+            .iter_mut()
+            .zip(&gate[whole..])
+            .zip(&up[whole..])
+        {
+            *o = silu(g) * u;
+        }
+        Ok((CpuStorage::F32(out), g_l.shape().clone()))
+    }
+}
+
 /// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, under
 /// f32's resolution of the 1 it is added to), branch-free so that it
 /// vectorises.
@@ -352,6 +421,36 @@ mod tests {
         assert!(dense
             .forward_residual(&x, &Tensor::zeros((2, 5), candle_core::DType::F32, &dev)?)
             .is_err());
+        Ok(())
+    }
+
+    /// Against candle's `silu` times `up`, over the whole useful range and
+    /// beyond (no overflow at ±100).
+    #[test]
+    fn silu_mul_is_candles() -> Result<()> {
+        let n = 10_000 + 17;
+        let g: Vec<f32> = (0..n)
+            .map(|i| (i as f32 / n as f32 - 0.5) * 40.0)
+            .chain([100.0, -100.0])
+            .collect();
+        let u: Vec<f32> = (0..g.len())
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0)
+            .collect();
+        let dev = Device::Cpu;
+        let (gt, ut) = (
+            Tensor::from_slice(&g, g.len(), &dev)?,
+            Tensor::from_slice(&u, u.len(), &dev)?,
+        );
+        let want: Vec<f32> = (candle_nn::ops::silu(&gt)? * &ut)?.to_vec1()?;
+        let got: Vec<f32> = silu_mul(&gt, &ut)?.to_vec1()?;
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{i}: {} -> {a} vs {b}",
+                g[i]
+            );
+        }
+        assert!(silu_mul(&gt, &gt.narrow(0, 0, 5)?).is_err());
         Ok(())
     }
 }

@@ -588,12 +588,14 @@ impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let w1 = self.gate.forward(xs)?;
         let w3 = self.up.forward(xs)?;
-        let act = if self.gelu {
-            w1.gelu()?
+        let x = if self.gelu {
+            (w1.gelu()? * w3)?
+        } else if w1.dtype() == candle_core::DType::F32 {
+            ragd_kernels::dense::silu_mul(&w1, &w3)?
         } else {
-            candle_nn::ops::silu(&w1)?
+            (candle_nn::ops::silu(&w1)? * w3)?
         };
-        self.down.forward(&(act * w3)?)
+        self.down.forward(&x)
     }
 }
 
