@@ -10,8 +10,8 @@
 //! [`ragd_kernels::prepared`] for the figures that asked for it.
 //!
 //! The file is only a cache of what the model file holds, so anything wrong
-//! with it is never an error: a file made from another model file (its size
-//! or modification time differ), by a ragd whose layout differs, truncated, or
+//! with it is never an error: a file made from another model file (its size,
+//! modification time or the CRC-32 of its first 16 MB differ), by a ragd whose layout differs, truncated, or
 //! whose bytes do not match their CRC-32 is set aside with a warning, and the
 //! weights are laid out from the model and the file written again. A directory
 //! that cannot be written to only means the weights are laid out at every
@@ -56,19 +56,34 @@ struct Source {
     bytes: u64,
     /// Modification time, nanoseconds since the epoch.
     modified_ns: u128,
+    /// CRC-32 of the file's first [`HEAD_BYTES`] (its GGUF header: every
+    /// tensor's name, type, shape and offset, the tokenizer, and the first
+    /// weights), so that another model file of the same size copied with its
+    /// time kept is still told apart.
+    head_crc32: u32,
 }
+
+/// How much of the model file [`Source::head_crc32`] covers (a few
+/// milliseconds to read from the page cache).
+const HEAD_BYTES: u64 = 16 << 20;
 
 impl Source {
     fn of(model: &Path) -> std::io::Result<Self> {
+        use std::io::Read;
         let meta = fs::metadata(model)?;
         let modified_ns = meta
             .modified()?
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
+        let mut head = Vec::with_capacity(HEAD_BYTES.min(meta.len()) as usize);
+        fs::File::open(model)?
+            .take(HEAD_BYTES)
+            .read_to_end(&mut head)?;
         Ok(Self {
             bytes: meta.len(),
             modified_ns,
+            head_crc32: crc32fast::hash(&head),
         })
     }
 }

@@ -104,4 +104,15 @@ fn prepared_weights_are_written_once_then_mapped_and_rebuilt_when_wrong() {
         + key.len();
     other[at] = if other[at] == b'1' { b'2' } else { b'1' };
     damaged(other, "a file made from another model file");
+
+    // The same size and time but other contents at the start.
+    let mut other = good.clone();
+    let key = b"\"head_crc32\":";
+    let at = other
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the header records the CRC-32 of the model's start")
+        + key.len();
+    other[at] = if other[at] == b'1' { b'2' } else { b'1' };
+    damaged(other, "a file made from a model file with another start");
 }
