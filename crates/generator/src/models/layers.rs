@@ -656,18 +656,43 @@ impl<F: Module> Block<F> {
     }
 }
 
+/// Causal masks keyed by (seq_len, kv_len), kv_len = index_pos + seq_len
+/// (rectangular when a prefix is in the KV cache), at most [`MASKS`] of them.
+/// Every prompt length makes another shape: kept without a bound, a server
+/// held one mask per question it had answered (about 0.2 MB for a 400-token
+/// prompt), and each generation's copy of the model copied the map.
+#[derive(Debug, Clone, Default)]
+struct MaskCache(HashMap<(usize, usize), Tensor>);
+
+/// Most masks a [`MaskCache`] holds; building one is a few microseconds
+/// against the prefill it serves.
+const MASKS: usize = 8;
+
+impl MaskCache {
+    fn get(&mut self, seq_len: usize, index_pos: usize, device: &Device) -> Result<Tensor> {
+        let key = (seq_len, index_pos + seq_len);
+        if let Some(mask) = self.0.get(&key) {
+            return Ok(mask.clone());
+        }
+        let mask = candle_transformers::utils::build_causal_mask(seq_len, index_pos, device)?;
+        if self.0.len() >= MASKS {
+            self.0.clear();
+        }
+        self.0.insert(key, mask.clone());
+        Ok(mask)
+    }
+}
+
 /// Embeddings, blocks, final norm and output head, with the causal masks
-/// built so far.
+/// of recent prompt shapes.
 #[derive(Debug, Clone)]
 pub(crate) struct Model<F> {
     tok_embeddings: TokenEmbedding,
     layers: Vec<Block<F>>,
     norm: RmsNorm,
     output: Linear,
-    /// Mask cache keyed by (seq_len, kv_len).
-    /// kv_len = index_pos + seq_len, so the mask is rectangular when prefix
-    /// KV cache entries exist (index_pos > 0).
-    masks: HashMap<(usize, usize), Tensor>,
+    /// Causal masks of recent prompt shapes.
+    masks: MaskCache,
     /// Token embeddings are multiplied by this (gemma3: √embedding_length).
     embed_scale: Option<f64>,
     /// Final logit soft-capping: `c · tanh(logits / c)` (gemma2-style files).
@@ -688,7 +713,7 @@ impl<F: Module> Model<F> {
             layers,
             norm,
             output,
-            masks: HashMap::new(),
+            masks: MaskCache::default(),
             embed_scale: None,
             softcap: None,
             span: tracing::span!(tracing::Level::TRACE, "model"),
@@ -762,14 +787,7 @@ impl<F: Module> Model<F> {
     /// query 68:       0  0 … 0           0      0      0      0
     /// ```
     fn mask(&mut self, seq_len: usize, index_pos: usize, device: &Device) -> Result<Tensor> {
-        let kv_len = index_pos + seq_len;
-        if let Some(mask) = self.masks.get(&(seq_len, kv_len)) {
-            Ok(mask.clone())
-        } else {
-            let mask = candle_transformers::utils::build_causal_mask(seq_len, index_pos, device)?;
-            self.masks.insert((seq_len, kv_len), mask.clone());
-            Ok(mask)
-        }
+        self.masks.get(seq_len, index_pos, device)
     }
 
     /// Clear the KV cache across all layers.
@@ -829,6 +847,31 @@ mod tests {
     use candle_transformers::utils::build_causal_mask;
 
     // ── Mask shape tests ──────────────────────────────────────────────────────
+
+    /// The cache gives the masks `build_causal_mask` builds, and holds no
+    /// more than `MASKS` however many prompt shapes go through it.
+    #[test]
+    fn the_mask_cache_is_bounded() -> Result<()> {
+        let mut cache = super::MaskCache::default();
+        for round in 0..2 {
+            for seq_len in 2..60 {
+                let index_pos = (seq_len * 7 + round) % 13;
+                let got = cache.get(seq_len, index_pos, &Device::Cpu)?;
+                let want = build_causal_mask(seq_len, index_pos, &Device::Cpu)?;
+                assert_eq!(got.to_vec2::<u8>()?, want.to_vec2::<u8>()?);
+                assert!(
+                    cache.0.len() <= super::MASKS,
+                    "{} masks held",
+                    cache.0.len()
+                );
+            }
+        }
+        // A repeated shape is served from the cache.
+        let a = cache.get(5, 3, &Device::Cpu)?;
+        let b = cache.get(5, 3, &Device::Cpu)?;
+        assert_eq!(a.id(), b.id());
+        Ok(())
+    }
 
     /// Classic square mask: index_pos=0 produces (seq_len, seq_len).
     #[test]
