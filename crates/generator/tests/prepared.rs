@@ -93,26 +93,26 @@ fn prepared_weights_are_written_once_then_mapped_and_rebuilt_when_wrong() {
     damaged(good[..good.len() / 2].to_vec(), "a truncated file");
     damaged(b"not a prepared file".to_vec(), "another kind of file");
 
-    // Made from another model file: the recorded modification time differs
-    // (the digits changed in place, so the offsets still hold).
-    let mut other = good.clone();
-    let key = b"\"modified_ns\":";
-    let at = other
-        .windows(key.len())
-        .position(|w| w == key)
-        .expect("the header records the model's modification time")
-        + key.len();
-    other[at] = if other[at] == b'1' { b'2' } else { b'1' };
-    damaged(other, "a file made from another model file");
-
-    // The same size and time but other contents at the start.
-    let mut other = good.clone();
-    let key = b"\"head_crc32\":";
-    let at = other
-        .windows(key.len())
-        .position(|w| w == key)
-        .expect("the header records the CRC-32 of the model's start")
-        + key.len();
-    other[at] = if other[at] == b'1' { b'2' } else { b'1' };
-    damaged(other, "a file made from a model file with another start");
+    // Made from another model file: the recorded modification time, or the
+    // CRC-32 of the model's start, differs (a digit changed in place, so the
+    // offsets still hold).
+    let other_source = |key: &str| {
+        let key = format!("\"{key}\":");
+        let mut other = good.clone();
+        let at = other
+            .windows(key.len())
+            .position(|w| w == key.as_bytes())
+            .unwrap_or_else(|| panic!("the header records {key}"))
+            + key.len();
+        other[at] = if other[at] == b'1' { b'2' } else { b'1' };
+        other
+    };
+    damaged(
+        other_source("modified_ns"),
+        "a file made from another model file",
+    );
+    damaged(
+        other_source("head_crc32"),
+        "a file made from a model file with another start",
+    );
 }

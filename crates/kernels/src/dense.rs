@@ -240,7 +240,7 @@ impl CustomOp2 for SiluMul {
         }
         let gate = contiguous_f32(g_s, g_l, self.name())?;
         let up = contiguous_f32(u_s, u_l, self.name())?;
-        let mut out = Vec::with_capacity(gate.len());
+        let mut out = vec![0f32; gate.len()];
         // Pieces of 4,096 values over the pool, the last, shorter one on
         // this thread; a decoded token's few thousand values all on this
         // thread (a pool call costs more than they do).
@@ -250,7 +250,6 @@ impl CustomOp2 for SiluMul {
         } else {
             0
         };
-        out.resize(gate.len(), 0f32);
         crate::par_chunks_mut(&mut out[..whole], PIECE, |i, out| {
             let (g, u) = (
                 &gate[i * PIECE..(i + 1) * PIECE],

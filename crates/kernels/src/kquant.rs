@@ -366,9 +366,9 @@ unsafe fn panel(v: &View, rows: std::ops::Range<usize>, out: *mut f32) {
 
 /// [`q4k_scales_packed`] in a vector register, from a Q4_K block's first
 /// byte (the 12 scale bytes start at 4; 16 bytes are read, all inside the
-/// block): the scales in bytes 0–7, the minimums in 8–15. The tiles used the
-/// word form, whose four 32-bit stores were then read back as 64- and 128-bit
-/// vectors (a store-to-load forward that fails, in every block).
+/// block): the scales in bytes 0–7, the minimums in 8–15, for the 512-bit
+/// tile, which needs them in a vector (the word form's four 32-bit stores,
+/// read back as one 128-bit vector, are a store-to-load forward that fails).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]

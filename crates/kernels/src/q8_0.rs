@@ -93,14 +93,10 @@ impl Linear {
     /// `dtype`: `Some` for Q8_0 and Q5_0 where the kernels run, `None` for
     /// the caller to read the tensor into a `QTensor` instead.
     pub fn from_raw(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Result<Option<Self>> {
-        if !kernel_available() || !k.is_multiple_of(QK) || n == 0 {
+        if !kernel_available() {
             return Ok(None);
         }
-        Ok(match dtype {
-            GgmlDType::Q8_0 => Some(Self::Q8(Arc::new(Q8Matrix::from_bytes(n, k, data)?))),
-            GgmlDType::Q5_0 => Some(Self::Q5(Arc::new(Q5Matrix::from_bytes(n, k, data)?))),
-            _ => None,
-        })
+        Ok(Laid::from_bytes(dtype, n, k, data)?.and_then(Self::from_laid))
     }
 }
 
@@ -115,6 +111,19 @@ pub enum Laid {
 }
 
 impl Laid {
+    /// Lays out the bytes of a Q8_0 or Q5_0 tensor of shape `(n, k)` as GGUF
+    /// stores them (`None` for other types and shapes).
+    pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Result<Option<Self>> {
+        if !k.is_multiple_of(QK) || n == 0 {
+            return Ok(None);
+        }
+        Ok(match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8(Arc::new(Q8Matrix::from_bytes(n, k, data)?))),
+            GgmlDType::Q5_0 => Some(Self::Q5(Arc::new(Q5Matrix::from_bytes(n, k, data)?))),
+            _ => None,
+        })
+    }
+
     /// `dtype`'s groups for an `(n, k)` matrix at `offset` of a prepared
     /// file's `bytes`, read in place (`None` for other types).
     pub fn read(
@@ -264,14 +273,7 @@ impl TokenEmbedding {
     /// [`TokenEmbedding::from_qtensor`] for a Q8_0 or Q5_0 table's bytes as
     /// GGUF stores them; `None` for other types.
     pub fn from_raw(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Result<Option<Self>> {
-        if !k.is_multiple_of(QK) || n == 0 {
-            return Ok(None);
-        }
-        Ok(match dtype {
-            GgmlDType::Q8_0 => Some(Self::Q8(Arc::new(Q8Matrix::from_bytes(n, k, data)?))),
-            GgmlDType::Q5_0 => Some(Self::Q5(Arc::new(Q5Matrix::from_bytes(n, k, data)?))),
-            _ => None,
-        })
+        Ok(Laid::from_bytes(dtype, n, k, data)?.map(Self::from_laid))
     }
 
     /// The table over laid-out weights.
