@@ -169,8 +169,8 @@ impl Pipeline {
         {
             if !t.calibrated {
                 tracing::warn!(
-                    min_score = t.min_score,
-                    abstain_below = t.abstain_below,
+                    min_score = %t.min_score,
+                    abstain_below = %t.abstain_below,
                     "no calibrated retrieval thresholds for an embedder: all-MiniLM-L6-v2's are used; \
                      set them in [retrieval] (measure with `ragd eval qa`)"
                 );

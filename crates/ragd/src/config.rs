@@ -265,8 +265,12 @@ impl Config {
     /// for the start-up log.
     pub fn redacted(&self) -> serde_json::Value {
         // The configuration is plain data (strings, numbers, lists): it always
-        // serialises; should that ever change, the log says so instead.
-        let mut v = serde_json::to_value(self)
+        // serialises; should that ever change, the log says so instead. Through
+        // text rather than `to_value`: that widens an f32 to the f64 nearest it
+        // (0.2 logged as 0.20000000298023224), text keeps the shortest form
+        // that reads back as the configured f32.
+        let mut v = serde_json::to_string(self)
+            .and_then(|text| serde_json::from_str(&text))
             .unwrap_or_else(|e| serde_json::json!({ "unprintable": e.to_string() }));
         for key in ["/remote/api_key", "/embedder/api_key"] {
             if let Some(k) = v
@@ -544,6 +548,15 @@ mod tests {
             !logged.contains("0123456789abcdef") && !logged.contains("12345"),
             "{logged}"
         );
+    }
+
+    /// An f32 setting is logged as written, not as the f64 nearest it.
+    #[test]
+    fn numbers_are_logged_as_configured() {
+        let c = Config::from_layers("[retrieval]\nmin_score = 0.2\n", "test", &env(&[])).unwrap();
+        let logged = c.redacted().to_string();
+        assert!(logged.contains(r#""min_score":0.2,"#), "{logged}");
+        assert!(!logged.contains("0.2000000"), "{logged}");
     }
 
     #[test]

@@ -22,12 +22,22 @@ enum Target {
     Server {
         client: reqwest::Client,
         url: String,
+        /// Sent as `Authorization: Bearer` (a write key), when given.
+        api_key: Option<String>,
     },
 }
 
-/// Every file under `paths`, hidden files and folders left out, in a stable order.
-fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+/// Every file under `paths`, hidden files and folders left out, in a stable
+/// order, each with its document id: its path relative to the folder given
+/// (`sub/a.md` for `docs/sub/a.md` fed as `docs`), or its file name for a file
+/// given by itself. Ids so made stay the same when the folder moves or is fed
+/// through another path (`~/docs`, `./docs`, `/home/me/docs`), so feeding it
+/// again finds the documents unchanged. Two files that would get one id (the
+/// same relative path under two folders given) are refused before anything is
+/// sent.
+fn collect(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>> {
     let mut files = Vec::new();
+    let mut seen: std::collections::HashMap<String, PathBuf> = std::collections::HashMap::new();
     for root in paths {
         if !root.exists() {
             anyhow::bail!("{} does not exist", root.display());
@@ -40,24 +50,45 @@ fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             });
         for entry in walker {
             let entry = entry.with_context(|| format!("walking {}", root.display()))?;
-            if entry.file_type().is_file() {
-                files.push(entry.into_path());
+            if !entry.file_type().is_file() {
+                continue;
             }
+            let id = id_of(root, entry.path());
+            if let Some(other) = seen.insert(id.clone(), entry.path().to_path_buf()) {
+                anyhow::bail!(
+                    "{} and {} would both be the document {id:?}: ingest the folders one at a time, or give their parent",
+                    other.display(),
+                    entry.path().display()
+                );
+            }
+            files.push((entry.into_path(), id));
         }
     }
     Ok(files)
 }
 
-fn id_of(path: &Path) -> String {
-    path.components()
-        .filter(|c| !matches!(c, std::path::Component::CurDir))
+/// The id of `path`, found under `root`: the path relative to `root` with
+/// `/` between its parts, or the file name when `root` is the file itself.
+fn id_of(root: &Path, path: &Path) -> String {
+    let relative = match path.strip_prefix(root) {
+        Ok(r) if !r.as_os_str().is_empty() => r,
+        _ => Path::new(path.file_name().unwrap_or(path.as_os_str())),
+    };
+    relative
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
         .map(|c| c.as_os_str().to_string_lossy())
         .collect::<Vec<_>>()
         .join("/")
 }
 
 /// Runs the command; returns whether every file went in.
-pub(crate) async fn run(paths: Vec<PathBuf>, url: Option<String>, config: Config) -> Result<bool> {
+pub(crate) async fn run(
+    paths: Vec<PathBuf>,
+    url: Option<String>,
+    api_key: Option<String>,
+    config: Config,
+) -> Result<bool> {
     let files = collect(&paths)?;
     if files.is_empty() {
         anyhow::bail!(
@@ -73,6 +104,7 @@ pub(crate) async fn run(paths: Vec<PathBuf>, url: Option<String>, config: Config
         Some(url) => Target::Server {
             client: reqwest::Client::new(),
             url: url.trim_end_matches('/').to_string(),
+            api_key: api_key.filter(|k| !k.is_empty()),
         },
         None => Target::Direct(ragd::open_for_ingest(config).await?),
     };
@@ -90,19 +122,19 @@ pub(crate) async fn run(paths: Vec<PathBuf>, url: Option<String>, config: Config
         let flush =
             index == files.len() || batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES;
         if !flush {
-            let path = &files[index];
+            let (path, id) = &files[index];
             index += 1;
             match std::fs::read(path) {
                 Ok(bytes) => {
                     batch_bytes += bytes.len();
                     batch.push(UploadedFile {
-                        name: id_of(path),
+                        name: id.clone(),
                         content_type: None,
                         bytes,
                     });
                 }
                 Err(e) => {
-                    failed.push((id_of(path), e.to_string()));
+                    failed.push((id.clone(), e.to_string()));
                     bar.inc(1);
                 }
             }
@@ -160,7 +192,11 @@ async fn send(target: &Target, files: Vec<UploadedFile>) -> Result<Vec<Value>> {
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         )?,
-        Target::Server { client, url } => {
+        Target::Server {
+            client,
+            url,
+            api_key,
+        } => {
             let mut form = reqwest::multipart::Form::new();
             for f in files {
                 form = form.part(
@@ -168,9 +204,11 @@ async fn send(target: &Target, files: Vec<UploadedFile>) -> Result<Vec<Value>> {
                     reqwest::multipart::Part::bytes(f.bytes).file_name(f.name),
                 );
             }
-            let res = client
-                .post(format!("{url}/ingest"))
-                .multipart(form)
+            let mut req = client.post(format!("{url}/ingest")).multipart(form);
+            if let Some(k) = api_key {
+                req = req.bearer_auth(k);
+            }
+            let res = req
                 .send()
                 .await
                 .context("sending to the server")?;

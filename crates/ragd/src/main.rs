@@ -52,9 +52,11 @@ enum Command {
         #[arg(long)]
         generator: Option<PathBuf>,
     },
-    /// Ingest files and folders (text, Markdown, HTML, PDF). Each file's path,
-    /// as walked from the arguments, is its document id: feeding the same folder
-    /// again re-embeds only what changed.
+    /// Ingest files and folders (text, Markdown, HTML, PDF). A file's document
+    /// id is its path relative to the folder given (`sub/a.md` for
+    /// `docs/sub/a.md` when fed `docs`), or its name when the file itself is
+    /// given: feeding the same folder again, from wherever it now lies,
+    /// re-embeds only what changed.
     Ingest {
         /// Files or folders (hidden entries are skipped).
         #[arg(required = true)]
@@ -63,6 +65,10 @@ enum Command {
         /// writing to the data directory. Use it whenever a server is running.
         #[arg(long)]
         url: Option<String>,
+        /// API key for --url, a write key (default: the RAGD_API_KEY
+        /// environment variable).
+        #[arg(long, env = "RAGD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
         /// Config file, as for `serve`.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -303,6 +309,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest {
             paths,
             url,
+            api_key,
             config,
             data_dir,
         } => {
@@ -318,7 +325,7 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
             }
-            if !ingest_cmd::run(paths, url, cfg).await? {
+            if !ingest_cmd::run(paths, url, api_key, cfg).await? {
                 std::process::exit(1);
             }
         }

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{config_file, spawn, wait_ready};
+use common::{config_file, spawn, spawn_with_env, wait_ready};
 
 /// Runs `ragd ARGS` in `cwd`: whether it succeeded, and its stdout and stderr.
 fn ragd<S: AsRef<std::ffi::OsStr>>(args: &[S], cwd: &Path) -> (bool, String) {
@@ -68,10 +68,40 @@ fn ingest_a_folder_twice_then_a_change() {
         out.contains("1 updated") && out.contains("2 unchanged") && out.contains("1 failed"),
         "{out}"
     );
-    assert!(
-        out.contains("failed: docs/sub/bin.dat: binary file"),
-        "{out}"
+    assert!(out.contains("failed: sub/bin.dat: binary file"), "{out}");
+    std::fs::remove_file(docs.join("sub/bin.dat")).unwrap();
+
+    // Ids are relative to the folder given: the same folder moved, and fed
+    // by its absolute path, is the same documents.
+    let moved = tmp.path().join("elsewhere/notes");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(&docs, &moved).unwrap();
+    let (ok, out) = ragd_ingest(
+        &[moved.to_str().unwrap(), "--data-dir", data_arg],
+        &config,
+        tmp.path(),
     );
+    assert!(ok && out.contains("3 files") && out.contains("3 unchanged"), "{out}");
+    // A file given by itself is named by its file name.
+    let (ok, out) = ragd_ingest(
+        &["elsewhere/notes/sub/c.html", "--data-dir", data_arg],
+        &config,
+        tmp.path(),
+    );
+    assert!(ok && out.contains("1 created"), "{out}");
+
+    // Two folders holding the same relative path would make one document of
+    // two files: refused before anything is sent.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("a.txt"), "Another file named a.txt.").unwrap();
+    let (ok, out) = ragd_ingest(
+        &["elsewhere/notes", "other", "--data-dir", data_arg],
+        &config,
+        tmp.path(),
+    );
+    assert!(!ok && out.contains("would both be the document \"a.txt\""), "{out}");
+    assert!(!out.contains("created") && !out.contains("updated"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,14 +126,14 @@ async fn ingest_against_a_running_server() {
             .unwrap();
     assert!(ok && out.contains("1 created"), "{out}");
     let doc: serde_json::Value = client
-        .get(format!("{base}/documents/docs%2Fd.txt"))
+        .get(format!("{base}/documents/d.txt"))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert_eq!(doc["id"], "docs/d.txt", "{doc}");
+    assert_eq!(doc["id"], "d.txt", "{doc}");
     // `ragd ask` streams the answer, then lists the sources.
     let url = base.clone();
     let out = tokio::task::spawn_blocking(move || {
@@ -127,7 +157,7 @@ async fn ingest_against_a_running_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("sources:") && text.contains("docs/d.txt"),
+        text.contains("sources:") && text.contains("d.txt"),
         "{text}"
     );
     // `ragd bench ingest|search --url` measure through a running server (the
@@ -204,6 +234,70 @@ async fn ingest_against_a_running_server() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    child.kill();
+}
+
+/// A server with keys: `ragd ingest --url` sends the key from `--api-key` or
+/// `RAGD_API_KEY`; without one it fails with the server's 401 and nothing goes in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_sends_the_api_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("e.txt"), "Elephants remember water holes for decades.").unwrap();
+    let key = "write-key-0123456789abcdef";
+    let (mut child, base) = spawn_with_env(
+        tmp.path(),
+        &[("RAGD__AUTH__WRITE_KEYS".into(), format!("[\"{key}\"]"))],
+    );
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base).await;
+    let run = |args: Vec<String>, env_key: Option<&'static str>| {
+        let cwd = tmp.path().to_path_buf();
+        let config = tmp.path().join("test-config.toml");
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_ragd"));
+            cmd.arg("ingest")
+                .arg("--config")
+                .arg(&config)
+                .args(&args)
+                .current_dir(&cwd)
+                .env("RAGD_LOG", "warn")
+                .env_remove("RAGD_API_KEY");
+            if let Some(k) = env_key {
+                cmd.env("RAGD_API_KEY", k);
+            }
+            let out = cmd.output().unwrap();
+            (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        })
+    };
+    let plain = vec!["docs".to_string(), "--url".into(), base.clone()];
+    let (ok, out) = run(plain.clone(), None).await.unwrap();
+    assert!(!ok && out.contains("401") && out.contains("1 failed"), "{out}");
+    let count = |body: serde_json::Value| body["documents"].as_array().map(Vec::len);
+    let listed = client
+        .get(format!("{base}/documents"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(count(listed), Some(0));
+    let mut flagged = plain.clone();
+    flagged.extend(["--api-key".to_string(), key.to_string()]);
+    let (ok, out) = run(flagged, None).await.unwrap();
+    assert!(ok && out.contains("1 created"), "{out}");
+    let (ok, out) = run(plain, Some(key)).await.unwrap();
+    assert!(ok && out.contains("1 unchanged"), "{out}");
     child.kill();
 }
 
