@@ -1082,7 +1082,24 @@ async fn files_of_each_kind_are_ingested_and_bad_files_fail_alone() {
                 pdf[..pdf.len() / 3].to_vec(),
             ),
         )
-        .part("file", part("program.txt", "text/plain", elf));
+        .part("file", part("program.txt", "text/plain", elf))
+        .part(
+            "file",
+            part(
+                "greenhouse.docx",
+                "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+                fixture("greenhouse.docx"),
+            ),
+        )
+        // Declared as nothing in particular: read as ODT from its content.
+        .part(
+            "file",
+            part(
+                "beekeeping.odt",
+                "application/octet-stream",
+                fixture("beekeeping.odt"),
+            ),
+        );
     let res = client
         .post(format!("{base}/ingest"))
         .multipart(form)
@@ -1105,6 +1122,8 @@ async fn files_of_each_kind_are_ingested_and_bad_files_fail_alone() {
             ("lighthouse.pdf", "created"),
             ("broken.pdf", "failed"),
             ("program.txt", "failed"),
+            ("greenhouse.docx", "created"),
+            ("beekeeping.odt", "created"),
         ],
         "{body}"
     );
@@ -1138,6 +1157,10 @@ async fn files_of_each_kind_are_ingested_and_bad_files_fail_alone() {
         "Kestrel Point Lighthouse Manual"
     );
     assert_eq!(get("lighthouse.pdf").await["metadata"]["format"], "pdf");
+    assert_eq!(get("greenhouse.docx").await["title"], "Greenhouse Handbook");
+    assert_eq!(get("greenhouse.docx").await["metadata"]["format"], "docx");
+    assert_eq!(get("beekeeping.odt").await["title"], "Beekeeping Notes");
+    assert_eq!(get("beekeeping.odt").await["metadata"]["format"], "odt");
 
     let search = |q: &str| {
         let client = client.clone();
@@ -1164,6 +1187,18 @@ async fn files_of_each_kind_are_ingested_and_bad_files_fail_alone() {
             .contains("twenty-two nautical miles"),
         "{r}"
     );
+    // Word-processor files: the passage under its heading, found by a question.
+    let r = search("When should the greenhouse roof vents be opened?").await;
+    assert_eq!(r["results"][0]["document_id"], "greenhouse.docx", "{r}");
+    assert!(
+        r["results"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("27 degrees Celsius"),
+        "{r}"
+    );
+    let r = search("When does a bee colony swarm?").await;
+    assert_eq!(r["results"][0]["document_id"], "beekeeping.odt", "{r}");
     let r = search("How often should I feed a sourdough starter?").await;
     assert_eq!(r["results"][0]["document_id"], "sourdough.html");
     assert!(

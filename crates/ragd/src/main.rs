@@ -52,7 +52,7 @@ enum Command {
         #[arg(long)]
         generator: Option<PathBuf>,
     },
-    /// Ingest files and folders (text, Markdown, HTML, PDF). A file's document
+    /// Ingest files and folders (text, Markdown, HTML, PDF, DOCX, ODT). A file's document
     /// id is its path relative to the folder given (`sub/a.md` for
     /// `docs/sub/a.md` when fed `docs`), or its name when the file itself is
     /// given: feeding the same folder again, from wherever it now lies,
