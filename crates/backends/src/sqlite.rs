@@ -320,6 +320,13 @@ impl DocumentStore for SqliteStore {
                         }
                         out.push(Ok(status));
                     }
+                    // A full disk fails the request (507), not the one
+                    // document: every later one would fail the same way. The
+                    // documents stored before it stay (and are "unchanged"
+                    // when the client sends the request again).
+                    Err(e) if e.is_storage_full() => {
+                        return Err(BackendError::storage_full(e));
+                    }
                     Err(e) => out.push(Err(UpsertFailure::Storage(e.to_string()))),
                 }
             }
@@ -332,7 +339,13 @@ impl DocumentStore for SqliteStore {
     async fn delete(&self, id: &str) -> Result<bool, BackendError> {
         let id = id.to_string();
         self.with(move |data, context| {
-            let deleted = data.store.delete(&id).map_err(BackendError::server)?;
+            let deleted = data.store.delete(&id).map_err(|e| {
+                if e.is_storage_full() {
+                    BackendError::storage_full(e)
+                } else {
+                    BackendError::server(e)
+                }
+            })?;
             if deleted {
                 data.compact_if_needed(&context.config)?;
             }

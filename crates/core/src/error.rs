@@ -12,6 +12,9 @@ pub enum Fault {
     /// A service ragd depends on cannot be reached for now (the database is
     /// restarting): 503, retry shortly.
     Unavailable,
+    /// The disk that holds the data is full: nothing of the failed write was
+    /// kept; 507, retry once space is freed.
+    StorageFull,
 }
 
 /// A failure of an engine behind one of the traits.
@@ -46,6 +49,14 @@ impl BackendError {
     pub fn unavailable(message: impl std::fmt::Display) -> Self {
         Self {
             fault: Fault::Unavailable,
+            message: message.to_string(),
+        }
+    }
+
+    /// The disk that holds the data is full.
+    pub fn storage_full(message: impl std::fmt::Display) -> Self {
+        Self {
+            fault: Fault::StorageFull,
             message: message.to_string(),
         }
     }

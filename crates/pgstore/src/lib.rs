@@ -139,8 +139,13 @@ fn backend(e: tokio_postgres::Error) -> BackendError {
             let c = c.code();
             c.starts_with("08") || c.starts_with("57P")
         });
+    // 53100 disk_full, 53200 out_of_memory... class 53 is insufficient
+    // resources; only the disk is the client's to act on (free space).
+    let full = e.code().is_some_and(|c| c.code() == "53100");
     if unavailable {
         BackendError::unavailable(format!("the database cannot be reached: {}", describe(&e)))
+    } else if full {
+        BackendError::storage_full(format!("database: {}", describe(&e)))
     } else {
         BackendError::server(format!("database: {}", describe(&e)))
     }
@@ -489,7 +494,7 @@ impl DocumentStore for PgStore {
                 Ok(status) => out.push(Ok(status)),
                 Err(e) => {
                     let e = backend(e);
-                    if e.fault == Fault::Unavailable {
+                    if matches!(e.fault, Fault::Unavailable | Fault::StorageFull) {
                         // The database is gone: the caller is told so and
                         // retries; what committed so far stays (and is
                         // "unchanged" then).

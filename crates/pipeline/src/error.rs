@@ -27,6 +27,10 @@ pub enum Error {
     /// the client should retry shortly. The detail is logged, not returned.
     #[error("the database cannot be reached at the moment; retry shortly")]
     Unavailable(String),
+    /// The disk holding the data is full: the write was not kept; the client
+    /// may retry once space is freed. The detail is logged, not returned.
+    #[error("the disk holding ragd's data is full: free space, then send the request again (documents it had already stored are then reported unchanged)")]
+    StorageFull(String),
     /// A failure on our side; the detail is logged, not returned.
     #[error("internal error")]
     Internal(String),
@@ -46,6 +50,7 @@ impl Error {
             Error::Invalid(_) | Error::NotFound(_) | Error::Busy { .. } => Fault::Client,
             Error::Upstream(_) => Fault::Upstream,
             Error::Unavailable(_) => Fault::Unavailable,
+            Error::StorageFull(_) => Fault::StorageFull,
             Error::Internal(_) => Fault::Server,
         }
     }
@@ -63,6 +68,10 @@ impl From<BackendError> for Error {
             Fault::Unavailable => {
                 tracing::warn!(detail = %e.message, "a service ragd depends on is unavailable");
                 Error::Unavailable(e.message)
+            }
+            Fault::StorageFull => {
+                tracing::error!(detail = %e.message, "the disk holding the data is full");
+                Error::StorageFull(e.message)
             }
         }
     }

@@ -93,6 +93,7 @@ impl ApiError {
                 Error::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
                 Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error"),
                 Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+                Error::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
                 Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
             },
         }

@@ -79,6 +79,23 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the write failed because the disk is full (SQLite's
+    /// `SQLITE_FULL`, or the OS's "no space left on device"): the transaction
+    /// was rolled back, and the same write succeeds once space is freed.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StoreError::Db { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            StoreError::Io { source, .. } => {
+                source.kind() == std::io::ErrorKind::StorageFull
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A stored chunk's key (its HNSW id) and vector.
 pub type KeyedVector = (usize, Vec<f32>);
 
