@@ -114,6 +114,33 @@ pub(crate) enum BenchCommand {
         #[arg(long, env = "RAGD_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
     },
+    /// Soak test: a `ragd serve` child on loopback under concurrent clients
+    /// mixing ingest, update, delete, search and questions (JSON, streamed,
+    /// streams dropped mid-answer) for a bounded time and request count; prints
+    /// requests by status, latency percentiles and resident memory, then checks
+    /// that every acknowledged document is whole and every deleted one gone.
+    /// Exits non-zero on a lost document, a 5xx, or memory growth past the bound.
+    Soak {
+        /// Minutes of load.
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// At most this many requests in all.
+        #[arg(long, default_value_t = 100_000)]
+        max_requests: usize,
+        /// Config file for the server, as for `ragd serve` (its data directory
+        /// is replaced by a temporary one).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Seed of the clients' choices.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Allowed growth of resident memory from ready to the end (0.5 = 50 %).
+        #[arg(long, default_value_t = 0.5)]
+        memory_growth: f64,
+    },
     /// `/search` over HTTP: queries/s and latency per retrieval mode, with several
     /// concurrent clients, on a corpus ingested into `--data-dir` (ingested there
     /// first when the directory holds no documents; kept for the next run), or
@@ -287,6 +314,24 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
             questions,
             json,
         } => bench_ask(&corpus, model, questions, json).await,
+        BenchCommand::Soak {
+            minutes,
+            clients,
+            max_requests,
+            config,
+            seed,
+            memory_growth,
+        } => {
+            crate::soak_cmd::run(crate::soak_cmd::Soak {
+                minutes,
+                clients,
+                max_requests,
+                config,
+                seed,
+                memory_growth,
+            })
+            .await
+        }
     }
 }
 

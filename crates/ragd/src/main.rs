@@ -19,6 +19,7 @@ mod eval_cmd;
 mod eval_qa;
 mod eval_thresholds;
 mod ingest_cmd;
+mod soak_cmd;
 
 #[derive(Parser)]
 #[command(
