@@ -277,13 +277,47 @@ fn heading_marks(s: &str) -> bool {
     (1..=6).contains(&s.len()) && s.chars().all(|c| c == '#')
 }
 
+/// Deepest page tree ragd follows (lopdf walks at most 256 levels down).
+const PAGE_TREE_DEPTH: usize = 256;
+
+/// A page whose chain of `/Parent` references loops or runs deeper than
+/// [`PAGE_TREE_DEPTH`], if any. pdf-extract looks inherited attributes up
+/// that chain (`get_inherited`, a recursion the optimiser turns into a loop)
+/// without a bound: a page that is its own parent — a PDF of 843 bytes,
+/// found by the `extract` fuzz target — kept a thread spinning forever.
+fn parent_loop(doc: &pdf_extract::Document) -> Option<pdf_extract::ObjectId> {
+    for page in doc.page_iter() {
+        let mut seen = std::collections::HashSet::new();
+        let mut at = Some(page);
+        while let Some(id) = at {
+            if !seen.insert(id) || seen.len() > PAGE_TREE_DEPTH {
+                return Some(page);
+            }
+            at = doc
+                .get_dictionary(id)
+                .ok()
+                .and_then(|d| d.get(b"Parent").ok())
+                .and_then(|p| p.as_reference().ok());
+        }
+    }
+    None
+}
+
 fn pdf(bytes: &[u8]) -> Result<Extracted, ExtractError> {
     // pdf-extract can panic on malformed files; a bad upload must not take the
     // request (or the server) down.
     let result = std::panic::catch_unwind(|| {
+        let doc = pdf_extract::Document::load_mem(bytes)
+            .map_err(|e| ExtractError::UnreadablePdf(format!(": {e}")))?;
+        if let Some(page) = parent_loop(&doc) {
+            return Err(ExtractError::UnreadablePdf(format!(
+                ": the page tree loops (page object {} is its own ancestor)",
+                page.0
+            )));
+        }
         let text = pdf_extract::extract_text_from_mem(bytes)
             .map_err(|e| ExtractError::UnreadablePdf(format!(": {e}")))?;
-        let title = pdf_extract::Document::load_mem(bytes).ok().and_then(|doc| {
+        let title = Some(doc).and_then(|doc| {
             let info = doc.trailer.get(b"Info").ok()?.as_reference().ok()?;
             let title = doc
                 .get_object(info)
@@ -442,6 +476,25 @@ mod tests {
             extract("notes", Some("application/vnd.oasis.opendocument.text"), b"just text"),
             Err(ExtractError::NotOffice("ODT"))
         );
+    }
+
+    /// A page that is its own parent (the fixture with one reference
+    /// changed, as the fuzzer found it): refused at once instead of looping
+    /// forever in pdf-extract's inherited-attribute lookup.
+    #[test]
+    fn a_pdf_whose_page_tree_loops_is_refused() {
+        let pdf = fixture("lighthouse.pdf");
+        let at = pdf
+            .windows(13)
+            .position(|w| w == b"/Parent 2 0 R")
+            .expect("the fixture's page names its parent");
+        let mut looped = pdf.clone();
+        looped[at..at + 13].copy_from_slice(b"/Parent 3 0 R");
+        match extract("loop.pdf", None, &looped) {
+            Err(ExtractError::UnreadablePdf(why)) => assert!(why.contains("loops"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(extract("ok.pdf", None, &pdf).is_ok());
     }
 
     /// A one-page PDF with a text layer and a Title, made with lopdf.
