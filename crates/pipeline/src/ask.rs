@@ -35,37 +35,69 @@ const MAX_HISTORY: usize = 40;
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AskRequest {
-    /// The question.
+    /// The question (not blank; at most 4,000 characters once trimmed).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, pattern = r"\S"))]
     pub question: String,
-    /// Passages to retrieve.
+    /// Passages to retrieve (at most `retrieval.max_top_k`, 20 by default).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 20))]
     pub top_k: Option<usize>,
-    /// Longest answer in tokens.
+    /// Longest answer in tokens (at most `generation.max_tokens_limit`, 2048 by default).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2048))]
     pub max_tokens: Option<usize>,
     /// 0 = greedy.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 2))]
     pub temperature: Option<f64>,
     /// Nucleus mass.
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0, maximum = 1))]
     pub top_p: Option<f64>,
     /// Sampler seed.
+    #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807_u64))]
     pub seed: Option<u64>,
     /// Sample among this many most likely tokens only (0 = no limit).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1000))]
     pub sample_top_k: Option<usize>,
     /// Repetition penalty, 1 (off) to 2.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2))]
     pub repeat_penalty: Option<f32>,
-    /// Up to 4 strings that end the answer (not included).
+    /// Up to 4 strings of 1 to 64 characters that end the answer (not included).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<StopText>>, max_items = 4))]
     pub stop: Option<Vec<String>>,
-    /// Conditions on `document_id` / `metadata.<key>` the passages must meet.
+    /// Conditions on `document_id` / `metadata.<key>` the passages must meet
+    /// (an object such as `{"metadata.lang": "en"}`).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub filter: Option<Value>,
     /// `dense`, `lexical` or `hybrid` (default: `retrieval.mode`).
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(dense|lexical|hybrid)$"))]
     pub mode: Option<String>,
     /// Stream the answer as server-sent events.
     pub stream: Option<bool>,
     /// `concise` (default: one to three sentences) or `detailed`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(concise|detailed)$"))]
     pub style: Option<String>,
     /// Earlier turns of the conversation, oldest first (`user` and `assistant`
     /// messages); retrieval uses the question alone.
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<ChatMessage>>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<ChatMessage>>, max_items = 40))]
     pub history: Option<Vec<Message>>,
 }
+
+/// One `stop` string: 1 to 64 characters (for the OpenAPI document).
+#[cfg(feature = "openapi")]
+struct StopText;
+
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for StopText {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(64))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for StopText {}
 
 /// A chat message (`role`: `user` or `assistant`, and its `content`), for the
 /// API documentation.
@@ -156,6 +188,10 @@ impl Pipeline {
             params.top_p = p;
         }
         if let Some(s) = req.seed {
+            // JSON clients and the OpenAPI integer format stop at i64.
+            if s > i64::MAX as u64 {
+                return Err(Error::Invalid(format!("seed: at most {}", i64::MAX)));
+            }
             params.seed = s;
         }
         if let Some(k) = req.sample_top_k {

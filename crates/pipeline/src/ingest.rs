@@ -28,13 +28,17 @@ const MAX_TITLE_LEN: usize = 1024;
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DocumentIn {
-    /// Caller's id; derived from the text when absent.
+    /// Caller's id (1 to 256 characters, not blank, no control characters);
+    /// derived from the text when absent.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"))]
     pub id: Option<String>,
-    /// Optional title, shown in citations and given to the model.
+    /// Optional title (at most 1,024 characters), shown in citations and given to the model.
+    #[cfg_attr(feature = "openapi", schema(max_length = 1024))]
     pub title: Option<String>,
     /// Where the document came from (kept in its metadata).
     pub source: Option<String>,
-    /// The text.
+    /// The text (not blank).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, pattern = r"\S"))]
     pub text: String,
     /// Any JSON object.
     pub metadata: Option<Map<String, Value>>,
@@ -45,7 +49,8 @@ pub struct DocumentIn {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IngestRequest {
-    /// The documents.
+    /// The documents: 1 to `ingest.max_documents_per_request` (1,000 by default).
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 1000))]
     pub documents: Vec<DocumentIn>,
 }
 
@@ -197,9 +202,12 @@ impl Pipeline {
             if d.text.trim().is_empty() {
                 return Err(at("text: must not be empty"));
             }
+            // Lengths in characters, as the OpenAPI document's maxLength counts.
             if let Some(t) = &d.title {
-                if t.len() > MAX_TITLE_LEN {
-                    return Err(at(&format!("title: longer than {MAX_TITLE_LEN} bytes")));
+                if t.chars().count() > MAX_TITLE_LEN {
+                    return Err(at(&format!(
+                        "title: longer than {MAX_TITLE_LEN} characters"
+                    )));
                 }
             }
             let metadata = serde_json::to_vec(&d.metadata).map_err(Error::internal)?;
@@ -212,11 +220,11 @@ impl Pipeline {
             let id = match &d.id {
                 Some(id) => {
                     if id.trim().is_empty()
-                        || id.len() > MAX_ID_LEN
+                        || id.chars().count() > MAX_ID_LEN
                         || id.chars().any(char::is_control)
                     {
                         return Err(at(&format!(
-                            "id: must be 1..={MAX_ID_LEN} bytes without control characters"
+                            "id: must be 1..={MAX_ID_LEN} characters, not blank, without control characters"
                         )));
                     }
                     id.clone()
@@ -464,7 +472,7 @@ impl Pipeline {
         let mut documents = Vec::new();
         for (name, result) in extracted {
             let bad_name = name.trim().is_empty()
-                || name.len() > MAX_ID_LEN
+                || name.chars().count() > MAX_ID_LEN
                 || name.chars().any(char::is_control);
             let duplicate = documents
                 .iter()
@@ -472,7 +480,7 @@ impl Pipeline {
             match result {
                 _ if bad_name => slots.push(Err(IngestedDocument::refused(
                     name,
-                    "the file name must be 1..=256 bytes without control characters",
+                    "the file name must be 1..=256 characters without control characters",
                 ))),
                 _ if duplicate => slots.push(Err(IngestedDocument::refused(
                     name,

@@ -14,13 +14,18 @@ use crate::Pipeline;
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SearchRequest {
-    /// The query text.
+    /// The query text (not blank; at most 4,000 characters once trimmed).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, pattern = r"\S"))]
     pub query: String,
-    /// Results to return (default 10).
+    /// Results to return (default 10; at most 100, or `retrieval.max_top_k` when larger).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100))]
     pub top_k: Option<usize>,
-    /// Conditions on `document_id` / `metadata.<key>`.
+    /// Conditions on `document_id` / `metadata.<key>` (an object such as
+    /// `{"metadata.lang": "en"}`).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub filter: Option<Value>,
     /// `dense`, `lexical` or `hybrid` (default: `retrieval.mode`).
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(dense|lexical|hybrid)$"))]
     pub mode: Option<String>,
 }
 

@@ -48,7 +48,7 @@ fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {
     })
 }
 
-#[utoipa::path(post, path = "/ask", tag = "answers", request_body = ragd_pipeline::AskRequest, responses((status = 200, description = "The answer (JSON), or with `stream: true` / `Accept: text/event-stream` server-sent events: `queued`, `sources`, `token`..., then `done` with this object or `error`", body = ragd_pipeline::AskResponse), (status = 429, description = "Generation queue full (Retry-After)", body = crate::error::ErrorBody), (status = 502, description = "Remote generation server failed", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/ask", tag = "answers", request_body = ragd_pipeline::AskRequest, responses((status = 200, description = "The answer (JSON), or with `stream: true` / `Accept: text/event-stream` server-sent events: `queued`, `sources`, `token`..., then `done` with this object or `error`", content((ragd_pipeline::AskResponse = "application/json"), (serde_json::Value = "text/event-stream"))), (status = 429, description = "Generation queue full (Retry-After)", body = crate::error::ErrorBody), (status = 502, description = "Remote generation server failed", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn ask(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -72,8 +72,8 @@ pub(crate) async fn ask(
 /// An SSE event whose data is `data` as JSON (keys in order, as every event
 /// writes them); a value that cannot be written becomes an `error` event.
 fn event(name: &str, data: &impl Serialize) -> Event {
-    match serde_json::to_value(data) {
-        Ok(value) => Event::default().event(name).data(value.to_string()),
+    match serde_json::to_string(data) {
+        Ok(text) => Event::default().event(name).data(text),
         Err(e) => {
             let body = ApiError::internal(format!("cannot encode the {name} event: {e}")).body();
             Event::default().event("error").data(body.to_string())

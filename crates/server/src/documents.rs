@@ -16,7 +16,7 @@ use crate::AppState;
 /// have always written them.
 fn json_value(value: impl serde::Serialize) -> Result<Json<serde_json::Value>, ApiError> {
     Ok(Json(
-        serde_json::to_value(value).map_err(ApiError::internal)?,
+        crate::json::to_value(&value).map_err(ApiError::internal)?,
     ))
 }
 
@@ -28,8 +28,20 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/documents/{id}", get(get_document).delete(delete_document))
 }
 
+/// `POST /ingest` as `multipart/form-data`: one or more `file` parts and
+/// nothing else (for the document only; the handler reads the form itself).
+#[allow(dead_code)]
+#[derive(utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[derive(serde::Deserialize)]
+struct UploadForm {
+    /// The files; each file's name becomes its document's id.
+    #[schema(value_type = Vec<String>, format = Binary, min_items = 1)]
+    file: Vec<Vec<u8>>,
+}
+
 /// `POST /ingest`: a JSON body of documents, or `multipart/form-data` files.
-#[utoipa::path(post, path = "/ingest", tag = "documents", request_body(content((ragd_pipeline::IngestRequest = "application/json"), (Object = "multipart/form-data")), description = "Documents as JSON, or files as multipart/form-data"), responses((status = 200, description = "One status per document", body = ragd_pipeline::IngestResponse), (status = 413, description = "Body too large", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody), (status = 507, description = "The disk holding the data is full: nothing of the failed write was kept; free space and retry", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/ingest", tag = "documents", request_body(content((ragd_pipeline::IngestRequest = "application/json"), (UploadForm = "multipart/form-data")), description = "Documents as JSON, or files as multipart/form-data"), responses((status = 200, description = "One status per document", body = ragd_pipeline::IngestResponse), (status = 413, description = "Body too large", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody), (status = 507, description = "The disk holding the data is full: nothing of the failed write was kept; free space and retry", body = crate::error::ErrorBody)))]
 pub(crate) async fn ingest(
     State(state): State<AppState>,
     req: Request,
@@ -101,7 +113,7 @@ pub(crate) struct ListQuery {
     limit: Option<usize>,
 }
 
-#[utoipa::path(get, path = "/documents", tag = "documents", params(("after" = Option<String>, Query, description = "List after this id"), ("limit" = Option<usize>, Query, description = "Most documents")), responses((status = 200, description = "Documents in id order", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/documents", tag = "documents", params(("after" = Option<String>, Query, description = "List after this id"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Most documents, 1 to 1000 (default 100)")), responses((status = 200, description = "Documents in id order", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn list_documents(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,

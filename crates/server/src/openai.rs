@@ -45,7 +45,7 @@ pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
     /// The conversation; the last `user` message is the question.
-    #[schema(value_type = Vec<ragd_pipeline::ask::ChatMessage>)]
+    #[schema(value_type = Vec<ragd_pipeline::ask::ChatMessage>, min_items = 1)]
     pub messages: Vec<Message>,
     /// Stream `chat.completion.chunk` events.
     #[serde(default)]
@@ -61,12 +61,14 @@ pub struct ChatRequest {
     pub top_p: Option<f64>,
     /// Sampler seed.
     #[serde(default)]
+    #[schema(maximum = 9223372036854775807_u64)]
     pub seed: Option<u64>,
     /// A string or up to 4 strings that end the answer.
     #[serde(default)]
     pub stop: Option<Value>,
     /// Options OpenAI clients send that ragd does not use (`n` must be 1).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
     /// Ignored OpenAI fields.
     #[serde(flatten)]
@@ -153,12 +155,14 @@ fn finish_reason(r: &str) -> &'static str {
 
 /// ragd's extension field: what the answer rests on.
 fn extension(a: &AskResponse) -> Value {
+    // (Scores are f32: through `json::to_value`, so they print as computed.)
+    let jv = |v: Result<Value, serde_json::Error>| v.unwrap_or(Value::Null);
     let mut ext = json!({
         "answerable": a.answerable,
-        "citations": a.citations,
-        "sources": a.sources,
-        "grounding": a.grounding,
-        "citation_changes": a.citation_changes,
+        "citations": jv(crate::json::to_value(&a.citations)),
+        "sources": jv(crate::json::to_value(&a.sources)),
+        "grounding": jv(crate::json::to_value(&a.grounding)),
+        "citation_changes": jv(crate::json::to_value(&a.citation_changes)),
         "finish_reason": a.finish_reason,
     });
     if !a.not_applied.is_empty() {
@@ -196,7 +200,7 @@ fn completion(id: &str, model: &str, a: &AskResponse) -> Value {
 }
 
 /// `POST /v1/chat/completions`.
-#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatRequest, responses((status = 200, description = "A chat.completion (with the extension field `ragd`: citations, sources, grounding), or with `stream: true` chat.completion.chunk events and `data: [DONE]`", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatRequest, responses((status = 200, description = "A chat.completion (with the extension field `ragd`: citations, sources, grounding), or with `stream: true` chat.completion.chunk events and `data: [DONE]`", content((Object = "application/json"), (serde_json::Value = "text/event-stream"))), (status = 429, description = "Generation queue full (Retry-After)", body = crate::error::ErrorBody), (status = 502, description = "Remote generation server failed", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     deadline: Option<Extension<Deadline>>,
@@ -279,16 +283,47 @@ fn stream_response(answer: Answer, id: String, model: String) -> Response {
     .into_response()
 }
 
+/// `input` of `POST /v1/embeddings`, for the document only (the handler
+/// reads the JSON value and says what is wrong with it): a text, or a list of
+/// 1 to 256 texts, none blank.
+struct EmbeddingsInput;
+
+impl utoipa::PartialSchema for EmbeddingsInput {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        let text = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .pattern(Some(r"\S"))
+        };
+        OneOfBuilder::new()
+            .item(text())
+            .item(
+                ArrayBuilder::new()
+                    .items(text())
+                    .min_items(Some(1))
+                    .max_items(Some(256)),
+            )
+            .description(Some("A text, or a list of 1 to 256 texts; none blank."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EmbeddingsInput {}
+
 /// `POST /v1/embeddings`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct EmbeddingsRequest {
-    /// A string or a list of strings.
+    /// A string or a list of 1 to 256 strings, none empty.
+    #[schema(value_type = EmbeddingsInput)]
     pub input: Value,
     /// Accepted and echoed.
     #[serde(default)]
     pub model: Option<String>,
     /// `float` (default) or `base64` (little-endian f32).
     #[serde(default)]
+    #[schema(pattern = "^(float|base64)$")]
     pub encoding_format: Option<String>,
     /// Ignored OpenAI fields.
     #[serde(flatten)]
@@ -340,7 +375,7 @@ pub async fn embeddings(
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 json!(base64::engine::general_purpose::STANDARD.encode(bytes))
             } else {
-                json!(v)
+                crate::json::to_value(&v).unwrap_or(Value::Null)
             };
             json!({ "object": "embedding", "index": i, "embedding": embedding })
         }).collect::<Vec<_>>(),

@@ -31,7 +31,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             crate::answers::ask, crate::openai::chat_completions, crate::openai::embeddings,
             crate::openai::models
         ),
-        modifiers(&BearerAuth)
+        modifiers(&BearerAuth, &ServiceStatuses)
     )]
     struct ApiDoc;
     ApiDoc::openapi()
@@ -59,5 +59,74 @@ impl utoipa::Modify for BearerAuth {
             "api_key",
             Vec::<String>::new(),
         )]);
+    }
+}
+
+/// Every status the service's layers can answer, on every operation they
+/// apply to, besides the ones each handler documents: a client generated from
+/// the document then knows them all (schemathesis found them undocumented).
+/// Which operations need a key comes from [`crate::auth::required_scope`], the
+/// function the auth middleware asks: the open ones are marked as needing
+/// none (`security: []`).
+struct ServiceStatuses;
+
+impl utoipa::Modify for ServiceStatuses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use axum::http::Method;
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            // The router's path, `{id}` standing for any id.
+            let route = path.replace("{id}", "x");
+            for (method, op) in [
+                (Method::GET, item.get.as_mut()),
+                (Method::POST, item.post.as_mut()),
+                (Method::PUT, item.put.as_mut()),
+                (Method::DELETE, item.delete.as_mut()),
+            ] {
+                let Some(op) = op else { continue };
+                let mut add = |status: &str, description: &str| {
+                    op.responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| error(description));
+                };
+                let Some(scope) = crate::auth::required_scope(&method, &route) else {
+                    op.security = Some(Vec::new());
+                    continue;
+                };
+                add("401", "Missing or unknown API key (when the server has keys)");
+                if scope == crate::auth::Scope::Write {
+                    add("403", "Read key on a write route");
+                }
+                add("408", "No response started within server.request_timeout_s");
+                add("500", "Internal error (the detail is in the server's log)");
+                add(
+                    "503",
+                    "Models still loading, or the database cannot be reached (Retry-After)",
+                );
+                if op.request_body.is_some() {
+                    add("400", "Malformed body (not JSON, or a broken multipart form)");
+                    add("413", "Body larger than server.body_limit_bytes");
+                    add("415", "Wrong or missing Content-Type");
+                    add("422", "Invalid request");
+                }
+                if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+                    add("422", "Invalid request");
+                }
+            }
+        }
     }
 }

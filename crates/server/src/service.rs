@@ -37,7 +37,7 @@ pub(crate) async fn index() -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     let status = match state.pipeline.get() {
-        Some(pipeline) => serde_json::to_value(pipeline.status().await).ok(),
+        Some(pipeline) => crate::json::to_value(&pipeline.status().await).ok(),
         None => None,
     };
     let body = crate::metrics::get().render(status.as_ref());
@@ -68,7 +68,7 @@ pub(crate) async fn ready(
             "the document store did not answer".into(),
         )));
     }
-    let mut status = serde_json::to_value(status).map_err(ApiError::internal)?;
+    let mut status = crate::json::to_value(&status).map_err(ApiError::internal)?;
     status["status"] = json!("ready");
     Ok(Json(status))
 }

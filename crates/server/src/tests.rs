@@ -127,6 +127,62 @@ async fn openapi_lists_every_route_the_router_serves() {
     }
 }
 
+/// The document states what the layers answer and the bounds the handlers
+/// enforce (what schemathesis found missing): the open routes need no key,
+/// every other says 401, 408, 500 and 503, a body route 400, 413, 415 and
+/// 422, a write route 403, /ingest 507; the request bounds are there.
+#[test]
+fn openapi_states_statuses_security_and_bounds() {
+    let doc = serde_json::to_value(openapi()).unwrap();
+    let op = |path: &str, method: &str| doc["paths"][path][method].clone();
+    for (path, method) in [("/", "get"), ("/health", "get"), ("/ready", "get"), ("/metrics", "get")] {
+        assert_eq!(op(path, method)["security"], serde_json::json!([]), "{path}");
+    }
+    let statuses = |path: &str, method: &str| -> Vec<String> {
+        op(path, method)["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let search = statuses("/search", "post");
+    for s in ["200", "400", "401", "408", "413", "415", "422", "500", "503"] {
+        assert!(search.contains(&s.to_string()), "/search {s}: {search:?}");
+    }
+    assert!(!search.contains(&"403".to_string()), "{search:?}");
+    let ingest = statuses("/ingest", "post");
+    for s in ["403", "507"] {
+        assert!(ingest.contains(&s.to_string()), "/ingest {s}: {ingest:?}");
+    }
+    let limit = op("/documents", "get")["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .cloned()
+        .unwrap();
+    assert_eq!((&limit["schema"]["minimum"], &limit["schema"]["maximum"]), (&serde_json::json!(1), &serde_json::json!(1000)), "{limit}");
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["IngestRequest"]["properties"]["documents"]["minItems"], 1);
+    assert_eq!(schemas["AskRequest"]["properties"]["question"]["minLength"], 1);
+    assert_eq!(schemas["SearchRequest"]["properties"]["top_k"]["maximum"], 100);
+    assert_eq!(schemas["AskRequest"]["properties"]["stop"]["maxItems"], 4);
+}
+
+/// f32 values keep their shortest form in JSON bodies (not the widened f64).
+#[test]
+fn f32_values_keep_their_digits() {
+    let v = crate::json::to_value(&serde_json::json!(null)).unwrap();
+    assert!(v.is_null());
+    #[derive(serde::Serialize)]
+    struct S {
+        score: f32,
+    }
+    let v = crate::json::to_value(&S { score: 0.33 }).unwrap();
+    assert_eq!(v.to_string(), r#"{"score":0.33}"#);
+}
+
 #[tokio::test]
 async fn the_auth_matrix() {
     let r = guarded(&[]);
