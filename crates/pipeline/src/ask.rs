@@ -76,7 +76,7 @@ pub struct AskRequest {
     pub style: Option<String>,
     /// Earlier turns of the conversation, oldest first (`user` and `assistant`
     /// messages); retrieval uses the question alone.
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<ChatMessage>>, max_items = 40))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<HistoryMessage>>, max_items = 40))]
     pub history: Option<Vec<Message>>,
 }
 
@@ -99,13 +99,27 @@ impl utoipa::PartialSchema for StopText {
 #[cfg(feature = "openapi")]
 impl utoipa::ToSchema for StopText {}
 
-/// A chat message (`role`: `user` or `assistant`, and its `content`), for the
-/// API documentation.
+/// A chat message of `/v1/chat/completions` (`role`: `system`, `user` or
+/// `assistant`, and its `content`), for the API documentation.
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[allow(dead_code)]
 pub struct ChatMessage {
-    /// `user` or `assistant` (`system` is accepted and ignored on `/v1`).
+    /// `user` or `assistant` (`system` is accepted and ignored).
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(system|user|assistant)$"))]
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// An earlier turn of `/ask`'s `history` (`role`: `user` or `assistant`, and
+/// its `content`), for the API documentation.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[allow(dead_code)]
+pub struct HistoryMessage {
+    /// `user` or `assistant`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(user|assistant)$"))]
     pub role: String,
     /// The text.
     pub content: String,

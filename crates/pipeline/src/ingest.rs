@@ -49,7 +49,10 @@ pub struct DocumentIn {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IngestRequest {
-    /// The documents: 1 to `ingest.max_documents_per_request` (1,000 by default).
+    /// The documents: 1 to `ingest.max_documents_per_request` (1,000 by
+    /// default), each id at most once (a document without an id gets one
+    /// derived from its text: two such documents of one text are refused;
+    /// the OpenAPI document says `uniqueItems`).
     #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 1000))]
     pub documents: Vec<DocumentIn>,
 }

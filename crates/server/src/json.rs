@@ -22,8 +22,20 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(AppJson(v)),
+        // Through a JSON value first: an integer may be written `15.0` (JSON
+        // has one number type, and the OpenAPI document's `integer` admits
+        // it), which serde refuses for a Rust integer.
+        match Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(Json(mut v)) => {
+                integral_floats_to_integers(&mut v);
+                serde_path_to_error::deserialize(v)
+                    .map(AppJson)
+                    .map_err(|e| {
+                        ApiError::Invalid(format!(
+                            "Failed to deserialize the JSON body into the target type: {e}"
+                        ))
+                    })
+            }
             Err(rejection) => Err(match rejection {
                 JsonRejection::JsonSyntaxError(e) => ApiError::MalformedJson(e.body_text()),
                 JsonRejection::JsonDataError(e) => ApiError::Invalid(e.body_text()),
@@ -39,6 +51,32 @@ where
                 other => ApiError::MalformedJson(other.body_text()),
             }),
         }
+    }
+}
+
+/// Numbers with no fractional part written as floats (`15.0`) become
+/// integers, everywhere but under `metadata` and `filter`: those are the
+/// user's own data, stored and compared as written.
+fn integral_floats_to_integers(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64() {
+                // Within ±2^53 every integer is exact in an f64.
+                if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 {
+                    *v = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                if key != "metadata" && key != "filter" {
+                    integral_floats_to_integers(value);
+                }
+            }
+        }
+        _ => {}
     }
 }
 

@@ -31,7 +31,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             crate::answers::ask, crate::openai::chat_completions, crate::openai::embeddings,
             crate::openai::models
         ),
-        modifiers(&BearerAuth, &ServiceStatuses)
+        modifiers(&BearerAuth, &ServiceStatuses, &UniqueDocuments)
     )]
     struct ApiDoc;
     ApiDoc::openapi()
@@ -127,6 +127,28 @@ impl utoipa::Modify for ServiceStatuses {
                     add("422", "Invalid request");
                 }
             }
+        }
+    }
+}
+
+/// `documents` of `POST /ingest` as `uniqueItems` (utoipa has no field
+/// attribute for it): the same document twice is refused (its id repeats).
+struct UniqueDocuments;
+
+impl utoipa::Modify for UniqueDocuments {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::Schema;
+        use utoipa::openapi::RefOr;
+        let documents = openapi
+            .components
+            .as_mut()
+            .and_then(|c| c.schemas.get_mut("IngestRequest"))
+            .and_then(|s| match s {
+                RefOr::T(Schema::Object(o)) => o.properties.get_mut("documents"),
+                _ => None,
+            });
+        if let Some(RefOr::T(Schema::Array(a))) = documents {
+            a.unique_items = true;
         }
     }
 }

@@ -165,6 +165,7 @@ fn openapi_states_statuses_security_and_bounds() {
     assert_eq!((&limit["schema"]["minimum"], &limit["schema"]["maximum"]), (&serde_json::json!(1), &serde_json::json!(1000)), "{limit}");
     let schemas = &doc["components"]["schemas"];
     assert_eq!(schemas["IngestRequest"]["properties"]["documents"]["minItems"], 1);
+    assert_eq!(schemas["IngestRequest"]["properties"]["documents"]["uniqueItems"], true);
     assert_eq!(schemas["AskRequest"]["properties"]["question"]["minLength"], 1);
     assert_eq!(schemas["SearchRequest"]["properties"]["top_k"]["maximum"], 100);
     assert_eq!(schemas["AskRequest"]["properties"]["stop"]["maxItems"], 4);
@@ -289,6 +290,40 @@ async fn health_is_up_and_ready_is_503_while_loading() {
     .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["type"], "not_ready");
+}
+
+/// An integer written as `3.0` is the integer (JSON has one number type);
+/// `3.5` where an integer belongs is 422 naming the field.
+#[tokio::test]
+async fn integral_floats_are_integers() {
+    let (s, body) = call(
+        unloaded(1 << 20),
+        "POST",
+        "/search",
+        r#"{"query":"x","top_k":3.0}"#,
+        true,
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "past the body: {body}");
+    let (s, body) = call(
+        unloaded(1 << 20),
+        "POST",
+        "/search",
+        r#"{"query":"x","top_k":3.5}"#,
+        true,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body["error"].as_str().unwrap().contains("top_k"), "{body}");
+    let (s, _) = call(
+        unloaded(1 << 20),
+        "POST",
+        "/search",
+        r#"{"query":"x","tok_k":3}"#,
+        true,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "unknown fields are still refused");
 }
 
 #[tokio::test]
