@@ -36,6 +36,9 @@ pub use gguf_tokenizer::GgufTokenizer;
 pub use ragd_core::{FinishReason, GenerateParams, Generation, Message, Steer};
 pub use stream::Utf8Stream;
 
+/// Temperatures below this sample greedily (see [`Generator`]'s sampling).
+pub const MIN_TEMPERATURE: f64 = 1e-3;
+
 /// What went wrong loading a model or generating.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -659,7 +662,11 @@ impl Generator {
         let (mut logits, cached) = self.start(prompt)?;
         let max_new = params.max_tokens.min(self.context - prompt.len());
         let (temperature, p, k) = (params.temperature, params.top_p, params.top_k);
-        let sampling = match (temperature <= 0.0, k > 0, p < 1.0) {
+        // Below MIN_TEMPERATURE sampling is greedy: dividing the logits by a
+        // temperature near zero (1.2e-38, as schemathesis sent) overflows
+        // them to infinity and the sampler refused the weights (a 500); at
+        // 0.001 the most likely token already takes all the mass.
+        let sampling = match (temperature < MIN_TEMPERATURE, k > 0, p < 1.0) {
             (true, _, _) => Sampling::ArgMax,
             (false, true, true) => Sampling::TopKThenTopP { k, p, temperature },
             (false, true, false) => Sampling::TopK { k, temperature },

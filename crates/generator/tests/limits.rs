@@ -55,6 +55,25 @@ fn the_same_seed_gives_the_same_text() {
     );
 }
 
+/// A temperature near zero (1.2e-38, as a fuzzer sent) is greedy decoding,
+/// not an error: dividing the logits by it overflowed them and the sampler
+/// refused the weights.
+#[test]
+fn a_tiny_temperature_is_greedy() {
+    let mut g = smollm();
+    let p = prompt(&g);
+    let params = |temperature| GenerateParams {
+        max_tokens: 12,
+        temperature,
+        ..Default::default()
+    };
+    let greedy = g.generate(&p, &params(0.0), |_| true).unwrap();
+    for t in [1.1754943508222875e-38, 1e-10, 0.0009] {
+        let tiny = g.generate(&p, &params(t), |_| true).unwrap();
+        assert_eq!(tiny.text, greedy.text, "temperature {t}");
+    }
+}
+
 #[test]
 fn a_passed_deadline_ends_the_answer_with_timeout() {
     let mut g = smollm();
