@@ -265,13 +265,9 @@ impl Config {
     /// for the start-up log.
     pub fn redacted(&self) -> serde_json::Value {
         // The configuration is plain data (strings, numbers, lists): it always
-        // serialises; should that ever change, the log says so instead. Through
-        // text rather than `to_value`: that widens an f32 to the f64 nearest it
-        // (0.2 logged as 0.20000000298023224), text keeps the shortest form
-        // that reads back as the configured f32.
-        let mut v = serde_json::to_string(self)
-            .and_then(|text| serde_json::from_str(&text))
-            .unwrap_or_else(|e| serde_json::json!({ "unprintable": e.to_string() }));
+        // serialises; should that ever change, the log says so instead. f32
+        // settings keep their digits (0.2, not 0.20000000298023224).
+        let mut v = ragd_server::json::to_value(self).unwrap_or_else(|e| serde_json::json!({ "unprintable": e.to_string() }));
         for key in ["/remote/api_key", "/embedder/api_key"] {
             if let Some(k) = v
                 .pointer_mut(key)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{config_file, models_dir, spawn, wait_ready};
+use common::{config_file, get_json, models_dir, post_json, spawn, wait_ready};
 use serde_json::{json, Value};
 
 /// `ragd serve` on `data` with `config`, expected to refuse to start: its
@@ -52,24 +52,11 @@ fn refused_start(config: &Path, data: &Path) -> (bool, String) {
 }
 
 async fn ingest(client: &reqwest::Client, base: &str, body: &Value) -> (u16, Value) {
-    let res = client
-        .post(format!("{base}/ingest"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
+    post_json(client, &format!("{base}/ingest"), body).await
 }
 
 async fn document(client: &reqwest::Client, base: &str, id: &str) -> (u16, Value) {
-    let res = client
-        .get(format!("{base}/documents/{id}"))
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
+    get_json(client, &format!("{base}/documents/{id}")).await
 }
 
 /// Text of about `words` words, different for each `seed`.
@@ -143,15 +130,12 @@ async fn a_full_disk_is_507_and_nothing_half_written() {
     assert_eq!(document(&client, &base, "big").await.0, 404);
     let (status, kept) = document(&client, &base, "kept").await;
     assert_eq!((status, kept["chunks"].as_u64()), (200, Some(1)), "{kept}");
-    let found: Value = client
-        .post(format!("{base}/search"))
-        .json(&json!({ "query": "big", "top_k": 5 }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, found) = post_json(
+        &client,
+        &format!("{base}/search"),
+        &json!({ "query": "big", "top_k": 5 }),
+    )
+    .await;
     assert!(
         found["results"]
             .as_array()
@@ -228,24 +212,14 @@ async fn damaged_files_in_the_data_directory() {
     let (mut child, base) = spawn(tmp.path());
     let client = reqwest::Client::new();
     wait_ready(&client, &base).await;
-    let ready: Value = client
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, ready) = get_json(&client, &format!("{base}/ready")).await;
     assert_eq!(ready["index_at_start"], "rebuilt", "{ready}");
-    let found: Value = client
-        .post(format!("{base}/search"))
-        .json(&json!({ "query": "Which insects pollinate fig trees?", "top_k": 1, "mode": "dense" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, found) = post_json(
+        &client,
+        &format!("{base}/search"),
+        &json!({ "query": "Which insects pollinate fig trees?", "top_k": 1, "mode": "dense" }),
+    )
+    .await;
     assert_eq!(found["results"][0]["document_id"], "figs", "{found}");
     child.kill();
 

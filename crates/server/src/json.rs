@@ -84,6 +84,6 @@ fn integral_floats_to_integers(v: &mut serde_json::Value) {
 /// text, because `serde_json::to_value` widens an f32 to the f64 nearest it
 /// (a threshold of 0.33 came out as 0.33000001311302185), while the text
 /// form keeps the shortest digits that read back as the same f32.
-pub(crate) fn to_value(value: &impl serde::Serialize) -> serde_json::Result<serde_json::Value> {
+pub fn to_value(value: &impl serde::Serialize) -> serde_json::Result<serde_json::Value> {
     serde_json::from_str(&serde_json::to_string(value)?)
 }

@@ -97,3 +97,21 @@ pub async fn wait_ready(client: &reqwest::Client, base: &str) {
     }
     panic!("ragd did not become ready");
 }
+
+/// GET `url`: its status and JSON body (null when there is none).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
+    let res = client.get(url).send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// POST `body` as JSON to `url`: its status and JSON body.
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let res = client.post(url).json(body).send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(serde_json::Value::Null))
+}
