@@ -1847,7 +1847,10 @@ fn test_python() -> PathBuf {
     let python = base.join("bin/python");
     let works = |p: &PathBuf| {
         std::process::Command::new(p)
-            .args(["-c", "import openai, websocket, openapi_spec_validator, schemathesis"])
+            .args([
+                "-c",
+                "import openai, websocket, openapi_spec_validator, schemathesis",
+            ])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -1954,7 +1957,12 @@ async fn schemathesis_finds_no_contract_failures() {
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(&python)
             .args(["-m", "schemathesis.cli", "run", &schema])
-            .args(["--checks", "all", "--exclude-checks", "positive_data_acceptance"])
+            .args([
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+            ])
             .args(["--max-examples", "20", "--seed", "1", "--no-color"])
             .args(["-H", &format!("Authorization: Bearer {key}")])
             .output()

@@ -388,7 +388,10 @@ mod tests {
     #[test]
     fn docx_text_and_headings() {
         let e = extract("g.bin", None, &fixture("greenhouse.docx")).unwrap();
-        assert_eq!((e.kind, e.title.as_deref()), ("docx", Some("Greenhouse Handbook")));
+        assert_eq!(
+            (e.kind, e.title.as_deref()),
+            ("docx", Some("Greenhouse Handbook"))
+        );
         assert_eq!(
             e.text,
             "# Greenhouse Handbook\n\nA greenhouse keeps plants warm through the winter months.\n\n\
@@ -403,7 +406,10 @@ mod tests {
     #[test]
     fn odt_text_and_headings() {
         let e = extract("notes.odt", None, &fixture("beekeeping.odt")).unwrap();
-        assert_eq!((e.kind, e.title.as_deref()), ("odt", Some("Beekeeping Notes")));
+        assert_eq!(
+            (e.kind, e.title.as_deref()),
+            ("odt", Some("Beekeeping Notes"))
+        );
         assert_eq!(
             e.text,
             "# Beekeeping Notes\n\nHoney bees collect nectar from flowers within three kilometres of the hive.\n\n\
@@ -473,7 +479,11 @@ mod tests {
             Err(ExtractError::NotOffice("DOCX"))
         );
         assert_eq!(
-            extract("notes", Some("application/vnd.oasis.opendocument.text"), b"just text"),
+            extract(
+                "notes",
+                Some("application/vnd.oasis.opendocument.text"),
+                b"just text"
+            ),
             Err(ExtractError::NotOffice("ODT"))
         );
     }

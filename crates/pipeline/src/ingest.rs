@@ -30,7 +30,14 @@ const MAX_TITLE_LEN: usize = 1024;
 pub struct DocumentIn {
     /// Caller's id (1 to 256 characters, not blank, no control characters);
     /// derived from the text when absent.
-    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 256,
+            pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+        )
+    )]
     pub id: Option<String>,
     /// Optional title (at most 1,024 characters), shown in citations and given to the model.
     #[cfg_attr(feature = "openapi", schema(max_length = 1024))]

@@ -267,7 +267,8 @@ impl Config {
         // The configuration is plain data (strings, numbers, lists): it always
         // serialises; should that ever change, the log says so instead. f32
         // settings keep their digits (0.2, not 0.20000000298023224).
-        let mut v = ragd_server::json::to_value(self).unwrap_or_else(|e| serde_json::json!({ "unprintable": e.to_string() }));
+        let mut v = ragd_server::json::to_value(self)
+            .unwrap_or_else(|e| serde_json::json!({ "unprintable": e.to_string() }));
         for key in ["/remote/api_key", "/embedder/api_key"] {
             if let Some(k) = v
                 .pointer_mut(key)

@@ -208,10 +208,7 @@ async fn send(target: &Target, files: Vec<UploadedFile>) -> Result<Vec<Value>> {
             if let Some(k) = api_key {
                 req = req.bearer_auth(k);
             }
-            let res = req
-                .send()
-                .await
-                .context("sending to the server")?;
+            let res = req.send().await.context("sending to the server")?;
             let status = res.status();
             let body: Value = res.json().await.context("reading the server's answer")?;
             if !status.is_success() {

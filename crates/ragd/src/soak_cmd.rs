@@ -41,7 +41,11 @@ pub(crate) struct Soak {
 /// What the client last had acknowledged for one of its ids.
 #[derive(Debug, Clone, PartialEq)]
 enum Known {
-    Present { version: u64, bytes: usize, chunks: u64 },
+    Present {
+        version: u64,
+        bytes: usize,
+        chunks: u64,
+    },
     Deleted,
     /// The last request got no answer: either state may be right.
     Uncertain,
@@ -199,8 +203,12 @@ pub(crate) async fn run(s: Soak) -> Result<()> {
     };
     let mut tasks = Vec::new();
     for c in 0..s.clients {
-        let (client, base, tally, budget) =
-            (client.clone(), base.clone(), Arc::clone(&tally), Arc::clone(&budget));
+        let (client, base, tally, budget) = (
+            client.clone(),
+            base.clone(),
+            Arc::clone(&tally),
+            Arc::clone(&budget),
+        );
         let seed = s.seed.wrapping_add(c as u64);
         tasks.push(tokio::spawn(async move {
             one_client(c, seed, client, base, tally, budget, deadline).await
@@ -352,7 +360,12 @@ async fn one_client(
                 let body = json!({ "documents": [{
                     "id": id, "text": text, "metadata": { "version": version }
                 }]});
-                match client.post(format!("{base}/ingest")).json(&body).send().await {
+                match client
+                    .post(format!("{base}/ingest"))
+                    .json(&body)
+                    .send()
+                    .await
+                {
                     Ok(r) => {
                         let status = r.status().as_u16();
                         let v: Value = r.json().await.unwrap_or(Value::Null);
@@ -401,8 +414,13 @@ async fn one_client(
             }
             40..=84 => {
                 let mode = ["hybrid", "dense", "lexical"][rng.random_range(0..3)];
-                let body = json!({ "query": "Which birds hunt at night?", "top_k": 5, "mode": mode });
-                let r = client.post(format!("{base}/search")).json(&body).send().await;
+                let body =
+                    json!({ "query": "Which birds hunt at night?", "top_k": 5, "mode": mode });
+                let r = client
+                    .post(format!("{base}/search"))
+                    .json(&body)
+                    .send()
+                    .await;
                 ("search", status_of(r).await)
             }
             85..=91 => {
@@ -414,7 +432,11 @@ async fn one_client(
                 // Streamed; a third of them go away after the first event.
                 let drop_early = rng.random_range(0..3) == 0;
                 let body = json!({ "question": "What do sourdough starters need?", "max_tokens": 24, "stream": true });
-                let op = if drop_early { "ask-sse-drop" } else { "ask-sse" };
+                let op = if drop_early {
+                    "ask-sse-drop"
+                } else {
+                    "ask-sse"
+                };
                 match client.post(format!("{base}/ask")).json(&body).send().await {
                     Ok(mut r) => {
                         let status = r.status().as_u16();

@@ -81,7 +81,10 @@ fn ingest_a_folder_twice_then_a_change() {
         &config,
         tmp.path(),
     );
-    assert!(ok && out.contains("3 files") && out.contains("3 unchanged"), "{out}");
+    assert!(
+        ok && out.contains("3 files") && out.contains("3 unchanged"),
+        "{out}"
+    );
     // A file given by itself is named by its file name.
     let (ok, out) = ragd_ingest(
         &["elsewhere/notes/sub/c.html", "--data-dir", data_arg],
@@ -100,8 +103,14 @@ fn ingest_a_folder_twice_then_a_change() {
         &config,
         tmp.path(),
     );
-    assert!(!ok && out.contains("would both be the document \"a.txt\""), "{out}");
-    assert!(!out.contains("created") && !out.contains("updated"), "{out}");
+    assert!(
+        !ok && out.contains("would both be the document \"a.txt\""),
+        "{out}"
+    );
+    assert!(
+        !out.contains("created") && !out.contains("updated"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +253,11 @@ async fn ingest_sends_the_api_key() {
     let tmp = tempfile::tempdir().unwrap();
     let docs = tmp.path().join("docs");
     std::fs::create_dir_all(&docs).unwrap();
-    std::fs::write(docs.join("e.txt"), "Elephants remember water holes for decades.").unwrap();
+    std::fs::write(
+        docs.join("e.txt"),
+        "Elephants remember water holes for decades.",
+    )
+    .unwrap();
     let key = "write-key-0123456789abcdef";
     let (mut child, base) = spawn_with_env(
         tmp.path(),
@@ -280,7 +293,10 @@ async fn ingest_sends_the_api_key() {
     };
     let plain = vec!["docs".to_string(), "--url".into(), base.clone()];
     let (ok, out) = run(plain.clone(), None).await.unwrap();
-    assert!(!ok && out.contains("401") && out.contains("1 failed"), "{out}");
+    assert!(
+        !ok && out.contains("401") && out.contains("1 failed"),
+        "{out}"
+    );
     let count = |body: serde_json::Value| body["documents"].as_array().map(Vec::len);
     let listed = client
         .get(format!("{base}/documents"))

@@ -84,12 +84,21 @@ async fn a_full_disk_is_507_and_nothing_half_written() {
     let db = tmp.path().join("db");
     std::fs::create_dir_all(&db).unwrap();
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "ragd-test-full", db.to_str().unwrap()])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=8m",
+            "ragd-test-full",
+            db.to_str().unwrap(),
+        ])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root): the full-disk case did not run");
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root): the full-disk case did not run"
+        );
         return;
     }
     let _mount = Mount(db.clone());
@@ -179,9 +188,7 @@ async fn stored_data(dir: &Path) -> PathBuf {
     .await;
     assert_eq!(status, 200, "{body}");
     // SIGTERM: a clean stop writes the index dump.
-    let _ = Command::new("kill")
-        .arg(child.0.id().to_string())
-        .status();
+    let _ = Command::new("kill").arg(child.0.id().to_string()).status();
     let deadline = Instant::now() + Duration::from_secs(30);
     while child.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));

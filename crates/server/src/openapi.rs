@@ -107,7 +107,10 @@ impl utoipa::Modify for ServiceStatuses {
                     op.security = Some(Vec::new());
                     continue;
                 };
-                add("401", "Missing or unknown API key (when the server has keys)");
+                add(
+                    "401",
+                    "Missing or unknown API key (when the server has keys)",
+                );
                 if scope == crate::auth::Scope::Write {
                     add("403", "Read key on a write route");
                 }
@@ -118,7 +121,10 @@ impl utoipa::Modify for ServiceStatuses {
                     "Models still loading, or the database cannot be reached (Retry-After)",
                 );
                 if op.request_body.is_some() {
-                    add("400", "Malformed body (not JSON, or a broken multipart form)");
+                    add(
+                        "400",
+                        "Malformed body (not JSON, or a broken multipart form)",
+                    );
                     add("413", "Body larger than server.body_limit_bytes");
                     add("415", "Wrong or missing Content-Type");
                     add("422", "Invalid request");

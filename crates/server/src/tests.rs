@@ -135,8 +135,17 @@ async fn openapi_lists_every_route_the_router_serves() {
 fn openapi_states_statuses_security_and_bounds() {
     let doc = serde_json::to_value(openapi()).unwrap();
     let op = |path: &str, method: &str| doc["paths"][path][method].clone();
-    for (path, method) in [("/", "get"), ("/health", "get"), ("/ready", "get"), ("/metrics", "get")] {
-        assert_eq!(op(path, method)["security"], serde_json::json!([]), "{path}");
+    for (path, method) in [
+        ("/", "get"),
+        ("/health", "get"),
+        ("/ready", "get"),
+        ("/metrics", "get"),
+    ] {
+        assert_eq!(
+            op(path, method)["security"],
+            serde_json::json!([]),
+            "{path}"
+        );
     }
     let statuses = |path: &str, method: &str| -> Vec<String> {
         op(path, method)["responses"]
@@ -147,7 +156,9 @@ fn openapi_states_statuses_security_and_bounds() {
             .collect()
     };
     let search = statuses("/search", "post");
-    for s in ["200", "400", "401", "408", "413", "415", "422", "500", "503"] {
+    for s in [
+        "200", "400", "401", "408", "413", "415", "422", "500", "503",
+    ] {
         assert!(search.contains(&s.to_string()), "/search {s}: {search:?}");
     }
     assert!(!search.contains(&"403".to_string()), "{search:?}");
@@ -162,12 +173,28 @@ fn openapi_states_statuses_security_and_bounds() {
         .find(|p| p["name"] == "limit")
         .cloned()
         .unwrap();
-    assert_eq!((&limit["schema"]["minimum"], &limit["schema"]["maximum"]), (&serde_json::json!(1), &serde_json::json!(1000)), "{limit}");
+    assert_eq!(
+        (&limit["schema"]["minimum"], &limit["schema"]["maximum"]),
+        (&serde_json::json!(1), &serde_json::json!(1000)),
+        "{limit}"
+    );
     let schemas = &doc["components"]["schemas"];
-    assert_eq!(schemas["IngestRequest"]["properties"]["documents"]["minItems"], 1);
-    assert_eq!(schemas["IngestRequest"]["properties"]["documents"]["uniqueItems"], true);
-    assert_eq!(schemas["AskRequest"]["properties"]["question"]["minLength"], 1);
-    assert_eq!(schemas["SearchRequest"]["properties"]["top_k"]["maximum"], 100);
+    assert_eq!(
+        schemas["IngestRequest"]["properties"]["documents"]["minItems"],
+        1
+    );
+    assert_eq!(
+        schemas["IngestRequest"]["properties"]["documents"]["uniqueItems"],
+        true
+    );
+    assert_eq!(
+        schemas["AskRequest"]["properties"]["question"]["minLength"],
+        1
+    );
+    assert_eq!(
+        schemas["SearchRequest"]["properties"]["top_k"]["maximum"],
+        100
+    );
     assert_eq!(schemas["AskRequest"]["properties"]["stop"]["maxItems"], 4);
 }
 
@@ -298,15 +325,27 @@ async fn health_is_up_and_ready_is_503_while_loading() {
 async fn integral_floats_are_integers() {
     for (body, want) in [
         // Past the body: the server is still loading.
-        (r#"{"query":"x","top_k":3.0}"#, StatusCode::SERVICE_UNAVAILABLE),
-        (r#"{"query":"x","top_k":3.5}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            r#"{"query":"x","top_k":3.0}"#,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        (
+            r#"{"query":"x","top_k":3.5}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
         // Unknown fields are still refused.
-        (r#"{"query":"x","tok_k":3}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            r#"{"query":"x","tok_k":3}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
     ] {
         let (s, reply) = call(unloaded(1 << 20), "POST", "/search", body, true).await;
         assert_eq!(s, want, "{body}: {reply}");
         if body.contains("3.5") {
-            assert!(reply["error"].as_str().unwrap().contains("top_k"), "{reply}");
+            assert!(
+                reply["error"].as_str().unwrap().contains("top_k"),
+                "{reply}"
+            );
         }
     }
 }

@@ -88,9 +88,7 @@ impl StoreError {
             StoreError::Db { source, .. } => {
                 source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
             }
-            StoreError::Io { source, .. } => {
-                source.kind() == std::io::ErrorKind::StorageFull
-            }
+            StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
             _ => false,
         }
     }

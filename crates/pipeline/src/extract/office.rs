@@ -83,11 +83,7 @@ pub(super) fn extract(bytes: &[u8]) -> Result<Extracted, ExtractError> {
         Format::Docx => "docx",
         Format::Odt => "odt",
     };
-    Ok(Extracted {
-        kind,
-        title,
-        text,
-    })
+    Ok(Extracted { kind, title, text })
 }
 
 /// Dublin Core's namespace, where both formats keep the title.
@@ -98,7 +94,8 @@ fn read_part(
     zip: &mut zip::ZipArchive<Cursor<&[u8]>>,
     name: &str,
 ) -> Result<Option<String>, ExtractError> {
-    let unreadable = |e: &dyn std::fmt::Display| ExtractError::UnreadableOffice(format!(": {name}: {e}"));
+    let unreadable =
+        |e: &dyn std::fmt::Display| ExtractError::UnreadableOffice(format!(": {name}: {e}"));
     let mut file = match zip.by_name(name) {
         Ok(f) => f,
         Err(zip::result::ZipError::FileNotFound) => return Ok(None),
@@ -210,7 +207,9 @@ fn docx_heading_styles(styles: &Document) -> HashMap<String, usize> {
 
 /// An attribute in any namespace by its local name (`w:val` → `val`).
 fn w_attr<'a>(node: Node<'a, '_>, name: &str) -> Option<&'a str> {
-    node.attributes().find(|a| a.name() == name).map(|a| a.value())
+    node.attributes()
+        .find(|a| a.name() == name)
+        .map(|a| a.value())
 }
 
 /// `w:pPr/w:outlineLvl/@w:val` (0-based) as a heading level (1-based); 9 is
@@ -275,7 +274,9 @@ fn docx_runs(node: Node, out: &mut String) {
 fn odt_text(doc: &Document) -> (String, Option<String>) {
     let mut out = String::new();
     let mut first_heading = None;
-    let Some(body) = doc.descendants().find(|n| n.has_tag_name("text") && n.parent_element().is_some_and(|p| p.has_tag_name("body"))) else {
+    let Some(body) = doc.descendants().find(|n| {
+        n.has_tag_name("text") && n.parent_element().is_some_and(|p| p.has_tag_name("body"))
+    }) else {
         return (out, None);
     };
     for p in body
@@ -310,7 +311,9 @@ fn odt_spans(node: Node, out: &mut String) {
         }
         match child.tag_name().name() {
             "s" => {
-                let n = w_attr(child, "c").and_then(|c| c.parse().ok()).unwrap_or(1usize);
+                let n = w_attr(child, "c")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1usize);
                 out.push_str(&" ".repeat(n.min(64)));
             }
             "tab" => out.push('\t'),
