@@ -21,7 +21,7 @@ use ragd_backends::{
 use ragd_core::{DocumentStore, Embed, Generate, NoRerank};
 use ragd_pipeline::route::RoutedEmbedder;
 use ragd_pipeline::{Engines, Pipeline};
-use ragd_server::{AppState, Http};
+use ragd_server::{AppState, Http, RequestLimits};
 use tokio::sync::oneshot;
 
 pub use config::{Config, ConfigError};
@@ -86,7 +86,12 @@ impl Server {
 
 /// Binds `config.server.host:port`, starts serving and starts loading the models.
 pub async fn start(config: Config) -> std::io::Result<Server> {
-    let http = Http::bind(&config.server, &config.auth).await?;
+    let http = Http::bind(
+        &config.server,
+        &config.auth,
+        RequestLimits::new(&config.generation, &config.retrieval),
+    )
+    .await?;
     let (loaded_tx, loaded_rx) = oneshot::channel();
     let state = http.state.clone();
     let slot = Arc::clone(&state.pipeline);

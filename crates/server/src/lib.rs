@@ -64,17 +64,44 @@ pub struct AppState {
     pub cors_origins: Vec<String>,
     /// Longest time before a response starts.
     pub request_timeout: Duration,
+    /// The configured bounds on request fields, stated in the OpenAPI document.
+    pub limits: RequestLimits,
+}
+
+/// Bounds on request fields that come from the configuration: the OpenAPI
+/// document states these, so a client generated from it (or a contract
+/// tester) knows this server's limits rather than the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// `generation.max_tokens_limit`: the longest answer a request may ask for.
+    pub max_tokens: usize,
+    /// `retrieval.max_top_k`: the most passages `/ask` may retrieve.
+    pub max_top_k: usize,
+}
+
+impl RequestLimits {
+    /// The limits `generation` and `retrieval` set.
+    pub fn new(
+        generation: &ragd_pipeline::config::GenerationConfig,
+        retrieval: &ragd_pipeline::config::RetrievalConfig,
+    ) -> Self {
+        RequestLimits {
+            max_tokens: generation.max_tokens_limit,
+            max_top_k: retrieval.max_top_k,
+        }
+    }
 }
 
 impl AppState {
-    /// The state for `server` and `auth`, with no pipeline yet.
-    pub fn new(server: &ServerConfig, auth: &AuthConfig) -> Self {
+    /// The state for `server`, `auth` and the request `limits`, with no pipeline yet.
+    pub fn new(server: &ServerConfig, auth: &AuthConfig, limits: RequestLimits) -> Self {
         AppState {
             pipeline: Arc::new(OnceLock::new()),
             body_limit: server.body_limit_bytes,
             keys: Arc::new(auth::Keys::new(auth)),
             cors_origins: server.cors_origins.clone(),
             request_timeout: Duration::from_secs_f64(server.request_timeout_s),
+            limits,
         }
     }
 
@@ -156,10 +183,14 @@ pub struct Http {
 
 impl Http {
     /// Binds `server.host:port` and starts serving the API.
-    pub async fn bind(server: &ServerConfig, auth: &AuthConfig) -> std::io::Result<Http> {
+    pub async fn bind(
+        server: &ServerConfig,
+        auth: &AuthConfig,
+        limits: RequestLimits,
+    ) -> std::io::Result<Http> {
         let listener = TcpListener::bind((server.host.as_str(), server.port)).await?;
         let addr = listener.local_addr()?;
-        let state = AppState::new(server, auth);
+        let state = AppState::new(server, auth, limits);
         let router = app(state.clone());
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let serving = tokio::spawn(async move {

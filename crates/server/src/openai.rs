@@ -50,8 +50,9 @@ pub struct ChatRequest {
     /// Stream `chat.completion.chunk` events.
     #[serde(default)]
     pub stream: Option<bool>,
-    /// Longest answer.
+    /// Longest answer in tokens (at most `generation.max_tokens_limit`, 2048 by default).
     #[serde(default, alias = "max_completion_tokens")]
+    #[schema(minimum = 1, maximum = 2048)]
     pub max_tokens: Option<usize>,
     /// Sampling temperature.
     #[serde(default)]

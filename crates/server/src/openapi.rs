@@ -1,20 +1,71 @@
 //! `GET /openapi.json`: the API's OpenAPI document, generated from the
 //! handlers' annotations and the request and response types.
 
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::AppState;
+use crate::{AppState, RequestLimits};
 
 /// `/openapi.json`.
 pub(crate) fn routes() -> Router<AppState> {
     Router::new().route("/openapi.json", get(openapi_json))
 }
 
-/// `GET /openapi.json`: this API, generated from the code.
+/// `GET /openapi.json`: this API, generated from the code, with this
+/// server's configured limits.
 #[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "OpenAPI 3.1 document", body = Object)))]
-pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(openapi())
+pub(crate) async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi_with(state.limits))
+}
+
+/// The API's OpenAPI document for a server configured with `limits`: the
+/// bounds the defaults put in [`openapi`] replaced by the configured ones.
+pub fn openapi_with(limits: RequestLimits) -> utoipa::openapi::OpenApi {
+    let mut doc = openapi();
+    let max_tokens = Some(limits.max_tokens);
+    bound(&mut doc, "AskRequest", "max_tokens", Some(1), max_tokens);
+    bound(&mut doc, "ChatRequest", "max_tokens", Some(1), max_tokens);
+    bound(
+        &mut doc,
+        "AskRequest",
+        "top_k",
+        Some(1),
+        Some(limits.max_top_k),
+    );
+    bound(
+        &mut doc,
+        "SearchRequest",
+        "top_k",
+        Some(1),
+        Some(limits.max_top_k.max(100)),
+    );
+    doc
+}
+
+/// Sets the `minimum` and `maximum` of the integer `field` of `schema`.
+fn bound(
+    doc: &mut utoipa::openapi::OpenApi,
+    schema: &str,
+    field: &str,
+    minimum: Option<usize>,
+    maximum: Option<usize>,
+) {
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::RefOr;
+    let property = doc
+        .components
+        .as_mut()
+        .and_then(|c| c.schemas.get_mut(schema))
+        .and_then(|s| match s {
+            RefOr::T(Schema::Object(o)) => o.properties.get_mut(field),
+            _ => None,
+        });
+    // A field renamed or retyped fails the server's test of this function.
+    if let Some(RefOr::T(Schema::Object(o))) = property {
+        o.minimum = minimum.map(Into::into);
+        o.maximum = maximum.map(Into::into);
+    }
 }
 
 /// The API's OpenAPI document.

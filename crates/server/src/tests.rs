@@ -20,6 +20,10 @@ fn unloaded(limit: usize) -> Router {
         keys: Arc::new(crate::auth::Keys::default()),
         cors_origins: Vec::new(),
         request_timeout: std::time::Duration::from_secs(60),
+        limits: crate::RequestLimits {
+            max_tokens: 2048,
+            max_top_k: 20,
+        },
     })
 }
 
@@ -37,6 +41,10 @@ fn guarded(cors: &[&str]) -> Router {
         })),
         cors_origins: cors.iter().map(|s| s.to_string()).collect(),
         request_timeout: std::time::Duration::from_secs(60),
+        limits: crate::RequestLimits {
+            max_tokens: 2048,
+            max_top_k: 20,
+        },
     })
 }
 
@@ -125,6 +133,38 @@ async fn openapi_lists_every_route_the_router_serves() {
     ] {
         assert!(schemas.contains_key(name), "{name} missing");
     }
+}
+
+/// `/openapi.json` states this server's configured limits on `max_tokens`
+/// and `top_k`, not the defaults' (a generated client or a contract tester
+/// would otherwise send what the server refuses).
+#[tokio::test]
+async fn the_served_document_states_the_configured_limits() {
+    let router = app(AppState {
+        pipeline: Arc::new(OnceLock::new()),
+        body_limit: 1 << 20,
+        keys: Arc::new(crate::auth::Keys::default()),
+        cors_origins: Vec::new(),
+        request_timeout: std::time::Duration::from_secs(60),
+        limits: crate::RequestLimits {
+            max_tokens: 16,
+            max_top_k: 7,
+        },
+    });
+    let (status, doc) = call(router, "GET", "/openapi.json", "", false).await;
+    assert_eq!(status, StatusCode::OK);
+    let field = |schema: &str, name: &str| {
+        let f = &doc["components"]["schemas"][schema]["properties"][name];
+        (f["minimum"].as_u64(), f["maximum"].as_u64())
+    };
+    assert_eq!(field("AskRequest", "max_tokens"), (Some(1), Some(16)));
+    assert_eq!(field("ChatRequest", "max_tokens"), (Some(1), Some(16)));
+    assert_eq!(field("AskRequest", "top_k"), (Some(1), Some(7)));
+    assert_eq!(field("SearchRequest", "top_k"), (Some(1), Some(100)));
+    // The static document keeps the defaults.
+    let doc = serde_json::to_value(openapi()).unwrap();
+    let f = &doc["components"]["schemas"]["ChatRequest"]["properties"]["max_tokens"];
+    assert_eq!(f["maximum"].as_u64(), Some(2048));
 }
 
 /// The document states what the layers answer and the bounds the handlers
