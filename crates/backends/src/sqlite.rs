@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ragd_core::{
-    async_trait, BackendError, DocumentInfo, DocumentStore, Embedded, Filter, Hit, NewDocument,
-    StoreStats, StoredChunk, UpsertFailure, UpsertStatus,
+    async_trait, BackendError, CollectionInfo, DocumentInfo, DocumentStore, Embedded, Filter, Hit,
+    NewDocument, StoreStats, StoredChunk, UpsertFailure, UpsertStatus,
 };
 use ragd_index::{exact_top_k, IndexConfig, VectorIndex};
 use ragd_store::Store;
@@ -68,7 +68,7 @@ fn build_graph(
     config: &IndexConfig,
 ) -> Result<VectorIndex, BackendError> {
     let graph = VectorIndex::new(dim, config.clone()).map_err(BackendError::server)?;
-    let items: Vec<(usize, &[f32])> = store.live().map(|(key, _, v)| (key, v)).collect();
+    let items: Vec<(usize, &[f32])> = store.live().map(|(key, _, _, v)| (key, v)).collect();
     graph
         .insert_many(&items)
         .map_err(|e| BackendError::server(format!("stored vectors: {e}")))?;
@@ -122,7 +122,10 @@ impl Indexed {
     /// Whether live chunk `key` passes `filter`.
     fn allowed(&self, key: usize, filter: &Filter) -> bool {
         match self.store.document_of(key) {
-            Some(doc) => filter.is_empty() || filter.matches(doc, self.store.metadata_of(doc)),
+            Some((collection, doc)) => {
+                filter.is_empty()
+                    || filter.matches(collection, doc, self.store.metadata_of(collection, doc))
+            }
             None => false,
         }
     }
@@ -140,7 +143,7 @@ impl Indexed {
         } else {
             store
                 .live()
-                .filter(|(_, doc, _)| filter.matches(doc, store.metadata_of(doc)))
+                .filter(|(_, c, doc, _)| filter.matches(c, doc, store.metadata_of(c, doc)))
                 .count()
         };
         let exact = || {
@@ -148,8 +151,8 @@ impl Indexed {
                 query,
                 store
                     .live()
-                    .filter(|(key, _, _)| self.allowed(*key, filter))
-                    .map(|(key, _, v)| (key, v)),
+                    .filter(|(key, _, _, _)| self.allowed(*key, filter))
+                    .map(|(key, _, _, v)| (key, v)),
                 k,
             )
             .map_err(BackendError::server)
@@ -170,17 +173,27 @@ impl Indexed {
     }
 
     fn lexical(&self, query: &str, k: usize, filter: &Filter) -> Result<Vec<Hit>, BackendError> {
-        // Over-fetch so that filtering still leaves k.
-        let raw = self
-            .store
-            .lexical_search(query, (k * 10).max(200))
-            .map_err(BackendError::server)?;
-        Ok(raw
-            .into_iter()
-            .filter(|(key, _)| self.allowed(*key, filter))
-            .take(k)
-            .map(|(id, score)| Hit { id, score })
-            .collect())
+        // The full-text index holds every collection: over-fetch so that
+        // filtering still leaves k, and fetch more while the filter (a small
+        // collection beside large ones) leaves fewer and there are more.
+        let mut n = (k * 10).max(200);
+        loop {
+            let raw = self
+                .store
+                .lexical_search(query, n)
+                .map_err(BackendError::server)?;
+            let exhausted = raw.len() < n || n >= self.store.live_count();
+            let hits: Vec<Hit> = raw
+                .into_iter()
+                .filter(|(key, _)| self.allowed(*key, filter))
+                .take(k)
+                .map(|(id, score)| Hit { id, score })
+                .collect();
+            if hits.len() >= k || exhausted {
+                return Ok(hits);
+            }
+            n *= 4;
+        }
     }
 }
 
@@ -256,6 +269,15 @@ impl SqliteStore {
     }
 }
 
+/// A failed write: 507 when the disk is full, else a server error.
+fn write_error(e: ragd_store::StoreError) -> BackendError {
+    if e.is_storage_full() {
+        BackendError::storage_full(e)
+    } else {
+        BackendError::server(e)
+    }
+}
+
 /// What a blocking call needs besides the data.
 struct Context {
     config: IndexConfig,
@@ -266,15 +288,16 @@ struct Context {
 impl DocumentStore for SqliteStore {
     async fn prior_versions(
         &self,
+        collection: &str,
         documents: &[(String, String)],
     ) -> Result<Vec<Option<HashMap<String, Embedded>>>, BackendError> {
-        let documents = documents.to_vec();
+        let (collection, documents) = (collection.to_string(), documents.to_vec());
         self.with(move |data, _| {
             let mut out = Vec::with_capacity(documents.len());
             for (id, hash) in &documents {
                 let same = data
                     .store
-                    .hash_of(id)
+                    .hash_of(&collection, id)
                     .map_err(BackendError::server)?
                     .as_deref()
                     == Some(hash.as_str());
@@ -283,7 +306,7 @@ impl DocumentStore for SqliteStore {
                 } else {
                     Some(
                         data.store
-                            .vectors_by_embed_hash(id)
+                            .vectors_by_embed_hash(&collection, id)
                             .map_err(BackendError::server)?,
                     )
                 });
@@ -336,16 +359,10 @@ impl DocumentStore for SqliteStore {
         .await
     }
 
-    async fn delete(&self, id: &str) -> Result<bool, BackendError> {
-        let id = id.to_string();
+    async fn delete(&self, collection: &str, id: &str) -> Result<bool, BackendError> {
+        let (collection, id) = (collection.to_string(), id.to_string());
         self.with(move |data, context| {
-            let deleted = data.store.delete(&id).map_err(|e| {
-                if e.is_storage_full() {
-                    BackendError::storage_full(e)
-                } else {
-                    BackendError::server(e)
-                }
-            })?;
+            let deleted = data.store.delete(&collection, &id).map_err(write_error)?;
             if deleted {
                 data.compact_if_needed(&context.config)?;
             }
@@ -354,22 +371,54 @@ impl DocumentStore for SqliteStore {
         .await
     }
 
-    async fn document(&self, id: &str) -> Result<Option<DocumentInfo>, BackendError> {
-        let id = id.to_string();
-        self.with(move |data, _| data.store.document(&id).map_err(BackendError::server))
-            .await
+    async fn document(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<DocumentInfo>, BackendError> {
+        let (collection, id) = (collection.to_string(), id.to_string());
+        self.with(move |data, _| {
+            data.store
+                .document(&collection, &id)
+                .map_err(BackendError::server)
+        })
+        .await
     }
 
     async fn list(
         &self,
+        collection: &str,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DocumentInfo>, BackendError> {
-        let after = after.map(str::to_string);
+        let (collection, after) = (collection.to_string(), after.map(str::to_string));
         self.with(move |data, _| {
             data.store
-                .list(after.as_deref(), limit)
+                .list(&collection, after.as_deref(), limit)
                 .map_err(BackendError::server)
+        })
+        .await
+    }
+
+    async fn collections(&self) -> Result<Vec<CollectionInfo>, BackendError> {
+        self.with(move |data, _| data.store.collections().map_err(BackendError::server))
+            .await
+    }
+
+    async fn create_collection(&self, name: &str) -> Result<bool, BackendError> {
+        let name = name.to_string();
+        self.with(move |data, _| data.store.create_collection(&name).map_err(write_error))
+            .await
+    }
+
+    async fn delete_collection(&self, name: &str) -> Result<Option<usize>, BackendError> {
+        let name = name.to_string();
+        self.with(move |data, context| {
+            let deleted = data.store.delete_collection(&name).map_err(write_error)?;
+            if deleted.is_some() {
+                data.compact_if_needed(&context.config)?;
+            }
+            Ok(deleted.map(|(documents, _)| documents))
         })
         .await
     }

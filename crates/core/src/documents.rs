@@ -40,10 +40,42 @@ pub struct Embedded {
     pub questions: Vec<String>,
 }
 
+/// The collection of documents that requests name no other.
+pub const DEFAULT_COLLECTION: &str = "default";
+
+/// Why `name` cannot name a collection, if it cannot: 1 to 64 ASCII letters,
+/// digits, `-`, `_` and `.`, starting with a letter or digit (it appears in
+/// URL paths and metric labels as written).
+pub fn invalid_collection_name(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    (!ok).then(|| {
+        "a collection name is 1 to 64 ASCII letters, digits, '-', '_' and '.', starting with a letter or digit"
+            .to_string()
+    })
+}
+
+/// A collection: a named set of documents, searched apart from the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CollectionInfo {
+    /// Its name.
+    pub name: String,
+    /// Documents in it.
+    pub documents: usize,
+    /// Created, seconds since the Unix epoch (0 for `default`, which always exists).
+    pub created_at: i64,
+}
+
 /// A document to store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewDocument {
-    /// The id.
+    /// The collection it belongs to.
+    pub collection: String,
+    /// The id (unique within the collection).
     pub id: String,
     /// Optional title.
     pub title: Option<String>,
@@ -85,6 +117,8 @@ pub enum UpsertFailure {
 pub struct StoredChunk {
     /// Its key: unique, never reused, the id search hits carry.
     pub key: usize,
+    /// The owning document's collection.
+    pub collection: String,
     /// The owning document.
     pub document_id: String,
     /// Position in the document.
@@ -113,6 +147,8 @@ impl StoredChunk {
 /// A document's record, without its text.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DocumentInfo {
+    /// The collection it belongs to.
+    pub collection: String,
     /// The id.
     pub id: String,
     /// The title.
@@ -161,33 +197,52 @@ pub struct StoreStats {
 /// never reused.
 #[async_trait::async_trait]
 pub trait DocumentStore: Send + Sync + std::fmt::Debug {
-    /// For each `(id, hash)`: `None` when the document is stored with that
-    /// content hash (unchanged), else the vectors of its stored chunks by the
-    /// hash of what was embedded (empty for a new document), for reuse.
+    /// For each `(id, hash)` of `collection`: `None` when the document is
+    /// stored with that content hash (unchanged), else the vectors of its
+    /// stored chunks by the hash of what was embedded (empty for a new
+    /// document), for reuse.
     async fn prior_versions(
         &self,
+        collection: &str,
         documents: &[(String, String)],
     ) -> Result<Vec<Option<HashMap<String, Embedded>>>, BackendError>;
 
-    /// Stores the documents, each in its own transaction, replacing older
-    /// versions; one failing does not undo the others.
+    /// Stores the documents (each in the collection it names, which exists),
+    /// each in its own transaction, replacing older versions; one failing
+    /// does not undo the others.
     async fn upsert(
         &self,
         documents: Vec<NewDocument>,
     ) -> Result<Vec<Result<UpsertStatus, UpsertFailure>>, BackendError>;
 
-    /// Deletes a document and its chunks; whether it existed.
-    async fn delete(&self, id: &str) -> Result<bool, BackendError>;
+    /// Deletes a document of `collection` and its chunks; whether it existed.
+    async fn delete(&self, collection: &str, id: &str) -> Result<bool, BackendError>;
 
     /// A document's record.
-    async fn document(&self, id: &str) -> Result<Option<DocumentInfo>, BackendError>;
+    async fn document(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<DocumentInfo>, BackendError>;
 
-    /// Up to `limit` documents with ids after `after`, in id order.
+    /// Up to `limit` documents of `collection` with ids after `after`, in id order.
     async fn list(
         &self,
+        collection: &str,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DocumentInfo>, BackendError>;
+
+    /// Every collection, by name ([`DEFAULT_COLLECTION`] always among them).
+    async fn collections(&self) -> Result<Vec<CollectionInfo>, BackendError>;
+
+    /// Creates collection `name`; `false` when it exists already.
+    async fn create_collection(&self, name: &str) -> Result<bool, BackendError>;
+
+    /// Deletes collection `name` (not [`DEFAULT_COLLECTION`]) with its
+    /// documents, in one transaction; the number of documents deleted, `None`
+    /// when there was no such collection.
+    async fn delete_collection(&self, name: &str) -> Result<Option<usize>, BackendError>;
 
     /// The `k` live chunks nearest to `vector` that pass `filter`, best first,
     /// scored by cosine similarity.

@@ -28,10 +28,13 @@ pub enum Field {
 
 /// A conjunction of conditions on `document_id` and `metadata.<key>`:
 /// `{"document_id": "x"}`, `{"metadata.lang": "en"}`,
-/// `{"metadata.tag": {"in": ["a", "b"]}}`.
+/// `{"metadata.tag": {"in": ["a", "b"]}}`; and the collection searched, which
+/// the service sets (never the client's filter): every search of a request
+/// stays within its collection.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Filter {
     conditions: Vec<(Field, Condition)>,
+    collection: Option<String>,
 }
 
 fn scalar(v: &Value) -> bool {
@@ -83,12 +86,26 @@ impl Filter {
             };
             conditions.push((field, condition));
         }
-        Ok(Self { conditions })
+        Ok(Self {
+            conditions,
+            collection: None,
+        })
+    }
+
+    /// The filter, limited to documents of `collection`.
+    pub fn within(mut self, collection: &str) -> Self {
+        self.collection = Some(collection.to_string());
+        self
+    }
+
+    /// The collection the filter keeps to (`None`: every collection).
+    pub fn collection(&self) -> Option<&str> {
+        self.collection.as_deref()
     }
 
     /// Whether the filter lets everything through.
     pub fn is_empty(&self) -> bool {
-        self.conditions.is_empty()
+        self.conditions.is_empty() && self.collection.is_none()
     }
 
     /// The conditions, for a backend that translates them.
@@ -96,8 +113,16 @@ impl Filter {
         &self.conditions
     }
 
-    /// Whether a chunk of document `id` with `metadata` passes.
-    pub fn matches(&self, id: &str, metadata: Option<&Map<String, Value>>) -> bool {
+    /// Whether a chunk of document `id` of `collection` with `metadata` passes.
+    pub fn matches(
+        &self,
+        collection: &str,
+        id: &str,
+        metadata: Option<&Map<String, Value>>,
+    ) -> bool {
+        if self.collection.as_deref().is_some_and(|c| c != collection) {
+            return false;
+        }
         self.conditions.iter().all(|(field, condition)| {
             let actual = match field {
                 Field::DocumentId => Some(Value::String(id.to_string())),
@@ -130,16 +155,45 @@ mod tests {
     fn parses_and_matches_the_documented_forms() {
         let m = meta(json!({ "lang": "en", "tag": ["a", "c"], "year": 2020 }));
         let f = |v: Value| Filter::parse(Some(&v)).unwrap();
-        assert!(f(json!({ "document_id": "x" })).matches("x", Some(&m)));
-        assert!(!f(json!({ "document_id": "x" })).matches("y", Some(&m)));
-        assert!(f(json!({ "metadata.lang": "en" })).matches("x", Some(&m)));
-        assert!(!f(json!({ "metadata.lang": "zh" })).matches("x", Some(&m)));
-        assert!(f(json!({ "metadata.tag": { "in": ["b", "c"] } })).matches("x", Some(&m)));
-        assert!(f(json!({ "metadata.tag": "a" })).matches("x", Some(&m)));
-        assert!(f(json!({ "metadata.year": 2020, "metadata.lang": "en" })).matches("x", Some(&m)));
-        assert!(!f(json!({ "metadata.year": 2020, "metadata.lang": "zh" })).matches("x", Some(&m)));
-        assert!(!f(json!({ "metadata.missing": "x" })).matches("x", Some(&m)));
-        assert!(Filter::parse(None).unwrap().matches("x", None));
+        assert!(f(json!({ "document_id": "x" })).matches("default", "x", Some(&m)));
+        assert!(!f(json!({ "document_id": "x" })).matches("default", "y", Some(&m)));
+        assert!(f(json!({ "metadata.lang": "en" })).matches("default", "x", Some(&m)));
+        assert!(!f(json!({ "metadata.lang": "zh" })).matches("default", "x", Some(&m)));
+        assert!(f(json!({ "metadata.tag": { "in": ["b", "c"] } })).matches(
+            "default",
+            "x",
+            Some(&m)
+        ));
+        assert!(f(json!({ "metadata.tag": "a" })).matches("default", "x", Some(&m)));
+        assert!(
+            f(json!({ "metadata.year": 2020, "metadata.lang": "en" })).matches(
+                "default",
+                "x",
+                Some(&m)
+            )
+        );
+        assert!(
+            !f(json!({ "metadata.year": 2020, "metadata.lang": "zh" })).matches(
+                "default",
+                "x",
+                Some(&m)
+            )
+        );
+        assert!(!f(json!({ "metadata.missing": "x" })).matches("default", "x", Some(&m)));
+        assert!(Filter::parse(None).unwrap().matches("default", "x", None));
+    }
+
+    #[test]
+    fn a_filter_within_a_collection_passes_nothing_of_another() {
+        let f = Filter::parse(Some(&json!({ "document_id": "x" })))
+            .unwrap()
+            .within("a");
+        assert!(!f.is_empty());
+        assert_eq!(f.collection(), Some("a"));
+        assert!(f.matches("a", "x", None));
+        assert!(!f.matches("b", "x", None));
+        assert!(!f.matches("a", "y", None));
+        assert!(Filter::default().within("a").matches("a", "y", None));
     }
 
     #[test]

@@ -34,8 +34,8 @@ pub mod text;
 pub use async_trait::async_trait;
 pub use chat::Message;
 pub use documents::{
-    DocumentInfo, DocumentStore, Embedded, Hit, NewChunk, NewDocument, StoreStats, StoredChunk,
-    UpsertFailure, UpsertStatus,
+    invalid_collection_name, CollectionInfo, DocumentInfo, DocumentStore, Embedded, Hit, NewChunk,
+    NewDocument, StoreStats, StoredChunk, UpsertFailure, UpsertStatus, DEFAULT_COLLECTION,
 };
 pub use embed::{Embed, EmbedderInfo, TextKind};
 pub use error::{BackendError, Fault};

@@ -49,8 +49,12 @@ impl Sql {
 }
 
 /// Appends ` AND …` conditions on the chunk row `c` for every condition of
-/// `filter` (nothing for an empty filter).
+/// `filter` and its collection (nothing for an empty filter).
 pub(crate) fn push(sql: &mut Sql, filter: &Filter) {
+    if let Some(collection) = filter.collection() {
+        sql.push(" AND c.collection = ")
+            .bind(collection.to_string());
+    }
     for (field, condition) in filter.conditions() {
         let wanted: Vec<&Value> = match condition {
             Condition::Eq(v) => vec![v],
@@ -66,7 +70,10 @@ pub(crate) fn push(sql: &mut Sql, filter: &Filter) {
                 sql.push(" AND c.document_id = ANY(").bind(ids).push(")");
             }
             Field::Metadata(key) => {
-                sql.push(" AND c.document_id IN (SELECT d.id FROM ragd_documents d WHERE FALSE");
+                sql.push(
+                    " AND (c.collection, c.document_id) IN
+                         (SELECT d.collection, d.id FROM ragd_documents d WHERE FALSE",
+                );
                 for v in wanted {
                     sql.push(" OR d.metadata @> ")
                         .bind(json!({ key.as_str(): v }))

@@ -30,8 +30,9 @@ use deadpool_postgres::{
 };
 use pgvector::Vector;
 use ragd_core::{
-    async_trait, BackendError, DocumentInfo, DocumentStore, Embedded, Fault, Filter, Hit,
-    NewDocument, StoreStats, StoredChunk, UpsertFailure, UpsertStatus,
+    async_trait, BackendError, CollectionInfo, DocumentInfo, DocumentStore, Embedded, Fault,
+    Filter, Hit, NewDocument, StoreStats, StoredChunk, UpsertFailure, UpsertStatus,
+    DEFAULT_COLLECTION,
 };
 use serde_json::{Map, Value};
 use tokio_postgres::{NoTls, Row};
@@ -181,6 +182,7 @@ impl std::fmt::Debug for PgStore {
 fn info(row: &Row) -> Result<DocumentInfo, tokio_postgres::Error> {
     let metadata: Value = row.try_get(2)?;
     Ok(DocumentInfo {
+        collection: row.try_get(8)?,
         id: row.try_get(0)?,
         title: row.try_get(1)?,
         metadata: match metadata {
@@ -281,13 +283,13 @@ impl PgStore {
         // Two replicas writing the same document take turns; others proceed.
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[&doc.id],
+            &[&lock_name(&doc.collection, &doc.id)],
         )
         .await?;
         let existing: Option<(String, i64)> = tx
             .query_opt(
-                "SELECT hash, created_at FROM ragd_documents WHERE id = $1",
-                &[&doc.id],
+                "SELECT hash, created_at FROM ragd_documents WHERE collection = $1 AND id = $2",
+                &[&doc.collection, &doc.id],
             )
             .await?
             .map(|r| (r.get(0), r.get(1)));
@@ -296,21 +298,21 @@ impl PgStore {
         }
         let t = now();
         let created_at = existing.as_ref().map(|(_, c)| *c).unwrap_or(t);
-        forget_chunks(&tx, &doc.id).await?;
+        forget_chunks(&tx, &doc.collection, Some(&doc.id)).await?;
         let metadata = Value::Object(doc.metadata.clone());
         tx.execute(
-            "INSERT INTO ragd_documents (id, title, text, metadata, hash, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (id) DO UPDATE SET title = excluded.title, text = excluded.text,
+            "INSERT INTO ragd_documents (collection, id, title, text, metadata, hash, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (collection, id) DO UPDATE SET title = excluded.title, text = excluded.text,
                  metadata = excluded.metadata, hash = excluded.hash, updated_at = excluded.updated_at",
-            &[&doc.id, &doc.title, &doc.text, &metadata, &doc.hash, &created_at, &t],
+            &[&doc.collection, &doc.id, &doc.title, &doc.text, &metadata, &doc.hash, &created_at, &t],
         )
         .await?;
         let insert = tx
             .prepare(
                 "INSERT INTO ragd_chunks (document_id, idx, text, start_byte, end_byte, section,
-                     questions, embed_hash, embedding, lexical_length)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING key",
+                     questions, embed_hash, embedding, lexical_length, collection)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING key",
             )
             .await?;
         let (mut terms, mut keys, mut counts) = (Vec::new(), Vec::new(), Vec::new());
@@ -332,6 +334,7 @@ impl PgStore {
                         &c.embed_hash,
                         &Vector::from(c.vector.clone()),
                         &length,
+                        &doc.collection,
                     ],
                 )
                 .await?
@@ -398,7 +401,8 @@ impl PgStore {
 
     const INFO_COLUMNS: &'static str =
         "d.id, d.title, d.metadata, d.hash, d.created_at, d.updated_at, octet_length(d.text),
-         (SELECT count(*) FROM ragd_chunks c WHERE c.document_id = d.id)";
+         (SELECT count(*) FROM ragd_chunks c WHERE c.collection = d.collection AND c.document_id = d.id),
+         d.collection";
 }
 
 /// Search hits from rows of (chunk key, score).
@@ -411,21 +415,31 @@ fn hits(rows: &[Row]) -> Vec<Hit> {
         .collect()
 }
 
-/// Deletes document `id`'s chunks (their postings go with them) in `tx`,
-/// and takes them out of the lexical totals.
+/// Deletes the chunks of document `id` of `collection` (their postings go
+/// with them) in `tx`, and takes them out of the lexical totals; `id` `None`:
+/// every document of the collection.
 async fn forget_chunks(
     tx: &deadpool_postgres::Transaction<'_>,
-    id: &str,
+    collection: &str,
+    id: Option<&str>,
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
-        "WITH gone AS (DELETE FROM ragd_chunks WHERE document_id = $1 RETURNING lexical_length)
+        "WITH gone AS (DELETE FROM ragd_chunks WHERE collection = $1
+                           AND ($2::text IS NULL OR document_id = $2)
+                       RETURNING lexical_length)
          UPDATE ragd_lexical_totals SET
              chunks = chunks - (SELECT count(*) FROM gone),
              length = length - (SELECT coalesce(sum(lexical_length), 0) FROM gone)",
-        &[&id],
+        &[&collection, &id],
     )
     .await
     .map(|_| ())
+}
+
+/// The advisory lock of document `id` of `collection`: two replicas writing
+/// the same document take turns.
+fn lock_name(collection: &str, id: &str) -> String {
+    format!("{collection}\u{1f}{id}")
 }
 
 fn now() -> i64 {
@@ -439,13 +453,17 @@ fn now() -> i64 {
 impl DocumentStore for PgStore {
     async fn prior_versions(
         &self,
+        collection: &str,
         documents: &[(String, String)],
     ) -> Result<Vec<Option<HashMap<String, Embedded>>>, BackendError> {
         let client = self.client().await?;
         let mut out = Vec::with_capacity(documents.len());
         for (id, hash) in documents {
             let stored: Option<String> = client
-                .query_opt("SELECT hash FROM ragd_documents WHERE id = $1", &[id])
+                .query_opt(
+                    "SELECT hash FROM ragd_documents WHERE collection = $1 AND id = $2",
+                    &[&collection, id],
+                )
                 .await
                 .map_err(backend)?
                 .map(|r| r.get(0));
@@ -455,8 +473,9 @@ impl DocumentStore for PgStore {
             }
             let rows = client
                 .query(
-                    "SELECT embed_hash, embedding, questions FROM ragd_chunks WHERE document_id = $1",
-                    &[id],
+                    "SELECT embed_hash, embedding, questions FROM ragd_chunks
+                     WHERE collection = $1 AND document_id = $2",
+                    &[&collection, id],
                 )
                 .await
                 .map_err(backend)?;
@@ -508,55 +527,128 @@ impl DocumentStore for PgStore {
         Ok(out)
     }
 
-    async fn delete(&self, id: &str) -> Result<bool, BackendError> {
+    async fn delete(&self, collection: &str, id: &str) -> Result<bool, BackendError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(backend)?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[&id],
+            &[&lock_name(collection, id)],
         )
         .await
         .map_err(backend)?;
-        forget_chunks(&tx, id).await.map_err(backend)?;
+        forget_chunks(&tx, collection, Some(id))
+            .await
+            .map_err(backend)?;
         let n = tx
-            .execute("DELETE FROM ragd_documents WHERE id = $1", &[&id])
+            .execute(
+                "DELETE FROM ragd_documents WHERE collection = $1 AND id = $2",
+                &[&collection, &id],
+            )
             .await
             .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
         Ok(n > 0)
     }
 
-    async fn document(&self, id: &str) -> Result<Option<DocumentInfo>, BackendError> {
+    async fn document(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<DocumentInfo>, BackendError> {
         let sql = format!(
-            "SELECT {} FROM ragd_documents d WHERE d.id = $1",
+            "SELECT {} FROM ragd_documents d WHERE d.collection = $1 AND d.id = $2",
             Self::INFO_COLUMNS
         );
         let client = self.client().await?;
-        let row = client.query_opt(&sql, &[&id]).await.map_err(backend)?;
+        let row = client
+            .query_opt(&sql, &[&collection, &id])
+            .await
+            .map_err(backend)?;
         row.as_ref().map(info).transpose().map_err(backend)
     }
 
     async fn list(
         &self,
+        collection: &str,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DocumentInfo>, BackendError> {
         // `COLLATE "C"`: byte order, as SQLite sorts, whatever the database's
         // collation.
         let sql = format!(
-            "SELECT {} FROM ragd_documents d WHERE d.id COLLATE \"C\" > $1
-             ORDER BY d.id COLLATE \"C\" LIMIT $2",
+            "SELECT {} FROM ragd_documents d WHERE d.collection = $1 AND d.id COLLATE \"C\" > $2
+             ORDER BY d.id COLLATE \"C\" LIMIT $3",
             Self::INFO_COLUMNS
         );
         let client = self.client().await?;
         let rows = client
-            .query(&sql, &[&after.unwrap_or(""), &(limit as i64)])
+            .query(&sql, &[&collection, &after.unwrap_or(""), &(limit as i64)])
             .await
             .map_err(backend)?;
         rows.iter()
             .map(info)
             .collect::<Result<_, _>>()
             .map_err(backend)
+    }
+
+    async fn collections(&self) -> Result<Vec<CollectionInfo>, BackendError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT c.name, c.created_at,
+                     (SELECT count(*) FROM ragd_documents d WHERE d.collection = c.name)
+                 FROM ragd_collections c ORDER BY c.name COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|r| CollectionInfo {
+                name: r.get(0),
+                created_at: r.get(1),
+                documents: r.get::<_, i64>(2) as usize,
+            })
+            .collect())
+    }
+
+    async fn create_collection(&self, name: &str) -> Result<bool, BackendError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "INSERT INTO ragd_collections (name, created_at) VALUES ($1, $2)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&name, &now()],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    async fn delete_collection(&self, name: &str) -> Result<Option<usize>, BackendError> {
+        if name == DEFAULT_COLLECTION {
+            return Ok(None);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(backend)?;
+        // Other replicas' writes to it finish first (and fail after).
+        tx.execute(
+            "SELECT 1 FROM ragd_collections WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .await
+        .map_err(backend)?;
+        forget_chunks(&tx, name, None).await.map_err(backend)?;
+        let documents = tx
+            .execute("DELETE FROM ragd_documents WHERE collection = $1", &[&name])
+            .await
+            .map_err(backend)?;
+        let existed = tx
+            .execute("DELETE FROM ragd_collections WHERE name = $1", &[&name])
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok((existed == 1).then_some(documents as usize))
     }
 
     async fn dense_search(
@@ -637,8 +729,9 @@ impl DocumentStore for PgStore {
         let rows = client
             .query(
                 "SELECT c.key, c.document_id, c.idx, d.title, c.section, c.text, c.start_byte,
-                        c.end_byte, c.embedding
-                 FROM ragd_chunks c JOIN ragd_documents d ON d.id = c.document_id
+                        c.end_byte, c.embedding, c.collection
+                 FROM ragd_chunks c
+                 JOIN ragd_documents d ON d.collection = c.collection AND d.id = c.document_id
                  WHERE c.key = ANY($1)",
                 &[&wanted],
             )
@@ -649,6 +742,7 @@ impl DocumentStore for PgStore {
             let vector: Vector = row.get(8);
             let chunk = StoredChunk {
                 key: row.get::<_, i64>(0) as usize,
+                collection: row.get(9),
                 document_id: row.get(1),
                 index: row.get::<_, i32>(2) as usize,
                 title: row.get(3),

@@ -11,7 +11,7 @@ use crate::PgError;
 /// The schema this build writes. Each entry of [`migrations`] brings the
 /// database from its index to the next version; a database of a newer schema
 /// is refused rather than misread.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// Key of the advisory lock that serialises migrations (any constant that
 /// other applications are unlikely to use: "ragd" in ASCII).
@@ -63,6 +63,21 @@ fn migrations(dim: usize, m: usize, ef_construction: usize) -> Vec<String> {
              length BIGINT NOT NULL);
          INSERT INTO ragd_lexical_totals (chunks, length)
              SELECT count(*), coalesce(sum(lexical_length), 0) FROM ragd_chunks;"
+            .to_string(),
+        // 3: collections; documents keyed by (collection, id), every existing
+        // one in `default`.
+        "CREATE TABLE ragd_collections (name TEXT PRIMARY KEY, created_at BIGINT NOT NULL);
+         INSERT INTO ragd_collections (name, created_at) VALUES ('default', 0);
+         ALTER TABLE ragd_documents ADD COLUMN collection TEXT NOT NULL DEFAULT 'default'
+             REFERENCES ragd_collections(name);
+         ALTER TABLE ragd_chunks ADD COLUMN collection TEXT NOT NULL DEFAULT 'default';
+         ALTER TABLE ragd_chunks DROP CONSTRAINT ragd_chunks_document_id_fkey;
+         ALTER TABLE ragd_documents DROP CONSTRAINT ragd_documents_pkey;
+         ALTER TABLE ragd_documents ADD PRIMARY KEY (collection, id);
+         ALTER TABLE ragd_chunks ADD FOREIGN KEY (collection, document_id)
+             REFERENCES ragd_documents(collection, id) ON DELETE CASCADE;
+         DROP INDEX ragd_chunks_by_document;
+         CREATE INDEX ragd_chunks_by_document ON ragd_chunks (collection, document_id, idx);"
             .to_string(),
     ]
 }

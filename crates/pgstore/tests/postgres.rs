@@ -5,7 +5,9 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ragd_core::{DocumentStore, Filter, NewChunk, NewDocument, UpsertFailure, UpsertStatus};
+use ragd_core::{
+    DocumentStore, Filter, NewChunk, NewDocument, UpsertFailure, UpsertStatus, DEFAULT_COLLECTION,
+};
 use ragd_pgstore::{PgConfig, PgError, PgStore};
 use serde_json::{json, Map, Value};
 
@@ -85,6 +87,7 @@ async fn open(url: &str) -> PgStore {
 /// A document `id` whose chunks are `texts`, chunk i with vector `vectors[i]`.
 fn doc(id: &str, texts: &[&str], vectors: &[[f32; 3]], metadata: Value) -> NewDocument {
     NewDocument {
+        collection: DEFAULT_COLLECTION.into(),
         id: id.into(),
         title: Some(format!("Title {id}")),
         text: texts.join(" "),
@@ -145,11 +148,14 @@ async fn documents_are_created_unchanged_updated_listed_and_deleted() {
     );
     // Prior versions: unchanged → None; changed → the stored vectors by embed hash.
     let prior = store
-        .prior_versions(&[
-            ("a".into(), a.hash.clone()),
-            ("a".into(), "other".into()),
-            ("new".into(), "x".into()),
-        ])
+        .prior_versions(
+            DEFAULT_COLLECTION,
+            &[
+                ("a".into(), a.hash.clone()),
+                ("a".into(), "other".into()),
+                ("new".into(), "x".into()),
+            ],
+        )
         .await
         .unwrap();
     assert!(prior[0].is_none());
@@ -162,7 +168,11 @@ async fn documents_are_created_unchanged_updated_listed_and_deleted() {
     assert!((vectors["e-pears are green"].vector[1] - 1.0).abs() < 1e-6);
     assert!(prior[2].as_ref().unwrap().is_empty());
 
-    let info = store.document("a").await.unwrap().unwrap();
+    let info = store
+        .document(DEFAULT_COLLECTION, "a")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((info.chunks, info.text_bytes), (2, a.text.len()));
     assert_eq!(info.metadata["lang"], "en");
     let only_a = Filter::parse(Some(&json!({"document_id": "a"}))).unwrap();
@@ -186,7 +196,11 @@ async fn documents_are_created_unchanged_updated_listed_and_deleted() {
         store.upsert(vec![a2]).await.unwrap(),
         vec![Ok(UpsertStatus::Updated)]
     );
-    let again = store.document("a").await.unwrap().unwrap();
+    let again = store
+        .document(DEFAULT_COLLECTION, "a")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((again.chunks, again.created_at), (1, info.created_at));
     let hits = store
         .dense_search(&unit([1.0, 0.0, 0.0]), 10, &Filter::default())
@@ -212,13 +226,23 @@ async fn documents_are_created_unchanged_updated_listed_and_deleted() {
             .unwrap();
     }
     let ids = |v: Vec<ragd_core::DocumentInfo>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
-    assert_eq!(ids(store.list(None, 3).await.unwrap()), ["Z", "a", "b"]);
-    assert_eq!(ids(store.list(Some("b"), 10).await.unwrap()), ["c", "ä"]);
+    assert_eq!(
+        ids(store.list(DEFAULT_COLLECTION, None, 3).await.unwrap()),
+        ["Z", "a", "b"]
+    );
+    assert_eq!(
+        ids(store.list(DEFAULT_COLLECTION, Some("b"), 10).await.unwrap()),
+        ["c", "ä"]
+    );
 
     // Delete: gone from every read, and its keys stay dead.
-    assert!(store.delete("a").await.unwrap());
-    assert!(!store.delete("a").await.unwrap());
-    assert!(store.document("a").await.unwrap().is_none());
+    assert!(store.delete(DEFAULT_COLLECTION, "a").await.unwrap());
+    assert!(!store.delete(DEFAULT_COLLECTION, "a").await.unwrap());
+    assert!(store
+        .document(DEFAULT_COLLECTION, "a")
+        .await
+        .unwrap()
+        .is_none());
     assert!(store.chunks(&[hits[0].id]).await.unwrap().is_empty());
     assert!(store
         .lexical_search("apples", 10, &Filter::default())
@@ -231,7 +255,7 @@ async fn documents_are_created_unchanged_updated_listed_and_deleted() {
     // Reopened (another process would see the same): everything is there.
     let reopened = open(&url).await;
     assert_eq!(
-        ids(reopened.list(None, 10).await.unwrap()),
+        ids(reopened.list(DEFAULT_COLLECTION, None, 10).await.unwrap()),
         ["Z", "b", "c", "ä"]
     );
     assert_lexical_totals_are_exact(&url).await;
@@ -276,17 +300,33 @@ async fn a_schema_1_database_is_migrated_on_open() {
         .await
         .unwrap();
     drop(store);
-    // What schema 1 was: no kept totals.
+    // What schema 1 was: no kept totals, no collections (documents keyed by
+    // id alone).
     admin(
         &url,
         &[
             "DROP TABLE ragd_lexical_totals",
+            "ALTER TABLE ragd_chunks DROP COLUMN collection",
+            "ALTER TABLE ragd_documents DROP CONSTRAINT ragd_documents_pkey",
+            "ALTER TABLE ragd_documents ADD PRIMARY KEY (id)",
+            "ALTER TABLE ragd_chunks ADD FOREIGN KEY (document_id) REFERENCES ragd_documents(id) ON DELETE CASCADE",
+            "ALTER TABLE ragd_documents DROP COLUMN collection",
+            "DROP TABLE ragd_collections",
+            "DROP INDEX IF EXISTS ragd_chunks_by_document",
+            "CREATE INDEX ragd_chunks_by_document ON ragd_chunks (document_id, idx)",
             "UPDATE ragd_meta SET value = '1' WHERE key = 'schema_version'",
         ],
     )
     .await;
     let store = open(&url).await;
     assert_lexical_totals_are_exact(&url).await;
+    let old = store
+        .document(DEFAULT_COLLECTION, "old")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((old.collection.as_str(), old.chunks), ("default", 2));
+    assert!(store.create_collection("after").await.unwrap());
     let hits = store
         .lexical_search("lighthouse", 5, &Filter::default())
         .await
@@ -516,7 +556,11 @@ async fn two_stores_on_one_database_see_each_others_writes_at_once() {
         assert!(t.await.unwrap().unwrap()[0].is_ok());
     }
     assert_lexical_totals_are_exact(&url).await;
-    let info = one.document("same").await.unwrap().unwrap();
+    let info = one
+        .document(DEFAULT_COLLECTION, "same")
+        .await
+        .unwrap()
+        .unwrap();
     let hits = two
         .dense_search(
             &unit([1.0, 0.0, 0.0]),
@@ -526,8 +570,12 @@ async fn two_stores_on_one_database_see_each_others_writes_at_once() {
         .await
         .unwrap();
     assert_eq!(hits.len(), info.chunks, "chunks of exactly one version");
-    assert!(one.delete("x").await.unwrap());
-    assert!(two.document("x").await.unwrap().is_none());
+    assert!(one.delete(DEFAULT_COLLECTION, "x").await.unwrap());
+    assert!(two
+        .document(DEFAULT_COLLECTION, "x")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
@@ -588,4 +636,81 @@ async fn unreachable_servers_and_missing_rights_are_clear_start_up_errors() {
     let e = PgStore::open(&config(&plain), "m", 3).await.unwrap_err();
     assert!(matches!(e, PgError::Extension(_)), "{e}");
     assert!(e.to_string().contains("pgvector"), "{e}");
+}
+
+/// Collections keep documents apart: the same id in two, searches within
+/// one see nothing of the other (dense, lexical, with a metadata filter),
+/// deleting one takes its documents and chunks (and their BM25 counts) only.
+#[tokio::test]
+async fn collections_keep_documents_apart() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let store = open(&url).await;
+    assert!(store.create_collection("team-a").await.unwrap());
+    assert!(!store.create_collection("team-a").await.unwrap());
+    let v = [unit([1.0, 0.0, 0.0])];
+    let shared = doc("same", &["zebras graze here"], &v, json!({"lang": "en"}));
+    let mut other = doc(
+        "same",
+        &["zebras graze elsewhere"],
+        &v,
+        json!({"lang": "en"}),
+    );
+    other.collection = "team-a".into();
+    let statuses = store.upsert(vec![shared, other]).await.unwrap();
+    assert_eq!(
+        statuses,
+        vec![Ok(UpsertStatus::Created), Ok(UpsertStatus::Created)]
+    );
+    let within = |c: &str, f: Value| Filter::parse(Some(&f)).unwrap().within(c);
+    for (collection, text) in [
+        ("default", "zebras graze here"),
+        ("team-a", "zebras graze elsewhere"),
+    ] {
+        for filter in [
+            within(collection, json!({})),
+            within(collection, json!({"metadata.lang": "en"})),
+        ] {
+            let dense = store.dense_search(&v[0], 5, &filter).await.unwrap();
+            let lexical = store.lexical_search("zebras", 5, &filter).await.unwrap();
+            for hits in [dense, lexical] {
+                assert_eq!(hits.len(), 1, "{collection}");
+                let chunk = &store.chunks(&[hits[0].id]).await.unwrap()[0];
+                assert_eq!(
+                    (chunk.collection.as_str(), chunk.text.as_str()),
+                    (collection, text)
+                );
+            }
+        }
+    }
+    assert_eq!(
+        store.list("team-a", None, 10).await.unwrap()[0].collection,
+        "team-a"
+    );
+    let names: Vec<(String, usize)> = store
+        .collections()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.name, c.documents))
+        .collect();
+    assert_eq!(names, vec![("default".into(), 1), ("team-a".into(), 1)]);
+    assert_eq!(store.delete_collection("team-a").await.unwrap(), Some(1));
+    assert_eq!(store.delete_collection("team-a").await.unwrap(), None);
+    assert_eq!(store.delete_collection("default").await.unwrap(), None);
+    assert!(store
+        .document(DEFAULT_COLLECTION, "same")
+        .await
+        .unwrap()
+        .is_some());
+    let hits = store
+        .lexical_search("zebras", 5, &Filter::default())
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 1, "only the default collection's chunk is left");
+    // A document of a collection that does not exist is not stored.
+    let mut lost = doc("x", &["nowhere"], &v, json!({}));
+    lost.collection = "gone".into();
+    assert!(store.upsert(vec![lost]).await.unwrap()[0].is_err());
 }

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use ragd_core::{Filter, GenEvent, GenJob, Message};
+use ragd_core::{Filter, GenEvent, GenJob, Message, DEFAULT_COLLECTION};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -145,6 +145,12 @@ impl Pipeline {
     /// events; a question whose best passage scores under the abstention
     /// threshold is declined without asking the model.
     pub async fn ask(&self, req: &AskRequest) -> Result<Answer, Error> {
+        self.ask_in(DEFAULT_COLLECTION, req).await
+    }
+
+    /// [`Self::ask`] over the documents of `collection` alone.
+    pub async fn ask_in(&self, collection: &str, req: &AskRequest) -> Result<Answer, Error> {
+        self.require_collection(collection).await?;
         let started = Instant::now();
         let question = query_text("question", &req.question)?;
         let style = Style::parse(req.style.as_deref())?;
@@ -232,7 +238,7 @@ impl Pipeline {
             }
             params.stop = stop.clone();
         }
-        let filter = Filter::parse(req.filter.as_ref())?;
+        let filter = Filter::parse(req.filter.as_ref())?.within(collection);
         let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
         let generator = self
             .generator

@@ -1,6 +1,6 @@
 //! Listing, reading and deleting stored documents.
 
-use ragd_core::DocumentInfo;
+use ragd_core::{DocumentInfo, DEFAULT_COLLECTION};
 use serde::Serialize;
 
 use crate::error::Error;
@@ -31,11 +31,23 @@ impl Pipeline {
         after: Option<String>,
         limit: Option<usize>,
     ) -> Result<DocumentPage, Error> {
+        self.list_documents_in(DEFAULT_COLLECTION, after, limit)
+            .await
+    }
+
+    /// [`Self::list_documents`] of `collection`.
+    pub async fn list_documents_in(
+        &self,
+        collection: &str,
+        after: Option<String>,
+        limit: Option<usize>,
+    ) -> Result<DocumentPage, Error> {
+        self.require_collection(collection).await?;
         let limit = limit.unwrap_or(100);
         if !(1..=1000).contains(&limit) {
             return Err(Error::Invalid("limit: must be within 1..=1000".into()));
         }
-        let documents = self.store.list(after.as_deref(), limit).await?;
+        let documents = self.store.list(collection, after.as_deref(), limit).await?;
         let next = (documents.len() == limit)
             .then(|| documents.last().map(|d| d.id.clone()))
             .flatten();
@@ -44,15 +56,27 @@ impl Pipeline {
 
     /// Document `id`'s record.
     pub async fn get_document(&self, id: &str) -> Result<DocumentInfo, Error> {
+        self.get_document_in(DEFAULT_COLLECTION, id).await
+    }
+
+    /// The record of document `id` of `collection`.
+    pub async fn get_document_in(&self, collection: &str, id: &str) -> Result<DocumentInfo, Error> {
+        self.require_collection(collection).await?;
         self.store
-            .document(id)
+            .document(collection, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no document with id {id:?}")))
     }
 
     /// Deletes document `id`; its chunks are hidden from search at once.
     pub async fn delete_document(&self, id: &str) -> Result<Deleted, Error> {
-        if self.store.delete(id).await? {
+        self.delete_document_in(DEFAULT_COLLECTION, id).await
+    }
+
+    /// Deletes document `id` of `collection`.
+    pub async fn delete_document_in(&self, collection: &str, id: &str) -> Result<Deleted, Error> {
+        self.require_collection(collection).await?;
+        if self.store.delete(collection, id).await? {
             Ok(Deleted {
                 deleted: true,
                 id: id.to_string(),

@@ -9,7 +9,10 @@
 
 use std::collections::HashMap;
 
-use ragd_core::{Embed, Embedded, NewChunk, NewDocument, TextKind, UpsertFailure, UpsertStatus};
+use ragd_core::{
+    Embed, Embedded, NewChunk, NewDocument, TextKind, UpsertFailure, UpsertStatus,
+    DEFAULT_COLLECTION,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -252,13 +255,23 @@ impl Pipeline {
     /// Ingests documents: validate, chunk the new and changed ones, embed what
     /// is not embedded yet, store.
     pub async fn ingest(&self, req: IngestRequest) -> Result<IngestResponse, Error> {
+        self.ingest_into(DEFAULT_COLLECTION, req).await
+    }
+
+    /// [`Self::ingest`] into `collection`.
+    pub async fn ingest_into(
+        &self,
+        collection: &str,
+        req: IngestRequest,
+    ) -> Result<IngestResponse, Error> {
+        self.require_collection(collection).await?;
         let validated = self.validate_ingest(&req)?;
         let keys: Vec<(String, String)> = validated
             .iter()
             .map(|v| (v.id.clone(), v.hash.clone()))
             .collect();
         // `None`: stored with this hash already; else vectors to reuse.
-        let prior = self.store.prior_versions(&keys).await?;
+        let prior = self.store.prior_versions(collection, &keys).await?;
 
         // Stage 2: chunk the new and changed documents (CPU work, off the runtime).
         let texts: Vec<Option<String>> = req
@@ -398,6 +411,7 @@ impl Pipeline {
             slots.push(Some(new_documents.len()));
             embedded_counts.push(embedded);
             new_documents.push(NewDocument {
+                collection: collection.to_string(),
                 id: v.id.clone(),
                 title: d.title,
                 text: d.text,
@@ -414,7 +428,7 @@ impl Pipeline {
                 None => {
                     let chunks = self
                         .store
-                        .document(&v.id)
+                        .document(collection, &v.id)
                         .await?
                         .map(|d| d.chunks)
                         .unwrap_or(0);
@@ -463,6 +477,16 @@ impl Pipeline {
     /// ([`crate::extract`]); a file that cannot be read is reported as failed
     /// and the others still go in.
     pub async fn ingest_files(&self, files: Vec<UploadedFile>) -> Result<IngestResponse, Error> {
+        self.ingest_files_into(DEFAULT_COLLECTION, files).await
+    }
+
+    /// [`Self::ingest_files`] into `collection`.
+    pub async fn ingest_files_into(
+        &self,
+        collection: &str,
+        files: Vec<UploadedFile>,
+    ) -> Result<IngestResponse, Error> {
+        self.require_collection(collection).await?;
         let max = self.config.max_documents_per_request;
         if files.len() > max {
             return Err(Error::Invalid(format!("at most {max} files per request")));
@@ -523,7 +547,9 @@ impl Pipeline {
         let mut stored = if documents.is_empty() {
             Vec::new()
         } else {
-            self.ingest(IngestRequest { documents }).await?.documents
+            self.ingest_into(collection, IngestRequest { documents })
+                .await?
+                .documents
         }
         .into_iter()
         .map(Some)

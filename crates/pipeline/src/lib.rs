@@ -25,6 +25,7 @@ pub mod answer;
 pub mod ask;
 pub mod check;
 pub mod chunk;
+pub mod collections;
 mod complete;
 pub mod config;
 pub mod content;

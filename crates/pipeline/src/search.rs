@@ -1,6 +1,6 @@
 //! Retrieval alone (`POST /search`): retrieve → select, no generation.
 
-use ragd_core::Filter;
+use ragd_core::{Filter, DEFAULT_COLLECTION};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -75,6 +75,16 @@ pub struct SearchResponse {
 impl Pipeline {
     /// Retrieval only: `POST /search`.
     pub async fn search(&self, req: SearchRequest) -> Result<SearchResponse, Error> {
+        self.search_in(DEFAULT_COLLECTION, req).await
+    }
+
+    /// [`Self::search`] over the documents of `collection` alone.
+    pub async fn search_in(
+        &self,
+        collection: &str,
+        req: SearchRequest,
+    ) -> Result<SearchResponse, Error> {
+        self.require_collection(collection).await?;
         let query = crate::ask::query_text("query", &req.query)?;
         let r = &self.config.retrieval;
         let top_k = req.top_k.unwrap_or(10);
@@ -85,7 +95,7 @@ impl Pipeline {
             )));
         }
         let mode = Mode::parse(req.mode.as_deref(), r.mode)?;
-        let filter = Filter::parse(req.filter.as_ref())?;
+        let filter = Filter::parse(req.filter.as_ref())?.within(collection);
         let lang = crate::language::detect(query);
         let (sources, _) = self
             .passages(query, lang, top_k, &filter, mode, false)

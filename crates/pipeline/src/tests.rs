@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ragd_core::{
-    async_trait, BackendError, DocumentInfo, DocumentStore, Embed, Embedded, EmbedderInfo, Filter,
-    FinishReason, GenEvent, GenJob, Generate, Generation, GeneratorInfo, Hit, NewDocument,
-    NoRerank, Prompt, QueueFull, Rerank, SlotLoad, StoreStats, StoredChunk, TextKind,
-    UpsertFailure, UpsertStatus,
+    async_trait, BackendError, CollectionInfo, DocumentInfo, DocumentStore, Embed, Embedded,
+    EmbedderInfo, Filter, FinishReason, GenEvent, GenJob, Generate, Generation, GeneratorInfo, Hit,
+    NewDocument, NoRerank, Prompt, QueueFull, Rerank, SlotLoad, StoreStats, StoredChunk, TextKind,
+    UpsertFailure, UpsertStatus, DEFAULT_COLLECTION,
 };
 use serde_json::json;
 
@@ -91,22 +91,32 @@ struct MemoryStore {
     data: Mutex<Memory>,
 }
 
+/// A document's key: its collection and id.
+type DocKey = (String, String);
+
 #[derive(Debug, Default)]
 struct Memory {
-    documents: BTreeMap<String, NewDocument>,
-    /// key → (document id, chunk index)
-    chunks: BTreeMap<usize, (String, usize)>,
+    documents: BTreeMap<DocKey, NewDocument>,
+    /// key → (document, chunk index)
+    chunks: BTreeMap<usize, (DocKey, usize)>,
+    /// Collections besides `default`.
+    collections: std::collections::BTreeSet<String>,
     next_key: usize,
+}
+
+fn key(collection: &str, id: &str) -> DocKey {
+    (collection.to_string(), id.to_string())
 }
 
 impl Memory {
     fn chunk(&self, key: usize) -> Option<StoredChunk> {
-        let (id, i) = self.chunks.get(&key)?;
-        let d = self.documents.get(id)?;
+        let (doc, i) = self.chunks.get(&key)?;
+        let d = self.documents.get(doc)?;
         let c = d.chunks.get(*i)?;
         Some(StoredChunk {
             key,
-            document_id: id.clone(),
+            collection: doc.0.clone(),
+            document_id: doc.1.clone(),
             index: *i,
             title: d.title.clone(),
             section: c.section.clone(),
@@ -120,13 +130,16 @@ impl Memory {
     fn passing<'a>(&'a self, filter: &'a Filter) -> impl Iterator<Item = StoredChunk> + 'a {
         self.chunks.keys().filter_map(move |&k| {
             let c = self.chunk(k)?;
-            let d = self.documents.get(&c.document_id)?;
-            filter.matches(&d.id, Some(&d.metadata)).then_some(c)
+            let d = self.documents.get(&key(&c.collection, &c.document_id))?;
+            filter
+                .matches(&d.collection, &d.id, Some(&d.metadata))
+                .then_some(c)
         })
     }
 
     fn info(&self, d: &NewDocument) -> DocumentInfo {
         DocumentInfo {
+            collection: d.collection.clone(),
             id: d.id.clone(),
             title: d.title.clone(),
             metadata: d.metadata.clone(),
@@ -149,12 +162,13 @@ fn ranked(mut hits: Vec<Hit>, k: usize) -> Vec<Hit> {
 impl DocumentStore for MemoryStore {
     async fn prior_versions(
         &self,
+        collection: &str,
         documents: &[(String, String)],
     ) -> Result<Vec<Option<HashMap<String, Embedded>>>, BackendError> {
         let m = self.data.lock().unwrap();
         Ok(documents
             .iter()
-            .map(|(id, hash)| match m.documents.get(id) {
+            .map(|(id, hash)| match m.documents.get(&key(collection, id)) {
                 Some(d) if &d.hash == hash => None,
                 Some(d) => Some(
                     d.chunks
@@ -184,7 +198,12 @@ impl DocumentStore for MemoryStore {
                 out.push(Err(UpsertFailure::Vector("wrong size".into())));
                 continue;
             }
-            let status = match m.documents.get(&d.id) {
+            if d.collection != DEFAULT_COLLECTION && !m.collections.contains(&d.collection) {
+                out.push(Err(UpsertFailure::Storage("no such collection".into())));
+                continue;
+            }
+            let k = key(&d.collection, &d.id);
+            let status = match m.documents.get(&k) {
                 Some(old) if old.hash == d.hash => {
                     out.push(Ok(UpsertStatus::Unchanged));
                     continue;
@@ -192,41 +211,79 @@ impl DocumentStore for MemoryStore {
                 Some(_) => UpsertStatus::Updated,
                 None => UpsertStatus::Created,
             };
-            m.chunks.retain(|_, (id, _)| id != &d.id);
+            m.chunks.retain(|_, (doc, _)| doc != &k);
             for i in 0..d.chunks.len() {
-                let key = m.next_key;
+                let chunk_key = m.next_key;
                 m.next_key += 1;
-                m.chunks.insert(key, (d.id.clone(), i));
+                m.chunks.insert(chunk_key, (k.clone(), i));
             }
-            m.documents.insert(d.id.clone(), d);
+            m.documents.insert(k, d);
             out.push(Ok(status));
         }
         Ok(out)
     }
 
-    async fn delete(&self, id: &str) -> Result<bool, BackendError> {
+    async fn delete(&self, collection: &str, id: &str) -> Result<bool, BackendError> {
         let mut m = self.data.lock().unwrap();
-        m.chunks.retain(|_, (d, _)| d != id);
-        Ok(m.documents.remove(id).is_some())
+        let k = key(collection, id);
+        m.chunks.retain(|_, (d, _)| d != &k);
+        Ok(m.documents.remove(&k).is_some())
     }
 
-    async fn document(&self, id: &str) -> Result<Option<DocumentInfo>, BackendError> {
+    async fn document(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<DocumentInfo>, BackendError> {
         let m = self.data.lock().unwrap();
-        Ok(m.documents.get(id).map(|d| m.info(d)))
+        Ok(m.documents.get(&key(collection, id)).map(|d| m.info(d)))
     }
 
     async fn list(
         &self,
+        collection: &str,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DocumentInfo>, BackendError> {
         let m = self.data.lock().unwrap();
         Ok(m.documents
             .values()
+            .filter(|d| d.collection == collection)
             .filter(|d| after.is_none_or(|a| d.id.as_str() > a))
             .take(limit)
             .map(|d| m.info(d))
             .collect())
+    }
+
+    async fn collections(&self) -> Result<Vec<CollectionInfo>, BackendError> {
+        let m = self.data.lock().unwrap();
+        let mut names: Vec<String> = m.collections.iter().cloned().collect();
+        names.push(DEFAULT_COLLECTION.into());
+        names.sort();
+        Ok(names
+            .into_iter()
+            .map(|name| CollectionInfo {
+                documents: m.documents.keys().filter(|(c, _)| *c == name).count(),
+                name,
+                created_at: 0,
+            })
+            .collect())
+    }
+
+    async fn create_collection(&self, name: &str) -> Result<bool, BackendError> {
+        let mut m = self.data.lock().unwrap();
+        Ok(name != DEFAULT_COLLECTION && m.collections.insert(name.to_string()))
+    }
+
+    async fn delete_collection(&self, name: &str) -> Result<Option<usize>, BackendError> {
+        let mut m = self.data.lock().unwrap();
+        if !m.collections.remove(name) {
+            return Ok(None);
+        }
+        m.chunks.retain(|_, (d, _)| d.0 != name);
+        let before = m.documents.len();
+        m.documents.retain(|(c, _), _| c != name);
+        Ok(Some(before - m.documents.len()))
     }
 
     async fn dense_search(
@@ -258,8 +315,8 @@ impl DocumentStore for MemoryStore {
             .passing(filter)
             .filter_map(|c| {
                 // As the real store: generated questions are indexed with the text.
-                let (id, i) = &m.chunks[&c.key];
-                let questions = m.documents[id].chunks[*i].questions.join(" ");
+                let (doc, i) = &m.chunks[&c.key];
+                let questions = m.documents[doc].chunks[*i].questions.join(" ");
                 let w = words(&format!("{} {questions}", c.text));
                 let shared = q.iter().filter(|t| w.contains(t)).count();
                 (shared > 0).then_some(Hit {
@@ -551,6 +608,90 @@ async fn ingest_creates_then_finds_unchanged_then_updates_only_what_changed() {
     assert_eq!(s.embedder.embedded.load(Ordering::SeqCst), embedded + 1);
     let tea = s.pipeline.get_document("tea").await.unwrap();
     assert_eq!(tea.chunks, 1);
+}
+
+/// A collection holds its own documents: the same id in two, each found
+/// only through its own; asking a missing one (or one deleted) is 404 with
+/// nothing written; `default` cannot be deleted.
+#[tokio::test]
+async fn collections_keep_their_documents_apart() {
+    use crate::collections::CreateCollection;
+    let s = setup(
+        Script::Answer(vec!["Cats sleep a lot [1]."]),
+        &[],
+        Arc::new(NoRerank),
+    );
+    let p = &s.pipeline;
+    let create = |name: &str| CreateCollection { name: name.into() };
+    assert!(p.create_collection(create("team-a")).await.unwrap().created);
+    assert!(!p.create_collection(create("team-a")).await.unwrap().created);
+    assert!(matches!(
+        p.create_collection(create("../x")).await,
+        Err(Error::Invalid(_))
+    ));
+    p.ingest(documents()).await.unwrap();
+    let other = IngestRequest {
+        documents: vec![serde_json::from_value(
+            json!({ "id": "cats", "text": "Zebras graze on the open savanna all day." }),
+        )
+        .unwrap()],
+    };
+    p.ingest_into("team-a", other.clone()).await.unwrap();
+    let search = |q: &str| -> crate::search::SearchRequest {
+        serde_json::from_value(json!({ "query": q, "top_k": 10 })).unwrap()
+    };
+    let in_a = p
+        .search_in("team-a", search("zebras savanna cats"))
+        .await
+        .unwrap();
+    assert!(!in_a.results.is_empty());
+    assert!(
+        in_a.results.iter().all(|r| r.text.contains("Zebras")),
+        "{:?}",
+        in_a.results
+    );
+    let in_default = p.search(search("zebras savanna")).await.unwrap();
+    assert!(in_default
+        .results
+        .iter()
+        .all(|r| !r.text.contains("Zebras")));
+    assert_eq!(
+        p.list_documents_in("team-a", None, None)
+            .await
+            .unwrap()
+            .documents
+            .len(),
+        1
+    );
+    assert_ne!(
+        p.get_document_in("team-a", "cats").await.unwrap().hash,
+        p.get_document("cats").await.unwrap().hash
+    );
+    for missing in ["nope", "../etc"] {
+        let e = p.ingest_into(missing, other.clone()).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::NotFound(m) if m.contains("no collection")),
+            "{e}"
+        );
+        assert!(matches!(
+            p.search_in(missing, search("x")).await,
+            Err(Error::NotFound(_))
+        ));
+    }
+    assert_eq!(p.delete_collection("team-a").await.unwrap().documents, 1);
+    assert!(matches!(
+        p.delete_collection("team-a").await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        p.delete_collection("default").await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        p.search_in("team-a", search("zebras")).await,
+        Err(Error::NotFound(_))
+    ));
+    assert_eq!(p.collections().await.unwrap().len(), 1);
 }
 
 /// With `generate_questions`, the model's questions for each new chunk are

@@ -7,6 +7,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+/// The path prefix of `collection`'s routes (none for the default one).
+pub(crate) fn collection_prefix(collection: Option<&str>) -> String {
+    match collection {
+        None | Some(ragd_core::DEFAULT_COLLECTION) => String::new(),
+        Some(c) => format!("/collections/{c}"),
+    }
+}
+
 /// Asks `question` at `url` and prints the answer as it streams in.
 pub(crate) async fn ask(
     url: &str,
@@ -14,10 +22,15 @@ pub(crate) async fn ask(
     api_key: Option<String>,
     style: Option<String>,
     top_k: Option<usize>,
+    collection: Option<String>,
 ) -> Result<()> {
     let client = reqwest::Client::new();
     let mut req = client
-        .post(format!("{}/ask", url.trim_end_matches('/')))
+        .post(format!(
+            "{}{}/ask",
+            url.trim_end_matches('/'),
+            collection_prefix(collection.as_deref())
+        ))
         .header("accept", "text/event-stream")
         .json(&json!({ "question": question, "stream": true, "style": style, "top_k": top_k }));
     if let Some(k) = api_key.filter(|k| !k.is_empty()) {

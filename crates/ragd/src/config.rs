@@ -13,7 +13,8 @@ use ragd_index::IndexConfig;
 use ragd_pipeline::config::{
     AnswersConfig, ChunkerConfig, GenerationConfig, IngestConfig, PipelineConfig, RetrievalConfig,
 };
-use ragd_server::config::{AuthConfig, ServerConfig};
+use ragd_server::config::ServerConfig;
+pub use ragd_server::config::{AuthConfig, CollectionKey};
 use serde::{Deserialize, Serialize};
 
 /// The shipped defaults, compiled in so the binary runs without the file.
@@ -282,9 +283,16 @@ impl Config {
                 *url = ragd_backends::redact_url(s).into();
             }
         }
-        for list in ["/auth/read_keys", "/auth/write_keys"] {
+        for list in ["/auth/read_keys", "/auth/write_keys", "/auth/admin_keys"] {
             if let Some(serde_json::Value::Array(keys)) = v.pointer_mut(list) {
                 for k in keys.iter_mut() {
+                    *k = "***".into();
+                }
+            }
+        }
+        if let Some(serde_json::Value::Array(entries)) = v.pointer_mut("/auth/collection_keys") {
+            for entry in entries.iter_mut() {
+                if let Some(k) = entry.get_mut("key") {
                     *k = "***".into();
                 }
             }
@@ -545,6 +553,37 @@ mod tests {
             !logged.contains("0123456789abcdef") && !logged.contains("12345"),
             "{logged}"
         );
+    }
+
+    /// Admin and collection keys are read from the file, checked, and never
+    /// logged.
+    #[test]
+    fn collection_keys_are_read_checked_and_redacted() {
+        let file = "[auth]\nadmin_keys = [\"adminadminadmin0123\"]\n\
+                    [[auth.collection_keys]]\nkey = \"teamteamteam0123456\"\n\
+                    collections = [\"team-a\"]\nscope = \"write\"\n";
+        let c = Config::from_layers(file, "test", &env(&[])).unwrap();
+        assert_eq!(
+            c.auth.collection_keys[0].collections,
+            vec!["team-a".to_string()]
+        );
+        let logged = c.redacted().to_string();
+        assert!(
+            !logged.contains("adminadmin") && !logged.contains("teamteam"),
+            "{logged}"
+        );
+        for (bad, says) in [
+            ("scope = \"admin\"\ncollections = [\"a\"]", "scope"),
+            ("scope = \"read\"\ncollections = []", "is empty"),
+            (
+                "scope = \"read\"\ncollections = [\"../a\"]",
+                "not a collection name",
+            ),
+        ] {
+            let file = format!("[[auth.collection_keys]]\nkey = \"teamteamteam0123456\"\n{bad}\n");
+            let e = Config::from_layers(&file, "test", &env(&[])).unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
     }
 
     /// An f32 setting is logged as written, not as the f64 nearest it.

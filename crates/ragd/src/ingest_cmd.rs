@@ -18,9 +18,10 @@ const BATCH_FILES: usize = 16;
 const BATCH_BYTES: usize = 8 << 20;
 
 enum Target {
-    Direct(Arc<Pipeline>),
+    Direct(Arc<Pipeline>, String),
     Server {
         client: reqwest::Client,
+        /// The server's URL with the collection's prefix.
         url: String,
         /// Sent as `Authorization: Bearer` (a write key), when given.
         api_key: Option<String>,
@@ -87,8 +88,15 @@ pub(crate) async fn run(
     paths: Vec<PathBuf>,
     url: Option<String>,
     api_key: Option<String>,
+    collection: Option<String>,
     config: Config,
 ) -> Result<bool> {
+    if let Some(why) = collection
+        .as_deref()
+        .and_then(ragd_core::invalid_collection_name)
+    {
+        anyhow::bail!("--collection: {why}");
+    }
     let files = collect(&paths)?;
     if files.is_empty() {
         anyhow::bail!(
@@ -103,10 +111,17 @@ pub(crate) async fn run(
     let target = match url {
         Some(url) => Target::Server {
             client: reqwest::Client::new(),
-            url: url.trim_end_matches('/').to_string(),
+            url: format!(
+                "{}{}",
+                url.trim_end_matches('/'),
+                crate::cli_cmd::collection_prefix(collection.as_deref())
+            ),
             api_key: api_key.filter(|k| !k.is_empty()),
         },
-        None => Target::Direct(ragd::open_for_ingest(config).await?),
+        None => Target::Direct(
+            ragd::open_for_ingest(config).await?,
+            collection.unwrap_or_else(|| ragd_core::DEFAULT_COLLECTION.into()),
+        ),
     };
     let bar = ProgressBar::new(files.len() as u64);
     bar.set_style(
@@ -167,7 +182,7 @@ pub(crate) async fn run(
         ));
     }
     bar.finish_and_clear();
-    if let Target::Direct(engine) = &target {
+    if let Target::Direct(engine, _) = &target {
         if let Err(e) = engine.flush().await {
             eprintln!("warning: cannot write the index dump: {e}");
         }
@@ -186,9 +201,9 @@ pub(crate) async fn run(
 
 async fn send(target: &Target, files: Vec<UploadedFile>) -> Result<Vec<Value>> {
     let body: Value = match target {
-        Target::Direct(engine) => serde_json::to_value(
+        Target::Direct(engine, collection) => serde_json::to_value(
             engine
-                .ingest_files(files)
+                .ingest_files_into(collection, files)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         )?,

@@ -76,6 +76,10 @@ enum Command {
         /// Data directory (overrides server.data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The collection to ingest into (default: `default`); it must exist
+        /// (`POST /collections`).
+        #[arg(long)]
+        collection: Option<String>,
     },
     /// Ask a running server a question: the answer streams to the terminal,
     /// then its numbered sources (cited ones starred).
@@ -94,6 +98,9 @@ enum Command {
         /// Passages to retrieve.
         #[arg(long)]
         top_k: Option<usize>,
+        /// The collection to ask (default: `default`).
+        #[arg(long)]
+        collection: Option<String>,
     },
     /// Fetch or list the model files.
     #[command(subcommand)]
@@ -313,6 +320,7 @@ async fn main() -> anyhow::Result<()> {
             api_key,
             config,
             data_dir,
+            collection,
         } => {
             let mut cfg = load_config(config)?;
             if let Some(d) = data_dir {
@@ -326,7 +334,7 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
             }
-            if !ingest_cmd::run(paths, url, api_key, cfg).await? {
+            if !ingest_cmd::run(paths, url, api_key, collection, cfg).await? {
                 std::process::exit(1);
             }
         }
@@ -360,8 +368,9 @@ async fn main() -> anyhow::Result<()> {
             api_key,
             style,
             top_k,
+            collection,
         } => {
-            cli_cmd::ask(&url, &question, api_key, style, top_k).await?;
+            cli_cmd::ask(&url, &question, api_key, style, top_k, collection).await?;
         }
         Command::Models(ModelsCommand::Fetch { models, models_dir }) => {
             cli_cmd::fetch(&models, models_dir)?

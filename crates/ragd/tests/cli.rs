@@ -169,6 +169,76 @@ async fn ingest_against_a_running_server() {
         text.contains("sources:") && text.contains("d.txt"),
         "{text}"
     );
+    // `--collection`: into and from a collection (created first), which the
+    // default one does not see.
+    let created = client
+        .post(format!("{base}/collections"))
+        .json(&serde_json::json!({ "name": "sea" }))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(created, 200);
+    std::fs::write(
+        docs.join("d.txt"),
+        "Octopuses have three hearts and blue blood.",
+    )
+    .unwrap();
+    let config = tmp.path().join("test-config.toml");
+    let cwd = tmp.path().to_path_buf();
+    let url = base.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        ragd_ingest(
+            &["docs", "--url", &url, "--collection", "sea"],
+            &config,
+            &cwd,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        ok && out.contains("1 created"),
+        "a new document there: {out}"
+    );
+    let doc: serde_json::Value = client
+        .get(format!("{base}/collections/sea/documents/d.txt"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["collection"], "sea", "{doc}");
+    let url = base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_ragd"))
+            .args([
+                "ask",
+                "How many hearts does an octopus have?",
+                "--url",
+                &url,
+            ])
+            .args(["--collection", "sea"])
+            .env("RAGD_LOG", "warn")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("d.txt"), "{text}");
+    let default: serde_json::Value = client
+        .get(format!("{base}/documents/d.txt"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(
+        default["hash"], doc["hash"],
+        "the default collection's d.txt is its own"
+    );
     // `ragd bench ingest|search --url` measure through a running server (the
     // scale profile's balancer, say): documents go through POST /ingest.
     let corpus = tmp.path().join("corpus");

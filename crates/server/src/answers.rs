@@ -16,6 +16,7 @@ use ragd_pipeline::{Answer, AnswerEvent, AskRequest};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::collections::InCollection;
 use crate::deadline::Deadline;
 use crate::error::ApiError;
 use crate::json::AppJson;
@@ -31,9 +32,10 @@ pub(crate) fn routes() -> Router<AppState> {
 #[utoipa::path(post, path = "/search", tag = "retrieval", request_body = ragd_pipeline::SearchRequest, responses((status = 200, description = "Passages, best first", body = ragd_pipeline::SearchResponse), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn search(
     State(state): State<AppState>,
+    InCollection(collection): InCollection,
     AppJson(req): AppJson<ragd_pipeline::SearchRequest>,
 ) -> Result<Json<ragd_pipeline::SearchResponse>, ApiError> {
-    Ok(Json(state.pipeline()?.search(req).await?))
+    Ok(Json(state.pipeline()?.search_in(&collection, req).await?))
 }
 
 fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {
@@ -51,6 +53,7 @@ fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {
 #[utoipa::path(post, path = "/ask", tag = "answers", request_body = ragd_pipeline::AskRequest, responses((status = 200, description = "The answer (JSON), or with `stream: true` / `Accept: text/event-stream` server-sent events: `queued`, `sources`, `token`..., then `done` with this object or `error`", content((ragd_pipeline::AskResponse = "application/json"), (serde_json::Value = "text/event-stream"))), (status = 429, description = "Generation queue full (Retry-After)", body = crate::error::ErrorBody), (status = 502, description = "Remote generation server failed", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn ask(
     State(state): State<AppState>,
+    InCollection(collection): InCollection,
     headers: HeaderMap,
     deadline: Option<Extension<Deadline>>,
     AppJson(req): AppJson<AskRequest>,
@@ -60,7 +63,7 @@ pub(crate) async fn ask(
     if let (true, Some(Extension(s))) = (stream, deadline) {
         s.lift();
     }
-    let answer = pipeline.ask(&req).await?;
+    let answer = pipeline.ask_in(&collection, &req).await?;
     if stream {
         return Ok(sse_response(answer));
     }

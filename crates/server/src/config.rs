@@ -35,18 +35,83 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Bearer keys that may ask, search and read documents.
+    /// Bearer keys that may ask, search and read documents, in every collection.
     pub read_keys: Vec<String>,
-    /// Bearer keys that may also ingest and delete.
+    /// Bearer keys that may also ingest and delete, in every collection.
     pub write_keys: Vec<String>,
+    /// Bearer keys that may also create and delete collections.
+    #[serde(default)]
+    pub admin_keys: Vec<String>,
+    /// Keys that read or write some collections only.
+    #[serde(default)]
+    pub collection_keys: Vec<CollectionKey>,
     /// Serve without keys on an address other machines can reach.
     pub allow_unauthenticated: bool,
+}
+
+/// `[[auth.collection_keys]]`: a key for some collections only. Another
+/// collection is, to this key, one that does not exist.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectionKey {
+    /// The bearer key.
+    pub key: String,
+    /// The collections it reaches (`default` among them only if named).
+    pub collections: Vec<String>,
+    /// `read` (ask, search, read documents) or `write` (also ingest and delete).
+    pub scope: String,
 }
 
 impl AuthConfig {
     /// Whether requests need a key.
     pub fn enabled(&self) -> bool {
-        !(self.read_keys.is_empty() && self.write_keys.is_empty())
+        !(self.read_keys.is_empty()
+            && self.write_keys.is_empty()
+            && self.admin_keys.is_empty()
+            && self.collection_keys.is_empty())
+    }
+
+    /// Every configured key.
+    fn all_keys(&self) -> impl Iterator<Item = &String> {
+        self.read_keys
+            .iter()
+            .chain(&self.write_keys)
+            .chain(&self.admin_keys)
+            .chain(self.collection_keys.iter().map(|k| &k.key))
+    }
+
+    /// Checks the keys' form, and the collection keys' scopes and names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for key in self.all_keys() {
+            if key.len() < 16 || key.chars().any(char::is_whitespace) {
+                return Err(ConfigError(
+                    "auth: every key must be at least 16 characters without spaces (e.g. `openssl rand -hex 24`)".into(),
+                ));
+            }
+        }
+        for (i, k) in self.collection_keys.iter().enumerate() {
+            if !matches!(k.scope.as_str(), "read" | "write") {
+                return Err(ConfigError(format!(
+                    "auth.collection_keys[{i}].scope = {:?}: use \"read\" or \"write\"",
+                    k.scope
+                )));
+            }
+            if k.collections.is_empty() {
+                return Err(ConfigError(format!(
+                    "auth.collection_keys[{i}].collections is empty: name the collections it reaches"
+                )));
+            }
+            if let Some(bad) = k
+                .collections
+                .iter()
+                .find(|c| ragd_core::invalid_collection_name(c).is_some())
+            {
+                return Err(ConfigError(format!(
+                    "auth.collection_keys[{i}].collections: {bad:?} is not a collection name"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -66,13 +131,7 @@ impl ServerConfig {
         if self.body_limit_bytes < 1024 {
             return invalid("server.body_limit_bytes must be at least 1024".into());
         }
-        for key in auth.read_keys.iter().chain(&auth.write_keys) {
-            if key.len() < 16 || key.chars().any(char::is_whitespace) {
-                return invalid(
-                    "auth: every key must be at least 16 characters without spaces (e.g. `openssl rand -hex 24`)".into(),
-                );
-            }
-        }
+        auth.validate()?;
         if !is_loopback(&self.host) && !auth.enabled() && !auth.allow_unauthenticated {
             return invalid(format!(
                 "server.host = {:?} can be reached from other machines: set auth.read_keys / auth.write_keys, \

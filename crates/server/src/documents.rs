@@ -2,12 +2,13 @@
 //! `multipart/form-data`), `GET /documents`, `GET|DELETE /documents/{id}`.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{FromRequest, Multipart, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ragd_pipeline::IngestRequest;
 
+use crate::collections::{DocumentId, InCollection};
 use crate::error::ApiError;
 use crate::json::AppJson;
 use crate::AppState;
@@ -44,6 +45,7 @@ struct UploadForm {
 #[utoipa::path(post, path = "/ingest", tag = "documents", request_body(content((ragd_pipeline::IngestRequest = "application/json"), (UploadForm = "multipart/form-data")), description = "Documents as JSON, or files as multipart/form-data"), responses((status = 200, description = "One status per document", body = ragd_pipeline::IngestResponse), (status = 413, description = "Body too large", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody), (status = 507, description = "The disk holding the data is full: nothing of the failed write was kept; free space and retry", body = crate::error::ErrorBody)))]
 pub(crate) async fn ingest(
     State(state): State<AppState>,
+    InCollection(collection): InCollection,
     req: Request,
 ) -> Result<Json<ragd_pipeline::IngestResponse>, ApiError> {
     // Writing questions per chunk takes seconds each: the client waits for
@@ -64,7 +66,9 @@ pub(crate) async fn ingest(
         });
     if !multipart {
         let AppJson(body) = AppJson::<IngestRequest>::from_request(req, &state).await?;
-        return Ok(Json(state.pipeline()?.ingest(body).await?));
+        return Ok(Json(
+            state.pipeline()?.ingest_into(&collection, body).await?,
+        ));
     }
     let too_large_or_malformed = |e: axum::extract::multipart::MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -100,7 +104,12 @@ pub(crate) async fn ingest(
             "the multipart body holds no files".into(),
         ));
     }
-    Ok(Json(state.pipeline()?.ingest_files(files).await?))
+    Ok(Json(
+        state
+            .pipeline()?
+            .ingest_files_into(&collection, files)
+            .await?,
+    ))
 }
 
 /// Query of `GET /documents`.
@@ -116,24 +125,37 @@ pub(crate) struct ListQuery {
 #[utoipa::path(get, path = "/documents", tag = "documents", params(("after" = Option<String>, Query, description = "List after this id"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Most documents, 1 to 1000 (default 100)")), responses((status = 200, description = "Documents in id order", body = Object), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn list_documents(
     State(state): State<AppState>,
+    InCollection(collection): InCollection,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
-    json_value(state.pipeline()?.list_documents(q.after, q.limit).await?)
+    json_value(
+        state
+            .pipeline()?
+            .list_documents_in(&collection, q.after, q.limit)
+            .await?,
+    )
 }
 
 #[utoipa::path(get, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "The document's record", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
 pub(crate) async fn get_document(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    InCollection(collection): InCollection,
+    DocumentId(id): DocumentId,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    json_value(state.pipeline()?.get_document(&id).await?)
+    json_value(state.pipeline()?.get_document_in(&collection, &id).await?)
 }
 
 #[utoipa::path(delete, path = "/documents/{id}", tag = "documents", params(("id" = String, Path, description = "Document id")), responses((status = 200, description = "Deleted", body = Object), (status = 404, description = "No such document", body = crate::error::ErrorBody), (status = 403, description = "Read key on a write route", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody), (status = 507, description = "The disk holding the data is full: nothing of the failed write was kept; free space and retry", body = crate::error::ErrorBody)))]
 pub(crate) async fn delete_document(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    InCollection(collection): InCollection,
+    DocumentId(id): DocumentId,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    json_value(state.pipeline()?.delete_document(&id).await?)
+    json_value(
+        state
+            .pipeline()?
+            .delete_document_in(&collection, &id)
+            .await?,
+    )
 }

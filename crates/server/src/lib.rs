@@ -23,6 +23,7 @@
 
 pub mod answers;
 pub mod auth;
+pub mod collections;
 pub mod config;
 pub mod deadline;
 pub mod documents;
@@ -124,6 +125,7 @@ pub fn app(state: AppState) -> Router {
         .merge(openai::routes())
         .merge(documents::routes())
         .merge(answers::routes())
+        .merge(collections::routes())
         .fallback(service::not_found)
         .method_not_allowed_fallback(service::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(keys, auth::check))

@@ -25,6 +25,7 @@ use ragd_pipeline::{Answer, AnswerEvent, AskRequest, AskResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::collections::InCollection;
 use crate::deadline::Deadline;
 use crate::error::ApiError;
 use crate::json::AppJson;
@@ -204,6 +205,7 @@ fn completion(id: &str, model: &str, a: &AskResponse) -> Value {
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatRequest, responses((status = 200, description = "A chat.completion (with the extension field `ragd`: citations, sources, grounding), or with `stream: true` chat.completion.chunk events and `data: [DONE]`", content((Object = "application/json"), (serde_json::Value = "text/event-stream"))), (status = 429, description = "Generation queue full (Retry-After)", body = crate::error::ErrorBody), (status = 502, description = "Remote generation server failed", body = crate::error::ErrorBody), (status = 422, description = "Invalid request", body = crate::error::ErrorBody)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
+    InCollection(collection): InCollection,
     deadline: Option<Extension<Deadline>>,
     AppJson(req): AppJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
@@ -213,7 +215,7 @@ pub async fn chat_completions(
     }
     let ask = to_ask(&req)?;
     let model = pipeline.model_names().0.unwrap_or_else(|| "ragd".into());
-    let answer = pipeline.ask(&ask).await?;
+    let answer = pipeline.ask_in(&collection, &ask).await?;
     let id = completion_id();
     if req.stream.unwrap_or(false) {
         return Ok(stream_response(answer, id, model));

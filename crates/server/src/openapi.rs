@@ -80,9 +80,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             crate::answers::search, crate::documents::list_documents,
             crate::documents::get_document, crate::documents::delete_document,
             crate::answers::ask, crate::openai::chat_completions, crate::openai::embeddings,
-            crate::openai::models
+            crate::openai::models, crate::collections::list, crate::collections::create,
+            crate::collections::remove
         ),
-        modifiers(&BearerAuth, &ServiceStatuses, &UniqueDocuments)
+        modifiers(&BearerAuth, &CollectionRoutes, &ServiceStatuses, &UniqueDocuments)
     )]
     struct ApiDoc;
     ApiDoc::openapi()
@@ -113,6 +114,58 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// The routes on one collection's documents, again under
+/// `/collections/{collection}` (the router nests the same handlers there):
+/// the same operations with the `collection` parameter, ids suffixed
+/// `_in_collection`.
+struct CollectionRoutes;
+
+impl utoipa::Modify for CollectionRoutes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::Required;
+        let parameter = ParameterBuilder::new()
+            .name("collection")
+            .parameter_in(ParameterIn::Path)
+            .required(Required::True)
+            .description(Some("Collection name"))
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"))
+                    .build(),
+            ))
+            .build();
+        for path in crate::collections::SCOPED_PATHS {
+            let Some(mut item) = openapi.paths.paths.get(path).cloned() else {
+                continue;
+            };
+            for op in [
+                item.get.as_mut(),
+                item.post.as_mut(),
+                item.put.as_mut(),
+                item.delete.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.parameters
+                    .get_or_insert_with(Vec::new)
+                    .insert(0, parameter.clone());
+                op.operation_id = op
+                    .operation_id
+                    .take()
+                    .map(|id| format!("{id}_in_collection"));
+            }
+            openapi
+                .paths
+                .paths
+                .insert(format!("/collections/{{collection}}{path}"), item);
+        }
+    }
+}
+
 /// Every status the service's layers can answer, on every operation they
 /// apply to, besides the ones each handler documents: a client generated from
 /// the document then knows them all (schemathesis found them undocumented).
@@ -140,7 +193,7 @@ impl utoipa::Modify for ServiceStatuses {
         };
         for (path, item) in openapi.paths.paths.iter_mut() {
             // The router's path, `{id}` standing for any id.
-            let route = path.replace("{id}", "x");
+            let route = path.replace("{id}", "x").replace("{collection}", "c");
             for (method, op) in [
                 (Method::GET, item.get.as_mut()),
                 (Method::POST, item.post.as_mut()),
@@ -154,16 +207,21 @@ impl utoipa::Modify for ServiceStatuses {
                         .entry(status.to_string())
                         .or_insert_with(|| error(description));
                 };
-                let Some(scope) = crate::auth::required_scope(&method, &route) else {
+                let Some((scope, reach)) = crate::auth::requirement(&method, &route) else {
                     op.security = Some(Vec::new());
                     continue;
                 };
+                if matches!(reach, crate::auth::Reach::Collection(_)) {
+                    add("404", "No such collection, or one this key does not reach");
+                }
                 add(
                     "401",
                     "Missing or unknown API key (when the server has keys)",
                 );
-                if scope == crate::auth::Scope::Write {
-                    add("403", "Read key on a write route");
+                match scope {
+                    crate::auth::Scope::Write => add("403", "Read key on a write route"),
+                    crate::auth::Scope::Admin => add("403", "Not an admin key"),
+                    crate::auth::Scope::Read => {}
                 }
                 add("408", "No response started within server.request_timeout_s");
                 add("500", "Internal error (the detail is in the server's log)");

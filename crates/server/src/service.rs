@@ -5,9 +5,10 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::json;
 
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -34,8 +35,19 @@ pub(crate) async fn index() -> Response {
 }
 
 /// `GET /metrics`: Prometheus text format (see [`crate::metrics`]).
-#[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, description = "Prometheus text format", content_type = "text/plain"), (status = 401, description = "Collection keys are configured and the key presented does not reach every collection", body = crate::error::ErrorBody)))]
+pub(crate) async fn metrics(
+    State(state): State<AppState>,
+    access: Option<Extension<Access>>,
+) -> Response {
+    // Counts of every collection: not for a key that reaches only some.
+    if !counts_allowed(&state, access.as_ref().map(|Extension(a)| a)) {
+        return ApiError::Unauthorized(
+            "with collection keys configured, /metrics needs a read, write or admin key (one that reaches every collection)"
+                .into(),
+        )
+        .into_response();
+    }
     let status = match state.pipeline.get() {
         Some(pipeline) => crate::json::to_value(&pipeline.status().await).ok(),
         None => None,
@@ -59,6 +71,7 @@ pub(crate) async fn health() -> Json<serde_json::Value> {
 #[utoipa::path(get, path = "/ready", tag = "service", responses((status = 200, description = "Models loaded: documents, chunks, generation slots", body = Object), (status = 503, description = "Still loading, or the document store cannot be reached", body = crate::error::ErrorBody)))]
 pub(crate) async fn ready(
     State(state): State<AppState>,
+    access: Option<Extension<Access>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let status = state.pipeline()?.status().await;
     if status.documents.is_none() {
@@ -70,7 +83,20 @@ pub(crate) async fn ready(
     }
     let mut status = crate::json::to_value(&status).map_err(ApiError::internal)?;
     status["status"] = json!("ready");
+    if !counts_allowed(&state, access.as_ref().map(|Extension(a)| a)) {
+        if let Some(o) = status.as_object_mut() {
+            o.remove("documents");
+            o.remove("chunks");
+        }
+    }
     Ok(Json(status))
+}
+
+/// Whether the request may see counts over every collection: always, unless
+/// some keys reach only some collections; then only with a key that reaches
+/// them all.
+fn counts_allowed(state: &AppState, access: Option<&Access>) -> bool {
+    !state.keys.has_collection_keys() || access.is_some_and(Access::reaches_all)
 }
 
 /// The answer for a route that does not exist.

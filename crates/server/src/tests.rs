@@ -29,6 +29,9 @@ fn unloaded(limit: usize) -> Router {
 
 const READ: &str = "read-key-0123456789";
 const WRITE: &str = "write-key-0123456789";
+const ADMIN: &str = "admin-key-0123456789";
+/// Writes `team-a` and reads `team-b`, nothing else.
+const TEAM: &str = "team-key-0123456789";
 
 fn guarded(cors: &[&str]) -> Router {
     app(AppState {
@@ -37,6 +40,19 @@ fn guarded(cors: &[&str]) -> Router {
         keys: Arc::new(crate::auth::Keys::new(&crate::config::AuthConfig {
             read_keys: vec![READ.into()],
             write_keys: vec![WRITE.into()],
+            admin_keys: vec![ADMIN.into()],
+            collection_keys: vec![
+                crate::config::CollectionKey {
+                    key: TEAM.into(),
+                    collections: vec!["team-a".into()],
+                    scope: "write".into(),
+                },
+                crate::config::CollectionKey {
+                    key: TEAM.into(),
+                    collections: vec!["team-b".into()],
+                    scope: "read".into(),
+                },
+            ],
             allow_unauthenticated: false,
         })),
         cors_origins: cors.iter().map(|s| s.to_string()).collect(),
@@ -46,6 +62,27 @@ fn guarded(cors: &[&str]) -> Router {
             max_top_k: 20,
         },
     })
+}
+
+/// `method uri` with `key` and an empty JSON object: status and JSON body.
+async fn call_with_key(
+    router: Router,
+    method: &str,
+    uri: &str,
+    key: &str,
+) -> (StatusCode, serde_json::Value) {
+    let req = axum::http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"));
+    let res = router
+        .oneshot(req.body(Body::from("{}")).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
 }
 
 async fn status_with(
@@ -84,6 +121,7 @@ async fn openapi_lists_every_route_the_router_serves() {
         include_str!("openai.rs"),
         include_str!("documents.rs"),
         include_str!("answers.rs"),
+        include_str!("collections.rs"),
     ] {
         let start = source.find("pub(crate) fn routes()").unwrap();
         let end = start + source[start..].find("\n}\n").unwrap();
@@ -98,7 +136,16 @@ async fn openapi_lists_every_route_the_router_serves() {
             }
         }
     }
-    assert!(served.len() >= 14, "{served:?}");
+    // The document routes again under `/collections/{collection}` (nested).
+    let nested: Vec<(String, String)> = served
+        .iter()
+        .filter(|(path, _)| crate::collections::SCOPED_PATHS.contains(&path.as_str()))
+        .map(|(path, method)| (format!("/collections/{{collection}}{path}"), method.clone()))
+        .collect();
+    served.extend(nested);
+    served.sort();
+    served.dedup();
+    assert!(served.len() >= 24, "{served:?}");
     let doc = serde_json::to_value(openapi()).unwrap();
     let mut documented: Vec<(String, String)> = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
@@ -111,7 +158,9 @@ async fn openapi_lists_every_route_the_router_serves() {
     assert_eq!(served, documented);
     // Every documented route answers on the router (not 404 or 405).
     for (path, method) in &documented {
-        let uri = path.replace("{id}", "some-id");
+        let uri = path
+            .replace("{id}", "some-id")
+            .replace("{collection}", "some-collection");
         let (status, _) = status_with(unloaded(1 << 20), &method.to_uppercase(), &uri, None).await;
         assert!(
             status != StatusCode::NOT_FOUND || path.contains("{id}"),
@@ -280,6 +329,58 @@ async fn the_auth_matrix() {
         let (s, _) = status_with(r.clone(), "GET", uri, None).await;
         assert!(s != StatusCode::UNAUTHORIZED, "{uri}: {s}");
     }
+    // Collections: a collection key reaches its collections with its scope;
+    // any other, `default` included, is "not found" (as one that does not
+    // exist), never "forbidden"; only admin keys create and delete them.
+    let passes = |s: StatusCode| {
+        s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN && s != StatusCode::NOT_FOUND
+    };
+    for (method, uri, key) in [
+        ("POST", "/collections/team-a/ingest", TEAM),
+        ("DELETE", "/collections/team-a/documents/x", TEAM),
+        ("POST", "/collections/team-b/ask", TEAM),
+        ("POST", "/collections/team-b/v1/chat/completions", TEAM),
+        ("GET", "/collections", TEAM),
+        ("POST", "/v1/embeddings", TEAM),
+        ("POST", "/collections/team-c/search", READ),
+        ("POST", "/collections", ADMIN),
+        ("DELETE", "/collections/team-a", ADMIN),
+        ("POST", "/ingest", ADMIN),
+        ("GET", "/metrics", READ),
+    ] {
+        let (s, _) = status_with(r.clone(), method, uri, Some(key)).await;
+        assert!(passes(s), "{method} {uri}: {s}");
+    }
+    for (method, uri, key, want) in [
+        (
+            "POST",
+            "/collections/team-b/ingest",
+            TEAM,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "POST",
+            "/collections/team-c/search",
+            TEAM,
+            StatusCode::NOT_FOUND,
+        ),
+        ("POST", "/search", TEAM, StatusCode::NOT_FOUND),
+        ("GET", "/documents/x", TEAM, StatusCode::NOT_FOUND),
+        ("POST", "/v1/chat/completions", TEAM, StatusCode::NOT_FOUND),
+        ("POST", "/collections", WRITE, StatusCode::FORBIDDEN),
+        ("DELETE", "/collections/team-a", TEAM, StatusCode::FORBIDDEN),
+        ("GET", "/metrics", TEAM, StatusCode::UNAUTHORIZED),
+    ] {
+        let (s, _) = status_with(r.clone(), method, uri, Some(key)).await;
+        assert_eq!(s, want, "{method} {uri}");
+    }
+    // The 404 for a collection out of reach says what one that does not
+    // exist says.
+    let (_, body) = call_with_key(r.clone(), "POST", "/collections/team-c/search", TEAM).await;
+    assert_eq!(
+        body["error"],
+        "no collection \"team-c\" (create it with POST /collections)"
+    );
     // Without keys nothing is asked for.
     let (s, _) = status_with(unloaded(1 << 20), "POST", "/search", None).await;
     assert_ne!(s, StatusCode::UNAUTHORIZED);

@@ -97,7 +97,7 @@ mod tests {
         let hits = s.lexical_search("首都北京", 10).unwrap();
         assert_eq!(hits.first().map(|h| h.0), Some(4), "{hits:?}");
         assert!(s.lexical_search("  ?! ", 10).unwrap().is_empty());
-        s.delete("a").unwrap();
+        s.delete("default", "a").unwrap();
         assert!(s.lexical_search("jumps", 10).unwrap().is_empty());
         s.upsert(&doc("b", &["only wolves here"])).unwrap();
         assert!(

@@ -35,7 +35,10 @@ use serde_json::{Map, Value};
 use live::LiveSet;
 
 pub use lexical::{lexical_text, STOP_WORDS};
-pub use ragd_core::{DocumentInfo, Embedded, NewChunk, NewDocument, StoredChunk, UpsertStatus};
+pub use ragd_core::{
+    CollectionInfo, DocumentInfo, Embedded, NewChunk, NewDocument, StoredChunk, UpsertStatus,
+    DEFAULT_COLLECTION,
+};
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "ragd.sqlite3";
@@ -152,17 +155,21 @@ fn blob_to_vector(b: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
-/// Deletes document `id`'s chunks and their full-text entries in `tx`; returns
-/// the chunks' keys.
-fn delete_chunks(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Vec<usize>> {
+/// Deletes the chunks of document `id` of `collection` and their full-text
+/// entries in `tx`; returns the chunks' keys.
+fn delete_chunks(tx: &Transaction<'_>, collection: &str, id: &str) -> rusqlite::Result<Vec<usize>> {
     let keys: Vec<usize> = {
-        let mut stmt = tx.prepare("SELECT key FROM chunks WHERE document_id = ?1")?;
-        let keys = stmt.query_map([id], |r| r.get::<_, i64>(0))?;
+        let mut stmt =
+            tx.prepare("SELECT key FROM chunks WHERE collection = ?1 AND document_id = ?2")?;
+        let keys = stmt.query_map([collection, id], |r| r.get::<_, i64>(0))?;
         keys.map(|k| k.map(|k| k as usize))
             .collect::<Result<_, _>>()?
     };
     lexical::forget_chunks(tx, &keys)?;
-    tx.execute("DELETE FROM chunks WHERE document_id = ?1", [id])?;
+    tx.execute(
+        "DELETE FROM chunks WHERE collection = ?1 AND document_id = ?2",
+        [collection, id],
+    )?;
     Ok(keys)
 }
 
@@ -205,25 +212,34 @@ impl Store {
         self.generation
     }
 
-    /// The content hash of document `id`, if stored.
-    pub fn hash_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+    /// The content hash of document `id` of `collection`, if stored.
+    pub fn hash_of(&self, collection: &str, id: &str) -> Result<Option<String>, StoreError> {
         self.conn
-            .query_row("SELECT hash FROM documents WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT hash FROM documents WHERE collection = ?1 AND id = ?2",
+                [collection, id],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(self.db())
     }
 
     /// The vectors (and generated questions) of document `id`'s current chunks
     /// by what was embedded, so an update re-embeds only chunks that changed.
-    pub fn vectors_by_embed_hash(&self, id: &str) -> Result<HashMap<String, Embedded>, StoreError> {
+    pub fn vectors_by_embed_hash(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<HashMap<String, Embedded>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT embed_hash, vector, questions FROM chunks WHERE document_id = ?1")
+            .prepare(
+                "SELECT embed_hash, vector, questions FROM chunks
+                 WHERE collection = ?1 AND document_id = ?2",
+            )
             .map_err(self.db())?;
         let rows = stmt
-            .query_map([id], |r| {
+            .query_map([collection, id], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, Vec<u8>>(1)?,
@@ -255,8 +271,8 @@ impl Store {
             .map_err(db)?;
         let existing: Option<(String, i64)> = tx
             .query_row(
-                "SELECT hash, created_at FROM documents WHERE id = ?1",
-                [&doc.id],
+                "SELECT hash, created_at FROM documents WHERE collection = ?1 AND id = ?2",
+                [&doc.collection, &doc.id],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
@@ -271,26 +287,27 @@ impl Store {
         // writing into a `String` has no I/O error.
         let metadata = serde_json::to_string(&doc.metadata)
             .expect("a JSON object with string keys always serialises");
-        let old_keys = delete_chunks(&tx, &doc.id).map_err(db)?;
+        let old_keys = delete_chunks(&tx, &doc.collection, &doc.id).map_err(db)?;
         tx.execute(
-            "INSERT INTO documents (id, title, text, metadata, hash, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT(id) DO UPDATE SET title = excluded.title, text = excluded.text,
+            "INSERT INTO documents (collection, id, title, text, metadata, hash, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(collection, id) DO UPDATE SET title = excluded.title, text = excluded.text,
                  metadata = excluded.metadata, hash = excluded.hash, updated_at = excluded.updated_at",
-            params![doc.id, doc.title, doc.text, metadata, doc.hash, created_at, t],
+            params![doc.collection, doc.id, doc.title, doc.text, metadata, doc.hash, created_at, t],
         )
         .map_err(db)?;
         let mut new = Vec::with_capacity(doc.chunks.len());
         {
             let mut insert = tx
                 .prepare(
-                    "INSERT INTO chunks (document_id, idx, text, start, end, embed_hash, vector, section, questions)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO chunks (collection, document_id, idx, text, start, end, embed_hash, vector, section, questions)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .map_err(db)?;
             for (i, c) in doc.chunks.iter().enumerate() {
                 insert
                     .execute(params![
+                        doc.collection,
                         doc.id,
                         i as i64,
                         c.text,
@@ -318,8 +335,13 @@ impl Store {
         schema::bump_generation(&tx, self.generation + 1).map_err(db)?;
         tx.commit().map_err(db)?;
         self.generation += 1;
-        self.live
-            .replace_document(&doc.id, doc.metadata.clone(), &old_keys, &new);
+        self.live.replace_document(
+            &doc.collection,
+            &doc.id,
+            doc.metadata.clone(),
+            &old_keys,
+            &new,
+        );
         let status = if existing.is_some() {
             UpsertStatus::Updated
         } else {
@@ -328,16 +350,19 @@ impl Store {
         Ok((status, new))
     }
 
-    /// Deletes document `id` and its chunks; returns whether it existed.
-    pub fn delete(&mut self, id: &str) -> Result<bool, StoreError> {
+    /// Deletes document `id` of `collection` and its chunks; returns whether it existed.
+    pub fn delete(&mut self, collection: &str, id: &str) -> Result<bool, StoreError> {
         let db = db_error(&self.path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let keys = delete_chunks(&tx, id).map_err(db)?;
+        let keys = delete_chunks(&tx, collection, id).map_err(db)?;
         let n = tx
-            .execute("DELETE FROM documents WHERE id = ?1", [id])
+            .execute(
+                "DELETE FROM documents WHERE collection = ?1 AND id = ?2",
+                [collection, id],
+            )
             .map_err(db)?;
         if n == 0 {
             return Ok(false);
@@ -345,8 +370,97 @@ impl Store {
         schema::bump_generation(&tx, self.generation + 1).map_err(db)?;
         tx.commit().map_err(db)?;
         self.generation += 1;
-        self.live.remove_document(id, &keys);
+        self.live.remove_document(collection, id, &keys);
         Ok(true)
+    }
+
+    /// Every collection with its document count, by name.
+    pub fn collections(&self) -> Result<Vec<CollectionInfo>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT c.name, c.created_at,
+                     (SELECT count(*) FROM documents d WHERE d.collection = c.name)
+                 FROM collections c ORDER BY c.name",
+            )
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(CollectionInfo {
+                    name: r.get(0)?,
+                    created_at: r.get(1)?,
+                    documents: r.get::<_, i64>(2)? as usize,
+                })
+            })
+            .map_err(self.db())?;
+        rows.collect::<Result<_, _>>().map_err(self.db())
+    }
+
+    /// Whether collection `name` exists.
+    pub fn has_collection(&self, name: &str) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT count(*) > 0 FROM collections WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .map_err(self.db())
+    }
+
+    /// Creates collection `name`; `false` when it exists.
+    pub fn create_collection(&mut self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO collections (name, created_at) VALUES (?1, ?2)",
+                params![name, now()],
+            )
+            .map_err(self.db())?;
+        Ok(n == 1)
+    }
+
+    /// Deletes collection `name` (never `default`) and its documents in one
+    /// transaction: the number of documents and the chunk keys that went, or
+    /// `None` when there was no such collection.
+    pub fn delete_collection(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<(usize, Vec<usize>)>, StoreError> {
+        if name == DEFAULT_COLLECTION {
+            return Ok(None);
+        }
+        let db = db_error(&self.path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let keys: Vec<usize> = {
+            let mut stmt = tx
+                .prepare("SELECT key FROM chunks WHERE collection = ?1")
+                .map_err(db)?;
+            let keys = stmt.query_map([name], |r| r.get::<_, i64>(0)).map_err(db)?;
+            keys.map(|k| k.map(|k| k as usize))
+                .collect::<Result<_, _>>()
+                .map_err(db)?
+        };
+        lexical::forget_chunks(&tx, &keys).map_err(db)?;
+        tx.execute("DELETE FROM chunks WHERE collection = ?1", [name])
+            .map_err(db)?;
+        let documents = tx
+            .execute("DELETE FROM documents WHERE collection = ?1", [name])
+            .map_err(db)?;
+        if tx
+            .execute("DELETE FROM collections WHERE name = ?1", [name])
+            .map_err(db)?
+            == 0
+        {
+            return Ok(None);
+        }
+        schema::bump_generation(&tx, self.generation + 1).map_err(db)?;
+        tx.commit().map_err(db)?;
+        self.generation += 1;
+        self.live.remove_collection(name, &keys);
+        Ok(Some((documents, keys)))
     }
 
     /// The live chunks with these keys (missing ones are left out), in the given order.
@@ -354,8 +468,9 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT c.document_id, c.idx, d.title, c.text, c.start, c.end, c.section
-                 FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.key = ?1",
+                "SELECT c.document_id, c.idx, d.title, c.text, c.start, c.end, c.section, c.collection
+                 FROM chunks c JOIN documents d ON d.collection = c.collection AND d.id = c.document_id
+                 WHERE c.key = ?1",
             )
             .map_err(self.db())?;
         let mut out = Vec::with_capacity(keys.len());
@@ -370,16 +485,18 @@ impl Store {
                         r.get::<_, i64>(4)?,
                         r.get::<_, i64>(5)?,
                         r.get::<_, String>(6)?,
+                        r.get::<_, String>(7)?,
                     ))
                 })
                 .optional()
                 .map_err(self.db())?;
-            if let Some((document_id, idx, title, text, start, end, section)) = row {
+            if let Some((document_id, idx, title, text, start, end, section, collection)) = row {
                 // The live vectors are in memory; no need to read the blob again.
                 let vector = self.vector_of(key).map(<[f32]>::to_vec).unwrap_or_default();
                 let (start, end) = (start as usize, end as usize);
                 out.push(StoredChunk {
                     key,
+                    collection,
                     document_id,
                     index: idx as usize,
                     title,
@@ -399,6 +516,7 @@ impl Store {
     /// does not decode is [`StoreError::Corrupt`] (see [`Self::decode_info`]).
     fn info_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(DocumentInfo, String)> {
         let info = DocumentInfo {
+            collection: r.get(8)?,
             id: r.get(0)?,
             title: r.get(1)?,
             metadata: Map::new(),
@@ -422,32 +540,38 @@ impl Store {
     }
 
     const INFO_COLUMNS: &'static str = "d.id, d.title, d.metadata, d.hash, d.created_at, d.updated_at, length(CAST(d.text AS BLOB)),
-         (SELECT count(*) FROM chunks c WHERE c.document_id = d.id)";
+         (SELECT count(*) FROM chunks c WHERE c.collection = d.collection AND c.document_id = d.id),
+         d.collection";
 
-    /// Document `id`'s record.
-    pub fn document(&self, id: &str) -> Result<Option<DocumentInfo>, StoreError> {
+    /// The record of document `id` of `collection`.
+    pub fn document(&self, collection: &str, id: &str) -> Result<Option<DocumentInfo>, StoreError> {
         let sql = format!(
-            "SELECT {} FROM documents d WHERE d.id = ?1",
+            "SELECT {} FROM documents d WHERE d.collection = ?1 AND d.id = ?2",
             Self::INFO_COLUMNS
         );
         self.conn
-            .query_row(&sql, [id], Self::info_from_row)
+            .query_row(&sql, [collection, id], Self::info_from_row)
             .optional()
             .map_err(self.db())?
             .map(|row| self.decode_info(row))
             .transpose()
     }
 
-    /// Up to `limit` documents with ids after `after`, in id order.
-    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<DocumentInfo>, StoreError> {
+    /// Up to `limit` documents of `collection` with ids after `after`, in id order.
+    pub fn list(
+        &self,
+        collection: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DocumentInfo>, StoreError> {
         let sql = format!(
-            "SELECT {} FROM documents d WHERE d.id > ?1 ORDER BY d.id LIMIT ?2",
+            "SELECT {} FROM documents d WHERE d.collection = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3",
             Self::INFO_COLUMNS
         );
         let mut stmt = self.conn.prepare(&sql).map_err(self.db())?;
         let rows = stmt
             .query_map(
-                params![after.unwrap_or(""), limit as i64],
+                params![collection, after.unwrap_or(""), limit as i64],
                 Self::info_from_row,
             )
             .map_err(self.db())?;
@@ -471,6 +595,7 @@ mod tests {
     /// A document `id` with one chunk a text; chunks after the first have a section.
     pub(crate) fn doc(id: &str, texts: &[&str]) -> NewDocument {
         NewDocument {
+            collection: DEFAULT_COLLECTION.into(),
             id: id.into(),
             title: Some(format!("T {id}")),
             text: texts.join(" "),
@@ -518,23 +643,23 @@ mod tests {
                 "keys are never reused"
             );
             assert!(!s.is_live(1) && !s.is_live(2) && s.is_live(3));
-            assert_eq!(s.vectors_by_embed_hash("a").unwrap().len(), 2);
+            assert_eq!(s.vectors_by_embed_hash("default", "a").unwrap().len(), 2);
             s.upsert(&doc("b", &["w"])).unwrap();
         }
         let s = Store::open(dir.path(), "m", 2).unwrap();
         assert_eq!(s.document_count().unwrap(), 2);
         assert_eq!(
-            s.live().map(|(k, _, _)| k).collect::<Vec<_>>(),
+            s.live().map(|(k, _, _, _)| k).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
         assert_eq!(s.live_count(), 3);
-        assert_eq!(s.document_of(5), Some("b"));
+        assert_eq!(s.document_of(5), Some(("default", "b")));
         assert_eq!(s.generation(), 3, "three committed changes");
         let chunks = s.chunks(&[4, 1, 5]).unwrap();
         assert_eq!(chunks.len(), 2, "dead key 1 is left out");
         assert_eq!(chunks[0].text, "z");
         assert_eq!(chunks[0].chunk_id(), "a#1");
-        let info = s.document("a").unwrap().unwrap();
+        let info = s.document("default", "a").unwrap().unwrap();
         assert_eq!((info.chunks, info.title.as_deref()), (2, Some("T a")));
     }
 
@@ -544,13 +669,13 @@ mod tests {
         let mut s = Store::open(dir.path(), "m", 2).unwrap();
         s.upsert(&doc("a", &["x"])).unwrap();
         s.upsert(&doc("b", &["y"])).unwrap();
-        assert!(s.delete("a").unwrap());
-        assert!(!s.delete("a").unwrap());
+        assert!(s.delete("default", "a").unwrap());
+        assert!(!s.delete("default", "a").unwrap());
         assert!(!s.is_live(1));
         drop(s);
         let mut s = Store::open(dir.path(), "m", 2).unwrap();
         assert!(!s.is_live(1) && s.is_live(2));
-        assert!(s.document("a").unwrap().is_none());
+        assert!(s.document("default", "a").unwrap().is_none());
         // A new document after the delete does not take the deleted key.
         let (_, new) = s.upsert(&doc("c", &["q"])).unwrap();
         assert_eq!(new[0].0, 3);
@@ -563,12 +688,12 @@ mod tests {
         for id in ["c", "a", "d", "b"] {
             s.upsert(&doc(id, &["t"])).unwrap();
         }
-        let page = s.list(None, 3).unwrap();
+        let page = s.list("default", None, 3).unwrap();
         assert_eq!(
             page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
             vec!["a", "b", "c"]
         );
-        let page = s.list(Some("c"), 3).unwrap();
+        let page = s.list("default", Some("c"), 3).unwrap();
         assert_eq!(
             page.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
             vec!["d"]
@@ -583,8 +708,11 @@ mod tests {
         a.metadata.insert("lang".into(), "en".into());
         s.upsert(&a).unwrap();
         s.upsert(&doc("b", &["y"])).unwrap();
-        assert_eq!(s.document("a").unwrap().unwrap().metadata, a.metadata);
-        assert_eq!(s.metadata_of("a"), Some(&a.metadata));
+        assert_eq!(
+            s.document("default", "a").unwrap().unwrap().metadata,
+            a.metadata
+        );
+        assert_eq!(s.metadata_of("default", "a"), Some(&a.metadata));
         {
             let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
             conn.execute(
@@ -596,13 +724,113 @@ mod tests {
         fn corrupt<T>(r: Result<T, StoreError>) -> bool {
             matches!(r, Err(StoreError::Corrupt { message, .. }) if message.contains("\"a\""))
         }
-        assert!(corrupt(s.document("a")));
-        assert!(corrupt(s.list(None, 10)));
+        assert!(corrupt(s.document("default", "a")));
+        assert!(corrupt(s.list("default", None, 10)));
         assert!(
-            s.document("b").unwrap().is_some(),
+            s.document("default", "b").unwrap().is_some(),
             "other documents still read"
         );
         drop(s);
         assert!(corrupt(Store::open(dir.path(), "m", 2)));
+    }
+
+    #[test]
+    fn collections_keep_their_documents_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        assert!(s.create_collection("team-a").unwrap());
+        assert!(!s.create_collection("team-a").unwrap(), "exists already");
+        s.upsert(&doc("x", &["p"])).unwrap();
+        let mut a = doc("x", &["q", "r"]);
+        a.collection = "team-a".into();
+        assert_eq!(
+            s.upsert(&a).unwrap().0,
+            UpsertStatus::Created,
+            "same id, other collection"
+        );
+        assert_eq!(s.document("default", "x").unwrap().unwrap().chunks, 1);
+        assert_eq!(s.document("team-a", "x").unwrap().unwrap().chunks, 2);
+        assert_eq!(s.list("team-a", None, 10).unwrap().len(), 1);
+        assert_eq!(s.document_of(2), Some(("team-a", "x")));
+        assert_eq!(s.chunks(&[3]).unwrap()[0].collection, "team-a");
+        let names: Vec<(String, usize)> = s
+            .collections()
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.name, c.documents))
+            .collect();
+        assert_eq!(names, vec![("default".into(), 1), ("team-a".into(), 1)]);
+        // A document of a collection that does not exist is refused.
+        let mut b = doc("y", &["s"]);
+        b.collection = "nowhere".into();
+        assert!(s.upsert(&b).is_err());
+        assert!(
+            s.delete_collection("default").unwrap().is_none(),
+            "default stays"
+        );
+        assert_eq!(
+            s.delete_collection("team-a").unwrap(),
+            Some((1, vec![2, 3]))
+        );
+        assert!(s.delete_collection("team-a").unwrap().is_none());
+        assert!(!s.is_live(2) && s.is_live(1));
+        drop(s);
+        let s = Store::open(dir.path(), "m", 2).unwrap();
+        assert!(!s.has_collection("team-a").unwrap() && s.has_collection("default").unwrap());
+        assert_eq!(s.document_count().unwrap(), 1);
+        assert_eq!(s.live_count(), 1);
+    }
+
+    /// A schema 3 database (documents keyed by id alone) opens with every
+    /// document in `default`, chunk keys and the key counter kept.
+    #[test]
+    fn a_schema_3_database_is_migrated_to_collections() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT INTO meta VALUES ('embedder', 'm (2 dims)'), ('schema', '3'), ('generation', '7');
+                 CREATE TABLE documents (id TEXT PRIMARY KEY, title TEXT, text TEXT NOT NULL,
+                     metadata TEXT NOT NULL, hash TEXT NOT NULL, created_at INTEGER NOT NULL,
+                     updated_at INTEGER NOT NULL);
+                 CREATE TABLE chunks (key INTEGER PRIMARY KEY AUTOINCREMENT,
+                     document_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+                     idx INTEGER NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL,
+                     end INTEGER NOT NULL, embed_hash TEXT NOT NULL, vector BLOB NOT NULL,
+                     section TEXT NOT NULL DEFAULT '', questions TEXT NOT NULL DEFAULT '');
+                 CREATE INDEX chunks_by_document ON chunks(document_id, idx);
+                 CREATE VIRTUAL TABLE chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');
+                 INSERT INTO documents VALUES ('a', 'T a', 'hello', '{\"lang\":\"en\"}', 'h', 1, 2);",
+            )
+            .unwrap();
+            let blob = vector_to_blob(&[0.5, 1.0]);
+            for key in [4, 9] {
+                conn.execute(
+                    "INSERT INTO chunks (key, document_id, idx, text, start, end, embed_hash, vector)
+                     VALUES (?1, 'a', ?1, 'hello', 0, 5, 'e', ?2)",
+                    params![key, blob],
+                )
+                .unwrap();
+            }
+            // Key 12 was used and deleted: the counter is past it.
+            conn.execute(
+                "UPDATE sqlite_sequence SET seq = 12 WHERE name = 'chunks'",
+                [],
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        let info = s.document("default", "a").unwrap().unwrap();
+        assert_eq!((info.chunks, info.collection.as_str()), (2, "default"));
+        assert_eq!(info.metadata["lang"], "en");
+        assert_eq!(s.document_of(9), Some(("default", "a")));
+        assert_eq!(s.generation(), 7);
+        let (_, new) = s.upsert(&doc("b", &["w"])).unwrap();
+        assert_eq!(new[0].0, 13, "keys are never reused across the migration");
+        assert!(s.create_collection("c").unwrap());
+        drop(s);
+        let s = Store::open(dir.path(), "m", 2).unwrap();
+        assert_eq!(s.document_count().unwrap(), 2);
     }
 }

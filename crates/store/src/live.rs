@@ -15,9 +15,13 @@ use crate::{blob_to_vector, db_error, decode_metadata, KeyedVector, Store, Store
 /// search must not wait on the disk.
 #[derive(Debug, Clone)]
 struct LiveChunk {
+    collection: Arc<str>,
     document: Arc<str>,
     vector: Arc<[f32]>,
 }
+
+/// Documents' metadata by id, in one collection.
+type CollectionMetadata = HashMap<Arc<str>, Map<String, Value>>;
 
 /// The live chunks by key and every document's metadata.
 #[derive(Debug, Default)]
@@ -26,8 +30,8 @@ pub(crate) struct LiveSet {
     chunks: Vec<Option<LiveChunk>>,
     /// How many of `chunks` are there.
     count: usize,
-    /// Every document's metadata, for filters.
-    metadata: HashMap<Arc<str>, Map<String, Value>>,
+    /// Every document's metadata, for filters, by collection and id.
+    metadata: HashMap<Arc<str>, CollectionMetadata>,
 }
 
 impl LiveSet {
@@ -35,49 +39,76 @@ impl LiveSet {
     pub(crate) fn load(conn: &Connection, path: &Path) -> Result<Self, StoreError> {
         let db = db_error(path);
         let mut live = LiveSet::default();
-        let docs: Vec<(String, String)> = {
+        let docs: Vec<(String, String, String)> = {
             let mut stmt = conn
-                .prepare("SELECT id, metadata FROM documents")
+                .prepare("SELECT collection, id, metadata FROM documents")
                 .map_err(db)?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .map_err(db)?;
             rows.collect::<Result<_, _>>().map_err(db)?
         };
-        for (id, metadata) in docs {
+        for (collection, id, metadata) in docs {
             let metadata = decode_metadata(path, &id, &metadata)?;
-            live.metadata.insert(Arc::from(id.as_str()), metadata);
+            let collection = live.collection_name(&collection);
+            live.metadata
+                .entry(collection)
+                .or_default()
+                .insert(Arc::from(id.as_str()), metadata);
         }
-        let chunks: Vec<(usize, String, Vec<u8>)> = {
+        let chunks: Vec<(usize, String, String, Vec<u8>)> = {
             let mut stmt = conn
-                .prepare("SELECT key, document_id, vector FROM chunks ORDER BY key")
+                .prepare("SELECT key, collection, document_id, vector FROM chunks ORDER BY key")
                 .map_err(db)?;
             let rows = stmt
                 .query_map([], |r| {
-                    Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get(2)?))
+                    Ok((
+                        r.get::<_, i64>(0)? as usize,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                    ))
                 })
                 .map_err(db)?;
             rows.collect::<Result<_, _>>().map_err(db)?
         };
-        for (key, document, blob) in chunks {
+        for (key, collection, document, blob) in chunks {
             let vector = blob_to_vector(&blob).ok_or_else(|| StoreError::Corrupt {
                 path: path.to_owned(),
                 message: format!("vector of chunk {key}"),
             })?;
-            let document = live
-                .metadata
-                .get_key_value(document.as_str())
-                .map(|(k, _)| Arc::clone(k))
-                .unwrap_or_else(|| Arc::from(document.as_str()));
+            let (collection, document) = live.names(&collection, &document);
             live.set(
                 key,
                 Some(LiveChunk {
+                    collection,
                     document,
                     vector: vector.into(),
                 }),
             );
         }
         Ok(live)
+    }
+
+    /// The shared name of `collection` (one allocation per collection).
+    fn collection_name(&self, collection: &str) -> Arc<str> {
+        self.metadata
+            .get_key_value(collection)
+            .map(|(k, _)| Arc::clone(k))
+            .unwrap_or_else(|| Arc::from(collection))
+    }
+
+    /// The shared names of `collection` and document `id` (one allocation
+    /// per document, not per chunk).
+    fn names(&self, collection: &str, id: &str) -> (Arc<str>, Arc<str>) {
+        let c = self.collection_name(collection);
+        let d = self
+            .metadata
+            .get(collection)
+            .and_then(|docs| docs.get_key_value(id))
+            .map(|(k, _)| Arc::clone(k))
+            .unwrap_or_else(|| Arc::from(id));
+        (c, d)
     }
 
     fn set(&mut self, key: usize, chunk: Option<LiveChunk>) {
@@ -101,10 +132,11 @@ impl LiveSet {
         self.count
     }
 
-    /// After a committed upsert of document `id`: its chunks `old` are gone,
-    /// `new` are live, and its metadata is `metadata`.
+    /// After a committed upsert of document `id` of `collection`: its chunks
+    /// `old` are gone, `new` are live, and its metadata is `metadata`.
     pub(crate) fn replace_document(
         &mut self,
+        collection: &str,
         id: &str,
         metadata: Map<String, Value>,
         old: &[usize],
@@ -113,12 +145,17 @@ impl LiveSet {
         for &k in old {
             self.set(k, None);
         }
+        let collection = self.collection_name(collection);
         let document: Arc<str> = Arc::from(id);
-        self.metadata.insert(Arc::clone(&document), metadata);
+        self.metadata
+            .entry(Arc::clone(&collection))
+            .or_default()
+            .insert(Arc::clone(&document), metadata);
         for (k, v) in new {
             self.set(
                 *k,
                 Some(LiveChunk {
+                    collection: Arc::clone(&collection),
                     document: Arc::clone(&document),
                     vector: v.as_slice().into(),
                 }),
@@ -126,12 +163,22 @@ impl LiveSet {
         }
     }
 
-    /// After a committed delete of document `id` with chunks `keys`.
-    pub(crate) fn remove_document(&mut self, id: &str, keys: &[usize]) {
+    /// After a committed delete of document `id` of `collection` with chunks `keys`.
+    pub(crate) fn remove_document(&mut self, collection: &str, id: &str, keys: &[usize]) {
         for &k in keys {
             self.set(k, None);
         }
-        self.metadata.remove(id);
+        if let Some(docs) = self.metadata.get_mut(collection) {
+            docs.remove(id);
+        }
+    }
+
+    /// After a committed delete of `collection`, whose chunks were `keys`.
+    pub(crate) fn remove_collection(&mut self, collection: &str, keys: &[usize]) {
+        for &k in keys {
+            self.set(k, None);
+        }
+        self.metadata.remove(collection);
     }
 }
 
@@ -141,13 +188,12 @@ impl Store {
         self.live.get(key).is_some()
     }
 
-    /// Every live chunk: key, document id and vector, in key order.
-    pub fn live(&self) -> impl Iterator<Item = (usize, &str, &[f32])> + '_ {
-        self.live
-            .chunks
-            .iter()
-            .enumerate()
-            .filter_map(|(k, c)| c.as_ref().map(|c| (k, &*c.document, &*c.vector)))
+    /// Every live chunk: key, collection, document id and vector, in key order.
+    pub fn live(&self) -> impl Iterator<Item = (usize, &str, &str, &[f32])> + '_ {
+        self.live.chunks.iter().enumerate().filter_map(|(k, c)| {
+            c.as_ref()
+                .map(|c| (k, &*c.collection, &*c.document, &*c.vector))
+        })
     }
 
     /// Number of live chunks.
@@ -155,9 +201,9 @@ impl Store {
         self.live.count()
     }
 
-    /// The document that chunk `key` belongs to, if the chunk is live.
-    pub fn document_of(&self, key: usize) -> Option<&str> {
-        self.live.get(key).map(|c| &*c.document)
+    /// The collection and document that chunk `key` belongs to, if the chunk is live.
+    pub fn document_of(&self, key: usize) -> Option<(&str, &str)> {
+        self.live.get(key).map(|c| (&*c.collection, &*c.document))
     }
 
     /// The vector of chunk `key`, if the chunk is live.
@@ -165,9 +211,9 @@ impl Store {
         self.live.get(key).map(|c| &*c.vector)
     }
 
-    /// The metadata of document `id`.
-    pub fn metadata_of(&self, id: &str) -> Option<&Map<String, Value>> {
-        self.live.metadata.get(id)
+    /// The metadata of document `id` of `collection`.
+    pub fn metadata_of(&self, collection: &str, id: &str) -> Option<&Map<String, Value>> {
+        self.live.metadata.get(collection)?.get(id)
     }
 }
 
@@ -178,14 +224,18 @@ mod tests {
     #[test]
     fn count_follows_replacements_and_removals() {
         let mut live = LiveSet::default();
-        live.replace_document("a", Map::new(), &[], &[(2, vec![1.0]), (3, vec![2.0])]);
+        live.replace_document("c", "a", Map::new(), &[], &[(2, vec![1.0]), (3, vec![2.0])]);
         assert_eq!(live.count(), 2);
         assert!(live.get(1).is_none() && live.get(99).is_none());
-        live.replace_document("a", Map::new(), &[2, 3], &[(4, vec![3.0])]);
+        live.replace_document("c", "a", Map::new(), &[2, 3], &[(4, vec![3.0])]);
         assert_eq!(live.count(), 1);
         assert_eq!(live.get(4).map(|c| &*c.document), Some("a"));
-        live.remove_document("a", &[4]);
+        live.remove_document("c", "a", &[4]);
         assert_eq!(live.count(), 0);
-        assert!(live.metadata.is_empty());
+        assert!(live.metadata["c"].is_empty());
+        live.replace_document("d", "a", Map::new(), &[], &[(5, vec![1.0])]);
+        live.remove_collection("d", &[5]);
+        assert_eq!(live.count(), 0);
+        assert!(!live.metadata.contains_key("d"));
     }
 }

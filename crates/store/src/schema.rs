@@ -10,22 +10,27 @@ use crate::{db_error, lexical, StoreError};
 
 /// 2: chunks.section (the heading path of a chunk) and Porter stemming in the
 /// full-text index. 3: chunks.questions (generated questions, one per line).
+/// 4: collections; documents keyed by (collection, id).
 /// Older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
-/// The tables, each created when missing.
-const TABLES: &str = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS documents (
-                 id TEXT PRIMARY KEY,
+/// The documents table of schema 4, named `NAME`.
+const DOCUMENTS: &str = "CREATE TABLE IF NOT EXISTS NAME (
+                 collection TEXT NOT NULL DEFAULT 'default' REFERENCES collections(name),
+                 id TEXT NOT NULL,
                  title TEXT,
                  text TEXT NOT NULL,
                  metadata TEXT NOT NULL,
                  hash TEXT NOT NULL,
                  created_at INTEGER NOT NULL,
-                 updated_at INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS chunks (
+                 updated_at INTEGER NOT NULL,
+                 PRIMARY KEY (collection, id));";
+
+/// The chunks table of schema 4, named `NAME`.
+const CHUNKS: &str = "CREATE TABLE IF NOT EXISTS NAME (
                  key INTEGER PRIMARY KEY AUTOINCREMENT,
-                 document_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+                 collection TEXT NOT NULL DEFAULT 'default',
+                 document_id TEXT NOT NULL,
                  idx INTEGER NOT NULL,
                  text TEXT NOT NULL,
                  start INTEGER NOT NULL,
@@ -33,9 +38,18 @@ const TABLES: &str = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, val
                  embed_hash TEXT NOT NULL,
                  vector BLOB NOT NULL,
                  section TEXT NOT NULL DEFAULT '',
-                 questions TEXT NOT NULL DEFAULT '');
-             CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, idx);
+                 questions TEXT NOT NULL DEFAULT '',
+                 FOREIGN KEY (collection, document_id) REFERENCES documents(collection, id) ON DELETE CASCADE);";
+
+/// The tables other than documents and chunks, each created when missing.
+const TABLES: &str = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS collections (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL);
+             INSERT OR IGNORE INTO collections (name, created_at) VALUES ('default', 0);
              CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');";
+
+/// The indexes of schema 4 (created once the tables have its layout).
+const INDEXES: &str =
+    "CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(collection, document_id, idx);";
 
 /// Makes the database at `path` ready for vectors of model `embedder` with
 /// `dim` dimensions: creates missing tables, records the model in a new
@@ -47,9 +61,26 @@ pub(crate) fn prepare(
     embedder: &str,
     dim: usize,
 ) -> Result<u64, StoreError> {
-    conn.execute_batch(TABLES).map_err(db_error(path))?;
+    let db = db_error(path);
+    let fresh: bool = conn
+        .query_row(
+            "SELECT count(*) = 0 FROM sqlite_master WHERE name = 'documents'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db)?;
+    conn.execute_batch(TABLES).map_err(db)?;
+    if fresh {
+        conn.execute_batch(&format!(
+            "{}{}",
+            DOCUMENTS.replace("NAME", "documents"),
+            CHUNKS.replace("NAME", "chunks")
+        ))
+        .map_err(db)?;
+    }
     check_embedder(conn, path, &format!("{embedder} ({dim} dims)"))?;
     migrate(conn, path)?;
+    conn.execute_batch(INDEXES).map_err(db)?;
     Ok(meta(conn, path, "generation")?
         .and_then(|g| g.parse().ok())
         .unwrap_or(0))
@@ -101,16 +132,20 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             tracing::info!(path = %path.display(), "database migrated to schema 2 (chunk sections)");
         }
     }
+    if meta(conn, path, "schema")?.as_deref() == Some("2") {
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE chunks ADD COLUMN questions TEXT NOT NULL DEFAULT '';
+             UPDATE meta SET value = '3' WHERE key = 'schema';
+             COMMIT;",
+        )
+        .map_err(db_error(path))?;
+        tracing::info!(path = %path.display(), "database migrated to schema 3 (generated questions)");
+    }
     match meta(conn, path, "schema")?.as_deref() {
-        Some("2") => {
-            conn.execute_batch(
-                "BEGIN;
-                 ALTER TABLE chunks ADD COLUMN questions TEXT NOT NULL DEFAULT '';
-                 UPDATE meta SET value = '3' WHERE key = 'schema';
-                 COMMIT;",
-            )
-            .map_err(db_error(path))?;
-            tracing::info!(path = %path.display(), "database migrated to schema 3 (generated questions)");
+        Some("3") => {
+            to_collections(conn, path)?;
+            tracing::info!(path = %path.display(), "database migrated to schema 4 (collections; every document in \"default\")");
             Ok(())
         }
         Some(v) if v != SCHEMA_VERSION.to_string() => Err(StoreError::Corrupt {
@@ -119,6 +154,56 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         }),
         _ => Ok(()),
     }
+}
+
+/// Schema 3 to 4: documents keyed by (collection, id), every existing one in
+/// `default`. SQLite cannot change a primary key in place, so both tables are
+/// copied into the new layout in one transaction, chunk keys kept, and the
+/// key counter with them (keys are never reused, deleted ones included).
+fn to_collections(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let db = db_error(path);
+    // Foreign keys cannot be switched inside a transaction; off while the
+    // tables are swapped, checked before the commit, on again after.
+    conn.pragma_update(None, "foreign_keys", "OFF")
+        .map_err(db)?;
+    let result = conn.execute_batch(&format!(
+        "BEGIN;
+         {documents}
+         INSERT INTO documents_v4 (collection, id, title, text, metadata, hash, created_at, updated_at)
+             SELECT 'default', id, title, text, metadata, hash, created_at, updated_at FROM documents;
+         {chunks}
+         INSERT INTO chunks_v4 (key, collection, document_id, idx, text, start, end, embed_hash, vector, section, questions)
+             SELECT key, 'default', document_id, idx, text, start, end, embed_hash, vector, section, questions FROM chunks;
+         DELETE FROM sqlite_sequence WHERE name = 'chunks_v4';
+         INSERT INTO sqlite_sequence (name, seq) SELECT 'chunks_v4', seq FROM sqlite_sequence WHERE name = 'chunks';
+         DROP TABLE chunks;
+         DROP TABLE documents;
+         ALTER TABLE documents_v4 RENAME TO documents;
+         ALTER TABLE chunks_v4 RENAME TO chunks;
+         UPDATE meta SET value = '4' WHERE key = 'schema';",
+        documents = DOCUMENTS.replace("NAME", "documents_v4"),
+        chunks = CHUNKS.replace("NAME", "chunks_v4"),
+    ));
+    let checked = result.and_then(|()| {
+        let broken: i64 =
+            conn.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| {
+                r.get(0)
+            })?;
+        if broken > 0 {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+                Some(format!(
+                    "{broken} rows break a foreign key after the migration"
+                )),
+            ));
+        }
+        conn.execute_batch("COMMIT;")
+    });
+    if checked.is_err() {
+        let _ = conn.execute_batch("ROLLBACK;");
+    }
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+    checked.map_err(db)
 }
 
 /// Records `generation` as the generation counter, within the write `tx` that
@@ -206,7 +291,7 @@ mod tests {
             .unwrap();
         }
         let mut s = Store::open(dir.path(), "m", 2).unwrap();
-        let keys: Vec<usize> = s.live().map(|(k, _, _)| k).collect();
+        let keys: Vec<usize> = s.live().map(|(k, _, _, _)| k).collect();
         let chunks = s.chunks(&keys).unwrap();
         assert_eq!(chunks.len(), 2);
         assert!(
@@ -259,9 +344,9 @@ mod tests {
             vec!["gamma"],
             "a generated question finds its chunk"
         );
-        let prior = s.vectors_by_embed_hash("b").unwrap();
+        let prior = s.vectors_by_embed_hash("default", "b").unwrap();
         assert_eq!(prior["e-gamma"].questions, b.chunks[0].questions);
-        assert!(s.vectors_by_embed_hash("a").unwrap()["e-alpha"]
+        assert!(s.vectors_by_embed_hash("default", "a").unwrap()["e-alpha"]
             .questions
             .is_empty());
     }
