@@ -140,6 +140,8 @@ impl Indexed {
         let store = &self.store;
         let allowed_count = if filter.is_empty() {
             store.live_count()
+        } else if let (false, Some(c)) = (filter.has_conditions(), filter.collection()) {
+            store.live_count_in(c)
         } else {
             store
                 .live()
@@ -403,6 +405,16 @@ impl DocumentStore for SqliteStore {
     async fn collections(&self) -> Result<Vec<CollectionInfo>, BackendError> {
         self.with(move |data, _| data.store.collections().map_err(BackendError::server))
             .await
+    }
+
+    async fn collection_exists(&self, name: &str) -> Result<bool, BackendError> {
+        let name = name.to_string();
+        self.with(move |data, _| {
+            data.store
+                .has_collection(&name)
+                .map_err(BackendError::server)
+        })
+        .await
     }
 
     async fn create_collection(&self, name: &str) -> Result<bool, BackendError> {

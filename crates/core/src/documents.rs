@@ -236,6 +236,10 @@ pub trait DocumentStore: Send + Sync + std::fmt::Debug {
     /// Every collection, by name ([`DEFAULT_COLLECTION`] always among them).
     async fn collections(&self) -> Result<Vec<CollectionInfo>, BackendError>;
 
+    /// Whether collection `name` exists (cheaper than [`Self::collections`],
+    /// which counts documents: asked on every request to a collection).
+    async fn collection_exists(&self, name: &str) -> Result<bool, BackendError>;
+
     /// Creates collection `name`; `false` when it exists already.
     async fn create_collection(&self, name: &str) -> Result<bool, BackendError>;
 

@@ -103,6 +103,11 @@ impl Filter {
         self.collection.as_deref()
     }
 
+    /// Whether the filter has conditions besides its collection.
+    pub fn has_conditions(&self) -> bool {
+        !self.conditions.is_empty()
+    }
+
     /// Whether the filter lets everything through.
     pub fn is_empty(&self) -> bool {
         self.conditions.is_empty() && self.collection.is_none()

@@ -286,6 +286,15 @@ impl PgStore {
             &[&lock_name(&doc.collection, &doc.id)],
         )
         .await?;
+        // The collection's row held (shared) until the commit: deleting the
+        // collection waits for this document, then takes it too, rather
+        // than miss chunks committed meanwhile (an update writes no row that
+        // refers to the collection, so the foreign key alone would not wait).
+        tx.execute(
+            "SELECT 1 FROM ragd_collections WHERE name = $1 FOR KEY SHARE",
+            &[&doc.collection],
+        )
+        .await?;
         let existing: Option<(String, i64)> = tx
             .query_opt(
                 "SELECT hash, created_at FROM ragd_documents WHERE collection = $1 AND id = $2",
@@ -610,6 +619,18 @@ impl DocumentStore for PgStore {
                 documents: r.get::<_, i64>(2) as usize,
             })
             .collect())
+    }
+
+    async fn collection_exists(&self, name: &str) -> Result<bool, BackendError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM ragd_collections WHERE name = $1)",
+                &[&name],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.get(0))
     }
 
     async fn create_collection(&self, name: &str) -> Result<bool, BackendError> {

@@ -57,12 +57,7 @@ impl Pipeline {
             return Ok(());
         }
         let known = invalid_collection_name(collection).is_none()
-            && self
-                .store
-                .collections()
-                .await?
-                .iter()
-                .any(|c| c.name == collection);
+            && self.store.collection_exists(collection).await?;
         if known {
             Ok(())
         } else {

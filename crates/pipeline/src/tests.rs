@@ -270,6 +270,11 @@ impl DocumentStore for MemoryStore {
             .collect())
     }
 
+    async fn collection_exists(&self, name: &str) -> Result<bool, BackendError> {
+        let m = self.data.lock().unwrap();
+        Ok(name == DEFAULT_COLLECTION || m.collections.contains(name))
+    }
+
     async fn create_collection(&self, name: &str) -> Result<bool, BackendError> {
         let mut m = self.data.lock().unwrap();
         Ok(name != DEFAULT_COLLECTION && m.collections.insert(name.to_string()))

@@ -30,6 +30,8 @@ pub(crate) struct LiveSet {
     chunks: Vec<Option<LiveChunk>>,
     /// How many of `chunks` are there.
     count: usize,
+    /// How many of them each collection has.
+    per_collection: HashMap<Arc<str>, usize>,
     /// Every document's metadata, for filters, by collection and id.
     metadata: HashMap<Arc<str>, CollectionMetadata>,
 }
@@ -115,10 +117,18 @@ impl LiveSet {
         if self.chunks.len() <= key {
             self.chunks.resize(key + 1, None);
         }
-        match (&self.chunks[key], &chunk) {
-            (None, Some(_)) => self.count += 1,
-            (Some(_), None) => self.count -= 1,
-            _ => {}
+        if let Some(old) = &self.chunks[key] {
+            self.count -= 1;
+            if let Some(n) = self.per_collection.get_mut(&old.collection) {
+                *n -= 1;
+            }
+        }
+        if let Some(new) = &chunk {
+            self.count += 1;
+            *self
+                .per_collection
+                .entry(Arc::clone(&new.collection))
+                .or_default() += 1;
         }
         self.chunks[key] = chunk;
     }
@@ -130,6 +140,11 @@ impl LiveSet {
     /// Number of live chunks.
     pub(crate) fn count(&self) -> usize {
         self.count
+    }
+
+    /// Number of live chunks of `collection`.
+    pub(crate) fn count_in(&self, collection: &str) -> usize {
+        self.per_collection.get(collection).copied().unwrap_or(0)
     }
 
     /// After a committed upsert of document `id` of `collection`: its chunks
@@ -201,6 +216,11 @@ impl Store {
         self.live.count()
     }
 
+    /// Number of live chunks of `collection`.
+    pub fn live_count_in(&self, collection: &str) -> usize {
+        self.live.count_in(collection)
+    }
+
     /// The collection and document that chunk `key` belongs to, if the chunk is live.
     pub fn document_of(&self, key: usize) -> Option<(&str, &str)> {
         self.live.get(key).map(|c| (&*c.collection, &*c.document))
@@ -234,8 +254,10 @@ mod tests {
         assert_eq!(live.count(), 0);
         assert!(live.metadata["c"].is_empty());
         live.replace_document("d", "a", Map::new(), &[], &[(5, vec![1.0])]);
+        assert_eq!((live.count_in("d"), live.count_in("c")), (1, 0));
         live.remove_collection("d", &[5]);
         assert_eq!(live.count(), 0);
+        assert_eq!(live.count_in("d"), 0);
         assert!(!live.metadata.contains_key("d"));
     }
 }

@@ -235,7 +235,8 @@ pub(crate) fn backfill_lexical(
     {
         let mut select = tx
             .prepare(
-                "SELECT c.key, d.title, c.section, c.text, c.questions FROM chunks c JOIN documents d ON d.id = c.document_id",
+                "SELECT c.key, d.title, c.section, c.text, c.questions FROM chunks c
+                 JOIN documents d ON d.collection = c.collection AND d.id = c.document_id",
             )
             .map_err(db)?;
         let rows: Vec<(i64, Option<String>, String, String, String)> = select
