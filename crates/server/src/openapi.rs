@@ -83,7 +83,13 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             crate::openai::models, crate::collections::list, crate::collections::create,
             crate::collections::remove
         ),
-        modifiers(&BearerAuth, &CollectionRoutes, &ServiceStatuses, &UniqueDocuments)
+        modifiers(
+            &BearerAuth,
+            &CollectionRoutes,
+            &ServiceStatuses,
+            &UniqueDocuments,
+            &FilterGrammar
+        )
     )]
     struct ApiDoc;
     ApiDoc::openapi()
@@ -264,6 +270,66 @@ impl utoipa::Modify for UniqueDocuments {
             });
         if let Some(RefOr::T(Schema::Array(a))) = documents {
             a.unique_items = true;
+        }
+    }
+}
+
+/// The `filter` of `/search` and `/ask` as [`ragd_core::Filter::parse`] reads
+/// it (utoipa cannot derive it from a `serde_json::Value`): keys
+/// `document_id` or `metadata.<key>`, each a string, number or boolean, or
+/// `{"in": [one or more of those]}`.
+struct FilterGrammar;
+
+impl utoipa::Modify for FilterGrammar {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{
+            ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
+        };
+        use utoipa::openapi::RefOr;
+        let scalar = || {
+            ObjectBuilder::new().schema_type(
+                [Type::String, Type::Number, Type::Boolean]
+                    .into_iter()
+                    .collect::<SchemaType>(),
+            )
+        };
+        let one_of = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property("in", ArrayBuilder::new().items(scalar()).min_items(Some(1)))
+            .required("in")
+            .additional_properties(Some(
+                utoipa::openapi::schema::AdditionalProperties::<Schema>::FreeForm(false),
+            ));
+        let condition = Schema::OneOf(OneOfBuilder::new().item(scalar()).item(one_of).build());
+        let filter = |description: &str| {
+            ObjectBuilder::new()
+                .schema_type(
+                    [Type::Object, Type::Null]
+                        .into_iter()
+                        .collect::<SchemaType>(),
+                )
+                .description(Some(description))
+                .property_names(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some(r"^(document_id|metadata\.[\s\S]+)$")),
+                ))
+                .additional_properties(Some(condition.clone()))
+                .build()
+        };
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        for name in ["SearchRequest", "AskRequest"] {
+            if let Some(RefOr::T(Schema::Object(o))) = components.schemas.get_mut(name) {
+                if let Some(RefOr::T(Schema::Object(old))) = o.properties.get("filter") {
+                    let description = old.description.clone().unwrap_or_default();
+                    o.properties.insert(
+                        "filter".into(),
+                        RefOr::T(Schema::Object(filter(&description))),
+                    );
+                }
+            }
         }
     }
 }

@@ -285,6 +285,19 @@ fn openapi_states_statuses_security_and_bounds() {
         100
     );
     assert_eq!(schemas["AskRequest"]["properties"]["stop"]["maxItems"], 4);
+    // The filter grammar: which keys, which values.
+    for request in ["SearchRequest", "AskRequest"] {
+        let filter = &schemas[request]["properties"]["filter"];
+        assert_eq!(
+            filter["propertyNames"]["pattern"], r"^(document_id|metadata\.[\s\S]+)$",
+            "{request}: {filter}"
+        );
+        let forms = filter["additionalProperties"]["oneOf"].as_array().unwrap();
+        assert_eq!(forms.len(), 2, "{filter}");
+        assert_eq!(forms[1]["required"], serde_json::json!(["in"]));
+        assert_eq!(forms[1]["properties"]["in"]["minItems"], 1);
+        assert!(filter["description"].as_str().unwrap().contains("metadata"));
+    }
 }
 
 /// f32 values keep their shortest form in JSON bodies (not the widened f64).
