@@ -56,11 +56,20 @@ pub(crate) fn push(sql: &mut Sql, filter: &Filter) {
             .bind(collection.to_string());
     }
     for (field, condition) in filter.conditions() {
+        // PostgreSQL text and JSONB cannot hold U+0000, so no stored id or
+        // metadata has it; a wanted value with it matches nothing, and sent
+        // as a parameter it would fail the query (a 500 schemathesis found).
         let wanted: Vec<&Value> = match condition {
             Condition::Eq(v) => vec![v],
             Condition::In(vs) => vs.iter().collect(),
-        };
+        }
+        .into_iter()
+        .filter(|v| !v.as_str().is_some_and(|s| s.contains('\0')))
+        .collect();
         match field {
+            Field::Metadata(key) if key.contains('\0') => {
+                sql.push(" AND FALSE");
+            }
             Field::DocumentId => {
                 // Ids are strings: a number or boolean names no document.
                 let ids: Vec<String> = wanted
