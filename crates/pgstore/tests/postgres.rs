@@ -426,7 +426,10 @@ async fn filters_are_applied_in_sql_for_both_searches() {
         // nothing (and is not an error).
         (json!({"metadata.lang": "e\0n"}), vec![]),
         (json!({"metadata.la\0ng": "en"}), vec![]),
-        (json!({"document_id": {"in": ["en\01", "de1"]}}), vec!["de1"]),
+        (
+            json!({"document_id": {"in": ["en\01", "de1"]}}),
+            vec!["de1"],
+        ),
     ];
     for (filter, want) in cases {
         let dense = store
