@@ -150,17 +150,6 @@ impl Keys {
         }
         access
     }
-
-    /// The widest scope `presented` has anywhere; `None` when it is no configured key.
-    pub fn scope_of(&self, presented: &str) -> Option<Scope> {
-        let access = self.access_of(presented);
-        access
-            .collections
-            .iter()
-            .map(|(_, s)| *s)
-            .chain(access.everywhere)
-            .max()
-    }
 }
 
 /// Where a route acts.
@@ -210,11 +199,6 @@ pub fn requirement<'a>(method: &Method, path: &'a str) -> Option<(Scope, Reach<'
         Some(scope) => Some((scope, Reach::Collection(DEFAULT_COLLECTION))),
         None => Some((Scope::Read, Reach::Service)),
     }
-}
-
-/// The scope a route needs; `None` for the open ones.
-pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
-    requirement(method, path).map(|(scope, _)| scope)
 }
 
 /// The middleware: 401 without a valid key, 404 for a collection the key does
@@ -278,6 +262,19 @@ pub async fn check(State(keys): State<Arc<Keys>>, mut request: Request, next: Ne
 mod tests {
     use super::*;
     use crate::config::CollectionKey;
+
+    impl Keys {
+        /// The widest scope `presented` has anywhere; `None` when it is no key.
+        fn scope_of(&self, presented: &str) -> Option<Scope> {
+            let access = self.access_of(presented);
+            access
+                .collections
+                .iter()
+                .map(|(_, s)| *s)
+                .chain(access.everywhere)
+                .max()
+        }
+    }
 
     #[test]
     fn keys_have_scopes_and_routes_need_them() {

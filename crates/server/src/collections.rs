@@ -50,19 +50,29 @@ pub(crate) fn routes() -> Router<AppState> {
 #[derive(Debug, Clone)]
 pub struct InCollection(pub String);
 
+/// The path parameter `name` of the request, percent-decoded, if the route has one.
+async fn path_param<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+    name: &str,
+) -> Result<Option<String>, ApiError> {
+    let params = RawPathParams::from_request_parts(parts, state)
+        .await
+        .map_err(|e| ApiError::Invalid(e.body_text()))?;
+    Ok(params
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string()))
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for InCollection {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let params = RawPathParams::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::Invalid(e.body_text()))?;
         Ok(InCollection(
-            params
-                .iter()
-                .find(|(k, _)| *k == "collection")
-                .map_or(DEFAULT_COLLECTION, |(_, v)| v)
-                .to_string(),
+            path_param(parts, state, "collection")
+                .await?
+                .unwrap_or_else(|| DEFAULT_COLLECTION.to_string()),
         ))
     }
 }
@@ -76,13 +86,9 @@ impl<S: Send + Sync> FromRequestParts<S> for DocumentId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let params = RawPathParams::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::Invalid(e.body_text()))?;
-        params
-            .iter()
-            .find(|(k, _)| *k == "id")
-            .map(|(_, v)| DocumentId(v.to_string()))
+        path_param(parts, state, "id")
+            .await?
+            .map(DocumentId)
             .ok_or_else(|| ApiError::internal("a document route without {id}"))
     }
 }

@@ -43,6 +43,24 @@ pub fn openapi_with(limits: RequestLimits) -> utoipa::openapi::OpenApi {
     doc
 }
 
+/// The schema of `field` of the object schema `schema`, if both are there.
+fn property_mut<'a>(
+    doc: &'a mut utoipa::openapi::OpenApi,
+    schema: &str,
+    field: &str,
+) -> Option<&'a mut utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>> {
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::RefOr;
+    doc.components
+        .as_mut()?
+        .schemas
+        .get_mut(schema)
+        .and_then(|s| match s {
+            RefOr::T(Schema::Object(o)) => o.properties.get_mut(field),
+            _ => None,
+        })
+}
+
 /// Sets the `minimum` and `maximum` of the integer `field` of `schema`.
 fn bound(
     doc: &mut utoipa::openapi::OpenApi,
@@ -53,16 +71,8 @@ fn bound(
 ) {
     use utoipa::openapi::schema::Schema;
     use utoipa::openapi::RefOr;
-    let property = doc
-        .components
-        .as_mut()
-        .and_then(|c| c.schemas.get_mut(schema))
-        .and_then(|s| match s {
-            RefOr::T(Schema::Object(o)) => o.properties.get_mut(field),
-            _ => None,
-        });
     // A field renamed or retyped fails the server's test of this function.
-    if let Some(RefOr::T(Schema::Object(o))) = property {
+    if let Some(RefOr::T(Schema::Object(o))) = property_mut(doc, schema, field) {
         o.minimum = minimum.map(Into::into);
         o.maximum = maximum.map(Into::into);
     }
@@ -175,7 +185,7 @@ impl utoipa::Modify for CollectionRoutes {
 /// Every status the service's layers can answer, on every operation they
 /// apply to, besides the ones each handler documents: a client generated from
 /// the document then knows them all (schemathesis found them undocumented).
-/// Which operations need a key comes from [`crate::auth::required_scope`], the
+/// Which operations need a key comes from [`crate::auth::requirement`], the
 /// function the auth middleware asks: the open ones are marked as needing
 /// none (`security: []`).
 struct ServiceStatuses;
@@ -260,15 +270,9 @@ impl utoipa::Modify for UniqueDocuments {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::schema::Schema;
         use utoipa::openapi::RefOr;
-        let documents = openapi
-            .components
-            .as_mut()
-            .and_then(|c| c.schemas.get_mut("IngestRequest"))
-            .and_then(|s| match s {
-                RefOr::T(Schema::Object(o)) => o.properties.get_mut("documents"),
-                _ => None,
-            });
-        if let Some(RefOr::T(Schema::Array(a))) = documents {
+        if let Some(RefOr::T(Schema::Array(a))) =
+            property_mut(openapi, "IngestRequest", "documents")
+        {
             a.unique_items = true;
         }
     }
@@ -317,17 +321,11 @@ impl utoipa::Modify for FilterGrammar {
                 .additional_properties(Some(condition.clone()))
                 .build()
         };
-        let Some(components) = openapi.components.as_mut() else {
-            return;
-        };
         for name in ["SearchRequest", "AskRequest"] {
-            if let Some(RefOr::T(Schema::Object(o))) = components.schemas.get_mut(name) {
-                if let Some(RefOr::T(Schema::Object(old))) = o.properties.get("filter") {
+            if let Some(property) = property_mut(openapi, name, "filter") {
+                if let RefOr::T(Schema::Object(old)) = property {
                     let description = old.description.clone().unwrap_or_default();
-                    o.properties.insert(
-                        "filter".into(),
-                        RefOr::T(Schema::Object(filter(&description))),
-                    );
+                    *property = RefOr::T(Schema::Object(filter(&description)));
                 }
             }
         }
