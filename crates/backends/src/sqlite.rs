@@ -175,16 +175,53 @@ impl Indexed {
     }
 
     fn lexical(&self, query: &str, k: usize, filter: &Filter) -> Result<Vec<Hit>, BackendError> {
-        // The full-text index holds every collection: over-fetch so that
-        // filtering still leaves k, and fetch more while the filter (a small
-        // collection beside large ones) leaves fewer and there are more.
-        let mut n = (k * 10).max(200);
+        // Each collection has its own full-text table (BM25 statistics of its
+        // own). Without a collection (no request does that; tools may), each
+        // is searched and the hits merged by score.
+        let collections: Vec<String> = match filter.collection() {
+            Some(c) => vec![c.to_string()],
+            None => self
+                .store
+                .collections()
+                .map_err(BackendError::server)?
+                .into_iter()
+                .map(|c| c.name)
+                .collect(),
+        };
+        let mut hits = Vec::new();
+        for collection in &collections {
+            hits.extend(self.lexical_in(collection, query, k, filter)?);
+        }
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+        hits.truncate(k);
+        Ok(hits)
+    }
+
+    /// Lexical search in `collection`. The filter's other conditions are
+    /// applied to what the full-text table returns: over-fetch so that
+    /// filtering still leaves k, and fetch more while it leaves fewer and
+    /// there are more.
+    fn lexical_in(
+        &self,
+        collection: &str,
+        query: &str,
+        k: usize,
+        filter: &Filter,
+    ) -> Result<Vec<Hit>, BackendError> {
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let mut n = if filter.has_conditions() {
+            (k * 10).max(200)
+        } else {
+            k
+        };
         loop {
             let raw = self
                 .store
-                .lexical_search(query, n)
+                .lexical_search(collection, query, n)
                 .map_err(BackendError::server)?;
-            let exhausted = raw.len() < n || n >= self.store.live_count();
+            let exhausted = raw.len() < n || n >= self.store.live_count_in(collection);
             let hits: Vec<Hit> = raw
                 .into_iter()
                 .filter(|(key, _)| self.allowed(*key, filter))

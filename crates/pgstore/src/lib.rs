@@ -11,7 +11,7 @@
 //!   see `ragd_pipeline::route`: the inner product is each model's cosine);
 //! * the lexical index is a postings table of ragd's own terms (`terms`) and
 //!   BM25 is computed in SQL with FTS5's formula and constants, so both
-//!   backends rank alike;
+//!   backends rank alike, each collection with its own statistics;
 //! * metadata filters are SQL (`filter`): JSONB containment on the documents.
 //!
 //! The schema is created and migrated by ragd (`schema`).
@@ -356,15 +356,16 @@ impl PgStore {
             }
         }
         tx.execute(
-            "UPDATE ragd_lexical_totals SET chunks = chunks + $1, length = length + $2",
-            &[&(doc.chunks.len() as i64), &total_length],
+            "UPDATE ragd_collections SET chunks = chunks + $1, lexical_length = lexical_length + $2
+             WHERE name = $3",
+            &[&(doc.chunks.len() as i64), &total_length, &doc.collection],
         )
         .await?;
         if !terms.is_empty() {
             tx.execute(
-                "INSERT INTO ragd_postings (term, chunk_key, tf)
-                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int4[])",
-                &[&terms, &keys, &counts],
+                "INSERT INTO ragd_postings (collection, term, chunk_key, tf)
+                 SELECT $4, t, k, f FROM UNNEST($1::text[], $2::int8[], $3::int4[]) AS u(t, k, f)",
+                &[&terms, &keys, &counts, &doc.collection],
             )
             .await?;
         }
@@ -425,8 +426,8 @@ fn hits(rows: &[Row]) -> Vec<Hit> {
 }
 
 /// Deletes the chunks of document `id` of `collection` (their postings go
-/// with them) in `tx`, and takes them out of the lexical totals; `id` `None`:
-/// every document of the collection.
+/// with them) in `tx`, and takes them out of the collection's lexical
+/// totals; `id` `None`: every document of the collection.
 async fn forget_chunks(
     tx: &deadpool_postgres::Transaction<'_>,
     collection: &str,
@@ -436,9 +437,10 @@ async fn forget_chunks(
         "WITH gone AS (DELETE FROM ragd_chunks WHERE collection = $1
                            AND ($2::text IS NULL OR document_id = $2)
                        RETURNING lexical_length)
-         UPDATE ragd_lexical_totals SET
+         UPDATE ragd_collections SET
              chunks = chunks - (SELECT count(*) FROM gone),
-             length = length - (SELECT coalesce(sum(lexical_length), 0) FROM gone)",
+             lexical_length = lexical_length - (SELECT coalesce(sum(lexical_length), 0) FROM gone)
+         WHERE name = $1",
         &[&collection, &id],
     )
     .await
@@ -707,22 +709,33 @@ impl DocumentStore for PgStore {
         if terms.is_empty() || k == 0 {
             return Ok(Vec::new());
         }
-        // BM25 as SQLite FTS5 computes it: IDF ln((N - n + 0.5) / (n + 0.5)),
-        // at least 1e-6; N and the average length over all chunks, kept in
-        // ragd_lexical_totals by every write. The postings of the query's
-        // terms are read once (the CTE is used twice, so it is materialised:
-        // one index scan), then their chunks by key.
-        let mut sql = Sql::new(
-            "WITH q AS (
-                 SELECT term, chunk_key, tf FROM ragd_postings WHERE term = ANY(",
-        );
-        sql.bind(terms).push(&format!(
+        // BM25 as SQLite FTS5 computes it, over the collection alone (as
+        // SQLite's table per collection does): IDF ln((N - n + 0.5) / (n +
+        // 0.5)), at least 1e-6; N and the average length, kept on the
+        // collection's row by every write. The postings of the query's terms
+        // in the collection are read once (the CTE is used twice, so it is
+        // materialised: one index scan), then their chunks by key. Without a
+        // collection (no request does that; tools may), every collection's.
+        let mut sql = Sql::new("WITH q AS (SELECT term, chunk_key, tf FROM ragd_postings WHERE ");
+        if let Some(collection) = filter.collection() {
+            sql.push("collection = ")
+                .bind(collection.to_string())
+                .push(" AND ");
+        }
+        sql.push("term = ANY(").bind(terms).push(
             ")),
              df AS (SELECT term, count(*)::float8 AS n FROM q GROUP BY term),
              stats AS (
-                 SELECT chunks::float8 AS n,
-                        GREATEST(length::float8 / GREATEST(chunks, 1), 1) AS avgdl
-                 FROM ragd_lexical_totals)
+                 SELECT coalesce(sum(chunks), 0)::float8 AS n,
+                        GREATEST(coalesce(sum(lexical_length), 0)::float8
+                                 / GREATEST(coalesce(sum(chunks), 0), 1), 1) AS avgdl
+                 FROM ragd_collections",
+        );
+        if let Some(collection) = filter.collection() {
+            sql.push(" WHERE name = ").bind(collection.to_string());
+        }
+        sql.push(&format!(
+            ")
              SELECT c.key, sum(GREATEST(ln((s.n - df.n + 0.5) / (df.n + 0.5)), 1e-6)
                      * q.tf * {k1p1:.3} / (q.tf + {k1:.3} * ({one_b:.3} + {b:.3} * c.lexical_length / s.avgdl)))::float4 AS score
              FROM q JOIN df ON df.term = q.term

@@ -11,7 +11,7 @@ use crate::PgError;
 /// The schema this build writes. Each entry of [`migrations`] brings the
 /// database from its index to the next version; a database of a newer schema
 /// is refused rather than misread.
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 /// Key of the advisory lock that serialises migrations (any constant that
 /// other applications are unlikely to use: "ragd" in ASCII).
@@ -78,6 +78,24 @@ fn migrations(dim: usize, m: usize, ef_construction: usize) -> Vec<String> {
              REFERENCES ragd_documents(collection, id) ON DELETE CASCADE;
          DROP INDEX ragd_chunks_by_document;
          CREATE INDEX ragd_chunks_by_document ON ragd_chunks (collection, document_id, idx);"
+            .to_string(),
+        // 4: BM25 statistics per collection, so that one collection's content
+        // cannot move another's ranking (nor be probed through it): each
+        // posting names its collection (and is found by it first), each
+        // collection keeps its chunk count and total length.
+        "ALTER TABLE ragd_collections ADD COLUMN chunks BIGINT NOT NULL DEFAULT 0,
+             ADD COLUMN lexical_length BIGINT NOT NULL DEFAULT 0;
+         UPDATE ragd_collections k SET chunks = t.n, lexical_length = t.l
+             FROM (SELECT collection, count(*) AS n, coalesce(sum(lexical_length), 0) AS l
+                   FROM ragd_chunks GROUP BY collection) t
+             WHERE t.collection = k.name;
+         DROP TABLE ragd_lexical_totals;
+         ALTER TABLE ragd_postings ADD COLUMN collection TEXT;
+         UPDATE ragd_postings p SET collection = c.collection
+             FROM ragd_chunks c WHERE c.key = p.chunk_key;
+         ALTER TABLE ragd_postings ALTER COLUMN collection SET NOT NULL;
+         ALTER TABLE ragd_postings DROP CONSTRAINT ragd_postings_pkey;
+         ALTER TABLE ragd_postings ADD PRIMARY KEY (collection, term, chunk_key);"
             .to_string(),
     ]
 }
@@ -199,6 +217,11 @@ pub(crate) fn supports_iterative_scan(version: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_schema_version_is_the_number_of_migrations() {
+        assert_eq!(migrations(3, 16, 64).len() as i64, SCHEMA_VERSION);
+    }
 
     #[test]
     fn versions_are_compared_by_number() {

@@ -261,27 +261,50 @@ async fn documents_are_created_unchanged_updated_listed_and_deleted() {
     assert_lexical_totals_are_exact(&url).await;
 }
 
-/// BM25's kept totals equal the chunks' own count and length.
+/// BM25's kept totals of every collection equal its chunks' own count and
+/// length, and every posting names its chunk's collection.
 async fn assert_lexical_totals_are_exact(url: &str) {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(connection);
-    let kept = client
-        .query_one("SELECT chunks, length FROM ragd_lexical_totals", &[])
-        .await
-        .unwrap();
-    let actual = client
+    let rows = |sql: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, String>(0),
+                        r.get::<_, i64>(1),
+                        r.get::<_, i64>(2),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let kept =
+        rows("SELECT name, chunks, lexical_length FROM ragd_collections ORDER BY name").await;
+    let actual = rows(
+        "SELECT k.name, count(c.key), coalesce(sum(c.lexical_length), 0)::bigint
+         FROM ragd_collections k LEFT JOIN ragd_chunks c ON c.collection = k.name
+         GROUP BY k.name ORDER BY k.name",
+    )
+    .await;
+    assert_eq!(kept, actual);
+    let strays: i64 = client
         .query_one(
-            "SELECT count(*), coalesce(sum(lexical_length), 0)::bigint FROM ragd_chunks",
+            "SELECT count(*) FROM ragd_postings p JOIN ragd_chunks c ON c.key = p.chunk_key
+             WHERE p.collection <> c.collection",
             &[],
         )
         .await
-        .unwrap();
-    assert_eq!(
-        (kept.get::<_, i64>(0), kept.get::<_, i64>(1)),
-        (actual.get::<_, i64>(0), actual.get::<_, i64>(1))
-    );
+        .unwrap()
+        .get(0);
+    assert_eq!(strays, 0);
 }
 
 #[tokio::test]
@@ -301,11 +324,13 @@ async fn a_schema_1_database_is_migrated_on_open() {
         .unwrap();
     drop(store);
     // What schema 1 was: no kept totals, no collections (documents keyed by
-    // id alone).
+    // id alone, postings by term and chunk).
     admin(
         &url,
         &[
-            "DROP TABLE ragd_lexical_totals",
+            "ALTER TABLE ragd_postings DROP CONSTRAINT ragd_postings_pkey",
+            "ALTER TABLE ragd_postings DROP COLUMN collection",
+            "ALTER TABLE ragd_postings ADD PRIMARY KEY (term, chunk_key)",
             "ALTER TABLE ragd_chunks DROP COLUMN collection",
             "ALTER TABLE ragd_documents DROP CONSTRAINT ragd_documents_pkey",
             "ALTER TABLE ragd_documents ADD PRIMARY KEY (id)",
@@ -470,6 +495,24 @@ async fn lexical_scores_match_sqlite_fts5() {
         })
         .collect();
     store.upsert(docs.clone()).await.unwrap();
+    // Another collection's content, sharing every query's words, moves
+    // nothing: each collection's BM25 has its own statistics (the SQLite
+    // store below has only the one collection).
+    assert!(store.create_collection("noise").await.unwrap());
+    let noise: Vec<NewDocument> = (0..25)
+        .map(|i| {
+            let mut d = doc(
+                &format!("n{i}"),
+                &["fox dog lazy 北京 大学 packages apt forest river den jumps"],
+                &[unit([1.0, 0.0, 0.0])],
+                json!({}),
+            );
+            d.collection = "noise".into();
+            d
+        })
+        .collect();
+    store.upsert(noise).await.unwrap();
+    let in_default = Filter::default().within(DEFAULT_COLLECTION);
     let dir = tempfile::tempdir().unwrap();
     let mut sqlite = ragd_store::Store::open(dir.path(), "test-model", 3).unwrap();
     for d in &docs {
@@ -482,11 +525,10 @@ async fn lexical_scores_match_sqlite_fts5() {
         "installing packages with apt",
         "forest river den",
     ] {
-        let pg = store
-            .lexical_search(query, 10, &Filter::default())
-            .await
+        let pg = store.lexical_search(query, 10, &in_default).await.unwrap();
+        let lite = sqlite
+            .lexical_search(DEFAULT_COLLECTION, query, 10)
             .unwrap();
-        let lite = sqlite.lexical_search(query, 10).unwrap();
         let pg_docs: Vec<(String, f32)> = {
             let keys: Vec<usize> = pg.iter().map(|h| h.id).collect();
             let chunks = store.chunks(&keys).await.unwrap();
@@ -717,6 +759,7 @@ async fn collections_keep_documents_apart() {
         .await
         .unwrap();
     assert_eq!(hits.len(), 1, "only the default collection's chunk is left");
+    assert_lexical_totals_are_exact(&url).await;
     // A document of a collection that does not exist is not stored.
     let mut lost = doc("x", &["nowhere"], &v, json!({}));
     lost.collection = "gone".into();

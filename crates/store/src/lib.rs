@@ -165,7 +165,7 @@ fn delete_chunks(tx: &Transaction<'_>, collection: &str, id: &str) -> rusqlite::
         keys.map(|k| k.map(|k| k as usize))
             .collect::<Result<_, _>>()?
     };
-    lexical::forget_chunks(tx, &keys)?;
+    lexical::forget_chunks(tx, collection, &keys)?;
     tx.execute(
         "DELETE FROM chunks WHERE collection = ?1 AND document_id = ?2",
         [collection, id],
@@ -199,7 +199,7 @@ impl Store {
             live,
             generation,
         };
-        schema::backfill_lexical(&mut store.conn, &store.path, store.live.count())?;
+        schema::backfill_lexical(&mut store.conn, &store.path, &store.live)?;
         Ok(store)
     }
 
@@ -322,6 +322,7 @@ impl Store {
                 let key = tx.last_insert_rowid();
                 lexical::index_chunk(
                     &tx,
+                    &doc.collection,
                     key,
                     doc.title.as_deref(),
                     &c.section,
@@ -407,16 +408,26 @@ impl Store {
             .map_err(self.db())
     }
 
-    /// Creates collection `name`; `false` when it exists.
+    /// Creates collection `name` with its full-text table, in one
+    /// transaction; `false` when it exists.
     pub fn create_collection(&mut self, name: &str) -> Result<bool, StoreError> {
-        let n = self
+        let db = db_error(&self.path);
+        let tx = self
             .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let n = tx
             .execute(
                 "INSERT OR IGNORE INTO collections (name, created_at) VALUES (?1, ?2)",
                 params![name, now()],
             )
-            .map_err(self.db())?;
-        Ok(n == 1)
+            .map_err(db)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        lexical::create_fts(&tx, name).map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(true)
     }
 
     /// Deletes collection `name` (never `default`) and its documents in one
@@ -443,7 +454,7 @@ impl Store {
                 .collect::<Result<_, _>>()
                 .map_err(db)?
         };
-        lexical::forget_chunks(&tx, &keys).map_err(db)?;
+        lexical::drop_fts(&tx, name).map_err(db)?;
         tx.execute("DELETE FROM chunks WHERE collection = ?1", [name])
             .map_err(db)?;
         let documents = tx
@@ -829,8 +840,71 @@ mod tests {
         let (_, new) = s.upsert(&doc("b", &["w"])).unwrap();
         assert_eq!(new[0].0, 13, "keys are never reused across the migration");
         assert!(s.create_collection("c").unwrap());
+        // The full-text index was empty: filled on open, in default's table.
+        let hits: Vec<usize> = s
+            .lexical_search("default", "hello", 10)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(hits.len(), 2);
+        assert!(hits.contains(&4) && hits.contains(&9), "{hits:?}");
         drop(s);
         let s = Store::open(dir.path(), "m", 2).unwrap();
         assert_eq!(s.document_count().unwrap(), 2);
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let (schema, shared): (String, i64) = conn
+            .query_row(
+                "SELECT (SELECT value FROM meta WHERE key = 'schema'),
+                        (SELECT count(*) FROM sqlite_master WHERE name = 'chunks_fts')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((schema.as_str(), shared), ("5", 0));
+    }
+
+    /// A schema 4 database (one full-text table for every collection) opens
+    /// with a table per collection, each filled from its own chunks.
+    #[test]
+    fn a_schema_4_database_gets_a_full_text_table_per_collection() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), "m", 2).unwrap();
+            s.upsert(&doc("a", &["shared lighthouse", "default only"]))
+                .unwrap();
+            s.create_collection("t").unwrap();
+            let mut t = doc("a", &["lighthouse keeper"]);
+            t.collection = "t".into();
+            s.upsert(&t).unwrap();
+        }
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(&format!(
+                "DROP TABLE {}; DROP TABLE {};
+                 CREATE VIRTUAL TABLE chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');
+                 INSERT INTO chunks_fts (rowid, body) SELECT key, text FROM chunks;
+                 UPDATE meta SET value = '4' WHERE key = 'schema';",
+                lexical::fts_table("default"),
+                lexical::fts_table("t"),
+            ))
+            .unwrap();
+        }
+        let s = Store::open(dir.path(), "m", 2).unwrap();
+        let texts = |c: &str| -> Vec<String> {
+            let keys: Vec<usize> = s
+                .lexical_search(c, "lighthouse", 10)
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            s.chunks(&keys)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.text)
+                .collect()
+        };
+        assert_eq!(texts("default"), vec!["shared lighthouse"]);
+        assert_eq!(texts("t"), vec!["lighthouse keeper"]);
     }
 }

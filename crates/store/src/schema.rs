@@ -6,13 +6,15 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+use crate::live::LiveSet;
 use crate::{db_error, lexical, StoreError};
 
 /// 2: chunks.section (the heading path of a chunk) and Porter stemming in the
 /// full-text index. 3: chunks.questions (generated questions, one per line).
-/// 4: collections; documents keyed by (collection, id).
+/// 4: collections; documents keyed by (collection, id). 5: a full-text table
+/// per collection (BM25 statistics of its own; `lexical`).
 /// Older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// The documents table of schema 4, named `NAME`.
 const DOCUMENTS: &str = "CREATE TABLE IF NOT EXISTS NAME (
@@ -44,8 +46,7 @@ const CHUNKS: &str = "CREATE TABLE IF NOT EXISTS NAME (
 /// The tables other than documents and chunks, each created when missing.
 const TABLES: &str = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS collections (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL);
-             INSERT OR IGNORE INTO collections (name, created_at) VALUES ('default', 0);
-             CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');";
+             INSERT OR IGNORE INTO collections (name, created_at) VALUES ('default', 0);";
 
 /// The indexes of schema 4 (created once the tables have its layout).
 const INDEXES: &str =
@@ -81,6 +82,9 @@ pub(crate) fn prepare(
     check_embedder(conn, path, &format!("{embedder} ({dim} dims)"))?;
     migrate(conn, path)?;
     conn.execute_batch(INDEXES).map_err(db)?;
+    for name in collection_names(conn).map_err(db)? {
+        lexical::create_fts(conn, &name).map_err(db)?;
+    }
     Ok(meta(conn, path, "generation")?
         .and_then(|g| g.parse().ok())
         .unwrap_or(0))
@@ -118,13 +122,12 @@ fn check_embedder(conn: &Connection, path: &Path, expected: &str) -> Result<(), 
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     if meta(conn, path, "schema")?.as_deref() == Some("1") {
         {
-            // The new full-text table starts empty: `backfill_lexical` refills
-            // it, sections included, once the store is open.
+            // The old full-text table goes: `backfill_lexical` fills the
+            // collections' tables, sections included, once the store is open.
             conn.execute_batch(
                 "BEGIN;
                  ALTER TABLE chunks ADD COLUMN section TEXT NOT NULL DEFAULT '';
-                 DROP TABLE chunks_fts;
-                 CREATE VIRTUAL TABLE chunks_fts USING fts5(body, tokenize = 'porter unicode61 remove_diacritics 2');
+                 DROP TABLE IF EXISTS chunks_fts;
                  UPDATE meta SET value = '2' WHERE key = 'schema';
                  COMMIT;",
             )
@@ -142,10 +145,22 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         .map_err(db_error(path))?;
         tracing::info!(path = %path.display(), "database migrated to schema 3 (generated questions)");
     }
+    if meta(conn, path, "schema")?.as_deref() == Some("3") {
+        to_collections(conn, path)?;
+        tracing::info!(path = %path.display(), "database migrated to schema 4 (collections; every document in \"default\")");
+    }
     match meta(conn, path, "schema")?.as_deref() {
-        Some("3") => {
-            to_collections(conn, path)?;
-            tracing::info!(path = %path.display(), "database migrated to schema 4 (collections; every document in \"default\")");
+        Some("4") => {
+            // One full-text table for every collection becomes one each:
+            // `prepare` creates them, `backfill_lexical` fills them.
+            conn.execute_batch(
+                "BEGIN;
+                 DROP TABLE IF EXISTS chunks_fts;
+                 UPDATE meta SET value = '5' WHERE key = 'schema';
+                 COMMIT;",
+            )
+            .map_err(db_error(path))?;
+            tracing::info!(path = %path.display(), "database migrated to schema 5 (a full-text index per collection)");
             Ok(())
         }
         Some(v) if v != SCHEMA_VERSION.to_string() => Err(StoreError::Corrupt {
@@ -217,42 +232,66 @@ pub(crate) fn bump_generation(tx: &Transaction<'_>, generation: u64) -> rusqlite
     .map(|_| ())
 }
 
-/// Fills the full-text index from the chunks when it is empty (a database
-/// written before it existed); `live_chunks` is how many chunks there are.
+/// The names of the collections.
+fn collection_names(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT name FROM collections")?;
+    let names = stmt.query_map([], |r| r.get(0))?;
+    names.collect()
+}
+
+/// Fills the full-text table of each collection that has chunks but an empty
+/// table (a database written before the table existed).
 pub(crate) fn backfill_lexical(
     conn: &mut Connection,
     path: &Path,
-    live_chunks: usize,
+    live: &LiveSet,
 ) -> Result<(), StoreError> {
     let db = db_error(path);
-    let indexed: i64 = conn
-        .query_row("SELECT count(*) FROM chunks_fts", [], |r| r.get(0))
-        .map_err(db)?;
-    if indexed > 0 || live_chunks == 0 {
-        return Ok(());
-    }
-    let tx = conn.transaction().map_err(db)?;
-    {
-        let mut select = tx
-            .prepare(
-                "SELECT c.key, d.title, c.section, c.text, c.questions FROM chunks c
-                 JOIN documents d ON d.collection = c.collection AND d.id = c.document_id",
+    for collection in collection_names(conn).map_err(db)? {
+        let indexed: i64 = conn
+            .query_row(
+                &format!("SELECT count(*) FROM {}", lexical::fts_table(&collection)),
+                [],
+                |r| r.get(0),
             )
             .map_err(db)?;
-        let rows: Vec<(i64, Option<String>, String, String, String)> = select
-            .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .map_err(db)?
-            .collect::<Result<_, _>>()
-            .map_err(db)?;
-        for (key, title, section, text, questions) in rows {
-            let questions: Vec<String> = questions.lines().map(String::from).collect();
-            lexical::index_chunk(&tx, key, title.as_deref(), &section, &text, &questions)
-                .map_err(db)?;
+        if indexed > 0 || live.count_in(&collection) == 0 {
+            continue;
         }
+        let tx = conn.transaction().map_err(db)?;
+        {
+            let mut select = tx
+                .prepare(
+                    "SELECT c.key, d.title, c.section, c.text, c.questions FROM chunks c
+                     JOIN documents d ON d.collection = c.collection AND d.id = c.document_id
+                     WHERE c.collection = ?1",
+                )
+                .map_err(db)?;
+            let rows: Vec<(i64, Option<String>, String, String, String)> = select
+                .query_map([&collection], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .map_err(db)?
+                .collect::<Result<_, _>>()
+                .map_err(db)?;
+            for (key, title, section, text, questions) in rows {
+                let questions: Vec<String> = questions.lines().map(String::from).collect();
+                lexical::index_chunk(
+                    &tx,
+                    &collection,
+                    key,
+                    title.as_deref(),
+                    &section,
+                    &text,
+                    &questions,
+                )
+                .map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        tracing::info!(path = %path.display(), collection, "full-text index rebuilt");
     }
-    tx.commit().map_err(db)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -301,7 +340,7 @@ mod tests {
         );
         s.upsert(&doc("b", &["gamma", "delta"])).unwrap();
         let hits: Vec<usize> = s
-            .lexical_search("part", 10)
+            .lexical_search("default", "part", 10)
             .unwrap()
             .into_iter()
             .map(|(k, _)| k)
@@ -336,7 +375,7 @@ mod tests {
         let mut b = doc("b", &["gamma"]);
         b.chunks[0].questions = vec!["Which zebra crosses?".into(), "Why so?".into()];
         s.upsert(&b).unwrap();
-        let hits = s.lexical_search("zebra", 10).unwrap();
+        let hits = s.lexical_search("default", "zebra", 10).unwrap();
         let found = s
             .chunks(&hits.iter().map(|(k, _)| *k).collect::<Vec<_>>())
             .unwrap();
