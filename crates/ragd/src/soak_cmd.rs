@@ -2,19 +2,25 @@
 //! bounded time and request count, on loopback; then a check that nothing
 //! acknowledged was lost.
 //!
-//! Each client owns its documents (ids `c{client}-{n}`), so its own ingest,
-//! update and delete of one id happen in order and the acknowledged state of
-//! every id is known exactly; searches and questions go over everything.
-//! Questions are JSON, streamed (SSE) to the end, or streamed and dropped
+//! Documents go to three collections (`default` through today's routes,
+//! `soak-a` and `soak-b` under `/collections/NAME/`). Each client owns its
+//! documents (ids `c{client}-{n}`, each in one collection), so its own
+//! ingest, update and delete of one id happen in order and the acknowledged
+//! state of every id is known exactly; searches and questions go to a
+//! collection at random, and every search result must be a document of the
+//! collection searched (a result from another is a leak, and fails the run).
+//! Now and then a client creates a collection, ingests into it and deletes
+//! it. Questions are JSON, streamed (SSE) to the end, or streamed and dropped
 //! after the first token (a client that goes away mid-answer). At the end
 //! every acknowledged document must be there with the acknowledged version
 //! (metadata `version`, text length, chunk count) and every acknowledged
 //! delete gone; an id whose last request got no answer is left out of the
-//! check (either state is right) and counted.
+//! check (either state is right) and counted; each collection's document
+//! count must lie between what is surely there and what may be.
 //!
 //! Pass: no 5xx but 503 while starting, resident memory at the end within
-//! `--memory-growth` of the start's, nothing lost; the command exits non-zero
-//! otherwise.
+//! `--memory-growth` of the start's, nothing lost, nothing leaked across
+//! collections; the command exits non-zero otherwise.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -38,6 +44,22 @@ pub(crate) struct Soak {
     pub memory_growth: f64,
 }
 
+/// The collections documents go to (`default` first, served by today's
+/// routes too).
+const COLLECTIONS: [&str; 3] = ["default", "soak-a", "soak-b"];
+
+/// The path prefix of `collection`'s routes.
+fn prefix(collection: &str) -> String {
+    if collection == "default" {
+        String::new()
+    } else {
+        format!("/collections/{collection}")
+    }
+}
+
+/// A document: (collection, id).
+type DocKey = (String, String);
+
 /// What the client last had acknowledged for one of its ids.
 #[derive(Debug, Clone, PartialEq)]
 enum Known {
@@ -58,6 +80,8 @@ struct Tally {
     /// Latencies in ms by operation.
     latency: BTreeMap<String, Vec<f64>>,
     requests: usize,
+    /// Search results from a collection other than the one searched.
+    leaks: Vec<String>,
 }
 
 impl Tally {
@@ -161,6 +185,9 @@ pub(crate) async fn run(s: Soak) -> Result<()> {
         .timeout(Duration::from_secs(300))
         .build()?;
     let tally = Arc::new(Mutex::new(Tally::default()));
+    // Which collection each id went to (ids are unique across them), for the
+    // leak check of every search.
+    let owners: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     // 503 while the models load is expected; it is counted apart.
     let mut not_ready = 0usize;
     loop {
@@ -177,6 +204,17 @@ pub(crate) async fn run(s: Soak) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ready_in = started.elapsed().as_secs_f64();
+    for name in &COLLECTIONS[1..] {
+        let r = client
+            .post(format!("{base}/collections"))
+            .json(&json!({ "name": name }))
+            .send()
+            .await?;
+        if r.status() != 200 {
+            let _ = child.kill();
+            bail!("creating collection {name}: {}", r.status());
+        }
+    }
     let rss_start = rss_mb(pid);
     println!(
         "soak: ragd ready in {ready_in:.1} s (pid {pid}, resident {}); {} clients for {} min or {} requests",
@@ -203,18 +241,20 @@ pub(crate) async fn run(s: Soak) -> Result<()> {
     };
     let mut tasks = Vec::new();
     for c in 0..s.clients {
-        let (client, base, tally, budget) = (
-            client.clone(),
-            base.clone(),
-            Arc::clone(&tally),
-            Arc::clone(&budget),
-        );
+        let shared = Shared {
+            client: client.clone(),
+            base: base.clone(),
+            tally: Arc::clone(&tally),
+            budget: Arc::clone(&budget),
+            owners: Arc::clone(&owners),
+            deadline,
+        };
         let seed = s.seed.wrapping_add(c as u64);
-        tasks.push(tokio::spawn(async move {
-            one_client(c, seed, client, base, tally, budget, deadline).await
-        }));
+        tasks.push(tokio::spawn(
+            async move { one_client(c, seed, shared).await },
+        ));
     }
-    let mut known: HashMap<String, Known> = HashMap::new();
+    let mut known: HashMap<DocKey, Known> = HashMap::new();
     for t in tasks {
         known.extend(t.await.context("a client task failed")?);
     }
@@ -224,8 +264,11 @@ pub(crate) async fn run(s: Soak) -> Result<()> {
 
     // The check: every acknowledged state, as the server now reports it.
     let (mut whole, mut gone, mut uncertain, mut lost) = (0usize, 0usize, 0usize, Vec::new());
-    for (id, k) in &known {
-        let res = client.get(format!("{base}/documents/{id}")).send().await?;
+    for ((collection, id), k) in &known {
+        let res = client
+            .get(format!("{base}{}/documents/{id}", prefix(collection)))
+            .send()
+            .await?;
         let status = res.status().as_u16();
         let doc: Value = res.json().await.unwrap_or(Value::Null);
         match k {
@@ -242,7 +285,36 @@ pub(crate) async fn run(s: Soak) -> Result<()> {
             {
                 whole += 1
             }
-            _ => lost.push(format!("{id}: acknowledged {k:?}, now {status} {doc}")),
+            _ => lost.push(format!(
+                "{collection}/{id}: acknowledged {k:?}, now {status} {doc}"
+            )),
+        }
+    }
+    // Each collection's count: at least what is surely there, at most that
+    // and what may be.
+    let listed: Value = client
+        .get(format!("{base}/collections"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut miscounted = Vec::new();
+    for name in COLLECTIONS {
+        let count =
+            |f: fn(&Known) -> bool| known.iter().filter(|((c, _), k)| c == name && f(k)).count();
+        let surely = count(|k| matches!(k, Known::Present { .. }));
+        let maybe = count(|k| matches!(k, Known::Uncertain));
+        let reported = listed["collections"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+            .and_then(|c| c["documents"].as_u64());
+        println!(
+            "collection {name}: {reported:?} documents ({surely} acknowledged, {maybe} unanswered)"
+        );
+        if !reported.is_some_and(|n| (surely..=surely + maybe).contains(&(n as usize))) {
+            miscounted.push(format!(
+                "{name} reports {reported:?} documents, {surely} acknowledged, {maybe} unanswered"
+            ));
         }
     }
     let _ = child.kill();
@@ -255,11 +327,14 @@ pub(crate) async fn run(s: Soak) -> Result<()> {
         tally.requests as f64 / elapsed.max(1e-9)
     );
     println!("requests by status:");
-    let mut server_errors = 0;
+    let (mut server_errors, mut kept) = (0, 0);
     for ((op, status), n) in &tally.by_status {
         println!("  {op:<14} {status:<6} {n}");
         if status.starts_with('5') {
             server_errors += n;
+        }
+        if status.starts_with("kept") {
+            kept += n;
         }
     }
     println!("latency, ms (p50 / p95 / p99 / max):");
@@ -297,6 +372,25 @@ pub(crate) async fn run(s: Soak) -> Result<()> {
     if server_errors > 0 {
         failures.push(format!("{server_errors} server errors"));
     }
+    if kept > 0 {
+        failures.push(format!(
+            "{kept} documents still served after their collection was deleted"
+        ));
+    }
+    println!(
+        "search results from another collection: {}",
+        tally.leaks.len()
+    );
+    for l in tally.leaks.iter().take(10) {
+        eprintln!("leak: {l}");
+    }
+    if !tally.leaks.is_empty() {
+        failures.push(format!(
+            "{} results leaked across collections",
+            tally.leaks.len()
+        ));
+    }
+    failures.extend(miscounted);
     if let (Some(a), Some(b)) = (rss_start, rss_end) {
         if b > a * (1.0 + s.memory_growth) {
             failures.push(format!(
@@ -313,20 +407,30 @@ pub(crate) async fn run(s: Soak) -> Result<()> {
     }
 }
 
-/// One client's loop until the deadline or the shared request budget runs
-/// out; returns the acknowledged state of its ids.
-async fn one_client(
-    c: usize,
-    seed: u64,
+/// What every client shares.
+struct Shared {
     client: reqwest::Client,
     base: String,
     tally: Arc<Mutex<Tally>>,
     budget: Arc<std::sync::atomic::AtomicUsize>,
+    owners: Arc<Mutex<HashMap<String, String>>>,
     deadline: Instant,
-) -> HashMap<String, Known> {
+}
+
+/// One client's loop until the deadline or the shared request budget runs
+/// out; returns the acknowledged state of its documents.
+async fn one_client(c: usize, seed: u64, shared: Shared) -> HashMap<DocKey, Known> {
+    let Shared {
+        client,
+        base,
+        tally,
+        budget,
+        owners,
+        deadline,
+    } = shared;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut known: HashMap<String, Known> = HashMap::new();
-    let mut versions: HashMap<String, u64> = HashMap::new();
+    let mut known: HashMap<DocKey, Known> = HashMap::new();
+    let mut versions: HashMap<DocKey, u64> = HashMap::new();
     let mut next_id = 0usize;
     let take = || {
         budget
@@ -338,30 +442,39 @@ async fn one_client(
             .is_ok()
     };
     while Instant::now() < deadline && take() {
-        let ids: Vec<String> = known
+        let ids: Vec<DocKey> = known
             .iter()
             .filter(|(_, k)| matches!(k, Known::Present { .. }))
-            .map(|(id, _)| id.clone())
+            .map(|(key, _)| key.clone())
             .collect();
+        // Where searches and questions go.
+        let searched = COLLECTIONS[rng.random_range(0..COLLECTIONS.len())];
         let roll = rng.random_range(0..100);
         let t0 = Instant::now();
         let (op, status) = match roll {
             // Ingest a new document, or update one of ours.
             0..=39 => {
-                let (op, id) = if roll < 28 || ids.is_empty() {
+                let (op, key) = if roll < 28 || ids.is_empty() {
                     next_id += 1;
-                    ("ingest", format!("c{c}-{next_id}"))
+                    let id = format!("c{c}-{next_id}");
+                    let collection = COLLECTIONS[rng.random_range(0..COLLECTIONS.len())];
+                    owners
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id.clone(), collection.to_string());
+                    ("ingest", (collection.to_string(), id))
                 } else {
                     ("update", ids[rng.random_range(0..ids.len())].clone())
                 };
-                let version = versions.get(&id).copied().unwrap_or(0) + 1;
-                versions.insert(id.clone(), version);
-                let text = text_for(&id, version, &mut rng);
+                let version = versions.get(&key).copied().unwrap_or(0) + 1;
+                versions.insert(key.clone(), version);
+                let (collection, id) = &key;
+                let text = text_for(id, version, &mut rng);
                 let body = json!({ "documents": [{
                     "id": id, "text": text, "metadata": { "version": version }
                 }]});
                 match client
-                    .post(format!("{base}/ingest"))
+                    .post(format!("{base}{}/ingest", prefix(collection)))
                     .json(&body)
                     .send()
                     .await
@@ -379,35 +492,36 @@ async fn one_client(
                             // Refused before anything was stored, or failed
                             // alone: the previous state holds.
                             (200 | 400 | 401 | 403 | 413 | 415 | 422 | 429, _) => {
-                                known.get(&id).cloned().unwrap_or(Known::Deleted)
+                                known.get(&key).cloned().unwrap_or(Known::Deleted)
                             }
                             // A timeout (408) or a server error: the write may
                             // or may not have happened.
                             _ => Known::Uncertain,
                         };
-                        known.insert(id, state);
+                        known.insert(key, state);
                         (op, status.to_string())
                     }
                     Err(_) => {
-                        known.insert(id, Known::Uncertain);
+                        known.insert(key, Known::Uncertain);
                         (op, "error".to_string())
                     }
                 }
             }
             40..=47 if !ids.is_empty() => {
-                let id = ids[rng.random_range(0..ids.len())].clone();
-                match client.delete(format!("{base}/documents/{id}")).send().await {
+                let key = ids[rng.random_range(0..ids.len())].clone();
+                let url = format!("{base}{}/documents/{}", prefix(&key.0), key.1);
+                match client.delete(url).send().await {
                     Ok(r) => {
                         let status = r.status().as_u16();
                         if status == 200 {
-                            known.insert(id, Known::Deleted);
+                            known.insert(key, Known::Deleted);
                         } else if status >= 500 {
-                            known.insert(id, Known::Uncertain);
+                            known.insert(key, Known::Uncertain);
                         }
                         ("delete", status.to_string())
                     }
                     Err(_) => {
-                        known.insert(id, Known::Uncertain);
+                        known.insert(key, Known::Uncertain);
                         ("delete", "error".to_string())
                     }
                 }
@@ -417,18 +531,42 @@ async fn one_client(
                 let body =
                     json!({ "query": "Which birds hunt at night?", "top_k": 5, "mode": mode });
                 let r = client
-                    .post(format!("{base}/search"))
+                    .post(format!("{base}{}/search", prefix(searched)))
                     .json(&body)
                     .send()
                     .await;
-                ("search", status_of(r).await)
+                match r {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let v: Value = r.json().await.unwrap_or(Value::Null);
+                        let owners = owners.lock().unwrap_or_else(|e| e.into_inner());
+                        let results = v["results"].as_array().cloned().unwrap_or_default();
+                        for hit in results {
+                            let id = hit["document_id"].as_str().unwrap_or("");
+                            let owner = owners.get(id).map(String::as_str);
+                            if owner != Some(searched) {
+                                tally
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .leaks
+                                    .push(format!("{id} (of {owner:?}) found in {searched}"));
+                            }
+                        }
+                        ("search", status.to_string())
+                    }
+                    Err(_) => ("search", "error".to_string()),
+                }
             }
-            85..=91 => {
+            85..=90 => {
                 let body = json!({ "question": "How do owls find their prey?", "max_tokens": 24 });
-                let r = client.post(format!("{base}/ask")).json(&body).send().await;
+                let r = client
+                    .post(format!("{base}{}/ask", prefix(searched)))
+                    .json(&body)
+                    .send()
+                    .await;
                 ("ask", status_of(r).await)
             }
-            _ => {
+            91..=97 => {
                 // Streamed; a third of them go away after the first event.
                 let drop_early = rng.random_range(0..3) == 0;
                 let body = json!({ "question": "What do sourdough starters need?", "max_tokens": 24, "stream": true });
@@ -437,7 +575,8 @@ async fn one_client(
                 } else {
                     "ask-sse"
                 };
-                match client.post(format!("{base}/ask")).json(&body).send().await {
+                let url = format!("{base}{}/ask", prefix(searched));
+                match client.post(url).json(&body).send().await {
                     Ok(mut r) => {
                         let status = r.status().as_u16();
                         if drop_early {
@@ -451,6 +590,14 @@ async fn one_client(
                     Err(_) => (op, "error".to_string()),
                 }
             }
+            _ => {
+                // A collection made, written, searched and deleted; its
+                // document must go with it.
+                next_id += 1;
+                let name = format!("tmp-c{c}-{next_id}");
+                let status = collection_churn(&client, &base, &name).await;
+                ("collection", status)
+            }
         };
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
@@ -458,6 +605,53 @@ async fn one_client(
         t.record(op, &status, ms);
     }
     known
+}
+
+/// Creates collection `name`, ingests a document into it, searches it,
+/// deletes it and checks that the document went too; the first status that
+/// is not 200 (or 404 for the document after), or `ok`.
+async fn collection_churn(client: &reqwest::Client, base: &str, name: &str) -> String {
+    let steps = [
+        (
+            "POST",
+            format!("{base}/collections"),
+            json!({ "name": name }),
+        ),
+        (
+            "POST",
+            format!("{base}/collections/{name}/ingest"),
+            json!({ "documents": [{ "id": "only", "text": "Owls hunt at night by sound." }] }),
+        ),
+        (
+            "POST",
+            format!("{base}/collections/{name}/search"),
+            json!({ "query": "owls", "top_k": 3 }),
+        ),
+        ("DELETE", format!("{base}/collections/{name}"), Value::Null),
+    ];
+    for (method, url, body) in steps {
+        let request = if method == "POST" {
+            client.post(url).json(&body)
+        } else {
+            client.delete(url)
+        };
+        match request.send().await {
+            Ok(r) if r.status() == 200 => {
+                let _ = r.bytes().await;
+            }
+            Ok(r) => return r.status().as_u16().to_string(),
+            Err(_) => return "error".to_string(),
+        }
+    }
+    match client
+        .get(format!("{base}/collections/{name}/documents/only"))
+        .send()
+        .await
+    {
+        Ok(r) if r.status() == 404 => "ok".to_string(),
+        Ok(r) => format!("kept-{}", r.status().as_u16()),
+        Err(_) => "error".to_string(),
+    }
 }
 
 async fn status_of(r: reqwest::Result<reqwest::Response>) -> String {
