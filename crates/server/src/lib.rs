@@ -140,7 +140,7 @@ pub fn app(state: AppState) -> Router {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
             tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
-        }))
+        }).on_failure(log_failure))
         // Every response carries `x-request-id` (the client's, or a new UUID),
         // and the request's log lines carry the same id.
         .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
@@ -148,6 +148,28 @@ pub fn app(state: AppState) -> Router {
             tower_http::request_id::MakeRequestUuid,
         ))
         .with_state(state)
+}
+
+/// How a failed request is logged. tower-http logs every 5xx at ERROR; a
+/// 503 is a deliberate answer (the models still loading, the queue full, the
+/// database away for a moment: the client is told to retry, and the cause
+/// was logged where it arose), so it is a warning: an operator's ERROR lines
+/// stay the faults.
+fn log_failure(
+    class: tower_http::classify::ServerErrorsFailureClass,
+    latency: std::time::Duration,
+    _span: &tracing::Span,
+) {
+    use tower_http::classify::ServerErrorsFailureClass;
+    let latency_ms = latency.as_millis() as u64;
+    match class {
+        ServerErrorsFailureClass::StatusCode(status)
+            if status == axum::http::StatusCode::SERVICE_UNAVAILABLE =>
+        {
+            tracing::warn!(status = status.as_u16(), latency_ms, "service unavailable")
+        }
+        class => tracing::error!(classification = %class, latency_ms, "response failed"),
+    }
 }
 
 /// CORS for `server.cors_origins`: none (the default) sends no CORS headers,
