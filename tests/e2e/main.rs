@@ -586,6 +586,149 @@ async fn qwen_answers_and_cites_the_right_document() {
     server.shutdown().await.unwrap();
 }
 
+/// A summary's delivered sentences are each supported by a passage of the
+/// document, and every citation points into it.
+fn assert_summary_is_checked(done: &Value, document: &str) {
+    assert_eq!(done["answer_kind"], "generated", "{done}");
+    assert!(
+        !done["answer"].as_str().unwrap().trim().is_empty(),
+        "{done}"
+    );
+    let sentences = done["grounding"]["sentences"].as_array().unwrap();
+    assert!(!sentences.is_empty(), "{done}");
+    let citations = done["citations"].as_array().unwrap();
+    assert!(!citations.is_empty(), "{done}");
+    assert!(
+        citations
+            .iter()
+            .all(|c| c["document_id"] == document && c["verified"] == true),
+        "{done}"
+    );
+    assert!(
+        done["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["document_id"] == document),
+        "{done}"
+    );
+    // What was delivered is what the passages support (the model's whole
+    // text kept aside when a sentence was left out).
+    if done["model_answer"].is_string() {
+        assert!(sentences.iter().any(|s| s["supported"] == false), "{done}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen_summarizes_documents_in_both_languages_checks_and_keeps_the_summary() {
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(QWEN, data.path());
+    c.generation.concise_max_tokens = 96;
+    let (server, base) = start_with(c).await;
+    let client = reqwest::Client::new();
+    let apt = "APT is the package manager of Debian. It downloads packages from the \
+        mirrors listed in /etc/apt/sources.list and installs them with their dependencies.\n\n\
+        To install a package, run apt install followed by its name. To upgrade every \
+        installed package to its newest version, run apt update and then apt upgrade.\n\n\
+        Packages that are no longer needed can be removed with apt autoremove, which \
+        frees disk space.";
+    let tea = "绿茶是一种未经发酵的茶。冲泡绿茶时，水温应在八十度左右，浸泡两到三分钟。\n\n\
+        绿茶含有茶多酚和咖啡因。过高的水温会使茶叶变苦，并破坏其中的维生素。";
+    let (status, body) = post(
+        &client,
+        &format!("{base}/ingest"),
+        &json!({ "documents": [
+            { "id": "apt", "title": "Using APT", "text": apt },
+            { "id": "tea", "title": "绿茶", "text": tea },
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // English, as JSON: checked and cited.
+    let url = format!("{base}/summarize");
+    let (status, first) = post(&client, &url, &json!({ "document_id": "apt" })).await;
+    assert_eq!(status, 200, "{first}");
+    println!("summary: {first:#}");
+    assert_summary_is_checked(&first, "apt");
+    assert_eq!(first["language"]["question"], "en");
+    assert!(first["cached"].is_null(), "{first}");
+    assert!(first["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    // Asked again: kept, checked again, not generated again.
+    let mut second = Value::Null;
+    for _ in 0..50 {
+        let (status, body) = post(&client, &url, &json!({ "document_id": "apt" })).await;
+        assert_eq!(status, 200, "{body}");
+        if body["cached"] == true {
+            second = body;
+            break;
+        }
+        // (Kept by a task of its own right after the first.)
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(second["cached"], true, "the summary was not kept");
+    assert_eq!(second["answer"], first["answer"]);
+    assert_eq!(second["usage"]["completion_tokens"], 0);
+
+    // Chinese, streamed: the same events as an answer, in the document's language.
+    let res = client
+        .post(&url)
+        .json(&json!({ "document_id": "tea", "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let events = answer_events(&res.text().await.unwrap());
+    assert_eq!(events[0].0, "sources", "{events:?}");
+    assert!(events.iter().any(|(n, _)| n == "token"), "{events:?}");
+    let (name, done) = events.last().unwrap();
+    assert_eq!(name, "done", "{events:?}");
+    println!("zh summary: {done:#}");
+    assert_eq!(done["language"]["question"], "zh", "{done}");
+    assert_summary_is_checked(done, "tea");
+    assert!(
+        done["answer"]
+            .as_str()
+            .unwrap()
+            .chars()
+            .any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)),
+        "{done}"
+    );
+
+    // A changed document is summarised again.
+    let (status, _) = post(
+        &client,
+        &format!("{base}/ingest"),
+        &json!({ "documents": [{ "id": "apt", "title": "Using APT",
+            "text": format!("{apt}\n\napt search finds packages by name or description.") }]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, third) = post(&client, &url, &json!({ "document_id": "apt" })).await;
+    assert_eq!(status, 200, "{third}");
+    assert!(third["cached"].is_null(), "{third}");
+
+    // What cannot be summarised is refused with its status.
+    for (body, want) in [
+        (json!({ "document_id": "missing" }), 404),
+        (json!({ "document_id": "apt", "query": "apt" }), 422),
+        (json!({}), 422),
+        (json!({ "document_id": "apt", "language": "xx" }), 422),
+    ] {
+        let (status, error) = post(&client, &url, &body).await;
+        assert_eq!(status, want, "{body}: {error}");
+    }
+    let (status, _) = post(
+        &client,
+        &format!("{base}/collections/nowhere/summarize"),
+        &json!({ "document_id": "apt" }),
+    )
+    .await;
+    assert_eq!(status, 404);
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswerable_questions_are_declined_in_their_language_without_the_model() {
     let data = tempfile::tempdir().unwrap();

@@ -500,6 +500,54 @@ impl DocumentStore for SqliteStore {
             .await
     }
 
+    async fn document_chunks(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Vec<StoredChunk>, BackendError> {
+        let (collection, id) = (collection.to_string(), id.to_string());
+        self.with(move |data, _| {
+            data.store
+                .document_chunks(&collection, &id)
+                .map_err(BackendError::server)
+        })
+        .await
+    }
+
+    async fn cached_summary(
+        &self,
+        collection: &str,
+        id: &str,
+        key: &str,
+    ) -> Result<Option<String>, BackendError> {
+        let (collection, id, key) = (collection.to_string(), id.to_string(), key.to_string());
+        self.with(move |data, _| {
+            data.store
+                .cached_summary(&collection, &id, &key)
+                .map_err(BackendError::server)
+        })
+        .await
+    }
+
+    async fn keep_summary(
+        &self,
+        collection: &str,
+        id: &str,
+        hash: &str,
+        key: &str,
+        summary: &str,
+    ) -> Result<(), BackendError> {
+        let owned = [collection, id, hash, key, summary].map(str::to_string);
+        self.with(move |data, _| {
+            let [collection, id, hash, key, summary] = &owned;
+            data.store
+                .keep_summary(collection, id, hash, key, summary)
+                .map(|_| ())
+                .map_err(BackendError::server)
+        })
+        .await
+    }
+
     async fn stats(&self) -> Result<StoreStats, BackendError> {
         let index_at_start = self.index_at_start;
         self.with(move |data, _| {

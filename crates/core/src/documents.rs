@@ -270,6 +270,41 @@ pub trait DocumentStore: Send + Sync + std::fmt::Debug {
     /// left out).
     async fn chunks(&self, keys: &[usize]) -> Result<Vec<StoredChunk>, BackendError>;
 
+    /// The chunks of document `id` of `collection`, in the document's order
+    /// (empty when there is no such document).
+    async fn document_chunks(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Vec<StoredChunk>, BackendError>;
+
+    /// A summary kept for document `id` of `collection` under `key` (what
+    /// it was made with: content hash, style, language, model), if one is.
+    /// The default keeps none.
+    async fn cached_summary(
+        &self,
+        _collection: &str,
+        _id: &str,
+        _key: &str,
+    ) -> Result<Option<String>, BackendError> {
+        Ok(None)
+    }
+
+    /// Keeps `summary` (JSON) for document `id` of `collection` under `key`
+    /// while the document has content hash `hash`: a summary of an older
+    /// version is never stored, and a changed or deleted document's
+    /// summaries go with the change. The default keeps nothing.
+    async fn keep_summary(
+        &self,
+        _collection: &str,
+        _id: &str,
+        _hash: &str,
+        _key: &str,
+        _summary: &str,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Counts, for `/ready` and `/metrics`.
     async fn stats(&self) -> Result<StoreStats, BackendError>;
 

@@ -308,6 +308,12 @@ impl PgStore {
         let t = now();
         let created_at = existing.as_ref().map(|(_, c)| *c).unwrap_or(t);
         forget_chunks(&tx, &doc.collection, Some(&doc.id)).await?;
+        // Summaries of the old version go with it.
+        tx.execute(
+            "DELETE FROM ragd_summaries WHERE collection = $1 AND document_id = $2",
+            &[&doc.collection, &doc.id],
+        )
+        .await?;
         let metadata = Value::Object(doc.metadata.clone());
         tx.execute(
             "INSERT INTO ragd_documents (collection, id, title, text, metadata, hash, created_at, updated_at)
@@ -755,6 +761,70 @@ impl DocumentStore for PgStore {
             .await
             .map_err(backend)?;
         Ok(hits(&rows))
+    }
+
+    async fn document_chunks(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Vec<StoredChunk>, BackendError> {
+        let client = self.client().await?;
+        let keys: Vec<usize> = client
+            .query(
+                "SELECT key FROM ragd_chunks WHERE collection = $1 AND document_id = $2 ORDER BY idx",
+                &[&collection, &id],
+            )
+            .await
+            .map_err(backend)?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as usize)
+            .collect();
+        drop(client);
+        self.chunks(&keys).await
+    }
+
+    async fn cached_summary(
+        &self,
+        collection: &str,
+        id: &str,
+        key: &str,
+    ) -> Result<Option<String>, BackendError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT summary FROM ragd_summaries
+                 WHERE collection = $1 AND document_id = $2 AND key = $3",
+                &[&collection, &id, &key],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn keep_summary(
+        &self,
+        collection: &str,
+        id: &str,
+        hash: &str,
+        key: &str,
+        summary: &str,
+    ) -> Result<(), BackendError> {
+        // The document's row is held (shared) while the summary goes in: an
+        // update committed first leaves no row of this hash (nothing kept);
+        // one committing after waits, then deletes the summary with the rest.
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO ragd_summaries (collection, document_id, key, summary, created_at)
+                 SELECT d.collection, d.id, $3, $4, $5 FROM ragd_documents d
+                 WHERE d.collection = $1 AND d.id = $2 AND d.hash = $6 FOR SHARE
+                 ON CONFLICT (collection, document_id, key) DO UPDATE SET
+                     summary = excluded.summary, created_at = excluded.created_at",
+                &[&collection, &id, &key, &summary, &now(), &hash],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 
     async fn chunks(&self, keys: &[usize]) -> Result<Vec<StoredChunk>, BackendError> {

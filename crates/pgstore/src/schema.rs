@@ -11,7 +11,7 @@ use crate::PgError;
 /// The schema this build writes. Each entry of [`migrations`] brings the
 /// database from its index to the next version; a database of a newer schema
 /// is refused rather than misread.
-pub(crate) const SCHEMA_VERSION: i64 = 4;
+pub(crate) const SCHEMA_VERSION: i64 = 5;
 
 /// Key of the advisory lock that serialises migrations (any constant that
 /// other applications are unlikely to use: "ragd" in ASCII).
@@ -96,6 +96,18 @@ fn migrations(dim: usize, m: usize, ef_construction: usize) -> Vec<String> {
          ALTER TABLE ragd_postings ALTER COLUMN collection SET NOT NULL;
          ALTER TABLE ragd_postings DROP CONSTRAINT ragd_postings_pkey;
          ALTER TABLE ragd_postings ADD PRIMARY KEY (collection, term, chunk_key);"
+            .to_string(),
+        // 5: summaries kept with their documents (gone with a change or a
+        // delete).
+        "CREATE TABLE ragd_summaries (
+             collection TEXT NOT NULL,
+             document_id TEXT NOT NULL,
+             key TEXT NOT NULL,
+             summary TEXT NOT NULL,
+             created_at BIGINT NOT NULL,
+             PRIMARY KEY (collection, document_id, key),
+             FOREIGN KEY (collection, document_id)
+                 REFERENCES ragd_documents(collection, id) ON DELETE CASCADE);"
             .to_string(),
     ]
 }

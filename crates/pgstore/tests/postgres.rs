@@ -324,10 +324,11 @@ async fn a_schema_1_database_is_migrated_on_open() {
         .unwrap();
     drop(store);
     // What schema 1 was: no kept totals, no collections (documents keyed by
-    // id alone, postings by term and chunk).
+    // id alone, postings by term and chunk), no summaries.
     admin(
         &url,
         &[
+            "DROP TABLE ragd_summaries",
             "ALTER TABLE ragd_postings DROP CONSTRAINT ragd_postings_pkey",
             "ALTER TABLE ragd_postings DROP COLUMN collection",
             "ALTER TABLE ragd_postings ADD PRIMARY KEY (term, chunk_key)",
@@ -691,6 +692,78 @@ async fn unreachable_servers_and_missing_rights_are_clear_start_up_errors() {
 /// Collections keep documents apart: the same id in two, searches within
 /// one see nothing of the other (dense, lexical, with a metadata filter),
 /// deleting one takes its documents and chunks (and their BM25 counts) only.
+#[tokio::test]
+async fn summaries_are_kept_for_the_current_version_only() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let v = [unit([1.0, 0.0, 0.0]); 3];
+    let a = doc("a", &["one", "two", "three"], &v, json!({}));
+    store.upsert(vec![a.clone()]).await.unwrap();
+    let texts: Vec<String> = store
+        .document_chunks(DEFAULT_COLLECTION, "a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.text)
+        .collect();
+    assert_eq!(texts, ["one", "two", "three"]);
+    store
+        .keep_summary(DEFAULT_COLLECTION, "a", "stale", "k", "old")
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .cached_summary(DEFAULT_COLLECTION, "a", "k")
+            .await
+            .unwrap(),
+        None
+    );
+    for text in ["one", "two"] {
+        store
+            .keep_summary(DEFAULT_COLLECTION, "a", &a.hash, "k", text)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store
+            .cached_summary(DEFAULT_COLLECTION, "a", "k")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("two")
+    );
+    // Unchanged content keeps it; a change drops it; so does a delete.
+    store.upsert(vec![a.clone()]).await.unwrap();
+    assert!(store
+        .cached_summary(DEFAULT_COLLECTION, "a", "k")
+        .await
+        .unwrap()
+        .is_some());
+    let a2 = doc("a", &["one", "two"], &v[..2], json!({}));
+    store.upsert(vec![a2.clone()]).await.unwrap();
+    assert_eq!(
+        store
+            .cached_summary(DEFAULT_COLLECTION, "a", "k")
+            .await
+            .unwrap(),
+        None
+    );
+    store
+        .keep_summary(DEFAULT_COLLECTION, "a", &a2.hash, "k", "x")
+        .await
+        .unwrap();
+    assert!(store.delete(DEFAULT_COLLECTION, "a").await.unwrap());
+    assert_eq!(
+        store
+            .cached_summary(DEFAULT_COLLECTION, "a", "k")
+            .await
+            .unwrap(),
+        None
+    );
+}
+
 #[tokio::test]
 async fn collections_keep_documents_apart() {
     let Some(url) = fresh_database().await else {

@@ -42,6 +42,29 @@ pub enum AnswerEvent {
     Failed(Error),
 }
 
+/// What makes a summary's answer differ from a question's (see
+/// [`crate::summarize`]).
+pub(crate) struct SummaryMode {
+    /// Every source is checked against, whatever the prompt held (a reduce
+    /// step's prompt holds section summaries, not the passages).
+    pub all_sources: bool,
+    /// Called with the model's text when it ended by itself or by length:
+    /// keeps it for the next request.
+    pub keep: Option<Box<dyn FnOnce(&Generation) + Send + Sync>>,
+    /// The text was kept from an earlier request: no tokens were spent.
+    pub replayed: bool,
+}
+
+impl std::fmt::Debug for SummaryMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SummaryMode")
+            .field("all_sources", &self.all_sources)
+            .field("keep", &self.keep.is_some())
+            .field("replayed", &self.replayed)
+            .finish()
+    }
+}
+
 /// Token counts.
 #[derive(Debug, Clone, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -163,6 +186,10 @@ pub struct AskResponse {
     pub usage: Usage,
     /// Stage times.
     pub timings: Timings,
+    /// A summary kept from an earlier request, checked again but not
+    /// generated again (`usage` is then zero).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 /// What a delivered answer is.
@@ -210,6 +237,8 @@ pub struct Answer {
     filter: StreamFilter,
     progress: Progress,
     state: State,
+    /// Set for a summary.
+    summary: Option<SummaryMode>,
 }
 
 /// Accumulates an answer's events into the final response.
@@ -283,7 +312,15 @@ impl Answer {
                 question: String::new(),
             },
             state: State::Finished,
+            summary: None,
         }
+    }
+
+    /// A summary rather than an answer: checked and delivered as
+    /// [`SummaryMode`] says.
+    pub(crate) fn summarizing(mut self, mode: SummaryMode) -> Self {
+        self.summary = Some(mode);
+        self
     }
 
     /// Declined without asking the model.
@@ -359,8 +396,11 @@ impl Answer {
                             ..
                         } => {
                             self.state = State::Running { started: true };
-                            self.progress
-                                .prompt_ready(passages_used, trimmed, prompt_ms);
+                            let used = match &self.summary {
+                                Some(m) if m.all_sources => usize::MAX,
+                                _ => passages_used,
+                            };
+                            self.progress.prompt_ready(used, trimmed, prompt_ms);
                             return Some(AnswerEvent::Sources(
                                 self.progress.sources_for_client(&self.content),
                             ));
@@ -375,6 +415,14 @@ impl Answer {
                             }
                         }
                         GenEvent::Done(generation) => {
+                            if let Some(keep) = self.summary.as_mut().and_then(|m| m.keep.take()) {
+                                if matches!(
+                                    generation.finish_reason,
+                                    ragd_core::FinishReason::Stop | ragd_core::FinishReason::Length
+                                ) {
+                                    keep(&generation);
+                                }
+                            }
                             let rest = self.filter.finish();
                             if rest.is_empty() {
                                 let response = self.check(generation).await;
@@ -457,7 +505,22 @@ impl Answer {
                 None
             }
         };
-        let response = progress.finish(g, checked, &self.content);
+        let mut response = progress.finish(g, checked, &self.content);
+        if let Some(mode) = &self.summary {
+            if mode.replayed {
+                response.cached = true;
+                response.usage = Usage {
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    total_tokens: 0,
+                    cached_tokens: 0,
+                    drafted_tokens: 0,
+                    accepted_tokens: 0,
+                };
+                response.timings.generation_ms = 0.0;
+            }
+            return deliver_summary(response);
+        }
         self.deliver(response, &question, &query_vector).await
     }
 
@@ -594,6 +657,57 @@ impl Answer {
     }
 }
 
+/// A summary as delivered: only its sentences some passage supports, each
+/// with the passage that does (the model's whole text kept aside when any
+/// was left out); declined when none is supported, or the model said the
+/// passages hold nothing to summarise. A summary the check could not run on
+/// stays, its citations marked unverified, as an answer's would.
+fn deliver_summary(mut response: AskResponse) -> AskResponse {
+    if language::is_refusal(&response.answer) {
+        return declined(response);
+    }
+    let Some(grounding) = &response.grounding else {
+        return response;
+    };
+    if grounding.sentences.iter().all(|s| s.supported) && !grounding.sentences.is_empty() {
+        return response;
+    }
+    let kept: Vec<&check::SentenceSupport> =
+        grounding.sentences.iter().filter(|s| s.supported).collect();
+    if kept.is_empty() {
+        return declined(response);
+    }
+    let text = kept
+        .iter()
+        .map(|s| match s.passage {
+            Some(n) => format!("{} [{n}]", s.text.trim()),
+            None => s.text.trim().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let cited: std::collections::HashSet<usize> = kept.iter().filter_map(|s| s.passage).collect();
+    response.citations.retain(|c| cited.contains(&c.n));
+    for n in kept.iter().filter_map(|s| s.passage) {
+        if !response.citations.iter().any(|c| c.n == n) {
+            if let Some(source) = response.sources.iter().find(|s| s.n == n) {
+                response.citations.push(Source {
+                    cited_by: Some(CitedBy::Similarity),
+                    verified: Some(true),
+                    ..source.clone()
+                });
+            }
+        }
+    }
+    response.model_answer = Some(std::mem::replace(&mut response.answer, text));
+    let language = language::detect(&response.answer);
+    response.language.answer = Some(language);
+    response.language.matches = language == response.language.question;
+    if let Some(g) = response.grounding.as_mut() {
+        g.supported = true;
+    }
+    response
+}
+
 /// `response` declined: the answer says, in the question's language, that the
 /// documents do not hold it; the model's text is kept aside.
 fn declined(mut response: AskResponse) -> AskResponse {
@@ -702,6 +816,7 @@ impl Progress {
                 first_token_ms: None,
                 total_ms: self.started.elapsed().as_secs_f64() * 1e3,
             },
+            cached: false,
         }
     }
 
@@ -812,6 +927,7 @@ impl Progress {
                 first_token_ms: self.first_token_ms,
                 total_ms: self.started.elapsed().as_secs_f64() * 1e3,
             },
+            cached: false,
         }
     }
 }

@@ -8,11 +8,11 @@
 //! alone settles it. Text too short or too mixed to tell is English, the
 //! language of the instructions.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use whatlang::{Lang as WLang, Script};
 
 /// A language, by ISO 639-1 code where ragd has words for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Lang {

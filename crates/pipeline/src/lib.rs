@@ -12,6 +12,12 @@
 //! (citations, grounding, refusal, [`language`]) → [`content`] rules. The
 //! answer is one stream of events ([`answer`]) that every API encodes.
 //!
+//! **Summarize** ([`summarize`]): a document, a filter's documents or a
+//! query's passages → sections within the context ([`prompt`]) → generate
+//! (section summaries, then one of them) → [`check`] every sentence against
+//! the passages → only supported sentences delivered; a document's summary
+//! kept with it until it changes.
+//!
 //! Retrieval alone is [`search`]; listing and deleting, [`documents`].
 //!
 //! The pipeline knows no model framework, storage engine or web framework: the
@@ -41,6 +47,7 @@ pub mod retrieve;
 pub mod route;
 pub mod search;
 pub mod select;
+pub mod summarize;
 pub mod translate;
 
 #[cfg(test)]
@@ -60,6 +67,7 @@ pub use error::ConfigError;
 pub use error::Error;
 pub use ingest::{IngestRequest, IngestResponse, UploadedFile};
 pub use search::{SearchRequest, SearchResponse};
+pub use summarize::SummarizeRequest;
 
 use content::ContentRules;
 

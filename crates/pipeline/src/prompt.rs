@@ -65,6 +65,13 @@ impl Style {
         }
     }
 
+    fn summary_instruction(self) -> &'static str {
+        match self {
+            Style::Concise => "Write two to four sentences on the main points",
+            Style::Detailed => "Write a full summary covering every main point, in order",
+        }
+    }
+
     fn instruction(self) -> &'static str {
         match self {
             Style::Concise => "Answer briefly, in one to three sentences",
@@ -176,6 +183,63 @@ pub fn build(
             "{CLOSE}\n\nQuestion: {}\n\n{}, in {}, in your own words, from the passage that answers the question; cite it by its number.",
             question.trim(),
             style.instruction(),
+            language.name()
+        ),
+    }
+}
+
+/// The prompt for a summary of `passages`, each with its number (a
+/// document's passages keep their numbers in every section of a long one),
+/// of `style`, in `language`. The same system instruction as an answer's, so
+/// the cached start of the prompt serves summaries too.
+pub fn summary(passages: &[(usize, Passage)], style: Style, language: Lang) -> Prompt {
+    let passages = passages
+        .iter()
+        .map(|(n, p)| {
+            let mut heading = format!("[{n}]");
+            if let Some(t) = p.title.as_deref().filter(|t| !t.trim().is_empty()) {
+                heading.push_str(&format!(" ({})", fenced(t.trim())));
+            }
+            heading.push('\n');
+            PromptPassage {
+                heading,
+                text: fenced(defuse(p.text.trim()).0.trim()),
+            }
+        })
+        .collect();
+    Prompt {
+        preamble: vec![Message::new("system", INSTRUCTION)],
+        open: format!("{OPEN}\n"),
+        passages,
+        close: format!(
+            "{CLOSE}\n\nTask: summarize what the passages say. {}, in {}, in your own words; \
+             after each statement, cite the passage it comes from by its number.",
+            style.summary_instruction(),
+            language.name()
+        ),
+    }
+}
+
+/// The prompt that joins the summaries of a long text's sections, in order,
+/// into one summary of `style` in `language`. (The sections' texts are the
+/// model's own; the joined summary is checked against the passages.)
+pub fn combine(sections: &[String], style: Style, language: Lang) -> Prompt {
+    let passages = sections
+        .iter()
+        .enumerate()
+        .map(|(i, text)| PromptPassage {
+            heading: format!("Part {}:\n", i + 1),
+            text: fenced(text.trim()),
+        })
+        .collect();
+    Prompt {
+        preamble: vec![Message::new("system", INSTRUCTION)],
+        open: format!("{OPEN}\n"),
+        passages,
+        close: format!(
+            "{CLOSE}\n\nThese are summaries of the consecutive parts of one text. \
+             Task: write one summary of the whole text from them. {}, in {}, in your own words.",
+            style.summary_instruction(),
             language.name()
         ),
     }

@@ -102,6 +102,8 @@ struct Memory {
     /// Collections besides `default`.
     collections: std::collections::BTreeSet<String>,
     next_key: usize,
+    /// Kept summaries: (document, key) → (content hash, summary).
+    summaries: BTreeMap<(DocKey, String), (String, String)>,
 }
 
 fn key(collection: &str, id: &str) -> DocKey {
@@ -228,6 +230,60 @@ impl DocumentStore for MemoryStore {
         let k = key(collection, id);
         m.chunks.retain(|_, (d, _)| d != &k);
         Ok(m.documents.remove(&k).is_some())
+    }
+
+    async fn document_chunks(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Vec<StoredChunk>, BackendError> {
+        let m = self.data.lock().unwrap();
+        let k = key(collection, id);
+        let mut keys: Vec<(usize, usize)> = m
+            .chunks
+            .iter()
+            .filter(|(_, (d, _))| d == &k)
+            .map(|(&key, (_, i))| (*i, key))
+            .collect();
+        keys.sort_unstable();
+        Ok(keys
+            .into_iter()
+            .filter_map(|(_, key)| m.chunk(key))
+            .collect())
+    }
+
+    async fn cached_summary(
+        &self,
+        collection: &str,
+        id: &str,
+        summary_key: &str,
+    ) -> Result<Option<String>, BackendError> {
+        let m = self.data.lock().unwrap();
+        let k = key(collection, id);
+        let current = m.documents.get(&k).map(|d| d.hash.clone());
+        Ok(m.summaries
+            .get(&(k, summary_key.to_string()))
+            .filter(|(hash, _)| Some(hash) == current.as_ref())
+            .map(|(_, s)| s.clone()))
+    }
+
+    async fn keep_summary(
+        &self,
+        collection: &str,
+        id: &str,
+        hash: &str,
+        summary_key: &str,
+        summary: &str,
+    ) -> Result<(), BackendError> {
+        let mut m = self.data.lock().unwrap();
+        let k = key(collection, id);
+        if m.documents.get(&k).is_some_and(|d| d.hash == hash) {
+            m.summaries.insert(
+                (k, summary_key.to_string()),
+                (hash.to_string(), summary.to_string()),
+            );
+        }
+        Ok(())
     }
 
     async fn document(
@@ -1036,5 +1092,259 @@ async fn bad_questions_are_refused_before_anything_runs() {
             other => panic!("{body}: {:?}", other.map(|_| ())),
         }
     }
+    assert!(s.generator.prompts().is_empty());
+}
+
+/// Reads a summary to its end.
+async fn summary_events(
+    pipeline: &Pipeline,
+    req: serde_json::Value,
+) -> Result<Vec<AnswerEvent>, Error> {
+    let req: crate::SummarizeRequest = serde_json::from_value(req).unwrap();
+    let mut answer = pipeline.summarize(&req).await?;
+    let mut out = Vec::new();
+    while let Some(e) = answer.next().await {
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// A document of several chunks (at the test config's 40 words a chunk).
+fn long_cats() -> IngestRequest {
+    let first = "Cats sleep sixteen hours a day and wake at dusk to hunt. ".repeat(4);
+    let second = "Green tea is steeped at eighty degrees for two minutes exactly. ".repeat(4);
+    let third = "Rust checks borrowing at compile time without a garbage collector. ".repeat(4);
+    serde_json::from_value(json!({ "documents": [
+        { "id": "long", "title": "Notes", "text": format!("{first}\n\n{second}\n\n{third}"),
+          "metadata": { "kind": "notes" } },
+        { "id": "other", "title": "Other", "text": "Owls hunt at night by sound alone.",
+          "metadata": { "kind": "birds" } }
+    ]}))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_document_summary_reads_its_passages_in_order_and_keeps_only_supported_sentences() {
+    let s = setup(
+        Script::Answer(vec![
+            "Cats sleep sixteen hours a day [1]. ",
+            "Green tea is steeped at eighty degrees [3]. ",
+            "The moon is made of blue cheese [2].",
+        ]),
+        &[],
+        Arc::new(NoRerank),
+    );
+    s.pipeline.ingest(long_cats()).await.unwrap();
+    let events = summary_events(&s.pipeline, json!({ "document_id": "long" }))
+        .await
+        .unwrap();
+    let prompts = s.generator.prompts();
+    assert_eq!(prompts.len(), 1, "a short document is one pass");
+    let p = &prompts[0];
+    let chunks = p.passages.len();
+    assert!(chunks >= 3, "{p:?}");
+    for (i, passage) in p.passages.iter().enumerate() {
+        assert!(passage.heading.starts_with(&format!("[{}]", i + 1)));
+    }
+    assert!(
+        p.passages[0].text.contains("Cats sleep"),
+        "in the document's order"
+    );
+    assert!(p.passages[chunks - 1].text.contains("garbage collector"));
+    assert!(p.close.contains("summarize") && p.close.contains("in English"));
+    let AnswerEvent::Sources(sources) = &events[0] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(sources.len(), chunks);
+    assert!(sources.iter().all(|s| s.document_id == "long"));
+    let done = done(&events);
+    assert_eq!(done.answer_kind, crate::AnswerKind::Generated);
+    assert!(done.answer.contains("Cats sleep sixteen hours a day"));
+    assert!(done.answer.contains("Green tea"));
+    assert!(
+        !done.answer.contains("moon"),
+        "no passage supports it: left out: {}",
+        done.answer
+    );
+    assert!(done
+        .model_answer
+        .as_deref()
+        .is_some_and(|m| m.contains("moon")));
+    let cited: Vec<&str> = done.citations.iter().map(|c| c.snippet.as_str()).collect();
+    assert!(
+        done.citations.iter().all(|c| c.document_id == "long") && !cited.is_empty(),
+        "{cited:?}"
+    );
+    assert!(!done.cached);
+}
+
+#[tokio::test]
+async fn a_kept_summary_is_replayed_without_the_model_until_the_document_changes() {
+    let s = setup(
+        Script::Answer(vec!["Cats sleep sixteen hours a day [1]."]),
+        &[],
+        Arc::new(NoRerank),
+    );
+    s.pipeline.ingest(long_cats()).await.unwrap();
+    let req = json!({ "document_id": "long" });
+    let first = summary_events(&s.pipeline, req.clone()).await.unwrap();
+    // The summary is kept by a task of its own.
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let second = summary_events(&s.pipeline, req.clone()).await.unwrap();
+    assert_eq!(
+        s.generator.prompts().len(),
+        1,
+        "the second was not generated"
+    );
+    let (a, b) = (done(&first), done(&second));
+    assert!(b.cached && !a.cached);
+    assert_eq!(a.answer, b.answer);
+    assert_eq!(b.usage.completion_tokens, 0);
+    assert_eq!(streamed(&second), streamed(&first), "streamed the same");
+    // Another style is another summary.
+    summary_events(
+        &s.pipeline,
+        json!({ "document_id": "long", "style": "detailed" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.generator.prompts().len(), 2);
+    // A changed document is summarised again.
+    let mut changed = long_cats();
+    changed.documents[0]
+        .text
+        .push_str("\n\nOne more line about cats.");
+    s.pipeline.ingest(changed).await.unwrap();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let third = summary_events(&s.pipeline, req).await.unwrap();
+    assert!(!done(&third).cached);
+    assert_eq!(s.generator.prompts().len(), 3);
+}
+
+#[tokio::test]
+async fn a_long_text_is_summarised_section_by_section_then_joined_and_checked_against_its_passages()
+{
+    let mut config = config(&[]);
+    config.chunking.max_tokens = 200;
+    let s = setup_with(
+        config,
+        Script::Answer(vec!["Cats sleep sixteen hours a day and wake at dusk [2]."]),
+        Arc::new(NoRerank),
+    );
+    // Some 3,600 words: three sections of at most 1,536.
+    let text = (0..18)
+        .map(|i| {
+            format!(
+                "Part {i}. {}",
+                "Cats sleep sixteen hours a day and wake at dusk to hunt mice. ".repeat(16)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    s.pipeline
+        .ingest(
+            serde_json::from_value(json!({ "documents": [{ "id": "big", "text": text }] }))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let events = summary_events(&s.pipeline, json!({ "document_id": "big" }))
+        .await
+        .unwrap();
+    let prompts = s.generator.prompts();
+    assert!(
+        prompts.len() >= 3,
+        "sections, then the join: {}",
+        prompts.len()
+    );
+    let (sections, join) = prompts.split_at(prompts.len() - 1);
+    // Each section's passages keep their numbers in the document.
+    let mut next = 1;
+    for p in sections {
+        assert!(p.close.contains("summarize what the passages say"));
+        for passage in &p.passages {
+            assert!(
+                passage.heading.starts_with(&format!("[{next}]")),
+                "{}",
+                passage.heading
+            );
+            next += 1;
+        }
+    }
+    let join = &join[0];
+    assert!(join.close.contains("summaries of the consecutive parts"));
+    assert_eq!(join.passages.len(), sections.len());
+    assert!(
+        join.passages.iter().all(|p| !p.text.contains("[2]")),
+        "the sections' markers are taken out"
+    );
+    let done = done(&events);
+    // Checked against every passage of the document, not the sections.
+    assert_eq!(done.sources.len(), next - 1);
+    assert_eq!(done.answer_kind, crate::AnswerKind::Generated);
+    assert!(done.citations.iter().all(|c| c.document_id == "big"));
+    assert!(!done.citations.is_empty());
+}
+
+#[tokio::test]
+async fn a_filter_or_a_query_picks_what_is_summarised() {
+    let s = setup(
+        Script::Answer(vec!["Owls hunt at night by sound alone [1]."]),
+        &[],
+        Arc::new(NoRerank),
+    );
+    s.pipeline.ingest(long_cats()).await.unwrap();
+    let events = summary_events(
+        &s.pipeline,
+        json!({ "filter": { "metadata.kind": "birds" } }),
+    )
+    .await
+    .unwrap();
+    let done_filter = done(&events);
+    assert!(done_filter.sources.iter().all(|s| s.document_id == "other"));
+    assert_eq!(done_filter.citations[0].document_id, "other");
+    let events = summary_events(&s.pipeline, json!({ "query": "owls hunting at night" }))
+        .await
+        .unwrap();
+    let done_query = done(&events);
+    assert_eq!(done_query.sources[0].document_id, "other");
+    // Nothing picked: declined without the model.
+    let before = s.generator.prompts().len();
+    let events = summary_events(
+        &s.pipeline,
+        json!({ "filter": { "metadata.kind": "fish" } }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(done(&events).answer_kind, crate::AnswerKind::Declined);
+    assert_eq!(s.generator.prompts().len(), before);
+}
+
+#[tokio::test]
+async fn bad_summary_requests_are_refused_before_anything_runs() {
+    let s = setup(Script::Answer(vec!["x"]), &[], Arc::new(NoRerank));
+    s.pipeline.ingest(long_cats()).await.unwrap();
+    for req in [
+        json!({}),
+        json!({ "document_id": "long", "query": "cats" }),
+        json!({ "document_id": "long", "style": "long" }),
+        json!({ "document_id": "long", "max_tokens": 0 }),
+        json!({ "document_id": "long", "max_tokens": 100000 }),
+        json!({ "query": "   " }),
+        json!({ "query": "cats", "top_k": 0 }),
+        json!({ "document_id": "long", "top_k": 0 }),
+        json!({ "filter": { "title": "x" } }),
+    ] {
+        let e = summary_events(&s.pipeline, req.clone()).await.unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{req}: {e:?}");
+    }
+    let e = summary_events(&s.pipeline, json!({ "document_id": "missing" }))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e:?}");
     assert!(s.generator.prompts().is_empty());
 }

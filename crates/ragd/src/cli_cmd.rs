@@ -1,5 +1,6 @@
 //! `ragd ask` (a question to a running server, the answer streamed to the
-//! terminal, then its sources) and `ragd models fetch|list`.
+//! terminal, then its sources), `ragd summarize` (the same for a summary)
+//! and `ragd models fetch|list`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,15 +25,62 @@ pub(crate) async fn ask(
     top_k: Option<usize>,
     collection: Option<String>,
 ) -> Result<()> {
+    let body = json!({ "question": question, "stream": true, "style": style, "top_k": top_k });
+    streamed(url, collection.as_deref(), "/ask", &body, api_key).await
+}
+
+/// What `ragd summarize` summarises: exactly one of these.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SummaryOf {
+    pub document: Option<String>,
+    pub filter: Option<String>,
+    pub query: Option<String>,
+}
+
+/// Asks the server at `url` for a summary and prints it as it streams in.
+pub(crate) async fn summarize(
+    url: &str,
+    of: SummaryOf,
+    api_key: Option<String>,
+    style: Option<String>,
+    language: Option<String>,
+    collection: Option<String>,
+) -> Result<()> {
+    let filter: Option<Value> = of
+        .filter
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .context("--filter: not JSON (for example '{\"metadata.lang\": \"en\"}')")?;
+    let body = json!({
+        "document_id": of.document,
+        "filter": filter,
+        "query": of.query,
+        "stream": true,
+        "style": style,
+        "language": language,
+    });
+    streamed(url, collection.as_deref(), "/summarize", &body, api_key).await
+}
+
+/// Posts `body` to `path` (of `collection`) at `url` as a streamed request
+/// and prints the answer or summary as it arrives, then its sources.
+async fn streamed(
+    url: &str,
+    collection: Option<&str>,
+    path: &str,
+    body: &Value,
+    api_key: Option<String>,
+) -> Result<()> {
     let client = reqwest::Client::new();
     let mut req = client
         .post(format!(
-            "{}{}/ask",
+            "{}{}{path}",
             url.trim_end_matches('/'),
-            collection_prefix(collection.as_deref())
+            collection_prefix(collection)
         ))
         .header("accept", "text/event-stream")
-        .json(&json!({ "question": question, "stream": true, "style": style, "top_k": top_k }));
+        .json(body);
     if let Some(k) = api_key.filter(|k| !k.is_empty()) {
         req = req.bearer_auth(k);
     }
@@ -96,6 +144,7 @@ pub(crate) async fn ask(
         if done["citation_changes"]
             .as_array()
             .is_some_and(|c| !c.is_empty())
+            || done["model_answer"].is_string()
         {
             println!("\nchecked: {}", done["answer"].as_str().unwrap_or_default());
         }

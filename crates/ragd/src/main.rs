@@ -17,6 +17,7 @@ mod bench_cmd;
 mod cli_cmd;
 mod eval_cmd;
 mod eval_qa;
+mod eval_summaries;
 mod eval_thresholds;
 mod ingest_cmd;
 mod soak_cmd;
@@ -102,6 +103,35 @@ enum Command {
         #[arg(long)]
         collection: Option<String>,
     },
+    /// Ask a running server for a summary of a document, of the documents a
+    /// filter picks, or of what the documents say about a query; it streams
+    /// to the terminal, then its numbered sources.
+    Summarize {
+        /// The document's id.
+        document: Option<String>,
+        /// Summarise the documents meeting these conditions instead (JSON,
+        /// as /ask's filter: '{"metadata.lang": "en"}').
+        #[arg(long, conflicts_with_all = ["document", "query"])]
+        filter: Option<String>,
+        /// Summarise what the documents say about this instead.
+        #[arg(long, conflicts_with_all = ["document", "filter"])]
+        query: Option<String>,
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// API key (default: the RAGD_API_KEY environment variable).
+        #[arg(long, env = "RAGD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// `concise` (default) or `detailed`.
+        #[arg(long)]
+        style: Option<String>,
+        /// The summary's language (`en`, `zh`, ...; default: the documents').
+        #[arg(long)]
+        language: Option<String>,
+        /// The collection (default: `default`).
+        #[arg(long)]
+        collection: Option<String>,
+    },
     /// Fetch or list the model files.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -151,6 +181,26 @@ struct Unanswerable {
 
 #[derive(Subcommand)]
 enum EvalCommand {
+    /// Summary quality on a FAQ in BEIR layout whose chapters have
+    /// introductions (sections N.0): each chapter summarised, ROUGE-L against
+    /// its introduction, the share of supported sentences, latency.
+    Summaries {
+        /// The BEIR folder.
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Most characters of a chapter's sections (whole sections, in order).
+        #[arg(long, default_value_t = 12_000)]
+        max_chars: usize,
+        /// Summarise only the first N chapters.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Config file, as for `serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Retrieval quality on a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv):
     /// nDCG@10, recall@1/5/10, MRR@10 and queries/s per mode.
     Retrieval {
@@ -372,11 +422,46 @@ async fn main() -> anyhow::Result<()> {
         } => {
             cli_cmd::ask(&url, &question, api_key, style, top_k, collection).await?;
         }
+        Command::Summarize {
+            document,
+            filter,
+            query,
+            url,
+            api_key,
+            style,
+            language,
+            collection,
+        } => {
+            if document.is_none() && filter.is_none() && query.is_none() {
+                anyhow::bail!("give a document id, --filter or --query");
+            }
+            let of = cli_cmd::SummaryOf {
+                document,
+                filter,
+                query,
+            };
+            cli_cmd::summarize(&url, of, api_key, style, language, collection).await?;
+        }
         Command::Models(ModelsCommand::Fetch { models, models_dir }) => {
             cli_cmd::fetch(&models, models_dir)?
         }
         Command::Models(ModelsCommand::List { models_dir, config }) => {
             cli_cmd::list(&models_dir, &load_config(config)?)?
+        }
+        Command::Eval(EvalCommand::Summaries {
+            dataset,
+            max_chars,
+            limit,
+            json,
+            config,
+        }) => {
+            let args = eval_summaries::Args {
+                dataset,
+                max_chars,
+                limit,
+                json,
+            };
+            eval_summaries::run(args, load_config(config)?).await?;
         }
         Command::Eval(EvalCommand::Qa {
             dataset,

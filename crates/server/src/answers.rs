@@ -1,6 +1,8 @@
 //! Answers: `POST /ask` — the answer as JSON, or as server-sent events
-//! (`queued`, `sources`, `token`…, then `done` or `error`) — and retrieval
-//! alone, `POST /search`. Both encoders read the pipeline's one answer stream.
+//! (`queued`, `sources`, `token`…, then `done` or `error`) — summaries,
+//! `POST /summarize` (the same two encodings of the same stream), and
+//! retrieval alone, `POST /search`. Both encoders read the pipeline's one
+//! answer stream.
 
 use std::convert::Infallible;
 
@@ -27,6 +29,7 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/ask", post(ask))
         .route("/search", post(search))
+        .route("/summarize", post(summarize))
 }
 
 #[utoipa::path(post, path = "/search", tag = "retrieval", request_body = ragd_pipeline::SearchRequest, responses((status = 200, description = "Passages, best first", body = ragd_pipeline::SearchResponse), (status = 422, description = "Invalid request", body = crate::error::ErrorBody), (status = 401, description = "Missing or unknown API key", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, or the database cannot be reached (Retry-After)", body = crate::error::ErrorBody)))]
@@ -38,8 +41,8 @@ pub(crate) async fn search(
     Ok(Json(state.pipeline()?.search_in(&collection, req).await?))
 }
 
-fn wants_stream(headers: &HeaderMap, req: &AskRequest) -> bool {
-    req.stream.unwrap_or_else(|| {
+fn wants_stream(headers: &HeaderMap, stream: Option<bool>) -> bool {
+    stream.unwrap_or_else(|| {
         headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
@@ -59,7 +62,7 @@ pub(crate) async fn ask(
     AppJson(req): AppJson<AskRequest>,
 ) -> Result<Response, ApiError> {
     let pipeline = state.pipeline()?;
-    let stream = wants_stream(&headers, &req);
+    let stream = wants_stream(&headers, req.stream);
     if let (true, Some(Extension(s))) = (stream, deadline) {
         s.lift();
     }
@@ -70,6 +73,26 @@ pub(crate) async fn ask(
     let response = answer.collect().await?;
     crate::metrics::get().answered(&response);
     Ok(Json(response).into_response())
+}
+
+#[utoipa::path(post, path = "/summarize", tag = "answers", request_body = ragd_pipeline::SummarizeRequest, responses((status = 200, description = "The summary, as `/ask`'s answer object (`answer` is the summary: only its sentences the passages support, each cited; `cached` when it was kept from an earlier request), or with `stream: true` / `Accept: text/event-stream` the same server-sent events as `/ask`", content((ragd_pipeline::AskResponse = "application/json"), (serde_json::Value = "text/event-stream"))), (status = 404, description = "No such document (or collection)", body = crate::error::ErrorBody), (status = 429, description = "Generation queue full (Retry-After)", body = crate::error::ErrorBody), (status = 502, description = "Remote generation server failed", body = crate::error::ErrorBody), (status = 422, description = "Invalid request (also: a document of more than 64 passages)", body = crate::error::ErrorBody), (status = 503, description = "Models still loading, the database cannot be reached, or a long text's sections took longer than generation.timeout_s (Retry-After)", body = crate::error::ErrorBody)))]
+pub(crate) async fn summarize(
+    State(state): State<AppState>,
+    InCollection(collection): InCollection,
+    headers: HeaderMap,
+    deadline: Option<Extension<Deadline>>,
+    AppJson(req): AppJson<ragd_pipeline::SummarizeRequest>,
+) -> Result<Response, ApiError> {
+    let pipeline = state.pipeline()?;
+    let stream = wants_stream(&headers, req.stream);
+    if let (true, Some(Extension(s))) = (stream, deadline) {
+        s.lift();
+    }
+    let summary = pipeline.summarize_in(&collection, &req).await?;
+    if stream {
+        return Ok(sse_response(summary));
+    }
+    Ok(Json(summary.collect().await?).into_response())
 }
 
 /// An SSE event whose data is `data` as JSON (keys in order, as every event

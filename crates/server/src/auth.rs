@@ -170,7 +170,9 @@ pub fn requirement<'a>(method: &Method, path: &'a str) -> Option<(Scope, Reach<'
         match path {
             "/ingest" => Some(Scope::Write),
             p if p.starts_with("/documents/") && method == Method::DELETE => Some(Scope::Write),
-            "/documents" | "/search" | "/ask" | "/v1/chat/completions" => Some(Scope::Read),
+            "/documents" | "/search" | "/ask" | "/summarize" | "/v1/chat/completions" => {
+                Some(Scope::Read)
+            }
             p if p.starts_with("/documents/") => Some(Scope::Read),
             _ => None,
         }

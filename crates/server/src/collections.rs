@@ -1,7 +1,7 @@
 //! Collections: `GET /collections` (those the key reaches), `POST
 //! /collections` and `DELETE /collections/{collection}` (admin keys), and
 //! every document route again under `/collections/{collection}/…`
-//! (`ingest`, `documents`, `documents/{id}`, `search`, `ask`,
+//! (`ingest`, `documents`, `documents/{id}`, `search`, `ask`, `summarize`,
 //! `v1/chat/completions`): the same handlers, which read the collection from
 //! the path ([`InCollection`]); the routes without the prefix act on
 //! `default`.
@@ -20,12 +20,13 @@ use crate::AppState;
 
 /// The routes that act on one collection's documents, without their prefix
 /// (the OpenAPI document repeats them under `/collections/{collection}`).
-pub(crate) const SCOPED_PATHS: [&str; 6] = [
+pub(crate) const SCOPED_PATHS: [&str; 7] = [
     "/ingest",
     "/documents",
     "/documents/{id}",
     "/search",
     "/ask",
+    "/summarize",
     "/v1/chat/completions",
 ];
 

@@ -35,6 +35,20 @@ pub fn openapi_with(limits: RequestLimits) -> utoipa::openapi::OpenApi {
     );
     bound(
         &mut doc,
+        "SummarizeRequest",
+        "max_tokens",
+        Some(1),
+        max_tokens,
+    );
+    bound(
+        &mut doc,
+        "SummarizeRequest",
+        "top_k",
+        Some(1),
+        Some(limits.max_top_k),
+    );
+    bound(
+        &mut doc,
         "SearchRequest",
         "top_k",
         Some(1),
@@ -57,6 +71,11 @@ fn property_mut<'a>(
         .get_mut(schema)
         .and_then(|s| match s {
             RefOr::T(Schema::Object(o)) => o.properties.get_mut(field),
+            // An object with further rules (see `OneSubject`): its first part.
+            RefOr::T(Schema::AllOf(all)) => match all.items.first_mut() {
+                Some(RefOr::T(Schema::Object(o))) => o.properties.get_mut(field),
+                _ => None,
+            },
             _ => None,
         })
 }
@@ -89,7 +108,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             crate::service::metrics, openapi_json, crate::documents::ingest,
             crate::answers::search, crate::documents::list_documents,
             crate::documents::get_document, crate::documents::delete_document,
-            crate::answers::ask, crate::openai::chat_completions, crate::openai::embeddings,
+            crate::answers::ask, crate::answers::summarize, crate::openai::chat_completions, crate::openai::embeddings,
             crate::openai::models, crate::collections::list, crate::collections::create,
             crate::collections::remove
         ),
@@ -98,7 +117,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             &CollectionRoutes,
             &ServiceStatuses,
             &UniqueDocuments,
-            &FilterGrammar
+            &FilterGrammar,
+            &OneSubject
         )
     )]
     struct ApiDoc;
@@ -321,7 +341,7 @@ impl utoipa::Modify for FilterGrammar {
                 .additional_properties(Some(condition.clone()))
                 .build()
         };
-        for name in ["SearchRequest", "AskRequest"] {
+        for name in ["SearchRequest", "AskRequest", "SummarizeRequest"] {
             if let Some(property) = property_mut(openapi, name, "filter") {
                 if let RefOr::T(Schema::Object(old)) = property {
                     let description = old.description.clone().unwrap_or_default();
@@ -329,5 +349,47 @@ impl utoipa::Modify for FilterGrammar {
                 }
             }
         }
+    }
+}
+
+/// `POST /summarize` takes exactly one of `document_id`, `filter` and
+/// `query`, given (not null): a `oneOf` of the three (utoipa has no attribute
+/// for it).
+struct OneSubject;
+
+impl utoipa::Modify for OneSubject {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+        use utoipa::openapi::RefOr;
+        let Some(RefOr::T(Schema::Object(request))) = openapi
+            .components
+            .as_mut()
+            .and_then(|c| c.schemas.get_mut("SummarizeRequest"))
+        else {
+            return;
+        };
+        let given = |field: &str, kind: Type| {
+            ObjectBuilder::new()
+                .property(field, ObjectBuilder::new().schema_type(kind))
+                .required(field)
+                .build()
+        };
+        let mut all_of = utoipa::openapi::schema::AllOfBuilder::new()
+            .item(Schema::Object(request.clone()))
+            .item(Schema::OneOf(
+                OneOfBuilder::new()
+                    .item(given("document_id", Type::String))
+                    .item(given("filter", Type::Object))
+                    .item(given("query", Type::String))
+                    .build(),
+            ))
+            .build();
+        all_of.description = request.description.take();
+        openapi
+            .components
+            .as_mut()
+            .expect("checked above")
+            .schemas
+            .insert("SummarizeRequest".into(), RefOr::T(Schema::AllOf(all_of)));
     }
 }

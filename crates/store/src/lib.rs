@@ -258,6 +258,71 @@ impl Store {
         Ok(out)
     }
 
+    /// The chunks of document `id` of `collection`, in the document's order.
+    pub fn document_chunks(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Vec<StoredChunk>, StoreError> {
+        let keys: Vec<usize> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT key FROM chunks WHERE collection = ?1 AND document_id = ?2 ORDER BY idx",
+                )
+                .map_err(self.db())?;
+            let keys = stmt
+                .query_map([collection, id], |r| r.get::<_, i64>(0))
+                .map_err(self.db())?;
+            keys.map(|k| k.map(|k| k as usize))
+                .collect::<Result<_, _>>()
+                .map_err(self.db())?
+        };
+        self.chunks(&keys)
+    }
+
+    /// The summary kept for document `id` of `collection` under `key`.
+    pub fn cached_summary(
+        &self,
+        collection: &str,
+        id: &str,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT summary FROM summaries WHERE collection = ?1 AND document_id = ?2 AND key = ?3",
+                [collection, id, key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())
+    }
+
+    /// Keeps `summary` for document `id` of `collection` under `key`, only
+    /// while the document's content hash is `hash` (a summary of a version
+    /// replaced meanwhile is not kept); whether it was kept.
+    pub fn keep_summary(
+        &mut self,
+        collection: &str,
+        id: &str,
+        hash: &str,
+        key: &str,
+        summary: &str,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "INSERT INTO summaries (collection, document_id, key, summary, created_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS
+                     (SELECT 1 FROM documents WHERE collection = ?1 AND id = ?2 AND hash = ?6)
+                 ON CONFLICT (collection, document_id, key) DO UPDATE SET
+                     summary = excluded.summary, created_at = excluded.created_at",
+                params![collection, id, key, summary, now(), hash],
+            )
+            .map_err(self.db())?;
+        Ok(n == 1)
+    }
+
     /// Stores `doc` in one transaction, replacing an older version of the same id.
     /// Returns the status and the new chunks' keys with their vectors, for the index.
     pub fn upsert(
@@ -288,6 +353,12 @@ impl Store {
         let metadata = serde_json::to_string(&doc.metadata)
             .expect("a JSON object with string keys always serialises");
         let old_keys = delete_chunks(&tx, &doc.collection, &doc.id).map_err(db)?;
+        // Summaries of the old version go with it.
+        tx.execute(
+            "DELETE FROM summaries WHERE collection = ?1 AND document_id = ?2",
+            [&doc.collection, &doc.id],
+        )
+        .map_err(db)?;
         tx.execute(
             "INSERT INTO documents (collection, id, title, text, metadata, hash, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -862,6 +933,68 @@ mod tests {
             )
             .unwrap();
         assert_eq!((schema.as_str(), shared), ("5", 0));
+    }
+
+    /// A summary is kept only for the document's current version, and goes
+    /// with a change, a delete or its collection.
+    #[test]
+    fn summaries_are_kept_for_the_current_version_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        let a = doc("a", &["alpha"]);
+        s.upsert(&a).unwrap();
+        assert!(!s.keep_summary("default", "a", "stale", "k", "old").unwrap());
+        assert!(s.keep_summary("default", "a", &a.hash, "k", "one").unwrap());
+        assert!(
+            s.keep_summary("default", "a", &a.hash, "k", "two").unwrap(),
+            "replaced"
+        );
+        assert_eq!(
+            s.cached_summary("default", "a", "k").unwrap().as_deref(),
+            Some("two")
+        );
+        assert_eq!(s.cached_summary("default", "a", "other").unwrap(), None);
+        drop(s);
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        assert_eq!(
+            s.cached_summary("default", "a", "k").unwrap().as_deref(),
+            Some("two")
+        );
+        // Unchanged content keeps it; a change drops it.
+        s.upsert(&a).unwrap();
+        assert!(s.cached_summary("default", "a", "k").unwrap().is_some());
+        let a2 = doc("a", &["alpha", "beta"]);
+        s.upsert(&a2).unwrap();
+        assert_eq!(s.cached_summary("default", "a", "k").unwrap(), None);
+        // A delete, and a collection's delete, take it too.
+        s.keep_summary("default", "a", &a2.hash, "k", "x").unwrap();
+        s.delete("default", "a").unwrap();
+        assert_eq!(s.cached_summary("default", "a", "k").unwrap(), None);
+        s.create_collection("t").unwrap();
+        let mut t = doc("b", &["gamma"]);
+        t.collection = "t".into();
+        s.upsert(&t).unwrap();
+        assert!(s.keep_summary("t", "b", &t.hash, "k", "y").unwrap());
+        s.delete_collection("t").unwrap();
+        assert_eq!(s.cached_summary("t", "b", "k").unwrap(), None);
+        let chunks = s.document_chunks("t", "b").unwrap();
+        assert!(chunks.is_empty());
+    }
+
+    #[test]
+    fn a_documents_chunks_come_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        s.upsert(&doc("a", &["one", "two", "three"])).unwrap();
+        s.upsert(&doc("b", &["other"])).unwrap();
+        let texts: Vec<String> = s
+            .document_chunks("default", "a")
+            .unwrap()
+            .into_iter()
+            .map(|c| c.text)
+            .collect();
+        assert_eq!(texts, ["one", "two", "three"]);
+        assert!(s.document_chunks("default", "missing").unwrap().is_empty());
     }
 
     /// A schema 4 database (one full-text table for every collection) opens
