@@ -1,11 +1,18 @@
 """Drives ragd's chat page in headless Chromium over the DevTools protocol.
 
-Usage: check.py BASE_URL [CHROMIUM]. Opens BASE_URL/, asks a question, and
-checks that the answer streams in (the answer box changes several times before
-the page says it is done), that numbered sources appear, and that a source's
-text opens. Exits non-zero with the reason otherwise.
+Usage: check.py BASE_URL [CHROMIUM]. Opens BASE_URL/ once the models are
+ready (the page's loading banner gone), checks the documents list, asks a
+question, and checks that the answer streams in (the answer box changes
+several times before the page says it is done), that numbered sources appear
+with the evidence of the cited ones marked, and that a source's text opens;
+asks a follow-up (sent with the conversation so far), summarises a document
+from its button, deletes one, and opens the page in Chinese. Screenshots go to
+TARGET/screenshots/ (CARGO_TARGET_DIR or the repository's target/), their
+paths printed. Exits non-zero with the reason otherwise.
 """
+import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -65,15 +72,40 @@ try:
             time.sleep(0.05)
         raise SystemExit("timed out waiting for " + what)
 
+    shots = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "..", "target"), "screenshots")
+    os.makedirs(shots, exist_ok=True)
+
+    def screenshot(name):
+        call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
+        data = call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
+        path = os.path.abspath(os.path.join(shots, name))
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(data))
+        return path
+
     call("Page.enable")
-    call("Page.navigate", url=base + "/")
+    call("Page.navigate", url=base + "/?lang=en")
     wait_for('document.readyState === "complete" && !!document.getElementById("question")', 30, "the page")
+    wait_for('document.body.dataset.ready === "yes"', 60, "the page to see the models ready")
+    listed = wait_for('(() => { const ids = [...document.querySelectorAll("#documents li")].map(li => li.dataset.document).filter(Boolean); return ids.length >= 3 && ids; })()', 30, "the documents list")
+    for wanted in ("cats", "rust", "everest"):
+        if wanted not in listed:
+            raise SystemExit("documents list: %s" % listed)
+    # Record what the page sends, to see the conversation go with a follow-up.
+    js('''window.__sent = [];
+          const realFetch = window.fetch;
+          window.fetch = (url, init) => {
+            if (init && init.body && typeof init.body === "string") window.__sent.push({url: String(url), body: JSON.parse(init.body)});
+            return realFetch(url, init);
+          }; true''')
     # Count the answer box's changes while the page is still answering.
     js('''window.__partial = 0;
           new MutationObserver(() => {
-            if (document.body.dataset.state === "asking" && document.getElementById("answer").textContent)
+            const answer = document.getElementById("answer");
+            if (document.body.dataset.state === "asking" && answer && answer.textContent)
               window.__partial++;
-          }).observe(document.getElementById("answer"), {childList: true, characterData: true, subtree: true});
+          }).observe(document.getElementById("conversation"), {childList: true, characterData: true, subtree: true});
           document.getElementById("question").value = "How long does an adult cat sleep each day?";
           document.getElementById("ask").click(); true''')
     state = wait_for('["done", "error"].includes(document.body.dataset.state) && document.body.dataset.state', 180, "the answer")
@@ -94,7 +126,21 @@ try:
     if "purr" not in text:
         raise SystemExit("source text: " + text)
     status = js('document.getElementById("status").textContent')
-    # A Chinese question gets the page's words in Chinese.
+    kind = js('document.getElementById("kind").dataset.kind')
+    if kind not in ("generated", "extractive", "declined"):
+        raise SystemExit("no answer kind shown: %r" % kind)
+    # The evidence: each supported sentence marks a sentence of its passage.
+    evidence = js('''(() => {
+        const d = window.__lastDone;
+        const backed = (d.grounding ? d.grounding.sentences : []).filter(s => s.supported && s.passage).map(s => s.passage);
+        const marked = [...document.querySelectorAll("#sources li")].filter(li => li.querySelector("mark")).map(li => li.value);
+        return {backed, marked};
+    })()''')
+    if evidence["backed"] and not set(evidence["backed"]) & set(evidence["marked"]):
+        raise SystemExit("no evidence marked: %s" % evidence)
+    shot_answer = screenshot("page-answer.png")
+    # A follow-up question (in Chinese: the status in Chinese) goes with the
+    # conversation so far.
     js('''document.body.dataset.state = "";
           document.getElementById("question").value = "猫每天睡多少个小时？";
           document.getElementById("ask").click(); true''')
@@ -102,8 +148,38 @@ try:
     zh_status = js('document.getElementById("status").textContent')
     if not any("\u4e00" <= c <= "\u9fff" for c in zh_status):
         raise SystemExit("the status of a Chinese question is not in Chinese: %r" % zh_status)
-    print(json.dumps({"answer": answer, "partial_updates": partial, "sources": sources,
-                      "status": status, "zh_status": zh_status}, ensure_ascii=False))
+    sent = js('window.__sent.filter(s => s.url.endsWith("/ask")).map(s => s.body)')
+    if len(sent) != 2 or sent[0].get("history") or len(sent[1].get("history") or []) != 2:
+        raise SystemExit("the follow-up did not carry the conversation: %s" % sent)
+    if js('document.querySelectorAll("#conversation .turn").length') != 2:
+        raise SystemExit("the conversation does not show both turns")
+    # A document's summary from its button.
+    js('''document.body.dataset.state = "";
+          document.querySelector('#documents li[data-document="cats"] button.summarize').click(); true''')
+    state = wait_for('["done", "error"].includes(document.body.dataset.state) && document.body.dataset.state', 180, "the summary")
+    summary = js('document.getElementById("answer").textContent')
+    summary_kind = js('document.getElementById("kind").dataset.kind')
+    if state != "done" or not summary.strip() or summary_kind not in ("generated", "declined"):
+        raise SystemExit("summary: %s %r %r" % (state, summary_kind, summary))
+    if not js('window.__sent.some(s => s.url.endsWith("/summarize") && s.body.document_id === "cats")'):
+        raise SystemExit("the summary was not asked of /summarize")
+    # Delete a document from the list.
+    js('''window.__noConfirm = true;
+          document.querySelector('#documents li[data-document="rust"] button.delete').click(); true''')
+    wait_for('![...document.querySelectorAll("#documents li")].some(li => li.dataset.document === "rust")', 30, "the deleted document to leave the list")
+    shot_summary = screenshot("page-summary.png")
+    # The interface in Chinese.
+    call("Page.navigate", url=base + "/?lang=zh")
+    wait_for('document.readyState === "complete" && document.body.dataset.ready === "yes"', 60, "the Chinese page")
+    zh_ui = js('[document.documentElement.lang, document.getElementById("ask").textContent, document.querySelector("[data-i18n=documents]").textContent]')
+    if zh_ui[0] != "zh" or not all(any("\u4e00" <= c <= "\u9fff" for c in t) for t in zh_ui[1:]):
+        raise SystemExit("the Chinese interface: %s" % zh_ui)
+    wait_for('document.querySelectorAll("#documents li[data-document]").length === 2', 30, "the Chinese page's documents")
+    shot_zh = screenshot("page-zh.png")
+    print(json.dumps({"answer": answer, "kind": kind, "partial_updates": partial, "sources": sources,
+                      "evidence": evidence, "status": status, "zh_status": zh_status,
+                      "summary": summary, "summary_kind": summary_kind,
+                      "screenshots": [shot_answer, shot_summary, shot_zh]}, ensure_ascii=False))
 finally:
     proc.kill()
     shutil.rmtree(profile, ignore_errors=True)
