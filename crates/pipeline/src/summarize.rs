@@ -200,7 +200,9 @@ impl Pipeline {
             params.max_tokens = m;
         }
         params.steer = Some(check::steer_answer);
-        params.deadline = Some(Instant::now() + Duration::from_secs_f64(g.timeout_s));
+        // Each pass (a section, the join) has generation.timeout_s of its
+        // own: a long text's passes together may take longer than one answer.
+        let pass_time = Duration::from_secs_f64(g.timeout_s);
         let generator = self
             .generator
             .as_ref()
@@ -315,6 +317,7 @@ impl Pipeline {
                 let section_params = GenerateParams {
                     max_tokens: SECTION_SUMMARY_TOKENS.min(params.max_tokens.max(64)),
                     steer: None,
+                    deadline: Some(Instant::now() + pass_time),
                     ..params.clone()
                 };
                 let text = match complete(
@@ -333,7 +336,7 @@ impl Pipeline {
                     Completion::Failed(Some(e)) => return Err(e.into()),
                     Completion::Failed(None) => {
                         return Err(Error::Unavailable(
-                            "the summary's sections took longer than generation.timeout_s".into(),
+                            "a section of the summary took longer than generation.timeout_s".into(),
                         ))
                     }
                 };
@@ -346,6 +349,7 @@ impl Pipeline {
         };
 
         // Reduce (or the one pass): streamed, then checked.
+        params.deadline = Some(Instant::now() + pass_time);
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = tx.clone();
         let ahead = generator
