@@ -85,6 +85,20 @@ pub struct Usage {
     pub accepted_tokens: usize,
 }
 
+impl Usage {
+    /// No tokens: nothing was generated.
+    fn none() -> Self {
+        Usage {
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            cached_tokens: 0,
+            drafted_tokens: 0,
+            accepted_tokens: 0,
+        }
+    }
+}
+
 /// Per-stage times in milliseconds.
 #[derive(Debug, Clone, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -509,14 +523,7 @@ impl Answer {
         if let Some(mode) = &self.summary {
             if mode.replayed {
                 response.cached = true;
-                response.usage = Usage {
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
-                    total_tokens: 0,
-                    cached_tokens: 0,
-                    drafted_tokens: 0,
-                    accepted_tokens: 0,
-                };
+                response.usage = Usage::none();
                 response.timings.generation_ms = 0.0;
             }
             return deliver_summary(response);
@@ -801,14 +808,7 @@ impl Progress {
             not_applied: Vec::new(),
             finish_reason: "no_sources".into(),
             model: self.model,
-            usage: Usage {
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                total_tokens: 0,
-                cached_tokens: 0,
-                drafted_tokens: 0,
-                accepted_tokens: 0,
-            },
+            usage: Usage::none(),
             timings: Timings {
                 retrieval_ms: self.retrieval_ms,
                 prompt_ms: 0.0,

@@ -140,6 +140,35 @@ pub(crate) fn query_text<'a>(field: &str, text: &'a str) -> Result<&'a str, Erro
 }
 
 impl Pipeline {
+    /// `top_k` as asked (default `retrieval.top_k`), refused outside
+    /// `1..=retrieval.max_top_k`.
+    pub(crate) fn top_k(&self, asked: Option<usize>) -> Result<usize, Error> {
+        let r = &self.config.retrieval;
+        let top_k = asked.unwrap_or(r.top_k);
+        if !(1..=r.max_top_k).contains(&top_k) {
+            return Err(Error::Invalid(format!(
+                "top_k: must be within 1..={}",
+                r.max_top_k
+            )));
+        }
+        Ok(top_k)
+    }
+
+    /// `max_tokens` as asked (default: the style's), refused outside
+    /// `1..=generation.max_tokens_limit`.
+    pub(crate) fn max_tokens(&self, asked: Option<usize>, style: Style) -> Result<usize, Error> {
+        let g = &self.config.generation;
+        match asked {
+            Some(m) if !(1..=g.max_tokens_limit).contains(&m) => Err(Error::Invalid(format!(
+                "max_tokens: must be within 1..={}",
+                g.max_tokens_limit
+            ))),
+            Some(m) => Ok(m),
+            None if style == Style::Concise => Ok(g.concise_max_tokens),
+            None => Ok(g.max_tokens),
+        }
+    }
+
     /// Validates a question, retrieves and selects its passages, and hands the
     /// prompt to the generation backend. The answer comes as [`Answer`]'s
     /// events; a question whose best passage scores under the abstention
@@ -171,30 +200,13 @@ impl Pipeline {
         }
         let language = language::detect(question);
         let r = &self.config.retrieval;
-        let top_k = req.top_k.unwrap_or(r.top_k);
-        if !(1..=r.max_top_k).contains(&top_k) {
-            return Err(Error::Invalid(format!(
-                "top_k: must be within 1..={}",
-                r.max_top_k
-            )));
-        }
+        let top_k = self.top_k(req.top_k)?;
         let g = &self.config.generation;
         let mut params = g.defaults();
-        if style == Style::Concise {
-            params.max_tokens = g.concise_max_tokens;
-        }
+        params.max_tokens = self.max_tokens(req.max_tokens, style)?;
         // Not markers alone, nor a passage heading echoed (see the function).
         params.steer = Some(check::steer_answer);
         params.deadline = Some(Instant::now() + Duration::from_secs_f64(g.timeout_s));
-        if let Some(m) = req.max_tokens {
-            if !(1..=g.max_tokens_limit).contains(&m) {
-                return Err(Error::Invalid(format!(
-                    "max_tokens: must be within 1..={}",
-                    g.max_tokens_limit
-                )));
-            }
-            params.max_tokens = m;
-        }
         if let Some(t) = req.temperature {
             if !(0.0..=2.0).contains(&t) {
                 return Err(Error::Invalid("temperature: must be within 0..=2".into()));

@@ -143,6 +143,21 @@ fn fenced(text: &str) -> String {
         .replace(OPEN, "< passages>")
 }
 
+/// Passage `p` as the model reads it: its number, the title in parentheses
+/// after it (a heading the model reads as the passage's source, not as text
+/// to repeat), then the fenced text without sentences that address the model.
+fn numbered(n: usize, p: &Passage) -> PromptPassage {
+    let mut heading = format!("[{n}]");
+    if let Some(t) = p.title.as_deref().filter(|t| !t.trim().is_empty()) {
+        heading.push_str(&format!(" ({})", fenced(t.trim())));
+    }
+    heading.push('\n');
+    PromptPassage {
+        heading,
+        text: fenced(defuse(p.text.trim()).0.trim()),
+    }
+}
+
 /// The prompt for `question` over `passages`, numbered from 1, asking for an
 /// answer of `style` in `language`. Everything that varies comes after the
 /// fixed system instruction, so the cached start of the prompt stays valid.
@@ -156,19 +171,7 @@ pub fn build(
     let passages = passages
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            // The title in parentheses after the number: a heading the model
-            // reads as the passage's source, not as text to repeat.
-            let mut heading = format!("[{}]", i + 1);
-            if let Some(t) = p.title.as_deref().filter(|t| !t.trim().is_empty()) {
-                heading.push_str(&format!(" ({})", fenced(t.trim())));
-            }
-            heading.push('\n');
-            PromptPassage {
-                heading,
-                text: fenced(defuse(p.text.trim()).0.trim()),
-            }
-        })
+        .map(|(i, p)| numbered(i + 1, p))
         .collect();
     // Earlier turns go between the fixed instruction and this question, so the
     // model can resolve "it" and "that" in a follow-up.
@@ -193,20 +196,7 @@ pub fn build(
 /// of `style`, in `language`. The same system instruction as an answer's, so
 /// the cached start of the prompt serves summaries too.
 pub fn summary(passages: &[(usize, Passage)], style: Style, language: Lang) -> Prompt {
-    let passages = passages
-        .iter()
-        .map(|(n, p)| {
-            let mut heading = format!("[{n}]");
-            if let Some(t) = p.title.as_deref().filter(|t| !t.trim().is_empty()) {
-                heading.push_str(&format!(" ({})", fenced(t.trim())));
-            }
-            heading.push('\n');
-            PromptPassage {
-                heading,
-                text: fenced(defuse(p.text.trim()).0.trim()),
-            }
-        })
-        .collect();
+    let passages = passages.iter().map(|(n, p)| numbered(*n, p)).collect();
     Prompt {
         preamble: vec![Message::new("system", INSTRUCTION)],
         open: format!("{OPEN}\n"),

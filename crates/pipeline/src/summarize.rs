@@ -176,29 +176,10 @@ impl Pipeline {
                 "give exactly one of document_id, filter and query".into(),
             ));
         }
-        let r = &self.config.retrieval;
-        let top_k = req.top_k.unwrap_or(r.top_k);
-        if !(1..=r.max_top_k).contains(&top_k) {
-            return Err(Error::Invalid(format!(
-                "top_k: must be within 1..={}",
-                r.max_top_k
-            )));
-        }
+        let top_k = self.top_k(req.top_k)?;
         let g = &self.config.generation;
         let mut params = g.defaults();
-        params.max_tokens = match style {
-            Style::Concise => g.concise_max_tokens,
-            Style::Detailed => g.max_tokens,
-        };
-        if let Some(m) = req.max_tokens {
-            if !(1..=g.max_tokens_limit).contains(&m) {
-                return Err(Error::Invalid(format!(
-                    "max_tokens: must be within 1..={}",
-                    g.max_tokens_limit
-                )));
-            }
-            params.max_tokens = m;
-        }
+        params.max_tokens = self.max_tokens(req.max_tokens, style)?;
         params.steer = Some(check::steer_answer);
         // Each pass (a section, the join) has generation.timeout_s of its
         // own: a long text's passes together may take longer than one answer.
@@ -244,7 +225,7 @@ impl Pipeline {
                     language,
                     top_k,
                     &filter,
-                    Mode::parse(None, r.mode)?,
+                    Mode::parse(None, self.config.retrieval.mode)?,
                     true,
                 )
                 .await?;
