@@ -16,14 +16,19 @@ pub(crate) enum Completion {
     Failed(Option<BackendError>),
 }
 
-/// Runs `prompt` with `params` (whose `deadline` also bounds the wait) and
-/// returns the reply.
+/// How long past `params.deadline` the reply is waited for: the backend
+/// ends a job at its deadline and sends what it wrote (`finish_reason`
+/// timeout), which is worth more than nothing.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `prompt` with `params` (whose `deadline`, with a few seconds'
+/// grace, also bounds the wait) and returns the reply.
 pub(crate) async fn complete(
     generator: &dyn Generate,
     prompt: Prompt,
     params: GenerateParams,
 ) -> Completion {
-    let deadline = params.deadline;
+    let deadline = params.deadline.map(|d| d + GRACE);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let job = GenJob {
         prompt,
