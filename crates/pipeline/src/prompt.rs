@@ -218,7 +218,9 @@ pub fn combine(sections: &[String], style: Style, language: Lang) -> Prompt {
         .iter()
         .enumerate()
         .map(|(i, text)| PromptPassage {
-            heading: format!("Part {}:\n", i + 1),
+            // Paragraphs, not labelled parts: a label is what a small model
+            // copies to the start of its summary ("Part 1: ...").
+            heading: if i == 0 { String::new() } else { "\n".into() },
             text: fenced(text.trim()),
         })
         .collect();

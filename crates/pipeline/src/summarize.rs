@@ -138,14 +138,23 @@ pub(crate) fn sections(tokens: &[usize], budget: usize) -> Vec<std::ops::Range<u
     out
 }
 
-/// `text` without citation markers (`[3]`, `[1, 2]`): a section summary's
-/// numbers would mean nothing to the step that joins them.
+/// A section summary as the joining step reads it: without citation markers
+/// (`[3]`, `[1, 2]`: its numbers would mean nothing there), Markdown heading
+/// lines or bold marks (a small model echoes the passages' headings, and the
+/// join would echo them again).
 fn without_markers(text: &str) -> String {
     static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     let re = RE.get_or_init(|| {
         regex::Regex::new(r"\s*\[\d+(?:\s*[,，]\s*\d+)*\]").expect("the pattern is valid")
     });
-    re.replace_all(text, "").trim().to_string()
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    re.replace_all(&kept.join("\n"), "")
+        .replace("**", "")
+        .trim()
+        .to_string()
 }
 
 impl Pipeline {
@@ -471,6 +480,10 @@ mod tests {
             "Apt installs packages. It resolves dependencies."
         );
         assert_eq!(without_markers("软件包 [2]。"), "软件包。");
+        assert_eq!(
+            without_markers("#### Chapter 3 > 3.1\n**Stable** is tested [4]."),
+            "Stable is tested."
+        );
     }
 
     #[test]

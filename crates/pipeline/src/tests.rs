@@ -1277,6 +1277,7 @@ async fn a_long_text_is_summarised_section_by_section_then_joined_and_checked_ag
     }
     let join = &join[0];
     assert!(join.close.contains("summaries of the consecutive parts"));
+    assert!(join.passages.iter().all(|p| !p.heading.contains("Part")));
     assert_eq!(join.passages.len(), sections.len());
     assert!(
         join.passages.iter().all(|p| !p.text.contains("[2]")),
