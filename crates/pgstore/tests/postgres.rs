@@ -259,6 +259,22 @@ async fn documents_are_created_unchanged_updated_listed_and_deleted() {
         ["Z", "b", "c", "ä"]
     );
     assert_lexical_totals_are_exact(&url).await;
+    // A page cursor with U+0000 (PostgreSQL text cannot hold it) reads as
+    // the ids after its part before the NUL, as byte order says.
+    assert_eq!(
+        ids(reopened
+            .list(DEFAULT_COLLECTION, Some("b\0x"), 10)
+            .await
+            .unwrap()),
+        ["c", "ä"]
+    );
+    assert_eq!(
+        ids(reopened
+            .list(DEFAULT_COLLECTION, Some("\0"), 10)
+            .await
+            .unwrap()),
+        ["Z", "b", "c", "ä"]
+    );
 }
 
 /// BM25's kept totals of every collection equal its chunks' own count and

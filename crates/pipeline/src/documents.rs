@@ -62,6 +62,9 @@ impl Pipeline {
     /// The record of document `id` of `collection`.
     pub async fn get_document_in(&self, collection: &str, id: &str) -> Result<DocumentInfo, Error> {
         self.require_collection(collection).await?;
+        if !could_be_stored(id) {
+            return Err(Error::NotFound(format!("no document with id {id:?}")));
+        }
         self.store
             .document(collection, id)
             .await?
@@ -76,7 +79,7 @@ impl Pipeline {
     /// Deletes document `id` of `collection`.
     pub async fn delete_document_in(&self, collection: &str, id: &str) -> Result<Deleted, Error> {
         self.require_collection(collection).await?;
-        if self.store.delete(collection, id).await? {
+        if could_be_stored(id) && self.store.delete(collection, id).await? {
             Ok(Deleted {
                 deleted: true,
                 id: id.to_string(),
@@ -85,4 +88,11 @@ impl Pipeline {
             Err(Error::NotFound(format!("no document with id {id:?}")))
         }
     }
+}
+
+/// Whether a document could have id `id`: ingest refuses ids with control
+/// characters, so one with them names no document, and is not sent to a
+/// store (PostgreSQL text cannot even hold U+0000: a 500 otherwise).
+pub(crate) fn could_be_stored(id: &str) -> bool {
+    !id.chars().any(char::is_control)
 }

@@ -201,11 +201,15 @@ impl Pipeline {
         // The passages, in the order they are summarised.
         let mut document_hash = None;
         let (sources, query_language) = if let Some(id) = &req.document_id {
+            let missing = || Error::NotFound(format!("no document with id {id:?}"));
+            if !crate::documents::could_be_stored(id) {
+                return Err(missing());
+            }
             let info = self
                 .store
                 .document(collection, id)
                 .await?
-                .ok_or_else(|| Error::NotFound(format!("no document with id {id:?}")))?;
+                .ok_or_else(missing)?;
             document_hash = Some(info.hash);
             let chunks = self.store.document_chunks(collection, id).await?;
             if chunks.len() > MAX_PASSAGES {

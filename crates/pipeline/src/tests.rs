@@ -1343,9 +1343,15 @@ async fn bad_summary_requests_are_refused_before_anything_runs() {
         let e = summary_events(&s.pipeline, req.clone()).await.unwrap_err();
         assert!(matches!(e, Error::Invalid(_)), "{req}: {e:?}");
     }
-    let e = summary_events(&s.pipeline, json!({ "document_id": "missing" }))
-        .await
-        .unwrap_err();
-    assert!(matches!(e, Error::NotFound(_)), "{e:?}");
+    for id in ["missing", "long\u{0}", "\u{1}"] {
+        let e = summary_events(&s.pipeline, json!({ "document_id": id }))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{id:?}: {e:?}");
+        let e = s.pipeline.get_document(id).await.unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{id:?}: {e:?}");
+        let e = s.pipeline.delete_document(id).await.unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{id:?}: {e:?}");
+    }
     assert!(s.generator.prompts().is_empty());
 }
