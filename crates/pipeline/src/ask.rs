@@ -169,6 +169,33 @@ impl Pipeline {
         }
     }
 
+    /// Hands `prompt` to the generation backend as a streamed job within the
+    /// context budget: its events (a `Queued` first when it has to wait), or
+    /// 429 when the queue is full.
+    pub(crate) fn submit(
+        &self,
+        generator: &dyn ragd_core::Generate,
+        prompt: ragd_core::Prompt,
+        params: ragd_core::GenerateParams,
+    ) -> Result<mpsc::UnboundedReceiver<GenEvent>, Error> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = tx.clone();
+        let ahead = generator
+            .submit(GenJob {
+                prompt,
+                params,
+                context_budget: self.config.generation.max_context_tokens,
+                events: tx,
+            })
+            .map_err(|_| Error::Busy {
+                retry_after_secs: 2,
+            })?;
+        if ahead > 0 {
+            let _ = queued.send(GenEvent::Queued { position: ahead });
+        }
+        Ok(rx)
+    }
+
     /// Validates a question, retrieves and selects its passages, and hands the
     /// prompt to the generation backend. The answer comes as [`Answer`]'s
     /// events; a question whose best passage scores under the abstention
@@ -288,21 +315,7 @@ impl Pipeline {
             .map(|s| Passage::located(s.title.as_deref(), s.section.as_deref(), &s.text))
             .collect();
         let prompt = prompt::build(question, &passages, style, language, &history);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = tx.clone();
-        let ahead = generator
-            .submit(GenJob {
-                prompt,
-                params,
-                context_budget: g.max_context_tokens,
-                events: tx,
-            })
-            .map_err(|_| Error::Busy {
-                retry_after_secs: 2,
-            })?;
-        if ahead > 0 {
-            let _ = queued.send(GenEvent::Queued { position: ahead });
-        }
+        let rx = self.submit(generator.as_ref(), prompt, params)?;
         let min_score = thresholds.map_or(f32::MIN, |t| t.min_score);
         Ok(answer.generating(question, sources, query_vector, min_score, rx))
     }

@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use ragd_core::{
-    Embed, Filter, FinishReason, GenEvent, GenJob, GenerateParams, Generation, StoredChunk,
+    Embed, Filter, FinishReason, GenEvent, GenerateParams, Generation, StoredChunk,
     DEFAULT_COLLECTION,
 };
 use serde::{Deserialize, Serialize};
@@ -349,21 +349,7 @@ impl Pipeline {
 
         // Reduce (or the one pass): streamed, then checked.
         params.deadline = Some(Instant::now() + pass_time);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = tx.clone();
-        let ahead = generator
-            .submit(GenJob {
-                prompt: final_prompt,
-                params,
-                context_budget: g.max_context_tokens,
-                events: tx,
-            })
-            .map_err(|_| Error::Busy {
-                retry_after_secs: 2,
-            })?;
-        if ahead > 0 {
-            let _ = queued.send(GenEvent::Queued { position: ahead });
-        }
+        let rx = self.submit(generator.as_ref(), final_prompt, params)?;
         let keep = match (&req.document_id, kept_key, document_hash) {
             (Some(id), Some(key), Some(hash)) => {
                 let store = self.store.clone();
