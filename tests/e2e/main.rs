@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+mod sources;
+
 use ragd::{Config, Server};
 use serde_json::{json, Value};
 

@@ -548,6 +548,31 @@ impl DocumentStore for SqliteStore {
         .await
     }
 
+    async fn sources(&self) -> Result<Vec<(String, String)>, BackendError> {
+        self.with(move |data, _| data.store.sources().map_err(BackendError::server))
+            .await
+    }
+
+    async fn keep_source(&self, name: &str, record: &str) -> Result<(), BackendError> {
+        let (name, record) = (name.to_string(), record.to_string());
+        self.with(move |data, _| {
+            data.store
+                .keep_source(&name, &record)
+                .map_err(BackendError::server)
+        })
+        .await
+    }
+
+    async fn forget_source(&self, name: &str) -> Result<bool, BackendError> {
+        let name = name.to_string();
+        self.with(move |data, _| {
+            data.store
+                .forget_source(&name)
+                .map_err(BackendError::server)
+        })
+        .await
+    }
+
     async fn stats(&self) -> Result<StoreStats, BackendError> {
         let index_at_start = self.index_at_start;
         self.with(move |data, _| {

@@ -305,6 +305,23 @@ pub trait DocumentStore: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// Every registered source (see `ragd-sources`): its name and its
+    /// record as JSON, by name. The default keeps none.
+    async fn sources(&self) -> Result<Vec<(String, String)>, BackendError> {
+        Ok(Vec::new())
+    }
+
+    /// Registers source `name` with `record` (JSON), or replaces its record.
+    /// The default refuses: this store keeps no sources.
+    async fn keep_source(&self, _name: &str, _record: &str) -> Result<(), BackendError> {
+        Err(BackendError::server("this store keeps no sources"))
+    }
+
+    /// Forgets source `name` (its documents stay); whether it was registered.
+    async fn forget_source(&self, _name: &str) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
     /// Counts, for `/ready` and `/metrics`.
     async fn stats(&self) -> Result<StoreStats, BackendError>;
 

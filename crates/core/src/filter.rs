@@ -15,6 +15,28 @@ pub enum Condition {
     Eq(Value),
     /// The field equals one of the values.
     In(Vec<Value>),
+    /// The field is a time (RFC 3339, UTC, whole seconds, as ragd writes
+    /// `fetched_at`) at or after this one, written the same way: such times
+    /// sort as text.
+    Since(String),
+}
+
+/// The metadata key ragd writes the time a synced document was fetched under.
+pub const FETCHED_AT: &str = "fetched_at";
+
+/// `t` (RFC 3339 with any offset, a date `YYYY-MM-DD` read as midnight UTC,
+/// or seconds since the Unix epoch) as ragd writes times in metadata: UTC,
+/// whole seconds (`2026-12-06T08:00:00Z`).
+pub fn canonical_time(t: &Value) -> Option<String> {
+    let ts = match t {
+        Value::Number(n) => jiff::Timestamp::from_second(n.as_i64()?).ok()?,
+        Value::String(s) if s.len() == 10 => format!("{s}T00:00:00Z").parse().ok()?,
+        Value::String(s) => s.parse::<jiff::Timestamp>().ok()?,
+        _ => return None,
+    };
+    jiff::Timestamp::from_second(ts.as_second())
+        .ok()
+        .map(|t| t.to_string())
 }
 
 /// Which field a condition tests.
@@ -28,7 +50,8 @@ pub enum Field {
 
 /// A conjunction of conditions on `document_id` and `metadata.<key>`:
 /// `{"document_id": "x"}`, `{"metadata.lang": "en"}`,
-/// `{"metadata.tag": {"in": ["a", "b"]}}`; and the collection searched, which
+/// `{"metadata.tag": {"in": ["a", "b"]}}`, `{"metadata.fetched_after":
+/// "2026-12-01"}` (documents of a source fetched at or after that time); and the collection searched, which
 /// the service sets (never the client's filter): every search of a request
 /// stays within its collection.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -55,6 +78,18 @@ impl Filter {
         };
         let mut conditions = Vec::new();
         for (key, v) in map {
+            if key == "metadata.fetched_after" {
+                let Some(since) = canonical_time(v) else {
+                    return Err(bad(format!(
+                        "{key}: expected a time such as \"2026-12-01T00:00:00Z\", a date \"2026-12-01\" or seconds since 1970"
+                    )));
+                };
+                conditions.push((
+                    Field::Metadata(FETCHED_AT.to_string()),
+                    Condition::Since(since),
+                ));
+                continue;
+            }
             let field = if key == "document_id" {
                 Field::DocumentId
             } else if let Some(k) = key.strip_prefix("metadata.").filter(|k| !k.is_empty()) {
@@ -142,6 +177,9 @@ impl Filter {
             match condition {
                 Condition::Eq(want) => candidates.contains(&want),
                 Condition::In(wanted) => wanted.iter().any(|w| candidates.contains(&w)),
+                Condition::Since(since) => candidates
+                    .iter()
+                    .any(|c| c.as_str().is_some_and(|c| c >= since.as_str())),
             }
         })
     }
@@ -186,6 +224,28 @@ mod tests {
         );
         assert!(!f(json!({ "metadata.missing": "x" })).matches("default", "x", Some(&m)));
         assert!(Filter::parse(None).unwrap().matches("default", "x", None));
+    }
+
+    #[test]
+    fn fetched_after_compares_times_whatever_their_offset() {
+        let m = meta(json!({ "fetched_at": "2026-12-06T08:00:00Z" }));
+        let f = |v: Value| Filter::parse(Some(&json!({ "metadata.fetched_after": v })));
+        assert!(f(json!("2026-12-06T08:00:00Z"))
+            .unwrap()
+            .matches("d", "x", Some(&m)));
+        assert!(f(json!("2026-12-06")).unwrap().matches("d", "x", Some(&m)));
+        assert!(f(json!("2026-12-06T15:59:59+08:00"))
+            .unwrap()
+            .matches("d", "x", Some(&m)));
+        assert!(!f(json!("2026-12-06T16:00:01+08:00"))
+            .unwrap()
+            .matches("d", "x", Some(&m)));
+        assert!(!f(json!("2026-12-07")).unwrap().matches("d", "x", Some(&m)));
+        assert!(f(json!(1_796_515_200)).unwrap().matches("d", "x", Some(&m)));
+        // A document never fetched (no `fetched_at`) is not "fetched after".
+        assert!(!f(json!("1970-01-01")).unwrap().matches("d", "x", None));
+        assert!(f(json!("yesterday")).is_err());
+        assert!(f(json!(true)).is_err());
     }
 
     #[test]

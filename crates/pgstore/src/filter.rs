@@ -59,9 +59,21 @@ pub(crate) fn push(sql: &mut Sql, filter: &Filter) {
         // PostgreSQL text and JSONB cannot hold U+0000, so no stored id or
         // metadata has it; a wanted value with it matches nothing, and sent
         // as a parameter it would fail the query (a 500 schemathesis found).
+        if let (Field::Metadata(key), Condition::Since(since)) = (field, condition) {
+            sql.push(
+                " AND (c.collection, c.document_id) IN
+                     (SELECT d.collection, d.id FROM ragd_documents d WHERE d.metadata ->> ",
+            )
+            .bind(key.clone())
+            .push(" >= ")
+            .bind(since.clone())
+            .push(")");
+            continue;
+        }
         let wanted: Vec<&Value> = match condition {
             Condition::Eq(v) => vec![v],
             Condition::In(vs) => vs.iter().collect(),
+            Condition::Since(_) => Vec::new(),
         }
         .into_iter()
         .filter(|v| !v.as_str().is_some_and(|s| s.contains('\0')))

@@ -832,6 +832,37 @@ impl DocumentStore for PgStore {
         Ok(())
     }
 
+    async fn sources(&self) -> Result<Vec<(String, String)>, BackendError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT name, record FROM ragd_sources ORDER BY name", &[])
+            .await
+            .map_err(backend)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn keep_source(&self, name: &str, record: &str) -> Result<(), BackendError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO ragd_sources (name, record) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET record = excluded.record",
+                &[&name, &record],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn forget_source(&self, name: &str) -> Result<bool, BackendError> {
+        let client = self.client().await?;
+        let n = client
+            .execute("DELETE FROM ragd_sources WHERE name = $1", &[&name])
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
     async fn chunks(&self, keys: &[usize]) -> Result<Vec<StoredChunk>, BackendError> {
         let wanted: Vec<i64> = keys.iter().map(|&k| k as i64).collect();
         let client = self.client().await?;

@@ -11,7 +11,7 @@ use crate::PgError;
 /// The schema this build writes. Each entry of [`migrations`] brings the
 /// database from its index to the next version; a database of a newer schema
 /// is refused rather than misread.
-pub(crate) const SCHEMA_VERSION: i64 = 5;
+pub(crate) const SCHEMA_VERSION: i64 = 6;
 
 /// Key of the advisory lock that serialises migrations (any constant that
 /// other applications are unlikely to use: "ragd" in ASCII).
@@ -109,6 +109,8 @@ fn migrations(dim: usize, m: usize, ef_construction: usize) -> Vec<String> {
              FOREIGN KEY (collection, document_id)
                  REFERENCES ragd_documents(collection, id) ON DELETE CASCADE);"
             .to_string(),
+        // 6: registered sources (their documents are ordinary documents).
+        "CREATE TABLE ragd_sources (name TEXT PRIMARY KEY, record TEXT NOT NULL);".to_string(),
     ]
 }
 

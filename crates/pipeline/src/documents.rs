@@ -96,3 +96,22 @@ impl Pipeline {
 pub(crate) fn could_be_stored(id: &str) -> bool {
     !id.chars().any(char::is_control)
 }
+
+/// The registry of sources (`ragd-sources`): records kept by the store for
+/// the crate that syncs them, which owns their format.
+impl Pipeline {
+    /// Every registered source's name and record (JSON), by name.
+    pub async fn source_records(&self) -> Result<Vec<(String, String)>, Error> {
+        Ok(self.store.sources().await?)
+    }
+
+    /// Registers source `name` with `record`, or replaces its record.
+    pub async fn keep_source_record(&self, name: &str, record: &str) -> Result<(), Error> {
+        Ok(self.store.keep_source(name, record).await?)
+    }
+
+    /// Forgets source `name`; whether it was registered.
+    pub async fn forget_source_record(&self, name: &str) -> Result<bool, Error> {
+        Ok(self.store.forget_source(name).await?)
+    }
+}

@@ -70,6 +70,13 @@ pub struct Source {
     /// The embedding of its best chunk, for the answer check.
     #[serde(skip)]
     pub vector: Vec<f32>,
+    /// For a document of a synced source: the page or file it was read from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_url: Option<String>,
+    /// For a document of a synced source: when this version was fetched
+    /// (RFC 3339, UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetched_at: Option<String>,
 }
 
 /// The first characters of a passage, cut at a character boundary.
@@ -167,6 +174,8 @@ impl Pipeline {
                     evidence: Vec::new(),
                     side: *side,
                     vector: c.vector.clone(),
+                    source_url: None,
+                    fetched_at: None,
                 }
             })
             .collect();
@@ -183,7 +192,45 @@ impl Pipeline {
             .enumerate()
             .map(|(i, p)| Source { n: i + 1, ..p })
             .collect();
+        let collection = filter.collection().unwrap_or(ragd_core::DEFAULT_COLLECTION);
+        let passages = self.with_origins(collection, passages).await;
         Ok((passages, queries))
+    }
+}
+
+impl Pipeline {
+    /// `passages` with the page or file and the fetch time of those whose
+    /// document came from a synced source (its metadata's `source_url` and
+    /// `fetched_at`): one record read per document.
+    pub(crate) async fn with_origins(
+        &self,
+        collection: &str,
+        mut passages: Vec<Source>,
+    ) -> Vec<Source> {
+        let mut seen: std::collections::HashMap<String, (Option<String>, Option<String>)> =
+            std::collections::HashMap::new();
+        for p in &mut passages {
+            if !seen.contains_key(&p.document_id) {
+                let origin = match self.store.document(collection, &p.document_id).await {
+                    Ok(Some(d)) => {
+                        let get = |k: &str| {
+                            d.metadata
+                                .get(k)
+                                .and_then(|v| v.as_str())
+                                .map(str::to_string)
+                        };
+                        (get("source_url"), get("fetched_at"))
+                    }
+                    // Without the record the passage is still good evidence.
+                    _ => (None, None),
+                };
+                seen.insert(p.document_id.clone(), origin);
+            }
+            let (url, at) = &seen[&p.document_id];
+            p.source_url = url.clone();
+            p.fetched_at = at.clone();
+        }
+        passages
     }
 }
 

@@ -117,6 +117,8 @@ fn source(n: usize, c: StoredChunk) -> Source {
         evidence: Vec::new(),
         side: Side::Primary,
         vector: c.vector,
+        source_url: None,
+        fetched_at: None,
     }
 }
 

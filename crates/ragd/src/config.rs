@@ -48,6 +48,8 @@ pub struct Config {
     pub answers: AnswersConfig,
     /// API keys.
     pub auth: AuthConfig,
+    /// Folders and URLs kept in sync.
+    pub sources: ragd_sources::SourcesConfig,
 }
 
 /// `[models]`

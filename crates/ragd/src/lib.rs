@@ -38,6 +38,9 @@ pub enum StartError {
     /// A loader thread or task ended without a result.
     #[error("the {0} stopped while loading")]
     Stopped(&'static str),
+    /// A source of `[[sources.declare]]` cannot be registered.
+    #[error("sources: {0}")]
+    Sources(String),
 }
 
 /// A running service.
@@ -95,11 +98,20 @@ pub async fn start(config: Config) -> std::io::Result<Server> {
     let (loaded_tx, loaded_rx) = oneshot::channel();
     let state = http.state.clone();
     let slot = Arc::clone(&state.pipeline);
+    let sources_slot = Arc::clone(&state.sources);
     tokio::spawn(async move {
-        let result = load(&config).await.map(|pipeline| {
-            let _ = slot.set(Arc::new(pipeline));
+        let result = async {
+            let pipeline = Arc::new(load(&config).await?);
+            let sources =
+                ragd_sources::Sources::start(Arc::clone(&pipeline), config.sources.clone())
+                    .await
+                    .map_err(|e| StartError::Sources(e.to_string()))?;
+            let _ = sources_slot.set(sources);
+            let _ = slot.set(pipeline);
             tracing::info!("ready");
-        });
+            Ok(())
+        }
+        .await;
         if let Err(e) = &result {
             tracing::error!(error = %e, "start-up failed");
         }

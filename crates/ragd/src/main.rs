@@ -21,6 +21,7 @@ mod eval_summaries;
 mod eval_thresholds;
 mod ingest_cmd;
 mod soak_cmd;
+mod sources_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -132,6 +133,9 @@ enum Command {
         #[arg(long)]
         collection: Option<String>,
     },
+    /// Folders and URLs a running server keeps in sync.
+    #[command(subcommand)]
+    Sources(SourcesCommand),
     /// Fetch or list the model files.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -142,6 +146,75 @@ enum Command {
     /// time to first token.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
+}
+
+/// `ragd sources …`
+#[derive(Subcommand)]
+enum SourcesCommand {
+    /// Register a folder or a URL (a page, a sitemap or an RSS/Atom feed);
+    /// its first sync starts at once. A folder must lie under the server's
+    /// sources.folder_roots.
+    Add {
+        /// A folder, or an http(s) URL.
+        location: String,
+        /// Its name (default: the folder's name or the URL's host).
+        #[arg(long)]
+        name: Option<String>,
+        /// `auto` (default), `page`, `sitemap` or `feed`.
+        #[arg(long)]
+        kind: Option<String>,
+        /// The collection its documents go to (default: `default`).
+        #[arg(long)]
+        collection: Option<String>,
+        /// Seconds between syncs (0: only on demand; default: the server's
+        /// sources.default_interval_s).
+        #[arg(long)]
+        interval: Option<u64>,
+        /// Folders: sync on every change of a file.
+        #[arg(long)]
+        watch: bool,
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// An admin key (default: the RAGD_API_KEY environment variable).
+        #[arg(long, env = "RAGD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// The sources and each one's last sync.
+    List {
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// API key (default: the RAGD_API_KEY environment variable).
+        #[arg(long, env = "RAGD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// Sync a source now and print the report (exit status 1 when the source
+    /// could not be read).
+    Sync {
+        /// The source's name.
+        name: String,
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// An admin key (default: the RAGD_API_KEY environment variable).
+        #[arg(long, env = "RAGD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// Remove a source and, unless --keep-documents, its documents.
+    Remove {
+        /// The source's name.
+        name: String,
+        /// Keep the documents it gave.
+        #[arg(long)]
+        keep_documents: bool,
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// An admin key (default: the RAGD_API_KEY environment variable).
+        #[arg(long, env = "RAGD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -442,6 +515,40 @@ async fn main() -> anyhow::Result<()> {
             };
             cli_cmd::summarize(&url, of, api_key, style, language, collection).await?;
         }
+        Command::Sources(SourcesCommand::Add {
+            location,
+            name,
+            kind,
+            collection,
+            interval,
+            watch,
+            url,
+            api_key,
+        }) => {
+            let add = sources_cmd::Add {
+                name,
+                location,
+                kind,
+                collection,
+                interval_s: interval,
+                watch,
+            };
+            sources_cmd::add(&url, add, api_key).await?;
+        }
+        Command::Sources(SourcesCommand::List { url, api_key }) => {
+            sources_cmd::list(&url, api_key).await?
+        }
+        Command::Sources(SourcesCommand::Sync { name, url, api_key }) => {
+            if !sources_cmd::sync(&url, &name, api_key).await? {
+                std::process::exit(1);
+            }
+        }
+        Command::Sources(SourcesCommand::Remove {
+            name,
+            keep_documents,
+            url,
+            api_key,
+        }) => sources_cmd::remove(&url, &name, keep_documents, api_key).await?,
         Command::Models(ModelsCommand::Fetch { models, models_dir }) => {
             cli_cmd::fetch(&models, models_dir)?
         }

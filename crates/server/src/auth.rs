@@ -160,6 +160,9 @@ pub enum Reach<'a> {
     /// On no collection's documents (the service, the models, the list of
     /// collections).
     Service,
+    /// On any collection's documents (sources): only keys that reach every
+    /// collection.
+    Everywhere,
 }
 
 /// The scope a route needs and where; `None` for the open ones. Routes under
@@ -182,6 +185,17 @@ pub fn requirement<'a>(method: &Method, path: &'a str) -> Option<(Scope, Reach<'
         "/collections" if method == Method::POST => return Some((Scope::Admin, Reach::Service)),
         "/collections" => return Some((Scope::Read, Reach::Service)),
         _ => {}
+    }
+    // Sources read folders and fetch URLs on the server's behalf: changing
+    // them is an admin's; reading them (their paths and URLs) needs a key
+    // that reaches every collection.
+    if path == "/sources" || path.starts_with("/sources/") {
+        let scope = if method == Method::GET {
+            Scope::Read
+        } else {
+            Scope::Admin
+        };
+        return Some((scope, Reach::Everywhere));
     }
     if let Some(rest) = path.strip_prefix("/collections/") {
         let (name, tail) = rest.split_once('/').map_or((rest, ""), |(n, t)| (n, t));
@@ -238,6 +252,7 @@ pub async fn check(State(keys): State<Arc<Keys>>, mut request: Request, next: Ne
     let have = match reach {
         Reach::Service if needed == Scope::Admin => access.everywhere,
         Reach::Service => Some(Scope::Admin),
+        Reach::Everywhere => access.everywhere,
         Reach::Collection(c) => match access.scope_in(c) {
             Some(s) => Some(s),
             // Percent-decoded as the router will; an undecodable name
@@ -251,7 +266,11 @@ pub async fn check(State(keys): State<Arc<Keys>>, mut request: Request, next: Ne
     };
     if have < Some(needed) {
         let why = match needed {
+            Scope::Admin if path.starts_with("/sources") => {
+                "only an admin key may add, remove or sync sources"
+            }
             Scope::Admin => "only an admin key may create or delete collections",
+            _ if reach == Reach::Everywhere => "sources need a key that reaches every collection",
             _ => "this API key may read but not ingest or delete here (it is not a write key)",
         };
         return ApiError::Forbidden(why.into()).into_response();
@@ -347,6 +366,22 @@ mod tests {
             requirement(&Method::POST, "/collections"),
             Some((Scope::Admin, Reach::Service))
         );
+        // Sources: read with a key that reaches everything, changed by admins.
+        assert_eq!(
+            requirement(&Method::GET, "/sources"),
+            Some((Scope::Read, Reach::Everywhere))
+        );
+        for (method, path) in [
+            (Method::POST, "/sources"),
+            (Method::POST, "/sources/x/sync"),
+            (Method::DELETE, "/sources/x"),
+        ] {
+            assert_eq!(
+                requirement(&method, path),
+                Some((Scope::Admin, Reach::Everywhere)),
+                "{method} {path}"
+            );
+        }
         assert_eq!(
             requirement(&Method::GET, "/collections"),
             Some((Scope::Read, Reach::Service))

@@ -10,6 +10,7 @@
 //! * [`answers`] — `POST /ask` (JSON or server-sent events), `POST /search`;
 //! * [`openai`] — `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`;
 //! * [`service`] — the web page, `/health`, `/ready`, `/metrics`;
+//! * [`sources`] — `/sources`: folders and URLs kept in sync;
 //! * [`openapi`] — `GET /openapi.json`, generated from the handlers.
 //!
 //! An answer is one stream of events from the pipeline
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod openai;
 pub mod openapi;
 pub mod service;
+pub mod sources;
 
 #[cfg(test)]
 mod tests;
@@ -57,6 +59,8 @@ pub use error::ApiError;
 pub struct AppState {
     /// Set once the models are loaded and the documents are back.
     pub pipeline: Arc<OnceLock<Arc<Pipeline>>>,
+    /// The registered sources, set with the pipeline.
+    pub sources: Arc<OnceLock<Arc<ragd_sources::Sources>>>,
     /// Largest request body.
     pub body_limit: usize,
     /// API keys (none: every request passes).
@@ -98,6 +102,7 @@ impl AppState {
     pub fn new(server: &ServerConfig, auth: &AuthConfig, limits: RequestLimits) -> Self {
         AppState {
             pipeline: Arc::new(OnceLock::new()),
+            sources: Arc::new(OnceLock::new()),
             body_limit: server.body_limit_bytes,
             keys: Arc::new(auth::Keys::new(auth)),
             cors_origins: server.cors_origins.clone(),
@@ -126,6 +131,7 @@ pub fn app(state: AppState) -> Router {
         .merge(documents::routes())
         .merge(answers::routes())
         .merge(collections::routes())
+        .merge(sources::routes())
         .fallback(service::not_found)
         .method_not_allowed_fallback(service::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(keys, auth::check))

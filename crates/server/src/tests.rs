@@ -16,6 +16,7 @@ use tower::ServiceExt;
 fn unloaded(limit: usize) -> Router {
     app(AppState {
         pipeline: Arc::new(OnceLock::new()),
+        sources: Arc::new(OnceLock::new()),
         body_limit: limit,
         keys: Arc::new(crate::auth::Keys::default()),
         cors_origins: Vec::new(),
@@ -36,6 +37,7 @@ const TEAM: &str = "team-key-0123456789";
 fn guarded(cors: &[&str]) -> Router {
     app(AppState {
         pipeline: Arc::new(OnceLock::new()),
+        sources: Arc::new(OnceLock::new()),
         body_limit: 1 << 20,
         keys: Arc::new(crate::auth::Keys::new(&crate::config::AuthConfig {
             read_keys: vec![READ.into()],
@@ -122,6 +124,7 @@ async fn openapi_lists_every_route_the_router_serves() {
         include_str!("documents.rs"),
         include_str!("answers.rs"),
         include_str!("collections.rs"),
+        include_str!("sources.rs"),
     ] {
         let start = source.find("pub(crate) fn routes()").unwrap();
         let end = start + source[start..].find("\n}\n").unwrap();
@@ -191,6 +194,7 @@ async fn openapi_lists_every_route_the_router_serves() {
 async fn the_served_document_states_the_configured_limits() {
     let router = app(AppState {
         pipeline: Arc::new(OnceLock::new()),
+        sources: Arc::new(OnceLock::new()),
         body_limit: 1 << 20,
         keys: Arc::new(crate::auth::Keys::default()),
         cors_origins: Vec::new(),
@@ -360,6 +364,9 @@ async fn the_auth_matrix() {
         ("DELETE", "/collections/team-a", ADMIN),
         ("POST", "/ingest", ADMIN),
         ("GET", "/metrics", READ),
+        ("GET", "/sources", READ),
+        ("POST", "/sources", ADMIN),
+        ("POST", "/sources/x/sync", ADMIN),
     ] {
         let (s, _) = status_with(r.clone(), method, uri, Some(key)).await;
         assert!(passes(s), "{method} {uri}: {s}");
@@ -383,6 +390,12 @@ async fn the_auth_matrix() {
         ("POST", "/collections", WRITE, StatusCode::FORBIDDEN),
         ("DELETE", "/collections/team-a", TEAM, StatusCode::FORBIDDEN),
         ("GET", "/metrics", TEAM, StatusCode::UNAUTHORIZED),
+        // Sources read folders and fetch URLs: admins change them, and a
+        // collection key does not even read them.
+        ("POST", "/sources", WRITE, StatusCode::FORBIDDEN),
+        ("DELETE", "/sources/x", WRITE, StatusCode::FORBIDDEN),
+        ("POST", "/sources/x/sync", READ, StatusCode::FORBIDDEN),
+        ("GET", "/sources", TEAM, StatusCode::FORBIDDEN),
     ] {
         let (s, _) = status_with(r.clone(), method, uri, Some(key)).await;
         assert_eq!(s, want, "{method} {uri}");

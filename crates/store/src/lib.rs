@@ -323,6 +323,39 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Every registered source: its name and record (JSON), by name.
+    pub fn sources(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, record FROM sources ORDER BY name")
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.db())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.db())
+    }
+
+    /// Registers source `name` with `record`, or replaces its record.
+    pub fn keep_source(&mut self, name: &str, record: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO sources (name, record) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET record = excluded.record",
+                [name, record],
+            )
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    /// Forgets source `name`; whether it was registered.
+    pub fn forget_source(&mut self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM sources WHERE name = ?1", [name])
+            .map_err(self.db())?;
+        Ok(n == 1)
+    }
+
     /// Stores `doc` in one transaction, replacing an older version of the same id.
     /// Returns the status and the new chunks' keys with their vectors, for the index.
     pub fn upsert(
@@ -933,6 +966,26 @@ mod tests {
             )
             .unwrap();
         assert_eq!((schema.as_str(), shared), ("5", 0));
+    }
+
+    #[test]
+    fn sources_are_kept_replaced_and_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), "m", 2).unwrap();
+            assert!(s.sources().unwrap().is_empty());
+            s.keep_source("b", "{\"x\":1}").unwrap();
+            s.keep_source("a", "{}").unwrap();
+            s.keep_source("b", "{\"x\":2}").unwrap();
+        }
+        let mut s = Store::open(dir.path(), "m", 2).unwrap();
+        assert_eq!(
+            s.sources().unwrap(),
+            vec![("a".into(), "{}".into()), ("b".into(), "{\"x\":2}".into())]
+        );
+        assert!(s.forget_source("a").unwrap());
+        assert!(!s.forget_source("a").unwrap());
+        assert_eq!(s.sources().unwrap().len(), 1);
     }
 
     /// A summary is kept only for the document's current version, and goes

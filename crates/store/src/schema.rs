@@ -48,9 +48,10 @@ const TABLES: &str = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, val
              CREATE TABLE IF NOT EXISTS collections (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL);
              INSERT OR IGNORE INTO collections (name, created_at) VALUES ('default', 0);";
 
-/// The indexes of schema 4, and the summaries kept with documents (created
-/// once the tables have the current layout; a table that older versions do
-/// not know and would not touch, so no version of its own).
+/// The indexes of schema 4, the summaries kept with documents and the
+/// registered sources (created once the tables have the current layout;
+/// tables that older versions do not know and would not touch, so no version
+/// of their own).
 const INDEXES: &str =
     "CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(collection, document_id, idx);
      CREATE TABLE IF NOT EXISTS summaries (
@@ -60,7 +61,8 @@ const INDEXES: &str =
          summary TEXT NOT NULL,
          created_at INTEGER NOT NULL,
          PRIMARY KEY (collection, document_id, key),
-         FOREIGN KEY (collection, document_id) REFERENCES documents(collection, id) ON DELETE CASCADE);";
+         FOREIGN KEY (collection, document_id) REFERENCES documents(collection, id) ON DELETE CASCADE);
+     CREATE TABLE IF NOT EXISTS sources (name TEXT PRIMARY KEY, record TEXT NOT NULL);";
 
 /// Makes the database at `path` ready for vectors of model `embedder` with
 /// `dim` dimensions: creates missing tables, records the model in a new
