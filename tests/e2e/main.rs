@@ -2432,9 +2432,37 @@ async fn schemathesis_finds_no_contract_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chat_page_streams_an_answer_in_headless_chromium() {
     let data = tempfile::tempdir().unwrap();
-    let (server, base) = start(SMOLLM, data.path()).await;
+    // A folder source (in a collection of its own) for the sources panel.
+    let roots = tempfile::tempdir().unwrap();
+    let notes = roots.path().join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    std::fs::write(
+        notes.join("kettle.md"),
+        "A kettle whistles when the water boils.\n",
+    )
+    .unwrap();
+    let mut c = config(SMOLLM, data.path());
+    c.sources.folder_roots = vec![roots.path().to_path_buf()];
+    let (server, base) = start_with(c).await;
     let client = reqwest::Client::new();
     ingest_three(&client, &base).await;
+    let (status, _) = post(
+        &client,
+        &format!("{base}/collections"),
+        &json!({ "name": "notes" }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = post(
+        &client,
+        &format!("{base}/sources"),
+        &json!({
+            "name": "notes", "path": notes, "collection": "notes", "interval_s": 0
+        }),
+    )
+    .await;
+    assert_eq!(status, 201);
+    sources::first_sync(&client, &base, "notes").await;
     let page = client.get(format!("{base}/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.headers()["content-type"]

@@ -131,7 +131,7 @@ async fn sync(client: &reqwest::Client, base: &str, name: &str) -> Value {
 
 /// Waits (at most 60 s) for the first sync of source `name` (started when it
 /// was added); its report.
-async fn first_sync(client: &reqwest::Client, base: &str, name: &str) -> Value {
+pub(super) async fn first_sync(client: &reqwest::Client, base: &str, name: &str) -> Value {
     let until = Instant::now() + Duration::from_secs(60);
     while Instant::now() < until {
         let info = get_json(client, &format!("{base}/sources/{name}")).await;

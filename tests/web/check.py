@@ -92,6 +92,10 @@ try:
     for wanted in ("cats", "rust", "everest"):
         if wanted not in listed:
             raise SystemExit("documents list: %s" % listed)
+    # The sources panel: the test's folder source and its first sync.
+    last_sync = wait_for('(() => { const li = document.querySelector("#source-list li[data-source=notes]"); return li && li.querySelector(".last-sync").textContent; })()', 30, "the sources panel")
+    if "1 new" not in last_sync:
+        raise SystemExit("the source's last sync: %r" % last_sync)
     # Record what the page sends, to see the conversation go with a follow-up.
     js('''window.__sent = [];
           const realFetch = window.fetch;
@@ -175,10 +179,15 @@ try:
     if zh_ui[0] != "zh" or not all(any("\u4e00" <= c <= "\u9fff" for c in t) for t in zh_ui[1:]):
         raise SystemExit("the Chinese interface: %s" % zh_ui)
     wait_for('document.querySelectorAll("#documents li[data-document]").length === 2', 30, "the Chinese page's documents")
+    # Re-sync the source from its button: nothing changed.
+    wait_for('!!document.querySelector("#source-list li[data-source=notes] button.sync")', 30, "the Chinese sources panel")
+    js('document.querySelector("#source-list li[data-source=notes] button.sync").click(); true')
+    resynced = wait_for('(() => { const t = document.querySelector("#source-list li[data-source=notes] .last-sync").textContent; return t.includes("未变 1") && t; })()', 60, "the re-sync")
     shot_zh = screenshot("page-zh.png")
     print(json.dumps({"answer": answer, "kind": kind, "partial_updates": partial, "sources": sources,
                       "evidence": evidence, "status": status, "zh_status": zh_status,
                       "summary": summary, "summary_kind": summary_kind,
+                      "source_last_sync": last_sync, "source_resynced": resynced,
                       "screenshots": [shot_answer, shot_summary, shot_zh]}, ensure_ascii=False))
 finally:
     proc.kill()

@@ -854,3 +854,65 @@ async fn collections_keep_documents_apart() {
     lost.collection = "gone".into();
     assert!(store.upsert(vec![lost]).await.unwrap()[0].is_err());
 }
+
+/// Metadata numbers at the edge of f64 come back (PostgreSQL writes them as
+/// long decimals, which must parse back to the same number); `fetched_after`
+/// is applied in SQL; sources are registered, replaced and forgotten.
+#[tokio::test]
+async fn extreme_numbers_fetch_times_and_sources() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let v = unit([1.0, 0.0, 0.0]);
+    let meta = json!({ "big": f64::MAX, "small": 5e-324, "fetched_at": "2026-12-06T08:00:00Z" });
+    store
+        .upsert(vec![
+            doc("new", &["lighthouse"], &[v], meta.clone()),
+            doc(
+                "old",
+                &["lighthouse"],
+                &[v],
+                json!({ "fetched_at": "2026-01-01T00:00:00Z" }),
+            ),
+        ])
+        .await
+        .unwrap();
+    let listed = store.list(DEFAULT_COLLECTION, None, 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].metadata["big"], json!(f64::MAX));
+    assert_eq!(listed[0].metadata["small"], json!(5e-324));
+    let filter = |after: &str| {
+        Filter::parse(Some(&json!({ "metadata.fetched_after": after })))
+            .unwrap()
+            .within(DEFAULT_COLLECTION)
+    };
+    let hits = store
+        .dense_search(&v, 5, &filter("2026-12-01"))
+        .await
+        .unwrap();
+    let chunks = store
+        .chunks(&hits.iter().map(|h| h.id).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let ids: Vec<&str> = chunks.iter().map(|c| c.document_id.as_str()).collect();
+    assert_eq!(ids, ["new"]);
+    let lexical = store
+        .lexical_search("lighthouse", 5, &filter("2025-01-01T00:00:00+08:00"))
+        .await
+        .unwrap();
+    assert_eq!(lexical.len(), 2);
+    assert!(store.sources().await.unwrap().is_empty());
+    store.keep_source("b", "{\"x\":1}").await.unwrap();
+    store.keep_source("a", "{}").await.unwrap();
+    store.keep_source("b", "{\"x\":2}").await.unwrap();
+    assert_eq!(
+        store.sources().await.unwrap(),
+        vec![
+            ("a".to_string(), "{}".to_string()),
+            ("b".to_string(), "{\"x\":2}".to_string())
+        ]
+    );
+    assert!(store.forget_source("a").await.unwrap());
+    assert!(!store.forget_source("a").await.unwrap());
+}

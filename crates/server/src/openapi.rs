@@ -354,43 +354,64 @@ impl utoipa::Modify for FilterGrammar {
 }
 
 /// `POST /summarize` takes exactly one of `document_id`, `filter` and
-/// `query`, given (not null): a `oneOf` of the three (utoipa has no attribute
-/// for it).
+/// `query`, and `POST /sources` one of `url` and `path`, given (not null): a
+/// `oneOf` of them (utoipa has no attribute for it).
 struct OneSubject;
 
 impl utoipa::Modify for OneSubject {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
-        use utoipa::openapi::RefOr;
-        let Some(RefOr::T(Schema::Object(request))) = openapi
-            .components
-            .as_mut()
-            .and_then(|c| c.schemas.get_mut("SummarizeRequest"))
-        else {
-            return;
-        };
-        let given = |field: &str, kind: Type| {
-            ObjectBuilder::new()
-                .property(field, ObjectBuilder::new().schema_type(kind))
-                .required(field)
-                .build()
-        };
-        let mut all_of = utoipa::openapi::schema::AllOfBuilder::new()
-            .item(Schema::Object(request.clone()))
-            .item(Schema::OneOf(
-                OneOfBuilder::new()
-                    .item(given("document_id", Type::String))
-                    .item(given("filter", Type::Object))
-                    .item(given("query", Type::String))
-                    .build(),
-            ))
-            .build();
-        all_of.description = request.description.take();
-        openapi
-            .components
-            .as_mut()
-            .expect("checked above")
-            .schemas
-            .insert("SummarizeRequest".into(), RefOr::T(Schema::AllOf(all_of)));
+        use utoipa::openapi::schema::Type;
+        exactly_one_of(
+            openapi,
+            "SummarizeRequest",
+            &[
+                ("document_id", Type::String),
+                ("filter", Type::Object),
+                ("query", Type::String),
+            ],
+        );
+        // A source is a URL or a folder.
+        exactly_one_of(
+            openapi,
+            "SourceSpec",
+            &[("url", Type::String), ("path", Type::String)],
+        );
     }
+}
+
+/// Makes schema `name` require exactly one of `fields` (given, not null).
+fn exactly_one_of(
+    openapi: &mut utoipa::openapi::OpenApi,
+    name: &str,
+    fields: &[(&str, utoipa::openapi::schema::Type)],
+) {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema};
+    use utoipa::openapi::RefOr;
+    let Some(RefOr::T(Schema::Object(request))) = openapi
+        .components
+        .as_mut()
+        .and_then(|c| c.schemas.get_mut(name))
+    else {
+        return;
+    };
+    let mut one_of = OneOfBuilder::new();
+    for (field, kind) in fields {
+        one_of = one_of.item(
+            ObjectBuilder::new()
+                .property(*field, ObjectBuilder::new().schema_type(kind.clone()))
+                .required(*field)
+                .build(),
+        );
+    }
+    let mut all_of = utoipa::openapi::schema::AllOfBuilder::new()
+        .item(Schema::Object(request.clone()))
+        .item(Schema::OneOf(one_of.build()))
+        .build();
+    all_of.description = request.description.take();
+    openapi
+        .components
+        .as_mut()
+        .expect("checked above")
+        .schemas
+        .insert(name.into(), RefOr::T(Schema::AllOf(all_of)));
 }
