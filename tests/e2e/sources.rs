@@ -616,3 +616,59 @@ async fn a_watched_folder_follows_creates_edits_renames_and_deletes() {
     let _ = info;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_sources_come_and_go_with_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::write(
+        folder.path().join("tea.md"),
+        "Green tea is steeped at eighty degrees.\n",
+    )
+    .unwrap();
+    let declared = |c: &mut Config| {
+        c.sources.declare = vec![ragd_sources::SourceSpec {
+            name: "handbook".into(),
+            url: None,
+            path: Some(folder.path().display().to_string()),
+            kind: ragd_sources::SourceKind::Auto,
+            collection: None,
+            interval_s: Some(0),
+            watch: false,
+        }];
+    };
+    // Declared: any folder (no folder_roots), synced once at start by the
+    // schedule, and not removable or replaceable through the API.
+    let mut c = sources_config(dir.path());
+    c.sources.check_every_s = 0.1;
+    declared(&mut c);
+    let (server, base) = start_with(c).await;
+    let client = reqwest::Client::new();
+    let report = first_sync(&client, &base, "handbook").await;
+    assert_eq!(counts(&report), [1, 0, 0, 0, 0], "{report}");
+    let info = get_json(&client, &format!("{base}/sources/handbook")).await;
+    assert_eq!(info["declared"], true, "{info}");
+    let res = client
+        .delete(format!("{base}/sources/handbook"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 422);
+    let (status, _) = post(
+        &client,
+        &format!("{base}/sources"),
+        &json!({
+            "name": "handbook", "url": "https://example.org/"
+        }),
+    )
+    .await;
+    assert_eq!(status, 422);
+    server.shutdown().await.unwrap();
+
+    // Gone from the file: no longer a source; its documents stay.
+    let (server, base) = start_with(sources_config(dir.path())).await;
+    let listed = get_json(&client, &format!("{base}/sources")).await;
+    assert_eq!(listed["sources"], json!([]), "{listed}");
+    assert_eq!(document_ids(&client, &base).await, ["handbook/tea.md"]);
+    server.shutdown().await.unwrap();
+}

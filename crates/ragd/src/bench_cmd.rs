@@ -176,6 +176,22 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 1, conflicts_with = "url")]
         replicas: usize,
     },
+    /// Sync throughput of a folder source: the corpus written out as one
+    /// Markdown file per document and synced cold, unchanged, and with a share
+    /// of the files edited (and a few deleted and added).
+    Sources {
+        #[arg(long, default_value = "../shared/data/wiki-en-10k")]
+        corpus: PathBuf,
+        /// Only the first N documents (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Share of the files edited before the changed sync.
+        #[arg(long, default_value_t = 0.1)]
+        changed: f64,
+        /// Config file (the store, the embedder), as for `ragd serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Time to first token of streamed /ask requests over an ingested corpus.
     Ask {
         #[arg(long, default_value = "../shared/data/debian-faq-en")]
@@ -193,7 +209,7 @@ pub(crate) enum BenchCommand {
     },
 }
 
-fn corpus_texts(corpus: &Path) -> Result<Vec<Value>> {
+pub(crate) fn corpus_texts(corpus: &Path) -> Result<Vec<Value>> {
     read_jsonl(&corpus.join("corpus.jsonl"))
 }
 
@@ -314,6 +330,20 @@ pub(crate) async fn run(command: BenchCommand) -> Result<()> {
             questions,
             json,
         } => bench_ask(&corpus, model, questions, json).await,
+        BenchCommand::Sources {
+            corpus,
+            limit,
+            changed,
+            config,
+        } => {
+            crate::bench_sources::run(crate::bench_sources::Args {
+                corpus: &corpus,
+                limit,
+                changed,
+                config: config.as_deref(),
+            })
+            .await
+        }
         BenchCommand::Soak {
             minutes,
             clients,
@@ -586,7 +616,7 @@ fn rayon_threads() -> usize {
 }
 
 /// The configuration in `file` (merged over the defaults), or the defaults.
-fn config_from(file: Option<&Path>) -> Result<ragd::Config> {
+pub(crate) fn config_from(file: Option<&Path>) -> Result<ragd::Config> {
     match file {
         Some(f) => ragd::Config::from_file(f).map_err(|e| anyhow::anyhow!("{e}")),
         None => Ok(ragd::Config::defaults()),

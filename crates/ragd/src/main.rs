@@ -14,6 +14,7 @@ use ragd::Config;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench_cmd;
+mod bench_sources;
 mod cli_cmd;
 mod eval_cmd;
 mod eval_qa;

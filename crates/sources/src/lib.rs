@@ -210,6 +210,17 @@ impl Sources {
         for spec in sources.config.declare.clone() {
             sources.register(spec, Origin::Declared).await?;
         }
+        // A source once declared and now gone from the file is no longer
+        // synced; its documents stay (re-declaring it takes them up again).
+        for r in sources.records().await? {
+            if r.declared && !sources.config.declare.iter().any(|d| d.name == r.spec.name) {
+                sources.pipeline.forget_source_record(&r.spec.name).await?;
+                tracing::warn!(
+                    source = %r.spec.name,
+                    "no longer declared in the configuration: not synced any more; its documents are kept (metadata.source names it)"
+                );
+            }
+        }
         for record in sources.records().await? {
             sources.arm(&record.spec);
         }
