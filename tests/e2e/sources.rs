@@ -575,6 +575,21 @@ async fn a_watched_folder_follows_creates_edits_renames_and_deletes() {
     let mut ids = document_ids(&client, &base).await;
     ids.sort();
     assert_eq!(ids, ["notes/a.md", "notes/sub/b.txt"]);
+    // A summary's passages say where they were read, too.
+    let (status, summary) = post(
+        &client,
+        &format!("{base}/summarize"),
+        &json!({ "document_id": "notes/a.md" }),
+    )
+    .await;
+    assert_eq!(status, 200, "{summary}");
+    let url = summary["sources"][0]["source_url"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        url.starts_with("file://") && url.ends_with("/notes/a.md"),
+        "{summary}"
+    );
 
     // The stated delay: sources.watch_debounce_ms of quiet, then the sync
     // (one small file embedded): well within 10 s.

@@ -246,6 +246,12 @@ impl Pipeline {
                 .await?;
             (sources, Some(language))
         };
+        // (Retrieved passages have their origins already.)
+        let sources = if query_language.is_none() {
+            self.with_origins(collection, sources).await
+        } else {
+            sources
+        };
         let language = req.language.or(query_language).unwrap_or_else(|| {
             let sample: String = sources
                 .iter()
