@@ -250,7 +250,7 @@ async fn a_sitemap_source_follows_changes_deletions_and_failures() {
     assert_eq!(ids, [a.clone(), b.clone(), c.clone()]);
     let (_, doc_a) = document(&client, &base, &a).await;
     let meta = &doc_a["metadata"];
-    assert_eq!(meta["source"], "site", "{doc_a}");
+    assert_eq!(meta["ragd_source"], "site", "{doc_a}");
     assert_eq!(meta["source_url"], a.as_str(), "{doc_a}");
     let fetched_at = meta["fetched_at"].as_str().unwrap().to_string();
     assert!(
@@ -509,6 +509,11 @@ async fn fetching_refuses_the_inside_network_oversized_pages_and_bad_sources() {
             json!({ "name": "x", "url": format!("{web}/feed.xml"), "collection": "nope" }),
             "nope",
         ),
+        // A name is registered once (replacing would drop what it gave).
+        (
+            json!({ "name": "news", "url": format!("{web}/other.xml") }),
+            "exists",
+        ),
     ] {
         let (status, err) = post(&client, &format!("{base}/sources"), &body).await;
         assert_eq!(status, 422, "{body} → {err}");
@@ -519,6 +524,32 @@ async fn fetching_refuses_the_inside_network_oversized_pages_and_bad_sources() {
     }
     let listed = get_json(&client, &format!("{base}/sources")).await;
     assert_eq!(listed["sources"].as_array().unwrap().len(), 3, "{listed}");
+    // Clients cannot write the key that says which source wrote a document
+    // (only such documents are ever deleted by a sync).
+    let (status, err) = post(
+        &client,
+        &format!("{base}/ingest"),
+        &json!({ "documents": [
+            { "id": "forged", "text": "x", "metadata": { "ragd_source": "news" } }
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 422, "{err}");
+    // An entry that leaves the feed is still a page: kept.
+    set(
+        &site,
+        "/feed.xml",
+        xml(format!(
+            r#"<?xml version="1.0"?><rss version="2.0"><channel><title>News</title>
+        <item><title>Three</title><link>{web}/news/3</link></item></channel></rss>"#
+        )),
+    );
+    let later = sync(&client, &base, "news").await;
+    assert_eq!(later["deleted"], 0, "{later}");
+    assert_eq!(
+        document_ids(&client, &base).await,
+        [format!("{web}/news/1")]
+    );
     let res = client
         .post(format!("{base}/sources/none/sync"))
         .send()
@@ -641,6 +672,12 @@ async fn declared_sources_come_and_go_with_the_configuration() {
         "Green tea is steeped at eighty degrees.\n",
     )
     .unwrap();
+    // A file whose name ingest refuses as an id fails alone.
+    std::fs::write(
+        folder.path().join("bad\u{1}name.md"),
+        "A control character in the name.\n",
+    )
+    .unwrap();
     let declared = |c: &mut Config| {
         c.sources.declare = vec![ragd_sources::SourceSpec {
             name: "handbook".into(),
@@ -660,7 +697,14 @@ async fn declared_sources_come_and_go_with_the_configuration() {
     let (server, base) = start_with(c).await;
     let client = reqwest::Client::new();
     let report = first_sync(&client, &base, "handbook").await;
-    assert_eq!(counts(&report), [1, 0, 0, 0, 0], "{report}");
+    assert_eq!(counts(&report), [1, 0, 0, 0, 1], "{report}");
+    assert!(
+        report["failures"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("control"),
+        "{report}"
+    );
     let info = get_json(&client, &format!("{base}/sources/handbook")).await;
     assert_eq!(info["declared"], true, "{info}");
     let res = client

@@ -24,6 +24,20 @@ pub enum Condition {
 /// The metadata key ragd writes the time a synced document was fetched under.
 pub const FETCHED_AT: &str = "fetched_at";
 
+/// Whether `t` is a time as ragd writes it: `YYYY-MM-DDTHH:MM:SSZ` (such
+/// times sort as text).
+pub fn canonical_form(t: &str) -> bool {
+    let b = t.as_bytes();
+    b.len() == 20
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b'T',
+            13 | 16 => *c == b':',
+            19 => *c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
+}
+
 /// `t` (RFC 3339 with any offset, a date `YYYY-MM-DD` read as midnight UTC,
 /// or seconds since the Unix epoch) as ragd writes times in metadata: UTC,
 /// whole seconds (`2026-12-06T08:00:00Z`).
@@ -177,9 +191,11 @@ impl Filter {
             match condition {
                 Condition::Eq(want) => candidates.contains(&want),
                 Condition::In(wanted) => wanted.iter().any(|w| candidates.contains(&w)),
-                Condition::Since(since) => candidates
-                    .iter()
-                    .any(|c| c.as_str().is_some_and(|c| c >= since.as_str())),
+                // A time as ragd writes it (not an array of them: the SQL
+                // of PostgreSQL compares the same way).
+                Condition::Since(since) => actual
+                    .as_str()
+                    .is_some_and(|t| canonical_form(t) && t >= since.as_str()),
             }
         })
     }
@@ -241,6 +257,15 @@ mod tests {
             .unwrap()
             .matches("d", "x", Some(&m)));
         assert!(!f(json!("2026-12-07")).unwrap().matches("d", "x", Some(&m)));
+        // Only times written as ragd writes them are compared.
+        let odd = meta(json!({ "fetched_at": "2026-12-06T08:00:00.5Z" }));
+        assert!(!f(json!("2020-01-01"))
+            .unwrap()
+            .matches("d", "x", Some(&odd)));
+        let listed = meta(json!({ "fetched_at": ["2026-12-06T08:00:00Z"] }));
+        assert!(!f(json!("2020-01-01"))
+            .unwrap()
+            .matches("d", "x", Some(&listed)));
         assert!(f(json!(1_796_515_200)).unwrap().matches("d", "x", Some(&m)));
         // A document never fetched (no `fetched_at`) is not "fetched after".
         assert!(!f(json!("1970-01-01")).unwrap().matches("d", "x", None));

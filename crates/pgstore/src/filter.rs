@@ -60,12 +60,18 @@ pub(crate) fn push(sql: &mut Sql, filter: &Filter) {
         // metadata has it; a wanted value with it matches nothing, and sent
         // as a parameter it would fail the query (a 500 schemathesis found).
         if let (Field::Metadata(key), Condition::Since(since)) = (field, condition) {
+            // As in memory (`Filter::matches`): a JSON string in ragd's own
+            // form (`YYYY-MM-DDTHH:MM:SSZ`), compared byte by byte.
             sql.push(
                 " AND (c.collection, c.document_id) IN
-                     (SELECT d.collection, d.id FROM ragd_documents d WHERE d.metadata ->> ",
+                     (SELECT d.collection, d.id FROM ragd_documents d WHERE jsonb_typeof(d.metadata -> ",
             )
             .bind(key.clone())
-            .push(" >= ")
+            .push(") = 'string' AND (d.metadata ->> ")
+            .bind(key.clone())
+            .push(") COLLATE \"C\" ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$' AND (d.metadata ->> ")
+            .bind(key.clone())
+            .push(") COLLATE \"C\" >= ")
             .bind(since.clone())
             .push(")");
             continue;

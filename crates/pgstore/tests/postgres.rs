@@ -340,10 +340,11 @@ async fn a_schema_1_database_is_migrated_on_open() {
         .unwrap();
     drop(store);
     // What schema 1 was: no kept totals, no collections (documents keyed by
-    // id alone, postings by term and chunk), no summaries.
+    // id alone, postings by term and chunk), no summaries, no sources.
     admin(
         &url,
         &[
+            "DROP TABLE ragd_sources",
             "DROP TABLE ragd_summaries",
             "ALTER TABLE ragd_postings DROP CONSTRAINT ragd_postings_pkey",
             "ALTER TABLE ragd_postings DROP COLUMN collection",

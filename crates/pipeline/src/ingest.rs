@@ -23,6 +23,10 @@ use crate::Pipeline;
 
 /// Longest document id accepted.
 pub(crate) const MAX_ID_LEN: usize = 256;
+/// Metadata keys with this prefix are ragd's own: clients cannot set them
+/// (`ragd_source` names the source that wrote a document, and only such
+/// documents are ever deleted or shown as fetched by a sync).
+pub const RESERVED_PREFIX: &str = "ragd_";
 /// Longest title accepted, in bytes.
 const MAX_TITLE_LEN: usize = 1024;
 
@@ -260,6 +264,27 @@ impl Pipeline {
 
     /// [`Self::ingest`] into `collection`.
     pub async fn ingest_into(
+        &self,
+        collection: &str,
+        req: IngestRequest,
+    ) -> Result<IngestResponse, Error> {
+        if let Some((i, key)) = req.documents.iter().enumerate().find_map(|(i, d)| {
+            d.metadata
+                .as_ref()
+                .and_then(|m| m.keys().find(|k| k.starts_with(RESERVED_PREFIX)))
+                .map(|k| (i, k))
+        }) {
+            return Err(Error::Invalid(format!(
+                "documents[{i}].metadata.{key}: keys starting with {RESERVED_PREFIX:?} are ragd's own (a synced source's documents carry them)"
+            )));
+        }
+        self.ingest_synced(collection, req).await
+    }
+
+    /// [`Self::ingest_into`] for a synced source (`ragd-sources`), whose
+    /// documents carry the reserved metadata keys that say which source wrote
+    /// them.
+    pub async fn ingest_synced(
         &self,
         collection: &str,
         req: IngestRequest,

@@ -212,7 +212,9 @@ impl Pipeline {
         for p in &mut passages {
             if !seen.contains_key(&p.document_id) {
                 let origin = match self.store.document(collection, &p.document_id).await {
-                    Ok(Some(d)) => {
+                    // Only a synced source's documents (the reserved key says
+                    // so; clients cannot set it) carry where they came from.
+                    Ok(Some(d)) if d.metadata.contains_key("ragd_source") => {
                         let get = |k: &str| {
                             d.metadata
                                 .get(k)

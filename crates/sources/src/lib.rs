@@ -158,8 +158,8 @@ pub struct Sources {
     pipeline: Arc<Pipeline>,
     config: SourcesConfig,
     fetcher: fetch::Fetcher,
-    /// One lock per source: one sync of a source at a time.
-    running: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per source (one sync of a source at a time) and its stop flag.
+    running: Mutex<HashMap<String, Slot>>,
     /// Folder watchers by source name (dropping one stops it).
     watchers: Mutex<HashMap<String, notify::RecommendedWatcher>>,
     /// Background tasks (the schedule, watch debouncers), stopped on drop.
@@ -175,6 +175,13 @@ impl Drop for Sources {
             }
         }
     }
+}
+
+/// A source's sync lock, and the flag that ends its running sync.
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -208,7 +215,12 @@ impl Sources {
             me: me.clone(),
         });
         for spec in sources.config.declare.clone() {
-            sources.register(spec, Origin::Declared).await?;
+            // One bad declaration (a folder not mounted yet) does not keep
+            // the service from starting: it is logged, and the others go on.
+            let name = spec.name.clone();
+            if let Err(e) = sources.register(spec, Origin::Declared).await {
+                tracing::error!(source = %name, error = %e, "a declared source cannot be registered");
+            }
         }
         // A source once declared and now gone from the file is no longer
         // synced; its documents stay (re-declaring it takes them up again).
@@ -277,7 +289,7 @@ impl Sources {
     fn info(&self, r: Record) -> SourceInfo {
         let syncing = lock(&self.running)
             .get(&r.spec.name)
-            .is_some_and(|l| l.try_lock().is_err());
+            .is_some_and(|slot| slot.lock.try_lock().is_err());
         SourceInfo {
             spec: r.spec,
             declared: r.declared,
@@ -336,6 +348,14 @@ impl Sources {
                 return Err(Error::Invalid(format!(
                     "source {:?} is declared in the configuration file; change it there",
                     spec.name
+                )));
+            }
+            // Through the API a name is registered once: replacing a source
+            // would drop what it gave, so that takes a DELETE first.
+            if origin == Origin::Api {
+                return Err(Error::Invalid(format!(
+                    "name: a source named {:?} exists; remove it first (DELETE /sources/{}) or choose another name",
+                    spec.name, spec.name
                 )));
             }
         }
@@ -457,22 +477,34 @@ impl Sources {
 
     /// Removes source `name` and, unless `keep_documents`, its documents.
     pub async fn remove(&self, name: &str, keep_documents: bool) -> Result<SourceRemoved, Error> {
+        let declared = |r: &Record| {
+            if r.declared {
+                Err(Error::Invalid(format!(
+                    "source {name:?} is declared in the configuration file; remove it there"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        declared(&self.record(name).await?)?;
+        // End a running sync at its next item and wait for it, so that
+        // nothing it stores outlives the source.
+        let slot = self.slot_of(name);
+        slot.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _held = slot.lock.lock().await;
+        slot.stop.store(false, std::sync::atomic::Ordering::SeqCst);
         let record = self.record(name).await?;
-        if record.declared {
-            return Err(Error::Invalid(format!(
-                "source {name:?} is declared in the configuration file; remove it there"
-            )));
-        }
-        // Wait for a running sync, so that nothing it stores outlives the source.
-        let lock = self.lock_of(name);
-        let _held = lock.lock().await;
+        declared(&record)?;
         lock_remove(&self.watchers, name);
-        self.pipeline.forget_source_record(name).await?;
+        // Documents first: should a delete fail, the source is still there to
+        // remove again.
         let documents_deleted = if keep_documents {
             0
         } else {
             self.delete_documents(&record.spec).await?
         };
+        self.pipeline.forget_source_record(name).await?;
+        lock_remove(&self.running, name);
         Ok(SourceRemoved {
             name: name.to_string(),
             documents_deleted,
@@ -497,7 +529,7 @@ impl Sources {
         Ok(ids.len())
     }
 
-    fn lock_of(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn slot_of(&self, name: &str) -> Slot {
         lock(&self.running)
             .entry(name.to_string())
             .or_default()
@@ -507,10 +539,19 @@ impl Sources {
     /// Syncs source `name` now (after a sync of it that is running) and
     /// keeps the report with it.
     pub async fn sync(&self, name: &str) -> Result<SyncReport, Error> {
-        let lock = self.lock_of(name);
-        let _held = lock.lock().await;
+        // Only registered names get a lock.
+        self.record(name).await?;
+        let slot = self.slot_of(name);
+        let _held = slot.lock.lock().await;
         let record = self.record(name).await?;
-        let report = sync::run(&self.pipeline, &self.fetcher, &self.config, &record.spec).await;
+        let report = sync::run(
+            &self.pipeline,
+            &self.fetcher,
+            &self.config,
+            &record.spec,
+            &slot.stop,
+        )
+        .await;
         // The source may have been replaced meanwhile: keep the newest spec.
         let mut record = match self.record(name).await {
             Ok(r) => r,
@@ -558,7 +599,7 @@ impl Sources {
                     .parse::<jiff::Timestamp>()
                     .map_or(true, |t| now.as_second() - t.as_second() >= interval as i64),
             };
-            if !due || self.lock_of(&r.spec.name).try_lock().is_err() {
+            if !due || self.slot_of(&r.spec.name).lock.try_lock().is_err() {
                 continue;
             }
             let Some(me) = self.me.upgrade() else { return };

@@ -16,7 +16,8 @@ pub struct FileItem {
     pub path: PathBuf,
     /// Its path under the folder, with `/` between parts.
     pub relative: String,
-    /// Modification time, nanoseconds since the Unix epoch.
+    /// Modification time, nanoseconds since the Unix epoch (-1: its
+    /// metadata could not be read).
     pub modified_ns: i128,
     /// Size in bytes.
     pub size: u64,
@@ -24,8 +25,9 @@ pub struct FileItem {
 
 /// The files under `root` that ragd reads: regular files (symbolic links are
 /// not followed, so a source cannot reach outside its folder), not hidden,
-/// with a known extension; at most `max`, in path order. Blocking.
-pub fn folder(root: &Path, max: usize) -> Result<Vec<FileItem>, String> {
+/// with a known extension; at most `max`, in path order, and whether there
+/// were more. Blocking.
+pub fn folder(root: &Path, max: usize) -> Result<(Vec<FileItem>, bool), String> {
     if !root.is_dir() {
         return Err(format!("{} is not a folder (any more)", root.display()));
     }
@@ -48,12 +50,17 @@ pub fn folder(root: &Path, max: usize) -> Result<Vec<FileItem>, String> {
         if !EXTENSIONS.contains(&ext.as_str()) {
             continue;
         }
-        let Ok(meta) = entry.metadata() else { continue };
+        if out.len() >= max {
+            return Ok((out, true));
+        }
+        // A file whose metadata cannot be read is listed (so that its
+        // document is kept) and fails on its own.
+        let meta = entry.metadata().ok();
         let modified_ns = meta
-            .modified()
-            .ok()
+            .as_ref()
+            .and_then(|m| m.modified().ok())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos() as i128);
+            .map_or(-1, |d| d.as_nanos() as i128);
         let relative = entry
             .path()
             .strip_prefix(root)
@@ -66,13 +73,10 @@ pub fn folder(root: &Path, max: usize) -> Result<Vec<FileItem>, String> {
             path: entry.path().to_path_buf(),
             relative,
             modified_ns,
-            size: meta.len(),
+            size: meta.map_or(0, |m| m.len()),
         });
-        if out.len() >= max {
-            break;
-        }
     }
-    Ok(out)
+    Ok((out, false))
 }
 
 /// What an XML document found at a source's URL is.
@@ -199,11 +203,13 @@ mod tests {
         std::fs::write(root.join("image.png"), [0u8, 1]).unwrap();
         #[cfg(unix)]
         std::os::unix::fs::symlink("/etc/hostname", root.join("link.txt")).unwrap();
-        let files = folder(root, 100).unwrap();
+        let (files, more) = folder(root, 100).unwrap();
+        assert!(!more);
         let names: Vec<&str> = files.iter().map(|f| f.relative.as_str()).collect();
         assert_eq!(names, ["a.md", "sub/b.TXT"]);
         assert_eq!(files[0].size, 1);
-        assert_eq!(folder(root, 1).unwrap().len(), 1);
+        let (one, more) = folder(root, 1).unwrap();
+        assert_eq!((one.len(), more), (1, true));
         assert!(folder(&root.join("missing"), 10).is_err());
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ragd_pipeline::ingest::{DocumentIn, IngestRequest, IngestStatus};
 use ragd_pipeline::{Error, Pipeline};
@@ -22,6 +23,10 @@ const BATCH: usize = 32;
 const MAX_FAILURES: usize = 20;
 /// Longest document id (the ingest flow's limit).
 const MAX_ID_LEN: usize = 256;
+/// The metadata key naming the source that wrote a document: reserved
+/// (clients cannot set `ragd_` keys), so a sync only ever deletes or
+/// replaces documents it wrote itself.
+pub const SOURCE_KEY: &str = "ragd_source";
 
 /// What one sync did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -54,6 +59,10 @@ pub struct SyncReport {
     pub embedded: usize,
     /// The first failures, with why.
     pub failures: Vec<ItemFailure>,
+    /// The source lists more than `sources.max_documents`: only the first
+    /// were read, and nothing was deleted.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// A file or page that could not be read.
@@ -114,7 +123,7 @@ pub(crate) async fn documents_of(
             .list_documents_in(spec.collection(), after, Some(1000))
             .await?;
         for d in page.documents {
-            if d.metadata.get("source").and_then(Value::as_str) == Some(spec.name.as_str()) {
+            if d.metadata.get(SOURCE_KEY).and_then(Value::as_str) == Some(spec.name.as_str()) {
                 out.insert(d.id, d.metadata);
             }
         }
@@ -135,6 +144,13 @@ struct Run<'a> {
     seen: HashSet<String>,
     batch: Vec<DocumentIn>,
     report: SyncReport,
+    /// Pages that answered 404 or 410: deleted whatever the listing.
+    gone: Vec<String>,
+    /// Set when the source is being removed: the sync ends at the next item.
+    stop: &'a AtomicBool,
+    /// Whether what is not seen may be deleted (not for feeds: an entry
+    /// that leaves the feed is still a page; not for a cut listing).
+    delete_unseen: bool,
 }
 
 /// Syncs `spec`; never fails as a whole: a source that cannot be read says
@@ -144,6 +160,7 @@ pub(crate) async fn run(
     fetcher: &Fetcher,
     config: &SourcesConfig,
     spec: &SourceSpec,
+    stop: &AtomicBool,
 ) -> SyncReport {
     let started = now();
     let clock = std::time::Instant::now();
@@ -158,6 +175,9 @@ pub(crate) async fn run(
             started_at: started.to_string(),
             ..SyncReport::default()
         },
+        stop,
+        delete_unseen: true,
+        gone: Vec::new(),
     };
     let outcome = run.all(fetcher).await;
     let mut report = run.report;
@@ -170,6 +190,14 @@ pub(crate) async fn run(
 }
 
 impl Run<'_> {
+    fn stopped(&self) -> Result<(), String> {
+        if self.stop.load(Ordering::SeqCst) {
+            Err("stopped: the source is being removed".into())
+        } else {
+            Ok(())
+        }
+    }
+
     async fn all(&mut self, fetcher: &Fetcher) -> Result<(), String> {
         self.existing = documents_of(self.pipeline, self.spec)
             .await
@@ -187,13 +215,18 @@ impl Run<'_> {
             (None, None) => return Err("the source has neither url nor path".into()),
         }
         self.flush().await?;
-        // Only a source read to the end says what is gone.
-        let gone: Vec<String> = self
-            .existing
-            .keys()
-            .filter(|id| !self.seen.contains(*id))
-            .cloned()
-            .collect();
+        // Pages that answered 404/410 go; the rest of what was not seen only
+        // when the source was read to the end (and is not a feed).
+        let mut gone = std::mem::take(&mut self.gone);
+        if self.delete_unseen && !self.report.truncated {
+            let unseen: Vec<String> = self
+                .existing
+                .keys()
+                .filter(|id| !self.seen.contains(*id) && !gone.contains(*id))
+                .cloned()
+                .collect();
+            gone.extend(unseen);
+        }
         for id in gone {
             match self
                 .pipeline
@@ -211,15 +244,35 @@ impl Run<'_> {
     /// A folder: files whose modification time and size are as stored are
     /// not read; the others are read and compared by content hash.
     async fn folder(&mut self, root: PathBuf) -> Result<(), String> {
+        // The folder as registered (canonical then): a folder since swapped
+        // for a link elsewhere is not followed.
+        let real = tokio::fs::canonicalize(&root)
+            .await
+            .map_err(|e| format!("{}: {e}", root.display()))?;
+        if real != root {
+            return Err(format!(
+                "{} now leads to {} (a symbolic link): not followed",
+                root.display(),
+                real.display()
+            ));
+        }
         let max = self.config.max_documents;
         let listed_root = root.clone();
-        let files = tokio::task::spawn_blocking(move || listing::folder(&listed_root, max))
-            .await
-            .map_err(|e| e.to_string())??;
+        let (files, truncated) =
+            tokio::task::spawn_blocking(move || listing::folder(&listed_root, max))
+                .await
+                .map_err(|e| e.to_string())??;
         self.report.listed = files.len();
+        self.report.truncated = truncated;
         for f in files {
+            self.stopped()?;
             let id = bounded_id(format!("{}/{}", self.spec.name, f.relative));
             self.seen.insert(id.clone());
+            if f.modified_ns < 0 {
+                self.report
+                    .fail(&f.relative, "its size and modification time cannot be read");
+                continue;
+            }
             let known = self.existing.get(&id);
             let same_stat = known.is_some_and(|m| {
                 m.get("modified_ns").and_then(Value::as_i64) == Some(f.modified_ns as i64)
@@ -229,20 +282,24 @@ impl Run<'_> {
                 self.report.unchanged += 1;
                 continue;
             }
+            let too_large = || {
+                format!(
+                    "larger than sources.max_bytes ({} bytes)",
+                    self.config.max_bytes
+                )
+            };
             if f.size as usize > self.config.max_bytes {
-                self.report.fail(
-                    &f.relative,
-                    format!(
-                        "larger than sources.max_bytes ({} bytes)",
-                        self.config.max_bytes
-                    ),
-                );
+                self.report.fail(&f.relative, too_large());
                 continue;
             }
-            let bytes = match tokio::fs::read(&f.path).await {
-                Ok(b) => b,
+            let bytes = match read_beneath(&root, &f.path, self.config.max_bytes).await {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    self.report.fail(&f.relative, too_large());
+                    continue;
+                }
                 Err(e) => {
-                    self.report.fail(&f.relative, e.to_string());
+                    self.report.fail(&f.relative, e);
                     continue;
                 }
             };
@@ -287,10 +344,10 @@ impl Run<'_> {
                 self.report.unchanged += 1;
                 return Ok(());
             }
-            Fetched::Gone(code) if was_page || self.spec.kind == SourceKind::Page => {
+            Fetched::Gone(_) if was_page || self.spec.kind == SourceKind::Page => {
                 // The page is gone: its document goes with it.
                 self.report.kind = Some(SourceKind::Page);
-                let _ = code;
+                self.gone.push(root_id);
                 return Ok(());
             }
             Fetched::Gone(code) => return Err(format!("{url}: HTTP {code}")),
@@ -321,6 +378,9 @@ impl Run<'_> {
             }
             (_, Some(Listing::Feed(urls))) => {
                 self.report.kind = Some(SourceKind::Feed);
+                // An entry that leaves the feed is still a page: kept (it goes
+                // when the page itself is gone, or with the source).
+                self.delete_unseen = false;
                 urls
             }
             (_, Some(Listing::Sitemap(urls))) => {
@@ -354,7 +414,9 @@ impl Run<'_> {
         };
         let mut listed = HashSet::new();
         for u in urls {
+            self.stopped()?;
             if listed.len() >= self.config.max_documents {
+                self.report.truncated = true;
                 break;
             }
             let Ok(at) = page.url.join(&u) else {
@@ -373,7 +435,9 @@ impl Run<'_> {
                 Ok(Fetched::Gone(code)) => {
                     // Listed but gone: a stored version goes; else it is a dead link.
                     self.seen.remove(&id);
-                    if !self.existing.contains_key(&id) {
+                    if self.existing.contains_key(&id) {
+                        self.gone.push(id);
+                    } else {
                         self.report.fail(at.as_str(), format!("HTTP {code}"));
                     }
                 }
@@ -461,7 +525,7 @@ impl Run<'_> {
                 return Ok(());
             }
         };
-        metadata.insert("source".into(), self.spec.name.clone().into());
+        metadata.insert(SOURCE_KEY.into(), self.spec.name.clone().into());
         metadata.insert("fetched_at".into(), now().to_string().into());
         metadata.insert("content_hash".into(), hash.into());
         metadata.insert("format".into(), e.kind.into());
@@ -485,18 +549,50 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Ingests the queued documents.
+    /// Ingests the queued documents. A batch the ingest flow refuses as a
+    /// whole (one document with an id it does not take, say) is sent again one
+    /// document at a time, so that one bad file fails alone.
     async fn flush(&mut self) -> Result<(), String> {
         if self.batch.is_empty() {
             return Ok(());
         }
         let documents = std::mem::take(&mut self.batch);
-        let response = self
+        let collection = self.spec.collection().to_string();
+        let outcome = self
             .pipeline
-            .ingest_into(self.spec.collection(), IngestRequest { documents })
-            .await
-            .map_err(|e| format!("storing documents: {e}"))?;
-        for d in response.documents {
+            .ingest_synced(
+                &collection,
+                IngestRequest {
+                    documents: documents.clone(),
+                },
+            )
+            .await;
+        let responses = match outcome {
+            Ok(r) => vec![r],
+            Err(Error::Invalid(_)) if documents.len() > 1 => {
+                let mut out = Vec::new();
+                for d in documents {
+                    let id = d.id.clone().unwrap_or_default();
+                    match self
+                        .pipeline
+                        .ingest_synced(&collection, IngestRequest { documents: vec![d] })
+                        .await
+                    {
+                        Ok(r) => out.push(r),
+                        Err(Error::Invalid(why)) => self.report.fail(id, why),
+                        Err(e) => return Err(format!("storing documents: {e}")),
+                    }
+                }
+                out
+            }
+            Err(Error::Invalid(why)) => {
+                let id = documents[0].id.clone().unwrap_or_default();
+                self.report.fail(id, why);
+                Vec::new()
+            }
+            Err(e) => return Err(format!("storing documents: {e}")),
+        };
+        for d in responses.into_iter().flat_map(|r| r.documents) {
             self.report.embedded += d.embedded;
             match d.status {
                 IngestStatus::Created => self.report.created += 1,
@@ -510,6 +606,28 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+/// Reads `path` if it still lies beneath `root` (a file or folder swapped
+/// for a link after the listing is not followed out of it); `None` when it
+/// holds more than `max` bytes.
+async fn read_beneath(root: &Path, path: &Path, max: usize) -> Result<Option<Vec<u8>>, String> {
+    use tokio::io::AsyncReadExt;
+    let real = tokio::fs::canonicalize(path)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !real.starts_with(root) {
+        return Err(format!("now leads outside the folder ({})", real.display()));
+    }
+    let file = tokio::fs::File::open(&real)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((bytes.len() <= max).then_some(bytes))
 }
 
 #[cfg(test)]
