@@ -110,8 +110,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             crate::documents::get_document, crate::documents::delete_document,
             crate::answers::ask, crate::answers::summarize, crate::openai::chat_completions, crate::openai::embeddings,
             crate::openai::models, crate::collections::list, crate::collections::create,
-            crate::collections::remove, crate::sources::list, crate::sources::add,
-            crate::sources::one, crate::sources::remove, crate::sources::sync
+            crate::collections::remove, crate::sources::list_sources,
+            crate::sources::add_source, crate::sources::get_source,
+            crate::sources::remove_source, crate::sources::sync_source
         ),
         modifiers(
             &BearerAuth,

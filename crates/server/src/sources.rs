@@ -20,9 +20,9 @@ use crate::AppState;
 /// `/sources`, `/sources/{name}`, `/sources/{name}/sync`.
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
-        .route("/sources", get(list).post(add))
-        .route("/sources/{name}", get(one).delete(remove))
-        .route("/sources/{name}/sync", post(sync))
+        .route("/sources", get(list_sources).post(add_source))
+        .route("/sources/{name}", get(get_source).delete(remove_source))
+        .route("/sources/{name}/sync", post(sync_source))
 }
 
 fn sources(state: &AppState) -> Result<&std::sync::Arc<ragd_sources::Sources>, ApiError> {
@@ -37,14 +37,16 @@ pub(crate) struct SourceList {
 }
 
 #[utoipa::path(get, path = "/sources", tag = "sources", responses((status = 200, description = "Every source with its last sync", body = SourceList)))]
-pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<SourceList>, ApiError> {
+pub(crate) async fn list_sources(
+    State(state): State<AppState>,
+) -> Result<Json<SourceList>, ApiError> {
     Ok(Json(SourceList {
         sources: sources(&state)?.list().await?,
     }))
 }
 
 #[utoipa::path(post, path = "/sources", tag = "sources", request_body = SourceSpec, responses((status = 201, description = "Registered; its first sync has started", body = SourceInfo), (status = 200, description = "A source of that name was there: its settings replaced", body = SourceInfo), (status = 422, description = "Invalid: name, url or path, collection, a folder outside sources.folder_roots", body = crate::error::ErrorBody), (status = 403, description = "Not an admin key", body = crate::error::ErrorBody)))]
-pub(crate) async fn add(
+pub(crate) async fn add_source(
     State(state): State<AppState>,
     AppJson(spec): AppJson<SourceSpec>,
 ) -> Result<(StatusCode, Json<SourceInfo>), ApiError> {
@@ -58,7 +60,7 @@ pub(crate) async fn add(
 }
 
 #[utoipa::path(get, path = "/sources/{name}", tag = "sources", params(("name" = String, Path, description = "Source name")), responses((status = 200, description = "The source with its last sync", body = SourceInfo), (status = 404, description = "No such source", body = crate::error::ErrorBody)))]
-pub(crate) async fn one(
+pub(crate) async fn get_source(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<SourceInfo>, ApiError> {
@@ -66,7 +68,7 @@ pub(crate) async fn one(
 }
 
 /// Query of `DELETE /sources/{name}`.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RemoveQuery {
     /// Keep the documents it gave (they are no longer synced).
@@ -74,8 +76,8 @@ pub(crate) struct RemoveQuery {
     keep_documents: bool,
 }
 
-#[utoipa::path(delete, path = "/sources/{name}", tag = "sources", params(("name" = String, Path, description = "Source name"), RemoveQuery), responses((status = 200, description = "Removed, with its documents unless kept", body = SourceRemoved), (status = 404, description = "No such source", body = crate::error::ErrorBody), (status = 422, description = "Declared in the configuration file", body = crate::error::ErrorBody)))]
-pub(crate) async fn remove(
+#[utoipa::path(delete, path = "/sources/{name}", tag = "sources", params(("name" = String, Path, description = "Source name"), ("keep_documents" = Option<bool>, Query, description = "Keep the documents it gave (default false)")), responses((status = 200, description = "Removed, with its documents unless kept", body = SourceRemoved), (status = 404, description = "No such source", body = crate::error::ErrorBody), (status = 422, description = "Declared in the configuration file", body = crate::error::ErrorBody)))]
+pub(crate) async fn remove_source(
     State(state): State<AppState>,
     Path(name): Path<String>,
     query: Result<Query<RemoveQuery>, QueryRejection>,
@@ -87,7 +89,7 @@ pub(crate) async fn remove(
 }
 
 #[utoipa::path(post, path = "/sources/{name}/sync", tag = "sources", params(("name" = String, Path, description = "Source name")), responses((status = 200, description = "The sync's report (`error` set when the source could not be read: its documents were kept)", body = SyncReport), (status = 404, description = "No such source", body = crate::error::ErrorBody)))]
-pub(crate) async fn sync(
+pub(crate) async fn sync_source(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<SyncReport>, ApiError> {
