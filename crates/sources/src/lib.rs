@@ -324,7 +324,8 @@ impl Sources {
         if let Some(me) = self.me.upgrade() {
             let name = record.spec.name.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.sync(&name).await {
+                // (Unless the schedule got there first.)
+                if let Err(e) = me.sync_when(&name, true).await {
                     tracing::warn!(source = %name, error = %e, "first sync failed");
                 }
             });
@@ -539,11 +540,22 @@ impl Sources {
     /// Syncs source `name` now (after a sync of it that is running) and
     /// keeps the report with it.
     pub async fn sync(&self, name: &str) -> Result<SyncReport, Error> {
+        self.sync_when(name, false)
+            .await
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// [`Self::sync`]; with `only_if_due`, only when the schedule still
+    /// calls for it once the lock is held (another sync may have just ended).
+    async fn sync_when(&self, name: &str, only_if_due: bool) -> Result<Option<SyncReport>, Error> {
         // Only registered names get a lock.
         self.record(name).await?;
         let slot = self.slot_of(name);
         let _held = slot.lock.lock().await;
         let record = self.record(name).await?;
+        if only_if_due && !self.due(&record, jiff::Timestamp::now()) {
+            return Ok(None);
+        }
         let report = sync::run(
             &self.pipeline,
             &self.fetcher,
@@ -555,7 +567,7 @@ impl Sources {
         // The source may have been replaced meanwhile: keep the newest spec.
         let mut record = match self.record(name).await {
             Ok(r) => r,
-            Err(Error::NotFound(_)) => return Ok(report),
+            Err(Error::NotFound(_)) => return Ok(Some(report)),
             Err(e) => return Err(e),
         };
         if report.error.is_none() {
@@ -575,7 +587,21 @@ impl Sources {
                 tracing::warn!(source = %name, error = %e, "source sync failed; its documents are kept")
             }
         }
-        Ok(report)
+        Ok(Some(report))
+    }
+
+    /// Whether the schedule calls for a sync of `r` at `now`: never synced,
+    /// or its interval passed since its last sync ended.
+    fn due(&self, r: &Record, now: jiff::Timestamp) -> bool {
+        let interval = r.spec.interval_s.unwrap_or(self.config.default_interval_s);
+        match &r.last_sync {
+            None => true,
+            Some(_) if interval == 0 => false,
+            Some(last) => last
+                .finished_at
+                .parse::<jiff::Timestamp>()
+                .map_or(true, |t| now.as_second() - t.as_second() >= interval as i64),
+        }
     }
 
     /// Starts the syncs the schedule calls for: sources never synced, and
@@ -590,22 +616,15 @@ impl Sources {
         };
         let now = jiff::Timestamp::now();
         for r in records {
-            let interval = r.spec.interval_s.unwrap_or(self.config.default_interval_s);
-            let due = match &r.last_sync {
-                None => true,
-                Some(_) if interval == 0 => false,
-                Some(last) => last
-                    .finished_at
-                    .parse::<jiff::Timestamp>()
-                    .map_or(true, |t| now.as_second() - t.as_second() >= interval as i64),
-            };
-            if !due || self.slot_of(&r.spec.name).lock.try_lock().is_err() {
+            if !self.due(&r, now) || self.slot_of(&r.spec.name).lock.try_lock().is_err() {
                 continue;
             }
             let Some(me) = self.me.upgrade() else { return };
             let name = r.spec.name.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.sync(&name).await {
+                // Checked again under the lock: a sync that ended between the
+                // read above and now is not followed by another.
+                if let Err(e) = me.sync_when(&name, true).await {
                     tracing::warn!(source = %name, error = %e, "scheduled sync failed");
                 }
             });
