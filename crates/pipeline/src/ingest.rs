@@ -145,6 +145,15 @@ pub struct UploadedFile {
     pub bytes: Vec<u8>,
 }
 
+/// The title of a file named `name` whose text gave `title`: that, else the
+/// file's stem; titles are display strings, kept short whatever the file says.
+pub fn file_title(title: Option<String>, name: &str) -> Option<String> {
+    let stem = std::path::Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned());
+    title.or(stem).map(|t| t.chars().take(200).collect())
+}
+
 /// A SHA-256 over `parts`, each prefixed with its length so that moving bytes
 /// from one part to the next changes the hash.
 pub(crate) fn sha256_hex(parts: &[&[u8]]) -> String {
@@ -550,14 +559,7 @@ impl Pipeline {
                     let mut metadata = Map::new();
                     metadata.insert("file_name".into(), Value::String(name.clone()));
                     metadata.insert("format".into(), Value::String(e.kind.into()));
-                    let stem = std::path::Path::new(&name)
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().into_owned());
-                    // Titles are display strings: keep them short whatever the file says.
-                    let title = e
-                        .title
-                        .or(stem)
-                        .map(|t| t.chars().take(200).collect::<String>());
+                    let title = file_title(e.title, &name);
                     slots.push(Ok(documents.len()));
                     documents.push(DocumentIn {
                         id: Some(name),

@@ -529,13 +529,7 @@ impl Run<'_> {
         metadata.insert("fetched_at".into(), now().to_string().into());
         metadata.insert("content_hash".into(), hash.into());
         metadata.insert("format".into(), e.kind.into());
-        let stem = Path::new(name)
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned());
-        let title = e
-            .title
-            .or(stem)
-            .map(|t| t.chars().take(200).collect::<String>());
+        let title = ragd_pipeline::ingest::file_title(e.title, name);
         self.batch.push(DocumentIn {
             id: Some(id),
             title,
