@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 #[cfg(target_arch = "x86_64")]
 use crate::q8_0::walk_panel;
-use crate::q8_0::{matmul_op, SendPtr, RM};
+use crate::q8_0::{matmul_op, SendPtr, FEW_ROWS, RM};
 
 /// Values per block (ggml's `QK_K`).
 const QK: usize = 256;
@@ -80,6 +80,9 @@ pub struct KMatrix {
     /// The tensor as loaded (shared with candle's `QMatMul`, which multiplies
     /// prompts: see [`crate::q8_0::Linear`]).
     tensor: Arc<QTensor>,
+    /// Q4_K laid out for prompts where [`crate::q4k_prompt::pays`], made on
+    /// the first prompt.
+    prompt: std::sync::OnceLock<crate::q4k_prompt::Q4Tiles>,
 }
 
 impl std::fmt::Debug for KMatrix {
@@ -109,7 +112,7 @@ fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
 /// without branches, on three 32-bit words (ggml's `utmp` form): the scales
 /// in bytes 0–7, the minimums in 8–15.
 #[inline(always)]
-fn q4k_scales_packed(s: &[u8]) -> [u8; 16] {
+pub(crate) fn q4k_scales_packed(s: &[u8]) -> [u8; 16] {
     const KMASK1: u32 = 0x3f3f_3f3f;
     const KMASK2: u32 = 0x0f0f_0f0f;
     const KMASK3: u32 = 0x0303_0303;
@@ -153,6 +156,7 @@ impl KMatrix {
             n,
             k,
             tensor: Arc::clone(t),
+            prompt: std::sync::OnceLock::new(),
         }))
     }
 
@@ -220,7 +224,25 @@ impl KMatrix {
 
     /// `dst[i][j] = Σ_l lhs[i][l] · W[j][l]` for `m` rows of `lhs` (`m × k`).
     pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) -> Result<()> {
+        if m > FEW_ROWS && self.takes_prompts() {
+            if self.prompt.get().is_none() {
+                let tiles =
+                    crate::q4k_prompt::Q4Tiles::from_blocks(self.n, self.k, &self.tensor.data()?);
+                // Another thread may have laid them out meanwhile: the same.
+                let _ = self.prompt.set(tiles);
+            }
+            if let Some(tiles) = self.prompt.get() {
+                tiles.matmul(lhs, m, dst);
+                return Ok(());
+            }
+        }
         self.matmul_with(lhs, m, dst, zmm_available())
+    }
+
+    /// Whether prompts (more than [`FEW_ROWS`] rows) are multiplied here
+    /// ([`crate::q4k_prompt`]) rather than by candle's repacked tiles.
+    pub fn takes_prompts(&self) -> bool {
+        self.kind == Kind::Q4K && crate::q4k_prompt::pays()
     }
 
     /// [`Self::matmul`] with the 512-bit Q4_K tile on or off (`zmm` is only
@@ -306,24 +328,33 @@ impl Q8K {
             .zip(a.d.iter_mut())
             .zip(a.sums.chunks_exact_mut(QK / group))
         {
-            // The value of largest magnitude, with its sign, maps to -127.
-            let max = x
-                .iter()
-                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-            if max == 0.0 {
+            *d = q8k_block(x, q);
+            if *d == 0.0 {
                 continue;
             }
-            let iscale = -127.0 / max;
-            for (q, &v) in q.iter_mut().zip(x) {
-                *q = ((iscale * v).round_ties_even() as i32).clamp(-127, 127) as i8;
-            }
-            *d = 1.0 / iscale;
             for (s, q) in s.iter_mut().zip(q.chunks_exact(group)) {
                 *s = q.iter().map(|&v| v as i32).sum::<i32>() as f32 * *d;
             }
         }
         a
     }
+}
+
+/// Quantizes one block of 256 values into `q` as ggml's `quantize_row_q8_K`
+/// does and returns its scale (0 for an all-zero block, `q` left as it is).
+pub(crate) fn q8k_block(x: &[f32], q: &mut [i8]) -> f32 {
+    // The value of largest magnitude, with its sign, maps to -127.
+    let max = x
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    if max == 0.0 {
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = ((iscale * v).round_ties_even() as i32).clamp(-127, 127) as i8;
+    }
+    1.0 / iscale
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -748,7 +779,9 @@ mod tests {
 
     /// Against the exact product of the dequantized weights the kernel errs
     /// no more than candle's own K-quant matmul (both quantize activations per
-    /// 256 values), and every row's result is the same alone or among others.
+    /// 256 values), and every row's result is the same alone or among up to
+    /// [`FEW_ROWS`] others (drafted tokens); prompts may take
+    /// [`crate::q4k_prompt`]'s path, whose float sums run in another order.
     #[test]
     fn matches_the_exact_product_and_rows_are_independent() -> Result<()> {
         if !crate::q8_0::kernel_available() {
@@ -779,6 +812,9 @@ mod tests {
                     "{:?} ({m},{k},{n}): mean error {a} vs candle's {b} (values ~{scale})",
                     ours.kind
                 );
+                if m > FEW_ROWS && ours.takes_prompts() {
+                    continue;
+                }
                 let all: Vec<Vec<f32>> = got.to_vec2()?;
                 for (i, want) in all.iter().enumerate() {
                     let one: Vec<f32> = x

@@ -58,8 +58,9 @@ pub enum Linear {
     Q5(Arc<Q5Matrix>),
     /// Q4_K and Q6_K weights: up to [`FEW_ROWS`] rows (decoding, drafted
     /// tokens) through [`crate::kquant`], which reads the weights as compact
-    /// as they are in the file; prompts through candle, whose repacked tiles
-    /// are faster there (`crates/kernels/examples/matmul_speed.rs`).
+    /// as they are in the file; Q4_K prompts on AVX2 without VNNI through
+    /// [`crate::q4k_prompt`]; other prompts through candle, whose repacked
+    /// tiles are faster there (`crates/kernels/examples/matmul_speed.rs`).
     K(Arc<KMatrix>, QMatMul),
     /// Anything else through candle.
     Candle(QMatMul),
@@ -194,7 +195,7 @@ impl Module for Linear {
             }
             Self::K(m, prompts) => {
                 let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?.max(1);
-                if rows <= FEW_ROWS {
+                if rows <= FEW_ROWS || m.takes_prompts() {
                     xs.contiguous()?.apply_op1_no_bwd(&**m)
                 } else {
                     prompts.forward(xs)

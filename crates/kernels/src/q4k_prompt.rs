@@ -1,0 +1,408 @@
+//! Q4_K products for prompts (more than [`crate::q8_0::FEW_ROWS`] rows) on
+//! x86-64 CPUs with AVX2 but without AVX-512 VNNI.
+//!
+//! Written by hand because on such a CPU (a 2-core AMD EPYC, Zen 2) prefill of
+//! the K-quant files people download was slower than llama.cpp's:
+//! Qwen2.5-Coder-1.5B Q4_K_M, 512 prompt tokens, 53.9 against 56.0 tokens/s
+//! (`bench/compare-llamacpp`), 77 % of it in candle's repacked Q4_K tiles
+//! (`repack_x86::matmul_unit_256`, 76–79 billion multiply-adds per second in
+//! `examples/matmul_speed.rs`). Every int8 product there, candle's, ggml's
+//! and ours, is `_mm256_maddubs_epi16` (u8 × i8 pairs to i16) followed by
+//! `_mm256_madd_epi16` (i16 pairs to i32), and Zen 2 issues both on one
+//! execution pipe: two instructions per 32 multiply-adds, whatever the
+//! layout. Q4_K leaves room that 8-bit weights do not: a pair of 4-bit
+//! values (0–15) times activations (|a| ≤ 127) is at most 3,810, so eight
+//! `maddubs` results add up in 16 bits (30,480) before one `madd` widens
+//! them — and that `madd` applies the sub-block's scale as well, which the
+//! 32 values of a sub-block share. Nine instructions on that pipe per 256
+//! multiply-adds instead of sixteen.
+//!
+//! The layout (made from the file's blocks on the first prompt, as candle
+//! makes its tiles; 5.75 bits per weight against candle's 6.5): groups of
+//! [`RN`] weight rows, per 256-value block one [`Tile`] whose vectors hold
+//! four consecutive values of each of the eight rows (lane `r`: row `r`), two
+//! such steps per byte (low and high nibble), so four activation bytes
+//! broadcast to every lane give the eight rows' sums side by side, as the
+//! Q8_0 kernel does. The activations are quantized per 256 values exactly as
+//! ggml's `quantize_row_q8_K` does (as [`crate::kquant`]'s), with integer sums
+//! per 32 for the minimums, so each block's dot product is the same integers
+//! as ggml's `vec_dot_q4_K_q8_K`: one conversion to float per block.
+//!
+//! The `unsafe` code here: SIMD intrinsics behind a run-time CPU check, and
+//! raw pointers so the pool's threads write disjoint parts of one output.
+#![allow(unsafe_code)]
+
+use crate::kquant::q8k_block;
+use crate::q8_0::{walk_panel, SendPtr, RM, RN};
+
+/// Values per Q4_K block.
+const QK: usize = 256;
+/// Bytes of a Q4_K block in the file.
+const BLOCK_BYTES: usize = 144;
+
+/// One 256-value block of [`RN`] weight rows.
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+struct Tile {
+    /// `qs[s][p][4r + b]`: of row `r`'s sub-block `s` (32 values), value
+    /// `4p + b` in the low nibble and value `4(p + 4) + b` in the high one.
+    qs: [[[u8; 4 * RN]; 4]; 8],
+    /// `sc[s][2r]` and `sc[s][2r + 1]`: row `r`'s scale of sub-block `s`
+    /// (6 bits), twice: the `madd` operand for the lane's two 16-bit sums.
+    sc: [[i16; 2 * RN]; 8],
+    /// `mn[j][2r]`, `mn[j][2r + 1]`: row `r`'s minimums of sub-blocks `2j`
+    /// and `2j + 1`, against the activations' sums of those two.
+    mn: [[i16; 2 * RN]; 4],
+    /// Each row's block scale.
+    d: [f32; RN],
+    /// Each row's block scale of the minimums.
+    dmin: [f32; RN],
+}
+
+/// A Q4_K matrix (`n × k`) in [`Tile`]s, group-major; the last group is
+/// padded with zero rows.
+pub struct Q4Tiles {
+    n: usize,
+    k: usize,
+    tiles: Vec<Tile>,
+}
+
+impl std::fmt::Debug for Q4Tiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q4Tiles({}x{})", self.n, self.k)
+    }
+}
+
+/// Whether prompts' Q4_K products take this module's path: AVX2, FMA and
+/// F16C without AVX-512 VNNI (there candle's 512-bit VNNI tiles were 1.56×
+/// llama.cpp's prefill; this path was not measured on such a CPU).
+/// `RAGD_NO_Q4K_TILES=1` turns it off (for comparisons).
+pub fn pays() -> bool {
+    static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PAYS.get_or_init(|| {
+        std::env::var("RAGD_NO_Q4K_TILES").map_or(true, |v| v.is_empty() || v == "0")
+            && crate::q8_0::kernel_available()
+            && !crate::q8_0::vnni_available()
+    })
+}
+
+impl Q4Tiles {
+    /// Lays out the bytes of a Q4_K tensor of shape `(n, k)` as the file
+    /// stores them (`k` a multiple of 256, `data` of the right length: the
+    /// caller's [`crate::kquant::KMatrix`] checked both).
+    pub fn from_blocks(n: usize, k: usize, data: &[u8]) -> Self {
+        let kb = k / QK;
+        debug_assert_eq!(data.len(), n * kb * BLOCK_BYTES);
+        let mut tiles = vec![bytemuck::Zeroable::zeroed(); n.div_ceil(RN) * kb];
+        crate::par_chunks_mut(&mut tiles, kb, |g, tiles: &mut [Tile]| {
+            for row in g * RN..(g * RN + RN).min(n) {
+                let r = row % RN;
+                let blocks = &data[row * kb * BLOCK_BYTES..(row + 1) * kb * BLOCK_BYTES];
+                for (t, b) in tiles.iter_mut().zip(blocks.chunks_exact(BLOCK_BYTES)) {
+                    t.d[r] = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    t.dmin[r] = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+                    let scm = crate::kquant::q4k_scales_packed(&b[4..16]);
+                    for s in 0..8 {
+                        t.sc[s][2 * r] = scm[s] as i16;
+                        t.sc[s][2 * r + 1] = scm[s] as i16;
+                        t.mn[s / 2][2 * r + s % 2] = scm[8 + s] as i16;
+                        // Sub-block s: the low (even s) or high (odd s)
+                        // nibbles of the 32 bytes at 16 + 32·(s/2).
+                        let bytes = &b[16 + 32 * (s / 2)..16 + 32 * (s / 2 + 1)];
+                        let value = |v: usize| {
+                            if s % 2 == 0 {
+                                bytes[v] & 0xF
+                            } else {
+                                bytes[v] >> 4
+                            }
+                        };
+                        for p in 0..4 {
+                            for j in 0..4 {
+                                t.qs[s][p][4 * r + j] =
+                                    value(4 * p + j) | (value(4 * (p + 4) + j) << 4);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Self { n, k, tiles }
+    }
+
+    /// `dst[i][j] = Σ_l lhs[i][l] · W[j][l]` for `m` rows of `lhs` (`m × k`).
+    /// Needs AVX2, FMA and F16C (see [`pays`]; panics without them).
+    pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) {
+        assert_eq!(lhs.len(), m * self.k, "lhs is not {m}x{}", self.k);
+        assert_eq!(dst.len(), m * self.n, "dst is not {m}x{}", self.n);
+        assert!(
+            crate::q8_0::kernel_available(),
+            "the Q4_K kernel needs AVX2, FMA and F16C"
+        );
+        let a = Activations::quantize(lhs, m, self.k);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let out = SendPtr(dst.as_mut_ptr());
+            let view = View {
+                a: &a,
+                tiles: self.tiles.as_ptr(),
+                n: self.n,
+                m,
+            };
+            // Work items are groups of RN weight rows, walked over all prompt
+            // rows in blocks (`walk_panel`), as the Q8_0 kernel does.
+            candle_core::utils::barrier_pool().execute_chunked(self.n.div_ceil(RN), |groups| {
+                let out = &out;
+                // SAFETY: the CPU features were checked above; every (row,
+                // col) of dst is written by exactly one range, in bounds.
+                unsafe { panel(&view, groups, out.0) }
+            });
+        }
+    }
+}
+
+/// Prompt rows quantized per 256 values as ggml's `quantize_row_q8_K`, with
+/// each 32 values' integer sum, two to a 32-bit word (the `madd` operand
+/// against [`Tile::mn`]).
+struct Activations {
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    /// `4` words per block: sums of sub-blocks `2j` (low half) and `2j + 1`.
+    sums: Vec<i32>,
+    kb: usize,
+}
+
+impl Activations {
+    fn quantize(xs: &[f32], m: usize, k: usize) -> Self {
+        let kb = k / QK;
+        let mut qs = vec![0i8; m * k];
+        let mut d = vec![0f32; m * kb];
+        let mut sums = vec![0i32; m * kb * 4];
+        // Row by row over the pool: one thread quantizing a 512-token prompt
+        // of 8,960 values would leave the other idle for milliseconds.
+        let (qp, dp, sp) = (
+            SendBytes(qs.as_mut_ptr()),
+            SendPtr(d.as_mut_ptr()),
+            SendSums(sums.as_mut_ptr()),
+        );
+        candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
+            let (qp, dp, sp) = (&qp, &dp, &sp);
+            for i in rows {
+                // SAFETY: row i's parts of the three buffers belong to this
+                // range alone, and the buffers outlive the pool call.
+                let (q, d, s) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(qp.0.add(i * k), k),
+                        std::slice::from_raw_parts_mut(dp.0.add(i * kb), kb),
+                        std::slice::from_raw_parts_mut(sp.0.add(i * kb * 4), kb * 4),
+                    )
+                };
+                let x = &xs[i * k..(i + 1) * k];
+                for (((x, q), d), s) in x
+                    .chunks_exact(QK)
+                    .zip(q.chunks_exact_mut(QK))
+                    .zip(d.iter_mut())
+                    .zip(s.chunks_exact_mut(4))
+                {
+                    *d = q8k_block(x, q);
+                    for (j, s) in s.iter_mut().enumerate() {
+                        let sum = |sb: usize| -> i32 {
+                            q[32 * sb..32 * sb + 32].iter().map(|&v| v as i32).sum()
+                        };
+                        // Each sum fits 16 bits (|Σ| ≤ 32 · 127).
+                        *s = (sum(2 * j) as u16 as u32 | ((sum(2 * j + 1) as u16 as u32) << 16))
+                            as i32;
+                    }
+                }
+            }
+        });
+        Self { qs, d, sums, kb }
+    }
+}
+
+struct SendBytes(*mut i8);
+// SAFETY: the pool's threads write disjoint rows.
+unsafe impl Send for SendBytes {}
+unsafe impl Sync for SendBytes {}
+struct SendSums(*mut i32);
+// SAFETY: as above.
+unsafe impl Send for SendSums {}
+unsafe impl Sync for SendSums {}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// The operands of one product, shared by the pool's threads.
+struct View<'a> {
+    a: &'a Activations,
+    tiles: *const Tile,
+    n: usize,
+    m: usize,
+}
+
+// SAFETY: read-only views of buffers that outlive the pool call.
+unsafe impl Send for View<'_> {}
+unsafe impl Sync for View<'_> {}
+
+/// All prompt rows against the weight row groups `groups`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel(v: &View, groups: std::ops::Range<usize>, out: *mut f32) {
+    walk_panel(v.m, groups, |i, g| {
+        // SAFETY: as for the panel.
+        unsafe {
+            match v.m - i {
+                4.. => tile::<4>(v, i, g, out),
+                3 => tile::<3>(v, i, g, out),
+                2 => tile::<2>(v, i, g, out),
+                _ => tile::<1>(v, i, g, out),
+            }
+        }
+    });
+}
+
+/// `M` prompt rows from `i0` against the [`RN`] weight rows of group `g`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile<const M: usize>(v: &View, i0: usize, g: usize, out: *mut f32) {
+    debug_assert!(M <= RM);
+    let (a, kb) = (v.a, v.a.kb);
+    let k = kb * QK;
+    unsafe {
+        let low = _mm256_set1_epi8(0xF);
+        let mut acc = [_mm256_setzero_ps(); M];
+        let tiles = v.tiles.add(g * kb);
+        for b in 0..kb {
+            let t = &*tiles.add(b);
+            let mut isum = [_mm256_setzero_si256(); M];
+            for s in 0..8 {
+                // Eight u8·i8 products of at most 2·15·127 each: the 16-bit
+                // sums cannot overflow (30,480).
+                let mut s16 = [_mm256_setzero_si256(); M];
+                for p in 0..4 {
+                    let packed = _mm256_loadu_si256(t.qs[s][p].as_ptr() as *const __m256i);
+                    let wl = _mm256_and_si256(packed, low);
+                    let wh = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                    for (i, s16) in s16.iter_mut().enumerate() {
+                        let aq = a.qs.as_ptr().add((i0 + i) * k + b * QK + 32 * s);
+                        let al = _mm256_set1_epi32((aq.add(4 * p) as *const i32).read_unaligned());
+                        let ah =
+                            _mm256_set1_epi32((aq.add(4 * (p + 4)) as *const i32).read_unaligned());
+                        *s16 = _mm256_add_epi16(*s16, _mm256_maddubs_epi16(wl, al));
+                        *s16 = _mm256_add_epi16(*s16, _mm256_maddubs_epi16(wh, ah));
+                    }
+                }
+                let sc = _mm256_loadu_si256(t.sc[s].as_ptr() as *const __m256i);
+                for (isum, &s16) in isum.iter_mut().zip(&s16) {
+                    *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(s16, sc));
+                }
+            }
+            let d = _mm256_loadu_ps(t.d.as_ptr());
+            let dmin = _mm256_loadu_ps(t.dmin.as_ptr());
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let idx = (i0 + i) * kb + b;
+                let sums = a.sums.as_ptr().add(idx * 4);
+                let mut msum = _mm256_setzero_si256();
+                for j in 0..4 {
+                    let mn = _mm256_loadu_si256(t.mn[j].as_ptr() as *const __m256i);
+                    msum = _mm256_add_epi32(
+                        msum,
+                        _mm256_madd_epi16(mn, _mm256_set1_epi32(*sums.add(j))),
+                    );
+                }
+                let ad = _mm256_broadcast_ss(&*a.d.as_ptr().add(idx));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, ad), *acc);
+                *acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, ad), *acc);
+            }
+        }
+        let cols = RN.min(v.n - g * RN);
+        for (i, &acc) in acc.iter().enumerate() {
+            crate::q8_0::store_lanes(acc, out.add((i0 + i) * v.n + g * RN), cols);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kquant::KMatrix;
+    use crate::tests::pseudo_random;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use std::sync::Arc;
+
+    /// The layout gives what the file's blocks give: against the K-quant
+    /// kernel's few-row path (the same integers, float sums in another
+    /// order) and against the exact product of the dequantized weights.
+    #[test]
+    fn prompts_equal_the_file_block_kernel_and_the_exact_product() -> candle_core::Result<()> {
+        if !crate::q8_0::kernel_available() {
+            return Ok(());
+        }
+        for &(m, k, n) in &[
+            (1, 256, 1),
+            (5, 256, 13),
+            (17, 512, 8),
+            (64, 768, 33),
+            (100, 256, 7),
+        ] {
+            let w = Tensor::from_vec(pseudo_random(n * k, 7 + n as u64), (n, k), &Device::Cpu)?;
+            let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K)?);
+            let km = KMatrix::from_qtensor(&q)?.expect("a Q4_K matrix");
+            let tiles = Q4Tiles::from_blocks(n, k, &q.data()?);
+            let x = pseudo_random(m * k, 99 + m as u64);
+            let mut ours = vec![0f32; m * n];
+            tiles.matmul(&x, m, &mut ours);
+            // The few-row kernel, a row at a time.
+            let mut rows = vec![0f32; m * n];
+            for i in 0..m {
+                km.matmul(&x[i * k..(i + 1) * k], 1, &mut rows[i * n..(i + 1) * n])?;
+            }
+            let wd = q.dequantize(&Device::Cpu)?.to_vec2::<f32>()?;
+            let (mut err, mut size) = (0f32, 0f32);
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f32 = (0..k).map(|l| x[i * k + l] * wd[j][l]).sum();
+                    let (o, r) = (ours[i * n + j], rows[i * n + j]);
+                    assert!(
+                        (o - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                        "{m}x{k}x{n} [{i},{j}]: {o} vs the block kernel's {r}"
+                    );
+                    err += (o - exact).abs();
+                    size += exact.abs();
+                }
+            }
+            // Only the activations' 8-bit rounding stands between them.
+            assert!(
+                err <= 0.02 * size,
+                "{m}x{k}x{n}: mean error {err} of {size}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The 16-bit sums at their bounds: blocks whose every value is 15
+    /// with scale and minimum 63 (d = dmin = 1: each weight 63·15 − 63 =
+    /// 882), against activations all ±1 (quantized to ±127), give the exact
+    /// ±882·k.
+    #[test]
+    fn the_widest_sums_do_not_overflow() {
+        if !crate::q8_0::kernel_available() {
+            return;
+        }
+        let (m, k, n) = (5, 512, 9);
+        let mut block = [0xFFu8; BLOCK_BYTES];
+        let one = half::f16::from_f32(1.0).to_le_bytes();
+        block[0..2].copy_from_slice(&one);
+        block[2..4].copy_from_slice(&one);
+        let data: Vec<u8> = (0..n * k / QK).flat_map(|_| block).collect();
+        let tiles = Q4Tiles::from_blocks(n, k, &data);
+        for sign in [1f32, -1.0] {
+            let x = vec![sign; m * k];
+            let mut out = vec![0f32; m * n];
+            tiles.matmul(&x, m, &mut out);
+            let exact = sign * 882.0 * k as f32;
+            assert!(out.iter().all(|&o| o == exact), "{out:?} vs {exact}");
+        }
+    }
+}
