@@ -107,20 +107,27 @@ impl Q4Tiles {
                         t.sc[s][2 * r + 1] = scm[s] as i16;
                         t.mn[s / 2][2 * r + s % 2] = scm[8 + s] as i16;
                         // Sub-block s: the low (even s) or high (odd s)
-                        // nibbles of the 32 bytes at 16 + 32·(s/2).
+                        // nibbles of the 32 bytes at 16 + 32·(s/2); values
+                        // 4p..4p+4 go to the low nibbles of step p's four
+                        // bytes, 4p+16..4p+20 to their high nibbles, four
+                        // bytes at a time.
                         let bytes = &b[16 + 32 * (s / 2)..16 + 32 * (s / 2 + 1)];
-                        let value = |v: usize| {
-                            if s % 2 == 0 {
-                                bytes[v] & 0xF
-                            } else {
-                                bytes[v] >> 4
-                            }
+                        let word = |at: usize| {
+                            u32::from_le_bytes([
+                                bytes[at],
+                                bytes[at + 1],
+                                bytes[at + 2],
+                                bytes[at + 3],
+                            ])
                         };
                         for p in 0..4 {
-                            for j in 0..4 {
-                                t.qs[s][p][4 * r + j] =
-                                    value(4 * p + j) | (value(4 * (p + 4) + j) << 4);
-                            }
+                            let (lo, hi) = (word(4 * p), word(4 * p + 16));
+                            let packed = if s % 2 == 0 {
+                                (lo & 0x0F0F_0F0F) | ((hi & 0x0F0F_0F0F) << 4)
+                            } else {
+                                ((lo >> 4) & 0x0F0F_0F0F) | (hi & 0xF0F0_F0F0)
+                            };
+                            t.qs[s][p][4 * r..4 * r + 4].copy_from_slice(&packed.to_le_bytes());
                         }
                     }
                 }
