@@ -187,9 +187,9 @@ impl Activations {
         // Row by row over the pool: one thread quantizing a 512-token prompt
         // of 8,960 values would leave the other idle for milliseconds.
         let (qp, dp, sp) = (
-            SendBytes(qs.as_mut_ptr()),
-            SendPtr(d.as_mut_ptr()),
-            SendSums(sums.as_mut_ptr()),
+            Rows(qs.as_mut_ptr()),
+            Rows(d.as_mut_ptr()),
+            Rows(sums.as_mut_ptr()),
         );
         candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
             let (qp, dp, sp) = (&qp, &dp, &sp);
@@ -226,14 +226,11 @@ impl Activations {
     }
 }
 
-struct SendBytes(*mut i8);
+/// A buffer the pool's threads fill, each its own rows.
+struct Rows<T>(*mut T);
 // SAFETY: the pool's threads write disjoint rows.
-unsafe impl Send for SendBytes {}
-unsafe impl Sync for SendBytes {}
-struct SendSums(*mut i32);
-// SAFETY: as above.
-unsafe impl Send for SendSums {}
-unsafe impl Sync for SendSums {}
+unsafe impl<T> Send for Rows<T> {}
+unsafe impl<T> Sync for Rows<T> {}
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
