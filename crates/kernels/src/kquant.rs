@@ -37,6 +37,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use std::sync::Arc;
 
+use crate::kquant_prompt::{Q4Tiles, Q6Tiles};
 #[cfg(target_arch = "x86_64")]
 use crate::q8_0::walk_panel;
 use crate::q8_0::{matmul_op, SendPtr, FEW_ROWS, RM};
@@ -80,15 +81,21 @@ pub struct KMatrix {
     /// The tensor as loaded (shared with candle's `QMatMul`, which multiplies
     /// prompts: see [`crate::q8_0::Linear`]).
     tensor: Arc<QTensor>,
-    /// Q4_K laid out for prompts where [`crate::q4k_prompt::pays`], made on
-    /// the first prompt.
-    prompt: std::sync::OnceLock<crate::q4k_prompt::Q4Tiles>,
+    /// The weights laid out for prompts where [`crate::kquant_prompt::pays`],
+    /// made on the first prompt.
+    prompt: std::sync::OnceLock<PromptTiles>,
 }
 
 impl std::fmt::Debug for KMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "KMatrix({:?}, {}x{})", self.kind, self.n, self.k)
     }
+}
+
+/// A K-quant matrix laid out for prompts ([`crate::kquant_prompt`]).
+enum PromptTiles {
+    Q4(Q4Tiles),
+    Q6(Q6Tiles),
 }
 
 /// Unpacks Q4_K's eight 6-bit scales and minimums (ggml's `get_scale_min_k4`),
@@ -226,13 +233,19 @@ impl KMatrix {
     pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) -> Result<()> {
         if m > FEW_ROWS && self.takes_prompts() {
             if self.prompt.get().is_none() {
-                let tiles =
-                    crate::q4k_prompt::Q4Tiles::from_blocks(self.n, self.k, &self.tensor.data()?);
+                let data = self.tensor.data()?;
+                let tiles = match self.kind {
+                    Kind::Q4K => PromptTiles::Q4(Q4Tiles::from_blocks(self.n, self.k, &data)),
+                    Kind::Q6K => PromptTiles::Q6(Q6Tiles::from_blocks(self.n, self.k, &data)),
+                };
                 // Another thread may have laid them out meanwhile: the same.
                 let _ = self.prompt.set(tiles);
             }
             if let Some(tiles) = self.prompt.get() {
-                tiles.matmul(lhs, m, dst);
+                match tiles {
+                    PromptTiles::Q4(t) => t.matmul(lhs, m, dst),
+                    PromptTiles::Q6(t) => t.matmul(lhs, m, dst),
+                }
                 return Ok(());
             }
         }
@@ -240,9 +253,9 @@ impl KMatrix {
     }
 
     /// Whether prompts (more than [`FEW_ROWS`] rows) are multiplied here
-    /// ([`crate::q4k_prompt`]) rather than by candle's repacked tiles.
+    /// ([`crate::kquant_prompt`]) rather than by candle's repacked tiles.
     pub fn takes_prompts(&self) -> bool {
-        self.kind == Kind::Q4K && crate::q4k_prompt::pays()
+        crate::kquant_prompt::pays()
     }
 
     /// [`Self::matmul`] with the 512-bit Q4_K tile on or off (`zmm` is only
@@ -781,7 +794,7 @@ mod tests {
     /// no more than candle's own K-quant matmul (both quantize activations per
     /// 256 values), and every row's result is the same alone or among up to
     /// [`FEW_ROWS`] others (drafted tokens); prompts may take
-    /// [`crate::q4k_prompt`]'s path, whose float sums run in another order.
+    /// [`crate::kquant_prompt`]'s path, whose float sums run in another order.
     #[test]
     fn matches_the_exact_product_and_rows_are_independent() -> Result<()> {
         if !crate::q8_0::kernel_available() {

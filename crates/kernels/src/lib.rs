@@ -6,7 +6,7 @@
 //!   weight type;
 //! * [`q5_0`]: Q5_0 weights at the file's 5.5 bits per weight;
 //! * [`kquant`]: Q4_K and Q6_K on the file's own blocks;
-//! * [`q4k_prompt`]: Q4_K prompts on AVX2 without AVX-512 VNNI, in tiles
+//! * [`kquant_prompt`]: Q4_K prompts on AVX2 without AVX-512 VNNI, in tiles
 //!   whose 16-bit sums span a sub-block;
 //! * [`softmax`]: attention's softmax with a vectorisable exp (and, for the
 //!   generator, the scale and the causal mask in the same pass);
@@ -27,8 +27,8 @@ pub mod attention;
 pub mod cached_attention;
 pub mod dense;
 pub mod kquant;
+pub mod kquant_prompt;
 pub mod prepared;
-pub mod q4k_prompt;
 pub mod q5_0;
 pub mod q8_0;
 pub mod rows;

@@ -28,6 +28,13 @@
 //! per 32 for the minimums, so each block's dot product is the same integers
 //! as ggml's `vec_dot_q4_K_q8_K`: one conversion to float per block.
 //!
+//! Q6_K ([`Q6Tiles`]) takes the same road with the room it has: its values
+//! less 32 (−32..31) are stored signed, multiplied as |w| by the activations
+//! with w's sign (as the Q8_0 kernel does), pairs of at most 2·32·127, so the
+//! four `maddubs` of a 16-value sub-block add up in 16 bits (32,512) before
+//! one `madd` applies its scale: five instructions per 128 multiply-adds
+//! instead of eight, and the offset of 32 needs no separate sums.
+//!
 //! The `unsafe` code here: SIMD intrinsics behind a run-time CPU check, and
 //! raw pointers so the pool's threads write disjoint parts of one output.
 #![allow(unsafe_code)]
@@ -39,6 +46,8 @@ use crate::q8_0::{walk_panel, SendPtr, RM, RN};
 const QK: usize = 256;
 /// Bytes of a Q4_K block in the file.
 const BLOCK_BYTES: usize = 144;
+/// Bytes of a Q6_K block in the file.
+const Q6_BLOCK_BYTES: usize = 210;
 
 /// One 256-value block of [`RN`] weight rows.
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -162,6 +171,103 @@ impl Q4Tiles {
                 // SAFETY: the CPU features were checked above; every (row,
                 // col) of dst is written by exactly one range, in bounds.
                 unsafe { panel(&view, groups, out.0) }
+            });
+        }
+    }
+}
+
+/// One 256-value Q6_K block of [`RN`] weight rows.
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+struct Tile6 {
+    /// `qs[t][4r + b]`: row `r`'s value `4t + b` less 32.
+    qs: [[i8; 4 * RN]; 64],
+    /// `sc[s][2r]`, `sc[s][2r + 1]`: row `r`'s scale of values `16s..16s+16`.
+    sc: [[i16; 2 * RN]; 16],
+    /// Each row's block scale.
+    d: [f32; RN],
+}
+
+/// A Q6_K matrix (`n × k`) in [`Tile6`]s, group-major; the last group is
+/// padded with zero rows.
+pub struct Q6Tiles {
+    n: usize,
+    k: usize,
+    tiles: Vec<Tile6>,
+}
+
+impl std::fmt::Debug for Q6Tiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q6Tiles({}x{})", self.n, self.k)
+    }
+}
+
+/// A Q6_K block's 256 values (0..63) in order, as ggml's
+/// `dequantize_row_q6_K` reads them: four values from each low-bits byte
+/// pair and high-bits byte of each half.
+fn q6k_values(b: &[u8]) -> [u8; QK] {
+    let mut v = [0u8; QK];
+    for h in 0..2 {
+        let (ql, qh) = (&b[64 * h..64 * h + 64], &b[128 + 32 * h..128 + 32 * h + 32]);
+        let out = &mut v[128 * h..128 * h + 128];
+        for l in 0..32 {
+            out[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+            out[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+            out[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            out[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    v
+}
+
+impl Q6Tiles {
+    /// Lays out the bytes of a Q6_K tensor of shape `(n, k)` as the file
+    /// stores them (as [`Q4Tiles::from_blocks`]).
+    pub fn from_blocks(n: usize, k: usize, data: &[u8]) -> Self {
+        let kb = k / QK;
+        debug_assert_eq!(data.len(), n * kb * Q6_BLOCK_BYTES);
+        let mut tiles = vec![bytemuck::Zeroable::zeroed(); n.div_ceil(RN) * kb];
+        crate::par_chunks_mut(&mut tiles, kb, |g, tiles: &mut [Tile6]| {
+            for row in g * RN..(g * RN + RN).min(n) {
+                let r = row % RN;
+                let blocks = &data[row * kb * Q6_BLOCK_BYTES..(row + 1) * kb * Q6_BLOCK_BYTES];
+                for (t, b) in tiles.iter_mut().zip(blocks.chunks_exact(Q6_BLOCK_BYTES)) {
+                    t.d[r] = half::f16::from_le_bytes([b[208], b[209]]).to_f32();
+                    for s in 0..16 {
+                        t.sc[s][2 * r] = b[192 + s] as i8 as i16;
+                        t.sc[s][2 * r + 1] = b[192 + s] as i8 as i16;
+                    }
+                    for (v, q) in q6k_values(b).into_iter().enumerate() {
+                        t.qs[v / 4][4 * r + v % 4] = q as i8 - 32;
+                    }
+                }
+            }
+        });
+        Self { n, k, tiles }
+    }
+
+    /// As [`Q4Tiles::matmul`].
+    pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) {
+        assert_eq!(lhs.len(), m * self.k, "lhs is not {m}x{}", self.k);
+        assert_eq!(dst.len(), m * self.n, "dst is not {m}x{}", self.n);
+        assert!(
+            crate::q8_0::kernel_available(),
+            "the Q6_K kernel needs AVX2, FMA and F16C"
+        );
+        let a = Activations::quantize(lhs, m, self.k);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let out = SendPtr(dst.as_mut_ptr());
+            let view = View6 {
+                a: &a,
+                tiles: self.tiles.as_ptr(),
+                n: self.n,
+                m,
+            };
+            candle_core::utils::barrier_pool().execute_chunked(self.n.div_ceil(RN), |groups| {
+                let out = &out;
+                // SAFETY: as for Q4Tiles::matmul.
+                unsafe { panel6(&view, groups, out.0) }
             });
         }
     }
@@ -326,6 +432,85 @@ unsafe fn tile<const M: usize>(v: &View, i0: usize, g: usize, out: *mut f32) {
     }
 }
 
+/// The operands of one Q6_K product.
+struct View6<'a> {
+    a: &'a Activations,
+    tiles: *const Tile6,
+    n: usize,
+    m: usize,
+}
+
+// SAFETY: read-only views of buffers that outlive the pool call.
+unsafe impl Send for View6<'_> {}
+unsafe impl Sync for View6<'_> {}
+
+/// All prompt rows against the Q6_K weight row groups `groups`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel6(v: &View6, groups: std::ops::Range<usize>, out: *mut f32) {
+    walk_panel(v.m, groups, |i, g| {
+        // SAFETY: as for the panel.
+        unsafe {
+            match v.m - i {
+                4.. => tile6::<4>(v, i, g, out),
+                3 => tile6::<3>(v, i, g, out),
+                2 => tile6::<2>(v, i, g, out),
+                _ => tile6::<1>(v, i, g, out),
+            }
+        }
+    });
+}
+
+/// `M` prompt rows from `i0` against the [`RN`] Q6_K weight rows of group `g`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile6<const M: usize>(v: &View6, i0: usize, g: usize, out: *mut f32) {
+    debug_assert!(M <= RM);
+    let (a, kb) = (v.a, v.a.kb);
+    let k = kb * QK;
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); M];
+        let tiles = v.tiles.add(g * kb);
+        for b in 0..kb {
+            let t = &*tiles.add(b);
+            let mut isum = [_mm256_setzero_si256(); M];
+            for s in 0..16 {
+                // Four products of at most 2·32·127 each: the 16-bit sums
+                // cannot overflow (32,512).
+                let mut s16 = [_mm256_setzero_si256(); M];
+                for u in 0..4 {
+                    let step = 4 * s + u;
+                    let w = _mm256_loadu_si256(t.qs[step].as_ptr() as *const __m256i);
+                    let wabs = _mm256_sign_epi8(w, w);
+                    for (i, s16) in s16.iter_mut().enumerate() {
+                        let aq = a.qs.as_ptr().add((i0 + i) * k + b * QK + 4 * step);
+                        let aq = _mm256_set1_epi32((aq as *const i32).read_unaligned());
+                        // |w| · (a with w's sign) = w · a (a is never -128).
+                        *s16 = _mm256_add_epi16(
+                            *s16,
+                            _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(aq, w)),
+                        );
+                    }
+                }
+                let sc = _mm256_loadu_si256(t.sc[s].as_ptr() as *const __m256i);
+                for (isum, &s16) in isum.iter_mut().zip(&s16) {
+                    *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(s16, sc));
+                }
+            }
+            let d = _mm256_loadu_ps(t.d.as_ptr());
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let ad = _mm256_broadcast_ss(&*a.d.as_ptr().add((i0 + i) * kb + b));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, ad), *acc);
+            }
+        }
+        let cols = RN.min(v.n - g * RN);
+        for (i, &acc) in acc.iter().enumerate() {
+            crate::q8_0::store_lanes(acc, out.add((i0 + i) * v.n + g * RN), cols);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,44 +528,50 @@ mod tests {
         if !crate::q8_0::kernel_available() {
             return Ok(());
         }
-        for &(m, k, n) in &[
+        let shapes = [
             (1, 256, 1),
             (5, 256, 13),
             (17, 512, 8),
             (64, 768, 33),
             (100, 256, 7),
-        ] {
-            let w = Tensor::from_vec(pseudo_random(n * k, 7 + n as u64), (n, k), &Device::Cpu)?;
-            let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K)?);
-            let km = KMatrix::from_qtensor(&q)?.expect("a Q4_K matrix");
-            let tiles = Q4Tiles::from_blocks(n, k, &q.data()?);
-            let x = pseudo_random(m * k, 99 + m as u64);
-            let mut ours = vec![0f32; m * n];
-            tiles.matmul(&x, m, &mut ours);
-            // The few-row kernel, a row at a time.
-            let mut rows = vec![0f32; m * n];
-            for i in 0..m {
-                km.matmul(&x[i * k..(i + 1) * k], 1, &mut rows[i * n..(i + 1) * n])?;
-            }
-            let wd = q.dequantize(&Device::Cpu)?.to_vec2::<f32>()?;
-            let (mut err, mut size) = (0f32, 0f32);
-            for i in 0..m {
-                for j in 0..n {
-                    let exact: f32 = (0..k).map(|l| x[i * k + l] * wd[j][l]).sum();
-                    let (o, r) = (ours[i * n + j], rows[i * n + j]);
-                    assert!(
-                        (o - r).abs() <= 1e-4 * (1.0 + r.abs()),
-                        "{m}x{k}x{n} [{i},{j}]: {o} vs the block kernel's {r}"
-                    );
-                    err += (o - exact).abs();
-                    size += exact.abs();
+        ];
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            for &(m, k, n) in &shapes {
+                let w = Tensor::from_vec(pseudo_random(n * k, 7 + n as u64), (n, k), &Device::Cpu)?;
+                let q = Arc::new(QTensor::quantize(&w, dtype)?);
+                let km = KMatrix::from_qtensor(&q)?.expect("a K-quant matrix");
+                let x = pseudo_random(m * k, 99 + m as u64);
+                let mut ours = vec![0f32; m * n];
+                if dtype == GgmlDType::Q4K {
+                    Q4Tiles::from_blocks(n, k, &q.data()?).matmul(&x, m, &mut ours);
+                } else {
+                    Q6Tiles::from_blocks(n, k, &q.data()?).matmul(&x, m, &mut ours);
                 }
+                // The few-row kernel, a row at a time.
+                let mut rows = vec![0f32; m * n];
+                for i in 0..m {
+                    km.matmul(&x[i * k..(i + 1) * k], 1, &mut rows[i * n..(i + 1) * n])?;
+                }
+                let wd = q.dequantize(&Device::Cpu)?.to_vec2::<f32>()?;
+                let (mut err, mut size) = (0f32, 0f32);
+                for i in 0..m {
+                    for j in 0..n {
+                        let exact: f32 = (0..k).map(|l| x[i * k + l] * wd[j][l]).sum();
+                        let (o, r) = (ours[i * n + j], rows[i * n + j]);
+                        assert!(
+                            (o - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                            "{dtype:?} {m}x{k}x{n} [{i},{j}]: {o} vs the block kernel's {r}"
+                        );
+                        err += (o - exact).abs();
+                        size += exact.abs();
+                    }
+                }
+                // Only the activations' 8-bit rounding stands between them.
+                assert!(
+                    err <= 0.02 * size,
+                    "{dtype:?} {m}x{k}x{n}: mean error {err} of {size}"
+                );
             }
-            // Only the activations' 8-bit rounding stands between them.
-            assert!(
-                err <= 0.02 * size,
-                "{m}x{k}x{n}: mean error {err} of {size}"
-            );
         }
         Ok(())
     }
@@ -406,6 +597,29 @@ mod tests {
             let mut out = vec![0f32; m * n];
             tiles.matmul(&x, m, &mut out);
             let exact = sign * 882.0 * k as f32;
+            assert!(out.iter().all(|&o| o == exact), "{out:?} vs {exact}");
+        }
+    }
+
+    /// Q6_K's 16-bit sums at their bounds: every value 0 (less 32: −32),
+    /// every scale −128, d = 1 (each weight 4,096), against activations all
+    /// ±1 give the exact ±4,096·k.
+    #[test]
+    fn the_widest_q6_sums_do_not_overflow() {
+        if !crate::q8_0::kernel_available() {
+            return;
+        }
+        let (m, k, n) = (5, 512, 9);
+        let mut block = [0u8; Q6_BLOCK_BYTES];
+        block[192..208].fill(0x80);
+        block[208..210].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+        let data: Vec<u8> = (0..n * k / QK).flat_map(|_| block).collect();
+        let tiles = Q6Tiles::from_blocks(n, k, &data);
+        for sign in [1f32, -1.0] {
+            let x = vec![sign; m * k];
+            let mut out = vec![0f32; m * n];
+            tiles.matmul(&x, m, &mut out);
+            let exact = sign * 4096.0 * k as f32;
             assert!(out.iter().all(|&o| o == exact), "{out:?} vs {exact}");
         }
     }
