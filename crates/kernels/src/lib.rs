@@ -6,8 +6,8 @@
 //!   weight type;
 //! * [`q5_0`]: Q5_0 weights at the file's 5.5 bits per weight;
 //! * [`kquant`]: Q4_K and Q6_K on the file's own blocks;
-//! * [`kquant_prompt`]: Q4_K prompts on AVX2 without AVX-512 VNNI, in tiles
-//!   whose 16-bit sums span a sub-block;
+//! * [`kquant_prompt`]: Q4_K and Q6_K prompts on AVX2 without AVX-512 VNNI,
+//!   in tiles whose 16-bit sums span a sub-block;
 //! * [`softmax`]: attention's softmax with a vectorisable exp (and, for the
 //!   generator, the scale and the causal mask in the same pass);
 //! * [`prepared`]: the Q8_0 and Q5_0 layouts read in place from a file an

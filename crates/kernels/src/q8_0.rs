@@ -58,7 +58,7 @@ pub enum Linear {
     Q5(Arc<Q5Matrix>),
     /// Q4_K and Q6_K weights: up to [`FEW_ROWS`] rows (decoding, drafted
     /// tokens) through [`crate::kquant`], which reads the weights as compact
-    /// as they are in the file; Q4_K prompts on AVX2 without VNNI through
+    /// as they are in the file; prompts on AVX2 without VNNI through
     /// [`crate::kquant_prompt`]; other prompts through candle, whose repacked
     /// tiles are faster there (`crates/kernels/examples/matmul_speed.rs`).
     K(Arc<KMatrix>, QMatMul),
