@@ -155,31 +155,7 @@ impl Q4Tiles {
     /// `dst[i][j] = Σ_l lhs[i][l] · W[j][l]` for `m` rows of `lhs` (`m × k`).
     /// Needs AVX2, FMA and F16C (see [`pays`]; panics without them).
     pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) {
-        assert_eq!(lhs.len(), m * self.k, "lhs is not {m}x{}", self.k);
-        assert_eq!(dst.len(), m * self.n, "dst is not {m}x{}", self.n);
-        assert!(
-            crate::q8_0::kernel_available(),
-            "the Q4_K kernel needs AVX2, FMA and F16C"
-        );
-        let a = Activations::quantize(lhs, m, self.k);
-        #[cfg(target_arch = "x86_64")]
-        {
-            let out = SendPtr(dst.as_mut_ptr());
-            let view = View {
-                a: &a,
-                tiles: self.tiles.as_ptr(),
-                n: self.n,
-                m,
-            };
-            // Work items are groups of RN weight rows, walked over all prompt
-            // rows in blocks (`walk_panel`), as the Q8_0 kernel does.
-            candle_core::utils::barrier_pool().execute_chunked(self.n.div_ceil(RN), |groups| {
-                let out = &out;
-                // SAFETY: the CPU features were checked above; every (row,
-                // col) of dst is written by exactly one range, in bounds.
-                unsafe { panel(&view, groups, out.0) }
-            });
-        }
+        run(&self.tiles, self.n, self.k, lhs, m, dst);
     }
 }
 
@@ -255,28 +231,73 @@ impl Q6Tiles {
 
     /// As [`Q4Tiles::matmul`].
     pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) {
-        assert_eq!(lhs.len(), m * self.k, "lhs is not {m}x{}", self.k);
-        assert_eq!(dst.len(), m * self.n, "dst is not {m}x{}", self.n);
-        assert!(
-            crate::q8_0::kernel_available(),
-            "the Q6_K kernel needs AVX2, FMA and F16C"
-        );
-        let a = Activations::quantize(lhs, m, self.k);
+        run(&self.tiles, self.n, self.k, lhs, m, dst);
+    }
+}
+
+/// A block type of this module's layouts and its tile.
+trait Kernel: Sized {
+    /// Whether the tile reads the activations' sums per 32 (Q4_K's
+    /// minimums); Q6_K's offset is in its stored values.
+    const SUMS: bool;
+
+    /// `M` prompt rows from `i0` against the [`RN`] weight rows of group `g`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `i0 + M ≤ v.m`, `g` a group of `v`.
+    unsafe fn tile<const M: usize>(v: &View<Self>, i0: usize, g: usize, out: *mut f32);
+}
+
+impl Kernel for Tile {
+    const SUMS: bool = true;
+
+    unsafe fn tile<const M: usize>(v: &View<Self>, i0: usize, g: usize, out: *mut f32) {
+        // SAFETY: the caller's.
         #[cfg(target_arch = "x86_64")]
-        {
-            let out = SendPtr(dst.as_mut_ptr());
-            let view = View6 {
-                a: &a,
-                tiles: self.tiles.as_ptr(),
-                n: self.n,
-                m,
-            };
-            candle_core::utils::barrier_pool().execute_chunked(self.n.div_ceil(RN), |groups| {
-                let out = &out;
-                // SAFETY: as for Q4Tiles::matmul.
-                unsafe { panel6(&view, groups, out.0) }
-            });
+        unsafe {
+            tile_q4k::<M>(v, i0, g, out)
         }
+    }
+}
+
+impl Kernel for Tile6 {
+    const SUMS: bool = false;
+
+    unsafe fn tile<const M: usize>(v: &View<Self>, i0: usize, g: usize, out: *mut f32) {
+        // SAFETY: the caller's.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            tile_q6k::<M>(v, i0, g, out)
+        }
+    }
+}
+
+/// `dst = lhs · Wᵀ` for the `n × k` matrix laid out in `tiles`.
+fn run<T: Kernel>(tiles: &[T], n: usize, k: usize, lhs: &[f32], m: usize, dst: &mut [f32]) {
+    assert_eq!(lhs.len(), m * k, "lhs is not {m}x{k}");
+    assert_eq!(dst.len(), m * n, "dst is not {m}x{n}");
+    assert!(
+        crate::q8_0::kernel_available(),
+        "the K-quant prompt kernels need AVX2, FMA and F16C"
+    );
+    let a = Activations::quantize(lhs, m, k, T::SUMS);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let out = SendPtr(dst.as_mut_ptr());
+        let view = View {
+            a: &a,
+            tiles: tiles.as_ptr(),
+            n,
+            m,
+        };
+        // Work items are groups of RN weight rows, walked over all prompt
+        // rows in blocks (`walk_panel`), as the Q8_0 kernel does.
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(RN), |groups| {
+            let out = &out;
+            // SAFETY: the CPU features were checked above; every (row, col)
+            // of dst is written by exactly one range, in bounds.
+            unsafe { panel(&view, groups, out.0) }
+        });
     }
 }
 
@@ -292,11 +313,13 @@ struct Activations {
 }
 
 impl Activations {
-    fn quantize(xs: &[f32], m: usize, k: usize) -> Self {
+    /// `with_sums`: also each 32 values' sums (else `sums` stays empty).
+    fn quantize(xs: &[f32], m: usize, k: usize, with_sums: bool) -> Self {
         let kb = k / QK;
+        let per_block = if with_sums { 4 } else { 0 };
         let mut qs = vec![0i8; m * k];
         let mut d = vec![0f32; m * kb];
-        let mut sums = vec![0i32; m * kb * 4];
+        let mut sums = vec![0i32; m * kb * per_block];
         // Row by row over the pool: one thread quantizing a 512-token prompt
         // of 8,960 values would leave the other idle for milliseconds.
         let (qp, dp, sp) = (
@@ -313,18 +336,16 @@ impl Activations {
                     (
                         std::slice::from_raw_parts_mut(qp.0.add(i * k), k),
                         std::slice::from_raw_parts_mut(dp.0.add(i * kb), kb),
-                        std::slice::from_raw_parts_mut(sp.0.add(i * kb * 4), kb * 4),
+                        std::slice::from_raw_parts_mut(
+                            sp.0.add(i * kb * per_block),
+                            kb * per_block,
+                        ),
                     )
                 };
                 let x = &xs[i * k..(i + 1) * k];
-                for (((x, q), d), s) in x
-                    .chunks_exact(QK)
-                    .zip(q.chunks_exact_mut(QK))
-                    .zip(d.iter_mut())
-                    .zip(s.chunks_exact_mut(4))
-                {
-                    *d = q8k_block(x, q);
-                    for (j, s) in s.iter_mut().enumerate() {
+                for (b, (x, q)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
+                    d[b] = q8k_block(x, q);
+                    for (j, s) in s[b * per_block..(b + 1) * per_block].iter_mut().enumerate() {
                         let sum = |sb: usize| -> i32 {
                             q[32 * sb..32 * sb + 32].iter().map(|&v| v as i32).sum()
                         };
@@ -349,29 +370,29 @@ unsafe impl<T> Sync for Rows<T> {}
 use std::arch::x86_64::*;
 
 /// The operands of one product, shared by the pool's threads.
-struct View<'a> {
+struct View<'a, T> {
     a: &'a Activations,
-    tiles: *const Tile,
+    tiles: *const T,
     n: usize,
     m: usize,
 }
 
 // SAFETY: read-only views of buffers that outlive the pool call.
-unsafe impl Send for View<'_> {}
-unsafe impl Sync for View<'_> {}
+unsafe impl<T> Send for View<'_, T> {}
+unsafe impl<T> Sync for View<'_, T> {}
 
 /// All prompt rows against the weight row groups `groups`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel(v: &View, groups: std::ops::Range<usize>, out: *mut f32) {
+unsafe fn panel<T: Kernel>(v: &View<T>, groups: std::ops::Range<usize>, out: *mut f32) {
     walk_panel(v.m, groups, |i, g| {
         // SAFETY: as for the panel.
         unsafe {
             match v.m - i {
-                4.. => tile::<4>(v, i, g, out),
-                3 => tile::<3>(v, i, g, out),
-                2 => tile::<2>(v, i, g, out),
-                _ => tile::<1>(v, i, g, out),
+                4.. => T::tile::<4>(v, i, g, out),
+                3 => T::tile::<3>(v, i, g, out),
+                2 => T::tile::<2>(v, i, g, out),
+                _ => T::tile::<1>(v, i, g, out),
             }
         }
     });
@@ -381,7 +402,7 @@ unsafe fn panel(v: &View, groups: std::ops::Range<usize>, out: *mut f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile<const M: usize>(v: &View, i0: usize, g: usize, out: *mut f32) {
+unsafe fn tile_q4k<const M: usize>(v: &View<Tile>, i0: usize, g: usize, out: *mut f32) {
     debug_assert!(M <= RM);
     let (a, kb) = (v.a, v.a.kb);
     let k = kb * QK;
@@ -439,40 +460,11 @@ unsafe fn tile<const M: usize>(v: &View, i0: usize, g: usize, out: *mut f32) {
     }
 }
 
-/// The operands of one Q6_K product.
-struct View6<'a> {
-    a: &'a Activations,
-    tiles: *const Tile6,
-    n: usize,
-    m: usize,
-}
-
-// SAFETY: read-only views of buffers that outlive the pool call.
-unsafe impl Send for View6<'_> {}
-unsafe impl Sync for View6<'_> {}
-
-/// All prompt rows against the Q6_K weight row groups `groups`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel6(v: &View6, groups: std::ops::Range<usize>, out: *mut f32) {
-    walk_panel(v.m, groups, |i, g| {
-        // SAFETY: as for the panel.
-        unsafe {
-            match v.m - i {
-                4.. => tile6::<4>(v, i, g, out),
-                3 => tile6::<3>(v, i, g, out),
-                2 => tile6::<2>(v, i, g, out),
-                _ => tile6::<1>(v, i, g, out),
-            }
-        }
-    });
-}
-
 /// `M` prompt rows from `i0` against the [`RN`] Q6_K weight rows of group `g`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile6<const M: usize>(v: &View6, i0: usize, g: usize, out: *mut f32) {
+unsafe fn tile_q6k<const M: usize>(v: &View<Tile6>, i0: usize, g: usize, out: *mut f32) {
     debug_assert!(M <= RM);
     let (a, kb) = (v.a, v.a.kb);
     let k = kb * QK;
