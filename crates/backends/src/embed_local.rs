@@ -135,7 +135,12 @@ impl LocalEmbedder {
                         embedder.tokenizer(),
                     ),
                 };
-                tracing::info!(model = %handle.info.name, dim = handle.info.dim, "embedder loaded");
+                tracing::info!(
+                    model = %handle.info.name,
+                    dim = handle.info.dim,
+                    precision = embedder.precision(),
+                    "embedder loaded"
+                );
                 if ready_tx.send(Ok(handle)).is_err() {
                     return;
                 }

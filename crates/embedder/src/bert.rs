@@ -14,7 +14,7 @@
 //!   L × L), each head read from and written to the batch's matrices in
 //!   place (`ragd_kernels::attention`);
 //! - Q, K and V are one matrix product (their weights concatenated at load) and
-//!   the 1/√d scale is folded into Q's weights;
+//!   the 1/√d scale is folded into Q's weights (or their block scales);
 //! - each linear layer adds its bias, and the residual after it, in its own
 //!   output buffer (`ragd_kernels::dense`): no separate passes or buffers
 //!   for them;
@@ -32,8 +32,11 @@
 //! With `int8` the four linear layers of each block run on ragd's Q8_0 kernel
 //! (`ragd_kernels::q8_0`): weights quantized per 32 values at load, activations
 //! per 32 values as each product runs (dynamic quantization), integer dot
-//! products, AVX2 or AVX-512 VNNI. The rest (embeddings, layer norms,
-//! attention, GELU) stays fp32.
+//! products, AVX2 or AVX-512 VNNI. Weights that are already 4-bit values
+//! (multilingual-e5-small's, dequantized from its Q4_0 image) are not
+//! quantized again: they run as they are on the Q4_0 kernel
+//! (`ragd_kernels::q4_0`), exact and faster. The rest (embeddings, layer
+//! norms, attention, GELU) stays fp32.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
@@ -130,10 +133,10 @@ impl Bert {
                 linear(&s.pp("key"), h, h)?,
                 linear(&s.pp("value"), h, h)?,
             );
-            let w = Tensor::cat(&[(qw * scale)?, kw, vw], 0)?;
-            let b = Tensor::cat(&[(q_bias * scale)?, k_bias, v_bias], 0)?;
+            let w = Tensor::cat(&[qw, kw, vw], 0)?;
+            let b = Tensor::cat(&[q_bias, k_bias, v_bias], 0)?;
             layers.push(Layer {
-                qkv: Dense::new(&w, &b, int8)?,
+                qkv: Dense::scaled(&w, &b, int8, 0..h, scale as f32)?,
                 attention_out: dense(&l.pp("attention.output.dense"), h, h, int8)?,
                 attention_norm: norm(&l.pp("attention.output.LayerNorm"), h, c.layer_norm_eps)?,
                 up: dense(&l.pp("intermediate.dense"), h, c.intermediate_size, int8)?
@@ -152,6 +155,11 @@ impl Bert {
             head_dim,
             act: c.hidden_act,
         })
+    }
+
+    /// The precision of the linear layers (all are built alike).
+    pub(crate) fn precision(&self) -> &'static str {
+        self.layers.first().map_or("f32", |l| l.up.precision())
     }
 
     /// One pooled vector per text (not normalised): `texts` are (token ids,

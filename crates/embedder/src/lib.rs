@@ -590,6 +590,16 @@ impl Embedder {
         self.dim
     }
 
+    /// The precision the encoder's linear layers run at: "f32", "int8"
+    /// (Q8_0 weights, `embedder.int8`) or "q4_0" (with `embedder.int8`,
+    /// weights that are 4-bit values run as they are).
+    pub fn precision(&self) -> &'static str {
+        match &self.model {
+            Model::Packed(bert) => bert.precision(),
+            Model::Padded(_) => "f32",
+        }
+    }
+
     /// The model's name (its directory name).
     pub fn name(&self) -> &str {
         &self.name

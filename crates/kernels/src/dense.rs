@@ -1,7 +1,8 @@
 //! A linear layer with its bias, and the residual connection after it where
 //! there is one, written into one output buffer: `y = x·Wᵀ + b (+ r)`. The
 //! embedder's BERT layers are built from it; its weights are f32 (products
-//! by `gemm`, the crate candle's own matmul calls) or int8 ([`Q8Matrix`]).
+//! by `gemm`, the crate candle's own matmul calls), int8 ([`Q8Matrix`]) or,
+//! where they are 4-bit values, 4-bit ([`Q4Matrix`]).
 //!
 //! Why not candle's `Linear` and a tensor add: the product goes into a fresh
 //! zeroed buffer, the bias add makes a second and the residual add a third,
@@ -15,6 +16,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use crate::contiguous_f32;
+use crate::q4_0::Q4Matrix;
 use crate::q8_0::Q8Matrix;
 use crate::softmax::exp_neg;
 
@@ -22,6 +24,8 @@ enum Weights {
     /// Row-major (outputs × inputs).
     F32(Vec<f32>),
     Int8(Q8Matrix),
+    /// Weights that are 4-bit values, multiplied as they are.
+    Q4(Q4Matrix),
 }
 
 /// `x·Wᵀ + b`, and with [`Dense::forward_residual`] `+ r`.
@@ -38,40 +42,76 @@ pub struct Dense {
 
 impl Dense {
     /// From candle's `(outputs, inputs)` weight and `(outputs)` bias; with
-    /// `int8`, the weights quantized to Q8_0 where the CPU has the kernel
-    /// (and the inputs are a multiple of 32), else kept f32.
+    /// `int8` (quantized activations), where the CPU has the kernels and the
+    /// inputs are a multiple of 32, the weights as they are when every block
+    /// of them is 4-bit values ([`Q4Matrix`]: multilingual-e5-small's), else
+    /// quantized to Q8_0; otherwise f32.
     pub fn new(weight: &Tensor, bias: &Tensor, int8: bool) -> Result<Self> {
+        Self::scaled(weight, bias, int8, 0..0, 1.0)
+    }
+
+    /// [`Dense::new`] with the weights and bias of outputs `rows` multiplied
+    /// by `s` (attention's 1/√head_dim folded into the query rows; on the
+    /// 4-bit weights, into their block scales, so their values stay).
+    pub fn scaled(
+        weight: &Tensor,
+        bias: &Tensor,
+        int8: bool,
+        rows: std::ops::Range<usize>,
+        s: f32,
+    ) -> Result<Self> {
         let (n, k) = weight.dims2()?;
-        let bias: Vec<f32> = bias.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let mut bias: Vec<f32> = bias.to_dtype(candle_core::DType::F32)?.to_vec1()?;
         if bias.len() != n {
             candle_core::bail!("bias of {} for {n} outputs", bias.len());
         }
-        if int8 && k % 32 == 0 && crate::q8_0::kernel_available() {
-            let q = candle_core::quantized::QTensor::quantize(
-                weight,
-                candle_core::quantized::GgmlDType::Q8_0,
-            )?;
-            if let Some(m) = Q8Matrix::from_qtensor(&q)? {
-                return Ok(Self {
-                    weights: Weights::Int8(m),
-                    bias,
-                    k,
-                    n,
-                    gelu: false,
-                });
-            }
-        }
-        let w = weight
+        let rows = rows.start.min(n)..rows.end.min(n);
+        bias[rows.clone()].iter_mut().for_each(|b| *b *= s);
+        let mut w: Vec<f32> = weight
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        Ok(Self {
-            weights: Weights::F32(w),
+        let quantized = int8 && k % 32 == 0 && crate::q8_0::kernel_available();
+        if quantized {
+            if let Some(mut m) = Q4Matrix::from_exact(&w, n, k) {
+                m.scale_rows(rows, s);
+                return Ok(Self::of(Weights::Q4(m), bias, k, n));
+            }
+        }
+        w[rows.start * k..rows.end * k]
+            .iter_mut()
+            .for_each(|v| *v *= s);
+        if quantized {
+            let t = Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
+            let q = candle_core::quantized::QTensor::quantize(
+                &t,
+                candle_core::quantized::GgmlDType::Q8_0,
+            )?;
+            if let Some(m) = Q8Matrix::from_qtensor(&q)? {
+                return Ok(Self::of(Weights::Int8(m), bias, k, n));
+            }
+            w = t.flatten_all()?.to_vec1()?;
+        }
+        Ok(Self::of(Weights::F32(w), bias, k, n))
+    }
+
+    fn of(weights: Weights, bias: Vec<f32>, k: usize, n: usize) -> Self {
+        Self {
+            weights,
             bias,
             k,
             n,
             gelu: false,
-        })
+        }
+    }
+
+    /// The precision the products run at: "f32", "int8" or "q4_0".
+    pub fn precision(&self) -> &'static str {
+        match self.weights {
+            Weights::F32(_) => "f32",
+            Weights::Int8(_) => "int8",
+            Weights::Q4(_) => "q4_0",
+        }
     }
 
     /// The same layer followed by the exact GELU (BERT's up projection),
@@ -119,6 +159,7 @@ impl Dense {
         };
         match &self.weights {
             Weights::Int8(w) => w.matmul_add(x, m, &mut y),
+            Weights::Q4(w) => w.matmul_add(x, m, &mut y),
             Weights::F32(w) => {
                 let threads = candle_core::utils::get_num_threads();
                 let parallelism = if threads > 1 {
@@ -364,6 +405,54 @@ mod tests {
                     assert!(diff <= tol, "{m}x{k}x{n} int8 {int8}: off by {diff}");
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Weights that are Q4_0 values run on the 4-bit kernel with `int8`
+    /// (others on Q8_0, all on f32 without), and `scaled` multiplies the
+    /// chosen rows of weights and bias at every precision.
+    #[test]
+    fn four_bit_weights_run_as_they_are_and_scaled_rows_fold() -> Result<()> {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (m, k, n) = (9, 96, 20);
+        let dev = Device::Cpu;
+        let plain = Tensor::from_vec(pseudo_random(n * k, 1), (n, k), &dev)?;
+        let q4 = QTensor::quantize(&plain, GgmlDType::Q4_0)?.dequantize(&dev)?;
+        let b = Tensor::from_vec(pseudo_random(n, 2), n, &dev)?;
+        let x = Tensor::from_vec(pseudo_random(m * k, 3), (m, k), &dev)?;
+        // Rows 4..11 of weights and bias times 0.3, as candle computes it.
+        let s = 0.3f32;
+        let mask: Vec<f32> = (0..n)
+            .map(|j| if (4..11).contains(&j) { s } else { 1.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, n, &dev)?;
+        for (w, int8, precision) in [
+            (&q4, true, "q4_0"),
+            (&q4, false, "f32"),
+            (&plain, true, "int8"),
+            (&plain, false, "f32"),
+        ] {
+            let dense = Dense::scaled(w, &b, int8, 4..11, s)?;
+            if crate::q8_0::kernel_available() {
+                assert_eq!(dense.precision(), precision);
+            }
+            let ws = w.broadcast_mul(&mask.unsqueeze(1)?)?;
+            let want = candle_nn::Linear::new(ws, Some((&b * &mask)?)).forward(&x)?;
+            let got = dense.forward(&x)?;
+            // Activations quantized to 8 bits: about 1 % of sums of k
+            // products of values in ±0.5.
+            let tol = if int8 {
+                0.02 * (k as f32).sqrt() / 4.0
+            } else {
+                1e-5
+            };
+            let diff = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff <= tol, "{precision}: off by {diff}");
         }
         Ok(())
     }

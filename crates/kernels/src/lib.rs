@@ -5,6 +5,8 @@
 //!   the layers the generator's models are built from, which pick a kernel per
 //!   weight type;
 //! * [`q5_0`]: Q5_0 weights at the file's 5.5 bits per weight;
+//! * [`q4_0`]: weights that are Q4_0 values (multilingual-e5-small's), in
+//!   tiles whose 16-bit sums span a block;
 //! * [`kquant`]: Q4_K and Q6_K on the file's own blocks;
 //! * [`kquant_prompt`]: Q4_K and Q6_K prompts on AVX2 without AVX-512 VNNI,
 //!   in tiles whose 16-bit sums span a sub-block;
@@ -29,6 +31,7 @@ pub mod dense;
 pub mod kquant;
 pub mod kquant_prompt;
 pub mod prepared;
+pub mod q4_0;
 pub mod q5_0;
 pub mod q8_0;
 pub mod rows;
