@@ -470,7 +470,7 @@ async fn filters_are_applied_in_sql_for_both_searches() {
         (json!({"metadata.lang": "e\0n"}), vec![]),
         (json!({"metadata.la\0ng": "en"}), vec![]),
         (
-            json!({"document_id": {"in": ["en\01", "de1"]}}),
+            json!({"document_id": {"in": ["en\u{0}1", "de1"]}}),
             vec!["de1"],
         ),
     ];

@@ -42,6 +42,9 @@ pub enum AnswerEvent {
     Failed(Error),
 }
 
+/// Keeps a summary's finished text for the next request.
+pub(crate) type KeepText = Box<dyn FnOnce(&Generation) + Send + Sync>;
+
 /// What makes a summary's answer differ from a question's (see
 /// [`crate::summarize`]).
 pub(crate) struct SummaryMode {
@@ -50,7 +53,7 @@ pub(crate) struct SummaryMode {
     pub all_sources: bool,
     /// Called with the model's text when it ended by itself or by length:
     /// keeps it for the next request.
-    pub keep: Option<Box<dyn FnOnce(&Generation) + Send + Sync>>,
+    pub keep: Option<KeepText>,
     /// The text was kept from an earlier request: no tokens were spent.
     pub replayed: bool,
 }
