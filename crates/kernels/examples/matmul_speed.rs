@@ -51,6 +51,7 @@ fn main() -> candle_core::Result<()> {
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
         for dtype in [
             GgmlDType::Q4K,
+            GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q8_0,
             GgmlDType::Q5_0,

@@ -7,7 +7,7 @@
 //! * [`q5_0`]: Q5_0 weights at the file's 5.5 bits per weight;
 //! * [`q4_0`]: weights that are Q4_0 values (multilingual-e5-small's), in
 //!   tiles whose 16-bit sums span a block;
-//! * [`kquant`]: Q4_K and Q6_K on the file's own blocks;
+//! * [`kquant`]: Q4_K, Q5_K and Q6_K on the file's own blocks;
 //! * [`kquant_prompt`]: Q4_K and Q6_K prompts on AVX2 without AVX-512 VNNI,
 //!   in tiles whose 16-bit sums span a sub-block;
 //! * [`softmax`]: attention's softmax with a vectorisable exp (and, for the

@@ -56,11 +56,13 @@ pub enum Linear {
     Q8(Arc<Q8Matrix>),
     /// Q5_0 weights through [`crate::q5_0`].
     Q5(Arc<Q5Matrix>),
-    /// Q4_K and Q6_K weights: up to [`FEW_ROWS`] rows (decoding, drafted
-    /// tokens) through [`crate::kquant`], which reads the weights as compact
-    /// as they are in the file; prompts on AVX2 without VNNI through
-    /// [`crate::kquant_prompt`]; other prompts through candle, whose repacked
-    /// tiles are faster there (`crates/kernels/examples/matmul_speed.rs`).
+    /// Q4_K, Q5_K and Q6_K weights: up to [`FEW_ROWS`] rows (decoding,
+    /// drafted tokens) through [`crate::kquant`], which reads the weights as
+    /// compact as they are in the file; prompts where
+    /// [`KMatrix::takes_prompts`] (Q4_K and Q6_K on AVX2 without VNNI
+    /// through [`crate::kquant_prompt`], Q5_K always); other prompts through
+    /// candle, whose repacked tiles are faster there
+    /// (`crates/kernels/examples/matmul_speed.rs`).
     K(Arc<KMatrix>, QMatMul),
     /// Anything else through candle.
     Candle(QMatMul),
