@@ -38,7 +38,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use std::sync::Arc;
 
-use crate::kquant_prompt::{Q4Tiles, Q6Tiles};
+use crate::kquant_prompt::{Q4Tiles, Q5Tiles, Q6Tiles};
 #[cfg(target_arch = "x86_64")]
 use crate::q8_0::walk_panel;
 use crate::q8_0::{matmul_op, SendPtr, FEW_ROWS, RM};
@@ -101,6 +101,7 @@ impl std::fmt::Debug for KMatrix {
 /// A K-quant matrix laid out for prompts ([`crate::kquant_prompt`]).
 enum PromptTiles {
     Q4(Q4Tiles),
+    Q5(Q5Tiles),
     Q6(Q6Tiles),
 }
 
@@ -260,8 +261,7 @@ impl KMatrix {
                 let tiles = match self.kind {
                     Kind::Q4K => PromptTiles::Q4(Q4Tiles::from_blocks(self.n, self.k, &data)),
                     Kind::Q6K => PromptTiles::Q6(Q6Tiles::from_blocks(self.n, self.k, &data)),
-                    // `tiles_prompts` is false for Q5_K.
-                    Kind::Q5K => return self.matmul_with(lhs, m, dst, zmm_available()),
+                    Kind::Q5K => PromptTiles::Q5(Q5Tiles::from_blocks(self.n, self.k, &data)),
                 };
                 // Another thread may have laid them out meanwhile: the same.
                 let _ = self.prompt.set(tiles);
@@ -269,6 +269,7 @@ impl KMatrix {
             if let Some(tiles) = self.prompt.get() {
                 match tiles {
                     PromptTiles::Q4(t) => t.matmul(lhs, m, dst),
+                    PromptTiles::Q5(t) => t.matmul(lhs, m, dst),
                     PromptTiles::Q6(t) => t.matmul(lhs, m, dst),
                 }
                 return Ok(());
@@ -278,18 +279,19 @@ impl KMatrix {
     }
 
     /// Whether prompts (more than [`FEW_ROWS`] rows) are multiplied here
-    /// rather than by candle's repacked tiles: Q4_K and Q6_K where
-    /// [`crate::kquant_prompt`] pays; Q5_K always, on the file's blocks —
-    /// candle 0.11 has no tiles for it, and this module's kernel is faster
-    /// on prompts too (`matmul_speed 256`: 60–67 billion multiply-adds per
-    /// second against candle's 38–40, on the AVX2-only host).
+    /// rather than by candle's repacked tiles: where [`crate::kquant_prompt`]
+    /// pays, in its tiles; Q5_K everywhere (elsewhere on the file's blocks) —
+    /// candle 0.11 has no tiles for it, and this module's file-block kernel
+    /// is faster on prompts too (`matmul_speed 256`: 60–67 billion
+    /// multiply-adds per second against candle's 38–40, on the AVX2-only
+    /// host).
     pub fn takes_prompts(&self) -> bool {
         self.kind == Kind::Q5K || self.tiles_prompts()
     }
 
     /// Whether prompts go to [`crate::kquant_prompt`]'s tiles.
     fn tiles_prompts(&self) -> bool {
-        self.kind != Kind::Q5K && crate::kquant_prompt::pays()
+        crate::kquant_prompt::pays()
     }
 
     /// [`Self::matmul`] with the 512-bit Q4_K tile on or off (`zmm` is only

@@ -1,5 +1,6 @@
-//! Q4_K and Q6_K products for prompts (more than [`crate::q8_0::FEW_ROWS`]
-//! rows) on x86-64 CPUs with AVX2 but without AVX-512 VNNI.
+//! Q4_K, Q5_K and Q6_K products for prompts (more than
+//! [`crate::q8_0::FEW_ROWS`] rows) on x86-64 CPUs with AVX2 but without
+//! AVX-512 VNNI.
 //!
 //! Written by hand because on such a CPU (a 2-core AMD EPYC, Zen 2) prefill of
 //! the K-quant files people download was slower than llama.cpp's:
@@ -36,11 +37,19 @@
 //! instead of eight, and the offset of 32 needs no separate sums (8 bits per
 //! value and 16-bit scales: 10 bits per weight, as candle's tiles).
 //!
-//! Measured on that host (`matmul_speed 256`, Qwen's shapes): Q4_K 130–156
+//! Q5_K ([`Q5Tiles`]) is Q4_K's tile with a vector of fifth bits per
+//! sub-block, or-ed into the nibbles (values 0–31, 6.75 bits per weight):
+//! pairs reach 2·31·127, so a `madd` follows every four `maddubs` (31,496),
+//! ten instructions on that pipe per 256 multiply-adds. candle has no tiles
+//! for Q5_K at all (38–40 billion multiply-adds per second on 256 rows).
+//!
+//! Measured on that host (`matmul_speed 256`, Qwen's shapes): Q4_K 130–156,
+//! Q5_K 113–130
 //! and Q6_K 108–111 billion multiply-adds per second against candle's 75–81;
 //! `bench/compare-llamacpp --prompt-tokens 512`: Qwen2.5-Coder-1.5B prefill
 //! 0.96× → 1.40× (Q4_K) → 1.54× (both) llama.cpp's, the 0.5B (Q6_K
-//! tensors) 1.62× → 1.73×.
+//! tensors) 1.62× → 1.73×; the 1.5B as Q5_K_M 0.59× (candle) → 0.90×
+//! (the file-block kernel) → 1.52×.
 //!
 //! The `unsafe` code here: SIMD intrinsics behind a run-time CPU check, and
 //! raw pointers so the pool's threads write disjoint parts of one output.
@@ -53,6 +62,8 @@ use crate::q8_0::{walk_panel, SendPtr, RM, RN};
 const QK: usize = 256;
 /// Bytes of a Q4_K block in the file.
 const BLOCK_BYTES: usize = 144;
+/// Bytes of a Q5_K block in the file.
+const Q5_BLOCK_BYTES: usize = 176;
 /// Bytes of a Q6_K block in the file.
 const Q6_BLOCK_BYTES: usize = 210;
 
@@ -102,6 +113,37 @@ pub fn pays() -> bool {
     })
 }
 
+/// Lays out row `r`'s Q4_K-style block into `t`: `b` starts with d, dmin
+/// and the 12 scale bytes (Q4_K's and Q5_K's header); `qs` are its 128
+/// bytes of nibbles.
+fn lay_q4k(t: &mut Tile, r: usize, b: &[u8], qs: &[u8]) {
+    t.d[r] = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    t.dmin[r] = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+    let scm = crate::kquant::q4k_scales_packed(&b[4..16]);
+    for s in 0..8 {
+        t.sc[s][2 * r] = scm[s] as i16;
+        t.sc[s][2 * r + 1] = scm[s] as i16;
+        t.mn[s / 2][2 * r + s % 2] = scm[8 + s] as i16;
+        // Sub-block s: the low (even s) or high (odd s) nibbles of the 32
+        // bytes at 32·(s/2); values 4p..4p+4 go to the low nibbles of step
+        // p's four bytes, 4p+16..4p+20 to their high nibbles, four bytes at
+        // a time.
+        let bytes = &qs[32 * (s / 2)..32 * (s / 2 + 1)];
+        let word = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        for p in 0..4 {
+            let (lo, hi) = (word(4 * p), word(4 * p + 16));
+            let packed = if s % 2 == 0 {
+                (lo & 0x0F0F_0F0F) | ((hi & 0x0F0F_0F0F) << 4)
+            } else {
+                ((lo >> 4) & 0x0F0F_0F0F) | (hi & 0xF0F0_F0F0)
+            };
+            t.qs[s][p][4 * r..4 * r + 4].copy_from_slice(&packed.to_le_bytes());
+        }
+    }
+}
+
 impl Q4Tiles {
     /// Lays out the bytes of a Q4_K tensor of shape `(n, k)` as the file
     /// stores them (`k` a multiple of 256, `data` of the right length: the
@@ -115,37 +157,7 @@ impl Q4Tiles {
                 let r = row % RN;
                 let blocks = &data[row * kb * BLOCK_BYTES..(row + 1) * kb * BLOCK_BYTES];
                 for (t, b) in tiles.iter_mut().zip(blocks.chunks_exact(BLOCK_BYTES)) {
-                    t.d[r] = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    t.dmin[r] = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
-                    let scm = crate::kquant::q4k_scales_packed(&b[4..16]);
-                    for s in 0..8 {
-                        t.sc[s][2 * r] = scm[s] as i16;
-                        t.sc[s][2 * r + 1] = scm[s] as i16;
-                        t.mn[s / 2][2 * r + s % 2] = scm[8 + s] as i16;
-                        // Sub-block s: the low (even s) or high (odd s)
-                        // nibbles of the 32 bytes at 16 + 32·(s/2); values
-                        // 4p..4p+4 go to the low nibbles of step p's four
-                        // bytes, 4p+16..4p+20 to their high nibbles, four
-                        // bytes at a time.
-                        let bytes = &b[16 + 32 * (s / 2)..16 + 32 * (s / 2 + 1)];
-                        let word = |at: usize| {
-                            u32::from_le_bytes([
-                                bytes[at],
-                                bytes[at + 1],
-                                bytes[at + 2],
-                                bytes[at + 3],
-                            ])
-                        };
-                        for p in 0..4 {
-                            let (lo, hi) = (word(4 * p), word(4 * p + 16));
-                            let packed = if s % 2 == 0 {
-                                (lo & 0x0F0F_0F0F) | ((hi & 0x0F0F_0F0F) << 4)
-                            } else {
-                                ((lo >> 4) & 0x0F0F_0F0F) | (hi & 0xF0F0_F0F0)
-                            };
-                            t.qs[s][p][4 * r..4 * r + 4].copy_from_slice(&packed.to_le_bytes());
-                        }
-                    }
+                    lay_q4k(t, r, b, &b[16..144]);
                 }
             }
         });
@@ -154,6 +166,67 @@ impl Q4Tiles {
 
     /// `dst[i][j] = Σ_l lhs[i][l] · W[j][l]` for `m` rows of `lhs` (`m × k`).
     /// Needs AVX2, FMA and F16C (see [`pays`]; panics without them).
+    pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) {
+        run(&self.tiles, self.n, self.k, lhs, m, dst);
+    }
+}
+
+/// One 256-value Q5_K block of [`RN`] weight rows: Q4_K's [`Tile`] (the low
+/// four bits of each value) and the fifth bits. 6.75 bits per weight.
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+struct Tile5 {
+    low: Tile,
+    /// Bit `t` of `qh[s][4r + b]`: the fifth bit of row `r`'s value
+    /// `4t + b` of sub-block `s`, `t` in 0..8 (the step whose low or high
+    /// nibbles hold that value in `low.qs[s]`).
+    qh: [[u8; 4 * RN]; 8],
+}
+
+/// A Q5_K matrix (`n × k`) in [`Tile5`]s, group-major; the last group is
+/// padded with zero rows.
+pub struct Q5Tiles {
+    n: usize,
+    k: usize,
+    tiles: Vec<Tile5>,
+}
+
+impl std::fmt::Debug for Q5Tiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q5Tiles({}x{})", self.n, self.k)
+    }
+}
+
+impl Q5Tiles {
+    /// Lays out the bytes of a Q5_K tensor of shape `(n, k)` as the file
+    /// stores them (as [`Q4Tiles::from_blocks`]): d, dmin, the scales, 32
+    /// bytes of fifth bits (bit `s` of byte `l`: value `l` of sub-block
+    /// `s`, as ggml's `dequantize_row_q5_K` reads them), 128 of nibbles.
+    pub fn from_blocks(n: usize, k: usize, data: &[u8]) -> Self {
+        let kb = k / QK;
+        debug_assert_eq!(data.len(), n * kb * Q5_BLOCK_BYTES);
+        let mut tiles = vec![bytemuck::Zeroable::zeroed(); n.div_ceil(RN) * kb];
+        crate::par_chunks_mut(&mut tiles, kb, |g, tiles: &mut [Tile5]| {
+            for row in g * RN..(g * RN + RN).min(n) {
+                let r = row % RN;
+                let blocks = &data[row * kb * Q5_BLOCK_BYTES..(row + 1) * kb * Q5_BLOCK_BYTES];
+                for (t, b) in tiles.iter_mut().zip(blocks.chunks_exact(Q5_BLOCK_BYTES)) {
+                    lay_q4k(&mut t.low, r, b, &b[48..176]);
+                    let qh = &b[16..48];
+                    for s in 0..8 {
+                        for bb in 0..4 {
+                            t.qh[s][4 * r + bb] = (0..8)
+                                .map(|step| ((qh[4 * step + bb] >> s) & 1) << step)
+                                .sum();
+                        }
+                    }
+                }
+            }
+        });
+        Self { n, k, tiles }
+    }
+
+    /// As [`Q4Tiles::matmul`].
     pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) {
         run(&self.tiles, self.n, self.k, lhs, m, dst);
     }
@@ -256,6 +329,18 @@ impl Kernel for Tile {
         #[cfg(target_arch = "x86_64")]
         unsafe {
             tile_q4k::<M>(v, i0, g, out)
+        }
+    }
+}
+
+impl Kernel for Tile5 {
+    const SUMS: bool = true;
+
+    unsafe fn tile<const M: usize>(v: &View<Self>, i0: usize, g: usize, out: *mut f32) {
+        // SAFETY: the caller's.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            tile_q5k::<M>(v, i0, g, out)
         }
     }
 }
@@ -460,6 +545,95 @@ unsafe fn tile_q4k<const M: usize>(v: &View<Tile>, i0: usize, g: usize, out: *mu
     }
 }
 
+/// `M` prompt rows from `i0` against the [`RN`] Q5_K weight rows of group
+/// `g`: [`tile_q4k`] with each value's fifth bit or-ed in (values 0–31), so a
+/// `maddubs` pair reaches 2·31·127 and the 16-bit sums take four steps, not
+/// eight, before a `madd` applies the sub-block's scale.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile_q5k<const M: usize>(v: &View<Tile5>, i0: usize, g: usize, out: *mut f32) {
+    debug_assert!(M <= RM);
+    let (a, kb) = (v.a, v.a.kb);
+    let k = kb * QK;
+    unsafe {
+        let low = _mm256_set1_epi8(0xF);
+        let mut acc = [_mm256_setzero_ps(); M];
+        let tiles = v.tiles.add(g * kb);
+        for b in 0..kb {
+            let t5 = &*tiles.add(b);
+            let t = &t5.low;
+            let mut isum = [_mm256_setzero_si256(); M];
+            for s in 0..8 {
+                let qh = _mm256_loadu_si256(t5.qh[s].as_ptr() as *const __m256i);
+                let sc = _mm256_loadu_si256(t.sc[s].as_ptr() as *const __m256i);
+                // Bit `step` of each byte to bit 4 (the mask keeps one bit
+                // per byte, so none crosses into the next byte).
+                let fifth = |step: usize| {
+                    let bit = _mm256_and_si256(qh, _mm256_set1_epi8(1 << step));
+                    match step {
+                        0 => _mm256_slli_epi16(bit, 4),
+                        1 => _mm256_slli_epi16(bit, 3),
+                        2 => _mm256_slli_epi16(bit, 2),
+                        3 => _mm256_slli_epi16(bit, 1),
+                        4 => bit,
+                        5 => _mm256_srli_epi16(bit, 1),
+                        6 => _mm256_srli_epi16(bit, 2),
+                        _ => _mm256_srli_epi16(bit, 3),
+                    }
+                };
+                for half in 0..2 {
+                    // Four u8·i8 products of at most 2·31·127 each: the
+                    // 16-bit sums cannot overflow (31,496).
+                    let mut s16 = [_mm256_setzero_si256(); M];
+                    for p in 2 * half..2 * half + 2 {
+                        let packed = _mm256_loadu_si256(t.qs[s][p].as_ptr() as *const __m256i);
+                        let wl = _mm256_or_si256(_mm256_and_si256(packed, low), fifth(p));
+                        let wh = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
+                            fifth(p + 4),
+                        );
+                        for (i, s16) in s16.iter_mut().enumerate() {
+                            let aq = a.qs.as_ptr().add((i0 + i) * k + b * QK + 32 * s);
+                            let al =
+                                _mm256_set1_epi32((aq.add(4 * p) as *const i32).read_unaligned());
+                            let ah = _mm256_set1_epi32(
+                                (aq.add(4 * (p + 4)) as *const i32).read_unaligned(),
+                            );
+                            *s16 = _mm256_add_epi16(*s16, _mm256_maddubs_epi16(wl, al));
+                            *s16 = _mm256_add_epi16(*s16, _mm256_maddubs_epi16(wh, ah));
+                        }
+                    }
+                    for (isum, &s16) in isum.iter_mut().zip(&s16) {
+                        *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(s16, sc));
+                    }
+                }
+            }
+            let d = _mm256_loadu_ps(t.d.as_ptr());
+            let dmin = _mm256_loadu_ps(t.dmin.as_ptr());
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let idx = (i0 + i) * kb + b;
+                let sums = a.sums.as_ptr().add(idx * 4);
+                let mut msum = _mm256_setzero_si256();
+                for j in 0..4 {
+                    let mn = _mm256_loadu_si256(t.mn[j].as_ptr() as *const __m256i);
+                    msum = _mm256_add_epi32(
+                        msum,
+                        _mm256_madd_epi16(mn, _mm256_set1_epi32(*sums.add(j))),
+                    );
+                }
+                let ad = _mm256_broadcast_ss(&*a.d.as_ptr().add(idx));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, ad), *acc);
+                *acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, ad), *acc);
+            }
+        }
+        let cols = RN.min(v.n - g * RN);
+        for (i, &acc) in acc.iter().enumerate() {
+            crate::q8_0::store_lanes(acc, out.add((i0 + i) * v.n + g * RN), cols);
+        }
+    }
+}
+
 /// `M` prompt rows from `i0` against the [`RN`] Q6_K weight rows of group `g`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -534,17 +708,21 @@ mod tests {
             (64, 768, 33),
             (100, 256, 7),
         ];
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             for &(m, k, n) in &shapes {
                 let w = Tensor::from_vec(pseudo_random(n * k, 7 + n as u64), (n, k), &Device::Cpu)?;
                 let q = Arc::new(QTensor::quantize(&w, dtype)?);
                 let km = KMatrix::from_qtensor(&q)?.expect("a K-quant matrix");
                 let x = pseudo_random(m * k, 99 + m as u64);
                 let mut ours = vec![0f32; m * n];
-                if dtype == GgmlDType::Q4K {
-                    Q4Tiles::from_blocks(n, k, &q.data()?).matmul(&x, m, &mut ours);
-                } else {
-                    Q6Tiles::from_blocks(n, k, &q.data()?).matmul(&x, m, &mut ours);
+                match dtype {
+                    GgmlDType::Q4K => {
+                        Q4Tiles::from_blocks(n, k, &q.data()?).matmul(&x, m, &mut ours)
+                    }
+                    GgmlDType::Q5K => {
+                        Q5Tiles::from_blocks(n, k, &q.data()?).matmul(&x, m, &mut ours)
+                    }
+                    _ => Q6Tiles::from_blocks(n, k, &q.data()?).matmul(&x, m, &mut ours),
                 }
                 // The few-row kernel, a row at a time.
                 let mut rows = vec![0f32; m * n];
@@ -596,6 +774,31 @@ mod tests {
             let mut out = vec![0f32; m * n];
             tiles.matmul(&x, m, &mut out);
             let exact = sign * 882.0 * k as f32;
+            assert!(out.iter().all(|&o| o == exact), "{out:?} vs {exact}");
+        }
+    }
+
+    /// Q5_K's 16-bit sums at their bounds: every value 31 (all nibbles and
+    /// fifth bits set), scale and minimum 63, d = dmin = 1 (each weight
+    /// 63·31 − 63 = 1,890), against activations all ±1 give the exact
+    /// ±1,890·k.
+    #[test]
+    fn the_widest_q5_sums_do_not_overflow() {
+        if !crate::q8_0::kernel_available() {
+            return;
+        }
+        let (m, k, n) = (5, 512, 9);
+        let mut block = [0xFFu8; Q5_BLOCK_BYTES];
+        let one = half::f16::from_f32(1.0).to_le_bytes();
+        block[0..2].copy_from_slice(&one);
+        block[2..4].copy_from_slice(&one);
+        let data: Vec<u8> = (0..n * k / QK).flat_map(|_| block).collect();
+        let tiles = Q5Tiles::from_blocks(n, k, &data);
+        for sign in [1f32, -1.0] {
+            let x = vec![sign; m * k];
+            let mut out = vec![0f32; m * n];
+            tiles.matmul(&x, m, &mut out);
+            let exact = sign * 1890.0 * k as f32;
             assert!(out.iter().all(|&o| o == exact), "{out:?} vs {exact}");
         }
     }
