@@ -431,14 +431,14 @@ unsafe fn panel(v: &View, rows: std::ops::Range<usize>, out: *mut f32) {
         // SAFETY: as for the panel.
         unsafe {
             match (v.kind, m - i) {
-                (Kind::Q4K, 4..) => tile_q4k::<4>(v, i, j, out),
-                (Kind::Q4K, 3) => tile_q4k::<3>(v, i, j, out),
-                (Kind::Q4K, 2) => tile_q4k::<2>(v, i, j, out),
-                (Kind::Q4K, _) => tile_q4k::<1>(v, i, j, out),
-                (Kind::Q5K, 4..) => tile_q5k::<4>(v, i, j, out),
-                (Kind::Q5K, 3) => tile_q5k::<3>(v, i, j, out),
-                (Kind::Q5K, 2) => tile_q5k::<2>(v, i, j, out),
-                (Kind::Q5K, _) => tile_q5k::<1>(v, i, j, out),
+                (Kind::Q4K, 4..) => tile_q45k::<4, false>(v, i, j, out),
+                (Kind::Q4K, 3) => tile_q45k::<3, false>(v, i, j, out),
+                (Kind::Q4K, 2) => tile_q45k::<2, false>(v, i, j, out),
+                (Kind::Q4K, _) => tile_q45k::<1, false>(v, i, j, out),
+                (Kind::Q5K, 4..) => tile_q45k::<4, true>(v, i, j, out),
+                (Kind::Q5K, 3) => tile_q45k::<3, true>(v, i, j, out),
+                (Kind::Q5K, 2) => tile_q45k::<2, true>(v, i, j, out),
+                (Kind::Q5K, _) => tile_q45k::<1, true>(v, i, j, out),
                 (Kind::Q6K, 4..) => tile_q6k::<4>(v, i, j, out),
                 (Kind::Q6K, 3) => tile_q6k::<3>(v, i, j, out),
                 (Kind::Q6K, 2) => tile_q6k::<2>(v, i, j, out),
@@ -507,10 +507,10 @@ unsafe fn panel_zmm(v: &View, rows: std::ops::Range<usize>, out: *mut f32) {
                 (Kind::Q4K, 3) => tile_q4k_zmm::<3>(v, i, j, out),
                 (Kind::Q4K, 2) => tile_q4k_zmm::<2>(v, i, j, out),
                 (Kind::Q4K, _) => tile_q4k_zmm::<1>(v, i, j, out),
-                (Kind::Q5K, 4..) => tile_q5k::<4>(v, i, j, out),
-                (Kind::Q5K, 3) => tile_q5k::<3>(v, i, j, out),
-                (Kind::Q5K, 2) => tile_q5k::<2>(v, i, j, out),
-                (Kind::Q5K, _) => tile_q5k::<1>(v, i, j, out),
+                (Kind::Q5K, 4..) => tile_q45k::<4, true>(v, i, j, out),
+                (Kind::Q5K, 3) => tile_q45k::<3, true>(v, i, j, out),
+                (Kind::Q5K, 2) => tile_q45k::<2, true>(v, i, j, out),
+                (Kind::Q5K, _) => tile_q45k::<1, true>(v, i, j, out),
                 (Kind::Q6K, 4..) => tile_q6k::<4>(v, i, j, out),
                 (Kind::Q6K, 3) => tile_q6k::<3>(v, i, j, out),
                 (Kind::Q6K, 2) => tile_q6k::<2>(v, i, j, out),
@@ -520,7 +520,7 @@ unsafe fn panel_zmm(v: &View, rows: std::ops::Range<usize>, out: *mut f32) {
     });
 }
 
-/// [`tile_q4k`] on 512-bit vectors: each step of 64 values is one vector of
+/// [`tile_q45k`] (Q4_K) on 512-bit vectors: each step of 64 values is one vector of
 /// both nibble halves (the low nibbles in the lower 256 bits, the high in the
 /// upper, by one variable shift of the broadcast bytes), one `vpmaddubsw` with
 /// the 64 activations as they lie, and one `vpdpwssd` that multiplies by the
@@ -597,20 +597,31 @@ unsafe fn tile_q4k_zmm<const M: usize>(v: &View, i0: usize, j: usize, out: *mut 
     }
 }
 
-/// `M` prompt rows from `i0` against Q4_K weight row `j`.
+/// `M` prompt rows from `i0` against Q4_K weight row `j` (`FIVE` false) or
+/// Q5_K weight row `j` (`FIVE`: the same block with 32 bytes of fifth bits
+/// before the nibbles — bit `2c` of `qh[l]` for value `l` of chunk `c`'s
+/// first 32, bit `2c + 1` for its second, as ggml's `dequantize_row_q5_K`
+/// — or-ed into each value).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile_q4k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32) {
+unsafe fn tile_q45k<const M: usize, const FIVE: bool>(
+    v: &View,
+    i0: usize,
+    j: usize,
+    out: *mut f32,
+) {
     debug_assert!(M <= RM);
     let (a, kb) = (v.a, v.a.kb);
+    let (bytes, nibbles) = if FIVE { (176, 48) } else { (144, 16) };
     unsafe {
         let low = _mm256_set1_epi8(0xF);
+        let one = _mm256_set1_epi8(1);
         let mut acc = [_mm256_setzero_ps(); M];
         let row = v.w.add(j * v.row_bytes);
         for l in 0..kb {
-            prefetch_ahead::<3>(row.add(l * 144));
-            let b = std::slice::from_raw_parts(row.add(l * 144), 144);
+            prefetch_ahead::<3>(row.add(l * bytes));
+            let b = std::slice::from_raw_parts(row.add(l * bytes), bytes);
             // d and dmin by F16C, and the 6-bit scales by word operations:
             // per block this was scalar code (half's conversion checks the
             // CPU per call), worth most of a one-row product.
@@ -630,91 +641,28 @@ unsafe fn tile_q4k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32)
                 ))),
                 vdmin,
             );
+            let qh = if FIVE {
+                _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
+            // Bit `bit` of each qh byte, moved to bit 4 (the mask keeps one
+            // bit per byte, so none crosses into the next).
+            let fifth = |bit: usize| {
+                _mm256_slli_epi16(
+                    _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(bit as i32)), one),
+                    4,
+                )
+            };
             let mut isum = [_mm256_setzero_si256(); M];
             for c in 0..4 {
-                let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
-                let q1 = _mm256_and_si256(q, low);
-                let q2 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
-                let s1 = _mm256_set1_epi16(sc[2 * c] as i16);
-                let s2 = _mm256_set1_epi16(sc[2 * c + 1] as i16);
-                for (i, isum) in isum.iter_mut().enumerate() {
-                    let aq = a.qs.as_ptr().add(((i0 + i) * kb + l) * QK + 64 * c);
-                    let a1 = _mm256_loadu_si256(aq as *const __m256i);
-                    let a2 = _mm256_loadu_si256(aq.add(32) as *const __m256i);
-                    // At most 2·15·127 per pair: no saturation.
-                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, a1), s1);
-                    let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(q2, a2), s2);
-                    *isum = _mm256_add_epi32(*isum, _mm256_add_epi32(p1, p2));
+                let q = _mm256_loadu_si256(b.as_ptr().add(nibbles + 32 * c) as *const __m256i);
+                let mut q1 = _mm256_and_si256(q, low);
+                let mut q2 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                if FIVE {
+                    q1 = _mm256_or_si256(q1, fifth(2 * c));
+                    q2 = _mm256_or_si256(q2, fifth(2 * c + 1));
                 }
-            }
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let idx = (i0 + i) * kb + l;
-                let ad = _mm256_broadcast_ss(&*a.d.as_ptr().add(idx));
-                let sums = _mm256_loadu_ps(a.sums.as_ptr().add(idx * 8));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(vd, ad), *acc);
-                *acc = _mm256_fnmadd_ps(mins, sums, *acc);
-            }
-        }
-        for (i, &acc) in acc.iter().enumerate() {
-            *out.add((i0 + i) * v.n + j) = hsum(acc);
-        }
-    }
-}
-
-/// `M` prompt rows from `i0` against Q5_K weight row `j`: [`tile_q4k`]
-/// with each value's fifth bit (bit `2c` of `qh[l]` for value `l` of
-/// chunk `c`'s first 32, bit `2c + 1` for its second, as ggml's
-/// `dequantize_row_q5_K`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn tile_q5k<const M: usize>(v: &View, i0: usize, j: usize, out: *mut f32) {
-    debug_assert!(M <= RM);
-    let (a, kb) = (v.a, v.a.kb);
-    unsafe {
-        let low = _mm256_set1_epi8(0xF);
-        let mut acc = [_mm256_setzero_ps(); M];
-        let row = v.w.add(j * v.row_bytes);
-        for l in 0..kb {
-            prefetch_ahead::<3>(row.add(l * 176));
-            let b = std::slice::from_raw_parts(row.add(l * 176), 176);
-            // d and dmin by F16C, and the 6-bit scales by word operations:
-            // per block this was scalar code (half's conversion checks the
-            // CPU per call), worth most of a one-row product.
-            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                (b.as_ptr() as *const i32).read_unaligned(),
-            ));
-            let vd = _mm256_broadcastss_ps(dd);
-            let vdmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
-            let scm = q4k_scales_packed(&b[4..16]);
-            let sc = &scm[..8];
-            // The minimums, one per 32 values, times dmin: against the
-            // activations' scaled sums they are the part each value's
-            // minimum takes off.
-            let mins = _mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                    scm.as_ptr().add(8) as *const __m128i
-                ))),
-                vdmin,
-            );
-            let mut isum = [_mm256_setzero_si256(); M];
-            let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
-            let one = _mm256_set1_epi8(1);
-            for c in 0..4 {
-                let q = _mm256_loadu_si256(b.as_ptr().add(48 + 32 * c) as *const __m256i);
-                // Bits 2c and 2c + 1 of each qh byte, moved to bit 4 (the
-                // mask keeps one bit per byte, so none crosses into the next).
-                let h1 =
-                    _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32)), one);
-                let h2 = _mm256_and_si256(
-                    _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32 + 1)),
-                    one,
-                );
-                let q1 = _mm256_or_si256(_mm256_and_si256(q, low), _mm256_slli_epi16(h1, 4));
-                let q2 = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(q, 4), low),
-                    _mm256_slli_epi16(h2, 4),
-                );
                 let s1 = _mm256_set1_epi16(sc[2 * c] as i16);
                 let s2 = _mm256_set1_epi16(sc[2 * c + 1] as i16);
                 for (i, isum) in isum.iter_mut().enumerate() {

@@ -328,7 +328,7 @@ impl Kernel for Tile {
         // SAFETY: the caller's.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            tile_q4k::<M>(v, i0, g, out)
+            tile_q45k::<Self, M>(v, i0, g, out)
         }
     }
 }
@@ -340,7 +340,7 @@ impl Kernel for Tile5 {
         // SAFETY: the caller's.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            tile_q5k::<M>(v, i0, g, out)
+            tile_q45k::<Self, M>(v, i0, g, out)
         }
     }
 }
@@ -483,89 +483,60 @@ unsafe fn panel<T: Kernel>(v: &View<T>, groups: std::ops::Range<usize>, out: *mu
     });
 }
 
-/// `M` prompt rows from `i0` against the [`RN`] weight rows of group `g`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn tile_q4k<const M: usize>(v: &View<Tile>, i0: usize, g: usize, out: *mut f32) {
-    debug_assert!(M <= RM);
-    let (a, kb) = (v.a, v.a.kb);
-    let k = kb * QK;
-    unsafe {
-        let low = _mm256_set1_epi8(0xF);
-        let mut acc = [_mm256_setzero_ps(); M];
-        let tiles = v.tiles.add(g * kb);
-        for b in 0..kb {
-            let t = &*tiles.add(b);
-            let mut isum = [_mm256_setzero_si256(); M];
-            for s in 0..8 {
-                // Eight u8·i8 products of at most 2·15·127 each: the 16-bit
-                // sums cannot overflow (30,480).
-                let mut s16 = [_mm256_setzero_si256(); M];
-                for p in 0..4 {
-                    let packed = _mm256_loadu_si256(t.qs[s][p].as_ptr() as *const __m256i);
-                    let wl = _mm256_and_si256(packed, low);
-                    let wh = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                    for (i, s16) in s16.iter_mut().enumerate() {
-                        let aq = a.qs.as_ptr().add((i0 + i) * k + b * QK + 32 * s);
-                        let al = _mm256_set1_epi32((aq.add(4 * p) as *const i32).read_unaligned());
-                        let ah =
-                            _mm256_set1_epi32((aq.add(4 * (p + 4)) as *const i32).read_unaligned());
-                        *s16 = _mm256_add_epi16(*s16, _mm256_maddubs_epi16(wl, al));
-                        *s16 = _mm256_add_epi16(*s16, _mm256_maddubs_epi16(wh, ah));
-                    }
-                }
-                let sc = _mm256_loadu_si256(t.sc[s].as_ptr() as *const __m256i);
-                for (isum, &s16) in isum.iter_mut().zip(&s16) {
-                    *isum = _mm256_add_epi32(*isum, _mm256_madd_epi16(s16, sc));
-                }
-            }
-            let d = _mm256_loadu_ps(t.d.as_ptr());
-            let dmin = _mm256_loadu_ps(t.dmin.as_ptr());
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let idx = (i0 + i) * kb + b;
-                let sums = a.sums.as_ptr().add(idx * 4);
-                let mut msum = _mm256_setzero_si256();
-                for j in 0..4 {
-                    let mn = _mm256_loadu_si256(t.mn[j].as_ptr() as *const __m256i);
-                    msum = _mm256_add_epi32(
-                        msum,
-                        _mm256_madd_epi16(mn, _mm256_set1_epi32(*sums.add(j))),
-                    );
-                }
-                let ad = _mm256_broadcast_ss(&*a.d.as_ptr().add(idx));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, ad), *acc);
-                *acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, ad), *acc);
-            }
-        }
-        let cols = RN.min(v.n - g * RN);
-        for (i, &acc) in acc.iter().enumerate() {
-            crate::q8_0::store_lanes(acc, out.add((i0 + i) * v.n + g * RN), cols);
-        }
+/// Q4_K's [`Tile`] and Q5_K's [`Tile5`], which share one tile function.
+trait Nibbles {
+    /// Whether the values have a fifth bit ([`Tile5::qh`]).
+    const FIVE: bool;
+    /// The low four bits of the values, the scales and minimums.
+    fn low(&self) -> &Tile;
+    /// The fifth bits of sub-block `s` (zeros without).
+    fn qh(&self, s: usize) -> &[u8; 4 * RN];
+}
+
+impl Nibbles for Tile {
+    const FIVE: bool = false;
+    fn low(&self) -> &Tile {
+        self
+    }
+    fn qh(&self, _: usize) -> &[u8; 4 * RN] {
+        &[0; 4 * RN]
     }
 }
 
-/// `M` prompt rows from `i0` against the [`RN`] Q5_K weight rows of group
-/// `g`: [`tile_q4k`] with each value's fifth bit or-ed in (values 0–31), so a
-/// `maddubs` pair reaches 2·31·127 and the 16-bit sums take four steps, not
-/// eight, before a `madd` applies the sub-block's scale.
+impl Nibbles for Tile5 {
+    const FIVE: bool = true;
+    fn low(&self) -> &Tile {
+        &self.low
+    }
+    fn qh(&self, s: usize) -> &[u8; 4 * RN] {
+        &self.qh[s]
+    }
+}
+
+/// `M` prompt rows from `i0` against the [`RN`] Q4_K or Q5_K weight rows of
+/// group `g`. Q4_K's values are 0–15: eight `maddubs` of a 32-value
+/// sub-block add up in 16 bits (at most 8·2·15·127 = 30,480) before one
+/// `madd` applies its scale. Q5_K's have their fifth bit or-ed in (0–31):
+/// four at a time (31,496), two `madd`s per sub-block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile_q5k<const M: usize>(v: &View<Tile5>, i0: usize, g: usize, out: *mut f32) {
+unsafe fn tile_q45k<T: Nibbles, const M: usize>(v: &View<T>, i0: usize, g: usize, out: *mut f32) {
     debug_assert!(M <= RM);
     let (a, kb) = (v.a, v.a.kb);
     let k = kb * QK;
+    // Steps (of two `maddubs`: low and high nibbles) per 16-bit sum.
+    let run = if T::FIVE { 2 } else { 4 };
     unsafe {
         let low = _mm256_set1_epi8(0xF);
         let mut acc = [_mm256_setzero_ps(); M];
         let tiles = v.tiles.add(g * kb);
         for b in 0..kb {
-            let t5 = &*tiles.add(b);
-            let t = &t5.low;
+            let tile = &*tiles.add(b);
+            let t = tile.low();
             let mut isum = [_mm256_setzero_si256(); M];
             for s in 0..8 {
-                let qh = _mm256_loadu_si256(t5.qh[s].as_ptr() as *const __m256i);
+                let qh = _mm256_loadu_si256(tile.qh(s).as_ptr() as *const __m256i);
                 let sc = _mm256_loadu_si256(t.sc[s].as_ptr() as *const __m256i);
                 // Bit `step` of each byte to bit 4 (the mask keeps one bit
                 // per byte, so none crosses into the next byte).
@@ -582,17 +553,16 @@ unsafe fn tile_q5k<const M: usize>(v: &View<Tile5>, i0: usize, g: usize, out: *m
                         _ => _mm256_srli_epi16(bit, 3),
                     }
                 };
-                for half in 0..2 {
-                    // Four u8·i8 products of at most 2·31·127 each: the
-                    // 16-bit sums cannot overflow (31,496).
+                for p0 in (0..4).step_by(run) {
                     let mut s16 = [_mm256_setzero_si256(); M];
-                    for p in 2 * half..2 * half + 2 {
+                    for p in p0..p0 + run {
                         let packed = _mm256_loadu_si256(t.qs[s][p].as_ptr() as *const __m256i);
-                        let wl = _mm256_or_si256(_mm256_and_si256(packed, low), fifth(p));
-                        let wh = _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(packed, 4), low),
-                            fifth(p + 4),
-                        );
+                        let mut wl = _mm256_and_si256(packed, low);
+                        let mut wh = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                        if T::FIVE {
+                            wl = _mm256_or_si256(wl, fifth(p));
+                            wh = _mm256_or_si256(wh, fifth(p + 4));
+                        }
                         for (i, s16) in s16.iter_mut().enumerate() {
                             let aq = a.qs.as_ptr().add((i0 + i) * k + b * QK + 32 * s);
                             let al =
