@@ -82,15 +82,13 @@ impl Dense {
             .iter_mut()
             .for_each(|v| *v *= s);
         if quantized {
-            let t = Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
             let q = candle_core::quantized::QTensor::quantize(
-                &t,
+                &Tensor::from_slice(&w, (n, k), &candle_core::Device::Cpu)?,
                 candle_core::quantized::GgmlDType::Q8_0,
             )?;
             if let Some(m) = Q8Matrix::from_qtensor(&q)? {
                 return Ok(Self::of(Weights::Int8(m), bias, k, n));
             }
-            w = t.flatten_all()?.to_vec1()?;
         }
         Ok(Self::of(Weights::F32(w), bias, k, n))
     }

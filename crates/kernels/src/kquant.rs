@@ -616,7 +616,6 @@ unsafe fn tile_q45k<const M: usize, const FIVE: bool>(
     let (bytes, nibbles) = if FIVE { (176, 48) } else { (144, 16) };
     unsafe {
         let low = _mm256_set1_epi8(0xF);
-        let one = _mm256_set1_epi8(1);
         let mut acc = [_mm256_setzero_ps(); M];
         let row = v.w.add(j * v.row_bytes);
         for l in 0..kb {
@@ -646,22 +645,14 @@ unsafe fn tile_q45k<const M: usize, const FIVE: bool>(
             } else {
                 _mm256_setzero_si256()
             };
-            // Bit `bit` of each qh byte, moved to bit 4 (the mask keeps one
-            // bit per byte, so none crosses into the next).
-            let fifth = |bit: usize| {
-                _mm256_slli_epi16(
-                    _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(bit as i32)), one),
-                    4,
-                )
-            };
             let mut isum = [_mm256_setzero_si256(); M];
             for c in 0..4 {
                 let q = _mm256_loadu_si256(b.as_ptr().add(nibbles + 32 * c) as *const __m256i);
                 let mut q1 = _mm256_and_si256(q, low);
                 let mut q2 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
                 if FIVE {
-                    q1 = _mm256_or_si256(q1, fifth(2 * c));
-                    q2 = _mm256_or_si256(q2, fifth(2 * c + 1));
+                    q1 = _mm256_or_si256(q1, crate::q8_0::fifth_bit(qh, 2 * c));
+                    q2 = _mm256_or_si256(q2, crate::q8_0::fifth_bit(qh, 2 * c + 1));
                 }
                 let s1 = _mm256_set1_epi16(sc[2 * c] as i16);
                 let s2 = _mm256_set1_epi16(sc[2 * c + 1] as i16);

@@ -56,6 +56,8 @@
 #![allow(unsafe_code)]
 
 use crate::kquant::q8k_block;
+#[cfg(target_arch = "x86_64")]
+use crate::q8_0::fifth_bit;
 use crate::q8_0::{walk_panel, SendPtr, RM, RN};
 
 /// Values per Q4_K block.
@@ -538,21 +540,6 @@ unsafe fn tile_q45k<T: Nibbles, const M: usize>(v: &View<T>, i0: usize, g: usize
             for s in 0..8 {
                 let qh = _mm256_loadu_si256(tile.qh(s).as_ptr() as *const __m256i);
                 let sc = _mm256_loadu_si256(t.sc[s].as_ptr() as *const __m256i);
-                // Bit `step` of each byte to bit 4 (the mask keeps one bit
-                // per byte, so none crosses into the next byte).
-                let fifth = |step: usize| {
-                    let bit = _mm256_and_si256(qh, _mm256_set1_epi8(1 << step));
-                    match step {
-                        0 => _mm256_slli_epi16(bit, 4),
-                        1 => _mm256_slli_epi16(bit, 3),
-                        2 => _mm256_slli_epi16(bit, 2),
-                        3 => _mm256_slli_epi16(bit, 1),
-                        4 => bit,
-                        5 => _mm256_srli_epi16(bit, 1),
-                        6 => _mm256_srli_epi16(bit, 2),
-                        _ => _mm256_srli_epi16(bit, 3),
-                    }
-                };
                 for p0 in (0..4).step_by(run) {
                     let mut s16 = [_mm256_setzero_si256(); M];
                     for p in p0..p0 + run {
@@ -560,8 +547,8 @@ unsafe fn tile_q45k<T: Nibbles, const M: usize>(v: &View<T>, i0: usize, g: usize
                         let mut wl = _mm256_and_si256(packed, low);
                         let mut wh = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
                         if T::FIVE {
-                            wl = _mm256_or_si256(wl, fifth(p));
-                            wh = _mm256_or_si256(wh, fifth(p + 4));
+                            wl = _mm256_or_si256(wl, fifth_bit(qh, p));
+                            wh = _mm256_or_si256(wh, fifth_bit(qh, p + 4));
                         }
                         for (i, s16) in s16.iter_mut().enumerate() {
                             let aq = a.qs.as_ptr().add((i0 + i) * k + b * QK + 32 * s);

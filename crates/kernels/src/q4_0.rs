@@ -33,7 +33,9 @@ use candle_core::Result;
 
 #[cfg(target_arch = "x86_64")]
 use crate::q8_0::{add_lanes, store_lanes, SendPtr};
-use crate::q8_0::{kernel_available, quantize_rows, vnni_available, walk_panel_by, QK, RM, RN};
+use crate::q8_0::{
+    block_sums, kernel_available, quantize_rows, vnni_available, walk_panel_by, QK, RM, RN,
+};
 
 /// Block `l` of [`RN`] consecutive weight rows: `qs[t][4r + b]` holds values
 /// `4t + b` (bits 0–3) and `16 + 4t + b` (bits 4–7) of row `r`, `t` in 0..4,
@@ -201,10 +203,7 @@ impl Q4Matrix {
         let mut a_d = vec![0f32; m * kb];
         quantize_rows(lhs, &mut a_qs, &mut a_d);
         // 8 × each block's sum of activations: the offset of the weights.
-        let a_off: Vec<i32> = a_qs
-            .iter()
-            .map(|q| 8 * q.iter().map(|&v| v as i32).sum::<i32>())
-            .collect();
+        let a_off = block_sums(&a_qs, 8);
         #[cfg(target_arch = "x86_64")]
         {
             let a = Operand {

@@ -203,10 +203,7 @@ impl Q5Matrix {
         let mut a_d = vec![0f32; m * kb];
         quantize_rows(lhs, &mut a_qs, &mut a_d);
         // 16 × each block's sum of activations: the offset of the weights.
-        let a_off: Vec<i32> = a_qs
-            .iter()
-            .map(|q| 16 * q.iter().map(|&v| v as i32).sum::<i32>())
-            .collect();
+        let a_off = crate::q8_0::block_sums(&a_qs, 16);
         #[cfg(target_arch = "x86_64")]
         {
             let a = Operand {
@@ -325,20 +322,7 @@ macro_rules! kernel {
                         } else {
                             _mm256_and_si256(_mm256_srli_epi16(lo, 4), low)
                         };
-                        // Bit t of each byte to bit 4 (the mask keeps one bit
-                        // per byte, so no bit crosses into the next byte).
-                        let bit = _mm256_and_si256(hi, _mm256_set1_epi8(1 << t));
-                        let fifth = match t {
-                            0 => _mm256_slli_epi16(bit, 4),
-                            1 => _mm256_slli_epi16(bit, 3),
-                            2 => _mm256_slli_epi16(bit, 2),
-                            3 => _mm256_slli_epi16(bit, 1),
-                            4 => bit,
-                            5 => _mm256_srli_epi16(bit, 1),
-                            6 => _mm256_srli_epi16(bit, 2),
-                            _ => _mm256_srli_epi16(bit, 3),
-                        };
-                        let wq = _mm256_or_si256(nibble, fifth);
+                        let wq = _mm256_or_si256(nibble, crate::q8_0::fifth_bit(hi, t));
                         for (i, isum) in isum.iter_mut().enumerate() {
                             // Values 4t..4t+4 of prompt row i0+i, in every lane.
                             let aq = (a.qs.add((i0 + i) * kb + l) as *const i8).add(4 * t);

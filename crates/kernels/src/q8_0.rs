@@ -538,9 +538,7 @@ impl Q8Matrix {
         quantize_rows(lhs, &mut a_qs, &mut a_d);
         // The VNNI kernel's correction per activation block (see `tile_vnni`).
         let offsets: Vec<i32> = if vnni {
-            a_qs.iter()
-                .map(|b| -128 * b.iter().map(|&v| v as i32).sum::<i32>())
-                .collect()
+            block_sums(&a_qs, -128)
         } else {
             Vec::new()
         };
@@ -697,6 +695,35 @@ pub(crate) fn quantize_rows(xs: &[f32], qs: &mut [[i8; QK]], d: &mut [f32]) {
         };
         run(&xs[b0 * QK..b1 * QK], qs, d);
     });
+}
+
+/// `times` × each quantized block's sum: the integer correction of a
+/// weight offset (Q4_0's 8, Q5_0's 16, the VNNI kernel's 128) per block.
+pub(crate) fn block_sums(qs: &[[i8; QK]], times: i32) -> Vec<i32> {
+    qs.iter()
+        .map(|q| times * q.iter().map(|&v| v as i32).sum::<i32>())
+        .collect()
+}
+
+/// Bit `t` (0–7) of each byte of `bits`, moved to bit 4: a 5-bit value's
+/// fifth bit, stored apart, to or into its nibble (Q5_0, Q5_K). The mask
+/// keeps one bit per byte, so no bit crosses into the next byte under the
+/// 16-bit shift.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn fifth_bit(bits: __m256i, t: usize) -> __m256i {
+    let bit = _mm256_and_si256(bits, _mm256_set1_epi8((1u8 << t) as i8));
+    match t {
+        0 => _mm256_slli_epi16(bit, 4),
+        1 => _mm256_slli_epi16(bit, 3),
+        2 => _mm256_slli_epi16(bit, 2),
+        3 => _mm256_slli_epi16(bit, 1),
+        4 => bit,
+        5 => _mm256_srli_epi16(bit, 1),
+        6 => _mm256_srli_epi16(bit, 2),
+        _ => _mm256_srli_epi16(bit, 3),
+    }
 }
 
 /// [`quantize_rows`] one block at a time, without SIMD.
