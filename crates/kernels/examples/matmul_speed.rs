@@ -3,7 +3,8 @@
 //! Prints milliseconds per product and billions of multiply-adds per second for
 //! ragd's kernels and candle's on the same weights (medians of 21 runs); then
 //! the embedder's layer shapes (multilingual-e5-small, a batch of 2,048
-//! tokens): its Q4_0 weights on [`Q4Matrix`], re-quantized to Q8_0, and f32
+//! tokens): its Q4_0 weights on [`Q4Matrix`], re-quantized to Q8_0 and to
+//! Q5_0 (the kernels a weight that is not already 4-bit could take), and f32
 //! by candle's matmul (`gemm`).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -99,20 +100,23 @@ fn main() -> candle_core::Result<()> {
         let values: Vec<f32> = q4.flatten_all()?.to_vec1()?;
         let ours = Q4Matrix::from_exact(&values, n, k).expect("Q4_0 values");
         let q8 = Q8Matrix::from_qtensor(&QTensor::quantize(&q4, GgmlDType::Q8_0)?)?.expect("Q8_0");
+        let q5 = Q5Matrix::from_qtensor(&QTensor::quantize(&q4, GgmlDType::Q5_0)?)?.expect("Q5_0");
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut dst = vec![0f32; m * n];
         let a = time(|| ours.matmul(&xs, m, &mut dst));
         let b = time(|| q8.matmul(&xs, m, &mut dst));
+        let b5 = time(|| q5.matmul(&xs, m, &mut dst));
         let wt = q4.t()?;
         let c = time(|| {
             x.matmul(&wt).expect("f32 matmul");
         });
         let gmacs = |s: f64| (m * n * k) as f64 / s / 1e9;
         println!(
-            "Q4_0 {m:>4}x{k}x{n}: ragd {:6.1} GMAC/s | as Q8_0 {:6.1} GMAC/s | f32 {:6.1} GMAC/s | {:.2}x f32",
+            "Q4_0 {m:>4}x{k}x{n}: ragd {:6.1} GMAC/s | as Q8_0 {:6.1} GMAC/s | as Q5_0 {:6.1} GMAC/s | f32 {:6.1} GMAC/s | {:.2}x f32",
             gmacs(a),
             gmacs(b),
+            gmacs(b5),
             gmacs(c),
             c / a
         );
