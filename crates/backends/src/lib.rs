@@ -40,6 +40,31 @@ pub use ragd_pgstore::{redact_url, PgConfig, PgError, PgStore};
 pub use remote::{RemoteConfig, RemoteGenerator};
 pub use sqlite::SqliteStore;
 
+/// How a model thread hands the memory it has freed back to the system, set
+/// once by the program (the `ragd` binary registers its allocator's collect);
+/// without one, [`release_freed_memory`] does nothing.
+static RELEASE_FREED: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Registers how [`release_freed_memory`] works. Only the first call counts.
+pub fn set_memory_release(release: fn()) {
+    let _ = RELEASE_FREED.set(release);
+}
+
+/// Hands back the freed memory the calling thread's allocator holds.
+///
+/// Why: the allocator keeps what a thread frees for that thread's next
+/// allocations (a forward pass frees and allocates buffers of megabytes per
+/// layer, and faulting them in again each time cost ~10 % of a prefill), so
+/// a model thread that has gone idle still holds the buffers of its last
+/// work: a loaded model's temporary copies, an embedding batch's
+/// activations. `bench/serve-memory`: after 100 ingested documents the
+/// embedder threads held about 75 MB of such pages.
+pub(crate) fn release_freed_memory() {
+    if let Some(release) = RELEASE_FREED.get() {
+        release();
+    }
+}
+
 /// Why an engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

@@ -13,6 +13,16 @@ use ragd::Config;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Hands the calling thread's freed pages back to the system (mimalloc's
+/// `mi_collect`, forced): what a model thread keeps for its next pass once
+/// it goes idle (`ragd_backends::set_memory_release`).
+#[allow(unsafe_code)]
+fn collect_freed() {
+    // SAFETY: mi_collect takes no arguments but the flag; it walks the
+    // calling thread's heap and the allocator's arenas, which it owns.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 mod bench_cmd;
 mod bench_sources;
 mod cli_cmd;
@@ -386,6 +396,7 @@ async fn main() -> anyhow::Result<()> {
             }),
         )
         .init();
+    ragd_backends::set_memory_release(collect_freed);
     let cli = Cli::parse();
     match cli.command {
         Command::Serve {
