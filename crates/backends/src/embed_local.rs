@@ -176,21 +176,7 @@ fn serve(
     on_batch: Option<&(dyn Fn(usize) + Send + Sync)>,
 ) {
     let mut unreleased = 0;
-    loop {
-        let first = match rx.try_recv() {
-            Ok(job) => job,
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if unreleased >= RELEASE_AFTER_TEXTS {
-                    crate::release_freed_memory();
-                    unreleased = 0;
-                }
-                match rx.blocking_recv() {
-                    Some(job) => job,
-                    None => break,
-                }
-            }
-        };
+    while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         let mut queued = jobs[0].texts.len();
         while queued < EMBED_DRAIN_BUDGET {
@@ -227,6 +213,10 @@ fn serve(
                     let _ = job.reply.send(Err(e.to_string()));
                 }
             }
+        }
+        if unreleased >= RELEASE_AFTER_TEXTS && rx.is_empty() {
+            crate::release_freed_memory();
+            unreleased = 0;
         }
     }
 }
