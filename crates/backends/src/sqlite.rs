@@ -27,7 +27,7 @@ use ragd_core::{
     async_trait, BackendError, CollectionInfo, DocumentInfo, DocumentStore, Embedded, Filter, Hit,
     NewDocument, StoreStats, StoredChunk, UpsertFailure, UpsertStatus,
 };
-use ragd_index::{exact_top_k, IndexConfig, VectorIndex};
+use ragd_index::{IndexConfig, VectorIndex};
 use ragd_store::Store;
 
 use crate::LoadError;
@@ -61,18 +61,29 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-/// A new graph over the store's live chunks.
+/// A new graph over `vectors` (keys and vectors).
 fn build_graph(
-    store: &Store,
+    vectors: &[(usize, &[f32])],
     dim: usize,
     config: &IndexConfig,
 ) -> Result<VectorIndex, BackendError> {
     let graph = VectorIndex::new(dim, config.clone()).map_err(BackendError::server)?;
-    let items: Vec<(usize, &[f32])> = store.live().map(|(key, _, _, v)| (key, v)).collect();
     graph
-        .insert_many(&items)
+        .insert_many(vectors)
         .map_err(|e| BackendError::server(format!("stored vectors: {e}")))?;
     Ok(graph)
+}
+
+/// A new graph over the store's chunks, their vectors read from the database
+/// (at open, where no dump could be used).
+fn build_graph_from_store(
+    store: &Store,
+    dim: usize,
+    config: &IndexConfig,
+) -> Result<VectorIndex, BackendError> {
+    let vectors = store.vectors().map_err(BackendError::server)?;
+    let items: Vec<(usize, &[f32])> = vectors.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    build_graph(&items, dim, config)
 }
 
 impl Indexed {
@@ -108,7 +119,16 @@ impl Indexed {
             return Ok(());
         }
         let started = Instant::now();
-        let graph = build_graph(&self.store, self.graph.dim(), config)?;
+        // The live chunks' vectors, from the graph itself (the only copy
+        // in memory).
+        let mut live: Vec<(usize, Vec<f32>)> = Vec::with_capacity(self.store.live_count());
+        self.graph.for_each_vector(|key, v| {
+            if self.store.is_live(key) {
+                live.push((key, v.to_vec()));
+            }
+        });
+        let items: Vec<(usize, &[f32])> = live.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        let graph = build_graph(&items, self.graph.dim(), config)?;
         tracing::info!(
             dead,
             live = self.store.live_count(),
@@ -145,19 +165,15 @@ impl Indexed {
         } else {
             store
                 .live()
-                .filter(|(_, c, doc, _)| filter.matches(c, doc, store.metadata_of(c, doc)))
+                .filter(|(_, c, doc)| filter.matches(c, doc, store.metadata_of(c, doc)))
                 .count()
         };
+        // Over the graph's vectors: every live chunk is in the graph (removed
+        // ones too, until a rebuild; `allowed` leaves those out).
         let exact = || {
-            exact_top_k(
-                query,
-                store
-                    .live()
-                    .filter(|(key, _, _, _)| self.allowed(*key, filter))
-                    .map(|(key, _, _, v)| (key, v)),
-                k,
-            )
-            .map_err(BackendError::server)
+            self.graph
+                .exact_search(query, k, &|key| self.allowed(key, filter))
+                .map_err(BackendError::server)
         };
         if allowed_count <= EXACT_LIMIT.max(k) {
             return exact();
@@ -254,7 +270,7 @@ impl SqliteStore {
                 Ok(graph) => (graph, true),
                 Err(why) => {
                     tracing::info!(reason = %why, "rebuilding the vector index from the store");
-                    let graph = build_graph(&store, dim, &config)
+                    let graph = build_graph_from_store(&store, dim, &config)
                         .map_err(|e| LoadError::Index(e.message))?;
                     (graph, false)
                 }

@@ -397,6 +397,45 @@ impl VectorIndex {
         hits.truncate(k);
         Ok(hits)
     }
+
+    /// Calls `f` with each vector the graph holds and its id — removed ones
+    /// too, until the graph is rebuilt: the caller knows which are live.
+    /// The graph is where a service keeps its vectors in memory (one copy,
+    /// not another beside it in the store).
+    pub fn for_each_vector(&self, mut f: impl FnMut(usize, &[f32])) {
+        // hnsw_rs' point iterator unwraps the entry point once past the
+        // first layer, which an empty graph does not have.
+        if self.is_empty() {
+            return;
+        }
+        for point in self.hnsw.get_point_indexation() {
+            f(point.get_origin_id(), point.get_v());
+        }
+    }
+
+    /// [`exact_top_k`] over the vectors of this graph for which `keep(id)`
+    /// holds: the `k` most similar to `query` by comparing it with each, for
+    /// sets small or filtered enough that the graph's search could miss some.
+    pub fn exact_search(
+        &self,
+        query: &[f32],
+        k: usize,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Hit>, IndexError> {
+        self.check(query)?;
+        let mut hits = Vec::new();
+        self.for_each_vector(|id, v| {
+            if keep(id) {
+                hits.push(Hit {
+                    id,
+                    score: v.iter().zip(query).map(|(a, b)| a * b).sum(),
+                });
+            }
+        });
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+        hits.truncate(k);
+        Ok(hits)
+    }
 }
 
 /// Exact search: the `k` candidates most similar to `query` (dot product of
@@ -538,6 +577,54 @@ mod tests {
         .unwrap();
         assert_eq!(hits.iter().map(|h| h.id).collect::<Vec<_>>(), vec![7, 8]);
         assert!((hits[1].score - 0.6).abs() < 1e-6);
+    }
+
+    /// Exact search over the graph's own vectors: every vector of every
+    /// layer is seen once, the filter applies, and it agrees with
+    /// [`exact_top_k`] over the same vectors — in a built graph, in one
+    /// loaded from a dump, and in an empty one.
+    #[test]
+    fn exact_search_over_the_graph_sees_every_vector_once() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let index = VectorIndex::new(8, IndexConfig::default()).unwrap();
+        let empty = index.exact_search(&random_unit(&mut rng, 8), 5, &|_| true);
+        assert!(empty.unwrap().is_empty());
+        let mut seen = 0;
+        index.for_each_vector(|_, _| seen += 1);
+        assert_eq!(seen, 0);
+        // Enough points for several layers.
+        let vectors: Vec<Vec<f32>> = (0..2000).map(|_| random_unit(&mut rng, 8)).collect();
+        let items: Vec<(usize, &[f32])> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i + 1, v.as_slice()))
+            .collect();
+        index.insert_many(&items).unwrap();
+        let mut ids = Vec::new();
+        index.for_each_vector(|id, v| {
+            assert_eq!(v, vectors[id - 1].as_slice());
+            ids.push(id);
+        });
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=2000).collect::<Vec<_>>());
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("index");
+        index.dump(&dir, 1).unwrap();
+        let loaded = VectorIndex::load_dump(&dir, IndexConfig::default(), 1, 8).unwrap();
+        let odd = |id: usize| id % 2 == 1;
+        for q in (0..5).map(|_| random_unit(&mut rng, 8)) {
+            let want = exact_top_k(&q, items.iter().copied().filter(|(id, _)| odd(*id)), 10);
+            let want = want.unwrap();
+            assert_eq!(index.exact_search(&q, 10, &odd).unwrap(), want);
+            assert_eq!(loaded.exact_search(&q, 10, &odd).unwrap(), want);
+        }
+        assert_eq!(
+            index.exact_search(&[1.0, 0.0], 3, &|_| true),
+            Err(IndexError::DimensionMismatch {
+                expected: 8,
+                got: 2
+            })
+        );
     }
 
     #[test]

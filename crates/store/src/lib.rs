@@ -445,7 +445,7 @@ impl Store {
             &doc.id,
             doc.metadata.clone(),
             &old_keys,
-            &new,
+            &new.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
         );
         let status = if existing.is_some() {
             UpsertStatus::Updated
@@ -578,12 +578,37 @@ impl Store {
         Ok(Some((documents, keys)))
     }
 
+    /// Every chunk's key and vector, in key order, read from the database
+    /// (for building a graph at open: the vectors are not kept in memory
+    /// here).
+    pub fn vectors(&self) -> Result<Vec<KeyedVector>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key, vector FROM chunks ORDER BY key")
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as usize, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, blob) = row.map_err(self.db())?;
+            let vector = blob_to_vector(&blob).ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+                message: format!("vector of chunk {key}"),
+            })?;
+            out.push((key, vector));
+        }
+        Ok(out)
+    }
+
     /// The live chunks with these keys (missing ones are left out), in the given order.
     pub fn chunks(&self, keys: &[usize]) -> Result<Vec<StoredChunk>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT c.document_id, c.idx, d.title, c.text, c.start, c.end, c.section, c.collection
+                "SELECT c.document_id, c.idx, d.title, c.text, c.start, c.end, c.section, c.collection, c.vector
                  FROM chunks c JOIN documents d ON d.collection = c.collection AND d.id = c.document_id
                  WHERE c.key = ?1",
             )
@@ -601,13 +626,18 @@ impl Store {
                         r.get::<_, i64>(5)?,
                         r.get::<_, String>(6)?,
                         r.get::<_, String>(7)?,
+                        r.get::<_, Vec<u8>>(8)?,
                     ))
                 })
                 .optional()
                 .map_err(self.db())?;
-            if let Some((document_id, idx, title, text, start, end, section, collection)) = row {
-                // The live vectors are in memory; no need to read the blob again.
-                let vector = self.vector_of(key).map(<[f32]>::to_vec).unwrap_or_default();
+            if let Some((document_id, idx, title, text, start, end, section, collection, blob)) =
+                row
+            {
+                let vector = blob_to_vector(&blob).ok_or_else(|| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    message: format!("vector of chunk {key}"),
+                })?;
                 let (start, end) = (start as usize, end as usize);
                 out.push(StoredChunk {
                     key,
@@ -764,7 +794,7 @@ mod tests {
         let s = Store::open(dir.path(), "m", 2).unwrap();
         assert_eq!(s.document_count().unwrap(), 2);
         assert_eq!(
-            s.live().map(|(k, _, _, _)| k).collect::<Vec<_>>(),
+            s.live().map(|(k, _, _)| k).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
         assert_eq!(s.live_count(), 3);

@@ -1,6 +1,9 @@
-//! The in-memory view of the live chunks (their documents and vectors, by key)
-//! and of every document's metadata, read at open and kept current by each
-//! committed write.
+//! The in-memory view of the live chunks (their collection and document, by
+//! key) and of every document's metadata, read at open and kept current by
+//! each committed write. The vectors are not kept here: the service's graph
+//! holds them in memory (`ragd_index::VectorIndex`), and a second copy was a
+//! quarter of what each ingested chunk cost in memory (3 KB of about 12 KB
+//! with the two default embedders).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,15 +12,14 @@ use std::sync::Arc;
 use rusqlite::Connection;
 use serde_json::{Map, Value};
 
-use crate::{blob_to_vector, db_error, decode_metadata, KeyedVector, Store, StoreError};
+use crate::{db_error, decode_metadata, Store, StoreError};
 
-/// What retrieval needs of a live chunk, kept in memory: filters and exact
-/// search must not wait on the disk.
+/// What retrieval needs of a live chunk, kept in memory: filters must not
+/// wait on the disk.
 #[derive(Debug, Clone)]
 struct LiveChunk {
     collection: Arc<str>,
     document: Arc<str>,
-    vector: Arc<[f32]>,
 }
 
 /// Documents' metadata by id, in one collection.
@@ -58,34 +60,24 @@ impl LiveSet {
                 .or_default()
                 .insert(Arc::from(id.as_str()), metadata);
         }
-        let chunks: Vec<(usize, String, String, Vec<u8>)> = {
+        let chunks: Vec<(usize, String, String)> = {
             let mut stmt = conn
-                .prepare("SELECT key, collection, document_id, vector FROM chunks ORDER BY key")
+                .prepare("SELECT key, collection, document_id FROM chunks ORDER BY key")
                 .map_err(db)?;
             let rows = stmt
                 .query_map([], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as usize,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                    ))
+                    Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get(2)?))
                 })
                 .map_err(db)?;
             rows.collect::<Result<_, _>>().map_err(db)?
         };
-        for (key, collection, document, blob) in chunks {
-            let vector = blob_to_vector(&blob).ok_or_else(|| StoreError::Corrupt {
-                path: path.to_owned(),
-                message: format!("vector of chunk {key}"),
-            })?;
+        for (key, collection, document) in chunks {
             let (collection, document) = live.names(&collection, &document);
             live.set(
                 key,
                 Some(LiveChunk {
                     collection,
                     document,
-                    vector: vector.into(),
                 }),
             );
         }
@@ -155,7 +147,7 @@ impl LiveSet {
         id: &str,
         metadata: Map<String, Value>,
         old: &[usize],
-        new: &[KeyedVector],
+        new: &[usize],
     ) {
         for &k in old {
             self.set(k, None);
@@ -166,13 +158,12 @@ impl LiveSet {
             .entry(Arc::clone(&collection))
             .or_default()
             .insert(Arc::clone(&document), metadata);
-        for (k, v) in new {
+        for &k in new {
             self.set(
-                *k,
+                k,
                 Some(LiveChunk {
                     collection: Arc::clone(&collection),
                     document: Arc::clone(&document),
-                    vector: v.as_slice().into(),
                 }),
             );
         }
@@ -203,12 +194,13 @@ impl Store {
         self.live.get(key).is_some()
     }
 
-    /// Every live chunk: key, collection, document id and vector, in key order.
-    pub fn live(&self) -> impl Iterator<Item = (usize, &str, &str, &[f32])> + '_ {
-        self.live.chunks.iter().enumerate().filter_map(|(k, c)| {
-            c.as_ref()
-                .map(|c| (k, &*c.collection, &*c.document, &*c.vector))
-        })
+    /// Every live chunk: key, collection and document id, in key order.
+    pub fn live(&self) -> impl Iterator<Item = (usize, &str, &str)> + '_ {
+        self.live
+            .chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(k, c)| c.as_ref().map(|c| (k, &*c.collection, &*c.document)))
     }
 
     /// Number of live chunks.
@@ -226,11 +218,6 @@ impl Store {
         self.live.get(key).map(|c| (&*c.collection, &*c.document))
     }
 
-    /// The vector of chunk `key`, if the chunk is live.
-    pub fn vector_of(&self, key: usize) -> Option<&[f32]> {
-        self.live.get(key).map(|c| &*c.vector)
-    }
-
     /// The metadata of document `id` of `collection`.
     pub fn metadata_of(&self, collection: &str, id: &str) -> Option<&Map<String, Value>> {
         self.live.metadata.get(collection)?.get(id)
@@ -244,16 +231,16 @@ mod tests {
     #[test]
     fn count_follows_replacements_and_removals() {
         let mut live = LiveSet::default();
-        live.replace_document("c", "a", Map::new(), &[], &[(2, vec![1.0]), (3, vec![2.0])]);
+        live.replace_document("c", "a", Map::new(), &[], &[2, 3]);
         assert_eq!(live.count(), 2);
         assert!(live.get(1).is_none() && live.get(99).is_none());
-        live.replace_document("c", "a", Map::new(), &[2, 3], &[(4, vec![3.0])]);
+        live.replace_document("c", "a", Map::new(), &[2, 3], &[4]);
         assert_eq!(live.count(), 1);
         assert_eq!(live.get(4).map(|c| &*c.document), Some("a"));
         live.remove_document("c", "a", &[4]);
         assert_eq!(live.count(), 0);
         assert!(live.metadata["c"].is_empty());
-        live.replace_document("d", "a", Map::new(), &[], &[(5, vec![1.0])]);
+        live.replace_document("d", "a", Map::new(), &[], &[5]);
         assert_eq!((live.count_in("d"), live.count_in("c")), (1, 0));
         live.remove_collection("d", &[5]);
         assert_eq!(live.count(), 0);

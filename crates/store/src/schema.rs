@@ -343,7 +343,7 @@ mod tests {
             .unwrap();
         }
         let mut s = Store::open(dir.path(), "m", 2).unwrap();
-        let keys: Vec<usize> = s.live().map(|(k, _, _, _)| k).collect();
+        let keys: Vec<usize> = s.live().map(|(k, _, _)| k).collect();
         let chunks = s.chunks(&keys).unwrap();
         assert_eq!(chunks.len(), 2);
         assert!(
