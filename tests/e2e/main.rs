@@ -2084,7 +2084,19 @@ fn llama_python() -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    last_line(&out.stdout)
+}
+
+/// The last line a helper script printed: its answer (a path), whatever an
+/// installer it ran first may have printed before it.
+fn last_line(stdout: &[u8]) -> String {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// llama-cpp-python's server on a free loopback port with `args`, once it
@@ -2169,7 +2181,7 @@ async fn remote_embeddings_from_llama_cpp_server_agree_with_the_local_model() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let gguf = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let gguf = last_line(&out.stdout);
     let (_llama, url) = llama_server(&[
         "--embedding",
         "true",
