@@ -19,7 +19,9 @@
 #![deny(missing_docs)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use hnsw_rs::hnsw::Point;
 use hnsw_rs::prelude::{AnnT, Distance, FilterT, Hnsw, HnswIo};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -398,17 +400,22 @@ impl VectorIndex {
         Ok(hits)
     }
 
-    /// Calls `f` with each vector the graph holds and its id — removed ones
-    /// too, until the graph is rebuilt: the caller knows which are live.
-    /// The graph is where a service keeps its vectors in memory (one copy,
-    /// not another beside it in the store).
-    pub fn for_each_vector(&self, mut f: impl FnMut(usize, &[f32])) {
+    /// Every point of the graph — removed ones too, until the graph is
+    /// rebuilt: the caller knows which are live.
+    fn points(&self) -> impl Iterator<Item = Arc<Point<'static, f32>>> + '_ {
         // hnsw_rs' point iterator unwraps the entry point once past the
         // first layer, which an empty graph does not have.
-        if self.is_empty() {
-            return;
-        }
-        for point in self.hnsw.get_point_indexation() {
+        (!self.is_empty())
+            .then(|| self.hnsw.get_point_indexation().into_iter())
+            .into_iter()
+            .flatten()
+    }
+
+    /// Calls `f` with each vector the graph holds and its id (removed ones
+    /// too, as [`Self::points`]). The graph is where a service keeps its
+    /// vectors in memory (one copy, not another beside it in the store).
+    pub fn for_each_vector(&self, mut f: impl FnMut(usize, &[f32])) {
+        for point in self.points() {
             f(point.get_origin_id(), point.get_v());
         }
     }
@@ -423,18 +430,12 @@ impl VectorIndex {
         keep: &dyn Fn(usize) -> bool,
     ) -> Result<Vec<Hit>, IndexError> {
         self.check(query)?;
-        let mut hits = Vec::new();
-        self.for_each_vector(|id, v| {
-            if keep(id) {
-                hits.push(Hit {
-                    id,
-                    score: v.iter().zip(query).map(|(a, b)| a * b).sum(),
-                });
-            }
-        });
-        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
-        hits.truncate(k);
-        Ok(hits)
+        let kept: Vec<_> = self.points().filter(|p| keep(p.get_origin_id())).collect();
+        exact_top_k(
+            query,
+            kept.iter().map(|p| (p.get_origin_id(), p.get_v())),
+            k,
+        )
     }
 }
 

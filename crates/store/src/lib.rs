@@ -578,6 +578,15 @@ impl Store {
         Ok(Some((documents, keys)))
     }
 
+    /// Chunk `key`'s stored vector, decoded (a blob that is not one is
+    /// [`StoreError::Corrupt`]).
+    fn chunk_vector(&self, key: usize, blob: &[u8]) -> Result<Vec<f32>, StoreError> {
+        blob_to_vector(blob).ok_or_else(|| StoreError::Corrupt {
+            path: self.path.clone(),
+            message: format!("vector of chunk {key}"),
+        })
+    }
+
     /// Every chunk's key and vector, in key order, read from the database
     /// (for building a graph at open: the vectors are not kept in memory
     /// here).
@@ -594,10 +603,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (key, blob) = row.map_err(self.db())?;
-            let vector = blob_to_vector(&blob).ok_or_else(|| StoreError::Corrupt {
-                path: self.path.clone(),
-                message: format!("vector of chunk {key}"),
-            })?;
+            let vector = self.chunk_vector(key, &blob)?;
             out.push((key, vector));
         }
         Ok(out)
@@ -634,10 +640,7 @@ impl Store {
             if let Some((document_id, idx, title, text, start, end, section, collection, blob)) =
                 row
             {
-                let vector = blob_to_vector(&blob).ok_or_else(|| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    message: format!("vector of chunk {key}"),
-                })?;
+                let vector = self.chunk_vector(key, &blob)?;
                 let (start, end) = (start as usize, end as usize);
                 out.push(StoredChunk {
                     key,
