@@ -280,7 +280,8 @@ impl KMatrix {
 
     /// Whether prompts (more than [`FEW_ROWS`] rows) are multiplied here
     /// rather than by candle's repacked tiles: where [`crate::kquant_prompt`]
-    /// pays, in its tiles; Q5_K everywhere (elsewhere on the file's blocks) —
+    /// pays, in its tiles (every K-quant on AVX2 without VNNI, Q4_K and Q5_K
+    /// with VNNI); Q5_K everywhere (elsewhere on the file's blocks) —
     /// candle 0.11 has no tiles for it, and this module's file-block kernel
     /// is faster on prompts too (`matmul_speed 256`: 60–67 billion
     /// multiply-adds per second against candle's 38–40, on the AVX2-only
@@ -292,6 +293,7 @@ impl KMatrix {
     /// Whether prompts go to [`crate::kquant_prompt`]'s tiles.
     fn tiles_prompts(&self) -> bool {
         crate::kquant_prompt::pays()
+            || (self.kind != Kind::Q6K && crate::kquant_prompt::pays_vnni())
     }
 
     /// [`Self::matmul`] with the 512-bit Q4_K tile on or off (`zmm` is only

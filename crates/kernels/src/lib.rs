@@ -8,8 +8,9 @@
 //! * [`q4_0`]: weights that are Q4_0 values (multilingual-e5-small's), in
 //!   tiles whose 16-bit sums span a block;
 //! * [`kquant`]: Q4_K, Q5_K and Q6_K on the file's own blocks;
-//! * [`kquant_prompt`]: Q4_K and Q6_K prompts on AVX2 without AVX-512 VNNI,
-//!   in tiles whose 16-bit sums span a sub-block;
+//! * [`kquant_prompt`]: K-quant prompts on AVX2 without AVX-512 VNNI, in
+//!   tiles whose 16-bit sums span a sub-block, and Q4_K and Q5_K prompts with
+//!   it (32-bit sums by `vpdpbusd`);
 //! * [`softmax`]: attention's softmax with a vectorisable exp (and, for the
 //!   generator, the scale and the causal mask in the same pass);
 //! * [`prepared`]: the Q8_0 and Q5_0 layouts read in place from a file an

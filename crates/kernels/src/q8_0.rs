@@ -59,9 +59,10 @@ pub enum Linear {
     /// Q4_K, Q5_K and Q6_K weights: up to [`FEW_ROWS`] rows (decoding,
     /// drafted tokens) through [`crate::kquant`], which reads the weights as
     /// compact as they are in the file; prompts where
-    /// [`KMatrix::takes_prompts`] (Q4_K and Q6_K on AVX2 without VNNI
-    /// through [`crate::kquant_prompt`], Q5_K always); other prompts through
-    /// candle, whose repacked tiles are faster there
+    /// [`KMatrix::takes_prompts`] (through [`crate::kquant_prompt`]: every
+    /// K-quant on AVX2 without VNNI, Q4_K and Q5_K with it; Q5_K always);
+    /// other prompts (Q6_K on VNNI) through candle, whose repacked tiles are
+    /// faster there
     /// (`crates/kernels/examples/matmul_speed.rs`).
     K(Arc<KMatrix>, QMatMul),
     /// Anything else through candle.
