@@ -208,16 +208,21 @@ impl std::fmt::Debug for Generator {
     }
 }
 
-/// The model file mapped into memory while it is loaded, so the weights the
-/// kernels re-lay out are read in place (`None` if it cannot be mapped: they
-/// are then read through the file).
+/// The model file mapped into memory, so the weights the kernels re-lay out
+/// are read in place while it loads, and K-quant weights (multiplied in the
+/// file's own blocks) are read from it for as long as the model is served
+/// (`None` if it cannot be mapped: they are then read through the file).
 #[allow(unsafe_code)]
-fn map_file(file: &std::fs::File) -> Option<memmap2::Mmap> {
-    // SAFETY: the map lives only while the model loads and is only read;
-    // ragd never writes a model file in place (a re-quantized copy is written
-    // beside it and renamed). Someone truncating the file during those
-    // seconds would make the load fault, as llama.cpp's mapped loads would.
-    unsafe { memmap2::Mmap::map(file) }.ok()
+fn map_file(file: &std::fs::File) -> Option<std::sync::Arc<memmap2::Mmap>> {
+    // SAFETY: the map is only read; ragd never writes a model file in place
+    // (a re-quantized copy is written beside it and renamed, as
+    // `scripts/fetch-models` does with its downloads). Someone truncating or
+    // rewriting the file in place while it is mapped would make the process
+    // fault, as it would llama.cpp, which maps its model files the same way;
+    // the README says to replace a model file by renaming a new one over it.
+    unsafe { memmap2::Mmap::map(file) }
+        .ok()
+        .map(std::sync::Arc::new)
 }
 
 /// How [`Generator::load_with`] loads a model.
@@ -358,8 +363,9 @@ impl Generator {
         } else {
             prepared::Preparation::none()
         };
-        let map = mapped.as_deref().map(|bytes| models::layers::Mapped {
-            bytes,
+        let map = mapped.as_ref().map(|shared| models::layers::Mapped {
+            bytes: &shared[..],
+            shared,
             file: &handle,
             prepared: &preparation,
         });

@@ -34,11 +34,12 @@
 //! pointers so the pool's threads write disjoint parts of one output.
 #![allow(unsafe_code)]
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use std::sync::Arc;
 
 use crate::kquant_prompt::{Q4Tiles, Q5Tiles, Q6Tiles};
+use crate::prepared::SharedBytes;
 #[cfg(target_arch = "x86_64")]
 use crate::q8_0::walk_panel;
 use crate::q8_0::{matmul_op, SendPtr, FEW_ROWS, RM};
@@ -59,6 +60,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The GGUF type.
+    fn dtype(self) -> GgmlDType {
+        match self {
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q6K => GgmlDType::Q6K,
+        }
+    }
+
     fn of(dtype: GgmlDType) -> Option<Self> {
         match dtype {
             GgmlDType::Q4K => Some(Self::Q4K),
@@ -84,9 +94,12 @@ pub struct KMatrix {
     kind: Kind,
     n: usize,
     k: usize,
-    /// The tensor as loaded (shared with candle's `QMatMul`, which multiplies
-    /// prompts: see [`crate::q8_0::Linear`]).
-    tensor: Arc<QTensor>,
+    /// Where the file's blocks are.
+    source: Source,
+    /// candle's product, for prompts this module does not take
+    /// ([`Self::takes_prompts`]): made on the first such prompt, from the
+    /// tensor or a copy of the mapped bytes.
+    candle: std::sync::OnceLock<QMatMul>,
     /// The weights laid out for prompts where [`crate::kquant_prompt::pays`],
     /// made on the first prompt.
     prompt: std::sync::OnceLock<PromptTiles>,
@@ -96,6 +109,21 @@ impl std::fmt::Debug for KMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "KMatrix({:?}, {}x{})", self.kind, self.n, self.k)
     }
+}
+
+/// The blocks of a [`KMatrix`].
+enum Source {
+    /// A tensor read into memory.
+    Tensor(Arc<QTensor>),
+    /// `len` bytes at `offset` of a memory-mapped model file: nothing read
+    /// or copied at load, the pages read as the products first touch them
+    /// (as llama.cpp maps its files), and the page cache's rather than the
+    /// process's own (Qwen2.5-Coder-1.5B: about 1 GB of K-quant weights).
+    Mapped {
+        bytes: SharedBytes,
+        offset: usize,
+        len: usize,
+    },
 }
 
 /// A K-quant matrix laid out for prompts ([`crate::kquant_prompt`]).
@@ -169,9 +197,75 @@ impl KMatrix {
             kind,
             n,
             k,
-            tensor: Arc::clone(t),
+            source: Source::Tensor(Arc::clone(t)),
+            candle: std::sync::OnceLock::new(),
             prompt: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// A `dtype` matrix of shape `(n, k)` whose blocks are `bytes[offset..]`
+    /// (a memory-mapped model file), read in place; `None` for other types
+    /// and shapes, an error where the bytes fall short.
+    pub fn from_mapped(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        bytes: SharedBytes,
+        offset: usize,
+    ) -> Result<Option<Self>> {
+        let Some(kind) = Kind::of(dtype) else {
+            return Ok(None);
+        };
+        if !k.is_multiple_of(QK) || n == 0 {
+            return Ok(None);
+        }
+        let len = n * k / QK * kind.block_bytes();
+        let have = (*bytes).as_ref().len();
+        if offset.checked_add(len).is_none_or(|end| end > have) {
+            candle_core::bail!(
+                "{kind:?} tensor of {n}x{k} needs {len} bytes at {offset}, the file has {have}"
+            );
+        }
+        Ok(Some(Self {
+            kind,
+            n,
+            k,
+            source: Source::Mapped { bytes, offset, len },
+            candle: std::sync::OnceLock::new(),
+            prompt: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// The file's blocks, row by row.
+    fn data(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        match &self.source {
+            Source::Tensor(t) => t.data(),
+            Source::Mapped { bytes, offset, len } => Ok(std::borrow::Cow::Borrowed(
+                &(**bytes).as_ref()[*offset..offset + len],
+            )),
+        }
+    }
+
+    /// candle's product over the same weights (see [`Self::candle`]).
+    pub fn candle(&self) -> Result<&QMatMul> {
+        if let Some(m) = self.candle.get() {
+            return Ok(m);
+        }
+        let tensor = match &self.source {
+            Source::Tensor(t) => Arc::clone(t),
+            Source::Mapped { .. } => {
+                Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    self.kind.dtype(),
+                    &self.data()?,
+                    vec![self.n, self.k],
+                    &candle_core::Device::Cpu,
+                )?)
+            }
+        };
+        let m = QMatMul::from_arc(tensor)?;
+        // Another thread may have made it meanwhile: the same.
+        let _ = self.candle.set(m);
+        Ok(self.candle.get().expect("set above"))
     }
 
     /// Output features.
@@ -184,15 +278,10 @@ impl KMatrix {
         self.k
     }
 
-    /// The tensor it reads.
-    pub fn tensor(&self) -> &Arc<QTensor> {
-        &self.tensor
-    }
-
     /// Weight row `j` as f32 values (ggml's `dequantize_row_q4_K` / `_q6_K`).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) -> Result<()> {
         let bb = self.kind.block_bytes();
-        let data = self.tensor.data()?;
+        let data = self.data()?;
         let row = &data[j * (self.k / QK) * bb..(j + 1) * (self.k / QK) * bb];
         for (b, y) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
             match self.kind {
@@ -257,7 +346,7 @@ impl KMatrix {
     pub fn matmul(&self, lhs: &[f32], m: usize, dst: &mut [f32]) -> Result<()> {
         if m > FEW_ROWS && self.tiles_prompts() {
             if self.prompt.get().is_none() {
-                let data = self.tensor.data()?;
+                let data = self.data()?;
                 let tiles = match self.kind {
                     Kind::Q4K => PromptTiles::Q4(Q4Tiles::from_blocks(self.n, self.k, &data)),
                     Kind::Q6K => PromptTiles::Q6(Q6Tiles::from_blocks(self.n, self.k, &data)),
@@ -311,7 +400,7 @@ impl KMatrix {
             Kind::Q6K => 16,
         };
         let a = Q8K::quantize(lhs, m, self.k, group);
-        let data = self.tensor.data()?;
+        let data = self.data()?;
         #[cfg(target_arch = "x86_64")]
         {
             let view = View {
@@ -955,6 +1044,47 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&wide), bits(&narrow), "{:?} ({m},{k},{n})", ours.kind);
             }
+        }
+        Ok(())
+    }
+
+    /// A matrix read in place from a mapped file's bytes multiplies as the
+    /// tensor it was read from does — decoding rows, prompts, and candle's
+    /// product (made from a copy of the bytes on first use) — and bytes that
+    /// fall short of the shape are an error, not a read past them.
+    #[test]
+    fn mapped_blocks_multiply_as_the_tensor_does() -> Result<()> {
+        let (n, k) = (24, 512);
+        for (qt, ours) in matrices(n, k, 17)? {
+            // The blocks 40 bytes into a "file", as a GGUF file's tensor data.
+            let mut file = vec![0xAAu8; 40];
+            file.extend_from_slice(&qt.data()?);
+            let len = file.len();
+            let bytes: SharedBytes = Arc::new(file);
+            let mapped = KMatrix::from_mapped(qt.dtype(), n, k, Arc::clone(&bytes), 40)?
+                .expect("a K-quant matrix");
+            assert!(KMatrix::from_mapped(qt.dtype(), n, k, Arc::clone(&bytes), 41).is_err());
+            assert!(KMatrix::from_mapped(qt.dtype(), n, k, Arc::clone(&bytes), len).is_err());
+            assert!(KMatrix::from_mapped(GgmlDType::Q8_0, n, k, bytes, 40)?.is_none());
+            let mut row = vec![0f32; k];
+            let mut want_row = vec![0f32; k];
+            mapped.dequantize_row(n - 1, &mut row)?;
+            ours.dequantize_row(n - 1, &mut want_row)?;
+            assert_eq!(row, want_row);
+            if !crate::q8_0::kernel_available() {
+                continue;
+            }
+            for m in [1, 40] {
+                let x = pseudo_random(m * k, 5 + m as u64);
+                let (mut got, mut want) = (vec![0f32; m * n], vec![0f32; m * n]);
+                mapped.matmul(&x, m, &mut got)?;
+                ours.matmul(&x, m, &mut want)?;
+                assert_eq!(got, want, "{:?} {m} rows", ours.kind);
+            }
+            let x = Tensor::from_vec(pseudo_random(40 * k, 9), (40, k), &Device::Cpu)?;
+            let got: Vec<f32> = mapped.candle()?.forward(&x)?.flatten_all()?.to_vec1()?;
+            let want: Vec<f32> = ours.candle()?.forward(&x)?.flatten_all()?.to_vec1()?;
+            assert_eq!(got, want, "{:?} through candle", ours.kind);
         }
         Ok(())
     }

@@ -64,7 +64,7 @@ pub enum Linear {
     /// other prompts (Q6_K on VNNI) through candle, whose repacked tiles are
     /// faster there
     /// (`crates/kernels/examples/matmul_speed.rs`).
-    K(Arc<KMatrix>, QMatMul),
+    K(Arc<KMatrix>),
     /// Anything else through candle.
     Candle(QMatMul),
 }
@@ -85,10 +85,27 @@ impl Linear {
         let t = Arc::new(t);
         if kernel_available() && kquant_enabled() {
             if let Some(m) = KMatrix::from_qtensor(&t)? {
-                return Ok(Self::K(Arc::new(m), QMatMul::from_arc(t)?));
+                return Ok(Self::K(Arc::new(m)));
             }
         }
         Ok(Self::Candle(QMatMul::from_arc(t)?))
+    }
+
+    /// A Q4_K, Q5_K or Q6_K matrix `(n, k)` read in place from a mapped
+    /// model file's `bytes` at `offset` ([`KMatrix::from_mapped`]); `None`
+    /// for other types or where the kernels do not run (read the tensor
+    /// instead).
+    pub fn from_mapped_kquant(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        bytes: SharedBytes,
+        offset: usize,
+    ) -> Result<Option<Self>> {
+        if !(kernel_available() && kquant_enabled()) {
+            return Ok(None);
+        }
+        Ok(KMatrix::from_mapped(dtype, n, k, bytes, offset)?.map(|m| Self::K(Arc::new(m))))
     }
 }
 
@@ -196,12 +213,12 @@ impl Module for Linear {
                 let xs = xs.contiguous()?;
                 xs.apply_op1_no_bwd(&**m)
             }
-            Self::K(m, prompts) => {
+            Self::K(m) => {
                 let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?.max(1);
                 if rows <= FEW_ROWS || m.takes_prompts() {
                     xs.contiguous()?.apply_op1_no_bwd(&**m)
                 } else {
-                    prompts.forward(xs)
+                    m.candle()?.forward(xs)
                 }
             }
             Self::Candle(m) => {
@@ -274,6 +291,18 @@ impl TokenEmbedding {
         )))
     }
 
+    /// A Q4_K, Q5_K or Q6_K table read in place from a mapped model file
+    /// (as [`Linear::from_mapped_kquant`]); `None` for other types.
+    pub fn from_mapped_kquant(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        bytes: SharedBytes,
+        offset: usize,
+    ) -> Result<Option<Self>> {
+        Ok(KMatrix::from_mapped(dtype, n, k, bytes, offset)?.map(|m| Self::K(Arc::new(m))))
+    }
+
     /// [`TokenEmbedding::from_qtensor`] for a Q8_0 or Q5_0 table's bytes as
     /// GGUF stores them; `None` for other types.
     pub fn from_raw(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Result<Option<Self>> {
@@ -303,10 +332,7 @@ impl TokenEmbedding {
         match self {
             Self::Q8(m) if kernel_available() => Some(Linear::Q8(Arc::clone(m))),
             Self::Q5(m) if kernel_available() => Some(Linear::Q5(Arc::clone(m))),
-            Self::K(m) if kernel_available() && kquant_enabled() => Some(Linear::K(
-                Arc::clone(m),
-                QMatMul::from_arc(Arc::clone(m.tensor())).ok()?,
-            )),
+            Self::K(m) if kernel_available() && kquant_enabled() => Some(Linear::K(Arc::clone(m))),
             _ => None,
         }
     }

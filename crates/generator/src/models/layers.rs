@@ -31,13 +31,16 @@ use candle_transformers::quantized_nn::RmsNorm;
 use super::attention::{grouped_attention, KvCache};
 use crate::prepared::Preparation;
 use crate::q8_0::{Linear, TokenEmbedding};
+use ragd_kernels::prepared::SharedBytes;
 use ragd_kernels::rows::FileTable;
 
-/// A model file's bytes, memory-mapped while it loads, the file, and its
-/// prepared weights (read from them where valid, else recorded to write them).
+/// A model file's bytes, memory-mapped (`shared`: the map itself, which
+/// K-quant weights keep), the file, and its prepared weights (read from them
+/// where valid, else recorded to write them).
 #[derive(Clone, Copy)]
 pub(crate) struct Mapped<'a> {
     pub(crate) bytes: &'a [u8],
+    pub(crate) shared: &'a std::sync::Arc<memmap2::Mmap>,
     pub(crate) file: &'a std::fs::File,
     pub(crate) prepared: &'a Preparation,
 }
@@ -80,6 +83,25 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
         let start = usize::try_from(self.ct.tensor_data_offset.checked_add(info.offset)?).ok()?;
         map.get(start..start.checked_add(bytes)?)
             .map(|data| (info, data))
+    }
+
+    /// A K-quant tensor `name` read in place from the mapped file, as a
+    /// linear layer or (`table`) a token table; `None`: not mapped, not a
+    /// 2-D K-quant tensor, or the kernels do not run here.
+    fn mapped_kquant<T>(
+        &self,
+        name: &str,
+        make: impl FnOnce(GgmlDType, usize, usize, SharedBytes, usize) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let (Some(map), Some((dtype, n, k, data))) = (self.map, self.raw(name)) else {
+            return Ok(None);
+        };
+        if !matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) {
+            return Ok(None);
+        }
+        let offset = data.as_ptr() as usize - map.bytes.as_ptr() as usize;
+        let shared: SharedBytes = std::sync::Arc::clone(map.shared) as SharedBytes;
+        make(dtype, n, k, shared, offset)
     }
 
     /// A tensor's type, shape `(rows, cols)` and bytes in the mapped file,
@@ -138,6 +160,9 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
                 return Ok(linear);
             }
         }
+        if let Some(linear) = self.mapped_kquant(name, Linear::from_mapped_kquant)? {
+            return Ok(linear);
+        }
         Linear::from_qtensor(self.tensor(name)?)
     }
 
@@ -175,6 +200,10 @@ impl<'a, R: Read + Seek> Gguf<'a, R> {
                 }
             }
             _ => None,
+        };
+        let raw = match raw {
+            Some(table) => Some(table),
+            None => self.mapped_kquant("token_embd.weight", TokenEmbedding::from_mapped_kquant)?,
         };
         let tok_embeddings = match raw {
             Some(table) => table,
