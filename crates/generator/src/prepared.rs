@@ -76,14 +76,24 @@ impl Source {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let mut head = Vec::with_capacity(HEAD_BYTES.min(meta.len()) as usize);
-        fs::File::open(model)?
-            .take(HEAD_BYTES)
-            .read_to_end(&mut head)?;
+        // In pieces through one small buffer: a 16 MB buffer was fresh
+        // memory at every load, zeroed by the kernel page by page (7 % of
+        // a Qwen2.5-Coder-0.5B load's samples in `perf`, though the load's
+        // wall time did not measurably change: 0.27-0.54 s either way).
+        let mut file = fs::File::open(model)?.take(HEAD_BYTES);
+        let mut hasher = crc32fast::Hasher::new();
+        let mut piece = vec![0u8; 256 << 10];
+        loop {
+            let n = file.read(&mut piece)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&piece[..n]);
+        }
         Ok(Self {
             bytes: meta.len(),
             modified_ns,
-            head_crc32: crc32fast::hash(&head),
+            head_crc32: hasher.finalize(),
         })
     }
 }
