@@ -376,13 +376,27 @@ impl KMatrix {
     /// multiply-adds per second against candle's 38–40, on the AVX2-only
     /// host).
     pub fn takes_prompts(&self) -> bool {
-        self.kind == Kind::Q5K || self.tiles_prompts()
+        Self::takes_prompts_of(self.kind)
+    }
+
+    /// [`Self::takes_prompts`] for a matrix of `kind`.
+    fn takes_prompts_of(kind: Kind) -> bool {
+        kind == Kind::Q5K || Self::tiles_prompts_of(kind)
+    }
+
+    /// Whether a `dtype` matrix's prompts are multiplied here
+    /// ([`Self::takes_prompts`]; `false` for other types).
+    pub fn takes_prompts_for(dtype: GgmlDType) -> bool {
+        Kind::of(dtype).is_some_and(Self::takes_prompts_of)
     }
 
     /// Whether prompts go to [`crate::kquant_prompt`]'s tiles.
     fn tiles_prompts(&self) -> bool {
-        crate::kquant_prompt::pays()
-            || (self.kind != Kind::Q6K && crate::kquant_prompt::pays_vnni())
+        Self::tiles_prompts_of(self.kind)
+    }
+
+    fn tiles_prompts_of(kind: Kind) -> bool {
+        crate::kquant_prompt::pays() || (kind != Kind::Q6K && crate::kquant_prompt::pays_vnni())
     }
 
     /// [`Self::matmul`] with the 512-bit Q4_K tile on or off (`zmm` is only

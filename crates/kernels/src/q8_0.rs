@@ -93,8 +93,11 @@ impl Linear {
 
     /// A Q4_K, Q5_K or Q6_K matrix `(n, k)` read in place from a mapped
     /// model file's `bytes` at `offset` ([`KMatrix::from_mapped`]); `None`
-    /// for other types or where the kernels do not run (read the tensor
-    /// instead).
+    /// for other types, where the kernels do not run, and where candle's
+    /// product takes its prompts (Q6_K on AVX-512 VNNI): that needs the
+    /// tensor in memory anyway, and the mapped pages the decoding rows read
+    /// would be a second copy of it in the process's resident set. Read the
+    /// tensor instead.
     pub fn from_mapped_kquant(
         dtype: GgmlDType,
         n: usize,
@@ -102,7 +105,7 @@ impl Linear {
         bytes: SharedBytes,
         offset: usize,
     ) -> Result<Option<Self>> {
-        if !(kernel_available() && kquant_enabled()) {
+        if !(kernel_available() && kquant_enabled() && KMatrix::takes_prompts_for(dtype)) {
             return Ok(None);
         }
         Ok(KMatrix::from_mapped(dtype, n, k, bytes, offset)?.map(|m| Self::K(Arc::new(m))))
