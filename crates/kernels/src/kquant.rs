@@ -176,6 +176,17 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 impl KMatrix {
+    fn new(kind: Kind, n: usize, k: usize, source: Source) -> Self {
+        Self {
+            kind,
+            n,
+            k,
+            source,
+            candle: std::sync::OnceLock::new(),
+            prompt: std::sync::OnceLock::new(),
+        }
+    }
+
     /// Wraps a Q4_K or Q6_K tensor of shape `(n, k)` (no copy); `None` for
     /// other types and shapes.
     pub fn from_qtensor(t: &Arc<QTensor>) -> Result<Option<Self>> {
@@ -193,14 +204,7 @@ impl KMatrix {
         if bytes != want {
             candle_core::bail!("{kind:?} tensor of {n}x{k} has {bytes} bytes, expected {want}");
         }
-        Ok(Some(Self {
-            kind,
-            n,
-            k,
-            source: Source::Tensor(Arc::clone(t)),
-            candle: std::sync::OnceLock::new(),
-            prompt: std::sync::OnceLock::new(),
-        }))
+        Ok(Some(Self::new(kind, n, k, Source::Tensor(Arc::clone(t)))))
     }
 
     /// A `dtype` matrix of shape `(n, k)` whose blocks are `bytes[offset..]`
@@ -226,14 +230,12 @@ impl KMatrix {
                 "{kind:?} tensor of {n}x{k} needs {len} bytes at {offset}, the file has {have}"
             );
         }
-        Ok(Some(Self {
+        Ok(Some(Self::new(
             kind,
             n,
             k,
-            source: Source::Mapped { bytes, offset, len },
-            candle: std::sync::OnceLock::new(),
-            prompt: std::sync::OnceLock::new(),
-        }))
+            Source::Mapped { bytes, offset, len },
+        )))
     }
 
     /// The file's blocks, row by row.

@@ -679,28 +679,9 @@ unsafe fn tile_q45k<T: Nibbles, const M: usize>(v: &View<T>, i0: usize, g: usize
                     }
                 }
             }
-            let d = _mm256_loadu_ps(t.d.as_ptr());
-            let dmin = _mm256_loadu_ps(t.dmin.as_ptr());
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let idx = (i0 + i) * kb + b;
-                let sums = a.sums.as_ptr().add(idx * 4);
-                let mut msum = _mm256_setzero_si256();
-                for j in 0..4 {
-                    let mn = _mm256_loadu_si256(t.mn[j].as_ptr() as *const __m256i);
-                    msum = _mm256_add_epi32(
-                        msum,
-                        _mm256_madd_epi16(mn, _mm256_set1_epi32(*sums.add(j))),
-                    );
-                }
-                let ad = _mm256_broadcast_ss(&*a.d.as_ptr().add(idx));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, ad), *acc);
-                *acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, ad), *acc);
-            }
+            fold_block(t, a, i0, b, &isum, &mut acc);
         }
-        let cols = RN.min(v.n - g * RN);
-        for (i, &acc) in acc.iter().enumerate() {
-            crate::q8_0::store_lanes(acc, out.add((i0 + i) * v.n + g * RN), cols);
-        }
+        store_tile(v.n, i0, g, &acc, out);
     }
 }
 
@@ -759,28 +740,62 @@ unsafe fn tile_q45k_vnni<T: Nibbles, const M: usize>(
                     *isum = _mm256_add_epi32(*isum, _mm256_mullo_epi32(sub, sc));
                 }
             }
-            let d = _mm256_loadu_ps(t.d.as_ptr());
-            let dmin = _mm256_loadu_ps(t.dmin.as_ptr());
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let idx = (i0 + i) * kb + b;
-                let sums = a.sums.as_ptr().add(idx * 4);
-                let mut msum = _mm256_setzero_si256();
-                for j in 0..4 {
-                    let mn = _mm256_loadu_si256(t.mn[j].as_ptr() as *const __m256i);
-                    msum = _mm256_add_epi32(
-                        msum,
-                        _mm256_madd_epi16(mn, _mm256_set1_epi32(*sums.add(j))),
-                    );
-                }
-                let ad = _mm256_broadcast_ss(&*a.d.as_ptr().add(idx));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, ad), *acc);
-                *acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, ad), *acc);
+            fold_block(t, a, i0, b, &isum, &mut acc);
+        }
+        store_tile(v.n, i0, g, &acc, out);
+    }
+}
+
+/// Adds block `b`'s integer sums `isum` of prompt rows `i0..i0 + M` (their
+/// scaled products with Q4_K-style tile `t`) to `acc` in floats, less the
+/// minimums times the activations' sums per 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn fold_block<const M: usize>(
+    t: &Tile,
+    a: &Activations,
+    i0: usize,
+    b: usize,
+    isum: &[__m256i; M],
+    acc: &mut [__m256; M],
+) {
+    // SAFETY: the caller's tile checked the rows and blocks are in bounds.
+    unsafe {
+        let d = _mm256_loadu_ps(t.d.as_ptr());
+        let dmin = _mm256_loadu_ps(t.dmin.as_ptr());
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let idx = (i0 + i) * a.kb + b;
+            let sums = a.sums.as_ptr().add(idx * 4);
+            let mut msum = _mm256_setzero_si256();
+            for j in 0..4 {
+                let mn = _mm256_loadu_si256(t.mn[j].as_ptr() as *const __m256i);
+                msum =
+                    _mm256_add_epi32(msum, _mm256_madd_epi16(mn, _mm256_set1_epi32(*sums.add(j))));
             }
+            let ad = _mm256_broadcast_ss(&*a.d.as_ptr().add(idx));
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, ad), *acc);
+            *acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, ad), *acc);
         }
-        let cols = RN.min(v.n - g * RN);
-        for (i, &acc) in acc.iter().enumerate() {
-            crate::q8_0::store_lanes(acc, out.add((i0 + i) * v.n + g * RN), cols);
-        }
+    }
+}
+
+/// Stores the `M` prompt rows from `i0` of weight group `g` (an output of
+/// `n` columns).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn store_tile<const M: usize>(
+    n: usize,
+    i0: usize,
+    g: usize,
+    acc: &[__m256; M],
+    out: *mut f32,
+) {
+    let cols = RN.min(n - g * RN);
+    for (i, &acc) in acc.iter().enumerate() {
+        // SAFETY: rows i0..i0 + M and group g's columns are in the output.
+        unsafe { crate::q8_0::store_lanes(acc, out.add((i0 + i) * n + g * RN), cols) };
     }
 }
 
@@ -827,10 +842,7 @@ unsafe fn tile_q6k<const M: usize>(v: &View<Tile6>, i0: usize, g: usize, out: *m
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, ad), *acc);
             }
         }
-        let cols = RN.min(v.n - g * RN);
-        for (i, &acc) in acc.iter().enumerate() {
-            crate::q8_0::store_lanes(acc, out.add((i0 + i) * v.n + g * RN), cols);
-        }
+        store_tile(v.n, i0, g, &acc, out);
     }
 }
 
