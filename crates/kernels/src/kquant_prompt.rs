@@ -118,10 +118,11 @@ impl std::fmt::Debug for Q4Tiles {
     }
 }
 
-/// Whether prompts' K-quant products take this module's path: AVX2, FMA and
-/// F16C without AVX-512 VNNI (there candle's 512-bit VNNI tiles were 1.56×
-/// llama.cpp's prefill; this path was not measured on such a CPU).
-/// `RAGD_NO_KQUANT_TILES=1` turns it off (for comparisons).
+/// Whether prompts' K-quant products (all three types) take this module's
+/// 16-bit road: AVX2, FMA and F16C without AVX-512 VNNI. With VNNI, Q4_K and
+/// Q5_K take the VNNI tiles ([`pays_vnni`]) and Q6_K candle's, which are
+/// faster there than this road. `RAGD_NO_KQUANT_TILES=1` turns it off (for
+/// comparisons).
 pub fn pays() -> bool {
     static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PAYS.get_or_init(|| {
