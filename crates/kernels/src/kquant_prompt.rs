@@ -644,7 +644,6 @@ unsafe fn tile_q45k<T: Nibbles, const M: usize>(v: &View<T>, i0: usize, g: usize
     // Steps (of two `maddubs`: low and high nibbles) per 16-bit sum.
     let run = if T::FIVE { 2 } else { 4 };
     unsafe {
-        let low = _mm256_set1_epi8(0xF);
         let mut acc = [_mm256_setzero_ps(); M];
         let tiles = v.tiles.add(g * kb);
         for b in 0..kb {
@@ -657,13 +656,7 @@ unsafe fn tile_q45k<T: Nibbles, const M: usize>(v: &View<T>, i0: usize, g: usize
                 for p0 in (0..4).step_by(run) {
                     let mut s16 = [_mm256_setzero_si256(); M];
                     for p in p0..p0 + run {
-                        let packed = _mm256_loadu_si256(t.qs[s][p].as_ptr() as *const __m256i);
-                        let mut wl = _mm256_and_si256(packed, low);
-                        let mut wh = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                        if T::FIVE {
-                            wl = _mm256_or_si256(wl, fifth_bit(qh, p));
-                            wh = _mm256_or_si256(wh, fifth_bit(qh, p + 4));
-                        }
+                        let (wl, wh) = step_values::<T>(&t.qs[s][p], qh, p);
                         for (i, s16) in s16.iter_mut().enumerate() {
                             let aq = a.qs.as_ptr().add((i0 + i) * k + b * QK + 32 * s);
                             let al =
@@ -706,7 +699,6 @@ unsafe fn tile_q45k_vnni<T: Nibbles, const M: usize>(
     let (a, kb) = (v.a, v.a.kb);
     let k = kb * QK;
     unsafe {
-        let low = _mm256_set1_epi8(0xF);
         let half = _mm256_set1_epi32(0xFFFF);
         let mut acc = [_mm256_setzero_ps(); M];
         let tiles = v.tiles.add(g * kb);
@@ -718,13 +710,7 @@ unsafe fn tile_q45k_vnni<T: Nibbles, const M: usize>(
                 let qh = _mm256_loadu_si256(tile.qh(s).as_ptr() as *const __m256i);
                 let mut sub = [_mm256_setzero_si256(); M];
                 for p in 0..4 {
-                    let packed = _mm256_loadu_si256(t.qs[s][p].as_ptr() as *const __m256i);
-                    let mut wl = _mm256_and_si256(packed, low);
-                    let mut wh = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                    if T::FIVE {
-                        wl = _mm256_or_si256(wl, fifth_bit(qh, p));
-                        wh = _mm256_or_si256(wh, fifth_bit(qh, p + 4));
-                    }
+                    let (wl, wh) = step_values::<T>(&t.qs[s][p], qh, p);
                     for (i, sub) in sub.iter_mut().enumerate() {
                         let aq = a.qs.as_ptr().add((i0 + i) * k + b * QK + 32 * s);
                         let al = _mm256_set1_epi32((aq.add(4 * p) as *const i32).read_unaligned());
@@ -745,6 +731,25 @@ unsafe fn tile_q45k_vnni<T: Nibbles, const M: usize>(
         }
         store_tile(v.n, i0, g, &acc, out);
     }
+}
+
+/// Step `p` of a sub-block of a Q4_K-style tile: the values in the low
+/// nibbles (`4p..4p + 4` of each row) and in the high ones (`16 + 4p..`),
+/// with their fifth bits from `qh` where the type has them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn step_values<T: Nibbles>(qs: &[u8; 4 * RN], qh: __m256i, p: usize) -> (__m256i, __m256i) {
+    let low = _mm256_set1_epi8(0xF);
+    // SAFETY: 32 bytes read from a 32-byte array.
+    let packed = unsafe { _mm256_loadu_si256(qs.as_ptr() as *const __m256i) };
+    let mut wl = _mm256_and_si256(packed, low);
+    let mut wh = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+    if T::FIVE {
+        wl = _mm256_or_si256(wl, fifth_bit(qh, p));
+        wh = _mm256_or_si256(wh, fifth_bit(qh, p + 4));
+    }
+    (wl, wh)
 }
 
 /// Adds block `b`'s integer sums `isum` of prompt rows `i0..i0 + M` (their
